@@ -1,0 +1,14 @@
+"""ComfyUI-StreamVSR: streaming diffusion video super-resolution nodes (Stream-DiffVSR).
+
+ComfyUI imports this folder as a package and calls ``comfy_entrypoint``; nothing else happens at import time.
+The engine under ``models/`` is plain PyTorch and can be used without ComfyUI (see ``cli.py``).
+"""
+
+__version__ = "0.1.0"
+
+
+async def comfy_entrypoint():
+    # Imported lazily so that importing the package (tests, the command line) never touches ComfyUI.
+    from .nodes import StreamVSRExtension
+
+    return StreamVSRExtension()

@@ -1,0 +1,1 @@
+"""Plain-PyTorch model code. Nothing in this package imports ComfyUI."""

@@ -1,0 +1,178 @@
+"""Causal, frame-by-frame Stream-DiffVSR inference with an explicit state.
+
+The official pipeline keeps every frame, flow and latent of a sequence on the GPU. Everything a frame needs
+from the past is in fact three things (spec §3.7): the previous raw decoder output, the previous bicubic
+upscale (for the flow), and the position of the noise generator. ``StreamState`` holds exactly those, so
+memory is flat in the number of frames and a sequence can be split anywhere without changing the result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .pipeline import StreamDiffVSRPipeline
+from .warp import flow_warp_official
+
+FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+SCALE = 4
+# LR sides are padded to a multiple of this (the tiny autoencoder downsamples the HR frame by 4).
+LR_MULTIPLE = 4
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Everything carried from one frame to the next.
+
+    seed: the seed the sequence was started with (informational; the generator state is what counts).
+    frame_index: number of frames already produced in this sequence (0 = the next frame is a first frame).
+    generator_state: state of the CPU ``torch.Generator`` that draws each frame's initial latent.
+    prev_output: raw (unclamped, roughly [-1, 1]) decoder output of the previous frame, (1, 3, 4h', 4w')
+        float32, where h', w' are the LR sides padded to a multiple of 4. None before the first frame.
+    prev_upscaled: bicubic x4 upscale of the previous (padded) LR frame in [-1, 1], same shape, float32.
+    lr_size: (h, w) of the input frames of this sequence; frames of another size need a new state.
+    """
+
+    seed: int
+    frame_index: int = 0
+    generator_state: torch.Tensor | None = None
+    prev_output: torch.Tensor | None = None
+    prev_upscaled: torch.Tensor | None = None
+    lr_size: tuple[int, int] | None = None
+
+    def to(self, device) -> "StreamState":
+        move = (lambda t: None if t is None else t.to(device))
+        return replace(self, prev_output=move(self.prev_output), prev_upscaled=move(self.prev_upscaled))
+
+    def to_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and string metadata, ready for ``safetensors.torch.save_file(tensors, path, metadata)``."""
+        tensors = {"generator_state": self.generator_state.clone()}
+        if self.prev_output is not None:
+            tensors["prev_output"] = self.prev_output.detach().to("cpu", torch.float32).contiguous()
+            tensors["prev_upscaled"] = self.prev_upscaled.detach().to("cpu", torch.float32).contiguous()
+        meta = {"streamvsr_state": json.dumps(
+            {"seed": self.seed, "frame_index": self.frame_index,
+             "lr_size": list(self.lr_size) if self.lr_size else None})}
+        return tensors, meta
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "StreamState":
+        info = json.loads(meta["streamvsr_state"])
+        return cls(seed=int(info["seed"]), frame_index=int(info["frame_index"]),
+                   generator_state=tensors["generator_state"].clone(),
+                   prev_output=tensors.get("prev_output"), prev_upscaled=tensors.get("prev_upscaled"),
+                   lr_size=tuple(info["lr_size"]) if info["lr_size"] else None)
+
+
+def new_state(seed: int) -> StreamState:
+    generator = torch.Generator("cpu")
+    generator.manual_seed(int(seed))
+    return StreamState(seed=int(seed), generator_state=generator.get_state())
+
+
+def _as_rgb_batch(frame: torch.Tensor) -> torch.Tensor:
+    if frame.ndim == 3:
+        frame = frame.unsqueeze(0)
+    if frame.ndim != 4 or frame.shape[0] != 1:
+        raise ValueError(f"expected one frame shaped (3, h, w) or (1, 3, h, w), got {tuple(frame.shape)}")
+    channels = frame.shape[1]
+    if channels == 1:
+        frame = frame.expand(-1, 3, -1, -1)
+    elif channels == 4:
+        # Like PIL's RGBA->RGB conversion in the official preprocessing: alpha is dropped, not composited.
+        frame = frame[:, :3]
+    elif channels != 3:
+        raise ValueError(f"expected 1, 3 or 4 channels, got {channels}")
+    return frame
+
+
+class StreamEngine:
+    """Runs Stream-DiffVSR one frame at a time.
+
+    ``flow(image1, image2)`` must return the (B, 2, H, W) float32 flow in pixels that backward-warps
+    ``image2`` onto ``image1`` for inputs in [-1, 1] (torchvision RAFT convention); the official model uses
+    RAFT-large with 12 updates at the output resolution.
+    """
+
+    def __init__(self, pipeline: StreamDiffVSRPipeline, flow: FlowFn, steps: int = 4,
+                 device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None):
+        if not 1 <= int(steps) <= 50:
+            raise ValueError(f"steps must be between 1 and 50 (the model is distilled for 4), got {steps}")
+        self.pipeline = pipeline
+        self.flow = flow
+        self.steps = int(steps)
+        self.device = torch.device(device) if device is not None else pipeline.device
+        self.compute_dtype = compute_dtype or pipeline.dtype
+        self.timesteps = pipeline.scheduler.timesteps(self.steps)
+
+    def new_state(self, seed: int) -> StreamState:
+        return new_state(seed)
+
+    def estimate_memory(self, h: int, w: int) -> int:
+        """Rough peak activation bytes for one frame of LR size h x w (weights not included)."""
+        hp, wp = -(-h // LR_MULTIPLE) * LR_MULTIPLE, -(-w // LR_MULTIPLE) * LR_MULTIPLE
+        lr_px, hr_px = hp * wp, hp * wp * SCALE * SCALE
+        elem = torch.finfo(self.compute_dtype).bits // 8
+        # Tiny decoder/encoder: a handful of 64-channel maps at the output size; UNet/ControlNet: about a dozen
+        # 256-channel maps at the latent size; plus fp32 HR frames for warping and flow.
+        est = hr_px * 64 * elem * 5 + lr_px * 256 * elem * 16 + hr_px * 4 * 12
+        flow_estimate = getattr(self.flow, "estimate_memory", None)
+        if callable(flow_estimate):
+            est = max(est, flow_estimate(hp * SCALE, wp * SCALE))
+        return int(est)
+
+    @torch.inference_mode()
+    def step(self, frame: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, StreamState]:
+        """Upscale one frame. Returns ``(hr, new_state)``; hr is (1, 3, 4h, 4w) float32 in [0, 1]."""
+        frame = _as_rgb_batch(frame)
+        h, w = frame.shape[-2:]
+        if state.lr_size is not None and tuple(state.lr_size) != (h, w):
+            raise ValueError(
+                f"this sequence has frames of {state.lr_size[1]}x{state.lr_size[0]} but got {w}x{h}: "
+                "reset the state (start a new sequence) to change the resolution")
+        device, dtype, pipe = self.device, self.compute_dtype, self.pipeline
+        lr = frame.to(device=device, dtype=torch.float32)
+        if not torch.isfinite(lr).all():
+            raise ValueError(f"frame {state.frame_index} contains NaN or infinite values")
+        lr = lr * 2 - 1
+        pad_h, pad_w = (-h) % LR_MULTIPLE, (-w) % LR_MULTIPLE
+        if pad_h or pad_w:
+            # Padding (and cropping the output back) keeps the picture geometry; the official code instead
+            # resizes the frame to the floored multiple of 4 with Lanczos.
+            lr = F.pad(lr, (0, pad_w, 0, pad_h), mode="replicate")
+        upscaled = F.interpolate(lr, scale_factor=SCALE, mode="bicubic")
+
+        generator = torch.Generator("cpu")
+        generator.set_state(state.generator_state)
+        latent = torch.randn((1, pipe.latent_channels, *lr.shape[-2:]), generator=generator,
+                             dtype=torch.float32).to(device)
+
+        warped = temporal = None
+        if state.prev_output is not None:
+            flow = self.flow(upscaled, state.prev_upscaled.to(device)).to(torch.float32)
+            warped = flow_warp_official(state.prev_output.to(device, torch.float32), flow)
+            temporal = pipe.vae.encode_features(warped.to(dtype))[::-1]
+            warped = warped.to(dtype)
+
+        embeds = pipe.prompt_embeds.to(device, dtype)
+        lr_in = lr.to(dtype)
+        for t in self.timesteps:
+            model_in = torch.cat([latent.to(dtype), lr_in], dim=1)
+            timestep = torch.tensor(t, device=device)
+            down = mid = None
+            if warped is not None:
+                down, mid = pipe.controlnet(model_in, timestep, embeds, warped)
+            v = pipe.unet(model_in, timestep, embeds, down, mid).to(torch.float32)
+            latent, _ = pipe.scheduler.step(v, t, latent, self.steps)
+
+        decoded = pipe.vae.decode((latent / pipe.vae_scaling_factor).to(dtype), temporal).to(torch.float32)
+        new = StreamState(seed=state.seed, frame_index=state.frame_index + 1,
+                          generator_state=generator.get_state(), prev_output=decoded,
+                          prev_upscaled=upscaled, lr_size=(h, w))
+        hr = (decoded[..., : h * SCALE, : w * SCALE] / 2 + 0.5).clamp(0, 1)
+        return hr, new

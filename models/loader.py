@@ -1,0 +1,251 @@
+"""Load Stream-DiffVSR from the official hub folder or from our single-file format, with strict validation.
+
+Official layout (``Jamichsu/Stream-DiffVSR``)::
+
+    model_index.json  scheduler/scheduler_config.json
+    unet/{config.json, diffusion_pytorch_model.safetensors}
+    controlnet/{config.json, diffusion_pytorch_model.safetensors}
+    vae/{config.json, diffusion_pytorch_model.safetensors}
+    text_encoder/{config.json, model.safetensors}
+    tokenizer/{vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json}
+
+Single file: one ``.safetensors`` with ``unet.*``, ``controlnet.*``, ``vae.*`` tensors and the precomputed
+``prompt_embeds``; the component configs are JSON strings in its metadata. ``convert_to_single_file`` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .clip_text import KNOWN_LEFTOVER_KEYS as CLIP_LEFTOVERS
+from .clip_text import CLIPTextTower, empty_prompt_ids
+from .controlnet import ControlNet
+from .pipeline import StreamDiffVSRPipeline
+from .tiny_vae import TemporalAutoencoderTiny
+from .unet import UNet
+
+log = logging.getLogger(__name__)
+
+HUB_REPO = "Jamichsu/Stream-DiffVSR"
+DOWNLOAD_HINT = (
+    f"Download the official checkpoint from the Hugging Face repository {HUB_REPO} (all folders: unet, "
+    "controlnet, vae, text_encoder, tokenizer, scheduler and model_index.json), e.g. with "
+    "`streamvsr download`, or convert it to one file with `streamvsr convert`.")
+SINGLE_FILE_FORMAT = "streamvsr/stream-diffvsr"
+SINGLE_FILE_VERSION = "1"
+COMPONENTS = ("unet", "controlnet", "vae")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                "diffusion_pytorch_model.bin", "pytorch_model.bin")
+# Tensors some exports carry that the model does not use; anything else unexpected is an error.
+KNOWN_LEFTOVERS = {
+    "unet": ("class_embedding.",),  # the SD x4 upscaler's noise-level embedding (spec §1.8)
+    "controlnet": ("class_embedding.",),
+    "vae": (),
+    "text_encoder": tuple(CLIP_LEFTOVERS),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class WeightsError(ValueError):
+    """A checkpoint file is missing, truncated, or does not match the model."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"missing file {path}. {DOWNLOAD_HINT}") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}). Re-download it. {DOWNLOAD_HINT}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"missing weights file {path}. {DOWNLOAD_HINT}") from None
+    except Exception as e:  # safetensors/pickle raise assorted types for damaged files
+        size = path.stat().st_size if path.exists() else 0
+        raise WeightsError(
+            f"cannot read {path} ({size:,} bytes): {e}. The file is truncated or not a weights file; "
+            f"delete it and download it again. {DOWNLOAD_HINT}") from None
+
+
+def _component_weights(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).exists():
+            return folder / name
+    raise WeightsError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES)}). {DOWNLOAD_HINT}")
+
+
+def _summary(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def validate_state_dict(module: nn.Module, state_dict: dict, component: str, source) -> dict:
+    """Return ``state_dict`` without tolerated leftovers; raise WeightsError on any other mismatch."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    leftovers = [k for k in state_dict if k not in expected and k.startswith(KNOWN_LEFTOVERS[component])]
+    if leftovers:
+        log.info("%s: ignoring %d unused tensors from %s (%s)", component, len(leftovers), source,
+                 _summary(leftovers, 3))
+    state_dict = {k: v for k, v in state_dict.items() if k not in leftovers}
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} != {expected[k]}"
+                   for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != expected[k]]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{component} weights in {source} do not match the {component} config"]
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {_summary(unexpected)}")
+        if wrong_shape:
+            parts.append(f"wrong shapes: {_summary(wrong_shape, 4)}")
+        parts.append("Is this the right file for this component? " + DOWNLOAD_HINT)
+        raise WeightsError("; ".join(parts))
+    return state_dict
+
+
+def build_component(cls, config: dict, state_dict: dict, component: str, source, device, dtype,
+                    operations=None) -> nn.Module:
+    """Build a module from its config without random init (meta device) and load ``state_dict`` strictly."""
+    operations = operations or nn
+    try:
+        module = cls(config, operations=operations, device="meta", dtype=dtype)
+    except ValueError as e:
+        raise WeightsError(f"{component} config from {source} is not supported: {e}") from None
+    state_dict = validate_state_dict(module, state_dict, component, source)
+    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    module = module.to(device).eval().requires_grad_(False)
+    leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"{component}: tensors left uninitialised after loading: {leftovers}")
+    return module
+
+
+@torch.inference_mode()
+def empty_prompt_embedding(text_encoder_dir: Path, tokenizer_dir: Path) -> torch.Tensor:
+    """The CLIP embedding of the empty prompt, (1, 77, C) float32, computed on the CPU."""
+    config = _read_json(text_encoder_dir / "config.json")
+    weights = _component_weights(text_encoder_dir)
+    tower = build_component(CLIPTextTower, config, read_state_dict(weights), "text_encoder", weights,
+                            "cpu", torch.float32)
+    try:
+        ids = empty_prompt_ids(tokenizer_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise WeightsError(f"tokenizer in {tokenizer_dir}: {e}. {DOWNLOAD_HINT}") from None
+    return tower(torch.tensor([ids], dtype=torch.long)).to(torch.float32)
+
+
+def _load_folder(folder: Path, device, dtype, operations) -> StreamDiffVSRPipeline:
+    index = folder / "model_index.json"
+    if index.exists():
+        class_name = _read_json(index).get("_class_name")
+        if class_name not in (None, "StreamDiffVSRPipeline"):
+            log.warning("%s declares %s, not StreamDiffVSRPipeline; loading it anyway", index, class_name)
+    for sub in COMPONENTS + ("text_encoder", "tokenizer", "scheduler"):
+        if not (folder / sub).is_dir():
+            raise WeightsError(f"{folder} has no {sub}/ folder. {DOWNLOAD_HINT}")
+    classes = {"unet": UNet, "controlnet": ControlNet, "vae": TemporalAutoencoderTiny}
+    configs, modules = {}, {}
+    for name in COMPONENTS:
+        configs[name] = _read_json(folder / name / "config.json")
+        weights = _component_weights(folder / name)
+        modules[name] = build_component(classes[name], configs[name], read_state_dict(weights), name, weights,
+                                        device, dtype, operations)
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    embeds = empty_prompt_embedding(folder / "text_encoder", folder / "tokenizer")
+    return StreamDiffVSRPipeline(modules["unet"], modules["controlnet"], modules["vae"], embeds.to(device),
+                                 scheduler, configs)
+
+
+def _load_single_file(path: Path, device, dtype, operations) -> StreamDiffVSRPipeline:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {e}. The file is truncated or not a safetensors file; "
+                           f"download or convert it again. {DOWNLOAD_HINT}") from None
+    if meta.get("format") != SINGLE_FILE_FORMAT:
+        raise WeightsError(
+            f"{path} is not a Stream-DiffVSR single file (its metadata has no format={SINGLE_FILE_FORMAT!r}). "
+            "Pass the official folder, or a file written by `streamvsr convert`.")
+    tensors = read_state_dict(path)
+    classes = {"unet": UNet, "controlnet": ControlNet, "vae": TemporalAutoencoderTiny}
+    configs, modules = {}, {}
+    for name in COMPONENTS:
+        if f"{name}_config" not in meta:
+            raise WeightsError(f"{path} has no {name}_config in its metadata; convert it again.")
+        configs[name] = json.loads(meta[f"{name}_config"])
+        prefix = name + "."
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        modules[name] = build_component(classes[name], configs[name], sd, name, path, device, dtype, operations)
+    known = {"prompt_embeds"} | {k for k in tensors if k.split(".", 1)[0] in COMPONENTS}
+    if tensors.keys() - known:
+        raise WeightsError(f"{path} has unexpected tensors: {_summary(tensors.keys() - known)}")
+    if "prompt_embeds" not in tensors:
+        raise WeightsError(f"{path} has no prompt_embeds tensor; convert it again.")
+    return StreamDiffVSRPipeline(modules["unet"], modules["controlnet"], modules["vae"],
+                                 tensors["prompt_embeds"].to(device, torch.float32),
+                                 json.loads(meta["scheduler_config"]), configs)
+
+
+def load_pipeline(path, device="cpu", dtype: torch.dtype = torch.float32, operations=None) -> StreamDiffVSRPipeline:
+    """Load Stream-DiffVSR from the official folder or a single ``.safetensors`` file.
+
+    ``dtype`` is the weight dtype; ``operations`` the layer namespace (``torch.nn`` by default, or
+    ``comfy.ops.manual_cast`` inside ComfyUI).
+    """
+    path = Path(os.fspath(path)).expanduser()
+    if path.is_dir():
+        pipe = _load_folder(path, device, dtype, operations)
+    elif path.is_file():
+        pipe = _load_single_file(path, device, dtype, operations)
+    else:
+        raise WeightsError(f"{path} does not exist. {DOWNLOAD_HINT}")
+    log.info("loaded Stream-DiffVSR from %s (%s, %s)", path, dtype, device)
+    return pipe
+
+
+def convert_to_single_file(source, out_path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the official folder (or another single file) as one ``.safetensors`` in ``dtype``.
+
+    The empty-prompt embedding is stored precomputed in float32, so the 1.4 GB text encoder is not needed.
+    """
+    from safetensors.torch import save_file
+
+    pipe = load_pipeline(source, device="cpu", dtype=torch.float32)
+    tensors = {}
+    for name in COMPONENTS:
+        for k, v in getattr(pipe, name).state_dict().items():
+            tensors[f"{name}.{k}"] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    tensors["prompt_embeds"] = pipe.prompt_embeds.to(torch.float32).contiguous()
+    meta = {"format": SINGLE_FILE_FORMAT, "format_version": SINGLE_FILE_VERSION,
+            "dtype": str(dtype).replace("torch.", ""),
+            "scheduler_config": json.dumps(pipe.scheduler_config)}
+    for name in COMPONENTS:
+        meta[f"{name}_config"] = json.dumps(pipe.configs[name])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".part")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out_path)
+    return out_path

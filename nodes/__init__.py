@@ -1,0 +1,1 @@
+"""ComfyUI glue (V3 node API). Only imported by ComfyUI through ``comfy_entrypoint``."""
