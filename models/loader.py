@@ -144,8 +144,11 @@ def empty_prompt_embedding(text_encoder_dir: Path, tokenizer_dir: Path) -> torch
     """The CLIP embedding of the empty prompt, (1, 77, C) float32, computed on the CPU."""
     config = _read_json(text_encoder_dir / "config.json")
     weights = _component_weights(text_encoder_dir)
-    tower = build_component(CLIPTextTower, config, read_state_dict(weights), "text_encoder", weights,
-                            "cpu", torch.float32)
+    state_dict = read_state_dict(weights)
+    if state_dict and not any(k.startswith("text_model.") for k in state_dict):
+        # transformers >= 5 saves CLIPTextModel without the "text_model." prefix the official export has.
+        state_dict = {"text_model." + k: v for k, v in state_dict.items()}
+    tower = build_component(CLIPTextTower, config, state_dict, "text_encoder", weights, "cpu", torch.float32)
     try:
         ids = empty_prompt_ids(tokenizer_dir)
     except (FileNotFoundError, ValueError) as e:

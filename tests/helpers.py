@@ -64,7 +64,7 @@ def write_tokenizer(folder: Path) -> None:
 def make_tiny_checkpoint(folder, seed: int = 0) -> Path:
     """Write a tiny random Stream-DiffVSR checkpoint in the official layout into ``folder``; return it."""
     from diffusers import ControlNetModel, UNet2DConditionModel
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from streamvsr.models.tiny_vae import TemporalAutoencoderTiny
@@ -91,10 +91,16 @@ def make_tiny_checkpoint(folder, seed: int = 0) -> Path:
 
     text_config = CLIPTextConfig(vocab_size=len(TINY_VOCAB), hidden_size=32, intermediate_size=37,
                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                 hidden_act="gelu", projection_dim=16)
+                                 hidden_act="gelu", projection_dim=16, bos_token_id=len(TINY_VOCAB) - 2,
+                                 eos_token_id=len(TINY_VOCAB) - 1, pad_token_id=0)
     text_encoder = CLIPTextModel(text_config)
     _perturb(text_encoder, generator)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    # The official export (transformers 4.x) prefixes every key with "text_model."; newer transformers do not.
+    te_path = folder / "text_encoder" / "model.safetensors"
+    te = load_file(str(te_path))
+    save_file({(k if k.startswith("text_model.") else "text_model." + k): v.contiguous() for k, v in te.items()},
+              str(te_path), metadata={"format": "pt"})
     write_tokenizer(folder / "tokenizer")
 
     (folder / "scheduler").mkdir(exist_ok=True)

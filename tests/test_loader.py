@@ -1,0 +1,137 @@
+"""Loading the official folder layout and our single file, and the errors for damaged checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import make_tiny_checkpoint
+from streamvsr.models.loader import WeightsError, convert_to_single_file, load_pipeline
+
+pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture
+def copy(checkpoint, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(checkpoint, dst)
+    return dst
+
+
+def _same_weights(a, b, atol=0.0):
+    for name in ("unet", "controlnet", "vae"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.allclose(sa[k].float(), sb[k].float(), atol=atol, rtol=0), (name, k)
+
+
+def test_folder_loads_every_tensor_strictly(checkpoint):
+    pipe = load_pipeline(checkpoint)
+    for name, sub in (("unet", "unet"), ("controlnet", "controlnet"), ("vae", "vae")):
+        on_disk = load_file(str(checkpoint / sub / "diffusion_pytorch_model.safetensors"))
+        loaded = getattr(pipe, name).state_dict()
+        assert on_disk.keys() == loaded.keys()
+        assert all(torch.equal(on_disk[k], loaded[k]) for k in on_disk)
+    assert pipe.prompt_embeds.shape == (1, 77, 32)
+
+
+def test_prompt_embedding_matches_transformers(checkpoint):
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(checkpoint / "tokenizer")
+    model = transformers.CLIPTextModel.from_pretrained(checkpoint / "text_encoder").eval()
+    ids = tokenizer("", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert ids[0, :3].tolist() == [tokenizer.bos_token_id, tokenizer.eos_token_id, 0]  # pad "!" is id 0
+    with torch.no_grad():
+        expected = model(ids)[0]
+    assert (load_pipeline(checkpoint).prompt_embeds - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_single_file_round_trip(checkpoint, tmp_path, dtype):
+    out = convert_to_single_file(checkpoint, tmp_path / "streamvsr.safetensors", dtype=dtype)
+    single = load_pipeline(out)
+    folder = load_pipeline(checkpoint)
+    assert torch.equal(single.prompt_embeds, folder.prompt_embeds)
+    assert single.scheduler_config == folder.scheduler_config
+    tol = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    _same_weights(single, folder, atol=tol)
+    assert load_pipeline(out, dtype=torch.float16).unet.conv_in.weight.dtype == torch.float16
+
+
+def test_known_leftover_is_tolerated(copy, caplog):
+    path = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    sd["class_embedding.weight"] = torch.zeros(1000, 128)
+    save_file(sd, str(path))
+    with caplog.at_level("INFO"):
+        load_pipeline(copy)
+    assert "class_embedding.weight" in caplog.text
+
+
+def test_missing_and_unexpected_keys_are_named(copy):
+    path = copy / "controlnet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    del sd["controlnet_mid_block.weight"]
+    sd["surprise.weight"] = torch.zeros(1)
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError) as e:
+        load_pipeline(copy)
+    msg = str(e.value)
+    assert "controlnet_mid_block.weight" in msg and "surprise.weight" in msg and str(path) in msg
+    assert "Jamichsu/Stream-DiffVSR" in msg
+
+
+def test_wrong_file_for_component(copy):
+    # The VAE's weights where the UNet's should be.
+    shutil.copy(copy / "vae" / "diffusion_pytorch_model.safetensors",
+                copy / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(WeightsError, match="unet weights .* do not match"):
+        load_pipeline(copy)
+
+
+def test_truncated_file(copy):
+    path = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_pipeline(copy)
+
+
+def test_truncated_single_file(checkpoint, tmp_path):
+    out = convert_to_single_file(checkpoint, tmp_path / "m.safetensors")
+    out.write_bytes(out.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_pipeline(out)
+
+
+@pytest.mark.parametrize("component", ["unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler"])
+def test_missing_component(copy, component):
+    shutil.rmtree(copy / component)
+    with pytest.raises(WeightsError, match=component):
+        load_pipeline(copy)
+
+
+def test_unsupported_config_value(copy):
+    cfg_path = copy / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_class_embeds"] = 1000
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="num_class_embeds"):
+        load_pipeline(copy)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_pipeline(tmp_path / "nothing")
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(WeightsError, match="not a Stream-DiffVSR single file"):
+        load_pipeline(other)
