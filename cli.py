@@ -79,8 +79,8 @@ class Progress:
 def write_png16(path: Path, rgb: np.ndarray) -> None:
     """Write an H x W x 3 uint16 array as a 16-bit RGB PNG (PIL cannot write 16-bit RGB)."""
     h, w, _ = rgb.shape
-    raw = np.ascontiguousarray(rgb.astype(">u2")).reshape(h, w * 6)
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), raw.view(np.uint8)], axis=1)
+    raw = np.ascontiguousarray(rgb.astype(">u2")).view(np.uint8).reshape(h, w * 6)
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), raw], axis=1)
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)

@@ -1,0 +1,109 @@
+"""The command line end to end on tiny checkpoints: frames, flow and convert."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import make_tiny_checkpoint, make_tiny_raft
+from streamvsr.cli import main, read_frame
+
+pytest.importorskip("diffusers")
+tv = pytest.importorskip("torchvision.models.optical_flow")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = make_tiny_checkpoint(root / "ckpt")
+    raft = make_tiny_raft(root / "raft_small.pth")
+    frames = root / "frames"
+    frames.mkdir()
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(40, 56, 3, generator=g).numpy() * 255).astype(np.uint8)
+    for i in range(3):
+        Image.fromarray(base[i: i + 33, 2 * i: 2 * i + 45]).save(frames / f"f{i:03d}.png")  # 45x33: not x4
+    return ckpt, raft, frames
+
+
+def test_frames_npy_matches_engine(assets, tmp_path):
+    ckpt, raft, frames = assets
+    out = tmp_path / "out"
+    assert main(["frames", str(frames), str(out), "--model", str(ckpt), "--flow", str(raft), "--save", "npy",
+                 "--device", "cpu"]) == 0
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["f000.npy", "f001.npy", "f002.npy"]
+    arrays = [np.load(f) for f in files]
+    assert all(a.shape == (132, 180, 3) and a.dtype == np.float32 for a in arrays)
+    assert all(0 <= a.min() and a.max() <= 1 for a in arrays)
+
+    from streamvsr.models.engine import StreamEngine
+    from streamvsr.models.flow import load_raft
+    from streamvsr.models.loader import load_pipeline
+
+    engine = StreamEngine(load_pipeline(ckpt), load_raft(raft))
+    state = engine.new_state(42)  # the command line's default seed
+    for path, saved in zip(sorted(frames.iterdir()), arrays):
+        hr, state = engine.step(read_frame(path), state)
+        assert np.array_equal(hr[0].permute(1, 2, 0).numpy(), saved)
+
+
+def test_frames_png_and_png16(assets, tmp_path):
+    ckpt, raft, frames = assets
+    for fmt, dtype in (("png", np.uint8), ("png16", np.uint16)):
+        out = tmp_path / fmt
+        assert main(["frames", str(frames), str(out), "--model", str(ckpt), "--flow", str(raft), "--save", fmt,
+                     "--seed", "3", "--steps", "2", "--device", "cpu"]) == 0
+        arr = np.asarray(Image.open(out / "f001.png"))
+        assert arr.shape[:2] == (132, 180)
+        if fmt == "png":
+            assert arr.dtype == dtype and arr.shape == (132, 180, 3)
+    eight = np.asarray(Image.open(tmp_path / "png" / "f001.png")).astype(np.float64) / 255
+    import zlib  # decode our 16-bit PNG by hand: PIL reads 16-bit RGB as 8-bit
+    data = (tmp_path / "png16" / "f001.png").read_bytes()
+    idat = b"".join(data[i + 8: i + 8 + int.from_bytes(data[i:i + 4], "big")]
+                    for i in range(8, len(data)) if data[i + 4: i + 8] == b"IDAT")
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(132, 1 + 180 * 6)
+    assert (rows[:, 0] == 0).all()
+    sixteen = rows[:, 1:].copy().view(">u2").reshape(132, 180, 3).astype(np.float64) / 65535
+    assert np.abs(sixteen - eight).max() <= 0.5 / 255 + 1e-4
+
+
+def test_flow_command_matches_torchvision(assets, tmp_path):
+    _, raft, frames = assets
+    out = tmp_path / "flow"
+    assert main(["flow", str(frames), str(out), "--flow", str(raft), "--device", "cpu"]) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["f001.npy", "f002.npy"]
+    model = tv.raft_small(weights=None)
+    model.load_state_dict(torch.load(raft))
+    model.eval()
+    paths = sorted(frames.iterdir())
+    prev, cur = (read_frame(p)[None] * 2 - 1 for p in paths[:2])
+    pad = torch.nn.functional.pad
+    with torch.no_grad():  # torchvision needs multiples of 8 and >= 128: pad like ours, then crop
+        expected = model(pad(cur, (0, 83, 0, 95), mode="replicate"), pad(prev, (0, 83, 0, 95), mode="replicate"))
+    expected = expected[-1][0, :, :33, :45].permute(1, 2, 0).numpy()
+    got = np.load(out / "f001.npy")
+    assert got.shape == (33, 45, 2) and got.dtype == np.float32
+    assert np.abs(got - expected).max() <= 1e-3
+    assert main(["flow", str(frames), str(tmp_path / "vis"), "--flow", str(raft), "--save", "png"]) == 0
+    assert np.asarray(Image.open(tmp_path / "vis" / "f002.png")).shape == (33, 45, 3)
+
+
+def test_convert_then_frames(assets, tmp_path):
+    ckpt, raft, frames = assets
+    single = tmp_path / "m.safetensors"
+    assert main(["convert", str(ckpt), str(single), "--dtype", "fp32"]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    for model, out in ((ckpt, a), (single, b)):
+        assert main(["frames", str(frames), str(out), "--model", str(model), "--flow", str(raft),
+                     "--save", "npy", "--device", "cpu"]) == 0
+    for name in ("f000.npy", "f002.npy"):
+        assert np.array_equal(np.load(a / name), np.load(b / name))
+
+
+def test_bad_model_path_is_a_clear_error(assets, tmp_path, caplog):
+    _, raft, frames = assets
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(tmp_path / "missing"),
+                 "--flow", str(raft)]) == 2
+    assert "does not exist" in caplog.text

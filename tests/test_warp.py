@@ -1,0 +1,57 @@
+"""Warps against formulas written out in the test (spec §3.5 for the official one)."""
+
+import torch
+
+from streamvsr.models.warp import backward_warp, flow_warp_official
+
+
+def test_official_warp_zero_flow_on_ones():
+    # Spec §3.5: with zero flow an all-ones image comes back at 0.5 on the edges and 0.25 in the corners.
+    x = torch.ones(1, 1, 8, 4)
+    out = flow_warp_official(x, torch.zeros(1, 2, 8, 4))
+    assert torch.allclose(out[0, 0, 0, 0], torch.tensor(0.25))
+    assert torch.allclose(out[0, 0, 0, 1:3], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(out[0, 0, 3, 1:3], torch.tensor([1.0, 1.0]))
+
+
+def _official_reference(x, flow):
+    # Sampling position per axis of size S: p' = (p + f) * S / (S - 1) - 0.5 (pixel centres), bilinear, zeros.
+    _, c, h, w = x.shape
+    out = torch.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            py = (i + flow[0, 1, i, j].item()) * h / (h - 1) - 0.5
+            px = (j + flow[0, 0, i, j].item()) * w / (w - 1) - 0.5
+            y0, x0 = int(torch.floor(torch.tensor(py))), int(torch.floor(torch.tensor(px)))
+            for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+                for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+                    if 0 <= yy < h and 0 <= xx < w:
+                        out[0, :, i, j] += wy * wx * x[0, :, yy, xx]
+    return out
+
+
+def test_official_warp_matches_pointwise_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 7, 9, generator=g)
+    flow = torch.randn(1, 2, 7, 9, generator=g) * 2
+    assert torch.allclose(flow_warp_official(x, flow), _official_reference(x, flow), atol=1e-5)
+
+
+def test_official_warp_keeps_fp32_grid_for_half_inputs():
+    x = torch.rand(1, 3, 16, 2000)
+    flow = torch.full((1, 2, 16, 2000), 0.3)
+    a = flow_warp_official(x.half(), flow).float()
+    b = flow_warp_official(x, flow)
+    assert a.dtype == torch.float32 and (a - b).abs().max() < 2e-3
+
+
+def test_backward_warp_integer_shift_is_exact():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 6, 8, generator=g)
+    flow = torch.zeros(1, 2, 6, 8)
+    flow[:, 0] = 2  # out(y, x) = in(y, x + 2)
+    flow[:, 1] = -1  # out(y, x) = in(y - 1, x + 2)
+    out = backward_warp(x, flow)
+    # Exact up to the float rounding of the normalised grid coordinates.
+    assert torch.allclose(out[..., 1:, :6], x[..., :5, 2:], atol=1e-6)
+    assert torch.allclose(backward_warp(x, torch.zeros(1, 2, 6, 8)), x, atol=1e-6)
