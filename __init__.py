@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 async def comfy_entrypoint():
     # Imported lazily so that importing the package (tests, the command line) never touches ComfyUI.
-    from .nodes import StreamVSRExtension
+    from .nodes import make_extension
 
-    return StreamVSRExtension()
+    return make_extension()

@@ -1,0 +1,115 @@
+"""Optical-flow nodes: load RAFT, estimate flow of consecutive frames, visualise it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..models.flow import flow_to_image, load_raft
+from .common import CATEGORY, FlowField, FlowModel, flow_choices, operations_for, resolve_flow_path, wrap
+
+
+class StreamVSRLoadFlowModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamVSRLoadFlowModel",
+            display_name="Load RAFT Flow Model (StreamVSR)",
+            category=CATEGORY,
+            description="Loads torchvision's RAFT optical-flow weights from models/streamvsr/raft, or downloads "
+                        "them. Stream-DiffVSR was trained with RAFT-large.",
+            inputs=[
+                io.Combo.Input("model", options=flow_choices(),
+                               tooltip="RAFT weights in torchvision's format; '(download) …' fetches them from "
+                                       "download.pytorch.org into models/streamvsr/raft."),
+                io.Combo.Input("correlation", options=["auto", "all_pairs", "on_demand"], default="auto",
+                               tooltip="all_pairs: the original all-pairs volume (fast, memory grows with the "
+                                       "square of the pixel count); on_demand: same result in bounded memory, "
+                                       "slower; auto: all_pairs when it fits in a quarter of the free memory."),
+                io.Combo.Input("resolution", options=["full", "half", "quarter"], default="full",
+                               tooltip="Compute flow at reduced resolution and upsample it: faster and lighter, "
+                                       "but no longer the official (full-resolution) flow."),
+                io.Int.Input("iterations", default=12, min=1, max=32,
+                             tooltip="RAFT update iterations (12 is the official setting)."),
+            ],
+            outputs=[FlowModel.Output(display_name="flow_model")],
+        )
+
+    @classmethod
+    def execute(cls, model, correlation, resolution, iterations) -> io.NodeOutput:
+        device = mm.get_torch_device()
+        # RAFT is small (20 MB) and uses BatchNorm, which ComfyUI's partial loading does not move: keep fp32
+        # and always load it fully.
+        estimator = load_raft(resolve_flow_path(model), operations=operations_for(torch.float32, device),
+                              device=mm.unet_offload_device(), num_flow_updates=iterations, corr=correlation,
+                              downscale={"full": 1, "half": 2, "quarter": 4}[resolution])
+        return io.NodeOutput(wrap(estimator))
+
+
+def load_flow_patcher(patcher, extra_memory: int = 0):
+    mm.load_models_gpu([patcher], memory_required=extra_memory, force_full_load=True)
+    return patcher.model
+
+
+class StreamVSREstimateFlow(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamVSREstimateFlow",
+            display_name="Estimate Optical Flow (StreamVSR)",
+            category=CATEGORY,
+            description="Flow between consecutive frames: entry i is the flow that backward-warps frame i onto "
+                        "frame i+1, i.e. RAFT(image1=frame i+1, image2=frame i), in pixels (x, y).",
+            inputs=[
+                FlowModel.Input("flow_model", tooltip="From Load RAFT Flow Model."),
+                io.Image.Input("images", tooltip="Two or more frames of one video, in order."),
+            ],
+            outputs=[FlowField.Output(display_name="flow")],
+        )
+
+    @classmethod
+    def execute(cls, flow_model, images) -> io.NodeOutput:
+        if images.shape[0] < 2:
+            raise ValueError(f"Estimate Optical Flow needs at least 2 frames, got {images.shape[0]}")
+        estimator = flow_model.model
+        h, w = images.shape[1:3]
+        load_flow_patcher(flow_model, estimator.estimate_memory(h, w))
+        device = flow_model.load_device
+        flows = torch.empty(images.shape[0] - 1, h, w, 2, dtype=torch.float32, device=mm.intermediate_device())
+        bar = comfy.utils.ProgressBar(flows.shape[0])
+        prev = images[0:1, ..., :3].to(device).permute(0, 3, 1, 2) * 2 - 1
+        for i in range(1, images.shape[0]):
+            mm.throw_exception_if_processing_interrupted()
+            cur = images[i:i + 1, ..., :3].to(device).permute(0, 3, 1, 2) * 2 - 1
+            flows[i - 1] = estimator(cur, prev)[0].permute(1, 2, 0).to(flows.device)
+            prev = cur
+            bar.update_absolute(i, flows.shape[0])
+        return io.NodeOutput(flows)
+
+
+class StreamVSRFlowToImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamVSRFlowToImage",
+            display_name="Flow to Image (StreamVSR)",
+            category=CATEGORY,
+            description="Colour-wheel visualisation: hue is the direction, saturation the speed.",
+            inputs=[
+                FlowField.Input("flow", tooltip="From Estimate Optical Flow."),
+                io.Float.Input("max_magnitude", default=0.0, min=0.0, max=10000.0, step=0.5,
+                               tooltip="Speed (pixels) shown fully saturated; 0 uses the largest in the batch."),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, flow, max_magnitude) -> io.NodeOutput:
+        flows = flow.detach().cpu().numpy()
+        peak = max_magnitude or float(np.sqrt((flows ** 2).sum(-1)).max()) or 1.0
+        images = np.stack([flow_to_image(f, peak) for f in flows]).astype(np.float32) / 255
+        return io.NodeOutput(torch.from_numpy(images).to(mm.intermediate_device()))

@@ -1,0 +1,173 @@
+"""Minimal stand-ins for the ComfyUI modules the node layer imports, so nodes run in tests without ComfyUI.
+
+Only what the nodes use is modelled; the real-ComfyUI test (test_comfyui_server.py) covers the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+
+class _Input:
+    def __init__(self, io_type, id, **kwargs):
+        self.io_type, self.id, self.kwargs = io_type, id, kwargs
+
+
+class _Output:
+    def __init__(self, io_type, display_name=None, **kwargs):
+        self.io_type, self.display_name = io_type, display_name
+
+
+def _type(io_type):
+    return type(io_type, (), {
+        "io_type": io_type,
+        "Input": staticmethod(lambda id, **kw: _Input(io_type, id, **kw)),
+        "Output": staticmethod(lambda display_name=None, **kw: _Output(io_type, display_name, **kw)),
+    })
+
+
+class Schema:
+    def __init__(self, node_id, inputs=(), outputs=(), hidden=(), **kwargs):
+        self.node_id, self.inputs, self.outputs, self.hidden, self.kwargs = node_id, list(inputs), list(outputs), \
+            list(hidden), kwargs
+
+
+class NodeOutput:
+    def __init__(self, *values, ui=None):
+        self.values, self.ui = values, ui
+
+
+class _Hidden:
+    unique_id = "UNIQUE_ID"
+
+
+class ComfyNode:
+    hidden = types.SimpleNamespace(unique_id=None)
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return None
+
+
+def make_io():
+    io = types.ModuleType("comfy_api.latest.io")
+    io.Schema, io.NodeOutput, io.ComfyNode, io.Hidden = Schema, NodeOutput, ComfyNode, _Hidden
+    for name, t in (("Int", "INT"), ("Float", "FLOAT"), ("Boolean", "BOOLEAN"), ("Combo", "COMBO"),
+                    ("Image", "IMAGE"), ("Video", "VIDEO"), ("String", "STRING")):
+        setattr(io, name, _type(t))
+    io.Custom = _type
+    return io
+
+
+class ModelPatcher:
+    def __init__(self, model, load_device, offload_device, size=0):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+
+class Interrupted(Exception):
+    pass
+
+
+class ProgressBar:
+    updates: list = []
+
+    def __init__(self, total, node_id=None):
+        self.total = total
+
+    def update_absolute(self, value, total=None, preview=None):
+        ProgressBar.updates.append((value, total, preview is not None))
+
+    def update(self, n):
+        pass
+
+
+def install(monkeypatch, models_dir, interrupt_after=None):
+    """Put fake comfy modules into sys.modules; returns the fake model_management for inspection."""
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io = make_io()
+    latest.ui = types.ModuleType("comfy_api.latest.ui")
+
+    class ComfyExtension:
+        async def get_node_list(self):
+            return []
+
+    latest.ComfyExtension = ComfyExtension
+    comfy_api = types.ModuleType("comfy_api")
+    comfy_api.latest = latest
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.calls = {"load_models_gpu": [], "interrupt_checks": 0}
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.is_device_cpu = lambda d: torch.device(d).type == "cpu"
+    mm.should_use_bf16 = lambda *a, **k: False
+    mm.should_use_fp16 = lambda *a, **k: False
+    mm.soft_empty_cache = lambda *a, **k: None
+    mm.OOM_EXCEPTION = torch.cuda.OutOfMemoryError
+    mm.InterruptProcessingException = Interrupted
+
+    def load_models_gpu(models, memory_required=0, **kwargs):
+        mm.calls["load_models_gpu"].append((models, memory_required, kwargs))
+
+    def throw_exception_if_processing_interrupted():
+        mm.calls["interrupt_checks"] += 1
+        if interrupt_after is not None and mm.calls["interrupt_checks"] > interrupt_after:
+            raise Interrupted()
+
+    mm.load_models_gpu = load_models_gpu
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+
+    patcher_mod = types.ModuleType("comfy.model_patcher")
+    patcher_mod.ModelPatcher = ModelPatcher
+    ops = types.ModuleType("comfy.ops")
+    ops.pick_operations = lambda weight_dtype, compute_dtype, load_device=None, **k: torch.nn
+    utils = types.ModuleType("comfy.utils")
+    ProgressBar.updates = []
+    utils.ProgressBar = ProgressBar
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.model_patcher, comfy.ops, comfy.utils = mm, patcher_mod, ops, utils
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.models_dir = str(models_dir)
+    folder_paths.folder_names_and_paths = {}
+
+    def add_model_folder_path(name, path, is_default=False):
+        folder_paths.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+
+    def get_folder_paths(name):
+        return list(folder_paths.folder_names_and_paths[name][0])
+
+    def get_filename_list(name):
+        import os
+
+        out = []
+        for root in get_folder_paths(name):
+            for dirpath, _, files in os.walk(root):
+                out += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/") for f in files]
+        return sorted(out)
+
+    def get_full_path_or_raise(name, file):
+        import os
+
+        for root in get_folder_paths(name):
+            if os.path.exists(os.path.join(root, file)):
+                return os.path.join(root, file)
+        raise FileNotFoundError(file)
+
+    folder_paths.add_model_folder_path = add_model_folder_path
+    folder_paths.get_folder_paths = get_folder_paths
+    folder_paths.get_filename_list = get_filename_list
+    folder_paths.get_full_path_or_raise = get_full_path_or_raise
+    folder_paths.get_output_directory = lambda: str(models_dir / "output")
+
+    for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
+                         "comfy.model_management": mm, "comfy.model_patcher": patcher_mod, "comfy.ops": ops,
+                         "comfy.utils": utils, "folder_paths": folder_paths}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in [m for m in sys.modules if m.startswith("streamvsr.nodes")]:
+        monkeypatch.delitem(sys.modules, name)
+    return mm
