@@ -8,15 +8,11 @@ from .common import register_folders
 class StreamVSRExtension(ComfyExtension):
     async def get_node_list(self):
         from .flow import StreamVSREstimateFlow, StreamVSRFlowToImage, StreamVSRLoadFlowModel
+        from .video import StreamVSRVideoUpscale
         from .vsr import StreamVSRLoadModel, StreamVSRUpscale
 
-        nodes = [StreamVSRLoadModel, StreamVSRUpscale, StreamVSRLoadFlowModel, StreamVSREstimateFlow,
-                 StreamVSRFlowToImage]
-        try:
-            from .video import VIDEO_NODES
-        except ImportError:
-            VIDEO_NODES = []
-        return nodes + list(VIDEO_NODES)
+        return [StreamVSRLoadModel, StreamVSRUpscale, StreamVSRVideoUpscale, StreamVSRLoadFlowModel,
+                StreamVSREstimateFlow, StreamVSRFlowToImage]
 
 
 def make_extension() -> StreamVSRExtension:

@@ -89,6 +89,10 @@ def install(monkeypatch, models_dir, interrupt_after=None):
     latest = types.ModuleType("comfy_api.latest")
     latest.io = make_io()
     latest.ui = types.ModuleType("comfy_api.latest.ui")
+    latest.ui.PreviewVideo = lambda values, **kw: {"images": values}
+    latest.ui.SavedResult = lambda filename, subfolder, type: {"filename": filename, "subfolder": subfolder}
+    latest.io.FolderType = types.SimpleNamespace(output="output")
+    latest.InputImpl = types.SimpleNamespace(VideoFromFile=lambda path: ("VideoFromFile", path))
 
     class ComfyExtension:
         async def get_node_list(self):
@@ -163,6 +167,14 @@ def install(monkeypatch, models_dir, interrupt_after=None):
     folder_paths.get_filename_list = get_filename_list
     folder_paths.get_full_path_or_raise = get_full_path_or_raise
     folder_paths.get_output_directory = lambda: str(models_dir / "output")
+
+    def get_save_image_path(prefix, output_dir, width=0, height=0):
+        import os
+
+        full = os.path.join(output_dir, os.path.dirname(prefix))
+        return full, os.path.basename(prefix), 1, os.path.dirname(prefix), prefix
+
+    folder_paths.get_save_image_path = get_save_image_path
 
     for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
                          "comfy.model_management": mm, "comfy.model_patcher": patcher_mod, "comfy.ops": ops,

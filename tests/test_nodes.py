@@ -183,3 +183,28 @@ def test_flow_nodes(comfy):
     assert vis.shape == (2, 33, 45, 3) and 0 <= vis.min() and vis.max() <= 1
     with pytest.raises(ValueError, match="at least 2"):
         _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=images[:1])
+
+
+def test_video_file_node(comfy, tmp_path):
+    av = pytest.importorskip("av")
+    from test_video import decode, make_clip
+
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    clip = make_clip(tmp_path / "in.mp4", n=3, w=32, h=24)
+
+    class Video:  # what core LoadVideo hands over, reduced to what the node uses
+        def get_dimensions(self):
+            return 32, 24
+
+        def get_stream_source(self):
+            return str(clip)
+
+    node = nodes["StreamVSRVideoUpscale"]
+    out = node.execute(model=model, flow_model=flow, video=Video(), seed=1, steps=2, codec="h264",
+                       scene_cut_threshold=0.0, filename_prefix="streamvsr/test")
+    kind, path = out.values[0]
+    assert kind == "VideoFromFile" and path.endswith("test_00001_.mp4")
+    frames = decode(path)
+    assert len(frames) == 3 and frames[0].shape == (96, 128, 3)
+    assert av is not None
