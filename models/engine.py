@@ -106,7 +106,8 @@ class StreamEngine:
         self.pipeline = pipeline
         self.flow = flow
         self.steps = int(steps)
-        self.device = torch.device(device) if device is not None else pipeline.device
+        # No ``pipeline.device`` property: ComfyUI's ModelPatcher assigns that attribute itself.
+        self.device = torch.device(device) if device is not None else next(pipeline.unet.parameters()).device
         self.compute_dtype = compute_dtype or pipeline.dtype
         self.timesteps = pipeline.scheduler.timesteps(self.steps)
 

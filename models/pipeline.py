@@ -32,10 +32,6 @@ class StreamDiffVSRPipeline(nn.Module):
         return next(self.unet.parameters()).dtype
 
     @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
     def latent_channels(self) -> int:
         return int(self.configs.get("vae", {}).get("latent_channels", 4))
 
