@@ -192,3 +192,17 @@ def test_bad_frames_raise_clear_errors(checkpoint, raft):
     assert torch.equal(gray, rgb)
     rgba, _ = engine.step(torch.cat([torch.full((3, LR_H, LR_W), 0.5), torch.zeros(1, LR_H, LR_W)]), state)
     assert torch.equal(rgba, rgb)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_fp32(checkpoint, raft, frames, dtype):
+    full = StreamEngine(load_pipeline(checkpoint), _flow_fn(raft))
+    half = StreamEngine(load_pipeline(checkpoint, dtype=dtype), _flow_fn(raft))
+    assert half.pipeline.unet.conv_in.weight.dtype == dtype
+    a, state_a = run_engine(full, frames[:2], full.new_state(1))
+    b, state_b = run_engine(half, frames[:2], half.new_state(1))
+    # The recurrent state and the outputs stay float32 whatever the network precision.
+    assert state_b.prev_output.dtype == torch.float32 and b[1].dtype == torch.float32
+    for x, y in zip(a, b):
+        assert torch.isfinite(y).all()
+        assert (x - y).abs().mean() < 0.02
