@@ -306,38 +306,115 @@ class AllPairsCorrelation:
 class OnDemandCorrelation:
     """Same features as ``AllPairsCorrelation`` without the volume.
 
-    Per level, fmap2 is average-pooled like the volume would be; each lookup samples the pooled features at the
-    (2r+1)² neighbour positions (bilinear, zero outside) and takes the dot product with fmap1, a few offsets at
-    a time so that no temporary exceeds ``block_bytes``.
+    Per level, fmap2 is average-pooled like the volume would be. A lookup at centre c with offsets d samples
+    bilinearly at c + d; all offsets share the fractional part of c, so what is needed are the dot products of
+    fmap1 with fmap2 at the (2r+2)² integer positions around floor(c), blended with four bilinear weights.
+    Neighbouring pixels need overlapping windows, so pixels are taken in 8x8 tiles: one matrix product of the
+    tile's features with the fmap2 patch covering all their windows gives every dot product at once. Tiles whose
+    windows spread too far apart (motion boundaries) are computed pixel by pixel. Out-of-range positions read a
+    zero row, as grid_sample's zero padding does. Temporaries stay below ``block_bytes``.
     """
 
+    TILE = 8
+    SLACK = 8  # spread beyond a tile's own extent that still goes through the matrix product
+
     def __init__(self, fmap1, fmap2, radius, block_bytes=256 << 20):
-        self.radius, self.block_bytes = radius, block_bytes
-        self.fmap1 = fmap1 / math.sqrt(fmap1.shape[1])
-        self.pyramid = [fmap2]
-        for _ in range(NUM_LEVELS - 1):
-            self.pyramid.append(F.avg_pool2d(self.pyramid[-1], 2, 2))
+        b, c, h, w = fmap1.shape
+        t = self.TILE
+        self.radius, self.block_bytes, self.shape = radius, block_bytes, (b, c, h, w)
+        self.hp, self.wp = -(-h // t) * t, -(-w // t) * t
+        f1 = F.pad(fmap1 / math.sqrt(c), (0, self.wp - w, 0, self.hp - h))
+        # (tiles, t*t, c): tile-major, pixels row-major inside a tile
+        self.f1 = f1.view(b, c, self.hp // t, t, self.wp // t, t).permute(0, 2, 4, 3, 5, 1).reshape(-1, t * t, c)
+        self.levels = []
+        level = fmap2
+        for i in range(NUM_LEVELS):
+            if i:
+                level = F.avg_pool2d(level, 2, 2)
+            lh, lw = level.shape[-2:]
+            rows = level.flatten(2).transpose(1, 2)  # (b, lh*lw, c)
+            rows = torch.cat([rows, rows.new_zeros(b, 1, c)], dim=1).reshape(-1, c)  # each batch ends in a zero row
+            self.levels.append((rows.contiguous(), lh, lw))
 
     def __call__(self, coords):
-        b, c, h, w = self.fmap1.shape
-        centres = coords.permute(0, 2, 3, 1)  # (b, h, w, 2)
-        delta = _offsets(self.radius, coords.device)
-        k_total = delta.shape[0]
-        per_offset = b * c * h * w * self.fmap1.element_size() * 2
-        chunk = max(1, min(k_total, self.block_bytes // max(per_offset, 1)))
-        out = torch.empty(b, NUM_LEVELS * k_total, h, w, device=coords.device, dtype=self.fmap1.dtype)
-        for level, fmap2 in enumerate(self.pyramid):
-            scaled = centres / 2**level
-            for start in range(0, k_total, chunk):
-                d = delta[start:start + chunk]  # (k, 2)
-                pos = scaled[:, None] + d[None, :, None, None, :]  # (b, k, h, w, 2)
-                grid = _normalise(pos.reshape(b, -1, w, 2), *fmap2.shape[-2:])
-                sampled = F.grid_sample(fmap2, grid, mode="bilinear", align_corners=True)  # (b, c, k*h, w)
-                sampled = sampled.view(b, c, d.shape[0], h, w)
-                dots = torch.einsum("bchw,bckhw->bkhw", self.fmap1, sampled)
-                base = level * k_total + start
-                out[:, base:base + d.shape[0]] = dots
-        return out
+        b, c, h, w = self.shape
+        t, r = self.TILE, self.radius
+        win, side = 2 * r + 2, 2 * r + 1
+        coords = F.pad(coords, (0, self.wp - w, 0, self.hp - h), mode="replicate")
+        tiles = coords.view(b, 2, self.hp // t, t, self.wp // t, t).permute(0, 2, 4, 3, 5, 1).reshape(-1, t * t, 2)
+        n_tiles = tiles.shape[0]
+        tiles_per_batch = n_tiles // b
+        batch_of_tile = torch.arange(n_tiles, device=coords.device) // tiles_per_batch
+        out = torch.empty(n_tiles, t * t, NUM_LEVELS, side, side, device=coords.device, dtype=self.f1.dtype)
+        shifts = torch.arange(-r, r + 2, device=coords.device)
+        for li, (rows, lh, lw) in enumerate(self.levels):
+            centre = tiles / 2**li
+            base = torch.floor(centre)
+            frac = centre - base
+            base = base.long()
+            lo = base.amin(dim=1) - r  # (tiles, 2) patch origin (x, y)
+            spread = (base.amax(dim=1) - base.amin(dim=1)).amax(dim=1)
+            # The patch covers the largest spread of any tile, up to a cap; wider tiles go pixel by pixel.
+            size = int(min(int(spread.max()), t - 1 + self.SLACK)) + win
+            fits = spread + win <= size
+            grid = torch.arange(size, device=coords.device)
+            chunk = max(1, self.block_bytes // (size * size * c * self.f1.element_size() * 2))
+            zero_row = (batch_of_tile * (lh * lw + 1) + lh * lw)
+            for start in range(0, n_tiles, chunk):
+                stop = min(n_tiles, start + chunk)
+                ox, oy = lo[start:stop, 0:1], lo[start:stop, 1:2]
+                xs, ys = ox + grid, oy + grid  # (k, size)
+                valid = ((ys >= 0) & (ys < lh))[:, :, None] & ((xs >= 0) & (xs < lw))[:, None, :]
+                index = torch.where(valid, ys[:, :, None] * lw + xs[:, None, :]
+                                    + (batch_of_tile[start:stop] * (lh * lw + 1))[:, None, None],
+                                    zero_row[start:stop, None, None])
+                patch = rows[index.reshape(-1)].view(stop - start, size * size, c)
+                products = torch.bmm(self.f1[start:stop], patch.transpose(1, 2))  # (k, t*t, size*size)
+                # position of each pixel's (2r+2)² window inside the patch
+                px = (base[start:stop, :, 0] - ox)[..., None] + shifts  # (k, t*t, win)
+                py = (base[start:stop, :, 1] - oy)[..., None] + shifts
+                local = (py.clamp(0, size - 1)[..., :, None] * size + px.clamp(0, size - 1)[..., None, :])
+                dots = torch.gather(products, 2, local.reshape(stop - start, t * t, win * win))
+                dots = dots.view(stop - start, t * t, win, win)  # [..., y, x]
+                out[start:stop, :, li] = self._blend(dots, frac[start:stop])
+            if not bool(fits.all()):
+                self._per_pixel(out, li, tiles, fits, rows, lh, lw, batch_of_tile)
+        tb = self.hp // t, self.wp // t
+        features = out.view(b, *tb, t, t, NUM_LEVELS * side * side).permute(0, 5, 1, 3, 2, 4)
+        return features.reshape(b, -1, self.hp, self.wp)[..., :h, :w]
+
+    @staticmethod
+    def _blend(dots, frac):
+        fx, fy = frac[..., 0, None, None], frac[..., 1, None, None]
+        corr = ((1 - fx) * (1 - fy) * dots[..., :-1, :-1] + fx * (1 - fy) * dots[..., :-1, 1:]
+                + (1 - fx) * fy * dots[..., 1:, :-1] + fx * fy * dots[..., 1:, 1:])  # (..., y, x)
+        # torchvision orders the features with the x offset outer and the y offset inner.
+        return corr.transpose(-1, -2)
+
+    def _per_pixel(self, out, li, tiles, fits, rows, lh, lw, batch_of_tile):
+        """Tiles whose windows spread too far: one gather and dot product per window position."""
+        r = self.radius
+        win = 2 * r + 2
+        which = (~fits).nonzero().flatten()
+        shifts = torch.arange(-r, r + 2, device=tiles.device)
+        for start in range(0, which.numel(), 64):
+            sel = which[start:start + 64]
+            centre = tiles[sel] / 2**li
+            base = torch.floor(centre)
+            frac = centre - base
+            base = base.long()
+            xs = base[..., 0, None] + shifts  # (k, p, win)
+            ys = base[..., 1, None] + shifts
+            offset = (batch_of_tile[sel] * (lh * lw + 1))[:, None, None]
+            f1 = self.f1[sel]  # (k, p, c)
+            dots = torch.empty(*f1.shape[:2], win, win, device=tiles.device, dtype=f1.dtype)
+            for j in range(win):
+                y = ys[..., j:j + 1]
+                ok = (y >= 0) & (y < lh) & (xs >= 0) & (xs < lw)
+                index = torch.where(ok, y * lw + xs + offset, offset + lh * lw)  # (k, p, win)
+                picked = rows[index.reshape(-1)].view(*index.shape, -1)  # (k, p, win, c)
+                dots[..., j, :] = torch.einsum("kpc,kpxc->kpx", f1, picked)
+            out[sel, :, li] = self._blend(dots, frac)
 
 
 def raft_large(operations=nn, device=None, dtype=None) -> RAFT:
