@@ -47,12 +47,13 @@ def worker(args) -> None:
     flow = load_raft(args.flow, device=device)
     engine = StreamEngine(pipe, flow, steps=args.steps, device=device)
     h, w = (int(v) for v in args.size.split("x"))
+    frames = int(args.frames)
     g = torch.Generator().manual_seed(0)
-    base = torch.rand(3, h + args.frames, w + args.frames, generator=g)
+    base = torch.rand(3, h + frames, w + frames, generator=g)
     state = engine.new_state(0)
     rss_after_first = None
     start = time.perf_counter()
-    for i in range(args.frames):
+    for i in range(frames):
         frame = base[:, i: i + h, i: i + w]
         hr, state = engine.step(frame, state)
         hr = hr.cpu()
@@ -61,9 +62,9 @@ def worker(args) -> None:
             start_steady = time.perf_counter()
     end = time.perf_counter()
     result = {
-        "frames": args.frames,
-        "s_per_frame": (end - start) / args.frames,
-        "s_per_frame_steady": (end - start_steady) / max(args.frames - 1, 1),
+        "frames": frames,
+        "s_per_frame": (end - start) / frames,
+        "s_per_frame_steady": (end - start_steady) / max(frames - 1, 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_first_frame_mb": rss_after_first / 1024,
     }

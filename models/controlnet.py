@@ -10,11 +10,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import DownPath
+from .unet import BlockSettings, DownPath
+
+_CONTROLNET_KEYS = {"conditioning_channels", "conditioning_embedding_out_channels",
+                    "controlnet_conditioning_channel_order", "global_pool_conditions"}
 
 
 class ConditioningEmbedding(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, channels: list[int], operations, device, dtype):
+    """Brings ``controlnet_cond`` to the latent size: one stride-2 conv per entry after the first."""
+
+    def __init__(self, in_ch: int, out_ch: int, channels: list[int], operations=nn, device=None, dtype=None):
         super().__init__()
         kw = dict(kernel_size=3, padding=1, device=device, dtype=dtype)
         self.conv_in = operations.Conv2d(in_ch, channels[0], **kw)
@@ -32,27 +37,34 @@ class ConditioningEmbedding(nn.Module):
         return self.conv_out(x)
 
 
-class ControlNet(nn.Module, DownPath):
+class ControlNet(DownPath):
+    """``forward(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)`` returns
+    ``(down_residuals, mid_residual)`` for ``UNet.forward``."""
+
     def __init__(self, config: dict, operations=nn, device=None, dtype=None):
-        super().__init__()
-        s = self.build_down_path(config, operations, device, dtype)
+        for key, expected in (("controlnet_conditioning_channel_order", "rgb"), ("global_pool_conditions", False)):
+            if config.get(key, expected) != expected:
+                raise ValueError(f"{key}={config[key]!r} is not supported (this model family uses {expected!r})")
+        embedding_channels = [int(c) for c in config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)]
+        if not embedding_channels:
+            raise ValueError("conditioning_embedding_out_channels must not be empty")
+        s = BlockSettings(config, extra_keys=_CONTROLNET_KEYS)
+        super().__init__(s, operations, device, dtype)
         self.controlnet_cond_embedding = ConditioningEmbedding(
-            int(config.get("conditioning_channels", 3)), s.channels[0],
-            [int(c) for c in config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))],
+            int(config.get("conditioning_channels") or 3), s.channels[0], embedding_channels,
             operations, device, dtype)
-        zero_convs = []
-        for block in self.down_blocks:
-            channels = block.resnets[0].conv1.out_channels
-            zero_convs += [channels] * (len(block.resnets) + (block.downsamplers is not None))
-        zero_convs.insert(0, s.channels[0])  # the conv_in output is a skip tensor too
+        # One 1x1 conv per UNet skip tensor, in the order run_down_blocks returns them (conv_in output first).
+        skip_channels = [s.channels[0]]
+        for i, block in enumerate(self.down_blocks):
+            skip_channels += [s.channels[i]] * (len(block.resnets) + (block.downsamplers is not None))
         kw = dict(device=device, dtype=dtype)
-        self.controlnet_down_blocks = nn.ModuleList([operations.Conv2d(c, c, 1, **kw) for c in zero_convs])
+        self.controlnet_down_blocks = nn.ModuleList([operations.Conv2d(c, c, 1, **kw) for c in skip_channels])
         self.controlnet_mid_block = operations.Conv2d(s.channels[-1], s.channels[-1], 1, **kw)
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale: float = 1.0):
-        temb = self.time_conditioning(timestep, sample)
+        temb = self.embed_time(timestep, sample)
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
-        x, skips = self.run_down_path(x, temb, encoder_hidden_states)
+        x, skips = self.run_down_blocks(x, temb, encoder_hidden_states)
         x = self.mid_block(x, temb, encoder_hidden_states)
-        down = [conv(s) * conditioning_scale for conv, s in zip(self.controlnet_down_blocks, skips)]
+        down = [conv(skip) * conditioning_scale for conv, skip in zip(self.controlnet_down_blocks, skips)]
         return down, self.controlnet_mid_block(x) * conditioning_scale

@@ -1,4 +1,4 @@
-"""Optical-flow estimator around RAFT: weights (torchvision's released files), options, and the
+"""Optical-flow estimator around RAFT: weights (torchvision's released files), options, visualisation, and the
 ``streamvsr flow`` folder command.
 """
 
@@ -16,31 +16,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .raft import RAFT, all_pairs_bytes
+from .raft import RAFT, all_pairs_bytes, padded_size
 
 log = logging.getLogger(__name__)
 
-# name -> (url, file name). torchvision names its files <name>-<first 8 hex digits of the sha256>.pth.
+# name -> (url, file name, sha256 prefix). torchvision publishes no full digests: its files are named
+# <name>-<first 8 hex digits of their sha256>.pth and torch.hub checks that prefix; so do we.
 RAFT_WEIGHTS = {
     "raft_large": ("https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth",
-                   "raft_large_C_T_SKHT_V2-ff5fadd5.pth"),
+                   "raft_large_C_T_SKHT_V2-ff5fadd5.pth", "ff5fadd5"),
     "raft_small": ("https://download.pytorch.org/models/raft_small_C_T_V2-01064c6d.pth",
-                   "raft_small_C_T_V2-01064c6d.pth"),
+                   "raft_small_C_T_V2-01064c6d.pth", "01064c6d"),
 }
 
 
 class FlowEstimator(nn.Module):
     """``estimator(image1, image2)`` -> (B, 2, H, W) float32 flow in pixels that backward-warps image2 onto
-    image1 (``image1(p) ≈ image2(p + flow(p))``), for images in [-1, 1] of any size.
+    image1 (``image1(p) ≈ image2(p + flow(p))``), for images in [-1, 1] of any size (torchvision's
+    ``raft(image1, image2)[-1]``).
 
     corr: "auto" | "all_pairs" | "on_demand" (see ``models/raft.py``); downscale: 1 (official), 2 or 4 to
-    compute the flow at reduced resolution and upsample it (faster, less memory, not the official flow).
+    compute the flow at reduced resolution (images resized with antialiasing) and upsample it bilinearly, its
+    values scaled by the factor (faster, less memory, not the official flow).
     """
 
     def __init__(self, raft: RAFT, num_flow_updates: int = 12, corr: str = "auto", downscale: int = 1):
         super().__init__()
         if downscale not in (1, 2, 4):
             raise ValueError(f"downscale must be 1, 2 or 4, got {downscale}")
+        if corr not in ("auto", "all_pairs", "on_demand"):
+            raise ValueError(f"corr must be 'auto', 'all_pairs' or 'on_demand', got {corr!r}")
+        if int(num_flow_updates) < 1:
+            raise ValueError(f"num_flow_updates must be at least 1, got {num_flow_updates}")
         self.raft = raft.eval()
         self.num_flow_updates, self.corr, self.downscale = int(num_flow_updates), corr, int(downscale)
 
@@ -48,11 +55,17 @@ class FlowEstimator(nn.Module):
     def arch(self) -> str:
         return self.raft.arch
 
-    def estimate_memory(self, h: int, w: int) -> int:
-        h, w = h // self.downscale, w // self.downscale
-        encoders = h * w * 64 * 4 * 6  # a few 64-channel maps at half resolution for one image
-        corr = all_pairs_bytes(h, w) if self.corr == "all_pairs" else (h // 8) * (w // 8) * 256 * 4 * 8
-        return int(encoders + corr)
+    def estimate_memory(self, h: int, w: int, batch: int = 1) -> int:
+        """Rough peak bytes of one call on h x w images, beyond the weights. "auto" is counted as on-demand:
+        it only takes the all-pairs volume when that fits in a quarter of what is free at call time."""
+        h, w = padded_size(max(h // self.downscale, 1), max(w // self.downscale, 1))
+        px = h * w * batch
+        # feature encoder: about three 64-channel fp32 maps at half resolution; then fmap1, pooled fmap2,
+        # context and the update block's maps at 1/8 resolution (a few dozen 256-channel-equivalents / 64)
+        encoders = px // 4 * 64 * 4 * 3
+        eighth = px // 64 * 4 * (256 * 10)
+        corr = all_pairs_bytes(h, w, batch) if self.corr == "all_pairs" else (256 << 20)
+        return int(max(encoders, eighth + corr) * 1.25)
 
     @torch.inference_mode()
     def forward(self, image1: torch.Tensor, image2: torch.Tensor, corr: str | None = None) -> torch.Tensor:
@@ -66,6 +79,7 @@ class FlowEstimator(nn.Module):
             image2 = F.interpolate(image2, size=size, mode="bilinear", align_corners=False, antialias=True)
         flow = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr).to(torch.float32)
         if self.downscale > 1:
+            # per axis, the exact ratio (sizes that are not multiples of the factor are rounded down)
             scale = torch.tensor([w / flow.shape[-1], h / flow.shape[-2]], device=flow.device).view(1, 2, 1, 1)
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) * scale
         return flow
@@ -76,16 +90,21 @@ def detect_arch(state_dict: dict) -> str:
     return "raft_large" if any(k.startswith("mask_predictor.") for k in state_dict) else "raft_small"
 
 
-def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow_updates: int = 12,
-              corr: str = "auto", downscale: int = 1) -> FlowEstimator:
-    """Load RAFT weights in torchvision's format (.pth or .safetensors); large/small is read from the keys."""
+def _manual_hint(name: str | None = None) -> str:
+    names = [name] if name in RAFT_WEIGHTS else list(RAFT_WEIGHTS)
+    links = ", ".join(f"{n}: {RAFT_WEIGHTS[n][0]}" for n in names)
+    return (f"Use torchvision's RAFT weights ({links}); `streamvsr download` fetches RAFT-large, the one "
+            f"Stream-DiffVSR was trained with.")
+
+
+def read_state_dict(path) -> dict:
+    """Tensors of a .pth (loaded with weights_only=True) or .safetensors file; a ``state_dict``/``model`` wrapper
+    and a DataParallel ``module.`` prefix are removed."""
     from .loader import WeightsError
 
     path = Path(path)
-    hint = (f"Use torchvision's RAFT weights: {RAFT_WEIGHTS['raft_large'][0]} (or raft_small: "
-            f"{RAFT_WEIGHTS['raft_small'][0]}), e.g. via `streamvsr download`.")
     if not path.is_file():
-        raise WeightsError(f"RAFT weights {path} do not exist. {hint}")
+        raise WeightsError(f"RAFT weights {path} do not exist. {_manual_hint()}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -94,10 +113,26 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
         else:
             state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot read {path}: {e}. The file is truncated or not a weights file. {hint}") \
-            from None
-    if not isinstance(state_dict, dict):
-        raise WeightsError(f"{path} does not hold a state dict. {hint}")
+        raise WeightsError(f"cannot read {path}: {e}. The file is truncated or not a weights file. "
+                           f"{_manual_hint()}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors. {_manual_hint()}")
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow_updates: int = 12,
+              corr: str = "auto", downscale: int = 1) -> FlowEstimator:
+    """Load RAFT weights in torchvision's format (.pth or .safetensors) strictly; large/small is read from the
+    keys. A file that does not match raises WeightsError naming the missing, unexpected and misshapen keys."""
+    from .loader import WeightsError
+
+    path = Path(path)
+    state_dict = read_state_dict(path)
     arch = detect_arch(state_dict)
     model = RAFT(arch, operations=operations or nn, device="meta", dtype=dtype)
     expected = model.state_dict()
@@ -114,15 +149,16 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys: {names(unexpected)}")
         if shapes:
-            parts.append(f"wrong shapes: {names(shapes)}")
-        raise WeightsError("; ".join(parts) + ". " + hint)
+            parts.append("wrong shapes: " + names(f"{k} {tuple(state_dict[k].shape)} (expected "
+                                                  f"{tuple(expected[k].shape)})" for k in shapes))
+        raise WeightsError("; ".join(parts) + ". " + _manual_hint())
     state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     model = model.to(device).eval().requires_grad_(False)
     return FlowEstimator(model, num_flow_updates=num_flow_updates, corr=corr, downscale=downscale)
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -130,92 +166,134 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_hash_prefix(path: Path) -> None:
-    """torchvision's convention: the file name ends in ``-<first 8 hex digits of its sha256>``."""
-    prefix = Path(path).stem.rsplit("-", 1)[-1]
-    if len(prefix) == 8 and not sha256_of(path).startswith(prefix):
-        raise ValueError(f"{path} is corrupt: its sha256 does not start with {prefix}. Delete it and download again.")
+def hash_prefix(filename) -> str | None:
+    """The sha256 prefix in a torchvision-style name ``<name>-<8+ hex digits>.<ext>``, or None."""
+    tail = Path(filename).name.split(".")[0].rsplit("-", 1)
+    if len(tail) == 2 and len(tail[1]) >= 8 and all(ch in "0123456789abcdef" for ch in tail[1].lower()):
+        return tail[1].lower()
+    return None
+
+
+def check_hash_prefix(path, prefix: str | None = None) -> None:
+    """Raise ValueError when the file's sha256 does not start with ``prefix`` (default: the one in its name)."""
+    prefix = prefix or hash_prefix(path)
+    if prefix and not sha256_of(path).startswith(prefix):
+        raise ValueError(f"{path} is corrupt or not the published file: its sha256 does not start with "
+                         f"{prefix}. Delete it and download it again.")
 
 
 def download_raft(name: str, dest_dir, progress: bool = True) -> Path:
-    """Download torchvision's RAFT weights into ``dest_dir`` (skipped when a verified copy is there)."""
+    """Download torchvision's RAFT weights ``name`` ("raft_large" or "raft_small") into ``dest_dir`` and return
+    the path; a verified copy already there is reused. The file is written as ``.part`` and renamed only after
+    its sha256 prefix matched. Offline, the error says where to download the file by hand."""
     if name not in RAFT_WEIGHTS:
         raise ValueError(f"unknown RAFT weights {name!r} (use one of {sorted(RAFT_WEIGHTS)})")
-    url, filename = RAFT_WEIGHTS[name]
+    url, filename, prefix = RAFT_WEIGHTS[name]
     dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / filename
-    if target.exists():
-        check_hash_prefix(target)
+    if target.is_file():
+        check_hash_prefix(target, prefix)
         return target
+    manual = (f"Download {url} by hand (browser, curl -LO or wget) and put it at {target} "
+              f"(its sha256 starts with {prefix}).")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot create {dest_dir}: {e}") from None
     part = target.with_name(target.name + ".part")
     log.info("downloading %s to %s", url, target)
+    digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
-            done = 0
+            done, reported = 0, 0
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
+                digest.update(block)
                 done += len(block)
-                if progress and total:
-                    log.debug("%s: %.0f%%", filename, 100 * done / total)
+                if progress and total and done * 10 // total > reported:
+                    reported = done * 10 // total
+                    log.info("%s: %d%%", filename, 10 * reported)
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download {url} ({e}). Offline? Download it by hand and put it at {target}.") from None
-    prefix = Path(filename).stem.rsplit("-", 1)[-1]
-    if not sha256_of(part).startswith(prefix):
+        raise RuntimeError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? {manual}") from None
+    if not digest.hexdigest().startswith(prefix):
         part.unlink(missing_ok=True)
-        raise RuntimeError(f"the download of {url} is corrupt (sha256 does not start with {prefix}); try again")
+        raise RuntimeError(f"the download of {url} is corrupt (its sha256 does not start with {prefix}); try "
+                           f"again. {manual}")
     os.replace(part, target)
     return target
 
 
-def flow_to_image(flow: np.ndarray | torch.Tensor, max_magnitude: float | None = None) -> np.ndarray:
-    """Colour-wheel visualisation (Baker et al., Middlebury) of an H x W x 2 or 2 x H x W flow -> uint8 H x W x 3.
+# The Middlebury colour wheel (Baker et al. 2011): number of hues between consecutive primaries/secondaries,
+# red -> yellow -> green -> cyan -> blue -> magenta -> red.
+_WHEEL_SEGMENTS = (15, 6, 4, 11, 13, 6)
 
-    Hue is the direction, saturation the magnitude relative to ``max_magnitude`` (default: the largest).
+
+def _colour_wheel() -> np.ndarray:
+    rows = []
+    corners = [(255, 0, 0), (255, 255, 0), (0, 255, 0), (0, 255, 255), (0, 0, 255), (255, 0, 255), (255, 0, 0)]
+    for n, start, end in zip(_WHEEL_SEGMENTS, corners, corners[1:]):
+        i = np.arange(n)
+        # the channel that changes moves in integer steps floor(255 * i / n), as in the reference tables
+        seg = np.empty((n, 3))
+        for ch in range(3):
+            if start[ch] == end[ch]:
+                seg[:, ch] = start[ch]
+            elif end[ch] > start[ch]:
+                seg[:, ch] = np.floor(255 * i / n)
+            else:
+                seg[:, ch] = 255 - np.floor(255 * i / n)
+        rows.append(seg)
+    return np.concatenate(rows) / 255.0
+
+
+def flow_to_image(flow, max_magnitude: float | None = None) -> np.ndarray:
+    """Colour-wheel visualisation (Middlebury, Baker et al.) of an H x W x 2 or 2 x H x W flow -> uint8 H x W x 3.
+
+    Hue is the direction (right red, down orange-yellow, left cyan, up blue-violet), saturation the speed
+    relative to ``max_magnitude`` (default: the largest in the flow); white is no motion. Speeds beyond
+    ``max_magnitude`` are drawn at full saturation and darkened by 25%, as in the Middlebury code.
     """
     if torch.is_tensor(flow):
         flow = flow.detach().to("cpu", torch.float32).numpy()
     flow = np.asarray(flow, dtype=np.float32)
     if flow.ndim == 3 and flow.shape[0] == 2 and flow.shape[-1] != 2:
         flow = flow.transpose(1, 2, 0)
-    u, v = flow[..., 0], flow[..., 1]
+    if flow.ndim != 3 or flow.shape[-1] != 2:
+        raise ValueError(f"flow must be H x W x 2 or 2 x H x W, got {flow.shape}")
+    u, v = flow[..., 0].astype(np.float64), flow[..., 1].astype(np.float64)
+    u = np.nan_to_num(u)
+    v = np.nan_to_num(v)
     magnitude = np.sqrt(u * u + v * v)
-    scale = max_magnitude if max_magnitude else max(float(magnitude.max()), 1e-6)
-    u, v, magnitude = u / scale, v / scale, np.clip(magnitude / scale, 0, 1)
+    scale = float(max_magnitude) if max_magnitude else float(magnitude.max())
+    scale = max(scale, np.finfo(np.float32).eps)
+    radius = magnitude / scale
     wheel = _colour_wheel()
     n = wheel.shape[0]
     angle = np.arctan2(-v, -u) / np.pi  # in [-1, 1]
     position = (angle + 1) / 2 * (n - 1)
-    k0 = np.floor(position).astype(int)
+    k0 = np.floor(position).astype(np.int64)
     k1 = (k0 + 1) % n
     frac = (position - k0)[..., None]
     colour = (1 - frac) * wheel[k0] + frac * wheel[k1]
-    colour = 1 - magnitude[..., None] * (1 - colour)
-    return np.round(colour * 255).astype(np.uint8)
-
-
-def _colour_wheel() -> np.ndarray:
-    # Segment lengths of the Middlebury colour wheel: red-yellow, yellow-green, green-cyan, cyan-blue,
-    # blue-magenta, magenta-red.
-    segments = [(15, (1, 0, 0), (1, 1, 0)), (6, (1, 1, 0), (0, 1, 0)), (4, (0, 1, 0), (0, 1, 1)),
-                (11, (0, 1, 1), (0, 0, 1)), (13, (0, 0, 1), (1, 0, 1)), (6, (1, 0, 1), (1, 0, 0))]
-    rows = []
-    for length, start, end in segments:
-        t = np.arange(length)[:, None] / length
-        rows.append((1 - t) * np.array(start) + t * np.array(end))
-    return np.concatenate(rows).astype(np.float32)
+    inside = (radius <= 1)[..., None]
+    colour = np.where(inside, 1 - np.minimum(radius, 1)[..., None] * (1 - colour), colour * 0.75)
+    return np.floor(255 * colour).clip(0, 255).astype(np.uint8)
 
 
 def flow_dir(in_dir, out_dir, flow_path, save: str = "npy", device="cpu", corr: str = "auto",
-             downscale: int = 1) -> int:
-    """Write, for each consecutive pair of ``in_dir/*.png``, the flow that backward-warps frame i-1 onto
-    frame i (``RAFT(image1=frame i, image2=frame i-1)``) at input resolution, named after frame i."""
+             downscale: int = 1, num_flow_updates: int = 12, dtype=torch.float32) -> int:
+    """``streamvsr flow``: for each consecutive pair of ``in_dir/*.png`` (sorted by name), write the flow that
+    backward-warps frame i-1 onto frame i, i.e. ``RAFT(image1=frame i, image2=frame i-1)``, at input resolution,
+    named after frame i: ``npy`` = float32 H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture.
+    Returns the number of flows written."""
     from ..cli import list_pngs, read_frame
 
-    estimator = load_raft(flow_path, device=device, corr=corr, downscale=downscale)
+    if save not in ("npy", "png"):
+        raise ValueError(f"save must be 'npy' or 'png', got {save!r}")
+    estimator = load_raft(flow_path, device=device, dtype=dtype, corr=corr, downscale=downscale,
+                          num_flow_updates=num_flow_updates)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = None
@@ -224,14 +302,16 @@ def flow_dir(in_dir, out_dir, flow_path, save: str = "npy", device="cpu", corr: 
         current = read_frame(path)[None] * 2 - 1
         if previous is not None:
             if previous.shape != current.shape:
-                raise ValueError(f"{path.name} has a different size from the previous frame")
-            flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy()
+                raise ValueError(f"{path.name} is {tuple(current.shape[-2:])}, the previous frame "
+                                 f"{tuple(previous.shape[-2:])}: all frames must have the same size")
+            flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
             if save == "npy":
-                np.save(out_dir / f"{path.stem}.npy", flow.astype(np.float32))
+                np.save(out_dir / f"{path.stem}.npy", flow)
             else:
                 from PIL import Image
 
                 Image.fromarray(flow_to_image(flow)).save(out_dir / f"{path.stem}.png")
             count += 1
+            log.debug("flow %s", path.name)
         previous = current
     return count

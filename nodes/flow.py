@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from comfy_api.latest import io
@@ -10,7 +12,10 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..models.flow import flow_to_image, load_raft
-from .common import CATEGORY, FlowField, FlowModel, flow_choices, operations_for, resolve_flow_path, wrap
+from .common import (CATEGORY, FlowField, FlowModel, as_rgb, flow_choices, load_flow_patcher, operations_for,
+                     resolve_flow_path, wrap)
+
+log = logging.getLogger(__name__)
 
 
 class StreamVSRLoadFlowModel(io.ComfyNode):
@@ -44,15 +49,11 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
         device = mm.get_torch_device()
         # RAFT is small (20 MB) and uses BatchNorm, which ComfyUI's partial loading does not move: keep fp32
         # and always load it fully.
-        estimator = load_raft(resolve_flow_path(model), operations=operations_for(torch.float32, device),
-                              device=mm.unet_offload_device(), num_flow_updates=iterations, corr=correlation,
+        operations = operations_for(torch.float32, torch.float32, device)
+        estimator = load_raft(resolve_flow_path(model), operations=operations, device=mm.unet_offload_device(),
+                              num_flow_updates=iterations, corr=correlation,
                               downscale={"full": 1, "half": 2, "quarter": 4}[resolution])
         return io.NodeOutput(wrap(estimator))
-
-
-def load_flow_patcher(patcher, extra_memory: int = 0):
-    mm.load_models_gpu([patcher], memory_required=extra_memory, force_full_load=True)
-    return patcher.model
 
 
 class StreamVSREstimateFlow(io.ComfyNode):
@@ -73,22 +74,44 @@ class StreamVSREstimateFlow(io.ComfyNode):
 
     @classmethod
     def execute(cls, flow_model, images) -> io.NodeOutput:
-        if images.shape[0] < 2:
-            raise ValueError(f"Estimate Optical Flow needs at least 2 frames, got {images.shape[0]}")
-        estimator = flow_model.model
-        h, w = images.shape[1:3]
-        load_flow_patcher(flow_model, estimator.estimate_memory(h, w))
+        frames = as_rgb(images, "Estimate Optical Flow")
+        if frames.shape[0] < 2:
+            raise ValueError(f"Estimate Optical Flow needs at least 2 frames, got {frames.shape[0]}")
+        if not torch.isfinite(frames).all():
+            raise ValueError("Estimate Optical Flow: the images contain NaN or infinite values")
+        n, h, w, _ = frames.shape
+        estimator = load_flow_patcher(flow_model, flow_model.model.estimate_memory(h, w))
         device = flow_model.load_device
-        flows = torch.empty(images.shape[0] - 1, h, w, 2, dtype=torch.float32, device=mm.intermediate_device())
-        bar = comfy.utils.ProgressBar(flows.shape[0])
-        prev = images[0:1, ..., :3].to(device).permute(0, 3, 1, 2) * 2 - 1
-        for i in range(1, images.shape[0]):
+        flows = torch.empty(n - 1, h, w, 2, dtype=torch.float32, device=mm.intermediate_device())
+        bar = comfy.utils.ProgressBar(n - 1)
+        corr = None
+        prev = frames[0:1].to(device).permute(0, 3, 1, 2) * 2 - 1
+        for i in range(1, n):
             mm.throw_exception_if_processing_interrupted()
-            cur = images[i:i + 1, ..., :3].to(device).permute(0, 3, 1, 2) * 2 - 1
-            flows[i - 1] = estimator(cur, prev)[0].permute(1, 2, 0).to(flows.device)
+            cur = frames[i:i + 1].to(device).permute(0, 3, 1, 2) * 2 - 1
+            flow, corr = _estimate(estimator, cur, prev, corr)
+            flows[i - 1] = flow[0].permute(1, 2, 0).to(flows.device)
             prev = cur
-            bar.update_absolute(i, flows.shape[0])
+            bar.update_absolute(i, n - 1)
         return io.NodeOutput(flows)
+
+
+def _estimate(estimator, image1, image2, corr):
+    """RAFT(image1, image2); on out-of-memory retry (and keep going) with on-demand correlation."""
+    if corr is None:
+        try:
+            return estimator(image1, image2), None
+        except mm.OOM_EXCEPTION:
+            pass  # retried outside the except block so the failed attempt's memory can be released
+        mm.soft_empty_cache()
+        log.warning("StreamVSR: out of memory in RAFT; retrying with on-demand correlation")
+    try:
+        return estimator(image1, image2, corr="on_demand"), "on_demand"
+    except mm.OOM_EXCEPTION:
+        pass
+    mm.soft_empty_cache()
+    raise RuntimeError("RAFT ran out of memory even with on-demand correlation: set Load RAFT Flow Model's "
+                       "resolution to 'half' or 'quarter', use smaller frames, or start ComfyUI with --lowvram.")
 
 
 class StreamVSRFlowToImage(io.ComfyNode):
@@ -109,6 +132,8 @@ class StreamVSRFlowToImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, flow, max_magnitude) -> io.NodeOutput:
+        if flow.ndim != 4 or flow.shape[0] == 0 or flow.shape[-1] != 2:
+            raise ValueError(f"Flow to Image expects flows shaped (pairs, height, width, 2), got {tuple(flow.shape)}")
         flows = flow.detach().cpu().numpy()
         peak = max_magnitude or float(np.sqrt((flows ** 2).sum(-1)).max()) or 1.0
         images = np.stack([flow_to_image(f, peak) for f in flows]).astype(np.float32) / 255

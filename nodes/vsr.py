@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass
+import functools
 
 import torch
 from comfy_api.latest import io
@@ -12,35 +11,34 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..models.engine import StreamEngine, StreamState, new_state
+from ..models.engine import StreamEngine
 from ..models.loader import load_pipeline
-from .common import (CATEGORY, FlowModel, StreamStateType, VSRModel, model_choices, operations_for, pick_dtype,
-                     resolve_model_path, tensor_to_preview, wrap)
-from .flow import load_flow_patcher
+from .common import (CATEGORY, FlowModel, StreamStateType, VSRModel, as_rgb, load_for_inference, model_choices,
+                     operations_for, pick_precision, resolve_model_path, tensor_to_preview, weights_params, wrap)
+from .streams import StoredStream, StreamStore
 
 log = logging.getLogger(__name__)
 
 OOM_LADDER = (
-    "Stream-DiffVSR ran out of memory. In order: set the flow model's correlation to on_demand; set its "
-    "resolution to half; load the model in fp16/bf16; upscale smaller frames (the output is 4x the input); "
-    "start ComfyUI with --lowvram or --novram; close other GPU programs.")
+    "Stream-DiffVSR ran out of memory on a {w}x{h} frame ({W}x{H} output), also with on-demand flow correlation. "
+    "Try, in this order: set Load RAFT Flow Model's resolution to 'half'; load the model in fp16 or bf16; "
+    "upscale smaller frames (the output is 4x the input on each side, so memory grows with the output size); "
+    "close other programs using the GPU; start ComfyUI with --lowvram, then --novram; "
+    "as a last resort run on the CPU (--cpu, slow).")
 
-
-@dataclass(frozen=True)
-class StoredStream:
-    """A sequence continued across queue runs, kept per node (on the CPU)."""
-    model_key: str
-    state: StreamState
-
-
-# unique_id of the Stream Upscale node -> its stream. Module level because V3 node classes are stateless clones.
-_STREAMS: dict[str, StoredStream] = {}
-_LOCK = threading.Lock()
+# Module level because V3 node classes are stateless clones (see streams.py).
+STREAMS = StreamStore()
 
 
 def model_key(model_patcher, seed: int, steps: int) -> str:
     pipe = model_patcher.model
-    return f"{pipe.streamvsr_source}|{pipe.dtype}|steps={steps}|seed={seed}"
+    return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{pipe.dtype}|steps={steps}|seed={seed}"
+
+
+def batch_origin(key: str, images: torch.Tensor) -> tuple:
+    """Cheap identity of a restart run's frames (shape and checksums), see StreamStore.put."""
+    flat = images.detach().reshape(-1).to(torch.float64)
+    return key, tuple(images.shape), float(flat.sum()), float(flat[::7].square().sum())
 
 
 class StreamVSRLoadModel(io.ComfyNode):
@@ -68,11 +66,14 @@ class StreamVSRLoadModel(io.ComfyNode):
     def execute(cls, model, precision) -> io.NodeOutput:
         path = resolve_model_path(model)
         device = mm.get_torch_device()
-        dtype = pick_dtype(precision, device)
-        # The text encoder runs once on the CPU inside load_pipeline and is dropped: only its output stays.
-        pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=dtype,
-                             operations=operations_for(dtype, device))
-        pipe.streamvsr_source = f"{model}"
+        weight_dtype, compute_dtype = pick_precision(precision, device, weights_params(path))
+        # Weights go to the offload device; ComfyUI moves them (whole or layer by layer) when Stream Upscale asks.
+        # The text encoder runs once on the CPU inside load_pipeline and is dropped: only its output is kept.
+        pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=weight_dtype,
+                             operations=operations_for(weight_dtype, compute_dtype, device))
+        pipe.streamvsr_source = model
+        pipe.streamvsr_compute_dtype = compute_dtype
+        log.info("StreamVSR: loaded %s (weights %s, compute %s)", model, weight_dtype, compute_dtype)
         return io.NodeOutput(wrap(pipe))
 
 
@@ -95,9 +96,11 @@ class StreamVSRUpscale(io.ComfyNode):
                 io.Int.Input("steps", default=4, min=1, max=8,
                              tooltip="Denoising steps; the model is distilled for 4."),
                 io.Boolean.Input("continue_sequence", default=False, label_on="continue", label_off="restart",
-                                 tooltip="continue: treat these frames as the next chunk of the sequence this "
-                                         "node processed in its previous run (same model, seed, steps and frame "
-                                         "size). restart: start a new sequence."),
+                                 tooltip="continue: these frames are the next chunk of the sequence this node "
+                                         "processed in its last successful run (for long videos queued in "
+                                         "chunks); the node then always re-runs. restart: start a new sequence. "
+                                         "A continuation with another model, precision, seed, steps or frame "
+                                         "size restarts by itself and says so in the log."),
                 StreamStateType.Input("state", optional=True,
                                       tooltip="Continue from this state (from another Stream Upscale) instead; "
                                               "takes precedence over continue_sequence."),
@@ -110,73 +113,59 @@ class StreamVSRUpscale(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, continue_sequence=False, **kwargs):
         # A continuation depends on the previous run, not only on the inputs: never reuse a cached result.
-        return float("nan") if continue_sequence else None
+        return STREAMS.fingerprint(bool(continue_sequence))
 
     @classmethod
     def execute(cls, model, flow_model, images, seed, steps, continue_sequence, state=None) -> io.NodeOutput:
-        if images.ndim != 4 or images.shape[0] == 0:
-            raise ValueError(f"Stream Upscale got an empty or malformed image batch {tuple(images.shape)}")
-        b, h, w, c = images.shape
-        if c not in (1, 3, 4):
-            raise ValueError(f"Stream Upscale expects 1, 3 or 4 channels per frame, got {c}")
+        frames = as_rgb(images, "Stream Upscale")
+        b, h, w, _ = frames.shape
+        bad = (~torch.isfinite(frames)).flatten(1).any(1).nonzero()
+        if len(bad):
+            raise ValueError(f"Stream Upscale: frame {int(bad[0])} of the batch (and {len(bad) - 1} more) contains "
+                             "NaN or infinite values; fix the node that produced these images")
         node_id = str(cls.hidden.unique_id)
         key = model_key(model, seed, steps)
-        start = cls._start_state(node_id, key, state, continue_sequence, seed, (h, w))
+        start = STREAMS.start_state(node_id, key, (h, w), seed, continue_sequence, state)
+        origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
 
         pipe, estimator = model.model, flow_model.model
-        load_flow_patcher(flow_model)
-        engine = StreamEngine(pipe, estimator, steps=steps, device=model.load_device, compute_dtype=pipe.dtype)
-        mm.load_models_gpu([model], memory_required=engine.estimate_memory(h, w))
+        compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
+        engine = StreamEngine(pipe, estimator, steps=steps, device=model.load_device, compute_dtype=compute_dtype)
+        load_for_inference(model, flow_model, engine.estimate_memory(h, w))
 
         out = torch.empty(b, h * 4, w * 4, 3, dtype=torch.float32, device=mm.intermediate_device())
         bar = comfy.utils.ProgressBar(b)
         current = start.to(model.load_device)
+        fallback = None
         for i in range(b):
             mm.throw_exception_if_processing_interrupted()
-            frame = images[i].permute(2, 0, 1)
-            hr, current = cls._step(engine, estimator, frame, current)
+            frame = frames[i].permute(2, 0, 1)
+            hr, current, fallback = cls._step(engine, fallback, frame, current, (h, w))
             out[i] = hr[0].permute(1, 2, 0).to(out.device)
             bar.update_absolute(i + 1, b, ("JPEG", tensor_to_preview(hr), 512))
         final = current.to("cpu")
-        # Only a completed batch updates the stored stream: an interrupted or failed run leaves it untouched.
-        with _LOCK:
-            _STREAMS[node_id] = StoredStream(key, final)
+        # Only a completed batch replaces the stored stream: an interrupted or failed run leaves it as it was.
+        STREAMS.put(node_id, StoredStream(key, final, origin))
         return io.NodeOutput(out, final)
 
-    @classmethod
-    def _start_state(cls, node_id, key, state, continue_sequence, seed, size) -> StreamState:
-        if state is not None:
-            if state.lr_size is not None and tuple(state.lr_size) != size:
-                raise ValueError(f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]}, "
-                                 f"these are {size[1]}x{size[0]}")
-            return state
-        if continue_sequence:
-            with _LOCK:
-                stored = _STREAMS.get(node_id)
-            if stored is None:
-                log.info("StreamVSR: no previous run of node %s to continue; starting a new sequence", node_id)
-            elif stored.model_key != key:
-                log.info("StreamVSR: model, seed or steps changed since the last run; starting a new sequence")
-            elif stored.state.lr_size is not None and tuple(stored.state.lr_size) != size:
-                log.info("StreamVSR: frame size changed from %s to %s; starting a new sequence",
-                         stored.state.lr_size, size)
-            else:
-                return stored.state
-        return new_state(seed)
-
     @staticmethod
-    def _step(engine, estimator, frame, state):
+    def _step(engine, fallback, frame, state, size):
+        """One frame; on out-of-memory, retry it (and run the rest of the batch) with on-demand correlation."""
+        if fallback is None:
+            try:
+                hr, new = engine.step(frame, state)
+                return hr, new, None
+            except mm.OOM_EXCEPTION:
+                pass  # handled outside the except block, so the failed attempt's tensors can be freed first
+            mm.soft_empty_cache()
+            log.warning("StreamVSR: out of memory; retrying with on-demand flow correlation (slower, same result)")
+            fallback = StreamEngine(engine.pipeline, functools.partial(engine.flow, corr="on_demand"),
+                                    steps=engine.steps, device=engine.device, compute_dtype=engine.compute_dtype)
         try:
-            return engine.step(frame, state)
-        except mm.OOM_EXCEPTION:
-            pass  # retried below, outside the except block so the failed attempt's tensors can be freed
-        mm.soft_empty_cache()
-        if getattr(estimator, "corr", None) == "on_demand":
-            raise RuntimeError(OOM_LADDER)
-        log.warning("StreamVSR: out of memory; retrying this frame with on-demand flow correlation")
-        estimator.corr = "on_demand"
-        try:
-            return engine.step(frame, state)
+            hr, new = fallback.step(frame, state)
+            return hr, new, fallback
         except mm.OOM_EXCEPTION:
             pass
-        raise RuntimeError(OOM_LADDER)
+        mm.soft_empty_cache()
+        h, w = size
+        raise RuntimeError(OOM_LADDER.format(w=w, h=h, W=4 * w, H=4 * h))

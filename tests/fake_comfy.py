@@ -65,6 +65,15 @@ def make_io():
 class ModelPatcher:
     def __init__(self, model, load_device, offload_device, size=0):
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.partial_loads = []
+
+    def model_size(self):
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        self.partial_loads.append((device_to, extra_memory))
+        self.model.model_lowvram = False
+        return extra_memory
 
 
 class Interrupted(Exception):
@@ -111,6 +120,8 @@ def install(monkeypatch, models_dir, interrupt_after=None):
     mm.should_use_bf16 = lambda *a, **k: False
     mm.should_use_fp16 = lambda *a, **k: False
     mm.soft_empty_cache = lambda *a, **k: None
+    mm.unet_dtype = lambda device=None, model_params=0, supported_dtypes=(), weight_dtype=None: supported_dtypes[0]
+    mm.unet_manual_cast = lambda weight_dtype, device, supported_dtypes=(): None
     mm.OOM_EXCEPTION = torch.cuda.OutOfMemoryError
     mm.InterruptProcessingException = Interrupted
 

@@ -1,6 +1,11 @@
-"""Node classes on CPU with tiny weights, with stand-ins for the ComfyUI modules (tests/fake_comfy.py)."""
+"""Node classes on CPU with tiny weights, with stand-ins for the ComfyUI modules (tests/fake_comfy.py).
+
+Expected values come from the engine driven directly (StreamEngine over the whole sequence) and from RAFT
+called directly, never from earlier node output.
+"""
 
 import asyncio
+import math
 import shutil
 
 import pytest
@@ -21,19 +26,23 @@ def assets(tmp_path_factory):
     return ckpt, raft
 
 
-@pytest.fixture
-def comfy(monkeypatch, tmp_path, assets):
+def _install(monkeypatch, tmp_path, assets, **kwargs):
     ckpt, raft = assets
     models = tmp_path / "models"
     shutil.copytree(ckpt, models / "streamvsr" / "tiny")
     (models / "streamvsr" / "raft").mkdir(parents=True)
     shutil.copy(raft, models / "streamvsr" / "raft" / raft.name)
-    mm = fake_comfy.install(monkeypatch, models)
+    mm = fake_comfy.install(monkeypatch, models, **kwargs)
     import streamvsr
 
     ext = asyncio.run(streamvsr.comfy_entrypoint())
     nodes = {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}
     return mm, nodes
+
+
+@pytest.fixture
+def comfy(monkeypatch, tmp_path, assets):
+    return _install(monkeypatch, tmp_path, assets)
 
 
 def _run(node, unique_id="7", **inputs):
@@ -42,132 +51,277 @@ def _run(node, unique_id="7", **inputs):
 
 
 def _frames(n, h=33, w=45, seed=0, channels=3):
+    """A pattern drifting right and down: consecutive frames are related, as in a video."""
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(h + n, w + 2 * n, channels, generator=g)
     return torch.stack([base[i: i + h, 2 * i: 2 * i + w] for i in range(n)])
 
 
-def _models(nodes):
+def _models(nodes, correlation="auto"):
     (model,) = _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
-    (flow,) = _run(nodes["StreamVSRLoadFlowModel"], model="raft_small_test.pth", correlation="auto",
+    (flow,) = _run(nodes["StreamVSRLoadFlowModel"], model="raft_small_test.pth", correlation=correlation,
                    resolution="full", iterations=4)
     return model, flow
 
 
-def test_schemas_are_namespaced_and_documented(comfy):
+def _upscale(nodes, model, flow, images, unique_id="7", seed=5, steps=4, continue_sequence=False, **kw):
+    return _run(nodes["StreamVSRUpscale"], unique_id, model=model, flow_model=flow, images=images, seed=seed,
+                steps=steps, continue_sequence=continue_sequence, **kw)
+
+
+def _reference(model, flow, images, seed, steps=4):
+    """The engine driven directly over the whole sequence, frames as (3, h, w)."""
+    from streamvsr.models.engine import StreamEngine
+
+    engine = StreamEngine(model.model, flow.model, steps=steps)
+    state = engine.new_state(seed)
+    out = []
+    for frame in images[..., :3]:
+        hr, state = engine.step(frame.permute(2, 0, 1), state)
+        out.append(hr[0].permute(1, 2, 0))
+    return torch.stack(out)
+
+
+def test_registration_schemas_are_namespaced_and_documented(comfy):
     _, nodes = comfy
-    assert len(nodes) >= 5
+    assert len(nodes) >= 6
+    assert {"StreamVSRLoadModel", "StreamVSRUpscale", "StreamVSRLoadFlowModel", "StreamVSREstimateFlow",
+            "StreamVSRFlowToImage"} <= nodes.keys()
     for node_id, node in nodes.items():
         schema = node.define_schema()
-        assert node_id.startswith("StreamVSR")
+        assert node_id.startswith("StreamVSR") and schema.node_id == node_id
+        assert schema.kwargs.get("description") and schema.kwargs.get("display_name")
         for inp in schema.inputs:
             assert inp.kwargs.get("tooltip"), f"{node_id}.{inp.id} has no tooltip"
+            if inp.io_type in ("INT", "FLOAT"):
+                assert "min" in inp.kwargs and "max" in inp.kwargs, f"{node_id}.{inp.id} is unbounded"
         for t in [i.io_type for i in schema.inputs] + [o.io_type for o in schema.outputs]:
             assert t in ("INT", "FLOAT", "BOOLEAN", "COMBO", "IMAGE", "VIDEO", "STRING") or t.startswith("STREAMVSR_")
+    steps = next(i for i in nodes["StreamVSRUpscale"].define_schema().inputs if i.id == "steps")
+    assert steps.kwargs["default"] == 4
+
+
+def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_path, assets):
+    import sys
+
+    ckpt, _ = assets
+    yaml_dir = tmp_path / "elsewhere"
+    shutil.copytree(ckpt, yaml_dir / "from_yaml")
+    (yaml_dir / "raft").mkdir()
+    (yaml_dir / "raft" / "not_a_model.safetensors").write_bytes(b"")
+    (yaml_dir / "single.safetensors").write_bytes(b"")
+    mm = fake_comfy.install(monkeypatch, tmp_path / "models")
+    # what extra_model_paths.yaml registers before any custom node is imported
+    sys.modules["folder_paths"].folder_names_and_paths["streamvsr"] = ([str(yaml_dir)], set())
+    import streamvsr
+
+    nodes = {n.define_schema().node_id: n
+             for n in asyncio.run(asyncio.run(streamvsr.comfy_entrypoint()).get_node_list())}
+    paths, exts = sys.modules["folder_paths"].folder_names_and_paths["streamvsr"]
+    assert paths == [str(yaml_dir), str(tmp_path / "models" / "streamvsr")]
+    assert ".safetensors" in exts
     options = next(i for i in nodes["StreamVSRLoadModel"].define_schema().inputs if i.id == "model").kwargs["options"]
-    assert "tiny" in options and any(o.startswith("(download)") for o in options)
+    # the official folder by name, single files; not the component files nor anything in the RAFT folder
+    assert options == ["from_yaml", "single.safetensors", "(download) Jamichsu/Stream-DiffVSR"]
+    flow_options = next(i for i in nodes["StreamVSRLoadFlowModel"].define_schema().inputs
+                        if i.id == "model").kwargs["options"]
+    assert flow_options == ["(download) raft_large", "(download) raft_small"]
+    assert mm is not None
 
 
-def test_upscale_shapes_state_and_model_management(comfy):
+def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
+    from streamvsr.nodes.common import pick_precision
+
+    mm, nodes = comfy
+    model, flow = _models(nodes)
+    assert isinstance(model, fake_comfy.ModelPatcher) and isinstance(flow, fake_comfy.ModelPatcher)
+    assert model.load_device == torch.device("cpu") and model.offload_device == torch.device("cpu")
+    assert model.model.dtype == torch.float32  # auto on the CPU
+    assert not hasattr(model.model, "text_encoder")  # only the prompt embedding is kept
+    assert model.model.prompt_embeds.shape[:2] == (1, 77)
+    # On a GPU, auto is ComfyUI's choice among bf16/fp16/fp32, and the compute dtype its manual-cast choice.
+    gpu = torch.device("cuda")
+    assert pick_precision("auto", gpu) == (torch.bfloat16, torch.bfloat16)
+    mm.unet_manual_cast = lambda weight, device, supported=(): torch.float32
+    assert pick_precision("auto", gpu) == (torch.bfloat16, torch.float32)
+    assert pick_precision("fp16", gpu) == (torch.float16, torch.float16)
+    assert pick_precision("bf16", torch.device("cpu")) == (torch.float32, torch.float32)
+
+
+def test_upscale_shapes_state_progress_and_model_management(comfy):
     mm, nodes = comfy
     model, flow = _models(nodes)
     images = _frames(3)
     before = images.clone()
-    out, state = _run(nodes["StreamVSRUpscale"], model=model, flow_model=flow, images=images, seed=42, steps=4,
-                      continue_sequence=False)
+    out, state = _upscale(nodes, model, flow, images, seed=42)
     assert out.shape == (3, 132, 180, 3) and out.dtype == torch.float32 and out.device.type == "cpu"
     assert 0 <= out.min() and out.max() <= 1
-    assert torch.equal(images, before)
+    assert torch.equal(images, before)  # inputs are never modified
+    assert torch.allclose(out, _reference(model, flow, images, 42), atol=1e-5)
     assert state.frame_index == 3 and state.lr_size == (33, 45)
-    assert any(m[0] == [model] and m[1] > 0 for m in mm.calls["load_models_gpu"])
+    assert state.prev_output.device.type == "cpu"
+    # the denoiser with an activation estimate, then the flow model whole
+    loads = mm.calls["load_models_gpu"]
+    assert loads[0][0] == [model] and loads[0][1] > 0
+    assert loads[1][0] == [flow] and loads[1][2].get("force_full_load") is True
     assert mm.calls["interrupt_checks"] >= 3
-    assert fake_comfy.ProgressBar.updates[-1] == (3, 3, True)
+    assert [u[:2] for u in fake_comfy.ProgressBar.updates] == [(1, 3), (2, 3), (3, 3)]
+    assert all(u[2] for u in fake_comfy.ProgressBar.updates)  # each with a preview
+
+
+def test_flow_model_is_loaded_whole_under_novram(comfy):
+    mm, nodes = comfy
+    model, flow = _models(nodes)
+    loads = mm.load_models_gpu
+
+    def novram_load(models, memory_required=0, **kwargs):
+        loads(models, memory_required, **kwargs)
+        for m in models:  # --novram: load_models_gpu leaves every layer on the CPU, whatever force_full_load says
+            m.model.model_lowvram = True
+
+    mm.load_models_gpu = novram_load
+    _upscale(nodes, model, flow, _frames(1))
+    assert flow.partial_loads and flow.partial_loads[-1][1] >= flow.model_size()
+    assert not model.partial_loads  # the denoiser stays partially loaded (comfy.ops casts it layer by layer)
 
 
 def test_chunked_runs_equal_one_run(comfy):
     _, nodes = comfy
     model, flow = _models(nodes)
-    images = _frames(4)
-    upscale = nodes["StreamVSRUpscale"]
-    whole, _ = _run(upscale, "1", model=model, flow_model=flow, images=images, seed=5, steps=4,
-                    continue_sequence=False)
-    # Two queue runs of the same node: the second continues from the stored stream.
-    a, _ = _run(upscale, "2", model=model, flow_model=flow, images=images[:1], seed=5, steps=4,
-                continue_sequence=False)
-    b, _ = _run(upscale, "2", model=model, flow_model=flow, images=images[1:], seed=5, steps=4,
-                continue_sequence=True)
-    assert torch.equal(whole, torch.cat([a, b]))
+    images = _frames(5)
+    whole, _ = _upscale(nodes, model, flow, images, "1")
+    # Three queue runs of the same node: each continues from the stored stream.
+    a, _ = _upscale(nodes, model, flow, images[:1], "2")
+    b, _ = _upscale(nodes, model, flow, images[1:3], "2", continue_sequence=True)
+    c, _ = _upscale(nodes, model, flow, images[3:], "2", continue_sequence=True)
+    assert torch.equal(whole, torch.cat([a, b, c]))
     # The STATE output wired into another node gives the same continuation.
-    c, state = _run(upscale, "3", model=model, flow_model=flow, images=images[:2], seed=5, steps=4,
-                    continue_sequence=False)
-    d, _ = _run(upscale, "4", model=model, flow_model=flow, images=images[2:], seed=5, steps=4,
-                continue_sequence=False, state=state)
-    assert torch.equal(whole, torch.cat([c, d]))
+    d, state = _upscale(nodes, model, flow, images[:2], "3")
+    e, _ = _upscale(nodes, model, flow, images[2:], "4", state=state)
+    assert torch.equal(whole, torch.cat([d, e]))
     # restart gives the first chunk again, not a continuation
-    e, _ = _run(upscale, "2", model=model, flow_model=flow, images=images[:1], seed=5, steps=4,
-                continue_sequence=False)
-    assert torch.equal(e, a)
-    assert upscale.fingerprint_inputs(continue_sequence=True) != upscale.fingerprint_inputs(continue_sequence=True)
+    f, _ = _upscale(nodes, model, flow, images[:1], "2")
+    assert torch.equal(f, a)
 
 
-def test_changed_size_or_seed_restarts(comfy, caplog):
+def test_fingerprint_never_serves_a_stale_result(comfy):
+    from streamvsr.nodes import vsr
+
     _, nodes = comfy
     model, flow = _models(nodes)
     upscale = nodes["StreamVSRUpscale"]
-    _run(upscale, "9", model=model, flow_model=flow, images=_frames(1), seed=1, steps=4, continue_sequence=False)
+    fp = upscale.fingerprint_inputs
+    assert math.isnan(fp(continue_sequence=True))  # a continuation always runs
+    images = _frames(3)
+    restart_key = fp(continue_sequence=False)
+    _upscale(nodes, model, flow, images[:1], "40")
+    assert fp(continue_sequence=False) == restart_key  # re-queueing the same restart run may be cached
+    _upscale(nodes, model, flow, images[1:], "40", continue_sequence=True)
+    # The store moved on: a cached result of the restart run would leave it at the end of the continuation.
+    assert fp(continue_sequence=False) != restart_key
+    key = fp(continue_sequence=False)
+    _upscale(nodes, model, flow, images[:1], "40")
+    assert fp(continue_sequence=False) == key
+    _upscale(nodes, model, flow, images[1:2], "40")  # another restart run replaces it
+    assert fp(continue_sequence=False) != key
+    assert vsr.STREAMS.get("40").state.frame_index == 1
+
+
+def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    _upscale(nodes, model, flow, _frames(2), "9", seed=1)
     small = _frames(1, h=20, w=24)
-    fresh, _ = _run(upscale, "10", model=model, flow_model=flow, images=small, seed=1, steps=4,
-                    continue_sequence=False)
     with caplog.at_level("INFO"):
-        cont, _ = _run(upscale, "9", model=model, flow_model=flow, images=small, seed=1, steps=4,
-                       continue_sequence=True)
+        cont, state = _upscale(nodes, model, flow, small, "9", seed=1, continue_sequence=True)
     assert "frame size changed" in caplog.text
-    assert torch.equal(cont, fresh)
+    assert state.frame_index == 1
+    assert torch.allclose(cont, _reference(model, flow, small, 1), atol=1e-5)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _, state = _upscale(nodes, model, flow, small, "9", seed=2, continue_sequence=True)
+    assert "seed or steps changed" in caplog.text and state.frame_index == 1
+    (other,) = _run(nodes["StreamVSRLoadModel"], model="tiny", precision="fp32")
+    other.model.streamvsr_source = "another"
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _, state = _upscale(nodes, other, flow, small, "9", seed=2, continue_sequence=True)
+    assert "model" in caplog.text and state.frame_index == 1
 
 
 def test_bad_inputs(comfy):
-    _, nodes = comfy
-    model, flow = _models(nodes)
-    upscale = nodes["StreamVSRUpscale"]
-    with pytest.raises(ValueError, match="empty"):
-        _run(upscale, model=model, flow_model=flow, images=torch.zeros(0, 8, 8, 3), seed=0, steps=4,
-             continue_sequence=False)
-    nan = _frames(2)
-    nan[1, 3, 3, 0] = float("nan")
-    _run(upscale, "20", model=model, flow_model=flow, images=_frames(1), seed=0, steps=4, continue_sequence=False)
     from streamvsr.nodes import vsr
 
-    stored = vsr._STREAMS["20"]
-    with pytest.raises(ValueError, match="NaN"):
-        _run(upscale, "20", model=model, flow_model=flow, images=nan, seed=0, steps=4, continue_sequence=True)
-    assert vsr._STREAMS["20"] is stored  # a failed run leaves the stream as it was
-    rgba, _ = _run(upscale, model=model, flow_model=flow, images=_frames(1, channels=4), seed=0, steps=4,
-                   continue_sequence=False)
-    assert rgba.shape == (1, 132, 180, 3)
-    gray, _ = _run(upscale, model=model, flow_model=flow, images=_frames(1, channels=1), seed=0, steps=4,
-                   continue_sequence=False)
-    assert gray.shape == (1, 132, 180, 3)
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    with pytest.raises(ValueError, match="empty"):
+        _upscale(nodes, model, flow, torch.zeros(0, 8, 8, 3))
+    with pytest.raises(ValueError, match="channels"):
+        _upscale(nodes, model, flow, torch.zeros(1, 8, 8, 2))
+    _upscale(nodes, model, flow, _frames(1), "20")
+    stored = vsr.STREAMS.get("20")
+    nan = _frames(2)
+    nan[1, 3, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="frame 1 .*NaN"):
+        _upscale(nodes, model, flow, nan, "20", continue_sequence=True)
+    assert vsr.STREAMS.get("20") is stored  # a failed run leaves the stream as it was
+    with pytest.raises(ValueError, match="reset|new sequence"):
+        _upscale(nodes, model, flow, _frames(1, h=8, w=8), "21", state=stored.state)
+    # RGBA: alpha dropped; grayscale: replicated; both equal the RGB result
+    rgb = _frames(2)
+    rgba = torch.cat([rgb, torch.rand(2, 33, 45, 1)], dim=-1)
+    expected, _ = _upscale(nodes, model, flow, rgb)
+    got, _ = _upscale(nodes, model, flow, rgba)
+    assert torch.allclose(got, expected, atol=1e-5)
+    gray, _ = _upscale(nodes, model, flow, rgb[..., :1])
+    expected, _ = _upscale(nodes, model, flow, rgb[..., :1].expand(-1, -1, -1, 3).clone())
+    assert torch.allclose(gray, expected, atol=1e-5)
+    # a single tiny frame whose sides are not multiples of 4
+    out, _ = _upscale(nodes, model, flow, _frames(2, h=5, w=7))
+    assert out.shape == (2, 20, 28, 3)
 
 
 def test_interrupt_keeps_stored_state(monkeypatch, tmp_path, assets):
-    ckpt, raft = assets
-    models = tmp_path / "models"
-    shutil.copytree(ckpt, models / "streamvsr" / "tiny")
-    (models / "streamvsr" / "raft").mkdir(parents=True)
-    shutil.copy(raft, models / "streamvsr" / "raft" / raft.name)
-    fake_comfy.install(monkeypatch, models, interrupt_after=2)
-    import streamvsr
-
-    nodes = {n.define_schema().node_id: n
-             for n in asyncio.run(asyncio.run(streamvsr.comfy_entrypoint()).get_node_list())}
-    model, flow = _models(nodes)
+    _, nodes = _install(monkeypatch, tmp_path, assets, interrupt_after=3)
     from streamvsr.nodes import vsr
 
-    vsr._STREAMS.pop("30", None)
+    model, flow = _models(nodes)
+    _upscale(nodes, model, flow, _frames(2), "30")  # 2 interrupt checks
+    stored = vsr.STREAMS.get("30")
     with pytest.raises(fake_comfy.Interrupted):
-        _run(nodes["StreamVSRUpscale"], "30", model=model, flow_model=flow, images=_frames(4), seed=0, steps=4,
-             continue_sequence=False)
-    assert "30" not in vsr._STREAMS
+        _upscale(nodes, model, flow, _frames(4), "30", continue_sequence=True)
+    assert vsr.STREAMS.get("30") is stored
+    assert stored.state.frame_index == 2
+
+
+def test_out_of_memory_retries_with_on_demand_correlation(comfy):
+    _, nodes = comfy
+    model, flow = _models(nodes, correlation="all_pairs")
+    raft = flow.model.raft
+    real_forward = raft.forward
+    calls = []
+
+    def forward(image1, image2, num_flow_updates=12, corr="auto", **kw):
+        calls.append(corr)
+        if corr != "on_demand":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(image1, image2, num_flow_updates, corr=corr, **kw)
+
+    raft.forward = forward
+    images = _frames(3)
+    out, _ = _upscale(nodes, model, flow, images)
+    assert calls == ["all_pairs", "on_demand", "on_demand"]  # one failure, then on-demand for the rest
+    assert flow.model.corr == "all_pairs"  # the shared flow model is not modified
+    del raft.forward
+    assert torch.allclose(out, _reference(model, flow, images, 5), atol=1e-4)
+
+    def always_oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    raft.forward = always_oom
+    with pytest.raises(RuntimeError, match="ran out of memory.*--lowvram"):
+        _upscale(nodes, model, flow, images)
+    del raft.forward
 
 
 def test_flow_nodes(comfy):
@@ -175,21 +329,35 @@ def test_flow_nodes(comfy):
     _, flow = _models(nodes)
     images = _frames(3)
     (field,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=images)
-    assert field.shape == (2, 33, 45, 2)
+    assert field.shape == (2, 33, 45, 2) and field.dtype == torch.float32
+    # entry i: RAFT(image1=frame i+1, image2=frame i), images in [-1, 1]
     frames = images.permute(0, 3, 1, 2) * 2 - 1
-    expected = flow.model(frames[1:2], frames[0:1])[0].permute(1, 2, 0)
-    assert torch.allclose(field[0], expected)
+    for i in range(2):
+        expected = flow.model(frames[i + 1: i + 2], frames[i: i + 1])[0].permute(1, 2, 0)
+        assert torch.allclose(field[i], expected, atol=1e-5)
     (vis,) = _run(nodes["StreamVSRFlowToImage"], flow=field, max_magnitude=0.0)
     assert vis.shape == (2, 33, 45, 3) and 0 <= vis.min() and vis.max() <= 1
+    # a known field: uniform motion to the right is one colour everywhere; zero motion is white
+    right = torch.zeros(2, 4, 6, 2)
+    right[0, ..., 0] = 3.0
+    (vis,) = _run(nodes["StreamVSRFlowToImage"], flow=right, max_magnitude=3.0)
+    assert torch.equal(vis[0], vis[0, :1, :1].expand_as(vis[0]))
+    assert torch.allclose(vis[1], torch.ones_like(vis[1]))
     with pytest.raises(ValueError, match="at least 2"):
         _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=images[:1])
+    gray = images[..., :1]
+    (g,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray)
+    (g3,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray.expand(-1, -1, -1, 3).clone())
+    assert torch.allclose(g, g3, atol=1e-5)
 
 
 def test_video_file_node(comfy, tmp_path):
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     from test_video import decode, make_clip
 
     _, nodes = comfy
+    if "StreamVSRVideoUpscale" not in nodes:
+        pytest.skip("no video-file node")
     model, flow = _models(nodes)
     clip = make_clip(tmp_path / "in.mp4", n=3, w=32, h=24)
 
@@ -207,4 +375,3 @@ def test_video_file_node(comfy, tmp_path):
     assert kind == "VideoFromFile" and path.endswith("test_00001_.mp4")
     frames = decode(path)
     assert len(frames) == 3 and frames[0].shape == (96, 128, 3)
-    assert av is not None

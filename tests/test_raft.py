@@ -2,25 +2,31 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from streamvsr.models.flow import FlowEstimator, load_raft
-from streamvsr.models.loader import WeightsError
-from streamvsr.models.raft import RAFT
+from streamvsr.models.raft import (RAFT, AllPairsCorrelation, OnDemandCorrelation, all_pairs_bytes, raft_large,
+                                   raft_small, select_correlation)
 
 tv = pytest.importorskip("torchvision.models.optical_flow")
 
 
-def _reference(arch, seed=0):
+def _reference(arch, seed=0, scale=0.01):
     torch.manual_seed(seed)
     model = getattr(tv, arch)(weights=None).eval()
     with torch.no_grad():
         for p in model.parameters():  # move away from the init so nothing cancels by accident
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn_like(p) * scale)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def _ours(ref, arch):
+    model = RAFT(arch)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    return model.eval()
 
 
 def _pair(h, w, seed=1):
@@ -30,88 +36,124 @@ def _pair(h, w, seed=1):
 
 
 @pytest.mark.parametrize("arch", ["raft_large", "raft_small"])
-@pytest.mark.parametrize("corr", ["all_pairs", "on_demand"])
-def test_matches_torchvision(arch, corr):
+def test_state_dict_matches_torchvision(arch):
+    theirs = getattr(tv, arch)(weights=None).state_dict()
+    ours = (raft_large if arch == "raft_large" else raft_small)().state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].shape == theirs[k].shape for k in theirs)
+
+
+@pytest.mark.parametrize("arch", ["raft_large", "raft_small"])
+def test_matches_torchvision(arch):
     ref = _reference(arch)
-    ours = RAFT(arch)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    ours.eval()
-    a, b = _pair(128, 160)
-    with torch.no_grad():
+    ours = _ours(ref, arch)
+    a, b = _pair(128, 144)
+    with torch.inference_mode():
         expected = ref(a, b, num_flow_updates=5)[-1]
-        got = ours(a, b, num_flow_updates=5, corr=corr)
-    assert got.shape == expected.shape
+        for corr in ("all_pairs", "on_demand"):
+            got = ours(a, b, num_flow_updates=5, corr=corr)
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max() <= 1e-4, corr
+    assert expected.abs().max() > 1  # a real flow, not a near-zero field
+
+
+def test_default_update_count_matches_torchvision():
+    import inspect
+
+    assert inspect.signature(tv.RAFT.forward).parameters["num_flow_updates"].default == 12
+    assert inspect.signature(RAFT.forward).parameters["num_flow_updates"].default == 12
+
+
+def test_odd_size_is_padded_like_manual_padding():
+    # torchvision only takes multiples of 8 (and >= 128): pad by hand (edge replicate), crop its result.
+    ref = _reference("raft_large", seed=4)
+    ours = _ours(ref, "raft_large")
+    a, b = _pair(121, 150, seed=5)
+    pad = (0, 2, 0, 7)
+    with torch.inference_mode():
+        expected = ref(F.pad(a, pad, mode="replicate"), F.pad(b, pad, mode="replicate"),
+                       num_flow_updates=3)[-1][..., :121, :150]
+        got = ours(a, b, 3, corr="on_demand")
+    assert got.shape == (1, 2, 121, 150)
     assert (got - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("size", [(128, 160), (131, 157), (50, 70), (200, 136)])
+@pytest.mark.parametrize("size", [(131, 157), (50, 70), (200, 136)])
 def test_on_demand_equals_all_pairs(size):
-    model = RAFT("raft_small")
-    model.load_state_dict(_reference("raft_small", seed=2).state_dict())
-    model.eval()
+    model = _ours(_reference("raft_small", seed=2), "raft_small")
     a, b = _pair(*size, seed=3)
-    with torch.no_grad():
-        full = model(a, b, 4, corr="all_pairs")
-        lazy = model(a, b, 4, corr="on_demand", block_bytes=1 << 16)  # tiny blocks: many chunks
+    with torch.inference_mode():
+        full = model(a, b, 3, corr="all_pairs")
+        lazy = model(a, b, 3, corr="on_demand", block_bytes=1 << 20)  # small blocks: several chunks
     assert full.shape == (1, 2, *size)
     assert (full - lazy).abs().max() <= 1e-4
 
 
-def test_odd_sizes_are_padded_like_manual_padding():
-    ref = _reference("raft_large", seed=4)
-    ours = RAFT("raft_large")
-    ours.load_state_dict(ref.state_dict())
-    ours.eval()
-    a, b = _pair(121, 150, seed=5)
-    pad = torch.nn.functional.pad
-    with torch.no_grad():
-        expected = ref(pad(a, (0, 2, 0, 7), mode="replicate"), pad(b, (0, 2, 0, 7), mode="replicate"),
-                       num_flow_updates=3)[-1][..., :121, :150]
-        got = ours(a, b, 3)
-    assert (got - expected).abs().max() <= 1e-4
+def _lookup_reference(fmap1, fmap2, coords, radius):
+    """torchvision's own pyramid and lookup (its CorrBlock), independent of ours."""
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    block = CorrBlock(num_levels=4, radius=radius)
+    block.build_pyramid(fmap1, fmap2)
+    return block.index_pyramid(coords)
 
 
-def test_load_torchvision_state_dict_strictly(tmp_path):
-    for arch in ("raft_large", "raft_small"):
-        ref = _reference(arch, seed=6)
-        path = tmp_path / f"{arch}.pth"
-        torch.save(ref.state_dict(), path)
-        est = load_raft(path)
-        assert isinstance(est, FlowEstimator) and est.arch == arch
-        a, b = _pair(128, 128, seed=7)
-        with torch.no_grad():
-            assert (est(a, b) - ref(a, b)[-1]).abs().max() <= 1e-4
+@pytest.mark.parametrize("b,h,w,radius,noise", [(1, 16, 20, 4, 0.3), (2, 17, 23, 3, 4.0), (1, 24, 40, 4, 30.0),
+                                                 (1, 19, 16, 4, 200.0)])
+def test_lookup_matches_torchvision_corr_block(b, h, w, radius, noise):
+    # Smooth, wide-spread and wild coordinates (far outside the image too) reach the normal patches, the wide
+    # patches and the per-pixel path of the on-demand lookup.
+    g = torch.Generator().manual_seed(h * w)
+    c = 32
+    fmap1, fmap2 = torch.randn(b, c, h, w, generator=g), torch.randn(b, c, h, w, generator=g)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    coords = torch.stack([xs, ys])[None] + torch.randn(b, 2, h, w, generator=g) * noise
+    coords[:, :, :3, :5] += 9.7  # a motion boundary
+    with torch.inference_mode():
+        expected = _lookup_reference(fmap1, fmap2, coords, radius)
+        lazy = OnDemandCorrelation(fmap1, fmap2, radius, block_bytes=1 << 15)(coords)
+        full = AllPairsCorrelation(fmap1, fmap2, radius)(coords)
+    assert lazy.shape == expected.shape == (b, 4 * (2 * radius + 1) ** 2, h, w)
+    assert (lazy - expected).abs().max() <= 1e-4
+    assert (full - expected).abs().max() <= 1e-4
 
 
-def test_wrong_file_names_keys(tmp_path):
-    sd = _reference("raft_small").state_dict()
-    del sd["update_block.flow_head.conv2.weight"]
-    sd["extra.weight"] = torch.zeros(1)
-    path = tmp_path / "bad.pth"
-    torch.save(sd, path)
-    with pytest.raises(WeightsError) as e:
-        load_raft(path)
-    assert "update_block.flow_head.conv2.weight" in str(e.value) and "extra.weight" in str(e.value)
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="truncated"):
-        load_raft(path)
+def test_convex_upsampling_in_bands_matches_torchvision():
+    from torchvision.models.optical_flow._utils import upsample_flow
+
+    model = _ours(_reference("raft_large", seed=7), "raft_large")
+    g = torch.Generator().manual_seed(0)
+    flow, hidden = torch.randn(1, 2, 13, 11, generator=g) * 3, torch.randn(1, 128, 13, 11, generator=g)
+    with torch.inference_mode():
+        expected = upsample_flow(flow, model.mask_predictor(hidden))
+        banded = model.upsample(flow, hidden, block_bytes=1)  # one row per band
+        cropped = model.upsample(flow, hidden, (99, 85), block_bytes=3 * 11 * 576 * 4 * 5)
+    assert (banded - expected).abs().max() <= 1e-5
+    assert (cropped - expected[..., :99, :85]).abs().max() <= 1e-5
 
 
-def test_reduced_resolution_flow_recovers_a_translation():
-    # A smooth pattern shifted by (dx, dy) = (8, 4): the flow that backward-warps image2 onto image1 is
-    # (-8, -4) in the interior whatever the weights, if the estimator is consistent; with random weights we can
-    # only check geometry: shape, and that the flow is rescaled by the downscale factor.
-    ref = _reference("raft_small", seed=8)
+def test_volume_size_and_auto_rule():
+    # Spec §4.2: 25.63 GiB for a 2304² output, 197.75 GiB for 5120x2880 (level 0 alone), x4/3 with the pyramid.
+    level0 = lambda h, w: 4 * (h * w // 64) ** 2  # noqa: E731
+    assert level0(2304, 2304) / 2**30 == pytest.approx(25.63, abs=0.01)
+    assert level0(2880, 5120) / 2**30 == pytest.approx(197.75, abs=0.01)
+    # 360x640 features pool exactly to 180x320, 90x160, 45x80
+    assert all_pairs_bytes(2880, 5120) == level0(2880, 5120) * 85 // 64
+    assert all_pairs_bytes(100, 100) == all_pairs_bytes(128, 128)  # padded size
+    gib = 2**30
+    assert select_correlation(720, 1280, free_bytes=16 * gib) == "all_pairs"  # 1.0 GiB
+    assert select_correlation(720, 1280, free_bytes=2 * gib) == "on_demand"  # more than a quarter
+    assert select_correlation(1080, 1920, free_bytes=1000 * gib) == "on_demand"  # over the 2 GiB cap
+    assert select_correlation(1080, 1920, free_bytes=16 * gib, batch=1) == "on_demand"
+
+
+def test_rejects_bad_arguments():
     model = RAFT("raft_small")
-    model.load_state_dict(ref.state_dict())
-    a, b = _pair(256, 256, seed=9)
-    full = FlowEstimator(model, num_flow_updates=3, downscale=1)
-    half = FlowEstimator(model, num_flow_updates=3, downscale=2)
-    f_half = half(a, b)
-    assert f_half.shape == (1, 2, 256, 256)
-    small = torch.nn.functional.interpolate(a, size=(128, 128), mode="bilinear", antialias=True)
-    small_b = torch.nn.functional.interpolate(b, size=(128, 128), mode="bilinear", antialias=True)
-    raw = model(small, small_b, 3)
-    up = torch.nn.functional.interpolate(raw, size=(256, 256), mode="bilinear") * 2
-    assert (f_half - up).abs().max() <= 1e-4
-    assert full(a, b).shape == (1, 2, 256, 256)
+    a, b = _pair(128, 128)
+    with pytest.raises(ValueError, match="corr"):
+        model(a, b, 1, corr="volume")
+    with pytest.raises(ValueError, match="images must"):
+        model(a, b[..., :64], 1)
+    with pytest.raises(ValueError, match="unknown RAFT"):
+        RAFT("raft_huge")

@@ -1,5 +1,6 @@
 """Warps against formulas written out in the test (spec §3.5 for the official one)."""
 
+import pytest
 import torch
 
 from streamvsr.models.warp import backward_warp, flow_warp_official
@@ -55,3 +56,56 @@ def test_backward_warp_integer_shift_is_exact():
     # Exact up to the float rounding of the normalised grid coordinates.
     assert torch.allclose(out[..., 1:, :6], x[..., :5, 2:], atol=1e-6)
     assert torch.allclose(backward_warp(x, torch.zeros(1, 2, 6, 8)), x, atol=1e-6)
+
+
+def test_official_warp_follows_the_spec_recipe_step_by_step():
+    # Spec §3.5 literally: base grid (x, y) per pixel, vg = grid + flow with flow as (B, H, W, 2), normalised with
+    # 2v / max(S - 1, 1) - 1, grid_sample bilinear / zeros / align_corners=False.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 6, generator=g)
+    flow = torch.randn(2, 2, 5, 6, generator=g) * 1.5
+    ys, xs = torch.meshgrid(torch.arange(5), torch.arange(6), indexing="ij")
+    vg = torch.stack((xs, ys), dim=2).float()[None] + flow.permute(0, 2, 3, 1)
+    vx = 2.0 * vg[..., 0] / max(6 - 1, 1) - 1.0
+    vy = 2.0 * vg[..., 1] / max(5 - 1, 1) - 1.0
+    expected = torch.nn.functional.grid_sample(x, torch.stack((vx, vy), dim=3), mode="bilinear",
+                                               padding_mode="zeros", align_corners=False)
+    assert torch.allclose(flow_warp_official(x, flow), expected, atol=1e-6)
+
+
+def test_official_warp_of_one_pixel_wide_frames_does_not_divide_by_zero():
+    x = torch.ones(1, 1, 1, 5)
+    out = flow_warp_official(x, torch.zeros(1, 2, 1, 5))
+    assert torch.isfinite(out).all()
+
+
+def test_backward_warp_fractional_flow_is_linear_interpolation():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 2, 5, 7, generator=g)
+    flow = torch.zeros(1, 2, 5, 7)
+    flow[:, 0] = 0.25
+    flow[:, 1] = 0.5
+    out = backward_warp(x, flow)
+    # out(y, x) = x(y + 0.5, x + 0.25), bilinear, inside the frame
+    top = 0.75 * x[..., :-1, :-1] + 0.25 * x[..., :-1, 1:]
+    bottom = 0.75 * x[..., 1:, :-1] + 0.25 * x[..., 1:, 1:]
+    assert torch.allclose(out[..., :-1, :-1], 0.5 * top + 0.5 * bottom, atol=1e-6)
+
+
+def test_backward_warp_border_and_zeros_padding():
+    x = torch.arange(12, dtype=torch.float32).view(1, 1, 3, 4)
+    flow = torch.zeros(1, 2, 3, 4)
+    flow[:, 0] = 10.0  # far to the right of every pixel
+    assert torch.equal(backward_warp(x, flow), x[..., 3:4].expand(1, 1, 3, 4))  # border: last column
+    assert torch.equal(backward_warp(x, flow, padding_mode="zeros"), torch.zeros_like(x))
+
+
+def test_warps_keep_the_input_dtype_and_check_shapes():
+    x = torch.rand(1, 3, 8, 10)
+    flow = torch.randn(1, 2, 8, 10)
+    for warp in (flow_warp_official, backward_warp):
+        out = warp(x.to(torch.bfloat16), flow)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - warp(x, flow)).abs().max() < 1e-2
+        with pytest.raises(ValueError, match="flow must be"):
+            warp(x, flow.permute(0, 2, 3, 1))

@@ -1,0 +1,97 @@
+"""Sequences carried across queue runs, one per Stream Upscale node. Plain Python: no ComfyUI import.
+
+V3 node classes are locked, stateless clones, so the state of a sequence lives here, keyed by the node's
+unique id. A stored stream is replaced only after a whole batch has been upscaled: a run that fails or is
+interrupted loses the frames it computed, but the stream stays where the last successful run left it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..models.engine import StreamState, new_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredStream:
+    """model_key: what must not change for a continuation (model, precision, seed, steps).
+    origin: for a stream started by a restart run, a fingerprint of that run's frames; None after a continuation.
+    """
+
+    model_key: str
+    state: StreamState
+    origin: tuple | None = None
+
+
+class StreamStore:
+    """node id -> StoredStream, at most ``capacity`` nodes (least recently used dropped first).
+
+    ``version`` changes whenever a run replaces a stream in a way that a cached result of a *restart* run could
+    no longer reproduce (see ``fingerprint``), so ComfyUI's output cache never skips a run whose side effect on
+    the store is still needed.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self.version = 0
+        self._streams: OrderedDict[str, StoredStream] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, node_id: str) -> StoredStream | None:
+        with self._lock:
+            return self._streams.get(node_id)
+
+    def put(self, node_id: str, stream: StoredStream) -> None:
+        with self._lock:
+            previous = self._streams.pop(node_id, None)
+            # A continuation always moves the stream on. A restart run only invalidates cached restart results
+            # when it replaces a stream that another restart run made: re-queueing the same restart run must
+            # still be served from the cache, and a restart after a continuation was already re-run.
+            if stream.origin is None or (previous is not None and previous.origin is not None
+                                         and previous.origin != stream.origin):
+                self.version += 1
+            self._streams[node_id] = stream
+            while len(self._streams) > self.capacity:
+                dropped, _ = self._streams.popitem(last=False)
+                log.info("StreamVSR: dropped the stored sequence of node %s (more than %d stream nodes)",
+                         dropped, self.capacity)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._streams.clear()
+            self.version += 1
+
+    def fingerprint(self, continue_sequence: bool):
+        """Value for ``fingerprint_inputs``: NaN (never cached) when continuing."""
+        return float("nan") if continue_sequence else ("restart", self.version)
+
+    def start_state(self, node_id: str, model_key: str, size: tuple[int, int], seed: int,
+                    continue_sequence: bool, state: StreamState | None = None) -> StreamState:
+        """The state the next batch of node ``node_id`` starts from; logs why a continuation restarts."""
+        if state is not None:
+            if state.lr_size is not None and tuple(state.lr_size) != tuple(size):
+                raise ValueError(
+                    f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
+                    f"frames are {size[1]}x{size[0]}: disconnect the state input to start a new sequence")
+            return state
+        if not continue_sequence:
+            return new_state(seed)
+        stored = self.get(node_id)
+        if stored is None:
+            log.info("StreamVSR: node %s has no previous run to continue; starting a new sequence", node_id)
+        elif stored.model_key != model_key:
+            log.warning("StreamVSR: the model, precision, seed or steps changed since the last run of node %s; "
+                        "starting a new sequence", node_id)
+        elif stored.state.lr_size is not None and tuple(stored.state.lr_size) != tuple(size):
+            log.warning("StreamVSR: the frame size changed from %dx%d to %dx%d since the last run of node %s; "
+                        "starting a new sequence", stored.state.lr_size[1], stored.state.lr_size[0], size[1],
+                        size[0], node_id)
+        else:
+            log.info("StreamVSR: node %s continues its sequence at frame %d", node_id, stored.state.frame_index)
+            return stored.state
+        return new_state(seed)

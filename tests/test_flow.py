@@ -1,0 +1,261 @@
+"""Flow estimator: weight files, downloads (no network), reduced resolution, visualisation, the folder command."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamvsr.models import flow as flow_mod
+from streamvsr.models.flow import (RAFT_WEIGHTS, FlowEstimator, check_hash_prefix, download_raft, flow_dir,
+                                   flow_to_image, hash_prefix, load_raft)
+from streamvsr.models.loader import WeightsError
+
+tv = pytest.importorskip("torchvision.models.optical_flow")
+
+
+def _reference(arch, seed=0):
+    torch.manual_seed(seed)
+    model = getattr(tv, arch)(weights=None).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def _pair(h, w, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+    return a, torch.roll(a, shifts=(2, -1), dims=(-2, -1))
+
+
+@pytest.mark.parametrize("arch,suffix", [("raft_large", ".pth"), ("raft_small", ".safetensors")])
+def test_torchvision_state_dict_loads_strictly(tmp_path, arch, suffix):
+    ref = _reference(arch, seed=6)
+    path = tmp_path / f"{arch}{suffix}"
+    if suffix == ".pth":
+        torch.save(ref.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    est = load_raft(path, num_flow_updates=2)
+    assert isinstance(est, FlowEstimator) and est.arch == arch
+    for k, v in ref.state_dict().items():
+        assert torch.equal(est.raft.state_dict()[k], v), k
+    if arch == "raft_small":  # one end-to-end check through the estimator (RAFT itself: test_raft.py)
+        a, b = _pair(128, 136, seed=7)
+        with torch.inference_mode():
+            assert (est(a, b) - ref(a, b, num_flow_updates=2)[-1]).abs().max() <= 1e-4
+
+
+def test_wrong_file_names_the_keys(tmp_path):
+    sd = _reference("raft_small").state_dict()
+    del sd["update_block.flow_head.conv2.weight"]
+    sd["extra.weight"] = torch.zeros(1)
+    sd["update_block.flow_head.conv1.bias"] = torch.zeros(3)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError) as e:
+        load_raft(path)
+    text = str(e.value)
+    assert "missing 1 keys: update_block.flow_head.conv2.weight" in text
+    assert "unexpected 1 keys: extra.weight" in text
+    assert "update_block.flow_head.conv1.bias (3,)" in text
+    assert RAFT_WEIGHTS["raft_large"][0] in text  # says what to download
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="truncated"):
+        load_raft(path)
+    with pytest.raises(WeightsError, match="do not exist"):
+        load_raft(tmp_path / "missing.pth")
+
+
+def test_wrapped_checkpoint_is_unwrapped(tmp_path):
+    sd = _reference("raft_small").state_dict()
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    assert load_raft(path).arch == "raft_small"
+
+
+def test_registry_names_carry_the_hash_prefix():
+    for name, (url, filename, prefix) in RAFT_WEIGHTS.items():
+        assert url.startswith("https://download.pytorch.org/models/") and url.endswith("/" + filename)
+        assert filename.startswith(name) and hash_prefix(filename) == prefix and len(prefix) == 8
+    assert hash_prefix("raft.pth") is None and hash_prefix("my-model.pth") is None
+
+
+def _fake_published_file(folder, payload=b"fake raft weights"):
+    prefix = hashlib.sha256(payload).hexdigest()[:8]
+    path = folder / f"raft_fake-{prefix}.pth"
+    path.write_bytes(payload)
+    return path, prefix
+
+
+def test_hash_prefix_check(tmp_path):
+    path, _ = _fake_published_file(tmp_path)
+    check_hash_prefix(path)  # matches its name
+    bad = tmp_path / "raft_fake-00000000.pth"
+    bad.write_bytes(b"fake raft weights")
+    with pytest.raises(ValueError, match="sha256 does not start with 00000000"):
+        check_hash_prefix(bad)
+
+
+def test_download_verifies_and_renames(tmp_path, monkeypatch):
+    src, prefix = _fake_published_file(tmp_path)
+    dest = tmp_path / "models"
+    monkeypatch.setitem(RAFT_WEIGHTS, "raft_fake", (src.as_uri(), src.name, prefix))
+    got = download_raft("raft_fake", dest, progress=False)
+    assert got == dest / src.name and got.read_bytes() == src.read_bytes()
+    assert not list(dest.glob("*.part"))
+    assert download_raft("raft_fake", dest) == got  # a verified copy is reused
+    # a corrupted download is rejected and leaves nothing behind
+    monkeypatch.setitem(RAFT_WEIGHTS, "raft_bad", (src.as_uri(), "raft_bad-00000000.pth", "00000000"))
+    with pytest.raises(RuntimeError, match="corrupt"):
+        download_raft("raft_bad", dest)
+    assert not (dest / "raft_bad-00000000.pth").exists() and not list(dest.glob("*.part"))
+
+
+def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
+    url = (tmp_path / "nowhere" / "raft_large_C_T_SKHT_V2-ff5fadd5.pth").as_uri()  # fails like a dead network
+    monkeypatch.setitem(RAFT_WEIGHTS, "raft_large", (url, "raft_large_C_T_SKHT_V2-ff5fadd5.pth", "ff5fadd5"))
+    with pytest.raises(RuntimeError) as e:
+        download_raft("raft_large", tmp_path / "models")
+    assert "by hand" in str(e.value) and str(tmp_path / "models") in str(e.value) and url in str(e.value)
+    with pytest.raises(ValueError, match="unknown RAFT weights"):
+        download_raft("raft_huge", tmp_path)
+
+
+class _ShiftSearch(torch.nn.Module):
+    """A stand-in for RAFT with a known answer: the best global integer shift, as a constant flow field."""
+
+    arch = "stub"
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, image1, image2, num_flow_updates, corr):
+        self.seen.append(tuple(image1.shape[-2:]))
+        best, err = (0, 0), float("inf")
+        for dy in range(-6, 7):
+            for dx in range(-6, 7):
+                # image1(p) ≈ image2(p + d): compare away from the wrapped borders
+                a = image1[..., 8:-8, 8:-8]
+                b = torch.roll(image2, shifts=(-dy, -dx), dims=(-2, -1))[..., 8:-8, 8:-8]
+                e = float((a - b).abs().mean())
+                if e < err:
+                    best, err = (dx, dy), e
+        out = torch.zeros(image1.shape[0], 2, *image1.shape[-2:])
+        out[:, 0], out[:, 1] = best
+        return out
+
+
+def _smooth_pattern(h, w):
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    return torch.stack([torch.sin(xs / 5) * torch.cos(ys / 7), torch.sin((xs + ys) / 9), torch.cos(xs / 11)])[None]
+
+
+@pytest.mark.parametrize("downscale", [2, 4])
+def test_reduced_resolution_scales_the_flow(downscale):
+    # image2 is image1 moved by (+8, -4): image1(p) = image2(p + (8, -4)), so the flow is (8, -4) everywhere.
+    img2 = _smooth_pattern(128, 160)
+    img1 = torch.roll(img2, shifts=(4, -8), dims=(-2, -1))
+    stub = _ShiftSearch()
+    est = FlowEstimator(stub, num_flow_updates=1, downscale=downscale)
+    flow = est(img1, img2)
+    assert stub.seen == [(128 // downscale, 160 // downscale)]
+    assert flow.shape == (1, 2, 128, 160) and flow.dtype == torch.float32
+    assert torch.allclose(flow[0, 0], torch.full((128, 160), 8.0), atol=0.5)
+    assert torch.allclose(flow[0, 1], torch.full((128, 160), -4.0), atol=0.5)
+
+
+def test_reduced_resolution_is_raft_on_resized_images():
+    ref = _reference("raft_small", seed=8)
+    model = flow_mod.RAFT("raft_small")
+    model.load_state_dict(ref.state_dict())
+    a, b = _pair(256, 272, seed=9)
+    half = FlowEstimator(model, num_flow_updates=2, downscale=2)
+    with torch.inference_mode():
+        got = half(a, b)
+        small = [F.interpolate(x, size=(128, 136), mode="bilinear", antialias=True) for x in (a, b)]
+        raw = ref(*small, num_flow_updates=2)[-1]
+        expected = F.interpolate(raw, size=(256, 272), mode="bilinear") * 2
+    assert got.shape == (1, 2, 256, 272)
+    assert (got - expected).abs().max() <= 2e-4
+
+
+def test_estimator_options_are_checked():
+    model = flow_mod.RAFT("raft_small")
+    with pytest.raises(ValueError, match="downscale"):
+        FlowEstimator(model, downscale=3)
+    with pytest.raises(ValueError, match="corr"):
+        FlowEstimator(model, corr="everything")
+    est = FlowEstimator(model, corr="on_demand")
+    assert 0 < est.estimate_memory(2880, 5120) < 8 << 30
+    assert FlowEstimator(model, corr="all_pairs").estimate_memory(720, 1280) > 1 << 30
+
+
+def test_flow_to_image_matches_torchvision():
+    from torchvision.utils import flow_to_image as tv_flow_to_image
+
+    g = torch.Generator().manual_seed(0)
+    flow = torch.randn(2, 24, 30, generator=g) * 3
+    ours = flow_to_image(flow)
+    theirs = tv_flow_to_image(flow).permute(1, 2, 0).numpy()
+    assert ours.shape == (24, 30, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    assert np.array_equal(flow_to_image(flow.permute(1, 2, 0).numpy()), ours)  # H x W x 2 too
+
+
+def test_flow_to_image_basic_colours():
+    flow = np.zeros((1, 4, 2), np.float32)
+    flow[0, 1] = (1, 0)  # right
+    flow[0, 2] = (-1, 0)  # left
+    flow[0, 3] = (0, -1)  # up
+    img = flow_to_image(flow).astype(int)
+    assert (img[0, 0] == 255).all()  # no motion: white
+    r, g, b = img[0, 1]
+    assert r == 255 and g < 10 and b < 50  # right: red
+    r, g, b = img[0, 2]
+    assert r < 10 and g > 150 and b > 150  # left: cyan
+    assert img[0, 3, 2] == 255 and img[0, 3, 1] < 10  # up: blue-violet
+    half = flow_to_image(flow, max_magnitude=2).astype(int)
+    assert 120 <= half[0, 2, 0] <= 135  # half the speed: half saturated
+
+
+def _write_frames(folder, frames):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"f{i:03d}.png")
+
+
+def test_flow_dir_writes_raft_of_current_and_previous(tmp_path):
+    ref = _reference("raft_small", seed=10)
+    weights = tmp_path / "raft_small.pth"
+    torch.save(ref.state_dict(), weights)
+    rng = np.random.default_rng(0)
+    base = (rng.random((60, 70, 3)) * 255).astype(np.uint8)
+    frames = [base, np.roll(base, 2, axis=1), np.roll(base, (1, 3), axis=(0, 1))]
+    _write_frames(tmp_path / "in", frames)
+    n = flow_dir(tmp_path / "in", tmp_path / "out", weights, save="npy", num_flow_updates=2)
+    assert n == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f001.npy", "f002.npy"]
+    for i in (1, 2):
+        got = np.load(tmp_path / "out" / f"f{i:03d}.npy")
+        assert got.shape == (60, 70, 2) and got.dtype == np.float32
+        # torchvision on the frames padded by hand to 128 x 128 (edge replicate), image1 = frame i
+        cur, prev = (torch.from_numpy(frames[j]).permute(2, 0, 1)[None].float() / 255 * 2 - 1 for j in (i, i - 1))
+        pad = (0, 128 - 70, 0, 128 - 60)
+        with torch.inference_mode():
+            expected = ref(F.pad(cur, pad, mode="replicate"), F.pad(prev, pad, mode="replicate"),
+                           num_flow_updates=2)[-1][0, :, :60, :70].permute(1, 2, 0).numpy()
+        assert np.abs(got - expected).max() <= 1e-4
+    flow_dir(tmp_path / "in", tmp_path / "png", weights, save="png", num_flow_updates=1)
+    from PIL import Image
+
+    with Image.open(tmp_path / "png" / "f002.png") as img:
+        assert img.size == (70, 60) and img.mode == "RGB"

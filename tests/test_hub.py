@@ -1,0 +1,90 @@
+"""The official-checkpoint download, with a stand-in for huggingface_hub (no network)."""
+
+import hashlib
+import sys
+import types
+
+import pytest
+
+from streamvsr.models import hub
+
+
+def fake_hub(monkeypatch, content=lambda name: name.encode(), fail=None):
+    """Install a huggingface_hub whose hf_hub_download writes ``content(name)`` into local_dir."""
+    calls = []
+
+    def hf_hub_download(repo_id, filename, local_dir=None, **kwargs):
+        calls.append((repo_id, filename))
+        if fail is not None:
+            raise fail
+        path = __import__("pathlib").Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content(filename))
+        return str(path)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    return calls
+
+
+@pytest.fixture
+def known_hashes(monkeypatch):
+    # Stand-in hashes for the two files whose sha256 is pinned: those of the fake content.
+    files = dict(hub.HUB_FILES)
+    for name, sha in files.items():
+        if sha is not None:
+            files[name] = hashlib.sha256(name.encode()).hexdigest()
+    monkeypatch.setattr(hub, "HUB_FILES", files)
+    return files
+
+
+def test_downloads_only_the_needed_files_once(monkeypatch, tmp_path, known_hashes):
+    calls = fake_hub(monkeypatch)
+    dest = hub.download_stream_diffvsr(tmp_path / "Stream-DiffVSR")
+    names = [c[1] for c in calls]
+    assert all(repo == "Jamichsu/Stream-DiffVSR" for repo, _ in calls)
+    assert sorted(names) == sorted(known_hashes)
+    for needed in ("unet/diffusion_pytorch_model.safetensors", "controlnet/config.json", "vae/config.json",
+                   "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json",
+                   "model_index.json"):
+        assert needed in names and (dest / needed).is_file()
+    assert not any(n.endswith((".bin", ".ckpt")) or n.startswith(("feature_extractor", "safety")) for n in names)
+    # a second call finds everything in place: no network
+    calls.clear()
+    assert hub.download_stream_diffvsr(dest) == dest
+    assert calls == []
+    # an interrupted download resumes with what is missing
+    (dest / "unet" / "config.json").unlink()
+    hub.download_stream_diffvsr(dest)
+    assert [c[1] for c in calls] == ["unet/config.json"]
+
+
+def test_hash_mismatch_deletes_the_file(monkeypatch, tmp_path, known_hashes):
+    fake_hub(monkeypatch, content=lambda name: b"truncated")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        hub.download_stream_diffvsr(tmp_path)
+    assert not (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    assert hub.HUB_FILES["controlnet/diffusion_pytorch_model.safetensors"] is not None
+    # a corrupt file left from before is caught without any download
+    fake_hub(monkeypatch)
+    hub.download_stream_diffvsr(tmp_path)
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"bad")
+    calls = fake_hub(monkeypatch, fail=AssertionError("no network expected"))
+    with pytest.raises(RuntimeError, match="corrupt"):
+        hub.download_stream_diffvsr(tmp_path)
+    assert calls == []
+
+
+def test_offline_error_says_what_to_download(monkeypatch, tmp_path):
+    fake_hub(monkeypatch, fail=OSError("[Errno -3] Temporary failure in name resolution"))
+    with pytest.raises(RuntimeError) as err:
+        hub.download_stream_diffvsr(tmp_path / "sr")
+    message = str(err.value)
+    assert "huggingface.co/Jamichsu/Stream-DiffVSR" in message and "name resolution" in message
+    assert str(tmp_path / "sr") in message
+    for folder in ("unet/", "controlnet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/", "model_index.json"):
+        assert folder in message
+
+
+def test_pinned_hashes_are_the_spec_values():
+    assert hub.HUB_FILES["controlnet/diffusion_pytorch_model.safetensors"].startswith("f801cc49")
+    assert hub.HUB_FILES["vae/diffusion_pytorch_model.safetensors"].startswith("26554a15")
