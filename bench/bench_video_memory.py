@@ -4,7 +4,7 @@ Each length runs in a fresh process, so its peak RSS (ru_maxrss, from os.wait4) 
 Flat memory means the peak does not grow with the number of frames. Frames/s counts the upscaling loop only
 (decode + engine + encode), not start-up and model loading.
 
-    python bench/bench_video_memory.py                          # tiny random checkpoint, CPU, 30/300/3000 frames
+    python bench/bench_video_memory.py                          # tiny random checkpoint, CPU, 30/120/480 frames
     python bench/bench_video_memory.py --lengths 30,120 --via-cli   # the real `streamvsr upscale` command
     python bench/bench_video_memory.py --model PATH --flow PATH --device cuda --size 180x320 --lengths 30,120
 """
@@ -22,18 +22,8 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _import_package():
-    import importlib.util
-
-    if "streamvsr" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("streamvsr", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["streamvsr"] = module
-    spec.loader.exec_module(module)
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_engine import _import_package  # noqa: E402
 
 
 def make_clip(path: pathlib.Path, frames: int, h: int, w: int, fps: int = 24) -> None:
@@ -134,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint (default: a tiny random one, made on the fly)")
     p.add_argument("--flow", help="RAFT weights (default: random raft_small)")
-    p.add_argument("--lengths", default="30,300,3000", help="frame counts, comma-separated")
+    p.add_argument("--lengths", default="30,120,480", help="frame counts, comma-separated")
     p.add_argument("--size", default="24x32", help="LR size HxW")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--flow-iters", type=int, default=12, help="RAFT iterations (12 is the official setting)")

@@ -129,29 +129,17 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
               corr: str = "auto", downscale: int = 1) -> FlowEstimator:
     """Load RAFT weights in torchvision's format (.pth or .safetensors) strictly; large/small is read from the
     keys. A file that does not match raises WeightsError naming the missing, unexpected and misshapen keys."""
-    from .loader import WeightsError
+    from .loader import WeightsError, key_mismatches
 
     path = Path(path)
     state_dict = read_state_dict(path)
     arch = detect_arch(state_dict)
     model = RAFT(arch, operations=operations or nn, device="meta", dtype=dtype)
-    expected = model.state_dict()
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    shapes = [k for k in expected.keys() & state_dict.keys() if tuple(expected[k].shape) != tuple(state_dict[k].shape)]
-    if missing or unexpected or shapes:
-        def names(keys):
-            keys = sorted(keys)
-            return ", ".join(keys[:8]) + (f" … and {len(keys) - 8} more" if len(keys) > 8 else "")
-        parts = [f"{path} is not a torchvision {arch} state dict"]
-        if missing:
-            parts.append(f"missing {len(missing)} keys: {names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys: {names(unexpected)}")
-        if shapes:
-            parts.append("wrong shapes: " + names(f"{k} {tuple(state_dict[k].shape)} (expected "
-                                                  f"{tuple(expected[k].shape)})" for k in shapes))
-        raise WeightsError("; ".join(parts) + ". " + _manual_hint())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = key_mismatches(expected, state_dict)
+    if problems:
+        raise WeightsError("; ".join([f"{path} is not a torchvision {arch} state dict"] + problems) + ". "
+                           + _manual_hint())
     state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     model = model.to(device).eval().requires_grad_(False)

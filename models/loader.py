@@ -96,6 +96,23 @@ def _summary(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def key_mismatches(expected: dict, state_dict: dict) -> list[str]:
+    """Missing, unexpected and misshapen keys of ``state_dict`` against ``expected`` (name -> shape), as message
+    parts; empty when they match."""
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k])})"
+                   for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys: {_summary(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys: {_summary(unexpected)}")
+    if wrong_shape:
+        parts.append(f"wrong shapes: {_summary(wrong_shape, 4)}")
+    return parts
+
+
 def validate_state_dict(module: nn.Module, state_dict: dict, component: str, source) -> dict:
     """Return ``state_dict`` without tolerated leftovers; raise WeightsError on any other mismatch."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -104,18 +121,9 @@ def validate_state_dict(module: nn.Module, state_dict: dict, component: str, sou
         log.info("%s: ignoring %d unused tensors from %s (%s)", component, len(leftovers), source,
                  _summary(leftovers, 3))
     state_dict = {k: v for k, v in state_dict.items() if k not in leftovers}
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} != {expected[k]}"
-                   for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != expected[k]]
-    if missing or unexpected or wrong_shape:
-        parts = [f"{component} weights in {source} do not match the {component} config"]
-        if missing:
-            parts.append(f"missing {len(missing)} keys: {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys: {_summary(unexpected)}")
-        if wrong_shape:
-            parts.append(f"wrong shapes: {_summary(wrong_shape, 4)}")
+    problems = key_mismatches(expected, state_dict)
+    if problems:
+        parts = [f"{component} weights in {source} do not match the {component} config"] + problems
         parts.append("Is this the right file for this component? " + DOWNLOAD_HINT)
         raise WeightsError("; ".join(parts))
     return state_dict
