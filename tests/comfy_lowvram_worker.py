@@ -1,0 +1,63 @@
+"""Run by tests/test_lowvram.py with ComfyUI's Python: the engine under ComfyUI's real partial loading.
+
+argv: COMFYUI_DIR PACK_DIR CHECKPOINT RAFT OUT.npz
+
+The pipeline is built twice from the same checkpoint with bf16 weights: once with plain torch layers (upcast
+to fp32), once with ``comfy.ops`` manual-cast layers inside a ``ModelPatcher`` loaded with a tiny low-VRAM
+budget, so nearly every layer is cast on the fly (what --lowvram/--novram do on a GPU). Both run 3 frames in
+fp32; their outputs and the loader's report go to OUT.npz for the test to compare.
+"""
+
+import importlib.util
+import sys
+
+import numpy as np
+import torch
+
+
+def main(comfy_dir, pack_dir, checkpoint, raft, out):
+    sys.path.insert(0, comfy_dir)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    sys.argv = [sys.argv[0], "--cpu"]  # as `main.py --cpu`; the partial-loading code path is the GPU one
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+
+    spec = importlib.util.spec_from_file_location("streamvsr", f"{pack_dir}/__init__.py",
+                                                  submodule_search_locations=[pack_dir])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["streamvsr"] = package
+    spec.loader.exec_module(package)
+    from streamvsr.models.engine import StreamEngine
+    from streamvsr.models.flow import load_raft
+    from streamvsr.models.loader import load_pipeline
+
+    cpu = torch.device("cpu")
+    flow = load_raft(raft, num_flow_updates=4)
+    reference = load_pipeline(checkpoint, dtype=torch.bfloat16).to(torch.float32)
+
+    ops = comfy.ops.pick_operations(torch.bfloat16, torch.float32, load_device=cpu, disable_fast_fp8=True)
+    pipe = load_pipeline(checkpoint, dtype=torch.bfloat16, operations=ops)
+    patcher = comfy.model_patcher.ModelPatcher(pipe, load_device=cpu, offload_device=cpu)
+    patcher.load(cpu, lowvram_model_memory=64 * 1024)  # far less than the model: partial loading
+    cast = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in pipe.modules())
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(3, 40, 48, generator=g)
+    frames = [base[:, i:i + 32, 2 * i:2 * i + 40] for i in range(3)]
+    results = {}
+    for name, model in (("reference", reference), ("lowvram", pipe)):
+        engine = StreamEngine(model, flow, steps=4, device=cpu, compute_dtype=torch.float32)
+        state, outputs = engine.new_state(42), []
+        for frame in frames:
+            hr, state = engine.step(frame, state)
+            outputs.append(hr)
+        results[name] = torch.cat(outputs).numpy()
+    np.savez(out, lowvram_flag=bool(getattr(pipe, "model_lowvram", False)), cast_layers=cast,
+             ops=str(ops.__name__), comfy_cpu=mm.is_device_cpu(mm.get_torch_device()), **results)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6])
