@@ -456,7 +456,19 @@ def _fingerprint(source, engine, seed, codec, crf, scene_cut_threshold, info: Vi
         src = {"input": None, "input_bytes": None}
     return {**src, "size": [info.width, info.height], "seed": int(seed), "codec": codec,
             "crf": crf, "scene_cut": scene_cut_threshold, "steps": getattr(engine, "steps", None),
-            "version": _RESUME_VERSION}
+            "model": _model_identity(engine), "version": _RESUME_VERSION}
+
+
+def _model_identity(engine) -> str | None:
+    """Compute dtype and a checksum of a few weights: resuming with another model or precision would splice two
+    different renderings into one video."""
+    engine = getattr(engine, "engine", engine)  # unwrap the ComfyUI node's out-of-memory guard
+    pipe = getattr(engine, "pipeline", None)
+    if pipe is None:
+        return None
+    tensors = [pipe.prompt_embeds] + [p for _, p in zip(range(4), pipe.parameters())]
+    checksum = sum(float(t.detach().to("cpu", torch.float64).sum()) for t in tensors)
+    return f"{getattr(engine, 'compute_dtype', None)}|{checksum:.10g}"
 
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None) -> int:

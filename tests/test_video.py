@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from streamvsr.models.engine import new_state
-from streamvsr.video import SceneCutDetector, VideoWriter, read_frames, upscale_video
+from streamvsr.video import ResumeFiles, SceneCutDetector, VideoWriter, read_frames, upscale_video
 
 av = pytest.importorskip("av")
 
@@ -399,6 +399,31 @@ def test_real_engine_lossless_matches_engine_steps(tiny, tmp_path):
     assert len(got) == len(seen) == 2
     for (frame, want), lr, g in zip(seen, decoded_inputs, got):
         assert torch.equal(frame, lr) and np.array_equal(g, want)
+
+
+def test_resume_refuses_another_model_or_precision(tiny, tmp_path):
+    from streamvsr.models.engine import StreamEngine
+    from streamvsr.models.flow import load_raft
+    from streamvsr.models.loader import load_pipeline
+
+    ckpt, raft = tiny
+    pipe, flow = load_pipeline(ckpt), load_raft(raft, num_flow_updates=1)
+    clip = make_clip(tmp_path / "in.mp4", n=3, w=16, h=12, audio=None)
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(StreamEngine(pipe, flow, steps=1), clip, out, codec="lossless", resume=True,
+                  should_stop=lambda: polls.append(1) or len(polls) > 1)
+    assert ResumeFiles(out).state.exists()
+    with pytest.raises(ValueError, match="delete it"):
+        upscale_video(StreamEngine(pipe, flow, steps=1, compute_dtype=torch.bfloat16), clip, out,
+                      codec="lossless", resume=True)
+    other = load_pipeline(ckpt)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="delete it"):
+        upscale_video(StreamEngine(other, flow, steps=1), clip, out, codec="lossless", resume=True)
+    summary = upscale_video(StreamEngine(pipe, flow, steps=1), clip, out, codec="lossless", resume=True)
+    assert summary["resumed_from"] == 1 and summary["frames"] == 3
 
 
 def test_cli_upscale_with_download(tiny, tmp_path, monkeypatch):
