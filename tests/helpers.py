@@ -124,3 +124,13 @@ def make_tiny_raft(path, seed: int = 0, small: bool = True) -> Path:
     path = Path(path)
     torch.save(model.state_dict(), path)
     return path
+
+
+OFFICIAL_KEYS = Path(__file__).resolve().parent / "data" / "official_keys"
+
+
+def official_keys(name: str) -> dict:
+    """``{key: shape}`` of an official state dict, from the key lists of the hub checkpoint (one ``key<TAB>shape``
+    line per tensor) kept in tests/data/official_keys."""
+    rows = (line.split("\t") for line in (OFFICIAL_KEYS / name).read_text().splitlines() if line.strip())
+    return {key: tuple(int(v) for v in shape.strip("()").split(",") if v.strip()) for key, shape in rows}

@@ -1,20 +1,17 @@
 """Our ControlNet against diffusers' ``ControlNetModel`` (a tiny random config written by ``save_pretrained``),
 and its state-dict keys against the official key list."""
 
-import ast
 import json
-import pathlib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import official_keys
 from streamvsr.models.controlnet import ControlNet
 
 diffusers = pytest.importorskip("diffusers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-KEYS = ROOT.parent / "shared/docs/keys"
 TOL = 1e-5
 
 TINY = dict(
@@ -84,11 +81,7 @@ def test_unsupported_config_raises(key, value):
 
 
 def test_state_dict_matches_official_key_list():
-    path = KEYS / "controlnet_keys.txt"
-    if not path.exists():
-        pytest.skip(f"{path} not found (the shared/ docs folder must sit beside the repository)")
-    rows = (line.split("\t") for line in path.read_text().splitlines() if line.strip())
-    expected = {key: tuple(ast.literal_eval(shape)) for key, shape in rows}
+    expected = official_keys("controlnet_keys.txt")
     got = {k: tuple(v.shape) for k, v in ControlNet(OFFICIAL, device="meta").state_dict().items()}
     assert got.keys() == expected.keys()
     assert got == expected

@@ -2,18 +2,16 @@
 against a plain re-derivation of spec §1.5 / quirk Q12, and the official key list."""
 
 import copy
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import official_keys
 from streamvsr.models.tiny_vae import TemporalAutoencoderTiny, TemporalAutoencoderTinyBlock
 
 diffusers = pytest.importorskip("diffusers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-VAE_KEYS = ROOT.parent / "shared/docs/keys/vae_keys.txt"
 
 # The official vae/config.json (spec §1.5), including the keys the model ignores.
 OFFICIAL = {
@@ -286,13 +284,7 @@ def test_decode_with_temporal_features_matches_composition():
 # ---------------------------------------------------------------------------------------------- config and keys
 
 def test_official_config_keys_equal_the_official_list():
-    if not VAE_KEYS.exists():
-        pytest.skip(f"{VAE_KEYS} not found (the shared docs folder sits beside the repository)")
-    expected = {}
-    for line in VAE_KEYS.read_text().splitlines():
-        if line.strip():
-            key, shape = line.split("\t")
-            expected[key] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+    expected = official_keys("vae_keys.txt")
     vae = TemporalAutoencoderTiny(OFFICIAL, device="meta")
     assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == expected
     assert len(expected) == 166

@@ -1,22 +1,19 @@
 """Our UNet against diffusers' ``UNet2DConditionModel`` (tiny random configs written by ``save_pretrained``),
 and its state-dict keys against the official key list."""
 
-import ast
 import json
 import math
-import pathlib
 import types
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import official_keys
 from streamvsr.models.unet import UNet, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-KEYS = ROOT.parent / "shared/docs/keys"
 TOL = 1e-5
 
 TINY = dict(
@@ -55,14 +52,6 @@ def save_and_load(ref, folder):
     ours = UNet(json.loads((folder / "config.json").read_text()))
     ours.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
     return ours.eval()
-
-
-def official_keys(name):
-    path = KEYS / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (the shared/ docs folder must sit beside the repository)")
-    rows = (line.split("\t") for line in path.read_text().splitlines() if line.strip())
-    return {key: tuple(ast.literal_eval(shape)) for key, shape in rows}
 
 
 def skip_shapes(config, h, w):
