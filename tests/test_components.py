@@ -1,5 +1,5 @@
 """Each component against an independent implementation (diffusers / transformers) or the spec's formulas,
-with tiny random configs written by the libraries' own ``save_pretrained``; and the official key lists."""
+with tiny random configs written by the libraries' own ``save_pretrained``."""
 
 import json
 
