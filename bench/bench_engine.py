@@ -46,6 +46,7 @@ def worker(args) -> None:
     pipe = load_pipeline(args.model, device=device)
     flow = load_raft(args.flow, device=device)
     engine = StreamEngine(pipe, flow, steps=args.steps, device=device)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     h, w = (int(v) for v in args.size.split("x"))
     frames = int(args.frames)
     g = torch.Generator().manual_seed(0)
@@ -67,6 +68,7 @@ def worker(args) -> None:
         "s_per_frame_steady": (end - start_steady) / max(frames - 1, 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_first_frame_mb": rss_after_first / 1024,
+        "rss_loaded_mb": rss_loaded / 1024,
     }
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -103,10 +105,11 @@ def main() -> None:
             print(rows[-1], file=sys.stderr)
     print(f"\nLR {args.size} -> x4, {args.steps} steps, device {args.device}\n")
     cuda = "peak_cuda_mb" in rows[0]
-    print("| frames | s/frame (steady) | peak RSS MB | RSS after frame 1 MB |" + (" peak CUDA MB |" if cuda else ""))
-    print("|---|---|---|---|" + ("---|" if cuda else ""))
+    print("| frames | s/frame (steady) | RSS after loading MB | peak RSS MB | RSS after frame 1 MB |"
+          + (" peak CUDA MB |" if cuda else ""))
+    print("|---|---|---|---|---|" + ("---|" if cuda else ""))
     for r in rows:
-        line = (f"| {r['frames']} | {r['s_per_frame_steady']:.3f} | {r['peak_rss_mb']:.0f} | "
+        line = (f"| {r['frames']} | {r['s_per_frame_steady']:.3f} | {r['rss_loaded_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                 f"{r['rss_after_first_frame_mb']:.0f} |")
         print(line + (f" {r['peak_cuda_mb']:.0f} |" if cuda else ""))
 
