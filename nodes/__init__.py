@@ -8,20 +8,11 @@ from .common import register_folders
 class StreamVSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .flow import StreamVSREstimateFlow, StreamVSRFlowToImage, StreamVSRLoadFlowModel
+        from .video import StreamVSRVideoUpscale
         from .vsr import StreamVSRLoadModel, StreamVSRUpscale
 
-        nodes = [StreamVSRLoadModel, StreamVSRUpscale, StreamVSRLoadFlowModel, StreamVSREstimateFlow,
-                 StreamVSRFlowToImage]
-        try:
-            from . import video
-        except ImportError as e:  # the video-file nodes need PyAV; the others do not
-            import logging
-
-            logging.getLogger(__name__).warning("StreamVSR: video-file nodes unavailable (%s)", e)
-        else:
-            nodes += [obj for name, obj in sorted(vars(video).items())
-                      if name.startswith("StreamVSRVideo") and isinstance(obj, type) and issubclass(obj, io.ComfyNode)]
-        return nodes
+        return [StreamVSRLoadModel, StreamVSRUpscale, StreamVSRVideoUpscale, StreamVSRLoadFlowModel,
+                StreamVSREstimateFlow, StreamVSRFlowToImage]
 
 
 def make_extension() -> StreamVSRExtension:

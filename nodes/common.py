@@ -123,8 +123,9 @@ def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype, device
 def load_flow_patcher(flow_patcher, memory_required: int = 0):
     """Load the flow model fully on its device and return the estimator.
 
-    RAFT has BatchNorm layers, which ComfyUI's partial loading cannot cast on the fly, and it is only 20 MB:
-    it is always loaded whole, also under --novram (where load_models_gpu ignores force_full_load).
+    RAFT is only 20 MB and runs 12 update iterations per frame: casting its layers on the fly each time would
+    cost far more than it saves, so it is always loaded whole, also under --novram (where load_models_gpu
+    ignores force_full_load).
     """
     mm.load_models_gpu([flow_patcher], memory_required=memory_required, force_full_load=True)
     if getattr(flow_patcher.model, "model_lowvram", False):
@@ -142,6 +143,18 @@ def load_for_inference(model_patcher, flow_patcher, memory_required: int):
     mm.load_models_gpu([model_patcher], memory_required=memory_required + flow_size)
     if flow_patcher is not None:
         load_flow_patcher(flow_patcher, memory_required)
+
+
+def prepare_engine(model_patcher, flow_patcher, steps: int, lr_size: tuple[int, int]):
+    """A StreamEngine in the loader's compute precision, with both models loaded for frames of ``lr_size``."""
+    from ..models.engine import StreamEngine
+
+    pipe = model_patcher.model
+    compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
+    engine = StreamEngine(pipe, flow_patcher.model, steps=steps, device=model_patcher.load_device,
+                          compute_dtype=compute_dtype)
+    load_for_inference(model_patcher, flow_patcher, engine.estimate_memory(*lr_size))
+    return engine
 
 
 def as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:

@@ -32,9 +32,10 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
                                tooltip="RAFT weights in torchvision's format; '(download) …' fetches them from "
                                        "download.pytorch.org into models/streamvsr/raft."),
                 io.Combo.Input("correlation", options=["auto", "all_pairs", "on_demand"], default="auto",
-                               tooltip="all_pairs: the original all-pairs volume (fast, memory grows with the "
-                                       "square of the pixel count); on_demand: same result in bounded memory, "
-                                       "slower; auto: all_pairs when it fits in a quarter of the free memory."),
+                               tooltip="all_pairs: the original all-pairs volume (memory grows with the square "
+                                       "of the pixel count); on_demand: the same flow in bounded memory; auto: "
+                                       "all_pairs only while its volume is under 2 GiB and a quarter of the free "
+                                       "memory, else on_demand."),
                 io.Combo.Input("resolution", options=["full", "half", "quarter"], default="full",
                                tooltip="Compute flow at reduced resolution and upsample it: faster and lighter, "
                                        "but no longer the official (full-resolution) flow."),
@@ -47,8 +48,7 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, correlation, resolution, iterations) -> io.NodeOutput:
         device = mm.get_torch_device()
-        # RAFT is small (20 MB) and uses BatchNorm, which ComfyUI's partial loading does not move: keep fp32
-        # and always load it fully.
+        # RAFT is small (20 MB): fp32 weights (flow is computed in fp32), always loaded whole (load_flow_patcher).
         operations = operations_for(torch.float32, torch.float32, device)
         estimator = load_raft(resolve_flow_path(model), operations=operations, device=mm.unet_offload_device(),
                               num_flow_updates=iterations, corr=correlation,

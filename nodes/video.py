@@ -21,7 +21,7 @@ import comfy.utils
 
 from ..models.engine import StreamEngine
 from ..video import CODECS, ResumeFiles, glob_escape, upscale_video
-from .common import CATEGORY, FlowModel, VSRModel, load_for_inference, tensor_to_preview
+from .common import CATEGORY, FlowModel, VSRModel, prepare_engine, tensor_to_preview
 from .vsr import StreamVSRUpscale
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
 
-        pipe = model.model
-        compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
-        engine = StreamEngine(pipe, flow_model.model, steps=steps, device=model.load_device,
-                              compute_dtype=compute_dtype)
-        load_for_inference(model, flow_model, engine.estimate_memory(height, width))
+        engine = prepare_engine(model, flow_model, steps, (height, width))
         bar = comfy.utils.ProgressBar(0)
         shown = {"done": 0, "total": 0, "at": 0.0}
 

@@ -13,7 +13,7 @@ import comfy.utils
 
 from ..models.engine import StreamEngine
 from ..models.loader import load_pipeline
-from .common import (CATEGORY, FlowModel, StreamStateType, VSRModel, as_rgb, load_for_inference, model_choices,
+from .common import (CATEGORY, FlowModel, StreamStateType, VSRModel, as_rgb, model_choices, prepare_engine,
                      operations_for, pick_precision, resolve_model_path, tensor_to_preview, weights_params, wrap)
 from .streams import StoredStream, StreamStore
 
@@ -37,8 +37,10 @@ def model_key(model_patcher, seed: int, steps: int) -> str:
 
 def batch_origin(key: str, images: torch.Tensor) -> tuple:
     """Cheap identity of a restart run's frames (shape and checksums), see StreamStore.put."""
-    flat = images.detach().reshape(-1).to(torch.float64)
-    return key, tuple(images.shape), float(flat.sum()), float(flat[::7].square().sum())
+    # Summed in float64 without a float64 copy of the batch (a long batch can be several GB).
+    sparse = images.detach()[:, ::7, ::7].square()
+    return (key, tuple(images.shape), float(images.detach().sum(dtype=torch.float64)),
+            float(sparse.sum(dtype=torch.float64)))
 
 
 class StreamVSRLoadModel(io.ComfyNode):
@@ -128,10 +130,7 @@ class StreamVSRUpscale(io.ComfyNode):
         start = STREAMS.start_state(node_id, key, (h, w), seed, continue_sequence, state)
         origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
 
-        pipe, estimator = model.model, flow_model.model
-        compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
-        engine = StreamEngine(pipe, estimator, steps=steps, device=model.load_device, compute_dtype=compute_dtype)
-        load_for_inference(model, flow_model, engine.estimate_memory(h, w))
+        engine = prepare_engine(model, flow_model, steps, (h, w))
 
         out = torch.empty(b, h * 4, w * 4, 3, dtype=torch.float32, device=mm.intermediate_device())
         bar = comfy.utils.ProgressBar(b)
@@ -158,7 +157,8 @@ class StreamVSRUpscale(io.ComfyNode):
             except mm.OOM_EXCEPTION:
                 pass  # handled outside the except block, so the failed attempt's tensors can be freed first
             mm.soft_empty_cache()
-            log.warning("StreamVSR: out of memory; retrying with on-demand flow correlation (slower, same result)")
+            log.warning("StreamVSR: out of memory; retrying with on-demand flow correlation "
+                        "(same result, bounded memory)")
             fallback = StreamEngine(engine.pipeline, functools.partial(engine.flow, corr="on_demand"),
                                     steps=engine.steps, device=engine.device, compute_dtype=engine.compute_dtype)
         try:
