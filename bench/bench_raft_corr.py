@@ -29,7 +29,7 @@ def worker(args) -> None:
     from bench_engine import _import_package
 
     _import_package()
-    from streamvsr.models.raft import RAFT
+    from streamvsr.models.raft.network import RAFT
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -71,7 +71,8 @@ def main() -> None:
     _import_package()
     import torch
 
-    from streamvsr.models.raft import all_pairs_bytes, available_memory
+    from streamvsr.models.raft.correlation import all_pairs_bytes
+    from streamvsr.models.shared.runtime import available_memory
 
     rows = []
     for size in args.sizes.split(","):

@@ -62,9 +62,9 @@ def worker(args) -> None:
     import torch
 
     _import_package()
-    from streamvsr.models.engine import StreamEngine
-    from streamvsr.models.flow import load_raft
-    from streamvsr.models.loader import load_pipeline
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+    from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.stream_diffvsr.loader import load_pipeline
     from streamvsr.video import upscale_video
 
     device = torch.device(args.device)

@@ -7,9 +7,9 @@ from .common import register_folders
 
 class StreamVSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .flow import StreamVSREstimateFlow, StreamVSRFlowToImage, StreamVSRLoadFlowModel
+        from .raft import StreamVSREstimateFlow, StreamVSRFlowToImage, StreamVSRLoadFlowModel
+        from .stream_diffvsr import StreamVSRLoadModel, StreamVSRUpscale
         from .video import StreamVSRVideoUpscale
-        from .vsr import StreamVSRLoadModel, StreamVSRUpscale
 
         return [StreamVSRLoadModel, StreamVSRUpscale, StreamVSRVideoUpscale, StreamVSRLoadFlowModel,
                 StreamVSREstimateFlow, StreamVSRFlowToImage]

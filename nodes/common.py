@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -12,6 +13,10 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+
+from ..models.shared.errors import UserInputError
+from ..models.shared.image import to_rgb
+from ..models.shared.runtime import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -36,49 +41,7 @@ def register_folders() -> None:
         folder_paths.folder_names_and_paths[name] = (folder_paths.get_folder_paths(name), exts)
 
 
-def model_choices() -> list[str]:
-    """Official hub folders (found by their model_index.json) and single .safetensors files."""
-    components = {"unet", "controlnet", "vae", "text_encoder"}
-    choices = set()
-    for name in folder_paths.get_filename_list(MODEL_FOLDER):
-        parts = name.replace("\\", "/").split("/")
-        if parts[0] == "raft":  # the flow folder lies inside ours
-            continue
-        if parts[-1] == "model_index.json" and len(parts) > 1:
-            choices.add("/".join(parts[:-1]))
-        elif parts[-1].endswith(".safetensors") and not (len(parts) > 1 and parts[-2] in components):
-            choices.add("/".join(parts))
-    return sorted(choices) + [DOWNLOAD_MODEL]
-
-
-def resolve_model_path(choice: str) -> str:
-    if choice == DOWNLOAD_MODEL:
-        from ..models.hub import download_stream_diffvsr
-
-        return str(download_stream_diffvsr(os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0],
-                                                        "Stream-DiffVSR")))
-    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
-        path = os.path.join(root, choice)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"{choice} is not in any {MODEL_FOLDER} model folder "
-                            f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))})")
-
-
-def flow_choices() -> list[str]:
-    return sorted(folder_paths.get_filename_list(FLOW_FOLDER)) + list(DOWNLOAD_RAFT)
-
-
-def resolve_flow_path(choice: str) -> str:
-    if choice in DOWNLOAD_RAFT:
-        from ..models.flow import download_raft
-
-        return str(download_raft(DOWNLOAD_RAFT[choice], folder_paths.get_folder_paths(FLOW_FOLDER)[0]))
-    return folder_paths.get_full_path_or_raise(FLOW_FOLDER, choice)
-
-
 SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_precision(precision: str, device: torch.device, params: int = 0) -> tuple[torch.dtype, torch.dtype]:
@@ -93,20 +56,6 @@ def pick_precision(precision: str, device: torch.device, params: int = 0) -> tup
     weight = mm.unet_dtype(device=device, model_params=params, supported_dtypes=SUPPORTED_DTYPES)
     compute = mm.unet_manual_cast(weight, device, SUPPORTED_DTYPES) or weight
     return weight, compute
-
-
-def weights_params(path: str) -> int:
-    """Parameter count estimated from the fp32 weight files (ComfyUI's dtype choice takes model size into account)."""
-    total = 0
-    if os.path.isdir(path):
-        for sub in ("unet", "controlnet", "vae"):
-            folder = os.path.join(path, sub)
-            if os.path.isdir(folder):
-                total += sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-                             if f.endswith((".safetensors", ".bin")))
-    elif os.path.isfile(path):
-        total = os.path.getsize(path) * 2  # single files are written in fp16
-    return total // 4
 
 
 def wrap(model: torch.nn.Module) -> "comfy.model_patcher.ModelPatcher":
@@ -133,45 +82,36 @@ def load_flow_patcher(flow_patcher, memory_required: int = 0):
     return flow_patcher.model
 
 
-def load_for_inference(model_patcher, flow_patcher, memory_required: int):
-    """Make room for both models plus one frame's activations; ComfyUI offloads other models as needed.
-
-    The denoiser goes first (it may be partially loaded under --lowvram/--novram); the small flow model last,
-    so that loading the big one cannot push it off the device again.
-    """
-    flow_size = flow_patcher.model_size() if flow_patcher is not None else 0
-    mm.load_models_gpu([model_patcher], memory_required=memory_required + flow_size)
-    if flow_patcher is not None:
-        load_flow_patcher(flow_patcher, memory_required)
-
-
-def prepare_engine(model_patcher, flow_patcher, steps: int, lr_size: tuple[int, int]):
-    """A StreamEngine in the loader's compute precision, with both models loaded for frames of ``lr_size``."""
-    from ..models.engine import StreamEngine
-
-    pipe = model_patcher.model
-    compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
-    engine = StreamEngine(pipe, flow_patcher.model, steps=steps, device=model_patcher.load_device,
-                          compute_dtype=compute_dtype)
-    load_for_inference(model_patcher, flow_patcher, engine.estimate_memory(*lr_size))
-    return engine
-
-
 def as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:
-    """IMAGE (B, H, W, C) with C in 1/3/4 -> (B, H, W, 3) (a view or a new tensor; the input is not modified)."""
+    """IMAGE (B, H, W, C) with C in 1/3/4 -> (B, H, W, 3) (a view or a new tensor; the input is not modified).
+    Empty, malformed or non-finite batches are refused with a message that names the node."""
     if images.ndim == 3:  # a single H x W x C frame
         images = images.unsqueeze(0)
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise ValueError(f"{what} got an empty or malformed image batch of shape {tuple(images.shape)}; "
-                         "expected (frames, height, width, channels) with at least one frame")
-    channels = images.shape[-1]
-    if channels == 1:
-        return images.expand(-1, -1, -1, 3)
-    if channels == 4:
-        return images[..., :3]  # alpha is dropped, as PIL's RGBA->RGB conversion does
-    if channels != 3:
-        raise ValueError(f"{what} expects RGB, RGBA or grayscale frames, got {channels} channels")
-    return images
+        raise UserInputError(f"{what} got an empty or malformed image batch of shape {tuple(images.shape)}; "
+                             "expected (frames, height, width, channels) with at least one frame")
+    try:
+        frames = to_rgb(images, channel_dim=-1)
+    except UserInputError as e:
+        raise UserInputError(f"{what}: {e}") from None
+    bad = (~torch.isfinite(frames)).flatten(1).any(1).nonzero()
+    if len(bad):
+        raise UserInputError(f"{what}: frame {int(bad[0])} of the batch (and {len(bad) - 1} more) contains NaN or "
+                             "infinite values; fix the node that produced these images")
+    return frames
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(message: str):
+    """Turn a device out-of-memory error inside the block into ``message`` (what to change), after freeing the
+    failed attempt's cached memory."""
+    try:
+        yield
+        return
+    except mm.OOM_EXCEPTION:
+        pass  # raised again outside the except block, so the failed attempt's tensors can be freed first
+    mm.soft_empty_cache()
+    raise RuntimeError(message)
 
 
 def tensor_to_preview(frame: torch.Tensor):

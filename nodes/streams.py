@@ -1,4 +1,4 @@
-"""Sequences carried across queue runs, one per Stream Upscale node. Plain Python: no ComfyUI import.
+"""Sequences carried across queue runs, one per upscale node. No ComfyUI import.
 
 V3 node classes are locked, stateless clones, so the state of a sequence lives here, keyed by the node's
 unique id. A stored stream is replaced only after a whole batch has been upscaled: a run that fails or is
@@ -11,8 +11,11 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Callable
 
-from ..models.engine import StreamState, new_state
+import torch
+
+from ..models.shared.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ class StoredStream:
     """
 
     model_key: str
-    state: StreamState
+    state: Any
     origin: tuple | None = None
 
 
@@ -70,17 +73,19 @@ class StreamStore:
         """Value for ``fingerprint_inputs``: NaN (never cached) when continuing."""
         return float("nan") if continue_sequence else ("restart", self.version)
 
-    def start_state(self, node_id: str, model_key: str, size: tuple[int, int], seed: int,
-                    continue_sequence: bool, state: StreamState | None = None) -> StreamState:
-        """The state the next batch of node ``node_id`` starts from; logs why a continuation restarts."""
+    def start_state(self, node_id: str, model_key: str, size: tuple[int, int], fresh: Callable[[], Any],
+                    continue_sequence: bool, state: Any = None) -> Any:
+        """The state the next batch of node ``node_id`` starts from (``fresh()`` for a new sequence); logs why a
+        continuation restarts. States are an engine's (``models/contract.py``): they have ``lr_size`` and
+        ``frame_index``."""
         if state is not None:
             if state.lr_size is not None and tuple(state.lr_size) != tuple(size):
-                raise ValueError(
+                raise UserInputError(
                     f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
                     f"frames are {size[1]}x{size[0]}: disconnect the state input to start a new sequence")
             return state
         if not continue_sequence:
-            return new_state(seed)
+            return fresh()
         stored = self.get(node_id)
         if stored is None:
             log.info("StreamVSR: node %s has no previous run to continue; starting a new sequence", node_id)
@@ -94,4 +99,12 @@ class StreamStore:
         else:
             log.info("StreamVSR: node %s continues its sequence at frame %d", node_id, stored.state.frame_index)
             return stored.state
-        return new_state(seed)
+        return fresh()
+
+
+def batch_origin(key: str, images: torch.Tensor) -> tuple:
+    """Cheap identity of a restart run's frames (shape and checksums), see StreamStore.put."""
+    # Frame by frame, so that the float64 accumulation copies one frame at a time, not a batch of several GB.
+    total = sum(float(frame.detach().sum(dtype=torch.float64)) for frame in images)
+    sparse = sum(float(frame.detach()[::7, ::7].square().sum(dtype=torch.float64)) for frame in images)
+    return key, tuple(images.shape), total, sparse

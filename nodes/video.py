@@ -2,7 +2,7 @@
 
 Unlike LoadVideo → GetVideoComponents → Stream Upscale → CreateVideo, nothing here holds the whole video as an
 IMAGE batch (a 10-second 1080p→4K clip would be ~25 GB of float32): the file is decoded, upscaled and encoded
-one frame at a time by ``streamvsr.video.upscale_video``, and the result is handed on as a VIDEO backed by the
+one frame at a time by ``video.stream.upscale_video``, and the result is handed on as a VIDEO backed by the
 new file, which core nodes (SaveVideo, GetVideoComponents, …) accept.
 """
 
@@ -19,30 +19,16 @@ from comfy_api.latest import InputImpl, io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..models.engine import StreamEngine
-from ..video import CODECS, ResumeFiles, glob_escape, upscale_video
-from .common import CATEGORY, FlowModel, VSRModel, prepare_engine, tensor_to_preview
-from .vsr import StreamVSRUpscale
+from ..video.resume import ResumeFiles, glob_escape
+from ..video.stream import upscale_video
+from ..video.writer import CODECS
+from .common import CATEGORY, FlowModel, VSRModel, out_of_memory_advice, tensor_to_preview
+from .stream_diffvsr import OOM_LADDER, prepare_engine
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {"h264": ".mp4", "lossless": ".mkv"}
 PREVIEW_SECONDS = 1.0  # a preview costs a device→CPU copy and a JPEG encode of a 4x frame: not every frame
-
-
-class _OOMGuardedEngine:
-    """The engine with the Stream Upscale node's out-of-memory fallback (on-demand flow correlation) per step."""
-
-    def __init__(self, engine: StreamEngine, size: tuple[int, int]):
-        self.engine, self.size, self.steps = engine, size, engine.steps
-        self.fallback = None
-
-    def new_state(self, seed):
-        return self.engine.new_state(seed)
-
-    def step(self, frame, state):
-        hr, new, self.fallback = StreamVSRUpscale._step(self.engine, self.fallback, frame, state, self.size)
-        return hr, new
 
 
 def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: bool):
@@ -124,10 +110,11 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                 shown["at"] = now
                 bar.update_absolute(shown["done"], shown["total"] or None, ("JPEG", tensor_to_preview(hr), 512))
 
-        summary = upscale_video(_OOMGuardedEngine(engine, (height, width)), source, out_path, seed=seed, codec=codec,
-                                scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
-                                progress=progress, preview=preview,
-                                should_stop=mm.throw_exception_if_processing_interrupted)
+        with out_of_memory_advice(OOM_LADDER.format(w=width, h=height, W=4 * width, H=4 * height)):
+            summary = upscale_video(engine, source, out_path, seed=seed, codec=codec,
+                                    scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
+                                    progress=progress, preview=preview,
+                                    should_stop=mm.throw_exception_if_processing_interrupted)
         log.info("StreamVSR: wrote %s (%d frames, %dx%d, %d scene cuts)", out_path, summary["frames"],
                  *summary["size"], summary["scene_cuts"])
         result = ui.PreviewVideo([ui.SavedResult(filename, subfolder, io.FolderType.output)])

@@ -30,9 +30,9 @@ def main(comfy_dir, pack_dir, checkpoint, raft, out):
     package = importlib.util.module_from_spec(spec)
     sys.modules["streamvsr"] = package
     spec.loader.exec_module(package)
-    from streamvsr.models.engine import StreamEngine
-    from streamvsr.models.flow import load_raft
-    from streamvsr.models.loader import load_pipeline
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+    from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.stream_diffvsr.loader import load_pipeline
 
     cpu = torch.device("cpu")
     flow = load_raft(raft, num_flow_updates=4)

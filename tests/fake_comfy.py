@@ -31,6 +31,9 @@ def _type(io_type):
 
 class Schema:
     def __init__(self, node_id, inputs=(), outputs=(), hidden=(), **kwargs):
+        ids = [i.id for i in inputs]
+        # ComfyUI's schema validation refuses a node whose inputs share an id
+        assert len(ids) == len(set(ids)), f"{node_id}: duplicate input ids {ids}"
         self.node_id, self.inputs, self.outputs, self.hidden, self.kwargs = node_id, list(inputs), list(outputs), \
             list(hidden), kwargs
 
@@ -157,12 +160,15 @@ def install(monkeypatch, models_dir, interrupt_after=None):
         return list(folder_paths.folder_names_and_paths[name][0])
 
     def get_filename_list(name):
+        """As ComfyUI: every file under the folder's paths whose extension is registered (all if none is)."""
         import os
 
+        exts = folder_paths.folder_names_and_paths[name][1]
         out = []
         for root in get_folder_paths(name):
             for dirpath, _, files in os.walk(root):
-                out += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/") for f in files]
+                out += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/") for f in files
+                        if not exts or os.path.splitext(f)[1].lower() in exts]
         return sorted(out)
 
     def get_full_path_or_raise(name, file):

@@ -67,7 +67,7 @@ def make_tiny_checkpoint(folder, seed: int = 0) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from streamvsr.models.tiny_vae import TemporalAutoencoderTiny
+    from streamvsr.models.stream_diffvsr.tiny_vae import TemporalAutoencoderTiny
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from helpers import make_tiny_checkpoint, make_tiny_raft
-from streamvsr.cli import main, read_frame
+from streamvsr.cli import main
+from streamvsr.video.frames import read_frame
 
 pytest.importorskip("diffusers")
 tv = pytest.importorskip("torchvision.models.optical_flow")
@@ -37,9 +38,9 @@ def test_frames_npy_matches_engine(assets, tmp_path):
     assert all(a.shape == (132, 180, 3) and a.dtype == np.float32 for a in arrays)
     assert all(0 <= a.min() and a.max() <= 1 for a in arrays)
 
-    from streamvsr.models.engine import StreamEngine
-    from streamvsr.models.flow import load_raft
-    from streamvsr.models.loader import load_pipeline
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+    from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.stream_diffvsr.loader import load_pipeline
 
     engine = StreamEngine(load_pipeline(ckpt), load_raft(raft))
     state = engine.new_state(42)  # the command line's default seed
@@ -107,3 +108,20 @@ def test_bad_model_path_is_a_clear_error(assets, tmp_path, caplog):
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(tmp_path / "missing"),
                  "--flow", str(raft)]) == 2
     assert "does not exist" in caplog.text
+
+
+def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_path, capsys, caplog):
+    _, raft, frames = assets
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not weights")
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(junk), "--flow", str(raft)]) == 2
+    assert "holds no model this pack knows" in caplog.text
+    caplog.clear()
+    ckpt = assets[0]
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft),
+                 "--sparse-ratio", "1.5"]) == 2
+    assert "--sparse-ratio is a flashvsr option" in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    with pytest.raises(SystemExit) as e:
+        main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--seed", str(2**64)])
+    assert e.value.code == 2 and "2^64-1" in capsys.readouterr().err

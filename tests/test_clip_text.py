@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamvsr.models.clip_text import KNOWN_LEFTOVER_KEYS, CLIPTextTower, empty_prompt_ids
+from streamvsr.models.stream_diffvsr.clip_text import KNOWN_LEFTOVER_KEYS, CLIPTextTower, empty_prompt_ids
 
 transformers = pytest.importorskip("transformers")
 

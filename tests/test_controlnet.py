@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import official_keys
-from streamvsr.models.controlnet import ControlNet
+from streamvsr.models.stream_diffvsr.controlnet import ControlNet
 
 diffusers = pytest.importorskip("diffusers")
 

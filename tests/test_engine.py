@@ -18,8 +18,8 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tv_flow = pytest.importorskip("torchvision.models.optical_flow")
 
-from streamvsr.models.engine import StreamEngine, StreamState  # noqa: E402
-from streamvsr.models.loader import load_pipeline  # noqa: E402
+from streamvsr.models.stream_diffvsr.engine import StreamEngine, StreamState  # noqa: E402
+from streamvsr.models.stream_diffvsr.loader import load_pipeline  # noqa: E402
 
 LR_H, LR_W = 32, 40  # HR 128x160: the smallest size torchvision's RAFT accepts unpadded
 

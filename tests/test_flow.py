@@ -7,10 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamvsr.models import flow as flow_mod
-from streamvsr.models.flow import (RAFT_WEIGHTS, FlowEstimator, check_hash_prefix, download_raft, flow_dir,
-                                   flow_to_image, hash_prefix, load_raft)
-from streamvsr.models.loader import WeightsError
+from streamvsr.models.raft.estimator import FlowEstimator
+from streamvsr.models.raft.network import RAFT
+from streamvsr.models.raft.visualise import flow_to_image
+from streamvsr.models.raft.weights import RAFT_WEIGHTS, check_hash_prefix, download_raft, hash_prefix, load_raft
+from streamvsr.models.shared.errors import WeightsError
+from streamvsr.video.frames import flow_folder, list_pngs
+
+
+def flow_dir(in_dir, out_dir, weights, save, num_flow_updates):
+    return flow_folder(load_raft(weights, num_flow_updates=num_flow_updates), list_pngs(in_dir), out_dir, save)
 
 tv = pytest.importorskip("torchvision.models.optical_flow")
 
@@ -67,7 +73,7 @@ def test_wrong_file_names_the_keys(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="truncated"):
         load_raft(path)
-    with pytest.raises(WeightsError, match="do not exist"):
+    with pytest.raises(WeightsError, match="not exist"):
         load_raft(tmp_path / "missing.pth")
 
 
@@ -174,7 +180,7 @@ def test_reduced_resolution_scales_the_flow(downscale):
 
 def test_reduced_resolution_is_raft_on_resized_images():
     ref = _reference("raft_small", seed=8)
-    model = flow_mod.RAFT("raft_small")
+    model = RAFT("raft_small")
     model.load_state_dict(ref.state_dict())
     a, b = _pair(256, 272, seed=9)
     half = FlowEstimator(model, num_flow_updates=2, downscale=2)
@@ -188,7 +194,7 @@ def test_reduced_resolution_is_raft_on_resized_images():
 
 
 def test_estimator_options_are_checked():
-    model = flow_mod.RAFT("raft_small")
+    model = RAFT("raft_small")
     with pytest.raises(ValueError, match="downscale"):
         FlowEstimator(model, downscale=3)
     with pytest.raises(ValueError, match="corr"):

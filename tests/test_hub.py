@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from streamvsr.models import hub
+from streamvsr.models.stream_diffvsr import hub
 
 
 def fake_hub(monkeypatch, content=lambda name: name.encode(), fail=None):
@@ -60,10 +60,9 @@ def test_downloads_only_the_needed_files_once(monkeypatch, tmp_path, known_hashe
 
 def test_hash_mismatch_deletes_the_file(monkeypatch, tmp_path, known_hashes):
     fake_hub(monkeypatch, content=lambda name: b"truncated")
-    with pytest.raises(RuntimeError, match="corrupt"):
+    with pytest.raises(RuntimeError, match="controlnet/diffusion_pytorch_model.safetensors is corrupt"):
         hub.download_stream_diffvsr(tmp_path)
     assert not (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
-    assert hub.HUB_FILES["controlnet/diffusion_pytorch_model.safetensors"] is not None
     # a corrupt file left from before is caught without any download
     fake_hub(monkeypatch)
     hub.download_stream_diffvsr(tmp_path)

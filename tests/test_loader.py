@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import make_tiny_checkpoint
-from streamvsr.models.loader import WeightsError, convert_to_single_file, load_pipeline
+from streamvsr.models.stream_diffvsr.loader import WeightsError, convert_to_single_file, load_pipeline
 
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from helpers import make_tiny_checkpoint, make_tiny_raft
-from streamvsr.models.loader import load_pipeline
+from streamvsr.models.stream_diffvsr.loader import load_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Moved to the compute device by the code that uses them (engine: prompt_embeds; TPM: alpha).

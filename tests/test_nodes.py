@@ -71,7 +71,7 @@ def _upscale(nodes, model, flow, images, unique_id="7", seed=5, steps=4, continu
 
 def _reference(model, flow, images, seed, steps=4):
     """The engine driven directly over the whole sequence, frames as (3, h, w)."""
-    from streamvsr.models.engine import StreamEngine
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
 
     engine = StreamEngine(model.model, flow.model, steps=steps)
     state = engine.new_state(seed)
@@ -110,7 +110,8 @@ def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_
     (yaml_dir / "raft").mkdir()
     (yaml_dir / "raft" / "not_a_model.safetensors").write_bytes(b"")
     (yaml_dir / "single.safetensors").write_bytes(b"")
-    mm = fake_comfy.install(monkeypatch, tmp_path / "models")
+    (yaml_dir / "notes.txt").write_text("not a model")
+    fake_comfy.install(monkeypatch, tmp_path / "models")
     # what extra_model_paths.yaml registers before any custom node is imported
     sys.modules["folder_paths"].folder_names_and_paths["streamvsr"] = ([str(yaml_dir)], set())
     import streamvsr
@@ -126,7 +127,6 @@ def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_
     flow_options = next(i for i in nodes["StreamVSRLoadFlowModel"].define_schema().inputs
                         if i.id == "model").kwargs["options"]
     assert flow_options == ["(download) raft_large", "(download) raft_small"]
-    assert mm is not None
 
 
 def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
@@ -205,7 +205,7 @@ def test_chunked_runs_equal_one_run(comfy):
 
 
 def test_fingerprint_never_serves_a_stale_result(comfy):
-    from streamvsr.nodes import vsr
+    from streamvsr.nodes import stream_diffvsr as vsr
 
     _, nodes = comfy
     model, flow = _models(nodes)
@@ -250,7 +250,7 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
 
 
 def test_bad_inputs(comfy):
-    from streamvsr.nodes import vsr
+    from streamvsr.nodes import stream_diffvsr as vsr
 
     _, nodes = comfy
     model, flow = _models(nodes)
@@ -283,7 +283,7 @@ def test_bad_inputs(comfy):
 
 def test_interrupt_keeps_stored_state(monkeypatch, tmp_path, assets):
     _, nodes = _install(monkeypatch, tmp_path, assets, interrupt_after=3)
-    from streamvsr.nodes import vsr
+    from streamvsr.nodes import stream_diffvsr as vsr
 
     model, flow = _models(nodes)
     _upscale(nodes, model, flow, _frames(2), "30")  # 2 interrupt checks

@@ -49,3 +49,11 @@ def test_importing_the_package_has_no_side_effects():
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
     assert run.stderr == ""
+
+
+def test_every_code_folder_is_packaged():
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {"streamvsr"} | {
+        "streamvsr." + ".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.rglob("__init__.py")
+        if p.parent != ROOT and p.parent.relative_to(ROOT).parts[0] not in ("tests", "bench", ".venv")}
+    assert on_disk <= packages, sorted(on_disk - packages)

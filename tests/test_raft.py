@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamvsr.models.raft import (RAFT, AllPairsCorrelation, OnDemandCorrelation, all_pairs_bytes, raft_large,
-                                   raft_small, select_correlation)
+from streamvsr.models.raft.correlation import (AllPairsCorrelation, OnDemandCorrelation, all_pairs_bytes,
+                                               select_correlation)
+from streamvsr.models.raft.network import RAFT, raft_large, raft_small
 
 tv = pytest.importorskip("torchvision.models.optical_flow")
 

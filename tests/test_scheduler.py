@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import SCHEDULER_CONFIG
-from streamvsr.models.scheduler import DDIMScheduler
+from streamvsr.models.stream_diffvsr.scheduler import DDIMScheduler
 
 # spec §1.2: alpha_bar_t for the four default timesteps and alpha_bar_0
 SPEC_ALPHA_BAR = {999: 0.0007334120, 749: 0.0386055075, 499: 0.3331878185, 249: 0.8215212226, 0: 0.9998999834}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import official_keys
-from streamvsr.models.tiny_vae import TemporalAutoencoderTiny, TemporalAutoencoderTinyBlock
+from streamvsr.models.stream_diffvsr.tiny_vae import TemporalAutoencoderTiny, TemporalAutoencoderTinyBlock
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import official_keys
-from streamvsr.models.unet import UNet, timestep_embedding
+from streamvsr.models.stream_diffvsr.unet import UNet, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
 

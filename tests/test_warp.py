@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from streamvsr.models.warp import backward_warp, flow_warp_official
+from streamvsr.models.shared.warp import backward_warp, flow_warp_official
 
 
 def test_official_warp_zero_flow_on_ones():

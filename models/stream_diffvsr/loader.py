@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..shared.errors import WeightsError
+from ..shared.weights import load_into
+from ..shared.weights import read_state_dict as _read
+from ..shared.weights import summary
+from . import SINGLE_FILE_FORMAT
 from .clip_text import KNOWN_LEFTOVER_KEYS as CLIP_LEFTOVERS
 from .clip_text import CLIPTextTower, empty_prompt_ids
 from .controlnet import ControlNet
@@ -37,7 +42,6 @@ DOWNLOAD_HINT = (
     f"Download the official checkpoint from the Hugging Face repository {HUB_REPO} (all folders: unet, "
     "controlnet, vae, text_encoder, tokenizer, scheduler and model_index.json), e.g. with "
     "`streamvsr download`, or convert it to one file with `streamvsr convert`.")
-SINGLE_FILE_FORMAT = "streamvsr/stream-diffvsr"
 SINGLE_FILE_VERSION = "1"
 COMPONENTS = ("unet", "controlnet", "vae")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -49,13 +53,6 @@ KNOWN_LEFTOVERS = {
     "vae": (),
     "text_encoder": tuple(CLIP_LEFTOVERS),
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class WeightsError(ValueError):
-    """A checkpoint file is missing, truncated, or does not match the model."""
-
-
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -67,20 +64,7 @@ def _read_json(path: Path) -> dict:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"missing weights file {path}. {DOWNLOAD_HINT}") from None
-    except Exception as e:  # safetensors/pickle raise assorted types for damaged files
-        size = path.stat().st_size if path.exists() else 0
-        raise WeightsError(
-            f"cannot read {path} ({size:,} bytes): {e}. The file is truncated or not a weights file; "
-            f"delete it and download it again. {DOWNLOAD_HINT}") from None
+    return _read(path, DOWNLOAD_HINT, unwrap=False)
 
 
 def _component_weights(folder: Path) -> Path:
@@ -88,45 +72,6 @@ def _component_weights(folder: Path) -> Path:
         if (folder / name).exists():
             return folder / name
     raise WeightsError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES)}). {DOWNLOAD_HINT}")
-
-
-def _summary(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def key_mismatches(expected: dict, state_dict: dict) -> list[str]:
-    """Missing, unexpected and misshapen keys of ``state_dict`` against ``expected`` (name -> shape), as message
-    parts; empty when they match."""
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k])})"
-                   for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != tuple(expected[k])]
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} keys: {_summary(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} keys: {_summary(unexpected)}")
-    if wrong_shape:
-        parts.append(f"wrong shapes: {_summary(wrong_shape, 4)}")
-    return parts
-
-
-def validate_state_dict(module: nn.Module, state_dict: dict, component: str, source) -> dict:
-    """Return ``state_dict`` without tolerated leftovers; raise WeightsError on any other mismatch."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    leftovers = [k for k in state_dict if k not in expected and k.startswith(KNOWN_LEFTOVERS[component])]
-    if leftovers:
-        log.info("%s: ignoring %d unused tensors from %s (%s)", component, len(leftovers), source,
-                 _summary(leftovers, 3))
-    state_dict = {k: v for k, v in state_dict.items() if k not in leftovers}
-    problems = key_mismatches(expected, state_dict)
-    if problems:
-        parts = [f"{component} weights in {source} do not match the {component} config"] + problems
-        parts.append("Is this the right file for this component? " + DOWNLOAD_HINT)
-        raise WeightsError("; ".join(parts))
-    return state_dict
 
 
 def build_component(cls, config: dict, state_dict: dict, component: str, source, device, dtype,
@@ -137,14 +82,8 @@ def build_component(cls, config: dict, state_dict: dict, component: str, source,
         module = cls(config, operations=operations, device="meta", dtype=dtype)
     except ValueError as e:
         raise WeightsError(f"{component} config from {source} is not supported: {e}") from None
-    state_dict = validate_state_dict(module, state_dict, component, source)
-    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
-    module.load_state_dict(state_dict, strict=True, assign=True)
-    module = module.to(device).eval().requires_grad_(False)
-    leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if leftovers:
-        raise RuntimeError(f"{component}: tensors left uninitialised after loading: {leftovers}")
-    return module
+    return load_into(module, state_dict, component, source, device, dtype, KNOWN_LEFTOVERS[component],
+                     f"Is this the right file for this component? {DOWNLOAD_HINT}")
 
 
 @torch.inference_mode()
@@ -211,7 +150,7 @@ def _load_single_file(path: Path, device, dtype, operations) -> StreamDiffVSRPip
         modules[name] = build_component(classes[name], configs[name], sd, name, path, device, dtype, operations)
     known = {"prompt_embeds"} | {k for k in tensors if k.split(".", 1)[0] in COMPONENTS}
     if tensors.keys() - known:
-        raise WeightsError(f"{path} has unexpected tensors: {_summary(tensors.keys() - known)}")
+        raise WeightsError(f"{path} has unexpected tensors: {summary(tensors.keys() - known)}")
     if "prompt_embeds" not in tensors:
         raise WeightsError(f"{path} has no prompt_embeds tensor; convert it again.")
     return StreamDiffVSRPipeline(modules["unet"], modules["controlnet"], modules["vae"],

@@ -5,9 +5,10 @@ Used by the ComfyUI loader node and by ``streamvsr download``; no ComfyUI import
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
+
+from ..shared.hub import download_files
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ HUB_FILES = {
 }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manual_instructions(dest: Path) -> str:
     folders = sorted({name.split("/")[0] + "/" for name in HUB_FILES if "/" in name})
     return (f"Download these files from {HUB_URL}/tree/main by hand, keeping the folder layout, into {dest}: "
@@ -50,39 +43,8 @@ def manual_instructions(dest: Path) -> str:
             f"Or run `huggingface-cli download {HUB_REPO} --local-dir {dest}` on a machine that is online.")
 
 
-def _check(path: Path, name: str, sha: str | None) -> None:
-    if sha is not None and _sha256(path) != sha:
-        path.unlink(missing_ok=True)
-        raise RuntimeError(f"{name} is corrupt: its sha256 is not {sha[:12]}…; it was deleted, download it again.")
-
-
 def download_stream_diffvsr(dest_dir) -> Path:
-    """Fetch the official checkpoint into ``dest_dir`` and return it.
-
-    Files already there are kept (and hash-checked where the hash is known), so an interrupted download
-    resumes where it stopped; the hub client also resumes a partly downloaded file.
-    """
-    dest = Path(dest_dir)
-    missing = [name for name in HUB_FILES if not (dest / name).is_file()]
-    for name in HUB_FILES:
-        if name not in missing:
-            _check(dest / name, name, HUB_FILES[name])
-    missing = [name for name in HUB_FILES if not (dest / name).is_file()]
-    if not missing:
-        return dest
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise RuntimeError("downloading needs huggingface_hub (pip install huggingface_hub). "
-                           + manual_instructions(dest)) from None
-    dest.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %d files of %s into %s", len(missing), HUB_REPO, dest)
-    for name in missing:
-        try:
-            path = Path(hf_hub_download(HUB_REPO, name, local_dir=str(dest)))
-        except Exception as e:  # offline, DNS, HTTP and hub errors come in many types
-            raise RuntimeError(f"could not download {name} from {HUB_URL} ({type(e).__name__}: {e}). "
-                               + manual_instructions(dest)) from None
-        _check(path, name, HUB_FILES[name])
+    """Fetch the official checkpoint into ``dest_dir`` and return it (files already there are kept and checked)."""
+    dest = download_files(HUB_REPO, HUB_FILES, dest_dir, manual_instructions(Path(dest_dir)))
     log.info("Stream-DiffVSR is in %s", dest)
     return dest

@@ -9,6 +9,7 @@ memory is flat in the number of frames and a sequence can be split anywhere with
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -16,7 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from .pipeline import StreamDiffVSRPipeline
-from .warp import flow_warp_official
+from ..shared.errors import UserInputError
+from ..shared.image import to_rgb
+from ..shared.warp import flow_warp_official
+
+log = logging.getLogger(__name__)
 
 FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,22 +80,6 @@ def new_state(seed: int) -> StreamState:
     return StreamState(seed=int(seed), generator_state=generator.get_state())
 
 
-def _as_rgb_batch(frame: torch.Tensor) -> torch.Tensor:
-    if frame.ndim == 3:
-        frame = frame.unsqueeze(0)
-    if frame.ndim != 4 or frame.shape[0] != 1:
-        raise ValueError(f"expected one frame shaped (3, h, w) or (1, 3, h, w), got {tuple(frame.shape)}")
-    channels = frame.shape[1]
-    if channels == 1:
-        frame = frame.expand(-1, 3, -1, -1)
-    elif channels == 4:
-        # Like PIL's RGBA->RGB conversion in the official preprocessing: alpha is dropped, not composited.
-        frame = frame[:, :3]
-    elif channels != 3:
-        raise ValueError(f"expected 1, 3 or 4 channels, got {channels}")
-    return frame
-
-
 class StreamEngine:
     """Runs Stream-DiffVSR one frame at a time.
 
@@ -99,10 +88,12 @@ class StreamEngine:
     RAFT-large with 12 updates at the output resolution.
     """
 
+    scale = SCALE
+
     def __init__(self, pipeline: StreamDiffVSRPipeline, flow: FlowFn, steps: int = 4,
                  device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None):
         if not 1 <= int(steps) <= 50:
-            raise ValueError(f"steps must be between 1 and 50 (the model is distilled for 4), got {steps}")
+            raise UserInputError(f"steps must be between 1 and 50 (the model is distilled for 4), got {steps}")
         self.pipeline = pipeline
         self.flow = flow
         self.steps = int(steps)
@@ -110,9 +101,50 @@ class StreamEngine:
         self.device = torch.device(device) if device is not None else next(pipeline.unet.parameters()).device
         self.compute_dtype = compute_dtype or pipeline.dtype
         self.timesteps = pipeline.scheduler.timesteps(self.steps)
+        self._on_demand = False
+
+    # ------------------------------------------------------------------ the engine contract (see models/contract.py)
 
     def new_state(self, seed: int) -> StreamState:
         return new_state(seed)
+
+    def push(self, state: StreamState, frames: torch.Tensor) -> tuple[torch.Tensor, StreamState]:
+        """Frames (n, 3, h, w) or (3, h, w) in [0, 1] -> their n upscaled frames (n, 3, 4h, 4w): one in, one out."""
+        if frames.ndim == 3:
+            frames = frames[None]
+        outputs = []
+        for frame in frames:
+            hr, state = self.step(frame, state)
+            outputs.append(hr)
+        if not outputs:
+            return self.no_frames(state), state
+        return torch.cat(outputs), state
+
+    def flush(self, state: StreamState) -> tuple[torch.Tensor, StreamState]:
+        """Nothing is held back: every pushed frame has already been returned."""
+        return self.no_frames(state), state
+
+    def reset_temporal(self, state: StreamState) -> tuple[torch.Tensor, StreamState]:
+        """A scene cut: the next frame is upscaled like a first frame, the noise sequence carries on."""
+        return self.no_frames(state), replace(state, prev_output=None, prev_upscaled=None)
+
+    def pending(self, state: StreamState) -> int:
+        return 0
+
+    def no_frames(self, state: StreamState) -> torch.Tensor:
+        h, w = state.lr_size or (0, 0)
+        return torch.empty(0, 3, h * SCALE, w * SCALE)
+
+    def identity(self) -> str:
+        """Compute dtype, steps and a checksum of a few weights: resuming with another model, precision or step
+        count would splice two different renderings into one video."""
+        pipe = self.pipeline
+        tensors = [pipe.prompt_embeds] + [p for _, p in zip(range(4), pipe.parameters())]
+        checksum = sum(float(t.detach().to("cpu", torch.float64).sum()) for t in tensors)
+        return f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{checksum:.10g}"
+
+    def state_from_dict(self, tensors: dict, meta: dict) -> StreamState:
+        return StreamState.from_dict(tensors, meta)
 
     def estimate_memory(self, h: int, w: int) -> int:
         """Rough peak activation bytes for one frame of LR size h x w (weights not included)."""
@@ -127,19 +159,41 @@ class StreamEngine:
             est = max(est, flow_estimate(hp * SCALE, wp * SCALE))
         return int(est)
 
+    def _flow(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+        """The flow; on out-of-memory retried, and from then on computed, with RAFT's on-demand correlation, which
+        gives the same numbers in bounded memory (the one out-of-memory fallback of the pack)."""
+        if not self._on_demand and callable(getattr(self.flow, "forward", None)) and \
+                getattr(self.flow, "corr", None) not in (None, "on_demand"):
+            try:
+                return self.flow(image1, image2).to(torch.float32)
+            except torch.OutOfMemoryError:
+                pass  # retried outside the except block, so the failed attempt's tensors can be freed first
+            if image1.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of memory in the optical flow; continuing with on-demand correlation "
+                        "(same result, bounded memory)")
+            self._on_demand = True
+        if self._on_demand:
+            return self.flow(image1, image2, corr="on_demand").to(torch.float32)
+        return self.flow(image1, image2).to(torch.float32)
+
     @torch.inference_mode()
     def step(self, frame: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, StreamState]:
         """Upscale one frame. Returns ``(hr, new_state)``; hr is (1, 3, 4h, 4w) float32 in [0, 1]."""
-        frame = _as_rgb_batch(frame)
+        if frame.ndim == 3:
+            frame = frame.unsqueeze(0)
+        if frame.ndim != 4 or frame.shape[0] != 1:
+            raise UserInputError(f"expected one frame shaped (3, h, w) or (1, 3, h, w), got {tuple(frame.shape)}")
+        frame = to_rgb(frame, channel_dim=1)
         h, w = frame.shape[-2:]
         if state.lr_size is not None and tuple(state.lr_size) != (h, w):
-            raise ValueError(
+            raise UserInputError(
                 f"this sequence has frames of {state.lr_size[1]}x{state.lr_size[0]} but got {w}x{h}: "
                 "reset the state (start a new sequence) to change the resolution")
         device, dtype, pipe = self.device, self.compute_dtype, self.pipeline
         lr = frame.to(device=device, dtype=torch.float32)
         if not torch.isfinite(lr).all():
-            raise ValueError(f"frame {state.frame_index} contains NaN or infinite values")
+            raise UserInputError(f"frame {state.frame_index} contains NaN or infinite values")
         lr = lr * 2 - 1
         pad_h, pad_w = (-h) % LR_MULTIPLE, (-w) % LR_MULTIPLE
         if pad_h or pad_w:
@@ -155,7 +209,7 @@ class StreamEngine:
 
         warped = temporal = None
         if state.prev_output is not None:
-            flow = self.flow(upscaled, state.prev_upscaled.to(device)).to(torch.float32)
+            flow = self._flow(upscaled, state.prev_upscaled.to(device))
             warped = flow_warp_official(state.prev_output.to(device, torch.float32), flow)
             temporal = pipe.vae.encode_features(warped.to(dtype))[::-1]
             warped = warped.to(dtype)

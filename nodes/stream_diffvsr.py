@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import logging
-import functools
+import os
 
+import folder_paths
 import torch
 from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.utils
 
-from ..models.engine import StreamEngine
-from ..models.loader import load_pipeline
-from .common import (CATEGORY, FlowModel, StreamStateType, VSRModel, as_rgb, model_choices, prepare_engine,
-                     operations_for, pick_precision, resolve_model_path, tensor_to_preview, weights_params, wrap)
-from .streams import StoredStream, StreamStore
+from ..models.shared.weights import safetensors_numel
+from ..models.stream_diffvsr.engine import StreamEngine
+from ..models.stream_diffvsr.loader import load_pipeline
+from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
+                     load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, tensor_to_preview,
+                     wrap)
+from .streams import StoredStream, StreamStore, batch_origin
 
 log = logging.getLogger(__name__)
 
 OOM_LADDER = (
-    "Stream-DiffVSR ran out of memory on a {w}x{h} frame ({W}x{H} output), also with on-demand flow correlation. "
+    "Stream-DiffVSR ran out of memory on a {w}x{h} frame ({W}x{H} output). "
     "Try, in this order: set Load RAFT Flow Model's resolution to 'half'; load the model in fp16 or bf16; "
     "upscale smaller frames (the output is 4x the input on each side, so memory grows with the output size); "
     "close other programs using the GPU; start ComfyUI with --lowvram, then --novram; "
@@ -35,12 +38,73 @@ def model_key(model_patcher, seed: int, steps: int) -> str:
     return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{pipe.dtype}|steps={steps}|seed={seed}"
 
 
-def batch_origin(key: str, images: torch.Tensor) -> tuple:
-    """Cheap identity of a restart run's frames (shape and checksums), see StreamStore.put."""
-    # Summed in float64 without a float64 copy of the batch (a long batch can be several GB).
-    sparse = images.detach()[:, ::7, ::7].square()
-    return (key, tuple(images.shape), float(images.detach().sum(dtype=torch.float64)),
-            float(sparse.sum(dtype=torch.float64)))
+def model_choices() -> list[str]:
+    """Official hub folders (found by their model_index.json) and single .safetensors files."""
+    components = {"unet", "controlnet", "vae", "text_encoder"}
+    choices = set()
+    for name in folder_paths.get_filename_list(MODEL_FOLDER):
+        parts = name.replace("\\", "/").split("/")
+        if parts[0] == "raft":  # the flow folder lies inside ours
+            continue
+        if parts[-1] == "model_index.json" and len(parts) > 1:
+            choices.add("/".join(parts[:-1]))
+        elif parts[-1].endswith(".safetensors") and not (len(parts) > 1 and parts[-2] in components):
+            choices.add("/".join(parts))
+    return sorted(choices) + [DOWNLOAD_MODEL]
+
+
+def resolve_model_path(choice: str) -> str:
+    if choice == DOWNLOAD_MODEL:
+        from ..models.stream_diffvsr.hub import download_stream_diffvsr
+
+        return str(download_stream_diffvsr(os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0],
+                                                        "Stream-DiffVSR")))
+    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
+        path = os.path.join(root, choice)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{choice} is not in any {MODEL_FOLDER} model folder "
+                            f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))})")
+
+
+def weights_params(path: str) -> int:
+    """Parameter count of the denoising networks (ComfyUI's dtype choice takes model size into account), read from
+    the safetensors headers; ``.bin`` weights are counted from their size as fp32."""
+    total = 0
+    files = []
+    if os.path.isdir(path):
+        for sub in ("unet", "controlnet", "vae"):
+            folder = os.path.join(path, sub)
+            if os.path.isdir(folder):
+                files += [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))]
+    elif os.path.isfile(path):
+        files = [path]
+    for f in files:
+        total += safetensors_numel(f) if f.endswith(".safetensors") else os.path.getsize(f) // 4
+    return total
+
+
+def load_for_inference(model_patcher, flow_patcher, memory_required: int):
+    """Make room for both models plus one frame's activations; ComfyUI offloads other models as needed.
+
+    The denoiser goes first (it may be partially loaded under --lowvram/--novram); the small flow model last,
+    so that loading the big one cannot push it off the device again.
+    """
+    flow_size = flow_patcher.model_size() if flow_patcher is not None else 0
+    mm.load_models_gpu([model_patcher], memory_required=memory_required + flow_size)
+    if flow_patcher is not None:
+        load_flow_patcher(flow_patcher, memory_required)
+
+
+def prepare_engine(model_patcher, flow_patcher, steps: int, lr_size: tuple[int, int]) -> StreamEngine:
+    """A StreamEngine in the loader's compute precision, with both models loaded for frames of ``lr_size``."""
+    pipe = model_patcher.model
+    compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
+    engine = StreamEngine(pipe, flow_patcher.model, steps=steps, device=model_patcher.load_device,
+                          compute_dtype=compute_dtype)
+    load_for_inference(model_patcher, flow_patcher, engine.estimate_memory(*lr_size))
+    return engine
+
 
 
 class StreamVSRLoadModel(io.ComfyNode):
@@ -121,51 +185,22 @@ class StreamVSRUpscale(io.ComfyNode):
     def execute(cls, model, flow_model, images, seed, steps, continue_sequence, state=None) -> io.NodeOutput:
         frames = as_rgb(images, "Stream Upscale")
         b, h, w, _ = frames.shape
-        bad = (~torch.isfinite(frames)).flatten(1).any(1).nonzero()
-        if len(bad):
-            raise ValueError(f"Stream Upscale: frame {int(bad[0])} of the batch (and {len(bad) - 1} more) contains "
-                             "NaN or infinite values; fix the node that produced these images")
         node_id = str(cls.hidden.unique_id)
         key = model_key(model, seed, steps)
-        start = STREAMS.start_state(node_id, key, (h, w), seed, continue_sequence, state)
-        origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
-
         engine = prepare_engine(model, flow_model, steps, (h, w))
+        start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state)
+        origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
 
         out = torch.empty(b, h * 4, w * 4, 3, dtype=torch.float32, device=mm.intermediate_device())
         bar = comfy.utils.ProgressBar(b)
         current = start.to(model.load_device)
-        fallback = None
         for i in range(b):
             mm.throw_exception_if_processing_interrupted()
-            frame = frames[i].permute(2, 0, 1)
-            hr, current, fallback = cls._step(engine, fallback, frame, current, (h, w))
+            with out_of_memory_advice(OOM_LADDER.format(w=w, h=h, W=4 * w, H=4 * h)):
+                hr, current = engine.push(current, frames[i].permute(2, 0, 1))
             out[i] = hr[0].permute(1, 2, 0).to(out.device)
             bar.update_absolute(i + 1, b, ("JPEG", tensor_to_preview(hr), 512))
         final = current.to("cpu")
         # Only a completed batch replaces the stored stream: an interrupted or failed run leaves it as it was.
         STREAMS.put(node_id, StoredStream(key, final, origin))
         return io.NodeOutput(out, final)
-
-    @staticmethod
-    def _step(engine, fallback, frame, state, size):
-        """One frame; on out-of-memory, retry it (and run the rest of the batch) with on-demand correlation."""
-        if fallback is None:
-            try:
-                hr, new = engine.step(frame, state)
-                return hr, new, None
-            except mm.OOM_EXCEPTION:
-                pass  # handled outside the except block, so the failed attempt's tensors can be freed first
-            mm.soft_empty_cache()
-            log.warning("StreamVSR: out of memory; retrying with on-demand flow correlation "
-                        "(same result, bounded memory)")
-            fallback = StreamEngine(engine.pipeline, functools.partial(engine.flow, corr="on_demand"),
-                                    steps=engine.steps, device=engine.device, compute_dtype=engine.compute_dtype)
-        try:
-            hr, new = fallback.step(frame, state)
-            return hr, new, fallback
-        except mm.OOM_EXCEPTION:
-            pass
-        mm.soft_empty_cache()
-        h, w = size
-        raise RuntimeError(OOM_LADDER.format(w=w, h=h, W=4 * w, H=4 * h))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import folder_paths
 import numpy as np
 import torch
 from comfy_api.latest import io
@@ -11,11 +12,25 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..models.flow import flow_to_image, load_raft
-from .common import (CATEGORY, FlowField, FlowModel, as_rgb, flow_choices, load_flow_patcher, operations_for,
-                     resolve_flow_path, wrap)
+from ..models.raft.visualise import flow_to_image
+from ..models.raft.weights import load_raft
+from ..models.shared.errors import UserInputError
+from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, load_flow_patcher,
+                     operations_for, wrap)
 
 log = logging.getLogger(__name__)
+
+
+def flow_choices() -> list[str]:
+    return sorted(folder_paths.get_filename_list(FLOW_FOLDER)) + list(DOWNLOAD_RAFT)
+
+
+def resolve_flow_path(choice: str) -> str:
+    if choice in DOWNLOAD_RAFT:
+        from ..models.raft.weights import download_raft
+
+        return str(download_raft(DOWNLOAD_RAFT[choice], folder_paths.get_folder_paths(FLOW_FOLDER)[0]))
+    return folder_paths.get_full_path_or_raise(FLOW_FOLDER, choice)
 
 
 class StreamVSRLoadFlowModel(io.ComfyNode):
@@ -76,9 +91,7 @@ class StreamVSREstimateFlow(io.ComfyNode):
     def execute(cls, flow_model, images) -> io.NodeOutput:
         frames = as_rgb(images, "Estimate Optical Flow")
         if frames.shape[0] < 2:
-            raise ValueError(f"Estimate Optical Flow needs at least 2 frames, got {frames.shape[0]}")
-        if not torch.isfinite(frames).all():
-            raise ValueError("Estimate Optical Flow: the images contain NaN or infinite values")
+            raise UserInputError(f"Estimate Optical Flow needs at least 2 frames, got {frames.shape[0]}")
         n, h, w, _ = frames.shape
         estimator = load_flow_patcher(flow_model, flow_model.model.estimate_memory(h, w))
         device = flow_model.load_device

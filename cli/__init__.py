@@ -1,0 +1,91 @@
+"""The ``streamvsr`` command line: the engines without ComfyUI. Only argument parsing lives here; the work is done
+by the packages (``models`` for the engines, ``video`` for files and folders).
+
+    streamvsr upscale IN_VIDEO OUT_VIDEO --download       # the main job: a video file in, an upscaled video out
+    streamvsr frames IN_DIR OUT_DIR --model PATH [--flow PATH]
+    streamvsr flow IN_DIR OUT_DIR --flow PATH
+    streamvsr convert MODEL OUT.safetensors --dtype fp16
+    streamvsr download [--dest DIR]
+
+``--model`` takes any family's weights (an official folder or a single converted file); the family is recognised
+from the files. Mistakes are reported as one ``error: ...`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import commands
+from .options import add_flow_options, add_model_options, default_models_dir
+
+log = logging.getLogger("streamvsr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamvsr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("frames", help="upscale a folder of PNG frames (one sequence)")
+    p.add_argument("in_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    add_model_options(p, dtype_default="fp32", model_required=True)
+    p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
+                   help="png: 8-bit; png16: 16-bit; npy: float32 HxWx3 in [0,1]")
+    p.set_defaults(func=commands.cmd_frames)
+
+    p = sub.add_parser("flow", help="optical flow of consecutive PNG frames (backward-warps frame i-1 onto i)")
+    p.add_argument("in_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
+    p.add_argument("--save", choices=("npy", "png"), default="npy",
+                   help="npy: float32 HxWx2 (x, y) in pixels; png: colour-wheel visualisation")
+    p.add_argument("--device", default="auto")
+    add_flow_options(p)
+    p.set_defaults(func=commands.cmd_flow)
+
+    p = sub.add_parser("upscale", help="upscale a video file, streaming it through the model")
+    p.add_argument("in_video", type=Path)
+    p.add_argument("out_video", type=Path, help="output file: .mp4/.mkv/.mov (h264) or .mkv (lossless)")
+    add_model_options(p, dtype_default="auto", model_required=False)
+    commands.add_video_options(p)
+    p.set_defaults(func=commands.cmd_upscale)
+
+    p = sub.add_parser("convert", help="pack an official model folder into one .safetensors file")
+    p.add_argument("source", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
+    p.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
+                   help="FlashVSR only: which release the folder holds (default v1.1); stored in the file")
+    p.set_defaults(func=commands.cmd_convert)
+
+    p = sub.add_parser("download", help="download the official Stream-DiffVSR and RAFT-large weights")
+    p.add_argument("--dest", help=f"folder (default: $STREAMVSR_MODELS or {default_models_dir()})")
+    p.set_defaults(func=commands.cmd_download)
+    return parser
+
+
+def main(argv=None) -> int:
+    from ..models.shared.errors import StreamVSRError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except StreamVSRError as e:
+        if args.debug:
+            raise
+        log.error("error: %s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

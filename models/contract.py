@@ -1,0 +1,83 @@
+"""The engine contract every model family implements, and the family descriptor.
+
+An engine turns low-resolution frames into upscaled frames, causally, with all it carries between calls in an
+explicit, immutable *state* (so a sequence can be split anywhere, stored between ComfyUI queue runs, or saved to
+disk for resuming, and the output does not change):
+
+``new_state(seed) -> state``
+    A fresh sequence.
+``push(state, frames) -> (outputs, state)``
+    ``frames``: (n, 3, h, w) float in [0, 1] (any device). ``outputs``: the frames that became final, (m, 3, H, W)
+    float32 in [0, 1], in order. A one-in-one-out model (Stream-DiffVSR) returns m = n; a chunked, look-ahead
+    model (FlashVSR) returns nothing until it has a chunk and then several frames at once, ``pending(state)``
+    frames behind the input.
+``flush(state) -> (outputs, state)``
+    The end of the sequence: every frame still held back. Afterwards the total output count equals the input count.
+``reset_temporal(state) -> (outputs, state)``
+    A scene cut: the frames pushed so far are finished (returned, as at a flush) and the next frame starts a new
+    shot without temporal guidance from the previous one.
+``pending(state) -> int``
+    Frames pushed but not yet returned.
+``identity() -> str``
+    Model, precision and every option that changes the output: two engines with equal identities render
+    the same frames (used to refuse resuming a job with other settings).
+``estimate_memory(h, w) -> int``
+    Rough peak activation bytes for LR frames of h x w, beyond the weights.
+``state_from_dict(tensors, meta) -> state``; states have ``to(device)`` and ``to_dict() -> (tensors, meta)``
+    (safetensors-ready) for resume files.
+``scale``
+    Output side / input side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+
+class Engine(Protocol):
+    scale: int
+
+    def new_state(self, seed: int) -> Any: ...
+
+    def push(self, state: Any, frames: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
+
+    def flush(self, state: Any) -> tuple[torch.Tensor, Any]: ...
+
+    def reset_temporal(self, state: Any) -> tuple[torch.Tensor, Any]: ...
+
+    def pending(self, state: Any) -> int: ...
+
+    def identity(self) -> str: ...
+
+    def estimate_memory(self, h: int, w: int) -> int: ...
+
+    def state_from_dict(self, tensors: dict, meta: dict) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the command line, the video loop and the nodes need to know about a model family.
+
+    name: short id used in options and messages; title: for people.
+    scale: default output/input ratio. frame_rule: how frames come out (one line, for documentation and errors).
+    size_multiple: LR sides are padded to a multiple of this internally (and cropped back).
+    dtypes: compute precisions the family supports.
+    detect(path) -> bool: whether a file or folder holds this family's weights (checked cheaply: names, keys).
+    load_engine(path, device, dtype, **options) -> Engine; options: the family-specific option names it takes.
+    convert(source, out_path, dtype, **options) -> Path: pack the weights into one file (None if not offered).
+    """
+
+    name: str
+    title: str
+    scale: int
+    frame_rule: str
+    size_multiple: int
+    dtypes: tuple[torch.dtype, ...]
+    detect: Callable[[Path], bool]
+    load_engine: Callable[..., Engine]
+    options: tuple[str, ...] = field(default=())
+    convert: Callable[..., Path] | None = None

@@ -1,0 +1,62 @@
+"""FlashVSR (arXiv 2510.12747): one-step streaming video super-resolution on a Wan2.1 DiT with
+locality-constrained sparse attention and a tiny conditional decoder, in plain PyTorch.
+
+``dit`` the DiT, ``attention`` the exact block-sparse attention and KV cache, ``rope`` the 3-axis RoPE,
+``lq_proj`` the LR conditioning projection (v1 and v1.1 arithmetic), ``tc_decoder`` the TC decoder, ``color``
+the colour fixes, ``frames`` frame and size arithmetic and the conditioning video, ``weights`` the official and
+repackaged files and our single file, ``engine`` the streaming inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..contract import Family
+
+DEFAULT_VERSION = "v1.1"
+
+
+def detect(path) -> bool:
+    from .weights import detect as detect_files
+
+    return detect_files(path)
+
+
+def load_pipeline(path, version: str | None = None, device="cpu", dtype=torch.float32, operations=None):
+    """The FlashVSR model at ``path`` as a ``FlashVSRPipeline``. ``version`` defaults to what a converted file
+    records, else v1.1."""
+    from .engine import FlashVSRPipeline
+    from .weights import find_files, load_flashvsr
+
+    if version is None and not find_files(path).single:
+        version = DEFAULT_VERSION
+    model = load_flashvsr(path, version, device=device, dtype=dtype, operations=operations)
+    return FlashVSRPipeline(model.dit, model.lq_proj, model.tc_decoder, model.prompt.to(device), model.version,
+                            model.facts)
+
+
+def load_engine(path, device="cpu", dtype=torch.float32, version: str | None = None, scale: int = 4,
+                sparse_ratio: float = 2.0, local_range: int = 11, kv_ratio: float = 3.0, color_fix: str = "adain"):
+    from .engine import FlashVSREngine
+
+    return FlashVSREngine(load_pipeline(path, version, device=device, dtype=dtype), device=device,
+                          compute_dtype=dtype, scale=scale, sparse_ratio=sparse_ratio, local_range=local_range,
+                          kv_ratio=kv_ratio, color_fix=color_fix)
+
+
+def convert(source, out_path, dtype=None, version: str | None = None, **_ignored) -> Path:
+    from .weights import convert_flashvsr, find_files
+
+    if version is None and not find_files(source).single:
+        version = DEFAULT_VERSION
+    return convert_flashvsr(source, out_path, dtype=dtype, version=version)
+
+
+FAMILY = Family(
+    name="flashvsr", title="FlashVSR", scale=4,
+    frame_rule="one output frame per input frame, in chunks of 21 then 8 frames, 4 frames behind the input",
+    size_multiple=128, dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect,
+    load_engine=load_engine, options=("version", "scale", "sparse_ratio", "local_range", "kv_ratio", "color_fix"),
+    convert=convert)

@@ -1,0 +1,344 @@
+"""Streaming FlashVSR inference with an explicit state: LR frames in, finished frames out, chunk by chunk.
+
+The official tiny-long pipeline, restated as a stream (``frames.py`` has the frame arithmetic): the DiT runs on
+chunks of latent frames (6, then 2 at a time), each needing LR frames up to 4 past the last frame it finishes, so
+output lags input and comes in bursts of 21, then 8 frames. ``FlashVSRState`` holds everything carried between
+calls: the conditioning frames not yet used up, the LQ projection's conv memory, the DiT's KV caches, the TC
+decoder's memory, the noise generator and the counters. Memory is flat in the number of frames, and a sequence fed
+in any split gives the same frames.
+
+Noise: latent frame j gets the j-th (1, 16, 1, H/8, W/8) float32 standard-normal draw of a CPU generator seeded with
+the seed (H, W the padded output size), cast to the compute dtype. The official draws the whole video's noise at
+once on the GPU in bf16, which depends on the video's length and the device; per-frame CPU draws reproduce on every
+device and in any split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..shared.errors import UserInputError
+from ..shared.image import to_rgb
+from .attention import BlockKV, kept_slices
+from .color import METHODS as COLOR_FIXES
+from .color import color_fix
+from .dit import StreamCache, WanDiT
+from .frames import (chunk, chunks_ready, num_chunks, output_size, pad_to, padded_size, quantize_8bit,
+                     stream_length, upscale_frame)
+from .lq_proj import LQProjection, LQProjState
+from .tc_decoder import TCDecoder, TCDecoderState
+
+log = logging.getLogger(__name__)
+
+LATENT_STRIDE = 8  # output pixels per latent pixel
+
+
+class FlashVSRPipeline(nn.Module):
+    """The loaded FlashVSR model as one module (so ComfyUI's ModelPatcher can manage it): DiT, LQ projection,
+    TC decoder and the fixed prompt embedding, plus the release version that decides the LQ arithmetic."""
+
+    def __init__(self, dit: WanDiT, lq_proj: LQProjection, tc_decoder: TCDecoder, prompt: torch.Tensor,
+                 version: str, facts: dict | None = None):
+        super().__init__()
+        self.dit, self.lq_proj, self.tc_decoder = dit, lq_proj, tc_decoder
+        self.register_buffer("prompt", prompt.detach().clone())
+        self.version = version
+        self.facts = dict(facts or {})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.dit.parameters()).dtype
+
+
+@dataclass(frozen=True)
+class FlashVSRState:
+    """Everything carried from one call to the next (see the module docstring).
+
+    frame_index: LR frames pushed in this sequence; emitted: output frames returned so far.
+    lr_size: (h, w) of this sequence's frames. cond: the conditioning frames [cond_start, frame_index) that later
+    chunks still need, (3, n, H, W) in [-1, 1] in the compute dtype (upscaled and padded), or None.
+    chunks: DiT chunks run. lq, dit, decoder: the three networks' stream memories.
+    generator_state: the CPU noise generator, positioned at the next latent frame's draw.
+    """
+
+    seed: int
+    generator_state: torch.Tensor
+    frame_index: int = 0
+    emitted: int = 0
+    lr_size: tuple[int, int] | None = None
+    cond: torch.Tensor | None = None
+    cond_start: int = 0
+    chunks: int = 0
+    lq: LQProjState = field(default_factory=LQProjState)
+    dit: StreamCache | None = None
+    decoder: TCDecoderState = field(default_factory=TCDecoderState)
+
+    def to(self, device) -> "FlashVSRState":
+        dit = None
+        if self.dit is not None:
+            blocks = [None if b is None else BlockKV(b.k.to(device), b.v.to(device), b.k_mean.to(device),
+                                                     b.windows_per_slice) for b in self.dit.blocks]
+            dit = StreamCache(blocks, self.dit.chunks, self.dit.grid)
+        return replace(self, cond=None if self.cond is None else self.cond.to(device), lq=self.lq.to(device),
+                       dit=dit, decoder=self.decoder.to(device))
+
+    def to_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and string metadata for ``safetensors.torch.save_file`` (resume files)."""
+        tensors = {"generator_state": self.generator_state.clone()}
+        if self.cond is not None:
+            tensors["cond"] = self.cond.contiguous()
+        lq_t, lq_m = self.lq.to_dict()
+        dec_t, dec_m = self.decoder.to_dict()
+        tensors.update(lq_t)
+        tensors.update(dec_t)
+        blocks = []
+        if self.dit is not None:
+            for i, b in enumerate(self.dit.blocks):
+                blocks.append(None if b is None else b.windows_per_slice)
+                if b is not None:
+                    tensors.update({f"dit.{i}.k": b.k.contiguous(), f"dit.{i}.v": b.v.contiguous(),
+                                    f"dit.{i}.k_mean": b.k_mean.contiguous()})
+        info = {"seed": self.seed, "frame_index": self.frame_index, "emitted": self.emitted,
+                "lr_size": list(self.lr_size) if self.lr_size else None, "cond_start": self.cond_start,
+                "chunks": self.chunks,
+                "dit": None if self.dit is None else {"blocks": blocks, "chunks": self.dit.chunks,
+                                                      "grid": list(self.dit.grid) if self.dit.grid else None}}
+        return tensors, {"streamvsr_state": json.dumps(info), **lq_m, **dec_m}
+
+    @classmethod
+    def from_dict(cls, tensors: dict, meta: dict) -> "FlashVSRState":
+        info = json.loads(meta["streamvsr_state"])
+        dit = None
+        if info["dit"] is not None:
+            blocks = [None if s is None else BlockKV(tensors[f"dit.{i}.k"], tensors[f"dit.{i}.v"],
+                                                     tensors[f"dit.{i}.k_mean"], int(s))
+                      for i, s in enumerate(info["dit"]["blocks"])]
+            grid = info["dit"]["grid"]
+            dit = StreamCache(blocks, int(info["dit"]["chunks"]), tuple(grid) if grid else None)
+        return cls(seed=int(info["seed"]), generator_state=tensors["generator_state"].clone(),
+                   frame_index=int(info["frame_index"]), emitted=int(info["emitted"]),
+                   lr_size=tuple(info["lr_size"]) if info["lr_size"] else None, cond=tensors.get("cond"),
+                   cond_start=int(info["cond_start"]), chunks=int(info["chunks"]),
+                   lq=LQProjState.from_dict(tensors, meta), dit=dit, decoder=TCDecoderState.from_dict(tensors, meta))
+
+
+def new_state(seed: int) -> FlashVSRState:
+    generator = torch.Generator("cpu")
+    generator.manual_seed(int(seed))
+    return FlashVSRState(seed=int(seed), generator_state=generator.get_state())
+
+
+class FlashVSREngine:
+    """Runs FlashVSR as a stream (the engine contract of ``models/contract.py``).
+
+    scale: output/input side ratio (the model is trained for 4). sparse_ratio, local_range, kv_ratio: the official
+    attention settings (budget of attended key blocks, local window in 8x8-token blocks, latent slices of KV memory:
+    ``int(kv_ratio)`` as the official). color_fix: "adain" (official default), "wavelet" or "none".
+    attention: "gather" (per-query-block gather + SDPA, bounded memory, any device) or "flex" (FlexAttention block
+    masks; compiled on CUDA). latent_sink: optional callable receiving each chunk's latents (see ``__init__``).
+    """
+
+    def __init__(self, pipeline: FlashVSRPipeline, device=None, compute_dtype: torch.dtype | None = None,
+                 scale: int = 4, sparse_ratio: float = 2.0, local_range: int = 11, kv_ratio: float = 3.0,
+                 color_fix: str = "adain", attention: str = "gather", latent_sink=None):
+        if int(scale) != scale or not 1 <= scale <= 8:
+            raise UserInputError(f"scale must be a whole number from 1 to 8 (the model is trained for 4), got {scale}")
+        if not sparse_ratio > 0:
+            raise UserInputError(f"sparse_ratio must be positive (official 2.0), got {sparse_ratio}")
+        if int(local_range) != local_range or local_range < 1:
+            raise UserInputError(f"local_range must be a positive whole number (official 9 or 11), got {local_range}")
+        if not kv_ratio >= 1:
+            raise UserInputError(f"kv_ratio must be at least 1 (official 3.0), got {kv_ratio}")
+        if color_fix not in COLOR_FIXES:
+            raise UserInputError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {color_fix!r}")
+        if attention not in ("gather", "flex"):
+            raise UserInputError(f"attention must be 'gather' or 'flex', got {attention!r}")
+        self.pipeline = pipeline
+        self.device = torch.device(device) if device is not None else next(pipeline.dit.parameters()).device
+        self.compute_dtype = compute_dtype or pipeline.dtype
+        self.scale = int(scale)
+        self.sparse_ratio, self.local_range, self.kv_ratio = float(sparse_ratio), int(local_range), float(kv_ratio)
+        self.color_fix, self.attention = color_fix, attention
+        self._constants = None
+        self._compiled_flex = None
+        # Optional, for decoding with the Wan 2.1 VAE instead of the TC decoder (the ComfyUI LATENT output):
+        # called with each chunk's normalised latents (1, 16, t, H/8, W/8), compute dtype, on the device, in
+        # stream order (a flush's chunks included, which cover the padded frames too). Not part of the state.
+        self.latent_sink = latent_sink
+
+    # ------------------------------------------------------------------ the engine contract (see models/contract.py)
+
+    def new_state(self, seed: int) -> FlashVSRState:
+        return new_state(seed)
+
+    def pending(self, state: FlashVSRState) -> int:
+        return state.frame_index - state.emitted
+
+    @torch.inference_mode()
+    def push(self, state: FlashVSRState, frames: torch.Tensor) -> tuple[torch.Tensor, FlashVSRState]:
+        """LR frames (n, C, h, w) or (C, h, w) in [0, 1], C in 1/3/4 -> the output frames that became final,
+        (m, 3, scale*h, scale*w) float32 in [0, 1] on the engine's device (m = 0 until a chunk is complete)."""
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4:
+            raise UserInputError(f"expected frames shaped (n, 3, h, w), got {tuple(frames.shape)}")
+        frames = to_rgb(frames, channel_dim=1)
+        if frames.shape[0] == 0:
+            return self._empty(state), state
+        h, w = frames.shape[-2:]
+        if state.lr_size is not None and tuple(state.lr_size) != (h, w):
+            raise UserInputError(f"this sequence has frames of {state.lr_size[1]}x{state.lr_size[0]} but got {w}x{h}: "
+                                 "start a new sequence to change the resolution")
+        if not torch.isfinite(frames).all():
+            raise UserInputError(f"a frame from {state.frame_index} on contains NaN or infinite values")
+        state = replace(state, lr_size=(h, w))
+        cond = self._condition(frames)
+        state = replace(state, cond=cond if state.cond is None else torch.cat([state.cond, cond], dim=1),
+                        frame_index=state.frame_index + frames.shape[0])
+        outputs = []
+        while state.chunks < chunks_ready(state.frame_index):
+            out, state = self._run_chunk(state)
+            outputs.append(out)
+        return self._cat(outputs, state), state
+
+    @torch.inference_mode()
+    def flush(self, state: FlashVSRState) -> tuple[torch.Tensor, FlashVSRState]:
+        """The end of the sequence: the frames still held back, computed by padding the stream with copies of the
+        last frame (their outputs are dropped). Afterwards every pushed frame has been returned once, and the state
+        starts a new sequence (same noise generator, which carries on)."""
+        n = state.frame_index
+        if n == 0:
+            return self._empty(state), state
+        total = stream_length(n)
+        last = state.cond[:, -1:]
+        state = replace(state, cond=torch.cat([state.cond, last.expand(-1, total - n, -1, -1)], dim=1),
+                        frame_index=total)
+        outputs = []
+        while state.chunks < num_chunks(total):
+            out, state = self._run_chunk(state, keep=n)
+            outputs.append(out)
+        out = self._cat(outputs, state)
+        fresh = FlashVSRState(seed=state.seed, generator_state=state.generator_state)
+        return out, fresh
+
+    def reset_temporal(self, state: FlashVSRState) -> tuple[torch.Tensor, FlashVSRState]:
+        """A scene cut: the shot so far is finished (as at a flush) and the next frame starts a new stream, so no
+        attention memory, LQ or decoder memory crosses the cut; the noise sequence carries on."""
+        return self.flush(state)
+
+    def identity(self) -> str:
+        pipe = self.pipeline
+        tensors = [pipe.prompt] + [p for _, p in zip(range(4), pipe.dit.parameters())] + \
+            [next(pipe.lq_proj.parameters()), next(pipe.tc_decoder.parameters())]
+        checksum = sum(float(t.detach().to("cpu", torch.float64).sum()) for t in tensors)
+        return (f"flashvsr|{pipe.version}|{self.compute_dtype}|scale={self.scale}|sparse={self.sparse_ratio}|"
+                f"local={self.local_range}|kv={self.kv_ratio}|color={self.color_fix}|{checksum:.10g}")
+
+    def state_from_dict(self, tensors: dict, meta: dict) -> FlashVSRState:
+        return FlashVSRState.from_dict(tensors, meta)
+
+    def estimate_memory(self, h: int, w: int) -> int:
+        """Rough peak bytes beyond the weights for LR frames of h x w: KV caches, the first chunk's activations
+        (6 latent frames), the held conditioning frames and the decoder's full-resolution maps."""
+        hp, wp = padded_size(*output_size(h, w, self.scale))
+        elem = torch.finfo(self.compute_dtype).bits // 8
+        dit = self.pipeline.dit
+        tokens = hp * wp // 256  # per latent frame
+        kept = max(2, kept_slices(self.kv_ratio))
+        kv = 2 * kept * 2 * tokens * dit.dim * elem * len(dit.blocks) + 2 * tokens * dit.dim * elem * len(dit.blocks)
+        ffn = dit.config["ffn_dim"]
+        activations = 6 * tokens * (8 * dit.dim + min(ffn, 32768 * ffn // max(6 * tokens, 1))) * elem
+        cond = 30 * 3 * hp * wp * elem
+        decoder = 8 * 4 * 128 * hp * wp * elem // 16 + 6 * 3 * hp * wp * 4
+        return int((kv + activations + cond + decoder) * 1.2)
+
+    # ----------------------------------------------------------------------------------------------- internals
+
+    def _empty(self, state: FlashVSRState) -> torch.Tensor:
+        h, w = state.lr_size or (0, 0)
+        return torch.empty(0, 3, h * self.scale, w * self.scale, device=self.device)
+
+    def _cat(self, outputs: list, state: FlashVSRState) -> torch.Tensor:
+        return torch.cat(outputs) if outputs else self._empty(state)
+
+    def _condition(self, frames: torch.Tensor) -> torch.Tensor:
+        """LR frames -> conditioning frames (3, n, H, W) in [-1, 1], compute dtype, on the device: quantised to 8
+        bits, PIL-bicubic-upscaled and mapped as v/255*2-1 in float32 (the official preprocessing), then padded
+        at the bottom/right to multiples of 128 (replicate)."""
+        pixels = quantize_8bit(frames.detach().to("cpu")).permute(0, 2, 3, 1).numpy()
+        size = output_size(pixels.shape[1], pixels.shape[2], self.scale)
+        up = torch.stack([torch.from_numpy(upscale_frame(p, size).copy()) for p in pixels])
+        video = up.to(torch.float32).permute(3, 0, 1, 2) / 255.0 * 2.0 - 1.0
+        video = pad_to(video, *padded_size(*size))
+        return video.to(device=self.device, dtype=self.compute_dtype)
+
+    def _constants_for(self):
+        c = self._constants
+        if c is None or c.device != self.device or c.dtype != self.compute_dtype:
+            self._constants = c = self.pipeline.dit.prepare(self.pipeline.prompt, self.device, self.compute_dtype)
+        return c
+
+    def _flex(self):
+        if self.attention != "flex":
+            return None
+        if self._compiled_flex is None and self.device.type == "cuda":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self._compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return self._compiled_flex
+
+    def _noise(self, state: FlashVSRState, latents: int, size: tuple[int, int]):
+        generator = torch.Generator("cpu")
+        generator.set_state(state.generator_state)
+        h, w = size[0] // LATENT_STRIDE, size[1] // LATENT_STRIDE
+        channels = self.pipeline.dit.in_dim
+        draws = [torch.randn((1, channels, 1, h, w), generator=generator, dtype=torch.float32)
+                 for _ in range(latents)]
+        noise = torch.cat(draws, dim=2).to(device=self.device, dtype=self.compute_dtype)
+        return noise, generator.get_state()
+
+    def _run_chunk(self, state: FlashVSRState, keep: int | None = None) -> tuple[torch.Tensor, FlashVSRState]:
+        """One DiT pass: the next chunk's output frames (only those < ``keep`` when flushing) and the new state."""
+        pipe = self.pipeline
+        c = chunk(state.chunks)
+        cond = state.cond  # frames [cond_start, frame_index)
+        at = state.cond_start
+
+        def frames(rng):
+            # contiguous: convolutions may round differently on strided views, and the view's strides depend on
+            # how many frames happen to be held, i.e. on how the input was split
+            return cond[:, rng[0] - at:rng[1] - at][None].contiguous()
+
+        size = cond.shape[-2:]
+        lq_in = frames(c.lq)
+        tokens, lq_state = pipe.lq_proj.project(lq_in, state.lq if state.chunks else None)
+        noise, generator_state = self._noise(state, c.latents[1] - c.latents[0], size)
+        cache = pipe.dit.new_cache() if state.dit is None else StreamCache(list(state.dit.blocks), state.dit.chunks,
+                                                                           state.dit.grid)
+        velocity = pipe.dit.forward_chunk(noise, tokens[0], cache, c.latents[0], self._constants_for(),
+                                          sparse_ratio=self.sparse_ratio, local_range=self.local_range,
+                                          kv_ratio=self.kv_ratio, backend=self.attention,
+                                          compiled_flex=self._flex())
+        latents = noise - velocity.to(noise.dtype)
+        if self.latent_sink is not None:
+            self.latent_sink(latents)
+        reference = frames(c.output)
+        video, decoder_state = pipe.tc_decoder.decode(latents, reference, state.decoder)
+        video = color_fix(video, reference.to(video.dtype), self.color_fix)
+        first, end = c.output
+        if keep is not None:
+            end = min(end, keep)
+        h, w = state.lr_size
+        out = video[0, :, :end - first, : h * self.scale, : w * self.scale].transpose(0, 1)
+        out = ((out.float() + 1) / 2).clamp(0, 1)
+        # The next chunk reads LR frames from its output start on (its LQ frames come later).
+        nxt = chunk(state.chunks + 1).output[0]
+        new = replace(state, cond=cond[:, nxt - at:].clone(), cond_start=nxt, chunks=state.chunks + 1, lq=lq_state,
+                      dit=cache, decoder=decoder_state, generator_state=generator_state,
+                      emitted=state.emitted + out.shape[0])
+        return out, new

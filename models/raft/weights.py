@@ -1,0 +1,119 @@
+"""torchvision's released RAFT weights: names, hashes, download, detection of large/small, strict loading."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..shared.errors import DownloadError, UserInputError, WeightsError
+from ..shared.weights import key_mismatches, read_state_dict, sha256_of
+from .estimator import FlowEstimator
+from .network import RAFT
+
+log = logging.getLogger(__name__)
+
+# name -> (url, file name, sha256 prefix). torchvision publishes no full digests: its files are named
+# <name>-<first 8 hex digits of their sha256>.pth and torch.hub checks that prefix; so do we.
+RAFT_WEIGHTS = {
+    "raft_large": ("https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth",
+                   "raft_large_C_T_SKHT_V2-ff5fadd5.pth", "ff5fadd5"),
+    "raft_small": ("https://download.pytorch.org/models/raft_small_C_T_V2-01064c6d.pth",
+                   "raft_small_C_T_V2-01064c6d.pth", "01064c6d"),
+}
+
+
+def detect_arch(state_dict: dict) -> str:
+    # Only RAFT-large has the convex-upsampling mask predictor.
+    return "raft_large" if any(k.startswith("mask_predictor.") for k in state_dict) else "raft_small"
+
+
+def manual_hint(name: str | None = None) -> str:
+    names = [name] if name in RAFT_WEIGHTS else list(RAFT_WEIGHTS)
+    links = ", ".join(f"{n}: {RAFT_WEIGHTS[n][0]}" for n in names)
+    return (f"Use torchvision's RAFT weights ({links}); `streamvsr download` fetches RAFT-large, the one "
+            f"Stream-DiffVSR was trained with.")
+
+
+def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow_updates: int = 12,
+              corr: str = "auto", downscale: int = 1) -> FlowEstimator:
+    """Load RAFT weights in torchvision's format (.pth or .safetensors) strictly; large/small is read from the
+    keys. A file that does not match raises WeightsError naming the missing, unexpected and misshapen keys."""
+    path = Path(path)
+    state_dict = read_state_dict(path, manual_hint())
+    arch = detect_arch(state_dict)
+    model = RAFT(arch, operations=operations or nn, device="meta", dtype=dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = key_mismatches(expected, state_dict)
+    if problems:
+        raise WeightsError("; ".join([f"{path} is not a torchvision {arch} state dict"] + problems) + ". "
+                           + manual_hint())
+    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model = model.to(device).eval().requires_grad_(False)
+    return FlowEstimator(model, num_flow_updates=num_flow_updates, corr=corr, downscale=downscale)
+
+
+def hash_prefix(filename) -> str | None:
+    """The sha256 prefix in a torchvision-style name ``<name>-<8+ hex digits>.<ext>``, or None."""
+    tail = Path(filename).name.split(".")[0].rsplit("-", 1)
+    if len(tail) == 2 and len(tail[1]) >= 8 and all(ch in "0123456789abcdef" for ch in tail[1].lower()):
+        return tail[1].lower()
+    return None
+
+
+def check_hash_prefix(path, prefix: str | None = None) -> None:
+    """Raise ValueError when the file's sha256 does not start with ``prefix`` (default: the one in its name)."""
+    prefix = prefix or hash_prefix(path)
+    if prefix and not sha256_of(path).startswith(prefix):
+        raise WeightsError(f"{path} is corrupt or not the published file: its sha256 does not start with "
+                         f"{prefix}. Delete it and download it again.")
+
+
+def download_raft(name: str, dest_dir, progress: bool = True) -> Path:
+    """Download torchvision's RAFT weights ``name`` ("raft_large" or "raft_small") into ``dest_dir`` and return
+    the path; a verified copy already there is reused. The file is written as ``.part`` and renamed only after
+    its sha256 prefix matched. Offline, the error says where to download the file by hand."""
+    if name not in RAFT_WEIGHTS:
+        raise UserInputError(f"unknown RAFT weights {name!r} (use one of {sorted(RAFT_WEIGHTS)})")
+    url, filename, prefix = RAFT_WEIGHTS[name]
+    dest_dir = Path(dest_dir)
+    target = dest_dir / filename
+    if target.is_file():
+        check_hash_prefix(target, prefix)
+        return target
+    manual = (f"Download {url} by hand (browser, curl -LO or wget) and put it at {target} "
+              f"(its sha256 starts with {prefix}).")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create {dest_dir}: {e}") from None
+    part = target.with_name(target.name + ".part")
+    log.info("downloading %s to %s", url, target)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done, reported = 0, 0
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                digest.update(block)
+                done += len(block)
+                if progress and total and done * 10 // total > reported:
+                    reported = done * 10 // total
+                    log.info("%s: %d%%", filename, 10 * reported)
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? {manual}") from None
+    if not digest.hexdigest().startswith(prefix):
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"the download of {url} is corrupt (its sha256 does not start with {prefix}); try "
+                           f"again. {manual}")
+    os.replace(part, target)
+    return target

@@ -1,0 +1,1 @@
+"""Pieces used by more than one model family: errors, weight reading, hub downloads, devices, warping."""

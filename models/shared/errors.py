@@ -1,0 +1,24 @@
+"""One error hierarchy for the whole pack.
+
+``StreamVSRError`` and its subclasses are the user's to fix (a wrong file, no network, a bad option): the command
+line prints them as one ``error: ...`` line and exits with status 2, the nodes show the message. Anything else that
+escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class StreamVSRError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+class UserInputError(StreamVSRError, ValueError):
+    """An input (frames, video, option value) that cannot be used as given."""
+
+
+class WeightsError(StreamVSRError, ValueError):
+    """A checkpoint file is missing, truncated, or does not match the model."""
+
+
+class DownloadError(StreamVSRError, RuntimeError):
+    """Weights could not be fetched (offline, server error, corrupt download)."""

@@ -1,0 +1,52 @@
+"""Fetching files from the Hugging Face hub into a folder, with hash checks and resumable downloads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import DownloadError
+from .weights import sha256_of
+
+log = logging.getLogger(__name__)
+
+
+def check_sha256(path: Path, name: str, sha: str | None) -> None:
+    """Delete ``path`` and raise when its sha256 does not start with ``sha`` (a full digest or a prefix)."""
+    if sha is not None and not sha256_of(path).startswith(sha):
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{name} is corrupt: its sha256 does not start with {sha[:12]}; it was deleted, "
+                            "download it again.")
+
+
+def download_files(repo: str, files: dict[str, str | None], dest, manual: str) -> Path:
+    """Fetch ``files`` (name in the repository -> sha256 or prefix, or None) of ``repo`` into ``dest``.
+
+    Files already there are kept (and hash-checked where the hash is known), so an interrupted download resumes
+    where it stopped; the hub client also resumes a partly downloaded file and checks sizes against the server.
+    ``manual`` is appended to every error: how to get the files by hand.
+    """
+    dest = Path(dest)
+    for name, sha in files.items():
+        if (dest / name).is_file():
+            check_sha256(dest / name, name, sha)
+    missing = [name for name in files if not (dest / name).is_file()]
+    if not missing:
+        return dest
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DownloadError("downloading needs huggingface_hub (pip install huggingface_hub). " + manual) from None
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create {dest}: {e}") from None
+    log.info("downloading %d files of %s into %s", len(missing), repo, dest)
+    for name in missing:
+        try:
+            path = Path(hf_hub_download(repo, name, local_dir=str(dest)))
+        except Exception as e:  # offline, DNS, HTTP and hub errors come in many types
+            raise DownloadError(f"could not download {name} from https://huggingface.co/{repo} "
+                                f"({type(e).__name__}: {e}). " + manual) from None
+        check_sha256(path, name, files[name])
+    return dest

@@ -1,0 +1,108 @@
+"""Where and in what precision the engines run, how much memory is free, and a console progress line.
+
+Used by the command line and by the engines' callers; the ComfyUI nodes use ComfyUI's own device and dtype choice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from .errors import UserInputError
+
+# The one precision table: option value -> dtype.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA, then MPS, then CPU) or an explicit device that must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {name}: this machine has no usable CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserInputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserInputError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserInputError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA GPUs that support it, else fp16 on CUDA, fp32 elsewhere."""
+    if name != "auto":
+        return PRECISIONS[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def available_memory(device) -> int:
+    """Bytes that can be allocated now on ``device``: free VRAM on CUDA; on other devices the system's
+    MemAvailable (/proc/meminfo, else sysconf), capped by a cgroup v2 memory limit when there is one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 8 << 30
+    try:  # containers: /proc/meminfo shows the host, the cgroup holds the real limit
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                free = min(free, int(limit) - int(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return max(int(free), 0)
+
+
+class Progress:
+    """A one-line progress report on stderr (frames done, frames/s, time left); silent unless stderr is a
+    terminal or STREAMVSR_PROGRESS=1."""
+
+    def __init__(self, total: int | None, label: str):
+        self.total, self.label, self.start = total, label, time.monotonic()
+        self.enabled = sys.stderr.isatty() or os.environ.get("STREAMVSR_PROGRESS") == "1"
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = done / elapsed
+        if self.total:
+            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            text = f"{self.label}: {done}/{self.total} frames, {rate:.2f} fps, {eta:.0f} s left"
+        else:
+            text = f"{self.label}: {done} frames, {rate:.2f} fps"
+        sys.stderr.write("\r" + text)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")

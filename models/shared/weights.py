@@ -1,0 +1,128 @@
+"""Reading checkpoint files and reporting how they differ from a model, shared by every family.
+
+Pickles are only ever opened with ``weights_only=True``; a damaged file becomes a WeightsError that names the file
+and what to download (``hint``), never a bare unpickling traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a pickled state dict.
+
+    With ``unwrap`` a ``state_dict``/``model`` wrapper and a DataParallel ``module.`` prefix are removed. Anything
+    that is not a mapping of names to tensors is refused.
+    """
+    path = Path(path)
+    tail = f" {hint}" if hint else ""
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist.{tail}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors/pickle raise assorted types for damaged or hostile files
+        raise WeightsError(
+            f"cannot read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: {str(e)[:200]}. The file is "
+            f"truncated, not a weights file, or holds code rather than tensors; delete it and download it "
+            f"again.{tail}") from None
+    if unwrap:
+        for key in ("state_dict", "model"):
+            if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
+                state_dict = state_dict[key]
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors.{tail}")
+    if unwrap and state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def summary(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def key_mismatches(expected: dict, state_dict: dict) -> list[str]:
+    """Missing, unexpected and misshapen keys of ``state_dict`` against ``expected`` (name -> shape), as message
+    parts; empty when they match."""
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k])})"
+                   for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys: {summary(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys: {summary(unexpected)}")
+    if wrong_shape:
+        parts.append(f"wrong shapes: {summary(wrong_shape, 4)}")
+    return parts
+
+
+def load_into(module: nn.Module, state_dict: dict, what: str, source, device="cpu", dtype=None,
+              tolerated_prefixes: tuple = (), hint: str = "") -> nn.Module:
+    """Load ``state_dict`` strictly into ``module`` (usually built on the meta device) and return it on ``device``.
+
+    Keys starting with ``tolerated_prefixes`` that the module lacks are logged and dropped; any other missing,
+    unexpected or misshapen key raises WeightsError naming them, the file and ``hint``.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    leftovers = [k for k in state_dict if k not in expected and tolerated_prefixes and k.startswith(tolerated_prefixes)]
+    if leftovers:
+        log.info("%s: ignoring %d unused tensors from %s (%s)", what, len(leftovers), source, summary(leftovers, 3))
+    state_dict = {k: v for k, v in state_dict.items() if k not in leftovers}
+    problems = key_mismatches(expected, state_dict)
+    if problems:
+        parts = [f"{what} weights in {source} do not match the model"] + problems
+        if hint:
+            parts.append(hint)
+        raise WeightsError("; ".join(parts))
+    if dtype is not None:
+        state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    module = module.to(device).eval().requires_grad_(False)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: tensors left uninitialised after loading: {left}")
+    return module
+
+
+def safetensors_numel(path) -> int:
+    """Number of elements stored in a .safetensors file, read from its header only (no tensor is loaded)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            n = 1
+            for side in entry["shape"]:
+                n *= side
+            total += n
+    return total

@@ -1,0 +1,62 @@
+"""Stream-DiffVSR (arXiv 2512.23709): a 4-step distilled x4 diffusion upscaler guided by the flow-warped previous
+output, in plain PyTorch.
+
+``unet``/``controlnet``/``tiny_vae``/``clip_text``/``scheduler`` the networks, ``pipeline`` the loaded set,
+``loader`` the official folder and our single file, ``hub`` the download, ``engine`` the streaming inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..contract import Family
+
+SINGLE_FILE_FORMAT = "streamvsr/stream-diffvsr"
+
+
+def detect(path) -> bool:
+    path = Path(path)
+    if path.is_dir():
+        return (path / "model_index.json").is_file() or all((path / sub).is_dir() for sub in ("unet", "controlnet"))
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == SINGLE_FILE_FORMAT
+    except Exception:  # unreadable files are reported by the loader, with the reason
+        return False
+
+
+def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int = 4, corr: str = "auto",
+                flow_downscale: int = 1):
+    """The official folder or a single file, plus RAFT weights ``flow``, as a ready StreamEngine."""
+    from ..raft.weights import load_raft
+    from ..shared.errors import UserInputError
+    from .engine import StreamEngine
+    from .loader import load_pipeline
+
+    if not flow:
+        raise UserInputError("Stream-DiffVSR needs optical flow: give --flow PATH (torchvision RAFT weights, "
+                             "e.g. from `streamvsr download`)")
+    pipe = load_pipeline(path, device=device, dtype=dtype)
+    estimator = load_raft(flow, device=device, corr=corr, downscale=flow_downscale)
+    return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype)
+
+
+def convert(source, out_path, dtype=torch.float16, **_ignored) -> Path:
+    from .loader import convert_to_single_file
+
+    return convert_to_single_file(source, out_path, dtype=dtype)
+
+
+FAMILY = Family(
+    name="stream-diffvsr", title="Stream-DiffVSR", scale=4,
+    frame_rule="one output frame per input frame, immediately", size_multiple=4,
+    dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect, load_engine=load_engine,
+    options=("flow", "steps", "corr", "flow_downscale"), convert=convert)
+
+__all__ = ["FAMILY", "SINGLE_FILE_FORMAT", "detect", "load_engine"]

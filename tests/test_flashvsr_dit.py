@@ -1,0 +1,252 @@
+"""FlashVSR's Wan2.1 DiT: RoPE against the formula (spec §1.1, §1.3), config and key layout of the released
+checkpoint (spec §1.1), the fixed-timestep constants, chunked streaming and half-precision smoke runs."""
+
+import copy
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from streamvsr.models.flashvsr import rope as R
+from streamvsr.models.flashvsr.dit import (WanDiT, dit_config_from_state_dict, timestep_sinusoid)
+from streamvsr.models.shared.errors import WeightsError
+from streamvsr.models.shared.weights import load_into
+
+TINY = dict(dim=256, blocks=2, ffn=512, text=64, freq=256, in_ch=16, out_ch=16)
+
+
+def official_state_dict(dim=256, blocks=2, ffn=512, text=64, freq=256, in_ch=16, out_ch=16, seed=0):
+    """Random tensors under the released checkpoint's key names and shapes (spec §1.1)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "patch_embedding.weight": (dim, in_ch, 1, 2, 2), "patch_embedding.bias": (dim,),
+        "text_embedding.0.weight": (dim, text), "text_embedding.0.bias": (dim,),
+        "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
+        "time_embedding.0.weight": (dim, freq), "time_embedding.0.bias": (dim,),
+        "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
+        "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+        "head.head.weight": (out_ch * 4, dim), "head.head.bias": (out_ch * 4,), "head.modulation": (1, 2, dim),
+    }
+    for i in range(blocks):
+        p = f"blocks.{i}."
+        shapes[p + "modulation"] = (1, 6, dim)
+        for attn in ("self_attn", "cross_attn"):
+            for n in "qkvo":
+                shapes[f"{p}{attn}.{n}.weight"] = (dim, dim)
+                shapes[f"{p}{attn}.{n}.bias"] = (dim,)
+            shapes[f"{p}{attn}.norm_q.weight"] = (dim,)
+            shapes[f"{p}{attn}.norm_k.weight"] = (dim,)
+        shapes.update({p + "norm3.weight": (dim,), p + "norm3.bias": (dim,), p + "ffn.0.weight": (ffn, dim),
+                       p + "ffn.0.bias": (ffn,), p + "ffn.2.weight": (dim, ffn), p + "ffn.2.bias": (dim,)})
+    sd = {}
+    for k, shape in shapes.items():
+        t = torch.randn(shape, generator=g)
+        if len(shape) >= 2 and "modulation" not in k:
+            t = t / math.sqrt(math.prod(shape[1:]))
+        elif "norm" in k and k.endswith("weight"):
+            t = 1 + 0.1 * t
+        else:
+            t = 0.1 * t
+        sd[k] = t
+    return sd
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    sd = official_state_dict(**TINY)
+    model = load_into(WanDiT(dit_config_from_state_dict(sd), device="meta"), sd, "FlashVSR DiT", "test")
+    prompt = torch.randn(1, 12, TINY["text"], generator=torch.Generator().manual_seed(1))
+    return model, prompt
+
+
+def latents(frames, h8=32, w8=32, seed=0, dtype=torch.float32):
+    return torch.randn(1, 16, frames, h8, w8, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------------------------
+
+def formula_table(width, positions):
+    """complex128 table of one axis: exp(i * p * 10000^(-2j/width)), j < width/2."""
+    j = torch.arange(width // 2, dtype=torch.float64)
+    inv = 10000.0 ** (-2 * j / width)
+    p = torch.as_tensor(positions, dtype=torch.float64)
+    return torch.polar(torch.ones(len(p), len(j), dtype=torch.float64), p[:, None] * inv[None])
+
+
+def test_rope_split_and_angles_below_1024_match_formula():
+    assert R.axis_widths(128) == (44, 42, 42)
+    positions = list(range(0, 1024, 7)) + [1023]
+    for width in (44, 42):
+        ref = formula_table(width, positions)
+        got = torch.polar(torch.ones(len(positions), width // 2, dtype=torch.float64),
+                          R.axis_angles(torch.tensor(positions), width))
+        assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+
+
+def test_rope_grid_layout_and_far_positions():
+    for t_start in (4, 1020, 5000, 1_000_000):
+        frames, rows, cols = 2, 3, 5
+        table = R.RopeTable(t_start, frames, rows, cols, 128)
+        ref = torch.cat([
+            formula_table(44, range(t_start, t_start + frames))[:, None, None].expand(frames, rows, cols, -1),
+            formula_table(42, range(rows))[None, :, None].expand(frames, rows, cols, -1),
+            formula_table(42, range(cols))[None, None, :].expand(frames, rows, cols, -1),
+        ], dim=-1).reshape(frames * rows * cols, 1, 64)
+        assert torch.isfinite(table.cos).all() and torch.isfinite(table.sin).all()
+        assert torch.allclose(table.cos.double(), ref.real, atol=1e-7)
+        assert torch.allclose(table.sin.double(), ref.imag, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_apply_rope_is_the_complex_multiply(dtype, tol):
+    heads, frames, rows, cols = 2, 2, 2, 3
+    x = torch.randn(frames * rows * cols, heads * 128, generator=torch.Generator().manual_seed(0)).to(dtype)
+    table = R.RopeTable(6, frames, rows, cols, 128)
+    got = R.apply_rope(x, table, heads)
+    assert got.dtype == dtype
+    ref = torch.view_as_complex(x.double().reshape(-1, heads, 64, 2)) * torch.complex(table.cos, table.sin).to(
+        torch.complex128)
+    assert torch.allclose(got.double(), torch.view_as_real(ref).reshape(x.shape), atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config and weights
+# --------------------------------------------------------------------------------------------------------------
+
+def test_config_from_official_layout():
+    cfg = dit_config_from_state_dict(official_state_dict(**TINY))
+    assert cfg == dict(dim=256, in_dim=16, out_dim=16, num_layers=2, ffn_dim=512, text_dim=64, freq_dim=256,
+                       num_heads=2, eps=1e-6)
+
+
+def test_config_errors_name_keys():
+    sd = official_state_dict(**TINY)
+    with pytest.raises(WeightsError, match="patch_embedding.weight"):
+        dit_config_from_state_dict({k: v for k, v in sd.items() if k != "patch_embedding.weight"})
+    with pytest.raises(WeightsError, match="multiple of the head size 128"):
+        dit_config_from_state_dict(official_state_dict(dim=192, blocks=1, ffn=64, text=8, freq=16))
+    gap = {k: v for k, v in sd.items() if not k.startswith("blocks.0.")}
+    with pytest.raises(WeightsError, match=r"blocks \[0\]"):
+        dit_config_from_state_dict(gap)
+
+
+def test_loading_reports_missing_unexpected_and_misshapen_keys():
+    sd = official_state_dict(**TINY)
+    cfg = dit_config_from_state_dict(sd)
+    bad = dict(sd)
+    del bad["blocks.1.cross_attn.norm_k.weight"]
+    bad["blocks.1.extra.weight"] = torch.zeros(1)
+    bad["blocks.0.modulation"] = torch.zeros(1, 5, 256)
+    with pytest.raises(WeightsError) as e:
+        load_into(WanDiT(cfg, device="meta"), bad, "FlashVSR DiT", "bad.safetensors")
+    msg = str(e.value)
+    assert "blocks.1.cross_attn.norm_k.weight" in msg and "blocks.1.extra.weight" in msg
+    assert "blocks.0.modulation" in msg
+
+
+def test_layers_come_from_the_operations_namespace():
+    made = []
+
+    def recording(cls):
+        class Recorded(cls):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                made.append(cls.__name__)
+        return Recorded
+
+    ops = SimpleNamespace(Linear=recording(nn.Linear), Conv3d=recording(nn.Conv3d), LayerNorm=recording(nn.LayerNorm))
+    model = WanDiT(dit_config_from_state_dict(official_state_dict(**TINY)), operations=ops, device="meta")
+    assert made.count("Conv3d") == 1 and made.count("LayerNorm") == 2 * 3 + 1
+    assert made.count("Linear") == 2 + 2 + 1 + 2 * (4 + 4 + 2) + 1
+    assert all(p.is_meta for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Constants and streaming
+# --------------------------------------------------------------------------------------------------------------
+
+def test_timestep_sinusoid_is_cos_then_sin():
+    emb = timestep_sinusoid(256, 1000.0)
+    i = torch.arange(128, dtype=torch.float64)
+    angles = 1000.0 * 10000.0 ** (-i / 128)
+    assert torch.allclose(emb.double(), torch.cat([angles.cos(), angles.sin()])[None], atol=1e-7)
+
+
+def test_prepare_caches_modulation_and_cross_kv(tiny):
+    model, prompt = tiny
+    c = model.prepare(prompt)
+    t = model.time_embedding(timestep_sinusoid(256, 1000.0))
+    assert torch.allclose(c.t, t)
+    assert c.t_mod.shape == (1, 6, 256)
+    assert torch.allclose(c.block_mods[1][2], model.blocks[1].modulation[:, 2] + c.t_mod[:, 2])
+    k, v = c.cross_kv[0]
+    assert k.shape == v.shape == (2, 12, 128)
+    ctx = model.text_embedding(prompt[0])
+    assert torch.allclose(v, model.blocks[0].cross_attn.v(ctx).reshape(12, 2, 128).transpose(0, 1))
+
+
+def run_stream(model, prompt, chunks, dtype=torch.float32, h8=32, w8=32, **kw):
+    c = model.prepare(prompt, dtype=dtype)
+    cache = model.new_cache()
+    tokens = (h8 // 2) * (w8 // 2)
+    frames = 6 + 2 * (chunks - 1)
+    noise = latents(16, h8, w8, dtype=dtype)[:, :, :frames]
+    lq = 0.1 * torch.randn(1, 16 * tokens, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    outs, slices = [], []
+    for i in range(chunks):
+        first, t_start = (0, 0) if i == 0 else (4 + 2 * i, 4 + 2 * i)
+        n = 6 if i == 0 else 2
+        x = noise[:, :, first:first + n]
+        v = model.forward_chunk(x, lq[:, first * tokens:(first + n) * tokens], cache, t_start, c, **kw)
+        assert v.shape == x.shape and v.dtype == dtype
+        outs.append(v)
+        slices.append(cache.slices)
+    return outs, slices, cache
+
+
+def test_streaming_chunks(tiny):
+    model, prompt = tiny
+    outs, slices, cache = run_stream(model, prompt, chunks=4, sparse_ratio=0.5, local_range=3, kv_ratio=3.0)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert slices == [3, 3, 3, 3] and cache.chunks == 4 and cache.grid == (16, 16)
+    assert cache.blocks[1].k.shape == (2, 3 * 4, 128, 128)
+    # Same chunks again from a fresh cache give the same result; a wrong grid is refused.
+    again, _, _ = run_stream(model, prompt, chunks=2, sparse_ratio=0.5, local_range=3, kv_ratio=3.0)
+    assert torch.equal(again[1], outs[1])
+    with pytest.raises(ValueError, match="token grid"):
+        model.forward_chunk(latents(2, 16, 32), None, cache, 12, model.prepare(prompt))
+
+
+def test_streaming_chunk_uses_the_cache(tiny):
+    model, prompt = tiny
+    c = model.prepare(prompt)
+    x0, x1 = latents(6), latents(2, seed=1)
+    warm = model.new_cache()
+    model.forward_chunk(x0, None, warm, 0, c)
+    with_history = model.forward_chunk(x1, None, warm, 6, c)
+    without = model.forward_chunk(x1, None, model.new_cache(), 6, c)
+    assert not torch.allclose(with_history, without)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_smoke(tiny, dtype):
+    model, prompt = tiny
+    ref, _, _ = run_stream(model, prompt, chunks=2, h8=16, w8=32, kv_ratio=1.0)
+    half = copy.deepcopy(model).to(dtype)
+    got, slices, _ = run_stream(half, prompt, chunks=2, dtype=dtype, h8=16, w8=32, kv_ratio=1.0)
+    assert slices == [2, 2]
+    for g, r in zip(got, ref):
+        assert torch.isfinite(g).all()
+        assert (g.float() - r).abs().mean() < 0.05 * r.abs().mean()
+
+
+def test_constants_must_match_device(tiny):
+    model, prompt = tiny
+    c = dataclasses.replace(model.prepare(prompt), device=torch.device("meta"))
+    with pytest.raises(ValueError, match="prepared on meta"):
+        model.forward_chunk(latents(6), None, model.new_cache(), 0, c)

@@ -1,0 +1,233 @@
+"""The streaming FlashVSR engine end to end on a tiny random checkpoint in the official file formats.
+
+What is checked against independent facts: frame counts (one output per input), alignment (AdaIN makes output
+frame i take LR frame i's colour statistics), sizes (exactly scale x input), splits (any way of feeding the frames
+gives the same bits), seeds, resume states, scene cuts, bad inputs and the command line. Agreement with the
+official pipeline's numbers is checked outside CI against the official code (see README, "FlashVSR parity").
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from flashvsr_helpers import write_official_folder
+from streamvsr.models.flashvsr import load_engine
+from streamvsr.models.flashvsr.engine import FlashVSRState
+from streamvsr.models.shared.errors import UserInputError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flashvsr") / "FlashVSR-v1.1"
+    write_official_folder(path, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    return load_engine(folder, device="cpu", dtype=torch.float32)
+
+
+def _frames(n, h=32, w=32, seed=0):
+    """A drifting random pattern, so consecutive frames are related as in a video."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(3, h + n, w + 2 * n, generator=g)
+    return torch.stack([base[:, i: i + h, 2 * i: 2 * i + w] for i in range(n)])
+
+
+def _run(engine, frames, splits=None, seed=42):
+    state = engine.new_state(seed)
+    outs = []
+    sizes = splits or [len(frames)]
+    start = 0
+    for size in sizes:
+        out, state = engine.push(state, frames[start:start + size])
+        outs.append(out)
+        start += size
+    assert start == len(frames)
+    out, state = engine.flush(state)
+    outs.append(out)
+    return torch.cat(outs), state
+
+
+@pytest.fixture(scope="module")
+def whole30(engine):
+    frames = _frames(30)
+    return frames, _run(engine, frames)[0]
+
+
+def test_any_split_gives_the_same_frames(engine, whole30):
+    frames, whole = whole30
+    assert whole.shape == (30, 3, 128, 128) and whole.dtype == torch.float32
+    assert 0 <= whole.min() and whole.max() <= 1 and whole.std() > 0.05
+    for splits in ([1] * 3 + [7, 8, 8, 4], [8, 8, 8, 6], [25, 5]):
+        got, _ = _run(engine, frames, splits)
+        assert torch.equal(got, whole), splits
+
+
+def test_output_comes_in_chunks_four_frames_behind(engine):
+    frames = _frames(34)
+    state = engine.new_state(1)
+    returned = []
+    for i in range(34):
+        out, state = engine.push(state, frames[i])
+        returned.append(out.shape[0])
+        assert engine.pending(state) == i + 1 - sum(returned)
+    # chunk 0 needs LR frames 0..24 and finishes 0..20; chunk 1 needs up to 32 and finishes 21..28
+    assert [i for i, n in enumerate(returned) if n] == [24, 32]
+    assert returned[24] == 21 and returned[32] == 8
+    out, state = engine.flush(state)
+    assert out.shape[0] == 34 - 29 and engine.pending(state) == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 20, 21, 22, 29, 33])
+def test_one_output_per_input_frame(engine, n):
+    out, _ = _run(engine, _frames(n, h=16, w=24))
+    assert out.shape == (n, 3, 64, 96)
+
+
+def test_output_frame_i_belongs_to_input_frame_i(engine):
+    """With AdaIN each output frame takes its LR frame's per-channel mean: give every frame its own colour."""
+    n = 26
+    g = torch.Generator().manual_seed(5)
+    colours = torch.rand(n, 3, 1, 1, generator=g) * 0.6 + 0.2
+    frames = (colours + 0.05 * torch.rand(n, 3, 32, 32, generator=g)).clamp(0, 1)
+    out, _ = _run(engine, frames)
+    means = out.mean(dim=(2, 3))
+    lr_means = frames.mean(dim=(2, 3))
+    nearest = torch.cdist(means, lr_means).argmin(dim=1)
+    assert torch.equal(nearest, torch.arange(n))
+    assert (means - lr_means).abs().max() < 0.02
+
+
+def test_sizes_are_exactly_scale_times_the_input(folder):
+    eng = load_engine(folder, device="cpu", dtype=torch.float32, scale=2)
+    frames = _frames(3, h=20, w=36)
+    out, _ = _run(eng, frames)
+    assert out.shape == (3, 3, 40, 72)
+    # the network ran at 128x128 (padded), and only the padding was cropped off
+    eng4 = load_engine(folder, device="cpu", dtype=torch.float32)
+    assert _run(eng4, frames)[0].shape == (3, 3, 80, 144)
+
+
+def test_seeds_reproduce_and_differ(engine, whole30):
+    frames, whole = whole30
+    again, _ = _run(engine, frames)
+    other, _ = _run(engine, frames, seed=43)
+    assert torch.equal(again, whole)
+    assert (other - whole).abs().max() > 1e-2
+
+
+def test_the_state_survives_a_round_trip_through_a_resume_file(engine, whole30, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    frames, whole = whole30
+    state = engine.new_state(42)
+    first, state = engine.push(state, frames[:27])  # mid-stream: chunk 0 done, frames held back
+    assert engine.pending(state) == 6
+    tensors, meta = state.to("cpu").to_dict()
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
+    restored = engine.state_from_dict(load_file(str(tmp_path / "s.safetensors")), meta)
+    assert isinstance(restored, FlashVSRState)
+    rest, restored = engine.push(restored, frames[27:])
+    tail, _ = engine.flush(restored)
+    assert torch.equal(torch.cat([first, rest, tail]), whole)
+
+
+def test_a_failed_push_leaves_the_given_state_usable(engine):
+    frames = _frames(34)
+    state = engine.new_state(42)
+    _, state = engine.push(state, frames[:26])
+    before = [(b.k.clone(), b.v.clone()) for b in state.dit.blocks]
+    with pytest.raises(UserInputError, match="NaN"):
+        engine.push(state, torch.full((1, 3, 32, 32), float("nan")))
+    out, later = engine.push(state, frames[26:])
+    assert later.chunks == 2 and out.shape[0] == 8
+    # running chunk 1 did not touch the caches the earlier state holds (ComfyUI keeps it for a retry)
+    assert all(torch.equal(k, b.k) and torch.equal(v, b.v) for (k, v), b in zip(before, state.dit.blocks))
+    again, _ = engine.push(state, frames[26:])
+    assert torch.equal(again, out)
+
+
+def test_scene_cut_finishes_the_shot_and_starts_a_new_stream(engine):
+    a, b = _frames(5, seed=1), _frames(6, seed=2)
+    state = engine.new_state(7)
+    out_a, state = engine.push(state, a)
+    cut, state = engine.reset_temporal(state)
+    assert out_a.shape[0] + cut.shape[0] == 5 and engine.pending(state) == 0
+    out_b, state = engine.push(state, b)
+    tail, _ = engine.flush(state)
+    alone, _ = _run(engine, b, seed=7)
+    assert torch.cat([out_b, tail]).shape[0] == 6
+    # the second shot is not influenced by the first, but its noise continues the sequence
+    assert not torch.equal(torch.cat([out_b, tail]), alone)
+
+
+def test_bad_inputs_and_options(engine, folder):
+    state = engine.new_state(0)
+    _, state = engine.push(state, _frames(2))
+    with pytest.raises(UserInputError, match="start a new sequence"):
+        engine.push(state, _frames(1, h=16))
+    with pytest.raises(UserInputError, match="channels"):
+        engine.push(engine.new_state(0), torch.rand(1, 2, 32, 32))
+    for bad in ({"sparse_ratio": 0}, {"kv_ratio": 0.5}, {"color_fix": "magic"}, {"scale": 2.5},
+                {"local_range": 0}):
+        with pytest.raises(UserInputError):
+            load_engine(folder, device="cpu", dtype=torch.float32, **bad)
+
+
+def test_grayscale_and_rgba_frames(engine):
+    gray = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, _ = _run(engine, gray)
+    b, _ = _run(engine, gray.expand(-1, 3, -1, -1))
+    c, _ = _run(engine, torch.cat([gray.expand(-1, 3, -1, -1), torch.zeros(2, 1, 32, 32)], dim=1))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_command_line_frames_and_convert(folder, tmp_path, engine):
+    from PIL import Image
+
+    from streamvsr.cli import main
+
+    frames = _frames(23)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(src / f"f{i:03d}.png")
+    assert main(["frames", str(src), str(tmp_path / "out"), "--model", str(folder), "--save", "npy",
+                 "--device", "cpu"]) == 0
+    got = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in got] == [f"f{i:03d}.npy" for i in range(23)]
+    pngs = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255).permute(2, 0, 1)
+                        for p in sorted(src.iterdir())])
+    want, _ = _run(engine, pngs)
+    assert all(np.array_equal(np.load(p), w.permute(1, 2, 0).numpy()) for p, w in zip(got, want))
+
+    single = tmp_path / "flashvsr.safetensors"
+    assert main(["convert", str(folder), str(single), "--dtype", "fp32"]) == 0
+    assert main(["frames", str(src), str(tmp_path / "out2"), "--model", str(single), "--save", "npy",
+                 "--device", "cpu"]) == 0
+    assert all(np.array_equal(np.load(a), np.load(b))
+               for a, b in zip(got, sorted((tmp_path / "out2").iterdir())))
+    # a Stream-DiffVSR option with a FlashVSR model is a one-line error, before anything is written
+    assert main(["frames", str(src), str(tmp_path / "out3"), "--model", str(folder), "--steps", "2"]) == 2
+    assert not (tmp_path / "out3").exists()
+
+
+def test_video_file_streaming_writes_every_frame(engine, tmp_path):
+    av = pytest.importorskip("av")
+    from test_video import decode, make_clip
+
+    from streamvsr.video.stream import upscale_video
+
+    clip = make_clip(tmp_path / "in.mkv", n=27, w=32, h=24, audio="pcm", vcodec="ffv1")
+    summary = upscale_video(engine, clip, tmp_path / "out.mkv", codec="lossless", seed=3)
+    assert summary["frames"] == 27 and summary["size"] == (128, 96)
+    got = decode(tmp_path / "out.mkv")
+    assert len(got) == 27 and got[0].shape == (96, 128, 3)
+    lr = [torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in decode(clip)]
+    want, _ = _run(engine, torch.stack(lr), seed=3)
+    want = (want.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    with av.open(str(tmp_path / "out.mkv")) as c:
+        assert c.streams.audio  # audio copied through

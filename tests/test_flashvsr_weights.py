@@ -1,0 +1,319 @@
+"""FlashVSR weight files: the official folder and the ports' repackagings load, damaged or foreign files give a
+WeightsError naming the file (and keys), pickled code is refused without running, version hints warn, and the
+converted single file round-trips."""
+
+import logging
+import os
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from flashvsr_helpers import one_thread, write_official_folder, write_repackaged
+from streamvsr.models.flashvsr import weights as fw
+from streamvsr.models.flashvsr.lq_proj import LQProjection
+from streamvsr.models.flashvsr.tc_decoder import TCDecoder
+from streamvsr.models.shared.errors import UserInputError, WeightsError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture
+def official(tmp_path):
+    folder = tmp_path / "FlashVSR"
+    return folder, write_official_folder(folder)
+
+
+def assert_same(loaded: dict, written: dict):
+    assert loaded.keys() == written.keys()
+    for k in written:
+        assert loaded[k].dtype == written[k].dtype and torch.equal(loaded[k], written[k]), k
+
+
+def test_official_folder_loads(official, caplog):
+    folder, sd = official
+    with caplog.at_level(logging.INFO):
+        w = fw.read_flashvsr(folder, "v1.1")
+    assert_same(w.dit, sd["dit"])
+    assert_same(w.lq_proj, sd["lq_proj"])
+    assert_same(w.tc_decoder, sd["tc_decoder"])  # the unused entries are dropped...
+    assert w.facts["ignored"]["tc_decoder"] == ["encoder.0.bias", "encoder.0.weight"]  # ...and logged
+    assert "ignoring 2 unused entries" in caplog.text and "TCDecoder.ckpt" in caplog.text
+    for picked in ("diffusion_pytorch_model_streaming_dmd.safetensors", "LQ_proj_in.ckpt", "posi_prompt.pth"):
+        assert fw.find_files(folder / picked) == fw.find_files(folder)
+    assert torch.equal(w.prompt, sd["prompt"]) and w.prompt.shape == (1, 16, 64)
+    assert w.facts["dtypes"] == {"dit": "float32", "lq_proj": "bfloat16", "tc_decoder": "float32",
+                                 "prompt": "bfloat16"}
+    assert w.facts["lq_proj"]["hidden1"] == 32 and w.facts["tc_decoder"]["channels"] == (32, 16, 8, 8)
+    assert w.facts["dit"]["dim"] == 256 and w.facts["dit"]["num_layers"] == 2
+
+
+def test_load_builds_modules_from_the_given_operations(official):
+    folder, sd = official
+    made = []
+
+    def counting(cls):
+        return type(cls.__name__, (cls,), {"__init__": lambda self, *a, **k: (made.append(cls.__name__),
+                                                                            cls.__init__(self, *a, **k))[1]})
+
+    ops = SimpleNamespace(**{n: counting(getattr(nn, n)) for n in ("Conv2d", "Conv3d", "Linear", "LayerNorm")})
+    model = fw.load_flashvsr(folder, "v1", dtype=torch.float32, operations=ops, decoder_dtype=torch.float16,
+                             verify_version=False)
+    assert isinstance(model.lq_proj, LQProjection) and model.lq_proj.version == "v1"
+    assert isinstance(model.tc_decoder, TCDecoder) and model.tc_decoder.decoder[1].weight.dtype == torch.float16
+    assert {"Conv2d", "Conv3d", "Linear"} <= set(made)
+    assert all(not p.is_meta for p in model.lq_proj.parameters())
+    assert torch.equal(model.lq_proj.conv1.weight, sd["lq_proj"]["conv1.weight"].float())
+    assert model.dit is not None and model.dit_state_dict == {}
+    assert torch.equal(model.dit.state_dict()["blocks.1.ffn.2.weight"], sd["dit"]["blocks.1.ffn.2.weight"])
+    lazy = fw.load_flashvsr(folder, "v1", dtype=torch.float32, build_dit=False, verify_version=False)
+    assert lazy.dit is None and lazy.dit_state_dict.keys() == sd["dit"].keys()
+
+
+def test_lq_prefix_and_fp32_lq_load(tmp_path):
+    sd = write_official_folder(tmp_path, lq_prefix=True, lq_dtype=torch.float32, tc_extras=False)
+    w = fw.read_flashvsr(tmp_path, "v1", verify_version=False)
+    assert_same(w.lq_proj, sd["lq_proj"])
+    assert w.facts["ignored"] == {}
+
+
+@pytest.mark.parametrize("style,hinted", [("1038lab", "v1.1"), ("kijai", "v1")])
+def test_repackaged_files_load(tmp_path, style, hinted, caplog):
+    sd = write_repackaged(tmp_path, style)
+    w = fw.read_flashvsr(tmp_path, hinted)
+    assert_same(w.dit, sd["dit"])
+    assert_same(w.lq_proj, sd["lq_proj"])
+    assert_same(w.tc_decoder, sd["tc_decoder"])
+    assert torch.equal(w.prompt, sd["prompt"])
+    assert w.facts["version_hints"] and w.facts["version_hints"][0][1] == hinted
+    assert "ghosting" not in caplog.text
+    other = "v1" if hinted == "v1.1" else "v1.1"
+    with caplog.at_level(logging.WARNING):
+        fw.read_flashvsr(tmp_path, other)
+    assert f"says {hinted}" in caplog.text  # the file name contradicts the chosen version
+
+
+def test_dit_with_merged_lq_projection(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = write_official_folder(tmp_path)
+    merged = {**sd["dit"], **{"LQ_proj_in." + k: v for k, v in sd["lq_proj"].items()}}
+    save_file(merged, str(tmp_path / "diffusion_pytorch_model_streaming_dmd.safetensors"))
+    (tmp_path / "LQ_proj_in.ckpt").unlink()
+    w = fw.read_flashvsr(tmp_path, "v1.1")
+    assert_same(w.dit, sd["dit"])
+    assert_same(w.lq_proj, sd["lq_proj"])
+    assert fw.detect(tmp_path / "diffusion_pytorch_model_streaming_dmd.safetensors")
+
+
+def test_version_is_required(official):
+    folder, _ = official
+    with pytest.raises(UserInputError, match="v1 or v1.1"):
+        fw.read_flashvsr(folder)
+    with pytest.raises(ValueError, match="version"):
+        fw.read_flashvsr(folder, "v2")
+
+
+def test_lq_hash_warns_when_the_version_contradicts_it(official, caplog, monkeypatch):
+    folder, _ = official
+    digest = fw.sha256_of(folder / "LQ_proj_in.ckpt")
+    monkeypatch.setattr(fw, "LQ_SHA256", {digest[:16]: "v1.1"})
+    with caplog.at_level(logging.WARNING):
+        w = fw.read_flashvsr(folder, "v1")
+    assert w.facts["lq_sha256"] == digest
+    assert "sha256 of LQ_proj_in.ckpt" in caplog.text and "says v1.1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fw.read_flashvsr(folder, "v1.1")
+    assert caplog.text == ""
+
+
+def test_unknown_lq_file_loaded_as_v1_1_warns(official, caplog):
+    folder, _ = official
+    with caplog.at_level(logging.WARNING):
+        fw.read_flashvsr(folder, "v1.1")
+    assert "not the published v1.1 LQ projection" in caplog.text
+
+
+# --- damaged and foreign files --------------------------------------------------------------------------------
+
+
+def test_truncated_pickle(official):
+    folder, _ = official
+    path = folder / "LQ_proj_in.ckpt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="LQ_proj_in.ckpt"):
+        fw.read_flashvsr(folder, "v1")
+
+
+def test_truncated_safetensors(official):
+    folder, _ = official
+    path = folder / "diffusion_pytorch_model_streaming_dmd.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(WeightsError, match="diffusion_pytorch_model_streaming_dmd"):
+        fw.read_flashvsr(folder, "v1")
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["LQ_proj_in.ckpt", "TCDecoder.ckpt", "posi_prompt.pth"])
+@pytest.mark.parametrize("how", ["torch", "pickle"])
+def test_pickled_code_is_refused_and_not_run(official, tmp_path, name, how):
+    folder, _ = official
+    marker = tmp_path / "payload-ran"
+    evil = {"conv1.weight": Payload(marker)}
+    if how == "torch":
+        torch.save(evil, folder / name)
+    else:
+        with open(folder / name, "wb") as f:
+            pickle.dump(evil, f, protocol=2)
+    with pytest.raises(WeightsError, match=name):
+        fw.read_flashvsr(folder, "v1")
+    assert not marker.exists()
+    if how == "pickle":  # the payload is live: an unrestricted unpickler runs it
+        with open(folder / name, "rb") as f:
+            pickle.load(f)
+        assert marker.exists()
+
+
+def test_git_lfs_pointer(official):
+    folder, _ = official
+    (folder / "TCDecoder.ckpt").write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:e224bdcf2f52745cbf4d393ff5374c2ba09e90285d5d19062d2bf63b915b6161\nsize 189018333\n")
+    with pytest.raises(WeightsError, match="TCDecoder.ckpt is a Git LFS pointer"):
+        fw.read_flashvsr(folder, "v1")
+
+
+def test_html_page(official):
+    folder, _ = official
+    (folder / "LQ_proj_in.ckpt").write_text("<!DOCTYPE html>\n<html><body>Sign in</body></html>\n")
+    with pytest.raises(WeightsError, match="LQ_proj_in.ckpt is a web page"):
+        fw.read_flashvsr(folder, "v1")
+
+
+def test_wrong_file_in_place_of_another(official):
+    folder, sd = official
+    torch.save(sd["tc_decoder"], folder / "LQ_proj_in.ckpt")
+    with pytest.raises(WeightsError, match="LQ_proj_in.ckpt.*conv1.weight"):
+        fw.read_flashvsr(folder, "v1")
+
+
+def test_mismatched_decoder_keys(official):
+    folder, sd = official
+    bad = dict(sd["tc_decoder"])
+    del bad["decoder.5.conv.0.weight"]
+    bad["decoder.27.weight"] = torch.zeros(3)
+    torch.save(bad, folder / "TCDecoder.ckpt")
+    with pytest.raises(WeightsError) as e:
+        fw.read_flashvsr(folder, "v1")
+    assert "TCDecoder.ckpt" in str(e.value)
+    assert "decoder.5.conv.0.weight" in str(e.value) and "decoder.27.weight" in str(e.value)
+
+
+def test_misshapen_lq_and_dit_keys(official):
+    folder, sd = official
+    bad = dict(sd["lq_proj"])
+    bad["norm2.gamma"] = torch.ones(47, 1, 1, 1)
+    torch.save(bad, folder / "LQ_proj_in.ckpt")
+    with pytest.raises(WeightsError, match="LQ_proj_in.ckpt.*norm2.gamma"):
+        fw.read_flashvsr(folder, "v1")
+
+    from safetensors.torch import save_file
+
+    dit = {k: v for k, v in sd["dit"].items() if k != "blocks.1.cross_attn.norm_k.weight"}
+    save_file(dit, str(folder / "diffusion_pytorch_model_streaming_dmd.safetensors"))
+    with pytest.raises(WeightsError, match="streaming_dmd.safetensors.*blocks.1.cross_attn.norm_k.weight"):
+        fw.read_flashvsr(folder, "v1")
+
+
+def test_components_must_fit_together(tmp_path):
+    write_official_folder(tmp_path)
+    torch.save(torch.zeros(1, 16, 32), tmp_path / "posi_prompt.pth")
+    with pytest.raises(WeightsError, match="posi_prompt.pth.*64-wide"):
+        fw.read_flashvsr(tmp_path, "v1")
+    torch.save({"a": torch.zeros(3), "b": torch.zeros(3)}, tmp_path / "posi_prompt.pth")
+    with pytest.raises(WeightsError, match="posi_prompt.pth"):
+        fw.read_flashvsr(tmp_path, "v1")
+
+
+def test_missing_files_are_named(official):
+    folder, _ = official
+    (folder / "posi_prompt.pth").unlink()
+    with pytest.raises(WeightsError, match="no prompt embedding.*posi_prompt.pth"):
+        fw.read_flashvsr(folder, "v1")
+    (folder / "TCDecoder.ckpt").unlink()
+    with pytest.raises(WeightsError, match="TCDecoder.ckpt"):
+        fw.read_flashvsr(folder, "v1")
+    empty = folder.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(WeightsError, match="no FlashVSR DiT"):
+        fw.read_flashvsr(empty, "v1")
+
+
+# --- conversion and detection -----------------------------------------------------------------------------------
+
+
+def test_convert_round_trips(official, tmp_path):
+    folder, sd = official
+    source = fw.read_flashvsr(folder, "v1.1", verify_version=False)
+    out = fw.convert_flashvsr(folder, tmp_path / "out" / "flashvsr-v1.1.safetensors", version="v1.1")
+    assert out.is_file() and not list(out.parent.glob("*.part"))
+    w = fw.read_flashvsr(out)  # the version comes from the file
+    assert w.version == "v1.1"
+    assert_same(w.dit, source.dit)
+    assert_same(w.lq_proj, source.lq_proj)
+    assert_same(w.tc_decoder, source.tc_decoder)
+    assert torch.equal(w.prompt, source.prompt)
+    assert w.facts["lq_sha256"] == fw.sha256_of(folder / "LQ_proj_in.ckpt")
+    model = fw.load_flashvsr(out, dtype=torch.float32)
+    assert model.version == "v1.1" and model.dit is not None
+
+    half = fw.convert_flashvsr(folder, tmp_path / "half.safetensors", dtype=torch.float16, version="v1")
+    w16 = fw.read_flashvsr(half)
+    assert w16.version == "v1" and set(w16.facts["dtypes"].values()) == {"float16"}
+    assert_same(w16.lq_proj, {k: v.half() for k, v in source.lq_proj.items()})
+    with pytest.raises(UserInputError, match="safetensors"):
+        fw.convert_flashvsr(folder, tmp_path / "x.ckpt", version="v1")
+
+
+def test_converted_file_loaded_as_the_other_version_warns(official, tmp_path, caplog):
+    folder, _ = official
+    out = fw.convert_flashvsr(folder, tmp_path / "c.safetensors", version="v1", verify_version=False)
+    with caplog.at_level(logging.WARNING):
+        assert fw.read_flashvsr(out, "v1.1").version == "v1.1"
+    assert "converted as v1" in caplog.text
+
+
+def test_detect(official, tmp_path):
+    folder, sd = official
+    assert fw.detect(folder)
+    assert fw.detect(folder / "diffusion_pytorch_model_streaming_dmd.safetensors")
+    assert not fw.detect(folder / "LQ_proj_in.ckpt")
+    out = fw.convert_flashvsr(folder, tmp_path / "single" / "model.safetensors", version="v1")
+    assert fw.detect(out) and fw.detect(out.parent)
+    assert fw.find_files(out.parent).single
+    other = tmp_path / "other"
+    other.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"conv_in.weight": torch.zeros(2)}, str(other / "diffusion_pytorch_model.safetensors"))
+    (other / "junk.safetensors").write_text("not a safetensors file")
+    assert not fw.detect(other) and not fw.detect(other / "junk.safetensors")
+    assert not fw.detect(other / "diffusion_pytorch_model.safetensors")
+    assert not fw.detect(tmp_path / "missing")
+    for style in ("1038lab", "kijai"):
+        write_repackaged(tmp_path / style, style)
+        assert fw.detect(tmp_path / style)

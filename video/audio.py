@@ -1,0 +1,70 @@
+"""Copying a file's audio streams into an output container, interleaved with its video by time."""
+
+from __future__ import annotations
+
+import logging
+
+from .reader import open_input
+
+log = logging.getLogger(__name__)
+
+# Audio codecs MP4/MOV carry without trouble in every FFmpeg version; others are re-encoded to AAC there.
+# Matroska takes any codec.
+MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3"}
+
+
+class AudioCopy:
+    """Copies the audio streams of ``source`` into ``sink``, interleaved with the video by time."""
+
+    def __init__(self, source, sink, out_suffix: str):
+        self.container = open_input(source)
+        self.streams = list(self.container.streams.audio)
+        self.sink = sink
+        self.map = {}
+        mp4 = out_suffix.lower() in (".mp4", ".mov", ".m4v")
+        for a in self.streams:
+            if mp4 and a.codec_context.name not in MP4_AUDIO:
+                log.info("audio stream %d (%s) cannot go into %s as it is: re-encoding to AAC",
+                         a.index, a.codec_context.name, out_suffix)
+                out = sink.add_stream("aac", rate=a.codec_context.sample_rate)
+                out.bit_rate = 192000
+                self.map[a.index] = ("encode", out)
+            else:
+                self.map[a.index] = ("copy", sink.add_stream_from_template(a))
+        self.packets = self.container.demux(self.streams) if self.streams else iter(())
+        self.pending = None
+
+    def mux_until(self, seconds: float | None) -> None:
+        """Mux audio packets that start before ``seconds`` (all of them if None)."""
+        while True:
+            if self.pending is None:
+                self.pending = next(self.packets, None)
+                if self.pending is None:
+                    return
+            packet = self.pending
+            if packet.dts is None and packet.pts is None:
+                self.pending = None
+                continue
+            start = float((packet.pts if packet.pts is not None else packet.dts) * packet.time_base)
+            if seconds is not None and start > seconds:
+                return
+            self.pending = None
+            mode, out = self.map[packet.stream.index]
+            if mode == "copy":
+                if packet.dts is None:
+                    continue
+                packet.stream = out
+                self.sink.mux(packet)
+            else:
+                for frame in packet.decode():
+                    frame.pts = None  # the encoder's resampler re-times the re-chunked frames
+                    self.sink.mux(out.encode(frame))
+
+    def finish(self, until: float | None) -> None:
+        try:
+            self.mux_until(until)
+            for mode, out in self.map.values():
+                if mode == "encode":
+                    self.sink.mux(out.encode(None))
+        finally:
+            self.container.close()

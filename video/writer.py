@@ -1,0 +1,148 @@
+"""Encoding RGB frames into a video file as they come: codecs, colour tags, odd sizes, audio from the source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.shared.errors import UserInputError
+from .audio import AudioCopy
+from .reader import open_input
+
+# x264 buffers about this many frames (+1); medium's default of 40 would make memory grow over the first 41
+# frames, and at 4K that is ~0.5 GB.
+X264_LOOKAHEAD = 20
+
+
+@dataclass(frozen=True)
+class Codec:
+    encoder: str
+    pix_fmt: str
+    options: dict
+    containers: tuple[str, ...]
+    description: str
+
+
+CODECS = {
+    "h264": Codec("libx264", "yuv420p", {"crf": "16", "preset": "medium"}, (".mp4", ".mkv", ".mov"),
+                  "H.264 (libx264, yuv420p, CRF 16, BT.709): plays everywhere"),
+    "lossless": Codec("ffv1", "bgr0", {"level": "3"}, (".mkv",),
+                      "FFV1 RGB in MKV: bit-exact 8-bit RGB, large files"),
+}
+
+
+class VideoWriter:
+    """Encodes RGB frames into a video file as they come.
+
+    ``write(rgb, pts)`` takes an H x W x 3 uint8 array and the frame's pts in ``time_base`` units. Odd sizes
+    (not possible for 4x output, but the writer is general) are padded by one replicated row/column for
+    yuv420p. ``audio_from``: a file whose audio streams are copied in, interleaved by time. ``b_frames=False``
+    makes every packet's dts equal its pts (needed to join segments).
+    """
+
+    def __init__(self, path, width: int, height: int, rate: Fraction, time_base: Fraction, codec: str = "h264",
+                 crf: int | None = None, audio_from=None, b_frames: bool = True, sample_aspect_ratio=None,
+                 color_tags: dict | None = None):
+        import av
+
+        spec = codec_spec(codec, path)
+        self.path = Path(path)
+        self.width, self.height = width, height
+        options = dict(spec.options)
+        if spec.encoder == "libx264":
+            if crf is not None:
+                options["crf"] = str(int(crf))
+            params = [f"rc-lookahead={X264_LOOKAHEAD}"] + ([] if b_frames else ["bframes=0"])
+            options["x264-params"] = ":".join(params)
+        self.pad = (height % 2, width % 2) if spec.pix_fmt == "yuv420p" else (0, 0)
+        self.yuv = spec.pix_fmt.startswith("yuv")
+        self.container = av.open(str(self.path), "w")
+        try:
+            stream = self.container.add_stream(spec.encoder, rate=rate, options=options)
+            stream.width, stream.height = width + self.pad[1], height + self.pad[0]
+            stream.pix_fmt = spec.pix_fmt
+            stream.codec_context.time_base = time_base
+            stream.time_base = time_base
+            if sample_aspect_ratio:
+                stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
+            if self.yuv:
+                # BT.709 matrix, limited range; primaries/transfer kept from the source when it has them.
+                tags = {"colorspace": 1, "color_range": 1, "color_primaries": 1, "color_trc": 1}
+                tags.update(color_tags or {})
+                for name, value in tags.items():
+                    try:
+                        setattr(stream.codec_context, name, value)
+                    except (AttributeError, TypeError, ValueError):
+                        pass
+            self.stream = stream
+            # Every stream must exist before the first packet is muxed (that writes the header).
+            self.audio = AudioCopy(audio_from, self.container, self.path.suffix) if audio_from is not None \
+                else None
+        except BaseException:
+            self.container.close()
+            raise
+        self.frame_seconds = float(1 / rate) if rate else 0.0
+        self.last_time = 0.0
+        self.frames = 0
+
+    def write(self, rgb: np.ndarray, pts: int) -> None:
+        import av
+
+        if rgb.shape != (self.height, self.width, 3):
+            raise UserInputError(f"expected a {self.height}x{self.width}x3 frame, got {rgb.shape}")
+        if any(self.pad):
+            rgb = np.pad(rgb, ((0, self.pad[0]), (0, self.pad[1]), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        if self.yuv:
+            frame = frame.reformat(format=self.stream.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
+        frame.pts, frame.time_base = int(pts), self.stream.codec_context.time_base
+        self._mux_video(self.stream.encode(frame))
+        self.frames += 1
+
+    def _mux_video(self, packets) -> None:
+        for packet in packets:
+            if self.audio is not None and packet.pts is not None:
+                # Audio up to the video already written keeps the muxer's interleaving buffer short.
+                self.last_time = max(self.last_time, float(packet.pts * packet.time_base))
+                self.audio.mux_until(self.last_time)
+            self.container.mux(packet)
+
+    def close(self, complete: bool = True) -> None:
+        """Flush and finish the file. ``complete=False`` (an interrupted run) cuts the audio at the video's end."""
+        try:
+            self._mux_video(self.stream.encode(None))
+            if self.audio is not None:
+                self.audio.finish(None if complete else self.last_time + self.frame_seconds)
+        finally:
+            self.container.close()
+
+
+def codec_spec(name: str, path) -> Codec:
+    if name not in CODECS:
+        raise UserInputError(f"codec must be one of {sorted(CODECS)}, got {name!r}")
+    spec = CODECS[name]
+    suffix = Path(path).suffix.lower()
+    if suffix not in spec.containers and suffix != ".nut":
+        raise UserInputError(f"codec {name!r} needs a {' or '.join(spec.containers)} output file, got {Path(path).name}")
+    return spec
+
+
+def color_tags(source) -> dict:
+    """Primaries and transfer of the input's video stream, when tagged (the RGB values keep meaning them)."""
+    try:
+        with open_input(source) as c:
+            ctx = c.streams.video[0].codec_context
+            tags = {"color_primaries": getattr(ctx, "color_primaries", 2),
+                    "color_trc": getattr(ctx, "color_trc", 2)}
+    except Exception:  # tags are cosmetic; never fail a job over them
+        return {}
+    return {k: v for k, v in tags.items() if v not in (0, 2)}  # 2 = unspecified
+
+
+def to_rgb24(hr: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) [0, 1] on any device -> H x W x 3 uint8 (rounded; converted on the device, then copied)."""
+    return hr[0].mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
