@@ -231,3 +231,33 @@ def test_video_file_streaming_writes_every_frame(engine, tmp_path):
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
     with av.open(str(tmp_path / "out.mkv")) as c:
         assert c.streams.audio  # audio copied through
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_fp32(folder, whole30, dtype):
+    frames, whole = whole30
+    eng = load_engine(folder, device="cpu", dtype=dtype)
+    got, _ = _run(eng, frames[:22])
+    assert got.dtype == torch.float32 and got.shape == (22, 3, 128, 128)
+    reference, _ = _run(load_engine(folder, device="cpu", dtype=torch.float32), frames[:22])
+    assert (got - reference).abs().mean() < 0.03
+
+
+def test_video_resume_with_held_frames_equals_one_run(engine, tmp_path):
+    pytest.importorskip("av")
+    from test_video import decode, make_clip
+
+    from streamvsr.video.stream import upscale_video
+
+    clip = make_clip(tmp_path / "in.mkv", n=30, w=32, h=24, audio=None, vcodec="ffv1")
+    upscale_video(engine, clip, tmp_path / "whole.mkv", codec="lossless", seed=4)
+    polls = []
+    out = tmp_path / "out.mkv"
+    first = upscale_video(engine, clip, out, codec="lossless", seed=4, resume=True, checkpoint_frames=3,
+                          should_stop=lambda: polls.append(1) or len(polls) > 27)
+    # stopped after 27 LR frames: 21 written, 6 held inside the engine's checkpointed state
+    assert first["interrupted"] and first["frames"] == 21
+    second = upscale_video(engine, clip, out, codec="lossless", seed=4, resume=True, checkpoint_frames=3)
+    assert second["resumed_from"] == 21 and second["frames"] == 30
+    assert all(np.array_equal(a, b) for a, b in zip(decode(out), decode(tmp_path / "whole.mkv")))
+    assert len(decode(out)) == 30
