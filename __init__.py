@@ -6,6 +6,9 @@ The engine under ``models/`` is plain PyTorch and can be used without ComfyUI (s
 
 __version__ = "0.1.0"
 
+# Served by ComfyUI to its frontend (web/streamvsr.js: the video node shows its finished video, not the last preview).
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     # Imported lazily so that importing the package (tests, the command line) never touches ComfyUI.

@@ -14,6 +14,7 @@ from the files. Mistakes are reported as one ``error: ...`` line with exit statu
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -23,10 +24,22 @@ from .options import add_flow_options, add_model_options, default_models_dir
 
 log = logging.getLogger("streamvsr")
 
+# errno values that mean the machine or file system refused, reported as one line rather than a traceback.
+_ENVIRONMENT_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EIO",
+                                                         "ENOENT", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "EMFILE")
+                       if hasattr(errno, name)}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a mistake is one line, ``error: ...`` with exit status 2, like every other mistake
+    (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamvsr", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="streamvsr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, dtype_default="fp32", model_required=True)
     p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
                    help="png: 8-bit; png16: 16-bit; npy: float32 HxWx3 in [0,1]")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in OUT_DIR")
     p.set_defaults(func=commands.cmd_frames)
 
     p = sub.add_parser("flow", help="optical flow of consecutive PNG frames (backward-warps frame i-1 onto i)")
@@ -45,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
     p.add_argument("--save", choices=("npy", "png"), default="npy",
                    help="npy: float32 HxWx2 (x, y) in pixels; png: colour-wheel visualisation")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in OUT_DIR")
     add_flow_options(p)
     p.set_defaults(func=commands.cmd_flow)
 
@@ -85,6 +100,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except OSError as e:
+        # A full disk, a read-only or vanished folder: the machine's state, not a bug in this program.
+        if args.debug or e.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        log.error("error: %s%s", e.strerror or e, where)
+        return 2
 
 
 if __name__ == "__main__":

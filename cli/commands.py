@@ -8,7 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .options import default_models_dir, engine_from_args
+from .options import default_models_dir, float_range, plan_engine
 
 log = logging.getLogger("streamvsr")
 
@@ -19,14 +19,21 @@ def add_video_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", choices=sorted(CODECS), default="h264",
                    help="; ".join(f"{k}: {v.description}" for k, v in CODECS.items()))
     p.add_argument("--crf", type=crf_value, help="h264 quality 0-51, lower is better (default 16)")
-    p.add_argument("--scene-cut", type=float, metavar="T",
+    p.add_argument("--scene-cut", type=float_range(0, 1), metavar="T",
                    help="reset the temporal guidance where the mean absolute difference of consecutive input "
-                        "frames (in [0,1], at 64 px) exceeds T; 0.3 is a good start. Off by default")
+                        "frames (in [0,1], at 64 px) exceeds T; 0.3 is a good start. Off by default (0 = off)")
     p.add_argument("--resume", action="store_true",
                    help="write resumably (segments + OUT.streamvsr-resume.safetensors next to OUT) and continue "
                         "an interrupted job; the same command again picks up where it stopped")
-    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--checkpoint-every", type=float_range(0, low_open=True), metavar="SECONDS",
                    help="with --resume: seconds between checkpoints (default 60)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (only once the new file is complete), or discard an unfinished "
+                        "--resume job of OUT")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="accept a cut-off or damaged input: write the frames that can be decoded to OUT and exit 0 "
+                        "with a warning (without it: an error, and those frames go to OUT's .streamvsr-partial "
+                        "file)")
 
 
 def crf_value(text: str) -> int:
@@ -67,29 +74,54 @@ class _GracefulStop:
 
 def cmd_frames(args) -> int:
     from ..models.shared.runtime import Progress
-    from ..video.frames import list_pngs, upscale_folder
+    from ..video.frames import check_folder_outputs, check_frames, list_pngs, output_name, upscale_folder
+    from ..video.outputs import OutputLock, make_folder
 
+    # Every input and output mistake is found before the model loads; the lock makes a second run into the same
+    # folder fail at once rather than after loading.
     files = list_pngs(args.in_dir)
-    engine = engine_from_args(args)
-    progress = Progress(len(files), "frames")
-    try:
-        written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
-                                 progress=progress.update)
-    finally:
-        progress.close()
-    log.info("wrote %d frames to %s", written, args.out_dir)
+    width, height = check_frames(files)
+    check_folder_outputs({args.in_dir}, args.out_dir, files, [output_name(p.stem, args.save) for p in files],
+                         args.overwrite)
+    plan = plan_engine(args)
+    make_folder(args.out_dir.parent)
+    with OutputLock(args.out_dir):
+        engine = plan.load()
+        progress = Progress(len(files), "frames")
+        try:
+            written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
+                                     progress=progress.update, overwrite=args.overwrite)
+        finally:
+            progress.close()
+    scale = int(engine.scale)
+    log.info("wrote %d frames (%s, %dx%d) to %s", written, args.save, width * scale, height * scale, args.out_dir)
     return 0
 
 
 def cmd_flow(args) -> int:
     from ..models.raft.weights import load_raft
+    from ..models.shared.errors import UserInputError
     from ..models.shared.runtime import pick_device
-    from ..video.frames import flow_folder, list_pngs
+    from ..video.frames import check_folder_outputs, check_frames, list_pngs, output_name, flow_folder
+    from ..video.outputs import OutputLock, make_folder
 
     files = list_pngs(args.in_dir)
-    estimator = load_raft(args.flow, device=pick_device(args.device), corr=args.corr, downscale=args.flow_downscale)
-    count = flow_folder(estimator, files, args.out_dir, save=args.save)
-    log.info("wrote %d flow fields to %s", count, args.out_dir)
+    if len(files) < 2:
+        raise UserInputError(f"optical flow needs at least two frames, and {args.in_dir} has one ({files[0].name}): "
+                             "there is no flow to write")
+    width, height = check_frames(files)
+    check_folder_outputs({args.in_dir}, args.out_dir, files[1:], [output_name(p.stem, args.save) for p in files[1:]],
+                         args.overwrite)
+    device = pick_device(args.device)
+    if not Path(args.flow).expanduser().is_file():
+        raise UserInputError(f"the flow weights {args.flow} do not exist (give torchvision's RAFT file, e.g. from "
+                             "`streamvsr download`)")
+    make_folder(args.out_dir.parent)
+    with OutputLock(args.out_dir):
+        estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale)
+        count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite)
+    log.info("wrote %d flow fields (%s, %dx%d; one per frame from %s on) to %s", count, args.save, width, height,
+             files[1].name, args.out_dir)
     return 0
 
 
@@ -97,35 +129,50 @@ def cmd_upscale(args) -> int:
     """Returns 0 when the whole video was written, 130 after a Ctrl-C stop."""
     from ..models.shared.errors import UserInputError
     from ..models.shared.runtime import Progress
-    from ..video.stream import upscale_video
-    from ..video.writer import codec_spec
+    from ..video.outputs import OutputLock, make_folder
+    from ..video.stream import check_video_job, upscale_video
 
-    if not Path(args.in_video).is_file():
-        raise UserInputError(f"{args.in_video} does not exist")
-    codec_spec(args.codec, args.out_video)
-    engine = engine_from_args(args)
-    bar = Progress(None, "upscale")
+    if args.checkpoint_every is not None and not args.resume:
+        raise UserInputError("--checkpoint-every only applies with --resume")
+    # Inputs, outputs and options first, then the model: a mistake is reported before any weights load.
+    job = check_video_job(args.in_video, args.out_video, seed=args.seed, codec=args.codec, crf=args.crf,
+                          scene_cut_threshold=args.scene_cut, resume=args.resume, overwrite=args.overwrite)
+    info = job.info
+    plan = plan_engine(args)
+    make_folder(job.out.parent)
+    with OutputLock(job.out):
+        if not info.orientation.identity:
+            log.info("%s is shown %s: upscaling it as shown (%dx%d)", args.in_video, info.orientation.describe(),
+                     info.width, info.height)
+        engine = plan.load()
+        bar = Progress(None, "upscale")
 
-    def progress(done, total):
-        bar.total = total or None
-        bar.update(done)
+        def progress(done, total):
+            bar.total = total or None
+            bar.update(done)
 
-    with _GracefulStop() as stop:
-        try:
-            summary = upscale_video(engine, args.in_video, args.out_video, seed=args.seed, codec=args.codec,
-                                    crf=args.crf, scene_cut_threshold=args.scene_cut, resume=args.resume,
-                                    checkpoint_seconds=args.checkpoint_every, progress=progress,
-                                    should_stop=stop)
-        finally:
-            bar.close()
+        with _GracefulStop() as stop:
+            try:
+                summary = upscale_video(engine, args.in_video, args.out_video, seed=args.seed, codec=args.codec,
+                                        crf=args.crf, scene_cut_threshold=args.scene_cut, resume=args.resume,
+                                        checkpoint_seconds=args.checkpoint_every or 60.0, progress=progress,
+                                        should_stop=stop, overwrite=args.overwrite,
+                                        allow_truncated=args.allow_truncated)
+            finally:
+                bar.close()
     w, h = summary["size"]
     if summary["interrupted"]:
         if args.resume:
             log.warning("stopped after %d frames; run the same command again to continue", summary["frames"])
+        elif summary["path"]:
+            log.warning("stopped: the first %d frames are in %s; %s was not written (use --resume to be able to "
+                        "continue a job)", summary["frames"], summary["path"], args.out_video)
         else:
-            log.warning("stopped: %s has the first %d frames (use --resume to be able to continue a job)",
-                        args.out_video, summary["frames"])
+            log.warning("stopped before the first frame; %s was not written", args.out_video)
         return 130
+    if summary["input_problem"]:
+        log.warning("warning: %s; %s has the %d frames that could be decoded (--allow-truncated)",
+                    summary["input_problem"], args.out_video, summary["frames"])
     log.info("wrote %s: %d frames, %dx%d, %.3g fps, %d scene cuts", args.out_video, summary["frames"], w, h,
              summary["fps"], summary["scene_cuts"])
     return 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 # Options that only one family understands: option dest -> family name. They default to None so that an option
 # given for the wrong model can be reported instead of silently ignored.
 FAMILY_OPTIONS = {
     "flow": "stream-diffvsr", "steps": "stream-diffvsr", "corr": "stream-diffvsr", "flow_downscale": "stream-diffvsr",
+    "compile": "stream-diffvsr",
     "version": "flashvsr", "scale": "flashvsr", "sparse_ratio": "flashvsr", "local_range": "flashvsr",
     "kv_ratio": "flashvsr", "color_fix": "flashvsr",
 }
@@ -17,6 +20,40 @@ FAMILY_OPTIONS = {
 
 def default_models_dir() -> Path:
     return Path(os.environ.get("STREAMVSR_MODELS", Path.home() / ".cache" / "streamvsr"))
+
+
+def int_range(low: int, high: int | None = None, what: str = ""):
+    """An argparse type: a whole number in [low, high] (no upper bound if None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {span}{what}")
+        return value
+
+    return parse
+
+
+def float_range(low: float, high: float | None = None, low_open: bool = False, what: str = ""):
+    """An argparse type: a finite number >= low (> low if ``low_open``) and <= high."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or \
+                (high is not None and value > high):
+            bound = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None
+                                                                         else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bound}{what}")
+        return value
+
+    return parse
 
 
 def seed_value(text: str) -> int:
@@ -56,19 +93,24 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
 
     g = p.add_argument_group("Stream-DiffVSR")
     g.add_argument("--flow", help="RAFT weights in torchvision's format (default with --download: RAFT-large)")
-    g.add_argument("--steps", type=int, help="denoising steps (default 4: the model is distilled for 4)")
+    g.add_argument("--steps", type=int_range(1, 50), help="denoising steps, 1-50 (default 4: the model is distilled "
+                                                          "for 4)")
     add_flow_options(g, default=(None, None))
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the networks (minutes to compile per frame size, once per run; output "
+                        "equal to float rounding; runs eagerly with a warning where compiling is unavailable)")
 
     g = p.add_argument_group("FlashVSR")
     g.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
                    help="which release the weights are (default v1.1): v1 and v1.1 files have the same keys but "
                         "their LQ projections run differently")
     g.add_argument("--scale", type=int, choices=(2, 3, 4), help="output/input size ratio (default 4, the trained one)")
-    g.add_argument("--sparse-ratio", type=float,
+    g.add_argument("--sparse-ratio", type=float_range(0, low_open=True),
                    help="attention budget (default 2.0; 1.5 is faster, larger attends more)")
-    g.add_argument("--local-range", type=int, help="side of the local attention window, in 8x8-token blocks "
-                   "(default 11: more stable; 9: sharper)")
-    g.add_argument("--kv-ratio", type=float, help="latent slices of attention memory kept (default 3.0)")
+    g.add_argument("--local-range", type=int_range(1), help="side of the local attention window, in 8x8-token "
+                   "blocks (default 11: more stable; 9: sharper)")
+    g.add_argument("--kv-ratio", type=float_range(1), help="latent slices of attention memory kept, at least 1 "
+                   "(default 3.0)")
     g.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="colour correction (default adain)")
 
 
@@ -83,29 +125,67 @@ def family_options(args, family) -> dict:
             continue
         if owner != family.name:
             flag = "--flashvsr-version" if dest == "version" else "--" + dest.replace("_", "-")
-            raise UserInputError(f"{flag} is a {owner} option, but {args.model} is a {family.title} model")
+            raise UserInputError(f"{flag} is a {owner} option, but {args.model or 'the model'} is a {family.title} "
+                                 "model")
         options[dest] = value
     return options
 
 
-def engine_from_args(args):
-    """Device, precision and the engine of the model the arguments name (``--model`` or ``--download``)."""
-    from ..models.registry import detect_family
+@dataclass
+class EnginePlan:
+    """What ``--model``/``--download`` and the options name, checked without loading any weights: the family, its
+    options, the device (which must exist) and the precision. ``load()`` then downloads (``--download``) and
+    loads."""
+
+    family: object
+    options: dict
+    device: object
+    dtype: object
+    model: str | None          # None with --download: known after the download
+    download: bool = False
+
+    def load(self):
+        options = dict(self.options)
+        model = self.model
+        if self.download:
+            from ..models.raft.weights import download_raft
+            from ..models.stream_diffvsr.hub import download_stream_diffvsr
+
+            root = default_models_dir()
+            model = str(download_stream_diffvsr(root / "Stream-DiffVSR"))
+            options["flow"] = options.get("flow") or str(download_raft("raft_large", root / "raft"))
+        return self.family.load_engine(model, device=self.device, dtype=self.dtype, **options)
+
+
+def plan_engine(args) -> EnginePlan:
+    """Every model-side mistake that can be found without loading weights, each a one-line error: a device that
+    does not exist, no model, a model that is not recognised, an option the model does not take, a missing flow
+    file. Nothing is downloaded or loaded."""
+    from ..models.registry import detect_family, family_by_name
+    from ..models.shared.errors import UserInputError
     from ..models.shared.runtime import pick_device, pick_dtype
 
-    if getattr(args, "download", False):
-        from ..models.raft.weights import download_raft
-        from ..models.stream_diffvsr.hub import download_stream_diffvsr
-
-        root = default_models_dir()
-        args.model = str(download_stream_diffvsr(root / "Stream-DiffVSR"))
-        args.flow = args.flow or str(download_raft("raft_large", root / "raft"))
-    if not args.model:
-        from ..models.shared.errors import UserInputError
-
-        raise UserInputError("give --model PATH, or --download to fetch the official Stream-DiffVSR weights")
-    family = detect_family(args.model)
-    options = family_options(args, family)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    return family.load_engine(args.model, device=device, dtype=dtype, **options)
+    flow = getattr(args, "flow", None)
+    if flow is not None:
+        path = Path(flow).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"the flow weights {flow} {'are a folder' if path.is_dir() else 'do not exist'}; "
+                                 "give torchvision's RAFT file (e.g. from `streamvsr download`)")
+    download = bool(getattr(args, "download", False))
+    if download:
+        family = family_by_name("stream-diffvsr")  # what --download fetches
+    elif not args.model:
+        raise UserInputError("give --model PATH, or --download to fetch the official Stream-DiffVSR weights")
+    else:
+        family = detect_family(args.model)
+    options = family_options(args, family)
+    if getattr(family, "dtypes", None) and dtype not in family.dtypes:
+        raise UserInputError(f"{family.title} does not run in {args.dtype}")
+    return EnginePlan(family, options, device, dtype, None if download else args.model, download)
+
+
+def engine_from_args(args):
+    """Device, precision and the engine of the model the arguments name (``--model`` or ``--download``)."""
+    return plan_engine(args).load()

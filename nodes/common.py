@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FOLDER = "streamvsr"        # ComfyUI/models/streamvsr: Stream-DiffVSR folders and single files
 FLOW_FOLDER = "streamvsr_flow"    # ComfyUI/models/streamvsr/raft: torchvision RAFT weights
+FLASHVSR_FOLDER = "flashvsr"      # ComfyUI/models/flashvsr: FlashVSR folders (official or repackaged), converted files
 DOWNLOAD_MODEL = "(download) Jamichsu/Stream-DiffVSR"
 DOWNLOAD_RAFT = {"(download) raft_large": "raft_large", "(download) raft_small": "raft_small"}
 CATEGORY = "StreamVSR"
@@ -30,13 +31,17 @@ VSRModel = io.Custom("STREAMVSR_MODEL")
 FlowModel = io.Custom("STREAMVSR_FLOW_MODEL")
 StreamStateType = io.Custom("STREAMVSR_STATE")
 FlowField = io.Custom("STREAMVSR_FLOW")
+FlashVSRModelType = io.Custom("STREAMVSR_FLASHVSR_MODEL")
+FlashVSRSettingsType = io.Custom("STREAMVSR_FLASHVSR_SETTINGS")
 
 
 def register_folders() -> None:
     """Add our folders, keeping whatever extra_model_paths.yaml already registered under the same names."""
     base = os.path.join(folder_paths.models_dir, "streamvsr")
     for name, path, exts in ((MODEL_FOLDER, base, {".safetensors", ".json"}),
-                             (FLOW_FOLDER, os.path.join(base, "raft"), {".pth", ".safetensors"})):
+                             (FLOW_FOLDER, os.path.join(base, "raft"), {".pth", ".safetensors"}),
+                             (FLASHVSR_FOLDER, os.path.join(folder_paths.models_dir, "flashvsr"),
+                              {".safetensors", ".ckpt", ".pth"})):
         folder_paths.add_model_folder_path(name, path)
         folder_paths.folder_names_and_paths[name] = (folder_paths.get_folder_paths(name), exts)
 
@@ -70,11 +75,11 @@ def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype, device
 
 
 def load_flow_patcher(flow_patcher, memory_required: int = 0):
-    """Load the flow model fully on its device and return the estimator.
+    """Load a small model fully on its device and return it (the flow estimator; FlashVSR's TC decoder).
 
     RAFT is only 20 MB and runs 12 update iterations per frame: casting its layers on the fly each time would
     cost far more than it saves, so it is always loaded whole, also under --novram (where load_models_gpu
-    ignores force_full_load).
+    ignores force_full_load). The same holds for FlashVSR's 180 MB TC decoder, which runs once per latent frame.
     """
     mm.load_models_gpu([flow_patcher], memory_required=memory_required, force_full_load=True)
     if getattr(flow_patcher.model, "model_lowvram", False):

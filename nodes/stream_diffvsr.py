@@ -101,7 +101,7 @@ def prepare_engine(model_patcher, flow_patcher, steps: int, lr_size: tuple[int, 
     pipe = model_patcher.model
     compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
     engine = StreamEngine(pipe, flow_patcher.model, steps=steps, device=model_patcher.load_device,
-                          compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, compile=bool(getattr(pipe, "streamvsr_compile", False)))
     load_for_inference(model_patcher, flow_patcher, engine.estimate_memory(*lr_size))
     return engine
 
@@ -124,12 +124,17 @@ class StreamVSRLoadModel(io.ComfyNode):
                 io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",
                                tooltip="Weight and compute precision. auto follows ComfyUI (bf16/fp16 on "
                                        "recent GPUs, fp32 on the CPU). Flow and warping always stay fp32."),
+                io.Boolean.Input("compile", default=False, optional=True,
+                                 tooltip="torch.compile the networks: minutes of compiling for the first frames "
+                                         "of each frame size (kept while the model stays loaded), then faster "
+                                         "frames; output equal up to float rounding. Falls back to normal "
+                                         "running, with a warning in the log, where compiling is unavailable."),
             ],
             outputs=[VSRModel.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model, precision) -> io.NodeOutput:
+    def execute(cls, model, precision, compile=False) -> io.NodeOutput:
         path = resolve_model_path(model)
         device = mm.get_torch_device()
         weight_dtype, compute_dtype = pick_precision(precision, device, weights_params(path))
@@ -139,6 +144,7 @@ class StreamVSRLoadModel(io.ComfyNode):
                              operations=operations_for(weight_dtype, compute_dtype, device))
         pipe.streamvsr_source = model
         pipe.streamvsr_compute_dtype = compute_dtype
+        pipe.streamvsr_compile = bool(compile)
         log.info("StreamVSR: loaded %s (weights %s, compute %s)", model, weight_dtype, compute_dtype)
         return io.NodeOutput(wrap(pipe))
 
@@ -169,7 +175,12 @@ class StreamVSRUpscale(io.ComfyNode):
                                          "size restarts by itself and says so in the log."),
                 StreamStateType.Input("state", optional=True,
                                       tooltip="Continue from this state (from another Stream Upscale) instead; "
-                                              "takes precedence over continue_sequence."),
+                                              "takes precedence over continue_sequence and start_frame."),
+                io.Int.Input("start_frame", optional=True, force_input=True, min=0, max=2**31 - 1,
+                             tooltip="From Load Video Chunk: the chunk's first frame. 0 starts a new sequence; "
+                                     "any other value continues this node's sequence, which must have ended "
+                                     "exactly there (else an error says which chunk to queue). Replaces "
+                                     "continue_sequence when connected."),
             ],
             outputs=[io.Image.Output(display_name="images"),
                      StreamStateType.Output(display_name="state")],
@@ -182,13 +193,15 @@ class StreamVSRUpscale(io.ComfyNode):
         return STREAMS.fingerprint(bool(continue_sequence))
 
     @classmethod
-    def execute(cls, model, flow_model, images, seed, steps, continue_sequence, state=None) -> io.NodeOutput:
+    def execute(cls, model, flow_model, images, seed, steps, continue_sequence, state=None,
+                start_frame=None) -> io.NodeOutput:
         frames = as_rgb(images, "Stream Upscale")
         b, h, w, _ = frames.shape
         node_id = str(cls.hidden.unique_id)
         key = model_key(model, seed, steps)
         engine = prepare_engine(model, flow_model, steps, (h, w))
-        start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state)
+        start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
+                                    start_frame)
         origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
 
         out = torch.empty(b, h * 4, w * 4, 3, dtype=torch.float32, device=mm.intermediate_device())

@@ -74,19 +74,29 @@ class StreamStore:
         return float("nan") if continue_sequence else ("restart", self.version)
 
     def start_state(self, node_id: str, model_key: str, size: tuple[int, int], fresh: Callable[[], Any],
-                    continue_sequence: bool, state: Any = None) -> Any:
+                    continue_sequence: bool, state: Any = None, start_frame: int | None = None) -> Any:
         """The state the next batch of node ``node_id`` starts from (``fresh()`` for a new sequence); logs why a
         continuation restarts. States are an engine's (``models/contract.py``): they have ``lr_size`` and
-        ``frame_index``."""
+        ``frame_index`` (0 after a sequence was ended, e.g. by FlashVSR's last chunk).
+
+        ``start_frame`` (from a chunk loader) replaces ``continue_sequence``: 0 starts a new sequence, any other
+        value continues the stored one, which must have ended at exactly that frame (else an error says which
+        chunk to queue), so a chunk can be neither skipped nor applied twice."""
         if state is not None:
             if state.lr_size is not None and tuple(state.lr_size) != tuple(size):
                 raise UserInputError(
                     f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
                     f"frames are {size[1]}x{size[0]}: disconnect the state input to start a new sequence")
             return state
+        if start_frame is not None:
+            return self._chunk_start(node_id, model_key, size, fresh, int(start_frame))
         if not continue_sequence:
             return fresh()
         stored = self.get(node_id)
+        if stored is not None and stored.state.frame_index == 0:
+            log.warning("StreamVSR: the last run of node %s ended its sequence (last chunk); starting a new "
+                        "sequence", node_id)
+            return fresh()
         if stored is None:
             log.info("StreamVSR: node %s has no previous run to continue; starting a new sequence", node_id)
         elif stored.model_key != model_key:
@@ -100,6 +110,32 @@ class StreamStore:
             log.info("StreamVSR: node %s continues its sequence at frame %d", node_id, stored.state.frame_index)
             return stored.state
         return fresh()
+
+    def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int):
+        if start_frame == 0:
+            return fresh()
+        stored = self.get(node_id)
+        where = f"this chunk starts at frame {start_frame}"
+        if stored is None:
+            raise UserInputError(f"{where}, but this node has no earlier chunk to continue (after a restart of "
+                                 "ComfyUI, or a first run): set the chunk index to 0 and queue again from there")
+        if stored.model_key != model_key:
+            raise UserInputError(f"{where}, but the model, precision or settings changed since the earlier chunks: "
+                                 "set the chunk index to 0 to start the video again with these settings")
+        previous = stored.state
+        if previous.frame_index == 0:
+            raise UserInputError(f"{where}, but the last run of this node ended its sequence (it was the last "
+                                 "chunk): set the chunk index to 0 to start again")
+        if previous.lr_size is not None and tuple(previous.lr_size) != tuple(size):
+            raise UserInputError(f"{where}, but the earlier chunks had frames of {previous.lr_size[1]}x"
+                                 f"{previous.lr_size[0]} and these are {size[1]}x{size[0]}: set the chunk index "
+                                 "to 0 to start again")
+        if previous.frame_index != start_frame:
+            raise UserInputError(f"{where}, but this node's sequence ended at frame {previous.frame_index}: queue "
+                                 f"the chunk that starts at frame {previous.frame_index} next (chunks must follow "
+                                 "each other without gaps or repeats), or set the chunk index to 0 to start again")
+        log.info("StreamVSR: node %s continues its sequence at frame %d", node_id, start_frame)
+        return previous
 
 
 def batch_origin(key: str, images: torch.Tensor) -> tuple:

@@ -1,4 +1,4 @@
-"""Video-file node: stream a VIDEO through Stream-DiffVSR into a file in the output folder, frame by frame.
+"""Video-file node: stream a VIDEO through Stream-DiffVSR or FlashVSR into a file in the output folder.
 
 Unlike LoadVideo → GetVideoComponents → Stream Upscale → CreateVideo, nothing here holds the whole video as an
 IMAGE batch (a 10-second 1080p→4K clip would be ~25 GB of float32): the file is decoded, upscaled and encoded
@@ -19,10 +19,16 @@ from comfy_api.latest import InputImpl, io, ui
 import comfy.model_management as mm
 import comfy.utils
 
+from ..video.outputs import lock_path, partial_path, temp_path
+from ..video.reader import probe_video, reopenable
 from ..video.resume import ResumeFiles, glob_escape
 from ..video.stream import upscale_video
 from ..video.writer import CODECS
-from .common import CATEGORY, FlowModel, VSRModel, out_of_memory_advice, tensor_to_preview
+from ..models.shared.errors import UserInputError
+from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, out_of_memory_advice,
+                     tensor_to_preview)
+from .flashvsr import FlashVSRModel, oom_message
+from .flashvsr import prepare_engine as prepare_flashvsr_engine
 from .stream_diffvsr import OOM_LADDER, prepare_engine
 
 log = logging.getLogger(__name__)
@@ -31,11 +37,11 @@ EXTENSIONS = {"h264": ".mp4", "lossless": ".mkv"}
 PREVIEW_SECONDS = 1.0  # a preview costs a device→CPU copy and a JPEG encode of a 4x frame: not every frame
 
 
-def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: bool):
+def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: bool, scale: int = 4):
     """(absolute path, file name, subfolder). With resume, an unfinished job of this prefix is continued."""
     extension = EXTENSIONS[codec]
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-        filename_prefix, folder_paths.get_output_directory(), width * 4, height * 4)
+        filename_prefix, folder_paths.get_output_directory(), width * scale, height * scale)
     if resume:
         states = glob.glob(os.path.join(glob_escape(folder), f"{glob_escape(name)}_*_{extension}"
                                         ".streamvsr-resume.safetensors"))
@@ -45,7 +51,17 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
             log.info("StreamVSR: continuing the unfinished %s", path)
             return path, os.path.basename(path), subfolder
     filename = f"{name}_{counter:05}_{extension}"
+    # ComfyUI counts from the files it saw; another run may have taken the name since, or be writing it (then only
+    # its lock and temporary file are there), or have left a partial result under it: never replace any of
+    # these, take the next number.
+    while any(os.path.lexists(p) for p in _taken(os.path.join(folder, filename))):
+        counter += 1
+        filename = f"{name}_{counter:05}_{extension}"
     return os.path.join(folder, filename), filename, subfolder
+
+
+def _taken(path: str):
+    return path, lock_path(path), temp_path(path), partial_path(path), ResumeFiles(path).state
 
 
 class StreamVSRVideoUpscale(io.ComfyNode):
@@ -53,19 +69,24 @@ class StreamVSRVideoUpscale(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="StreamVSRVideoUpscale",
-            display_name="Stream Upscale Video File (Stream-DiffVSR)",
+            display_name="Stream Upscale Video File (StreamVSR)",
             category=CATEGORY,
-            description="Upscales a whole video 4x straight from its file to a new file in the output folder, "
-                        "one frame at a time: memory stays flat however long the video is. Audio, frame rate "
-                        "and timestamps are kept. Outputs a VIDEO for the core video nodes.",
+            description="Upscales a whole video straight from its file to a new file in the output folder with "
+                        "Stream-DiffVSR or FlashVSR, streaming: memory stays flat however long the video is. "
+                        "Audio, frame rate and timestamps are kept. Outputs a VIDEO for the core video nodes.",
             inputs=[
-                VSRModel.Input("model", tooltip="From Load Stream-DiffVSR Model."),
-                FlowModel.Input("flow_model", tooltip="From Load RAFT Flow Model."),
+                io.MultiType.Input("model", types=[VSRModel, FlashVSRModelType],
+                                   tooltip="From Load Stream-DiffVSR Model (then connect flow_model) or Load "
+                                           "FlashVSR Model."),
+                FlowModel.Input("flow_model", optional=True,
+                                tooltip="From Load RAFT Flow Model; needed by Stream-DiffVSR, not used by FlashVSR."),
                 io.Video.Input("video", tooltip="A video, e.g. from the core Load Video node. Read from its file "
                                                 "frame by frame (never decoded as a whole)."),
                 io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Noise seed (42 is what the official script uses)."),
-                io.Int.Input("steps", default=4, min=1, max=8, tooltip="Denoising steps; distilled for 4."),
+                io.Int.Input("steps", default=4, min=1, max=8,
+                             tooltip="Stream-DiffVSR's denoising steps (distilled for 4); FlashVSR takes one step "
+                                     "and ignores this."),
                 io.Combo.Input("codec", options=list(CODECS), default="h264",
                                tooltip="; ".join(f"{k}: {v.description}" for k, v in CODECS.items())
                                        + ". h264 writes .mp4, lossless .mkv (browsers cannot preview it)."),
@@ -79,24 +100,37 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                                  tooltip="Write resumably (segments plus a .streamvsr-resume.safetensors state "
                                          "next to the output) and, if an interrupted job with this prefix is "
                                          "there, continue it. Needs the video as a file (Load Video)."),
+                FlashVSRSettingsType.Input("flashvsr_settings", optional=True,
+                                           tooltip="From FlashVSR Settings (scale, sparse_ratio, local_range, "
+                                                   "kv_ratio, color_fix); without it the official defaults."),
             ],
             outputs=[io.Video.Output(display_name="video")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, flow_model, video, seed, steps, codec, scene_cut_threshold, filename_prefix,
-                resume=False) -> io.NodeOutput:
+    def execute(cls, model, video, seed, steps, codec, scene_cut_threshold, filename_prefix, flow_model=None,
+                resume=False, flashvsr_settings=None) -> io.NodeOutput:
         source = video.get_stream_source()
         if resume and not isinstance(source, (str, os.PathLike)):
             raise ValueError("resume needs a video backed by a file (e.g. from Load Video); this VIDEO lives in "
                              "memory. Turn resume off, or save the video first and load it with Load Video.")
-        width, height = video.get_dimensions()
-        out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, resume)
+        # The size as the file is meant to be seen (a phone video's rotation applied, as upscale_video reads it);
+        # probing also reports an unreadable or audio-only input before any model is prepared.
+        info = probe_video(source if isinstance(source, (str, os.PathLike)) else reopenable(source))
+        width, height = info.width, info.height
+        if isinstance(model, FlashVSRModel):
+            engine = prepare_flashvsr_engine(model, flashvsr_settings, (height, width))
+            advice = oom_message(engine, height, width)
+        else:
+            if flow_model is None:
+                raise UserInputError("Stream-DiffVSR needs a flow model: connect Load RAFT Flow Model to flow_model")
+            engine = prepare_engine(model, flow_model, steps, (height, width))
+            advice = OOM_LADDER.format(w=width, h=height, W=4 * width, H=4 * height)
+        out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, resume, engine.scale)
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
 
-        engine = prepare_engine(model, flow_model, steps, (height, width))
         bar = comfy.utils.ProgressBar(0)
         shown = {"done": 0, "total": 0, "at": 0.0}
 
@@ -110,7 +144,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                 shown["at"] = now
                 bar.update_absolute(shown["done"], shown["total"] or None, ("JPEG", tensor_to_preview(hr), 512))
 
-        with out_of_memory_advice(OOM_LADDER.format(w=width, h=height, W=4 * width, H=4 * height)):
+        with out_of_memory_advice(advice):
             summary = upscale_video(engine, source, out_path, seed=seed, codec=codec,
                                     scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
                                     progress=progress, preview=preview,

@@ -59,10 +59,26 @@ def make_io():
     io = types.ModuleType("comfy_api.latest.io")
     io.Schema, io.NodeOutput, io.ComfyNode, io.Hidden = Schema, NodeOutput, ComfyNode, _Hidden
     for name, t in (("Int", "INT"), ("Float", "FLOAT"), ("Boolean", "BOOLEAN"), ("Combo", "COMBO"),
-                    ("Image", "IMAGE"), ("Video", "VIDEO"), ("String", "STRING")):
+                    ("Image", "IMAGE"), ("Video", "VIDEO"), ("String", "STRING"), ("Latent", "LATENT")):
         setattr(io, name, _type(t))
     io.Custom = _type
+    # As ComfyUI: an input that accepts several types has the comma-joined type.
+    io.MultiType = types.SimpleNamespace(
+        Input=lambda id, types=(), **kw: _Input(",".join(t.io_type for t in types), id, **kw))
     return io
+
+
+class Wan21:
+    """comfy.latent_formats.Wan21's process_out (ComfyUI 0.3.64): latent * std + mean per channel."""
+
+    latents_mean = torch.tensor([-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921])
+    latents_std = torch.tensor([2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160])
+
+    def process_out(self, latent):
+        shape = (1, 16, 1, 1, 1)
+        return latent * self.latents_std.view(shape).to(latent) + self.latents_mean.view(shape).to(latent)
 
 
 class ModelPatcher:
@@ -146,8 +162,11 @@ def install(monkeypatch, models_dir, interrupt_after=None):
     utils = types.ModuleType("comfy.utils")
     ProgressBar.updates = []
     utils.ProgressBar = ProgressBar
+    latent_formats = types.ModuleType("comfy.latent_formats")
+    latent_formats.Wan21 = Wan21
     comfy = types.ModuleType("comfy")
     comfy.model_management, comfy.model_patcher, comfy.ops, comfy.utils = mm, patcher_mod, ops, utils
+    comfy.latent_formats = latent_formats
 
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = str(models_dir)
@@ -195,7 +214,8 @@ def install(monkeypatch, models_dir, interrupt_after=None):
 
     for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
                          "comfy.model_management": mm, "comfy.model_patcher": patcher_mod, "comfy.ops": ops,
-                         "comfy.utils": utils, "folder_paths": folder_paths}.items():
+                         "comfy.utils": utils, "comfy.latent_formats": latent_formats,
+                         "folder_paths": folder_paths}.items():
         monkeypatch.setitem(sys.modules, name, module)
     for name in [m for m in sys.modules if m.startswith("streamvsr.nodes")]:
         monkeypatch.delitem(sys.modules, name)

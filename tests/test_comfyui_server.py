@@ -2,8 +2,10 @@
 
 Set STREAMVSR_COMFYUI=/path/to/ComfyUI (0.3.64 or newer) and, if ComfyUI has its own environment,
 STREAMVSR_COMFYUI_PYTHON=/path/to/its/python. The test makes a temporary --base-directory holding this pack
-(linked into custom_nodes/), a tiny random checkpoint and RAFT, and a short input video; it then checks
-/object_info, executes every workflow in workflows/, and checks that two chunked queue runs equal one run.
+(linked into custom_nodes/), tiny random checkpoints (Stream-DiffVSR, RAFT, FlashVSR in the official file layout,
+and a Wan 2.1 VAE made by ComfyUI's own class, for VAE Decode) and short input videos; it then checks
+/object_info, executes every workflow in workflows/, and checks that two chunked queue runs equal one run for both
+models. ``prepare_base`` is also what a person uses to try the workflows in the browser against the same files.
 Traffic stays on 127.0.0.1.
 """
 
@@ -26,7 +28,11 @@ pytestmark = [pytest.mark.comfyui,
                                                    "real ComfyUI server")]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NODES = {"StreamVSRLoadModel", "StreamVSRUpscale", "StreamVSRVideoUpscale", "StreamVSRLoadFlowModel",
-         "StreamVSREstimateFlow", "StreamVSRFlowToImage"}
+         "StreamVSREstimateFlow", "StreamVSRFlowToImage", "StreamVSRLoadFlashVSR", "StreamVSRFlashVSRUpscale",
+         "StreamVSRFlashVSRSettings", "StreamVSRFlashVSRTrimDecoded", "StreamVSRLoadVideoChunk"}
+# Frontend-only node types (not in /object_info).
+VIRTUAL = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+LONG_FRAMES = 30  # long.mp4: FlashVSR's first 21 frames come out once 25 are in, so chunks of 26 + 4 both emit
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -45,20 +51,58 @@ def _post(base, path, payload):
         raise AssertionError(f"{path} refused the prompt: {e.read().decode()}") from None
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("diffusers")
+WAN_VAE_SCRIPT = """
+import sys, torch
+from comfy.cli_args import args
+args.cpu = True
+import comfy.ldm.wan.vae
+from safetensors.torch import save_file
+torch.manual_seed(0)
+vae = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                               temperal_downsample=[False, True, True], dropout=0.0)
+# decoder half only (ComfyUI loads VAEs non-strictly; decoding never touches the encoder), in fp16
+save_file({k: v.half().contiguous() for k, v in vae.state_dict().items() if k.startswith(("decoder.", "conv2."))},
+          sys.argv[1])
+"""
+
+
+def write_tiny_wan_vae(path, comfy=COMFY, python=None):
+    """A random Wan 2.1 VAE (ComfyUI's own class, which fixes its size: about 150 MB in fp16) that core Load VAE
+    recognises, written by ComfyUI's Python."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([python or os.environ.get("STREAMVSR_COMFYUI_PYTHON", sys.executable), "-c", WAN_VAE_SCRIPT,
+                    str(path)], cwd=comfy, check=True)
+    return path
+
+
+def prepare_base(base, comfy=COMFY, python=None):
+    """A ComfyUI --base-directory with this pack linked in, tiny checkpoints where the workflows expect the real
+    ones, and input videos: input.mp4 (4 frames) and long.mp4 (LONG_FRAMES frames), both 32x24 with audio."""
+    from flashvsr_helpers import write_official_folder
     from helpers import make_tiny_checkpoint, make_tiny_raft
     from test_video import make_clip
 
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "ComfyUI-StreamVSR").symlink_to(ROOT, target_is_directory=True)
+    base = pathlib.Path(base)
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / "ComfyUI-StreamVSR"
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
     make_tiny_checkpoint(base / "models" / "streamvsr" / "Stream-DiffVSR")
-    (base / "models" / "streamvsr" / "raft").mkdir(parents=True)
+    (base / "models" / "streamvsr" / "raft").mkdir(parents=True, exist_ok=True)
     make_tiny_raft(base / "models" / "streamvsr" / "raft" / "raft_large_C_T_SKHT_V2-ff5fadd5.pth", small=False)
-    (base / "input").mkdir()
+    write_official_folder(base / "models" / "flashvsr" / "FlashVSR-v1.1", seed=3)
+    write_tiny_wan_vae(base / "models" / "vae" / "wan_2.1_vae.safetensors", comfy, python)
+    (base / "input").mkdir(exist_ok=True)
     make_clip(base / "input" / "input.mp4", n=4, w=32, h=24)
+    make_clip(base / "input" / "long.mp4", n=LONG_FRAMES, w=32, h=24)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    base = prepare_base(tmp_path_factory.mktemp("comfy_base"))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,7 +141,9 @@ def to_api(workflow, object_info, overrides=None):
     for node in workflow["nodes"]:
         info = object_info.get(node["type"])
         if info is None:
-            assert node["type"] in ("Note", "MarkdownNote"), f"missing node type {node['type']}"
+            assert node["type"] in VIRTUAL, f"missing node type {node['type']}"
+            continue
+        if node.get("mode", 0) in (2, 4):  # muted or bypassed
             continue
         order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
         spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
@@ -107,10 +153,16 @@ def to_api(workflow, object_info, overrides=None):
         inputs = {}
         for name in order:
             kind = spec[name][0]
-            if isinstance(kind, list) or kind in WIDGET_TYPES:
+            options = spec[name][1] if len(spec[name]) > 1 else {}
+            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
                 value = values.pop(0) if values else None
                 if name not in linked and value is not None:
                     inputs[name] = value
+                if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")
+                                                              and options.get("control_after_generate") is None):
+                    values.pop(0)  # the frontend's "control after generate" value
+                elif options.get("video_upload") or options.get("image_upload"):
+                    values.pop(0) if values and values[0] in ("image", "video") else None
             if name in linked:
                 inputs[name] = linked[name]
         inputs.update((overrides or {}).get(node["id"], {}))
@@ -127,7 +179,10 @@ def run_prompt(url, prompt, timeout=600):
             entry = history[prompt_id]
             status = entry.get("status", {})
             if status.get("completed") or status.get("status_str") == "error":
-                assert status.get("status_str") == "success", json.dumps(status.get("messages"), indent=1)[-3000:]
+                errors = [f"{m.get('node_type')}: {m.get('exception_type')}: {m.get('exception_message')}\n"
+                          + "".join(m.get("traceback", []))[-2000:]
+                          for kind, m in status.get("messages", []) if kind == "execution_error"]
+                assert status.get("status_str") == "success", "\n".join(errors) or status
                 return entry["outputs"]
         time.sleep(0.5)
     raise AssertionError("prompt did not finish in time")
@@ -148,18 +203,29 @@ def test_object_info_lists_every_node(server):
     assert "Stream-DiffVSR" in info["StreamVSRLoadModel"]["input"]["required"]["model"][1]["options"]
 
 
+def _node_id(workflow, node_type):
+    return next(n["id"] for n in workflow["nodes"] if n["type"] == node_type)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "workflows").glob("*.json")))
 def test_workflow_runs(server, name):
+    """Every workflow as shipped (input.mp4: 4 frames of 32x24 with audio); videos keep frame count, rate, audio."""
+    import av
+
     url, base = server
     info = _get(url, "/object_info")
-    overrides = {}
-    if name == "streamvsr_long_video_chunks.json":
-        overrides = {5: {"batch_index": 0, "length": 2}}
-    outputs = run_prompt(url, to_api(load_workflow(name), info, overrides))
+    outputs = run_prompt(url, to_api(load_workflow(name), info))
     files = [f for out in outputs.values() for key in ("images", "gifs", "videos") for f in out.get(key, [])]
     assert files, f"{name} produced no output"
     for f in files:
-        assert (base / "output" / f.get("subfolder", "") / f["filename"]).exists()
+        path = base / "output" / f.get("subfolder", "") / f["filename"]
+        assert path.exists()
+        if path.suffix == ".mp4":
+            with av.open(str(path)) as c:
+                stream = c.streams.video[0]
+                frames = sum(1 for _ in c.decode(stream))
+                assert (frames, stream.codec_context.width, stream.codec_context.height) == (4, 128, 96), name
+                assert stream.average_rate == 24 and len(c.streams.audio) == 1, name
 
 
 def _saved_frames(base, outputs):
@@ -169,20 +235,37 @@ def _saved_frames(base, outputs):
     return [np.asarray(Image.open(base / "output" / f["subfolder"] / f["filename"])) for f in files]
 
 
-def test_two_queue_runs_equal_one(server):
+@pytest.mark.parametrize("name", ["streamvsr_long_video_chunks.json", "flashvsr_long_video_chunks.json"])
+def test_two_queue_runs_equal_one(server, name):
+    """The chunked workflow queued twice (chunk_index 0 then 1, as 'increment' does) equals one run over the whole
+    video: the same frames, each once, in order."""
     url, base = server
     info = _get(url, "/object_info")
-    workflow = load_workflow("streamvsr_long_video_chunks.json")
-    # node 5: Image From Batch, node 6: Stream Upscale (continue_sequence is its third widget)
-    first = run_prompt(url, to_api(workflow, info, {5: {"batch_index": 0, "length": 2},
-                                                    6: {"continue_sequence": False}}))
-    second = run_prompt(url, to_api(workflow, info, {5: {"batch_index": 2, "length": 2},
-                                                     6: {"continue_sequence": True}}))
-    whole = run_prompt(url, to_api(workflow, info, {5: {"batch_index": 0, "length": 4},
-                                                    6: {"continue_sequence": False}}))
-    chunks = _saved_frames(base, first) + _saved_frames(base, second)
+    workflow = load_workflow(name)
+    video, chunk = _node_id(workflow, "LoadVideo"), _node_id(workflow, "StreamVSRLoadVideoChunk")
+
+    def run(index, frames):
+        return run_prompt(url, to_api(workflow, info, {video: {"file": "long.mp4"},
+                                                        chunk: {"chunk_index": index, "chunk_frames": frames}}))
+
+    first, second = run(0, 26), run(1, 26)
+    whole = run(0, 64)
+    chunks = [_saved_frames(base, first), _saved_frames(base, second)]
     single = _saved_frames(base, whole)
-    assert len(chunks) == len(single) == 4
-    for a, b in zip(chunks, single):
+    if name.startswith("flashvsr"):
+        assert [len(c) for c in chunks] == [21, 9]  # the look-ahead frames come out with the last chunk
+    else:
+        assert [len(c) for c in chunks] == [26, 4]
+    assert len(single) == LONG_FRAMES
+    for a, b in zip(chunks[0] + chunks[1], single):
         assert a.shape == (96, 128, 3)
         assert np.array_equal(a, b)
+    # a third run is past the end of the video: refused with a message, nothing saved
+    prompt_id = _post(url, "/prompt", {"prompt": to_api(workflow, info, {video: {"file": "long.mp4"},
+                                                                          chunk: {"chunk_index": 2,
+                                                                                  "chunk_frames": 26}})})["prompt_id"]
+    deadline = time.time() + 120
+    while time.time() < deadline and prompt_id not in _get(url, f"/history/{prompt_id}"):
+        time.sleep(0.5)
+    status = _get(url, f"/history/{prompt_id}")[prompt_id]["status"]
+    assert status["status_str"] == "error" and "past the end" in json.dumps(status["messages"])

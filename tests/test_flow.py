@@ -142,7 +142,7 @@ class _ShiftSearch(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.seen = []
 
-    def forward(self, image1, image2, num_flow_updates, corr):
+    def forward(self, image1, image2, num_flow_updates, corr, fmap2=None, return_fmap1=False):
         self.seen.append(tuple(image1.shape[-2:]))
         best, err = (0, 0), float("inf")
         for dy in range(-6, 7):
@@ -155,7 +155,7 @@ class _ShiftSearch(torch.nn.Module):
                     best, err = (dx, dy), e
         out = torch.zeros(image1.shape[0], 2, *image1.shape[-2:])
         out[:, 0], out[:, 1] = best
-        return out
+        return (out, None) if return_fmap1 else out
 
 
 def _smooth_pattern(h, w):

@@ -96,7 +96,8 @@ def test_registration_schemas_are_namespaced_and_documented(comfy):
             if inp.io_type in ("INT", "FLOAT"):
                 assert "min" in inp.kwargs and "max" in inp.kwargs, f"{node_id}.{inp.id} is unbounded"
         for t in [i.io_type for i in schema.inputs] + [o.io_type for o in schema.outputs]:
-            assert t in ("INT", "FLOAT", "BOOLEAN", "COMBO", "IMAGE", "VIDEO", "STRING") or t.startswith("STREAMVSR_")
+            assert t in ("INT", "FLOAT", "BOOLEAN", "COMBO", "IMAGE", "VIDEO", "STRING", "LATENT") or \
+                t.startswith("STREAMVSR_")
     steps = next(i for i in nodes["StreamVSRUpscale"].define_schema().inputs if i.id == "steps")
     assert steps.kwargs["default"] == 4
 

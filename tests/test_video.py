@@ -278,8 +278,10 @@ def test_stop_leaves_a_playable_shorter_file(tmp_path):
     polls = []
     summary = upscale_video(FakeEngine(), clip, out, should_stop=lambda: polls.append(1) or len(polls) > 5)
     assert summary["interrupted"] and summary["frames"] == 5
-    assert len(decode(out)) == 5
-    assert audio_info(out)["seconds"] == pytest.approx(5 / 24, abs=0.07)  # audio cut with the video
+    partial = tmp_path / "out.streamvsr-partial.mp4"  # never under the output's own name: it is not complete
+    assert summary["path"] == str(partial) and not out.exists()
+    assert len(decode(partial)) == 5
+    assert audio_info(partial)["seconds"] == pytest.approx(5 / 24, abs=0.07)  # audio cut with the video
 
 
 def test_interrupt_exception_is_reraised_after_closing_the_file(tmp_path):
@@ -294,7 +296,7 @@ def test_interrupt_exception_is_reraised_after_closing_the_file(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         upscale_video(FakeEngine(), clip, out, should_stop=stop)
-    assert len(decode(out)) == 5
+    assert len(decode(tmp_path / "out.streamvsr-partial.mp4")) == 5 and not out.exists()
 
 
 def test_engine_error_keeps_what_was_written(tmp_path):
@@ -302,7 +304,7 @@ def test_engine_error_keeps_what_was_written(tmp_path):
     out = tmp_path / "out.mp4"
     with pytest.raises(RuntimeError, match="engine failure"):
         upscale_video(FakeEngine(fail_at=4), clip, out)
-    assert len(decode(out)) == 4
+    assert len(decode(tmp_path / "out.streamvsr-partial.mp4")) == 4 and not out.exists()
 
 
 def test_resume_after_stop_equals_uninterrupted(tmp_path):

@@ -33,12 +33,21 @@ class AudioCopy:
                 self.map[a.index] = ("copy", sink.add_stream_from_template(a))
         self.packets = self.container.demux(self.streams) if self.streams else iter(())
         self.pending = None
+        self.position = "the start"
 
     def mux_until(self, seconds: float | None) -> None:
         """Mux audio packets that start before ``seconds`` (all of them if None)."""
+        import av
+
         while True:
             if self.pending is None:
-                self.pending = next(self.packets, None)
+                try:
+                    self.pending = next(self.packets, None)
+                except av.FFmpegError as e:
+                    # A damaged or cut-off input: its audio ends here. The video side reports the damage; the
+                    # audio must not turn it into a crash.
+                    log.warning("the input's audio is damaged from %s on (%s): it stops there", self.position, e)
+                    self.packets, self.pending = iter(()), None
                 if self.pending is None:
                     return
             packet = self.pending
@@ -49,6 +58,7 @@ class AudioCopy:
             if seconds is not None and start > seconds:
                 return
             self.pending = None
+            self.position = f"{start:.3f} s"
             mode, out = self.map[packet.stream.index]
             if mode == "copy":
                 if packet.dts is None:
@@ -56,7 +66,12 @@ class AudioCopy:
                 packet.stream = out
                 self.sink.mux(packet)
             else:
-                for frame in packet.decode():
+                try:
+                    decoded = packet.decode()
+                except av.FFmpegError as e:  # one damaged packet: a moment of silence, not a failed job
+                    log.warning("skipped a damaged audio packet at %s (%s)", self.position, e)
+                    continue
+                for frame in decoded:
                     frame.pts = None  # the encoder's resampler re-times the re-chunked frames
                     self.sink.mux(out.encode(frame))
 

@@ -1,9 +1,17 @@
-"""Folders of frames: reading PNGs (8- and 16-bit), writing PNG/16-bit PNG/npy, and the folder jobs of
-``streamvsr frames`` and ``streamvsr flow`` (any engine of ``models/contract.py``; any flow function)."""
+"""Folders of frames: reading images at full precision and upright (8- and 16-bit PNGs, grey or colour, EXIF
+orientation), writing PNG/16-bit PNG/npy, and the folder jobs of ``streamvsr frames`` and ``streamvsr flow`` (any engine of
+``models/contract.py``; any flow function).
+
+The same guarantees as for video files (``outputs``): the whole input folder is checked before any work
+(``check_frames``, ``check_folder_outputs``: every file an undamaged image, one size, outputs that neither are nor
+replace the inputs), each output file is written under a temporary name and renamed when complete, existing
+outputs are replaced only with ``overwrite``, and a lock refuses a second run into the same folder.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
 from collections import deque
@@ -13,11 +21,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..models.shared.errors import UserInputError
+from ..models.shared.errors import OutputExistsError, UserInputError
+from .outputs import (TMP_TAG, OutputLock, check_folder_creatable, make_folder, publish, remove_stale, same_file,
+                      temp_path)
 
 log = logging.getLogger(__name__)
 
 SAVE_FORMATS = ("png", "png16", "npy")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# FFmpeg's names of the 16-bit PNG layouts -> channels (all packed, big-endian, one plane).
+_PNG16_LAYOUTS = {"gray16be": 1, "ya16be": 2, "rgb48be": 3, "rgba64be": 4}
 
 
 def write_png16(path: Path, rgb: np.ndarray) -> None:
@@ -31,104 +44,309 @@ def write_png16(path: Path, rgb: np.ndarray) -> None:
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+        f.write(PNG_SIGNATURE + chunk(b"IHDR", header)
                 + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
-def read_frame(path: Path) -> torch.Tensor:
-    """A PNG as a (3, h, w) float32 tensor in [0, 1] (alpha dropped, like the official preprocessing)."""
+def _png_bit_depth(path: Path) -> int | None:
+    """The bit depth in a PNG's header, or None for anything that is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    """A 16-bit PNG as H x W x 3 float32 in [0, 1], all 16 bits kept. PIL reads 16-bit colour PNGs as 8-bit
+    (it has no 16-bit RGB mode), so these are decoded with FFmpeg's PNG decoder (PyAV is a dependency anyway)."""
+    import av
+
+    with open(path, "rb") as f, av.open(f, format="png_pipe") as container:
+        frame = next(container.decode(video=0))
+    channels = _PNG16_LAYOUTS.get(frame.format.name)
+    if channels is None:  # not expected from a 16-bit PNG; let swscale convert whatever it is
+        arr = frame.to_ndarray(format="rgb48le")
+    else:
+        plane = frame.planes[0]
+        raw = np.frombuffer(bytes(plane), dtype=">u2").reshape(frame.height, plane.line_size // 2)
+        arr = raw[:, : frame.width * channels].reshape(frame.height, frame.width, channels)
+        arr = np.repeat(arr[..., :1], 3, axis=2) if channels <= 2 else arr[..., :3]  # grey -> RGB, alpha dropped
+    return arr.astype(np.float32) / 65535.0
+
+
+def _image_errors():
+    import av
     from PIL import Image
 
-    with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I"):
-            arr = np.asarray(img, dtype=np.float32) / 65535.0
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        else:
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return (OSError, ValueError, SyntaxError, EOFError, zlib.error, struct.error, av.FFmpegError,
+            Image.DecompressionBombError)
+
+
+def _reason(e: BaseException) -> str:
+    return (getattr(e, "strerror", None) or str(e) or type(e).__name__).rstrip(".")
+
+
+# EXIF orientation (1-8) -> how the stored pixels are turned to be shown (as browsers and viewers do).
+_EXIF_TURNS = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orientation(img) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block does not make the picture unreadable
+        return 1
+
+
+def read_frame(path: Path) -> torch.Tensor:
+    """An image as a (3, h, w) float32 tensor in [0, 1], at full precision and as it is meant to be seen: 16-bit
+    PNGs keep their 16 bits, an EXIF orientation is applied, grey is replicated to RGB, alpha is dropped (like
+    the official preprocessing). A file that is not a readable image is a one-line error."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            orientation = _orientation(img)
+            if _png_bit_depth(path) == 16:
+                arr = _read_png16(path)
+            elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float32) / 65535.0
+                arr = np.repeat(arr[..., None], 3, axis=2)
+            else:
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        if orientation in _EXIF_TURNS:
+            arr = _EXIF_TURNS[orientation](arr)
+    except _image_errors() as e:
+        raise UserInputError(f"{path} cannot be read as an image ({_reason(e)})") from None
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
-def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str) -> Path:
-    """Save a (1, 3, H, W) [0, 1] tensor as png (8-bit, rounded like the official), png16 or npy."""
+def _write(hr: torch.Tensor, path: Path, fmt: str) -> None:
     from PIL import Image
 
     arr = hr[0].permute(1, 2, 0).to("cpu").float().numpy()
     if fmt == "npy":
-        path = path_stem.with_suffix(".npy")
         np.save(path, arr.astype(np.float32))
     elif fmt == "png16":
-        path = path_stem.with_suffix(".png")
         write_png16(path, np.round(arr * 65535).astype(np.uint16))
     else:
-        path = path_stem.with_suffix(".png")
         Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(path)
-    return path
+
+
+def output_name(stem: str, fmt: str) -> str:
+    # Appended, not Path.with_suffix: a stem such as "shot.0001" must not lose its ".0001".
+    return stem + (".npy" if fmt == "npy" else ".png")
+
+
+def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str, overwrite: bool = True) -> Path:
+    """Save a (1, 3, H, W) [0, 1] tensor as png (8-bit, rounded like the official), png16 or npy, at
+    ``path_stem`` + the format's extension. Written to a temporary name and renamed once complete."""
+    path_stem = Path(path_stem)
+    path = path_stem.with_name(output_name(path_stem.name, fmt))
+    tmp = temp_path(path)
+    try:
+        _write(hr, tmp, fmt)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return publish(tmp, path, overwrite=overwrite)
 
 
 def list_pngs(in_dir: Path) -> list[Path]:
     in_dir = Path(in_dir)
+    if not in_dir.exists():
+        raise UserInputError(f"{in_dir} does not exist")
     if not in_dir.is_dir():
         raise UserInputError(f"{in_dir} is not a folder")
-    files = sorted(p for p in in_dir.iterdir() if p.suffix.lower() == ".png")
+    try:
+        files = sorted(p for p in in_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file()
+                       and TMP_TAG not in p.name)
+    except OSError as e:
+        raise UserInputError(f"cannot list {in_dir}: {_reason(e)}") from None
     if not files:
         raise UserInputError(f"no .png files in {in_dir}")
     return files
 
 
-def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, save: str = "png",
-                   progress: Callable[[int], None] | None = None) -> int:
-    """Upscale ``files`` (one sequence, in order) into ``out_dir``, one output per input with the same stem.
-    Frames are written as the engine finishes them. Returns the number written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = engine.new_state(seed)
-    stems: deque[str] = deque()
-    written = 0
+def check_frames(files: list[Path]) -> tuple[int, int]:
+    """Check, before any work, that every file is an undamaged image and that all have one size; returns that
+    (width, height). Only headers are parsed and chunk checksums verified (no pixels decoded), so this costs a
+    read of the files, not a decode."""
+    from PIL import Image
 
-    def emit(frames: torch.Tensor) -> None:
-        nonlocal written
-        for hr in frames:
-            save_frame(hr[None], out_dir / stems.popleft(), save)
-            written += 1
-            if progress is not None:
-                progress(written)
-
+    size, first = None, None
     for path in files:
-        stems.append(path.stem)
-        out, state = engine.push(state, read_frame(path)[None])
+        try:
+            if not os.access(path, os.R_OK):
+                raise PermissionError(13, "permission denied")
+            with Image.open(path) as img:
+                img.verify()  # must come first on a freshly opened image
+            with Image.open(path) as img:
+                this = img.size if _orientation(img) < 5 else img.size[::-1]  # 5-8 swap the sides
+        except _image_errors() as e:
+            raise UserInputError(f"{path} is not a readable image ({_reason(e)}); fix or remove it") from None
+        if size is None:
+            size, first = this, path
+        elif this != size:
+            raise UserInputError(f"all frames of a sequence must have one size: {first.name} is "
+                                 f"{size[0]}x{size[1]}, {path.name} is {this[0]}x{this[1]}")
+    return size
+
+
+def check_folder_outputs(in_dirs, out_dir: Path, inputs: list[Path], names: list[str],
+                         overwrite: bool = False) -> None:
+    """The output folder is not an input folder (by identity, so links count), can be created, and the files
+    ``names`` to be written there neither are input files nor exist already (unless ``overwrite``)."""
+    out_dir = Path(out_dir)
+    for in_dir in in_dirs:
+        if same_file(in_dir, out_dir):
+            how = "" if os.path.abspath(in_dir) == os.path.abspath(out_dir) else " (through a link)"
+            raise UserInputError(f"the output folder {out_dir} is the input folder {in_dir}{how}: the outputs would "
+                                 "replace or mix with the input frames; choose another output folder")
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise UserInputError(f"the output folder {out_dir} is a file")
+    check_folder_creatable(out_dir)
+    seen = {}
+    for name, source in zip(names, inputs):
+        if name in seen:
+            raise UserInputError(f"{seen[name].name} and {source.name} would both be written as {name}; rename one")
+        seen[name] = source
+    if not out_dir.is_dir():
+        return
+    ids = {}
+    for path in inputs:
+        try:
+            st = path.stat()
+            ids[(st.st_dev, st.st_ino)] = path
+        except OSError:
+            pass
+    existing = []
+    for name in names:
+        target = out_dir / name
+        if not os.path.lexists(target):
+            continue
+        try:
+            st = target.stat()
+            match = ids.get((st.st_dev, st.st_ino))
+        except OSError:
+            match = None
+        if match is not None:
+            raise UserInputError(f"the output {target} is the input frame {match} (the same file through a link); "
+                                 "choose another output folder")
+        existing.append(target)
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more of this run's outputs" if len(existing) > 1 else ""
+        raise OutputExistsError(f"{out_dir} already has {existing[0].name}{more}; add --overwrite to replace them")
+
+
+def _prepare(out_dir: Path) -> None:
+    """Under the folder's lock: create it, and clear temporary files of a run that did not finish."""
+    make_folder(out_dir)
+    remove_stale(sorted(out_dir.glob(f"*{TMP_TAG}.*")))
+
+
+def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, save: str = "png",
+                   progress: Callable[[int], None] | None = None, overwrite: bool = False) -> int:
+    """Upscale ``files`` (one sequence, in order) into ``out_dir``, one output per input with the same stem.
+    Frames are written as the engine finishes them, each complete or not at all. Returns the number written.
+
+    A frame that cannot be read, or has another size, stops the run: the frames before it are finished and the
+    error says how many were written."""
+    if save not in SAVE_FORMATS:
+        raise UserInputError(f"save must be one of {', '.join(SAVE_FORMATS)}, got {save!r}")
+    out_dir = Path(out_dir)
+    files = [Path(p) for p in files]
+    names = [output_name(p.stem, save) for p in files]
+    check_folder_outputs({p.parent for p in files}, out_dir, files, names, overwrite)
+    make_folder(out_dir.parent)
+    with OutputLock(out_dir):
+        _prepare(out_dir)
+        state = engine.new_state(seed)
+        stems: deque[str] = deque()
+        written = 0
+
+        def emit(frames: torch.Tensor) -> None:
+            nonlocal written
+            for hr in frames:
+                save_frame(hr[None], out_dir / stems.popleft(), save, overwrite=overwrite)
+                written += 1
+                if progress is not None:
+                    progress(written)
+
+        size = None
+        for path in files:
+            try:
+                frame = read_frame(path)
+                if size is not None and tuple(frame.shape[-2:]) != size:
+                    raise UserInputError(f"{path.name} is {frame.shape[-1]}x{frame.shape[-2]}, the frames before it "
+                                         f"{size[1]}x{size[0]}: all frames of a sequence must have one size")
+            except UserInputError as e:
+                # The frames before this one are good: finish those the engine still holds, then report.
+                out, state = engine.flush(state)
+                emit(out)
+                raise UserInputError(f"{e}; {written} of {len(files)} frames were written to {out_dir}") from None
+            size = tuple(frame.shape[-2:])
+            stems.append(path.stem)
+            out, state = engine.push(state, frame[None])
+            emit(out)
+        out, state = engine.flush(state)
         emit(out)
-    out, state = engine.flush(state)
-    emit(out)
     return written
 
 
 def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], files: list[Path], out_dir: Path,
-                save: str = "npy") -> int:
+                save: str = "npy", overwrite: bool = False) -> int:
     """For each consecutive pair of ``files``, write the flow that backward-warps frame i-1 onto frame i, i.e.
     ``estimator(image1=frame i, image2=frame i-1)``, at input resolution, named after frame i: ``npy`` = float32
-    H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture. Returns the number of flows written."""
+    H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture. Returns the number of flows written.
+    One frame gives no flow: that is an error, not an empty success."""
     from ..models.raft.visualise import flow_to_image
 
     if save not in ("npy", "png"):
         raise UserInputError(f"save must be 'npy' or 'png', got {save!r}")
+    files = [Path(p) for p in files]
+    if len(files) < 2:
+        raise UserInputError(f"optical flow needs at least two frames; {files[0].parent if files else 'the input'} "
+                             f"has {len(files)} ({', '.join(p.name for p in files) or 'none'}), so there is no flow "
+                             "to write")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [output_name(p.stem, save) for p in files[1:]]
+    check_folder_outputs({p.parent for p in files}, out_dir, files[1:], names, overwrite)
+    make_folder(out_dir.parent)
     previous = None
     count = 0
-    for path in files:
-        current = read_frame(path)[None] * 2 - 1
-        if previous is not None:
-            if previous.shape != current.shape:
-                raise UserInputError(f"{path.name} is {tuple(current.shape[-2:])}, the previous frame "
-                                     f"{tuple(previous.shape[-2:])}: all frames must have the same size")
-            flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
-            if save == "npy":
-                np.save(out_dir / f"{path.stem}.npy", flow)
-            else:
-                from PIL import Image
+    with OutputLock(out_dir):
+        _prepare(out_dir)
+        for path in files:
+            try:
+                current = read_frame(path)[None] * 2 - 1
+                if previous is not None and previous.shape != current.shape:
+                    raise UserInputError(f"{path.name} is {tuple(current.shape[-2:])}, the previous frame "
+                                         f"{tuple(previous.shape[-2:])}: all frames must have the same size")
+            except UserInputError as e:
+                raise UserInputError(f"{e}; {count} of {len(files) - 1} flow fields were written to {out_dir}") \
+                    from None
+            if previous is not None:
+                flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+                target = out_dir / output_name(path.stem, save)
+                tmp = temp_path(target)
+                try:
+                    if save == "npy":
+                        np.save(tmp, flow)
+                    else:
+                        from PIL import Image
 
-                Image.fromarray(flow_to_image(flow)).save(out_dir / f"{path.stem}.png")
-            count += 1
-            log.debug("flow %s", path.name)
-        previous = current
+                        Image.fromarray(flow_to_image(flow)).save(tmp)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                publish(tmp, target, overwrite=overwrite)
+                count += 1
+                log.debug("flow %s", path.name)
+            previous = current
     return count

@@ -1,46 +1,174 @@
-"""Decoding a video file one frame at a time into float RGB tensors, with its timing."""
+"""Decoding a video file one frame at a time into float RGB tensors, with its timing, upright, and with a report of
+where it breaks when it is damaged or cut off.
+
+Decoding runs without frame threading: FFmpeg's frame-threaded decoders drop the error of a damaged packet at the
+end of a stream and simply stop, so a cut-off file would look like a short, complete one. Decoding is cheap next
+to upscaling, so nothing is lost. Whether the file ends where its header says is checked afterwards
+(``FrameReader.problem``).
+"""
 
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..models.shared.errors import UserInputError
+from ..models.shared.errors import InputDamagedError, UserInputError
+
+log = logging.getLogger(__name__)
 
 # AVColorSpace values -> swscale matrix names.
 _MATRICES = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "ITU601", 7: "SMPTE240M", 9: "BT2020", 10: "BT2020"}
 
 
 @dataclass(frozen=True)
+class Orientation:
+    """How a stored frame is turned to be seen as meant (the container's display matrix, e.g. a phone's portrait
+    video stored landscape): transpose, then flip rows and/or columns. ``degrees`` (counter-clockwise) and
+    ``mirrored`` are for messages."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+    degrees: int = 0
+    mirrored: bool = False
+
+    @property
+    def identity(self) -> bool:
+        return not (self.transpose or self.flip_rows or self.flip_cols)
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) as displayed, for a stored (width, height)."""
+        return (height, width) if self.transpose else (width, height)
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        """``image``: (..., h, w) as stored -> as displayed."""
+        if self.transpose:
+            image = image.transpose(-2, -1)
+        dims = [d for d, flip in ((-2, self.flip_rows), (-1, self.flip_cols)) if flip]
+        if dims:
+            image = image.flip(dims)
+        return image.contiguous() if not self.identity else image
+
+    def describe(self) -> str:
+        if self.mirrored:  # a mirror has several rotate-and-flip spellings; none reads better than this
+            return "mirrored by its display matrix"
+        if self.degrees:
+            return f"rotated {abs(self.degrees)}° {'counter-clockwise' if self.degrees > 0 else 'clockwise'}"
+        return "upright"
+
+
+def orientation_from_matrix(matrix) -> Orientation | None:
+    """FFmpeg's display matrix (9 ints, 16.16 fixed point; a point (p, q) of the stored frame is shown at
+    (a p + c q, b p + d q), y pointing down) -> Orientation; None for a turn that is not a multiple of 90°."""
+    a, b, c, d = (matrix[i] / 65536.0 for i in (0, 1, 3, 4))
+    sx, sy = math.hypot(a, c), math.hypot(b, d)
+    if sx == 0 or sy == 0:
+        return None
+    a, c, b, d = a / sx, c / sx, b / sy, d / sy
+
+    def unit(v):
+        return 0 if abs(v) < 0.01 else (1 if v > 0.99 else -1 if v < -0.99 else None)
+
+    a, b, c, d = unit(a), unit(b), unit(c), unit(d)
+    if None in (a, b, c, d):
+        return None
+    degrees = round(-math.degrees(math.atan2(b, a))) % 360
+    degrees = degrees - 360 if degrees > 180 else degrees
+    mirrored = a * d - b * c < 0
+    if b == 0 and c == 0 and a and d:
+        return Orientation(False, d < 0, a < 0, degrees, mirrored)
+    if a == 0 and d == 0 and b and c:
+        return Orientation(True, b < 0, c < 0, degrees, mirrored)
+    return None
+
+
+def orientation_from_degrees(degrees: float) -> Orientation | None:
+    """A counter-clockwise display rotation (what FFmpeg's av_display_rotation_get returns)."""
+    turn = round(degrees) % 360
+    if turn % 90:
+        return None
+    r = math.radians(-turn)  # av_display_rotation_set's matrix
+    m = [round(math.cos(r) * 65536), round(-math.sin(r) * 65536), 0, round(math.sin(r) * 65536),
+         round(math.cos(r) * 65536), 0, 0, 0, 1 << 30]
+    return orientation_from_matrix(m)
+
+
+@dataclass(frozen=True)
 class VideoInfo:
-    width: int
+    width: int                # as displayed, after the orientation
     height: int
     rate: Fraction            # average frame rate
     time_base: Fraction
     frames: int               # from the header, or estimated from the duration; 0 if unknown
     audio_streams: int
+    header_frames: int = 0    # the container's own frame count (MP4/MOV index); 0 if it has none
+    duration: float | None = None  # seconds of the video stream, when the container says
+    orientation: Orientation = field(default_factory=Orientation)
+    sample_aspect_ratio: Fraction | None = None  # of the displayed frame
+    stored_size: tuple[int, int] = (0, 0)        # (width, height) as decoded, before the orientation
 
 
-def open_input(source):
-    """``source``: a path, bytes (the whole file), or a binary file object (read from its start)."""
-    import av
+@dataclass(frozen=True)
+class InputProblem:
+    """Why decoding stopped before the end: ``kind`` is ``truncated`` (ends before its header says),
+    ``damaged`` (a decoder or demuxer error) or ``size`` (the frame size changes); ``index``: frames decoded
+    before it; ``message``: a sentence about the input."""
 
-    if isinstance(source, (str, os.PathLike)):
-        return av.open(str(source))
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return av.open(io.BytesIO(source))
-    if hasattr(source, "seek"):
-        source.seek(0)
-    return av.open(source)
+    kind: str
+    index: int
+    message: str
 
 
 def describe(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "the input video (in memory)"
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e)
+    return text.rstrip(".")
+
+
+def check_input_file(path) -> None:
+    """The problems of an input path that need no decoder, each as a one-line error."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise UserInputError(f"{path} does not exist")
+    if not path.exists():
+        raise UserInputError(f"{path} is a broken symbolic link")
+    if path.is_dir():
+        raise UserInputError(f"{path} is a folder, not a video file")
+    if not os.access(path, os.R_OK):
+        raise UserInputError(f"{path} cannot be read: permission denied")
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserInputError(f"{path} is empty (0 bytes)")
+
+
+def open_input(source):
+    """``source``: a path, bytes (the whole file), or a binary file object (read from its start). A file that
+    FFmpeg cannot open is a one-line error."""
+    import av
+
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return av.open(str(source))
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return av.open(io.BytesIO(source))
+        if hasattr(source, "seek"):
+            source.seek(0)
+        return av.open(source)
+    except av.FFmpegError as e:
+        raise UserInputError(f"{describe(source)} cannot be read as a video ({_reason(e)}); is it a video file, "
+                             "and complete?") from None
+    except OSError as e:
+        raise UserInputError(f"cannot read {describe(source)}: {_reason(e)}") from None
 
 
 def reopenable(source):
@@ -66,41 +194,195 @@ def frame_to_tensor(frame) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(65535.0 if deep else 255.0)
 
 
+def _frame_orientation(frame, stream) -> Orientation:
+    """The display orientation, from the first frame's display-matrix side data (FFmpeg attaches the container's
+    matrix to decoded frames), else PyAV's ``frame.rotation``, else an old FFmpeg's ``rotate`` stream tag."""
+    import numpy as np
+
+    try:
+        for side in frame.side_data:
+            if "DISPLAYMATRIX" in str(getattr(side.type, "name", side.type)).upper():
+                found = orientation_from_matrix(np.frombuffer(bytes(side), dtype="<i4")[:9].tolist())
+                if found is None:
+                    log.warning("the input's display matrix is not a turn by a multiple of 90°: shown as stored")
+                    return Orientation()
+                return found
+    except (AttributeError, TypeError, ValueError):
+        pass
+    degrees = getattr(frame, "rotation", None)
+    if degrees is None:
+        tag = (stream.metadata or {}).get("rotate")
+        try:
+            degrees = -float(tag) if tag is not None else None  # the old tag counts clockwise
+        except ValueError:
+            degrees = None
+    if degrees:
+        found = orientation_from_degrees(degrees)
+        if found is None:
+            log.warning("the input is rotated by %s°, not a multiple of 90°: shown as stored", degrees)
+        return found or Orientation()
+    return Orientation()
+
+
+def _stream_seconds(container, stream) -> float | None:
+    """The video stream's own duration, where the container really gives one. FFmpeg fills a missing stream
+    duration with the whole file's, and audio may run longer than the video, so a stream's duration is trusted
+    only from MP4/MOV track headers or when the video is the file's only stream; Matroska files carry the
+    track's duration as a ``DURATION`` tag (FFmpeg and mkvmerge write it)."""
+    metadata = stream.metadata or {}
+    formats = set((getattr(container.format, "name", "") or "").split(","))
+    only = len(container.streams) == 1
+    if stream.duration and stream.time_base and ("mov" in formats or only):
+        return float(stream.duration * stream.time_base)
+    tag = metadata.get("DURATION") or metadata.get("duration")
+    if tag:
+        try:
+            h, m, s = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(s)
+        except ValueError:
+            pass
+    if container.duration and only:
+        return container.duration / 1_000_000
+    return None
+
+
+def _header_frames(stream) -> int:
+    """The container's own count of video frames: MP4/MOV and AVI indexes, or mkvmerge's NUMBER_OF_FRAMES tag."""
+    if stream.frames:
+        return int(stream.frames)
+    try:
+        return int((stream.metadata or {}).get("NUMBER_OF_FRAMES", 0))
+    except ValueError:
+        return 0
+
+
+def _open_video(source):
+    container = open_input(source)
+    if not container.streams.video:
+        kinds = {}
+        for s in container.streams:
+            kinds[s.type] = kinds.get(s.type, 0) + 1
+        held = ", ".join(f"{n} {k} stream{'s' if n > 1 else ''}" for k, n in kinds.items()) or "no streams"
+        container.close()
+        raise UserInputError(f"{describe(source)} has no video stream (it holds {held})")
+    stream = container.streams.video[0]
+    # No frame threading: see the module docstring. Slice threading reports errors as they happen.
+    stream.thread_type = "SLICE"
+    return container, stream
+
+
+def probe_video(source) -> VideoInfo:
+    """What ``FrameReader`` will deliver: size as displayed, timing, frame count, orientation. The first frame is
+    decoded, so an unreadable, audio-only or undecodable input is reported here (one-line errors), before any
+    model is loaded."""
+    import av
+
+    if isinstance(source, (str, os.PathLike)):
+        check_input_file(source)
+    container, stream = _open_video(source)
+    try:
+        try:
+            first = next(iter(container.decode(stream)), None)
+        except av.FFmpegError as e:
+            raise InputDamagedError(f"{describe(source)} is damaged: its first frame cannot be decoded "
+                                    f"({_reason(e)})") from None
+        if first is None:
+            raise InputDamagedError(f"{describe(source)} has no video frames that can be decoded")
+        orientation = _frame_orientation(first, stream)
+        ctx = stream.codec_context
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        header = _header_frames(stream)
+        duration = _stream_seconds(container, stream)
+        frames = header or (round(duration * rate) if duration else 0)
+        sar = ctx.sample_aspect_ratio
+        if sar and orientation.transpose:
+            sar = 1 / Fraction(sar)
+        stored = (first.width, first.height)
+        width, height = orientation.size(*stored)
+        return VideoInfo(width, height, Fraction(rate), Fraction(stream.time_base or Fraction(1, 90000)),
+                         int(frames), len(container.streams.audio), header, duration, orientation,
+                         Fraction(sar) if sar else None, stored)
+    finally:
+        container.close()
+
+
 class FrameReader:
     """Decodes the first video stream of a file one frame at a time.
 
-    Iterating yields ``(index, frame, pts)``: ``frame`` is (3, h, w) float32 RGB in [0, 1] on the CPU, ``pts``
-    the presentation time in ``info.time_base`` units (made up from the frame rate if the file has none, and
-    nudged to stay strictly increasing, which encoders require). Frames before ``start`` are decoded but not
-    converted (for resuming).
+    Iterating yields ``(index, frame, pts)``: ``frame`` is (3, h, w) float32 RGB in [0, 1] on the CPU, turned as
+    the file asks to be shown, ``pts`` the presentation time in ``info.time_base`` units (made up from the frame
+    rate if the file has none, and nudged to stay strictly increasing, which encoders require). Frames before
+    ``start`` are decoded but not converted (for resuming).
+
+    Iteration ends at the end of the stream, at a decoder error, or where the frame size changes; ``problem`` then
+    tells which (None for a complete stream, also when the caller stopped early).
     """
 
-    def __init__(self, source, start: int = 0):
-        self.container = open_input(source)
-        if not self.container.streams.video:
-            self.container.close()
-            raise UserInputError(f"{describe(source)} has no video stream")
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
+    def __init__(self, source, start: int = 0, info: VideoInfo | None = None):
+        self.info = info if info is not None else probe_video(source)
+        self.source = source
+        self.container, self.stream = _open_video(source)
         self.start = start
-        ctx = self.stream.codec_context
-        rate = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
-        frames = self.stream.frames or 0
-        if not frames and self.container.duration:
-            frames = round(self.container.duration / 1_000_000 * rate)
-        self.info = VideoInfo(ctx.width, ctx.height, Fraction(rate),
-                              Fraction(self.stream.time_base or Fraction(1, 90000)), int(frames),
-                              len(self.container.streams.audio))
+        self.decoded = 0
+        self.problem: InputProblem | None = None
+        self._end: float | None = None  # seconds from the stream's start to the end of the last frame decoded
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None, int]]:
-        step = 1 / (self.info.rate * self.info.time_base)
+        import av
+
+        info = self.info
+        step = 1 / (info.rate * info.time_base)
+        start_pts = self.stream.start_time
         last = None
-        for index, frame in enumerate(self.container.decode(self.stream)):
+        frames = self.container.decode(self.stream)
+        index = 0
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except (av.FFmpegError, OSError) as e:
+                of = f" of the {info.header_frames} its header counts" if info.header_frames > index else ""
+                self.problem = InputProblem("damaged", index, f"{describe(self.source)} is damaged or cut off: "
+                                            f"decoding stopped at frame {index}{of} ({_reason(e)})")
+                return
+            if (frame.width, frame.height) != info.stored_size:
+                self.problem = InputProblem(
+                    "size", index, f"{describe(self.source)} changes its frame size at frame {index}, from "
+                    f"{info.stored_size[0]}x{info.stored_size[1]} to {frame.width}x{frame.height}; one output video "
+                    "has one size: cut the input at the change and upscale the parts separately")
+                return
+            if frame.pts is not None:
+                if start_pts is None:
+                    start_pts = frame.pts
+                length = frame.duration if getattr(frame, "duration", None) else step
+                self._end = float((frame.pts - start_pts + length) * info.time_base)
             pts = frame.pts if frame.pts is not None else round(index * step)
             if last is not None and pts <= last:
                 pts = last + 1
             last = pts
-            yield index, (frame_to_tensor(frame) if index >= self.start else None), pts
+            self.decoded = index + 1
+            tensor = info.orientation.apply(frame_to_tensor(frame)) if index >= self.start else None
+            yield index, tensor, pts
+            index += 1
+        self.problem = self._shortfall()
+
+    def _shortfall(self) -> InputProblem | None:
+        """A stream that ended cleanly but before its header says it should: a cut-off file. MP4/MOV count their
+        frames; Matroska and others only give a duration, so there the last frame may end up to 1.5 frames early
+        (variable frame rates) before it counts as cut."""
+        info, decoded, end = self.info, self.decoded, self._end
+        frame_s = float(1 / info.rate) if info.rate else 0.04
+        name = describe(self.source)
+        if info.header_frames and decoded < info.header_frames:
+            if info.duration is None or end is None or end < info.duration - 0.5 * frame_s:
+                return InputProblem("truncated", decoded, f"{name} ends early: its header counts "
+                                    f"{info.header_frames} frames, but the data stops after frame {decoded}")
+        elif not info.header_frames and info.duration and end is not None and end < info.duration - 1.5 * frame_s:
+            return InputProblem("truncated", decoded, f"{name} ends early: its header says {info.duration:.3f} s "
+                                f"(about {round(info.duration * info.rate)} frames), but the data stops after "
+                                f"frame {decoded}, at {end:.3f} s")
+        return None
 
     def close(self) -> None:
         self.container.close()
@@ -113,8 +395,11 @@ class FrameReader:
 
 
 def read_frames(source, start: int = 0) -> Iterator[tuple[int, torch.Tensor, int]]:
-    """``(index, frame (3, h, w) float32 in [0, 1], pts)`` for each frame, decoding one at a time."""
-    with FrameReader(source) as reader:
+    """``(index, frame (3, h, w) float32 in [0, 1], pts)`` for each frame, decoding one at a time. A damaged or
+    cut-off input raises ``InputDamagedError`` after its last good frame."""
+    with FrameReader(source, start=start) as reader:
         for index, frame, pts in reader:
             if index >= start:
                 yield index, frame, pts
+        if reader.problem is not None:
+            raise InputDamagedError(reader.problem.message, frames=reader.decoded)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from ..models.shared.errors import UserInputError
 from .audio import AudioCopy
 
 # Bumped whenever the checkpoint's content changes meaning: an old checkpoint is then refused, not misread.
-RESUME_VERSION = 2
+# 3: frames are turned upright by the input's display matrix (older segments of a rotated input were not).
+RESUME_VERSION = 3
 
 
 class ResumeFiles:
@@ -31,17 +33,49 @@ class ResumeFiles:
         prefix = self.out.name + ".streamvsr-part"
         return sorted(p for p in self.out.parent.glob(f"{glob_escape(prefix)}*") if p.name.startswith(prefix))
 
-    def load(self, engine):
-        """``(info, engine state, scene thumbnail or None)`` of the last checkpoint, or None when there is none."""
+    @property
+    def state_tmp(self) -> Path:
+        return self.state.with_name(self.state.name + ".tmp")
+
+    def read_info(self) -> dict | None:
+        """The checkpoint's description (frames done, settings), read without the model; None when there is no
+        checkpoint. A damaged file is a one-line error that says how to start over."""
         from safetensors import safe_open
 
         if not self.state.exists():
             return None
-        with safe_open(str(self.state), "pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        info = json.loads(meta["streamvsr_resume"])
-        state = engine.state_from_dict({k: v for k, v in tensors.items() if k != "scene_thumbnail"}, meta)
+        try:
+            with safe_open(str(self.state), "pt") as f:
+                meta = f.metadata() or {}
+            info = json.loads(meta["streamvsr_resume"])
+            missing = [k for k in ("fingerprint", "segments", "consumed", "frames", "held_pts", "complete",
+                                   "scene_cuts") if k not in info]
+            if missing:
+                raise KeyError(", ".join(missing))
+            if not isinstance(info["fingerprint"], dict) or not isinstance(info["held_pts"], list):
+                raise TypeError("unexpected content")
+            for key in ("segments", "consumed", "frames", "scene_cuts"):
+                info[key] = int(info[key])
+        except Exception as e:  # any kind of damage means the same to the user
+            raise UserInputError(f"the resume file {self.state} is damaged ({type(e).__name__}: {e}); delete it "
+                                 "to start over (its finished segments are then redone)") from None
+        return info
+
+    def load(self, engine):
+        """``(info, engine state, scene thumbnail or None)`` of the last checkpoint, or None when there is none."""
+        from safetensors import safe_open
+
+        info = self.read_info()
+        if info is None:
+            return None
+        try:
+            with safe_open(str(self.state), "pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            state = engine.state_from_dict({k: v for k, v in tensors.items() if k != "scene_thumbnail"}, meta)
+        except Exception as e:
+            raise UserInputError(f"the resume file {self.state} is damaged or does not fit this model "
+                                 f"({type(e).__name__}: {e}); delete it to start over") from None
         return info, state, tensors.get("scene_thumbnail")
 
     def save(self, state, info: dict, thumbnail: torch.Tensor | None) -> None:
@@ -51,7 +85,7 @@ class ResumeFiles:
         if thumbnail is not None:
             tensors["scene_thumbnail"] = thumbnail.contiguous()
         meta = {**meta, "streamvsr_resume": json.dumps(info)}
-        tmp = self.state.with_name(self.state.name + ".tmp")
+        tmp = self.state_tmp
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, self.state)  # atomic: a crash leaves the previous checkpoint intact
 
@@ -59,25 +93,46 @@ class ResumeFiles:
         for p in self.parts_on_disk():
             p.unlink(missing_ok=True)
         self.state.unlink(missing_ok=True)
+        self.state_tmp.unlink(missing_ok=True)
 
 
 def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
-def fingerprint(source, engine, seed, codec, crf, scene_cut_threshold, size: tuple[int, int]) -> dict:
-    """Everything that must be equal for a checkpoint to continue a job: the input, the engine's identity (model,
-    precision, options) and the output settings."""
+def fingerprint(source, seed, codec, crf, scene_cut_threshold, size: tuple[int, int], engine=None) -> dict:
+    """Everything that must be equal for a checkpoint to continue a job: the input, the output settings and, once
+    the model is loaded, the engine's identity (model, precision, options). Without ``engine`` it is the part
+    that can be checked before loading the model."""
     if isinstance(source, (str, os.PathLike)):
         src = {"input": os.path.abspath(source), "input_bytes": os.path.getsize(source)}
     else:
         src = {"input": None, "input_bytes": None}
-    return {**src, "size": list(size), "seed": int(seed), "codec": codec, "crf": crf,
-            "scene_cut": scene_cut_threshold, "model": engine.identity(), "version": RESUME_VERSION}
+    job = {**src, "size": list(size), "seed": int(seed), "codec": codec, "crf": crf,
+           "scene_cut": scene_cut_threshold, "version": RESUME_VERSION}
+    if engine is not None:
+        job["model"] = engine.identity()
+    return job
 
 
-def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None) -> int:
-    """Remux video-only segments into one file (no re-encoding) and add the audio of ``audio_from``."""
+def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
+    """None when ``saved`` continues ``now`` (only the keys of ``now`` are compared), else what differs."""
+    names = {"input": "input", "input_bytes": "input size", "size": "frame size", "seed": "seed", "codec": "codec",
+             "crf": "crf", "scene_cut": "scene cut", "version": "resume format", "model": "model/settings"}
+    diffs = []
+    for key, value in now.items():
+        if saved.get(key) != value:
+            if key == "model":
+                diffs.append("another model, precision or model option")
+            else:
+                diffs.append(f"{names.get(key, key)} {saved.get(key)!r} then, {value!r} now")
+    return "; ".join(diffs) or None
+
+
+def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
+                  audio_until: float | None = None) -> int:
+    """Remux video-only segments into one file (no re-encoding) and add the audio of ``audio_from`` (up to
+    ``audio_until`` seconds, all of it if None)."""
     import av
 
     frames = 0
@@ -100,7 +155,7 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
                         sink.mux(packet)
                         frames += 1
             if audio is not None:
-                audio.finish(None)
+                audio.finish(audio_until)
         finally:
             sink.close()
     return frames

@@ -16,33 +16,48 @@ Scene cuts (optional): ``SceneCutDetector`` compares consecutive LR frames; at a
 dropped (``engine.reset_temporal``), so the first frame of the new shot is upscaled like a first frame instead of
 being guided by the previous shot. The noise sequence carries on across a cut.
 
+Files: nothing is written under the output's name until it is complete (``outputs``): the video goes to a
+temporary file next to it and is moved into place at the end. A run that stops early (a stop request, an error, a
+damaged or cut-off input) keeps what it finished as ``NAME.streamvsr-partial.EXT`` and says so; an existing
+output is replaced only with ``overwrite``; a lock next to the output refuses a second run to it.
+
+Input: probed before anything else (``check_video_job``, also usable before a model is loaded): readable, has a
+video stream whose first frame decodes; frames are turned upright by the file's display matrix. If decoding
+stops early (a decoder error, fewer frames than the header promises, or a change of frame size), the frames
+before it are finished and kept, and ``InputDamagedError`` says how many and where the input broke;
+``allow_truncated`` instead accepts a cut-off or damaged input and writes what could be decoded to the output.
+
 Resume (optional, ``resume=True``): the video is written as segments ``OUT.streamvsr-partNNNN.EXT`` (video
 only, each a complete file) and, at every checkpoint, the engine state and the count of frames written go to
-``OUT.streamvsr-resume.safetensors`` (with the timestamps of frames the engine still holds). A checkpoint closes the current segment first, so the state always
-matches what is on disk, also after a crash or power loss (work since the last checkpoint is redone). When
-all frames are done, the segments are joined into OUT without re-encoding, the audio is added from the input,
-and the work files are deleted. H.264 segments are encoded without B-frames so that their timestamps can be
+``OUT.streamvsr-resume.safetensors`` (with the timestamps of frames the engine still holds). A checkpoint closes
+the current segment first, so the state always matches what is on disk, also after a crash or power loss (work
+since the last checkpoint is redone). When all frames are done, the segments are joined (under the temporary
+name) without re-encoding, the audio is added from the input, the result is moved to OUT and the work files are
+deleted. H.264 segments are encoded without B-frames so that their timestamps can be
 joined as they are (files get a few percent larger at the same CRF).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..models.shared.errors import UserInputError
-from .reader import FrameReader, describe, reopenable
-from .resume import ResumeFiles, fingerprint, join_segments
+from ..models.shared.errors import InputDamagedError, UserInputError
+from .outputs import OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, temp_path
+from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable
+from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments
 from .scenecut import SceneCutDetector
-from .writer import VideoWriter, codec_spec, color_tags, to_rgb24
+from .writer import VideoWriter, check_crf, codec_spec, color_tags, to_rgb24
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +125,71 @@ class WriterThread(threading.Thread):
             raise self.error
 
 
+@dataclass
+class VideoJob:
+    """A checked upscaling job (``check_video_job``): what can be known before the model is loaded."""
+
+    source: object             # a path, or the bytes of an in-memory input
+    out: Path
+    info: VideoInfo
+    files: ResumeFiles | None  # resume work files (with resume)
+    base: dict                 # the fingerprint without the model
+    discard_unfinished: bool   # an unfinished resumable job of this output is to be thrown away (overwrite)
+
+
+def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf: int | None = None,
+                    scene_cut_threshold: float | None = None, resume: bool = False,
+                    overwrite: bool = False) -> VideoJob:
+    """Every check of an upscaling job that needs no model, each failure a one-line ``StreamVSRError``: the
+    options, the input (readable, a video stream, a first frame that decodes), the output (not the input by
+    identity, not there already unless ``overwrite``, its folder can be made) and, with ``resume``, that a
+    checkpoint found belongs to this job. Nothing is written."""
+    out = Path(out_path)
+    codec_spec(codec, out)
+    check_crf(crf, codec)
+    if not _whole(seed) or not 0 <= seed < 2**64:
+        raise UserInputError(f"seed must be a whole number from 0 to 2^64-1, got {seed!r}")
+    if scene_cut_threshold:
+        SceneCutDetector(scene_cut_threshold)  # checks the range
+    is_path = isinstance(in_path, (str, os.PathLike))
+    if resume and not is_path:
+        raise UserInputError("resume needs the input as a file path (a file object cannot be checked on resume)")
+    source = in_path if is_path else reopenable(in_path)
+    info = probe_video(source)
+    check_output_file(out, [in_path] if is_path else [], overwrite=overwrite)
+    files = ResumeFiles(out)
+    base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
+    saved = files.read_info()
+    if saved is not None and not resume:
+        if not overwrite:
+            raise UserInputError(f"{out} has an unfinished resumable job next to it ({saved['frames']} frames done, "
+                                 f"{files.state.name}): add --resume to continue it, or --overwrite to discard it")
+    elif saved is not None:
+        differs = fingerprint_mismatch(saved["fingerprint"], base)
+        if differs:
+            raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the "
+                                 "same settings to continue it, or delete it to start over")
+    return VideoJob(source, out, info, files if resume else None, base, saved is not None and not resume)
+
+
+def _whole(value) -> bool:
+    """An integer of any kind (Python, NumPy), but not a bool or a float."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264", crf: int | None = None,
                   scene_cut_threshold: float | None = None, resume: bool = False,
                   checkpoint_seconds: float = 60.0, checkpoint_frames: int | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool | None] | None = None,
-                  preview: Callable[[torch.Tensor], None] | None = None) -> dict:
+                  preview: Callable[[torch.Tensor], None] | None = None, overwrite: bool = False,
+                  allow_truncated: bool = False) -> dict:
     """Upscale ``in_path`` into ``out_path`` with ``engine`` (see ``models/contract.py``). Returns a summary dict.
 
     in_path: a path, or a seekable binary file object (not with ``resume``).
@@ -126,75 +200,87 @@ def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264"
         input frames).
     progress(done, total): after each written frame; total is 0 when the file does not tell.
     should_stop(): polled before each frame; return True, or raise (ComfyUI's interrupt), to stop. The frames
-        done so far are then finished properly: a shorter but playable file, or (resume) a checkpoint; a truthy return gives a summary with ``interrupted=True``, an
-        exception is re-raised afterwards.
+        done so far are then finished properly: a shorter, playable file under the partial name, or (resume) a
+        checkpoint; a truthy return gives a summary with ``interrupted=True``, an exception is re-raised
+        afterwards.
     preview(hr): called with each output frame (1, 3, H, W) (on the engine's device), e.g. for a UI preview.
+    overwrite: replace an existing output (only once the new one is complete), or discard an unfinished
+        resumable job of this output when not resuming.
+    allow_truncated: a cut-off or damaged input is not an error: the frames that could be decoded go to the
+        output, and the summary's ``input_problem`` says what was wrong. (A change of frame size always is.)
 
-    Summary: frames (in the output), processed (written by this run), scene_cuts, fps, size (w, h), path,
-    resumed_from, interrupted.
+    Summary: frames (in the output), processed (written by this run), scene_cuts, fps, size (w, h), path (where
+    the frames are: the output, or the partial file after a stop), resumed_from, interrupted, input_problem.
     """
-    out_path = Path(out_path)
-    codec_spec(codec, out_path)
-    if resume and not isinstance(in_path, (str, os.PathLike)):
-        raise UserInputError("resume needs the input as a file path (a file object cannot be checked on resume)")
-    if isinstance(in_path, (str, os.PathLike)) and Path(in_path).resolve() == out_path.resolve():
-        raise UserInputError("the output file must not be the input file")
-    in_path = reopenable(in_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    files = ResumeFiles(out_path) if resume else None
-    detector = SceneCutDetector(scene_cut_threshold) if scene_cut_threshold else None
+    job = check_video_job(in_path, out_path, seed=seed, codec=codec, crf=crf,
+                          scene_cut_threshold=scene_cut_threshold, resume=resume, overwrite=overwrite)
+    make_folder(job.out.parent)
+    with OutputLock(job.out):
+        # Holding the lock, any work file of this output belongs to a run that is over.
+        remove_stale([temp_path(job.out), ResumeFiles(job.out).state_tmp])
+        if job.discard_unfinished:
+            ResumeFiles(job.out).remove()
+            log.info("discarded the unfinished resumable job of %s (overwrite)", job.out)
+        elif job.files is None:
+            remove_stale(ResumeFiles(job.out).parts_on_disk(), "left by a resumable run without a checkpoint")
+        return _run(engine, job, seed, codec, crf, scene_cut_threshold, checkpoint_seconds, checkpoint_frames,
+                    progress, should_stop, preview, overwrite, allow_truncated)
 
-    probe = FrameReader(in_path)
-    info = probe.info
-    sar = probe.stream.codec_context.sample_aspect_ratio
-    probe.close()
+
+def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoint_seconds, checkpoint_frames,
+         progress, should_stop, preview, overwrite, allow_truncated) -> dict:
+    source, out_path, info, files = job.source, job.out, job.info, job.files
+    tmp = temp_path(out_path)
+    detector = SceneCutDetector(scene_cut_threshold) if scene_cut_threshold else None
     scale = int(engine.scale)
     size = (info.width * scale, info.height * scale)
-    job = fingerprint(in_path, engine, seed, codec, crf, scene_cut_threshold, (info.width, info.height))
+    fp = {**job.base, "model": engine.identity()}
     summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": size,
-               "path": str(out_path), "resumed_from": 0, "interrupted": False}
+               "path": str(out_path), "resumed_from": 0, "interrupted": False, "input_problem": None}
 
     state, consumed, written, segments, complete = engine.new_state(seed), 0, 0, 0, False
     held_pts: deque[int] = deque()  # timestamps of frames pushed into the engine and not yet returned
+    problem: dict | None = None  # where the input broke: {"kind", "message"} (see reader.InputProblem)
     if files is not None:
         loaded = files.load(engine)
         if loaded is not None:
             saved, saved_state, thumbnail = loaded
-            if saved.get("fingerprint") != job:
-                raise UserInputError(
-                    f"{files.state} belongs to a job with other settings or another input "
-                    f"(saved {saved.get('fingerprint')}, now {job}); delete it to start over, or run "
-                    "with the same settings")
+            differs = fingerprint_mismatch(saved["fingerprint"], fp)
+            if differs:
+                raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with "
+                                     "the same settings to continue it, or delete it to start over")
             state, segments = saved_state, int(saved["segments"])
             consumed, written = int(saved["consumed"]), int(saved["frames"])
             held_pts.extend(int(p) for p in saved["held_pts"])
             complete, summary["scene_cuts"] = bool(saved["complete"]), int(saved["scene_cuts"])
+            problem = saved.get("input_problem")
             if detector is not None:
                 detector.previous = thumbnail
             log.info("resuming %s after %d frames", out_path, written)
         keep = {files.part(i) for i in range(segments)}
-        for stale in files.parts_on_disk():
-            if stale not in keep:
-                stale.unlink()  # written after the last checkpoint: incomplete or not matching the state
+        remove_stale([p for p in files.parts_on_disk() if p not in keep],
+                     "written after the last checkpoint (redone now)")
         missing = [p for p in sorted(keep) if not p.exists()]
         if missing:
             raise UserInputError(f"the resume state {files.state} needs {missing[0]}, which is gone; delete the "
-                             "state file to start over")
+                                 "state file to start over")
     summary["resumed_from"] = written
 
-    tags = color_tags(in_path) if codec != "lossless" else {}
+    tags = color_tags(source) if codec != "lossless" else {}
+    last_time = [0.0]  # seconds: end of the last frame written, where a partial file's audio is cut
 
     def make_writer(segment: int) -> VideoWriter:
-        path = files.part(segment) if files is not None else out_path
+        path = files.part(segment) if files is not None else tmp
         return VideoWriter(path, size[0], size[1], info.rate, info.time_base, codec=codec, crf=crf,
-                           audio_from=None if files is not None else in_path, b_frames=files is None,
-                           sample_aspect_ratio=sar, color_tags=tags)
+                           audio_from=None if files is not None else source, b_frames=files is None,
+                           sample_aspect_ratio=info.sample_aspect_ratio, color_tags=tags)
 
     def checkpoint(segment_count: int, ckpt_state, counts: dict, thumb, done: bool) -> None:
-        files.save(ckpt_state, {**counts, "segments": segment_count, "complete": done, "fingerprint": job}, thumb)
+        files.save(ckpt_state, {**counts, "segments": segment_count, "complete": done, "fingerprint": fp}, thumb)
 
     stop_error: BaseException | None = None
     start_written = written
+    stopped = False
     if not complete:
         writer = WriterThread(make_writer, checkpoint if files is not None else None, segments)
         if files is None:
@@ -208,20 +294,21 @@ def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264"
                 hr = hr[None]
                 if preview is not None:
                     preview(hr)
-                writer.put(("frame", to_rgb24(hr), held_pts.popleft()))
+                pts = held_pts.popleft()
+                writer.put(("frame", to_rgb24(hr), pts))
+                last_time[0] = float((pts + 1 / (info.rate * info.time_base)) * info.time_base)
                 written += 1
                 if progress is not None:
                     progress(written, max(info.frames, written))
 
         def save_checkpoint(final: bool) -> None:
             counts = {"frames": written, "consumed": consumed, "held_pts": list(held_pts),
-                      "scene_cuts": summary["scene_cuts"]}
+                      "scene_cuts": summary["scene_cuts"], "input_problem": problem}
             writer.put(("checkpoint", state.to("cpu"), counts,
                         detector.previous if detector is not None else None, final))
 
         last_checkpoint, since_checkpoint = time.monotonic(), 0
-        stopped = False
-        reader = FrameReader(in_path, start=consumed)
+        reader = FrameReader(source, start=consumed, info=info)
         try:
             for index, lr, pts in reader:
                 if index < consumed:
@@ -249,48 +336,92 @@ def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264"
                         or (not checkpoint_frames and time.monotonic() - last_checkpoint >= checkpoint_seconds)):
                     save_checkpoint(False)
                     last_checkpoint, since_checkpoint = time.monotonic(), 0
-            # Reached only at the end of the input or at a requested stop. A stop does not finish the frames the
-            # engine holds (that can be a whole chunk of work): with resume they stay in the checkpointed state.
+            # Reached at the end of the input (complete or not) or at a requested stop. A stop does not finish the
+            # frames the engine holds (that can be a whole chunk of work): with resume they stay in the
+            # checkpointed state. Where the input broke, the frames before it are finished: they are good.
             if stopped:
                 if files is not None:
                     save_checkpoint(False)
                 else:
                     writer.put(("close", False))
             else:
+                if reader.problem is not None:
+                    problem = {"kind": reader.problem.kind, "message": reader.problem.message}
                 out, state = engine.flush(state)
                 emit(out)
                 if files is not None:
                     save_checkpoint(True)
                 else:
-                    writer.put(("close", True))
+                    writer.put(("close", problem is None))
             writer.finish()
             segments = writer.segment
         except BaseException:
             # An error or a hard interrupt mid-frame: end the writer without a new checkpoint (the last one still
-            # matches what is on disk) and keep the file written so far playable.
+            # matches what is on disk) and keep what was written, playable, under the partial name.
             if writer.is_alive():
                 try:
                     writer.put(("close", False))
                     writer.finish()
                 except BaseException:
-                    log.warning("could not finalise %s", out_path)
+                    log.warning("could not finalise %s", tmp)
+            if files is None:
+                if written > start_written:
+                    kept = keep_partial(tmp, out_path)
+                    log.warning("the %d frames written before this error are in %s", written, kept)
+                else:
+                    remove_stale([tmp], "an empty output of a failed run")
             raise
         finally:
             reader.close()
         complete = not stopped
     summary["frames"] = written
     summary["processed"] = written - start_written
+    summary["input_problem"] = problem["message"] if problem else None
+    # A cut-off or damaged input may be accepted; a change of frame size cannot be (the output has one size).
+    accept = problem is not None and allow_truncated and problem["kind"] != "size"
 
-    if files is not None and complete:
+    if files is None:
+        if stopped:
+            if written:
+                summary["path"] = str(keep_partial(tmp, out_path))
+            else:
+                remove_stale([tmp], "an empty output of a stopped run")
+                summary["path"] = None
+        elif problem is not None and not accept:
+            kept = keep_partial(tmp, out_path)
+            raise InputDamagedError(_broken(problem, written, kept, out_path), frames=written, path=kept)
+        else:
+            publish(tmp, out_path, overwrite=overwrite)
+    elif complete:
         parts = [files.part(i) for i in range(segments)]
         if not parts:
-            raise UserInputError(f"{describe(in_path)} has no frames to upscale")
-        tmp = out_path.with_name(out_path.stem + ".streamvsr-tmp" + out_path.suffix)
-        summary["frames"] = join_segments(parts, tmp, audio_from=in_path, time_base=info.time_base)
-        os.replace(tmp, out_path)
+            raise UserInputError(f"{describe(source)} has no frames to upscale")
+        until = last_time[0] if problem is not None and last_time[0] else None
+        summary["frames"] = join_segments(parts, tmp, audio_from=source, time_base=info.time_base,
+                                          audio_until=until)
+        if problem is not None and not accept:
+            kept = keep_partial(tmp, out_path)
+            files.remove()
+            raise InputDamagedError(_broken(problem, summary["frames"], kept, out_path), frames=summary["frames"],
+                                    path=kept)
+        publish(tmp, out_path, overwrite=overwrite)
         files.remove()
     if stop_error is not None:
         raise stop_error
     if summary["interrupted"] and files is not None:
         log.info("stopped after %d frames; run again with resume to continue", written)
     return summary
+
+
+def _broken(problem: dict, frames: int, kept, out_path) -> str:
+    """The one-line report of an input that broke: what broke, what was kept where, what to do."""
+    if frames == 1:
+        where = f"the frame before it was upscaled into {kept}"
+    elif frames:
+        where = f"the {frames} frames before it were upscaled into {kept}"
+    else:
+        where = "no frame could be upscaled"
+    text = f"{problem['message']}. {out_path} was not written; {where}"
+    if problem["kind"] != "size":
+        text += ". To accept the input as it is: --allow-truncated (command line)"
+    return text

@@ -131,6 +131,16 @@ def codec_spec(name: str, path) -> Codec:
     return spec
 
 
+def check_crf(crf, codec: str) -> None:
+    """``crf`` is x264's quality (0-51) and means nothing to the other codecs: refused there, not ignored."""
+    if crf is None:
+        return
+    if codec != "h264":
+        raise UserInputError(f"crf sets H.264 quality; codec {codec!r} has no such setting (leave crf out)")
+    if isinstance(crf, bool) or not hasattr(crf, "__index__") or not 0 <= crf <= 51:
+        raise UserInputError(f"crf must be a whole number from 0 to 51 (x264's range; lower is better), got {crf!r}")
+
+
 def color_tags(source) -> dict:
     """Primaries and transfer of the input's video stream, when tagged (the RGB values keep meaning them)."""
     try:

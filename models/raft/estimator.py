@@ -49,6 +49,17 @@ class FlowEstimator(nn.Module):
 
     @torch.inference_mode()
     def forward(self, image1: torch.Tensor, image2: torch.Tensor, corr: str | None = None) -> torch.Tensor:
+        return self._estimate(image1, image2, None, corr, False)[0]
+
+    @torch.inference_mode()
+    def flow_and_features(self, image1: torch.Tensor, image2: torch.Tensor, features2=None,
+                          corr: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flow, features1)``: the flow as ``forward`` gives it, and image1's RAFT features. Passing those as
+        ``features2`` when image1 comes back as the next pair's image2 (a video: frame i, then frame i+1 with
+        frame i) saves encoding it again and gives the same flow."""
+        return self._estimate(image1, image2, features2, corr, True)
+
+    def _estimate(self, image1, image2, features2, corr, want_features):
         param = next(self.raft.parameters())
         image1 = image1.to(param.device, param.dtype)
         image2 = image2.to(param.device, param.dtype)
@@ -56,10 +67,20 @@ class FlowEstimator(nn.Module):
         if self.downscale > 1:
             size = (max(h // self.downscale, 1), max(w // self.downscale, 1))
             image1 = F.interpolate(image1, size=size, mode="bilinear", align_corners=False, antialias=True)
-            image2 = F.interpolate(image2, size=size, mode="bilinear", align_corners=False, antialias=True)
-        flow = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr).to(torch.float32)
+            if features2 is None:
+                image2 = F.interpolate(image2, size=size, mode="bilinear", align_corners=False, antialias=True)
+            else:  # only its size is used
+                image2 = image1
+        if features2 is not None:
+            features2 = features2.to(param.device, param.dtype)
+        if want_features or features2 is not None:
+            flow, features1 = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr,
+                                        fmap2=features2, return_fmap1=True)
+        else:
+            flow, features1 = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr), None
+        flow = flow.to(torch.float32)
         if self.downscale > 1:
             # per axis, the exact ratio (sizes that are not multiples of the factor are rounded down)
             scale = torch.tensor([w / flow.shape[-1], h / flow.shape[-2]], device=flow.device).view(1, 2, 1, 1)
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) * scale
-        return flow
+        return flow, features1

@@ -226,7 +226,10 @@ class RAFT(nn.Module):
         self.mask_predictor = MaskPredictor(hidden, 256, operations, device, dtype) if use_mask else None
 
     def forward(self, image1, image2, num_flow_updates: int = 12, corr: str = "auto",
-                block_bytes: int = 256 << 20):
+                block_bytes: int = 256 << 20, fmap2=None, return_fmap1: bool = False):
+        """``fmap2``: image2's features from an earlier call (the ``fmap1`` that ``return_fmap1=True`` returned
+        for it as image1), so image2 is not encoded again; the encoder is per image, so the flow is the same.
+        With ``return_fmap1`` the result is ``(flow, fmap1)``."""
         if image1.shape != image2.shape or image1.ndim != 4 or image1.shape[1] != 3:
             raise ValueError(f"images must both be (B, 3, H, W), got {tuple(image1.shape)} and "
                              f"{tuple(image2.shape)}")
@@ -243,11 +246,17 @@ class RAFT(nn.Module):
         # Instance norm is per image: encoding the images one at a time gives the features of torchvision's
         # batched call with half the peak memory.
         fmap1 = self.feature_encoder(image1)
-        fmap2 = self.feature_encoder(image2)
+        if fmap2 is None:
+            fmap2 = self.feature_encoder(image2)
+        elif fmap2.shape != fmap1.shape:
+            raise ValueError(f"fmap2 {tuple(fmap2.shape)} does not match image1's features {tuple(fmap1.shape)}")
         del image2
+        # Both lookups only read the feature maps, so fmap1 can serve as the next call's fmap2.
         lookup = (AllPairsCorrelation if corr == "all_pairs" else OnDemandCorrelation)(
             fmap1, fmap2, self.radius, block_bytes)
-        del fmap1, fmap2
+        if not return_fmap1:
+            del fmap1
+        del fmap2
         context = self.context_encoder(image1)
         del image1
         hidden, context = torch.split(context, [self.hidden, context.shape[1] - self.hidden], dim=1)
@@ -264,7 +273,8 @@ class RAFT(nn.Module):
             coords1 = coords1 + delta.to(torch.float32)
         del lookup, context
         # Only the last iteration's flow is upsampled: the intermediate ones are not part of the result.
-        return self.upsample((coords1 - coords0).to(hidden.dtype), hidden, (h, w), block_bytes)
+        flow = self.upsample((coords1 - coords0).to(hidden.dtype), hidden, (h, w), block_bytes)
+        return (flow, fmap1) if return_fmap1 else flow
 
     def upsample(self, flow, hidden, size=None, block_bytes: int = 256 << 20):
         """Flow at 1/8 resolution -> (B, 2, 8h, 8w) cropped to ``size``: convex combination of the 3x3

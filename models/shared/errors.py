@@ -22,3 +22,22 @@ class WeightsError(StreamVSRError, ValueError):
 
 class DownloadError(StreamVSRError, RuntimeError):
     """Weights could not be fetched (offline, server error, corrupt download)."""
+
+
+class OutputExistsError(UserInputError):
+    """The output is already there and replacing it was not asked for (``--overwrite``)."""
+
+
+class OutputBusyError(StreamVSRError, RuntimeError):
+    """Another run is writing the same output right now (it holds the output's lock)."""
+
+
+class InputDamagedError(UserInputError):
+    """The input ends early or cannot be decoded past some point.
+
+    ``frames``: how many output frames were written before it broke; ``path``: where they are (None if nowhere).
+    """
+
+    def __init__(self, message: str, frames: int = 0, path=None):
+        super().__init__(message)
+        self.frames, self.path = frames, path

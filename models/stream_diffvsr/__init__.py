@@ -32,8 +32,9 @@ def detect(path) -> bool:
 
 
 def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int = 4, corr: str = "auto",
-                flow_downscale: int = 1):
-    """The official folder or a single file, plus RAFT weights ``flow``, as a ready StreamEngine."""
+                flow_downscale: int = 1, compile: bool = False):
+    """The official folder or a single file, plus RAFT weights ``flow``, as a ready StreamEngine (``compile``:
+    the torch.compile path, see speed.py)."""
     from ..raft.weights import load_raft
     from ..shared.errors import UserInputError
     from .engine import StreamEngine
@@ -44,7 +45,7 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
                              "e.g. from `streamvsr download`)")
     pipe = load_pipeline(path, device=device, dtype=dtype)
     estimator = load_raft(flow, device=device, corr=corr, downscale=flow_downscale)
-    return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype)
+    return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile))
 
 
 def convert(source, out_path, dtype=torch.float16, **_ignored) -> Path:
@@ -57,6 +58,6 @@ FAMILY = Family(
     name="stream-diffvsr", title="Stream-DiffVSR", scale=4,
     frame_rule="one output frame per input frame, immediately", size_multiple=4,
     dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect, load_engine=load_engine,
-    options=("flow", "steps", "corr", "flow_downscale"), convert=convert)
+    options=("flow", "steps", "corr", "flow_downscale", "compile"), convert=convert)
 
 __all__ = ["FAMILY", "SINGLE_FILE_FORMAT", "detect", "load_engine"]

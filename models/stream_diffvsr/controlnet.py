@@ -60,11 +60,26 @@ class ControlNet(DownPath):
         kw = dict(device=device, dtype=dtype)
         self.controlnet_down_blocks = nn.ModuleList([operations.Conv2d(c, c, 1, **kw) for c in skip_channels])
         self.controlnet_mid_block = operations.Conv2d(s.channels[-1], s.channels[-1], 1, **kw)
+        self.number_blocks()
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale: float = 1.0):
+    def embed_condition(self, controlnet_cond):
+        """The conditioning embedding: it depends on ``controlnet_cond`` only, so a caller that runs several steps
+        with one condition computes it once and passes it as ``cond_embedding``."""
+        return self.controlnet_cond_embedding(controlnet_cond)
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond=None, conditioning_scale: float = 1.0,
+                cond_embedding=None):
+        """``timestep`` may be a ``StepEmbedding`` and ``encoder_hidden_states`` a ``PromptKV`` (see unet.py);
+        ``cond_embedding`` replaces ``controlnet_cond`` with its ``embed_condition``."""
         temb = self.embed_time(timestep, sample)
-        x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
+        if cond_embedding is None:
+            cond_embedding = self.embed_condition(controlnet_cond)
+        x = self.conv_in(sample) + cond_embedding
         x, skips = self.run_down_blocks(x, temb, encoder_hidden_states)
         x = self.mid_block(x, temb, encoder_hidden_states)
-        down = [conv(skip) * conditioning_scale for conv, skip in zip(self.controlnet_down_blocks, skips)]
-        return down, self.controlnet_mid_block(x) * conditioning_scale
+        down = [conv(skip) for conv, skip in zip(self.controlnet_down_blocks, skips)]
+        mid = self.controlnet_mid_block(x)
+        if conditioning_scale != 1:  # x * 1.0 is x: the official scale (1.0) costs no pass over the residuals
+            down = [d * conditioning_scale for d in down]
+            mid = mid * conditioning_scale
+        return down, mid

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -20,6 +21,7 @@ from .pipeline import StreamDiffVSRPipeline
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.warp import flow_warp_official
+from .speed import compiled, pin_conv_layouts
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,13 @@ FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCALE = 4
 # LR sides are padded to a multiple of this (the tiny autoencoder downsamples the HR frame by 4).
 LR_MULTIPLE = 4
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place either)
+        return -1
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,10 @@ class StreamState:
         float32, where h', w' are the LR sides padded to a multiple of 4. None before the first frame.
     prev_upscaled: bicubic x4 upscale of the previous (padded) LR frame in [-1, 1], same shape, float32.
     lr_size: (h, w) of the input frames of this sequence; frames of another size need a new state.
+    flow_features: a cache, not part of the sequence: the flow model's features of ``prev_upscaled`` (RAFT
+        encoded it as image 1 of the previous pair and needs it as image 2 of the next one), valid only for the
+        flow model named by ``flow_features_key``. Not serialised: after ``from_dict`` (or with another flow
+        model) it is simply recomputed, with the same result.
     """
 
     seed: int
@@ -49,10 +62,13 @@ class StreamState:
     prev_output: torch.Tensor | None = None
     prev_upscaled: torch.Tensor | None = None
     lr_size: tuple[int, int] | None = None
+    flow_features: torch.Tensor | None = None
+    flow_features_key: str | None = None
 
     def to(self, device) -> "StreamState":
         move = (lambda t: None if t is None else t.to(device))
-        return replace(self, prev_output=move(self.prev_output), prev_upscaled=move(self.prev_upscaled))
+        return replace(self, prev_output=move(self.prev_output), prev_upscaled=move(self.prev_upscaled),
+                       flow_features=move(self.flow_features))
 
     def to_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors and string metadata, ready for ``safetensors.torch.save_file(tensors, path, metadata)``."""
@@ -91,7 +107,17 @@ class StreamEngine:
     scale = SCALE
 
     def __init__(self, pipeline: StreamDiffVSRPipeline, flow: FlowFn, steps: int = 4,
-                 device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
+                 reuse: bool = True, compile: bool = False):
+        """``reuse``: compute once what gives the same numbers every time (the prompt's cross-attention keys and
+        values, each timestep's embeddings, the ControlNet's conditioning embedding once per frame, RAFT's
+        features of the previous frame, convolution weights in the layout their inputs have). The output is
+        bit-identical either way; False runs the plain per-step arithmetic (a reference for tests).
+
+        ``compile``: run the UNet, ControlNet and temporal decoder through ``torch.compile`` (channels-last,
+        shapes static per sequence, compiled once per frame size and kept for the session; see speed.py). The
+        output then differs from the eager one by float rounding; where compilation is unavailable the networks
+        run eagerly after a one-line warning."""
         if not 1 <= int(steps) <= 50:
             raise UserInputError(f"steps must be between 1 and 50 (the model is distilled for 4), got {steps}")
         self.pipeline = pipeline
@@ -102,6 +128,28 @@ class StreamEngine:
         self.compute_dtype = compute_dtype or pipeline.dtype
         self.timesteps = pipeline.scheduler.timesteps(self.steps)
         self._on_demand = False
+        self.reuse = bool(reuse)
+        # name -> (fingerprint of the weights it was computed from, value): constants of the networks
+        self._constants: dict = {}
+        if self.reuse:
+            for net in (pipeline.unet, pipeline.controlnet, pipeline.vae):
+                pin_conv_layouts(net)
+        self.compile = bool(compile)
+        if self.compile:
+            self._unet = compiled(pipeline.unet, "forward", "UNet")
+            self._controlnet = compiled(pipeline.controlnet, "forward", "ControlNet")
+            self._decode = compiled(pipeline.vae, "decode", "temporal decoder")
+            self._features = compiled(pipeline.vae, "encode_features", "temporal encoder")
+        else:
+            self._unet, self._controlnet = pipeline.unet, pipeline.controlnet
+            self._decode, self._features = pipeline.vae.decode, pipeline.vae.encode_features
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling so far (0 without ``compile``)."""
+        if not self.compile:
+            return 0.0
+        return sum(c.seconds for c in (self._unet, self._controlnet, self._decode, self._features))
 
     # ------------------------------------------------------------------ the engine contract (see models/contract.py)
 
@@ -126,7 +174,8 @@ class StreamEngine:
 
     def reset_temporal(self, state: StreamState) -> tuple[torch.Tensor, StreamState]:
         """A scene cut: the next frame is upscaled like a first frame, the noise sequence carries on."""
-        return self.no_frames(state), replace(state, prev_output=None, prev_upscaled=None)
+        return self.no_frames(state), replace(state, prev_output=None, prev_upscaled=None, flow_features=None,
+                                              flow_features_key=None)
 
     def pending(self, state: StreamState) -> int:
         return 0
@@ -159,13 +208,32 @@ class StreamEngine:
             est = max(est, flow_estimate(hp * SCALE, wp * SCALE))
         return int(est)
 
-    def _flow(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
-        """The flow; on out-of-memory retried, and from then on computed, with RAFT's on-demand correlation, which
-        gives the same numbers in bounded memory (the one out-of-memory fallback of the pack)."""
+    def _flow_key(self) -> str | None:
+        """Names the flow model whose features a state may carry (None: it cannot hand out features)."""
+        if not (self.reuse and callable(getattr(self.flow, "flow_and_features", None))):
+            return None
+        token = getattr(self.flow, "_streamvsr_token", None)
+        if token is None:
+            token = uuid.uuid4().hex
+            self.flow._streamvsr_token = token
+        return f"{token}|downscale={getattr(self.flow, 'downscale', 1)}"
+
+    def _call_flow(self, image1, image2, features2, corr=None):
+        """(flow, image1's features or None)."""
+        kw = {} if corr is None else {"corr": corr}
+        if self._flow_key() is None:
+            return self.flow(image1, image2, **kw).to(torch.float32), None
+        flow, features = self.flow.flow_and_features(image1, image2, features2, **kw)
+        return flow.to(torch.float32), features
+
+    def _flow(self, image1: torch.Tensor, image2: torch.Tensor, features2=None):
+        """(flow, image1's features or None). On out-of-memory retried, and from then on computed, with RAFT's
+        on-demand correlation, which gives the same numbers in bounded memory (the one out-of-memory fallback
+        of the pack)."""
         if not self._on_demand and callable(getattr(self.flow, "forward", None)) and \
                 getattr(self.flow, "corr", None) not in (None, "on_demand"):
             try:
-                return self.flow(image1, image2).to(torch.float32)
+                return self._call_flow(image1, image2, features2)
             except torch.OutOfMemoryError:
                 pass  # retried outside the except block, so the failed attempt's tensors can be freed first
             if image1.device.type == "cuda":
@@ -174,8 +242,32 @@ class StreamEngine:
                         "(same result, bounded memory)")
             self._on_demand = True
         if self._on_demand:
-            return self.flow(image1, image2, corr="on_demand").to(torch.float32)
-        return self.flow(image1, image2).to(torch.float32)
+            return self._call_flow(image1, image2, features2, corr="on_demand")
+        return self._call_flow(image1, image2, features2)
+
+    def _constant(self, name: str, sources, make):
+        """``make()``, computed again only when one of the ``sources`` tensors was replaced or changed in place
+        (weights patched or moved, e.g. by ComfyUI)."""
+        key = tuple((t.device, t.dtype, t.data_ptr(), _version(t)) for t in sources)
+        hit = self._constants.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = make()
+        self._constants[name] = (key, value)
+        return value
+
+    def _prompt_kv(self, net, embeds: torch.Tensor):
+        """The prompt's keys and values for every cross-attention of ``net``: the same for every step of every
+        frame."""
+        sources = [embeds] + [w for m in net.cross_attentions for w in (m.to_k.weight, m.to_v.weight)]
+        return self._constant(f"kv:{id(net)}", sources, lambda: net.prompt_kv(embeds))
+
+    def _step_embedding(self, net, t: int, sample: torch.Tensor):
+        """Timestep ``t``'s embedding and its projection in every resnet of ``net``: the same for every frame."""
+        sources = [net.time_embedding.linear_1.weight, net.time_embedding.linear_2.weight] + \
+            [m.time_emb_proj.weight for m in net.time_resnets]
+        return self._constant(f"temb:{id(net)}:{t}:{sample.dtype}:{sample.device}:{sample.shape[0]}", sources,
+                              lambda: net.step_embedding(torch.tensor(t, device=sample.device), sample))
 
     @torch.inference_mode()
     def step(self, frame: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, StreamState]:
@@ -207,27 +299,43 @@ class StreamEngine:
         latent = torch.randn((1, pipe.latent_channels, *lr.shape[-2:]), generator=generator,
                              dtype=torch.float32).to(device)
 
-        warped = temporal = None
+        warped = temporal = features = None
+        flow_key = self._flow_key()
         if state.prev_output is not None:
-            flow = self._flow(upscaled, state.prev_upscaled.to(device))
+            carried = state.flow_features if flow_key is not None and state.flow_features_key == flow_key else None
+            flow, features = self._flow(upscaled, state.prev_upscaled.to(device), carried)
             warped = flow_warp_official(state.prev_output.to(device, torch.float32), flow)
-            temporal = pipe.vae.encode_features(warped.to(dtype))[::-1]
+            temporal = self._features(warped.to(dtype))[::-1]
             warped = warped.to(dtype)
 
         embeds = pipe.prompt_embeds.to(device, dtype)
         lr_in = lr.to(dtype)
+        unet_context = controlnet_context = cond_embedding = None
+        if self.reuse:
+            unet_context = self._prompt_kv(pipe.unet, embeds)
+            if warped is not None:
+                controlnet_context = self._prompt_kv(pipe.controlnet, embeds)
+                cond_embedding = pipe.controlnet.embed_condition(warped)  # depends on the frame, not the step
         for t in self.timesteps:
             model_in = torch.cat([latent.to(dtype), lr_in], dim=1)
-            timestep = torch.tensor(t, device=device)
             down = mid = None
-            if warped is not None:
-                down, mid = pipe.controlnet(model_in, timestep, embeds, warped)
-            v = pipe.unet(model_in, timestep, embeds, down, mid).to(torch.float32)
-            latent, _ = pipe.scheduler.step(v, t, latent, self.steps)
+            if not self.reuse:
+                timestep = torch.tensor(t, device=device)
+                if warped is not None:
+                    down, mid = self._controlnet(model_in, timestep, embeds, warped)
+                v = self._unet(model_in, timestep, embeds, down, mid)
+            else:
+                if warped is not None:
+                    down, mid = self._controlnet(model_in, self._step_embedding(pipe.controlnet, t, model_in),
+                                                 controlnet_context, cond_embedding=cond_embedding)
+                v = self._unet(model_in, self._step_embedding(pipe.unet, t, model_in), unet_context, down, mid)
+            del down, mid
+            latent, _ = pipe.scheduler.step(v.to(torch.float32), t, latent, self.steps)
 
-        decoded = pipe.vae.decode((latent / pipe.vae_scaling_factor).to(dtype), temporal).to(torch.float32)
+        decoded = self._decode((latent / pipe.vae_scaling_factor).to(dtype), temporal).to(torch.float32)
         new = StreamState(seed=state.seed, frame_index=state.frame_index + 1,
                           generator_state=generator.get_state(), prev_output=decoded,
-                          prev_upscaled=upscaled, lr_size=(h, w))
+                          prev_upscaled=upscaled, lr_size=(h, w), flow_features=features,
+                          flow_features_key=flow_key if features is not None else None)
         hr = (decoded[..., : h * SCALE, : w * SCALE] / 2 + 0.5).clamp(0, 1)
         return hr, new

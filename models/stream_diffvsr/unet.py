@@ -5,6 +5,11 @@ transformer_blocks.0.attn1.to_q.weight`` ...) so the official weights load uncha
 the component's ``config.json``. Only the features this model family uses are implemented; a config asking for
 anything else is rejected with the offending key named. The conv_in / time-embedding / down / mid part is
 ``DownPath``, shared with the ControlNet.
+
+What stays the same from call to call can be computed once and passed in instead (``DownPath.prompt_kv`` for the
+cross-attention keys/values of the constant prompt embedding, ``DownPath.step_embedding`` for a timestep's
+embedding and every resnet's projection of it): the networks then skip that work and compute exactly the same
+numbers, since the very same operations run on the same inputs, only once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,26 @@ import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+class PromptKV:
+    """The cross-attention keys and values of one context tensor, for every cross-attention of one network
+    (``kv[attention.kv_slot]``), made by ``DownPath.prompt_kv``. Pass it as ``encoder_hidden_states``."""
+
+    __slots__ = ("kv",)
+
+    def __init__(self, kv):
+        self.kv = tuple(kv)
+
+
+class StepEmbedding:
+    """A timestep's embedding and every resnet's projection of it (``proj[resnet.temb_slot]``), made by
+    ``DownPath.step_embedding``. Pass it as ``timestep``."""
+
+    __slots__ = ("temb", "proj")
+
+    def __init__(self, temb, proj):
+        self.temb, self.proj = temb, tuple(proj)
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -157,9 +182,14 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = operations.Conv2d(out_ch, out_ch, 3, padding=1, **kw)
         self.conv_shortcut = operations.Conv2d(in_ch, out_ch, 1, **kw) if in_ch != out_ch else None
 
+    temb_slot = -1  # index in StepEmbedding.proj, numbered by the network that owns the block
+
+    def project_time(self, temb):
+        return self.time_emb_proj(F.silu(temb))[:, :, None, None]
+
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = h + (temb.proj[self.temb_slot] if isinstance(temb, StepEmbedding) else self.project_time(temb))
         h = self.conv2(F.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -179,13 +209,25 @@ class Attention(nn.Module):
         self.to_v = operations.Linear(context_dim or dim, dim, bias=False, **kw)
         # diffusers' to_out.1 is a parameter-free dropout, so a single entry keeps the key to_out.0.
         self.to_out = nn.ModuleList([operations.Linear(dim, dim, **kw)])
+        self.is_cross = context_dim is not None
+
+    kv_slot = -1  # index in PromptKV.kv, numbered by the network that owns the block (cross-attentions only)
+
+    def _heads(self, t):
+        t = t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        # the config may ask for float32 attention to avoid half-precision overflow
+        return t.float() if self.upcast else t
+
+    def project_context(self, context):
+        """Keys and values of ``context``, exactly as ``forward`` computes them."""
+        return self._heads(self.to_k(context)), self._heads(self.to_v(context))
 
     def forward(self, x, context=None):
-        context = x if context is None else context
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        if self.upcast:  # the config asks for float32 attention to avoid half-precision overflow
-            q, k, v = q.float(), k.float(), v.float()
+        if isinstance(context, PromptKV):
+            k, v = context.kv[self.kv_slot]
+        else:
+            k, v = self.project_context(x if context is None else context)
+        q = self._heads(self.to_q(x))
         out = F.scaled_dot_product_attention(q, k, v).to(x.dtype)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
@@ -384,8 +426,31 @@ class DownPath(nn.Module):
         self.down_blocks = nn.ModuleList([DownBlock(s, i, operations, device, dtype) for i in range(len(s.channels))])
         self.mid_block = MidBlock(s, operations, device, dtype)
 
+    def number_blocks(self) -> None:
+        """Give every cross-attention its slot in a PromptKV and every resnet its slot in a StepEmbedding (run by
+        the subclasses once all their blocks exist)."""
+        self.cross_attentions = tuple(m for m in self.modules() if isinstance(m, Attention) and m.is_cross)
+        self.time_resnets = tuple(m for m in self.modules() if isinstance(m, ResnetBlock2D))
+        for i, m in enumerate(self.cross_attentions):
+            m.kv_slot = i
+        for i, m in enumerate(self.time_resnets):
+            m.temb_slot = i
+
+    def prompt_kv(self, context: torch.Tensor) -> PromptKV:
+        """Keys and values of ``context`` for every cross-attention: pass the result as ``encoder_hidden_states``
+        to reuse them across calls (same numbers, computed once)."""
+        return PromptKV(m.project_context(context) for m in self.cross_attentions)
+
+    def step_embedding(self, timestep, sample: torch.Tensor) -> StepEmbedding:
+        """``timestep``'s embedding and every resnet's projection of it for a sample like ``sample`` (only its
+        batch size, device and dtype count): pass the result as ``timestep`` to reuse it across calls."""
+        temb = self.embed_time(timestep, sample)
+        return StepEmbedding(temb, (m.project_time(temb) for m in self.time_resnets))
+
     def embed_time(self, timestep, sample: torch.Tensor) -> torch.Tensor:
         """Time embedding for ``timestep`` (int, 0-dim or 1-dim tensor), broadcast to the batch."""
+        if isinstance(timestep, StepEmbedding):
+            return timestep
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep])
         timestep = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])
@@ -423,6 +488,7 @@ class UNet(DownPath):
         self.conv_norm_out = operations.GroupNorm(s.groups, c0, eps=s.eps, device=device, dtype=dtype)
         self.conv_out = operations.Conv2d(c0, int(_get(config, "out_channels", 4)), k, padding=(k - 1) // 2,
                                           device=device, dtype=dtype)
+        self.number_blocks()
 
     def forward(self, sample, timestep, encoder_hidden_states, down_block_additional_residuals=None,
                 mid_block_additional_residual=None):

@@ -1,0 +1,299 @@
+"""Ours against the official Stream-DiffVSR pipeline: same frames, same weights, one run, interleaved.
+
+The official code (a checkout of jamichss/Stream-DiffVSR) runs in its own virtual environment with its pinned
+diffusers/transformers (e.g. diffusers==0.27.2 transformers==4.37.2 plus torch, torchvision, accelerate, pillow);
+ours runs in this one. Each implementation is one long-lived worker process that loads its model once; the
+driver then asks them in turn (official, ours, ours compiled, ... then again) to upscale the same sequence, so
+load changes on a shared machine hit every variant alike. Reported per variant: seconds per frame (the best
+round; whole sequence, frame 0 included, model loading excluded), peak RSS of its process, and the largest
+difference from the official output (the [0, 1] frames and the raw decoder outputs that are warped into the next
+frame). Noise: frame i gets the i-th draw of a CPU generator seeded 42 on both sides (the official draws it from
+the global RNG after ``torch.manual_seed(42)``, which on the CPU gives the same numbers).
+
+    python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
+        [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 2]
+        [--variants official,plain,ours,compiled]
+
+Without ``--model`` a random model of the real-size architecture is written in the hub layout
+(bench/realsize.py, 2.7 GB, in ``--workdir``); without ``--flow`` a random RAFT-large. Variants: ``official``;
+``plain`` (ours with the savings off: the per-step arithmetic, same as the official); ``ours`` (the default
+engine: exact savings, bit-identical to ``plain``); ``compiled`` (ours with ``compile=True``; its first round
+includes compilation, reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+VARIANTS = ("official", "plain", "ours", "compiled")
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _serve(run) -> None:
+    """Answer one JSON request per stdin line with one JSON line on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not mix with the answers
+    print(json.dumps({"ready": True, "rss_loaded_mb": _peak_rss_mb()}), file=out, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        answer = run(request)
+        answer["peak_rss_mb"] = _peak_rss_mb()
+        print(json.dumps(answer), file=out, flush=True)
+
+
+def official_worker(args) -> None:
+    import numpy as np
+    import PIL.Image
+    import torch
+    from torchvision.models.optical_flow import raft_large
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(pathlib.Path(args.official).resolve()))
+    from diffusers import DDIMScheduler  # noqa: E402
+    from pipeline.stream_diffvsr_pipeline import (ControlNetModel, StreamDiffVSRPipeline,  # noqa: E402
+                                                  UNet2DConditionModel)
+    from temporal_autoencoder.autoencoder_tiny import TemporalAutoencoderTiny  # noqa: E402
+
+    model = args.model
+    controlnet = ControlNetModel.from_pretrained(model, subfolder="controlnet")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    vae = TemporalAutoencoderTiny.from_pretrained(model, subfolder="vae")
+    scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler")
+    pipe = StreamDiffVSRPipeline.from_pretrained(model, controlnet=controlnet, vae=vae, unet=unet,
+                                                 scheduler=scheduler).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    of_model = raft_large(weights=None)
+    of_model.load_state_dict(torch.load(args.flow, map_location="cpu"))
+    of_model = of_model.eval().requires_grad_(False)
+
+    raw = []
+    decode = vae.decode
+
+    def recording_decode(*a, **k):  # the raw decoder output, which the pipeline warps into the next frame
+        out = decode(*a, **k)
+        raw.append(out[0].detach().clone())
+        return out
+
+    vae.decode = recording_decode
+
+    def run(request):
+        frames = np.load(request["frames"])
+        images = [PIL.Image.fromarray(f) for f in frames]
+        raw.clear()
+        torch.manual_seed(42)  # the official inference.py: set_seed(42), once, before the sequence
+        start = time.perf_counter()
+        result = pipe("", images, num_inference_steps=request["steps"], guidance_scale=0, of_model=of_model,
+                      output_type="pt")
+        seconds = time.perf_counter() - start
+        outputs = torch.cat([img for img in result.images]).float().numpy()
+        np.save(request["out"], outputs)
+        np.save(request["raw"], torch.cat(raw).float().numpy())
+        return {"seconds": seconds}
+
+    _serve(run)
+
+
+def ours_worker(args) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # noqa: F401 - makes the checkout importable as ``streamvsr``
+    from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+    from streamvsr.models.stream_diffvsr.loader import load_pipeline
+
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s", stream=sys.stderr)
+    pipe = load_pipeline(args.model)
+    flow = load_raft(args.flow, corr=args.corr)
+    engine = StreamEngine(pipe, flow, steps=args.steps, reuse=args.worker != "plain",
+                          compile=args.worker == "compiled")
+
+    def run(request):
+        frames = torch.from_numpy(np.load(request["frames"])).permute(0, 3, 1, 2).float() / 255
+        compile_before = engine.compile_seconds
+        state = engine.new_state(42)
+        outputs, raw, per_frame = [], [], []
+        start = time.perf_counter()
+        for frame in frames:
+            t = time.perf_counter()
+            hr, state = engine.step(frame, state)
+            per_frame.append(time.perf_counter() - t)
+            outputs.append(hr)
+            raw.append(state.prev_output)
+        seconds = time.perf_counter() - start
+        np.save(request["out"], torch.cat(outputs).numpy())
+        np.save(request["raw"], torch.cat(raw).numpy())
+        return {"seconds": seconds, "per_frame": per_frame, "compile_seconds": engine.compile_seconds - compile_before}
+
+    _serve(run)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+class Worker:
+    def __init__(self, name: str, python: str, args, workdir: pathlib.Path):
+        cmd = [python, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model", str(args.model),
+               "--flow", str(args.flow), "--steps", str(args.steps), "--threads", str(args.threads),
+               "--corr", args.corr]
+        if name == "official":
+            cmd += ["--official", str(args.official)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.name = name
+        self.log = open(workdir / f"{name}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env, cwd=str(workdir))
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.flush()
+            tail = pathlib.Path(self.log.name).read_text()[-3000:]
+            raise SystemExit(f"worker {self.name} died:\n{tail}")
+        return json.loads(line)
+
+    def ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
+def make_frames(path: pathlib.Path, n: int, h: int, w: int) -> None:
+    """A moving crop of a smooth random texture, as uint8 (n, h, w, 3): consecutive frames are related by a
+    translation, like video."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    base = F.interpolate(torch.rand(1, 3, (h + 2 * n) // 4 + 2, (w + 2 * n) // 4 + 2, generator=g),
+                         size=(h + 2 * n, w + 2 * n), mode="bicubic", align_corners=False).clamp(0, 1)[0]
+    frames = [base[:, i: i + h, 2 * i: 2 * i + w] for i in range(n)]
+    np.save(path, (torch.stack(frames).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", help="checkout of jamichss/Stream-DiffVSR")
+    p.add_argument("--official-python", help="python of a venv with the official code's pinned packages")
+    p.add_argument("--model", help="hub folder (default: random real-size architecture, written to --workdir)")
+    p.add_argument("--flow", help="torchvision RAFT-large weights (default: random)")
+    p.add_argument("--size", default="64x64", help="LR size HxW (default 64x64 -> 256x256)")
+    p.add_argument("--frames", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--variants", default="official,ours,compiled")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--corr", default="all_pairs", help="our RAFT correlation (the official is all-pairs)")
+    p.add_argument("--workdir", help="where the random model and the outputs go (default: a temporary folder)")
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "official":
+        official_worker(args)
+        return
+    if args.worker:
+        ours_worker(args)
+        return
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any(v not in VARIANTS for v in variants):
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    if "official" in variants and not (args.official and args.official_python):
+        p.error("the official variant needs --official and --official-python")
+    h, w = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = pathlib.Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        sys.path.insert(0, str(ROOT / "tests"))
+        import conftest  # noqa: F401
+        if args.model is None:
+            import realsize
+
+            args.model = workdir / "realsize"
+            if not (args.model / "model_index.json").exists():
+                print(f"writing a random real-size model to {args.model} ...", file=sys.stderr)
+                realsize.write_hub_folder(args.model)
+        if args.flow is None:
+            import torch
+            from torchvision.models.optical_flow import raft_large
+
+            args.flow = workdir / "raft_large_random.pth"
+            if not args.flow.exists():
+                torch.manual_seed(0)
+                torch.save(raft_large(weights=None).state_dict(), args.flow)
+        frames = workdir / "frames.npy"
+        make_frames(frames, args.frames, h, w)
+
+        import numpy as np
+
+        workers = {}
+        for v in variants:  # started one after another: each loads 2.7 GB
+            print(f"starting {v} ...", file=sys.stderr)
+            workers[v] = Worker(v, args.official_python if v == "official" else sys.executable, args, workdir)
+        results = {v: [] for v in variants}
+        try:
+            for r in range(args.rounds):
+                for v in variants:
+                    out, raw = workdir / f"{v}_{r}_out.npy", workdir / f"{v}_{r}_raw.npy"
+                    answer = workers[v].ask({"frames": str(frames), "steps": args.steps, "out": str(out),
+                                             "raw": str(raw)})
+                    answer.update(out=str(out), raw=str(raw))
+                    results[v].append(answer)
+                    print(f"round {r} {v}: {answer['seconds']:.1f} s", file=sys.stderr)
+        finally:
+            for worker in workers.values():
+                worker.close()
+
+        reference = "official" if "official" in variants else variants[0]
+        ref_out, ref_raw = np.load(results[reference][0]["out"]), np.load(results[reference][0]["raw"])
+        base = min(a["seconds"] for a in results[reference]) / args.frames
+        print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.frames} frames, {args.steps} steps, fp32, CPU, "
+              f"{args.threads} threads, best of {args.rounds} interleaved rounds; model {args.model}")
+        print(f"| variant | s/frame | speed vs {reference} | compile s | RSS after load GB | peak RSS GB | "
+              f"max abs diff (output) | max abs diff (raw decoder) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for v in variants:
+            runs = results[v]
+            # the compiled variant's first round includes compilation: its speed is taken from later rounds
+            timed = runs[1:] if v == "compiled" and len(runs) > 1 else runs
+            spf = min(a["seconds"] for a in timed) / args.frames
+            compile_s = sum(a.get("compile_seconds", 0.0) for a in runs)
+            diff_out = max(float(np.abs(np.load(a["out"]) - ref_out).max()) for a in runs)
+            diff_raw = max(float(np.abs(np.load(a["raw"]) - ref_raw).max()) for a in runs)
+            print(f"| {v} | {spf:.2f} | {base / spf:.2f}x | {compile_s:.0f} | "
+                  f"{workers[v].ready['rss_loaded_mb'] / 1024:.2f} | {runs[-1]['peak_rss_mb'] / 1024:.2f} | "
+                  f"{diff_out:.2e} | {diff_raw:.2e} |")
+        steady = {v: [a["per_frame"] for a in results[v] if "per_frame" in a] for v in variants}
+        for v, rows in steady.items():
+            if rows:
+                print(f"{v}: per-frame seconds by round {[[round(x, 2) for x in row] for row in rows]}")
+
+
+if __name__ == "__main__":
+    main()

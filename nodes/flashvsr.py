@@ -1,0 +1,384 @@
+"""FlashVSR nodes: load the model, upscale an IMAGE batch as one stream (continuing across queue runs), settings for
+the video-file node, and trimming a Wan 2.1 VAE decode of FlashVSR's latents to the upscaled frames.
+
+Chunk boundaries: FlashVSR finishes frames in bursts (21, then 8 at a time) and needs up to 4 frames of look-ahead,
+so within a run it holds back the last few frames. ``last_chunk`` (on by default) finishes them: one run returns
+exactly as many frames as it got. With ``last_chunk`` off (more chunks of the same video follow), the frames held
+back stay in the sequence's state and come out at the start of the next run: every run returns the frames that are
+final so far, and the runs of a video together return each frame exactly once, equal to one run over the whole
+video.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..models.flashvsr import load_pipeline
+from ..models.flashvsr.engine import FlashVSREngine
+from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
+from ..models.shared.errors import UserInputError
+from ..models.shared.weights import safetensors_numel
+from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
+                     load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, tensor_to_preview,
+                     wrap)
+from .streams import StoredStream, StreamStore, batch_origin
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD = "(download) FlashVSR, the version below"
+VERSIONS = ["v1.1", "v1"]
+COLOR_FIXES = ["adain", "wavelet", "none"]
+DEFAULT_SETTINGS = {"scale": 4, "sparse_ratio": 2.0, "local_range": 11, "kv_ratio": 3.0, "color_fix": "adain"}
+FRAMES_PER_PUSH = 8  # one DiT chunk's worth: each push runs at most one chunk (interrupt and progress per chunk)
+
+OOM_ADVICE = (
+    "FlashVSR ran out of memory on {w}x{h} frames ({W}x{H} output). Try, in this order: kv_ratio 2 instead of 3 "
+    "(keeps 2 latent slices of attention memory instead of 3); sparse_ratio 1.5 instead of 2 (fewer key blocks "
+    "per query); precision bf16 or fp16 on Load FlashVSR Model (half the weights and activations); close other "
+    "programs using the GPU; start ComfyUI with --lowvram, then --novram (weights streamed layer by layer); "
+    "upscale smaller frames or use a smaller scale (memory grows with the output size); as a last resort run on "
+    "the CPU (--cpu, very slow).")
+
+# Sequences carried across queue runs (see streams.py), one per FlashVSR Upscale node.
+STREAMS = StreamStore()
+
+# Tooltips shared by the upscale node and the settings node.
+TIPS = {
+    "scale": "Output size / input size. The model is trained for 4; 2 or 3 are faster but softer.",
+    "sparse_ratio": "Attention budget: about sparse_ratio x 60 key blocks per query block. 2.0 is the official "
+                    "setting; 1.5 is faster and a little less stable; more costs time and memory.",
+    "local_range": "Side of the window of neighbouring blocks (of 128x128 output pixels) each block may attend "
+                   "to. 11 (official) is more stable, 9 sharper; larger costs time.",
+    "kv_ratio": "Attention memory in latent slices of 8 frames (whole numbers count). 3 (official) attends to the "
+                "last 32 frames; 1 or 2 keep two slices: about a third less attention memory, less temporal "
+                "context; more: more memory, more context.",
+    "color_fix": "Colour correction of each output frame towards its input: adain (official) matches colour "
+                 "statistics; wavelet keeps the input's low frequencies; none is the raw output.",
+}
+
+
+@dataclass
+class FlashVSRModel:
+    """What Load FlashVSR Model hands on (type STREAMVSR_FLASHVSR_MODEL).
+
+    core: ModelPatcher of the DiT and the LQ projection (comfy.ops layers: partial loading works); decoder:
+    ModelPatcher of the TC decoder (always loaded whole); pipeline: the same modules as one FlashVSRPipeline for
+    the engine. attention: "gather" or "flex"."""
+
+    pipeline: object
+    core: object
+    decoder: object
+    source: str
+    compute_dtype: torch.dtype
+    attention: str
+
+    @property
+    def load_device(self):
+        return self.core.load_device
+
+
+def model_choices() -> list[str]:
+    """Folders holding a FlashVSR DiT (official or repackaged), DiT files at the top level, and other single
+    .safetensors files (converted with `streamvsr convert`, or a DiT with the LQ projection merged in)."""
+    names = [n.replace("\\", "/") for n in folder_paths.get_filename_list(FLASHVSR_FOLDER)]
+    components = set(LQ_FILES) | set(TC_FILES) | {p.split("/")[-1] for p in PROMPT_FILES}
+    folders = {"/".join(n.split("/")[:-1]) for n in names if n.split("/")[-1] in DIT_FILES and "/" in n}
+    choices = set(folders)
+    for name in names:
+        parts = name.split("/")
+        folder = "/".join(parts[:-1])
+        if folder in folders or not name.endswith(".safetensors"):
+            continue
+        if parts[-1] in components or "vae" in parts[-1].lower():
+            continue
+        choices.add(name)
+    return sorted(choices) + [DOWNLOAD]
+
+
+def resolve_model_path(choice: str, version: str) -> str:
+    if choice == DOWNLOAD:
+        from ..models.flashvsr.hub import download_flashvsr
+
+        return str(download_flashvsr(version, folder_paths.get_folder_paths(FLASHVSR_FOLDER)[0]))
+    for root in folder_paths.get_folder_paths(FLASHVSR_FOLDER):
+        path = os.path.join(root, choice)
+        if os.path.exists(path):
+            return path
+    raise UserInputError(f"{choice} is not in any {FLASHVSR_FOLDER} model folder "
+                         f"({', '.join(folder_paths.get_folder_paths(FLASHVSR_FOLDER))}); press r to refresh the list")
+
+
+def settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix) -> dict:
+    return {"scale": int(scale), "sparse_ratio": float(sparse_ratio), "local_range": int(local_range),
+            "kv_ratio": float(kv_ratio), "color_fix": str(color_fix)}
+
+
+def prepare_engine(model: FlashVSRModel, settings: dict | None, lr_size: tuple[int, int],
+                   latent_sink=None) -> FlashVSREngine:
+    """A FlashVSREngine with ``settings`` (DEFAULT_SETTINGS where missing), both patchers loaded for frames of
+    ``lr_size``: ComfyUI frees room for the weights plus the activation and KV-cache estimate, offloading other
+    models as needed. The DiT may be partially loaded (--lowvram/--novram); the TC decoder is loaded whole."""
+    if not isinstance(model, FlashVSRModel):
+        raise UserInputError("this input needs a model from Load FlashVSR Model")
+    options = {**DEFAULT_SETTINGS, **(settings or {})}
+    engine = FlashVSREngine(model.pipeline, device=model.load_device, compute_dtype=model.compute_dtype,
+                            attention=model.attention, latent_sink=latent_sink, **options)
+    activations = engine.estimate_memory(*lr_size)
+    mm.load_models_gpu([model.core], memory_required=activations + model.decoder.model_size())
+    load_flow_patcher(model.decoder, activations)
+    return engine
+
+
+def oom_message(engine, h: int, w: int) -> str:
+    return OOM_ADVICE.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
+
+
+class StreamVSRLoadFlashVSR(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamVSRLoadFlashVSR",
+            display_name="Load FlashVSR Model",
+            category=CATEGORY,
+            description="Loads FlashVSR (the official folder, kijai's or 1038lab's files, or a single file from "
+                        "`streamvsr convert`) from models/flashvsr, or downloads the official release there.",
+            inputs=[
+                io.Combo.Input("model", options=model_choices(),
+                               tooltip="A folder in models/flashvsr with the DiT, LQ projection, TC decoder and "
+                                       "prompt files, or a single converted .safetensors. '(download) …' fetches "
+                                       "the version chosen below from Hugging Face (about 6.4 GB) into "
+                                       "models/flashvsr/FlashVSR-v1.1 or models/flashvsr/FlashVSR."),
+                io.Combo.Input("version", options=VERSIONS, default="v1.1",
+                               tooltip="Which release the files are: v1 and v1.1 files look alike but need "
+                                       "different arithmetic; the wrong choice gives ghosting. A known file hash "
+                                       "or name that contradicts the choice gives a warning in the log. A "
+                                       "converted file uses the version recorded in it."),
+                io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",
+                               tooltip="Weight and compute precision. auto follows ComfyUI: bf16 on GPUs that "
+                                       "support it, else fp16; fp32 on the CPU. fp32 needs twice the memory."),
+                io.Combo.Input("attention", options=["auto", "gather", "flex"], default="auto",
+                               tooltip="How the sparse attention is computed (same result): gather runs "
+                                       "PyTorch attention on the selected blocks (any device); flex uses "
+                                       "FlexAttention block masks compiled for CUDA (faster on NVIDIA GPUs, the "
+                                       "first chunk waits for compilation). auto: flex on CUDA, else gather."),
+            ],
+            outputs=[FlashVSRModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, version, precision, attention="auto") -> io.NodeOutput:
+        path = resolve_model_path(model, version)
+        files = find_files(path)
+        device = mm.get_torch_device()
+        params = safetensors_numel(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
+        weight_dtype, compute_dtype = pick_precision(precision, device, params)
+        # Weights go to the offload device; FlashVSR Upscale asks ComfyUI to move them (whole or layer by layer).
+        pipe = load_pipeline(path, None if files.single else version, device=mm.unet_offload_device(),
+                             dtype=weight_dtype, operations=operations_for(weight_dtype, compute_dtype, device))
+        if files.single and pipe.version != version:
+            log.warning("FlashVSR: %s was converted as %s; using %s (the version widget says %s)", model,
+                        pipe.version, pipe.version, version)
+        core = torch.nn.ModuleDict({"dit": pipe.dit, "lq_proj": pipe.lq_proj})
+        if attention == "auto":
+            attention = "flex" if torch.device(device).type == "cuda" else "gather"
+        result = FlashVSRModel(pipeline=pipe, core=wrap(core), decoder=wrap(pipe.tc_decoder), source=model,
+                               compute_dtype=compute_dtype, attention=attention)
+        log.info("FlashVSR: loaded %s (%s, weights %s, compute %s, %s attention)", model, pipe.version,
+                 weight_dtype, compute_dtype, attention)
+        return io.NodeOutput(result)
+
+
+class StreamVSRFlashVSRUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamVSRFlashVSRUpscale",
+            display_name="FlashVSR Upscale",
+            category=CATEGORY,
+            description="Upscales a batch of consecutive video frames with FlashVSR (one frame out per frame in, "
+                        "aligned). Long videos can be fed in chunks over several queue runs (continue_sequence "
+                        "or a chunk loader's start_frame, and last_chunk): the chunks together give exactly the "
+                        "frames of one run. The latent output feeds core VAE Decode with the Wan 2.1 VAE.",
+            inputs=[
+                FlashVSRModelType.Input("model", tooltip="From Load FlashVSR Model."),
+                io.Image.Input("images", tooltip="Consecutive frames of one video, in order (any count >= 1)."),
+                io.Int.Input("scale", default=4, min=1, max=8, tooltip=TIPS["scale"]),
+                io.Float.Input("sparse_ratio", default=2.0, min=0.5, max=8.0, step=0.1,
+                               tooltip=TIPS["sparse_ratio"]),
+                io.Int.Input("local_range", default=11, min=1, max=31, step=2, tooltip=TIPS["local_range"]),
+                io.Float.Input("kv_ratio", default=3.0, min=1.0, max=8.0, step=1.0, tooltip=TIPS["kv_ratio"]),
+                io.Combo.Input("color_fix", options=COLOR_FIXES, default="adain", tooltip=TIPS["color_fix"]),
+                io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Noise seed; latent frame j gets the j-th draw, so chunks continue it."),
+                io.Boolean.Input("continue_sequence", default=False, label_on="continue", label_off="restart",
+                                 tooltip="continue: these frames follow the frames of this node's last "
+                                         "successful run (long videos in chunks); the node then always re-runs. "
+                                         "restart: start a new sequence. Another model, setting, seed or frame "
+                                         "size restarts by itself and says so in the log."),
+                io.Boolean.Input("last_chunk", default=True, label_on="last chunk: finish",
+                                 label_off="more chunks follow",
+                                 tooltip="On: finish the sequence with these frames, so every frame held back "
+                                         "for look-ahead comes out now (a single run returns exactly as many "
+                                         "frames as it got). Off: the last few frames (up to 24 before the first "
+                                         "21 are done, then 4 to 11) stay in the state and come out at the "
+                                         "start of the next chunk's run. No frame is lost or repeated."),
+                StreamStateType.Input("state", optional=True,
+                                      tooltip="Continue from this state (from another FlashVSR Upscale) instead; "
+                                              "takes precedence over continue_sequence and start_frame."),
+                io.Int.Input("start_frame", optional=True, force_input=True, min=0, max=2**31 - 1,
+                             tooltip="From Load Video Chunk: the chunk's first frame. 0 starts a new sequence; "
+                                     "any other value continues this node's sequence, which must have ended "
+                                     "exactly there (else an error says which chunk to queue). Replaces "
+                                     "continue_sequence when connected."),
+            ],
+            outputs=[io.Image.Output(display_name="images"),
+                     StreamStateType.Output(display_name="state"),
+                     io.Latent.Output(display_name="latent",
+                                      tooltip="The same frames as Wan 2.1 latents, for the core VAE Decode with "
+                                              "the Wan 2.1 VAE (full quality, slower); then Trim Wan VAE Decode. "
+                                              "Only a whole clip in one run decodes correctly.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, continue_sequence=False, **kwargs):
+        # A continuation depends on the previous run, not only on the inputs: never reuse a cached result.
+        return STREAMS.fingerprint(bool(continue_sequence))
+
+    @classmethod
+    def execute(cls, model, images, scale, sparse_ratio, local_range, kv_ratio, color_fix, seed, continue_sequence,
+                last_chunk, state=None, start_frame=None) -> io.NodeOutput:
+        frames = as_rgb(images, "FlashVSR Upscale")
+        b, h, w, _ = frames.shape
+        node_id = str(cls.hidden.unique_id)
+        latents = []
+        engine = prepare_engine(model, settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix), (h, w),
+                                latent_sink=lambda z: latents.append(z.detach().to("cpu", torch.float32)))
+        key = f"{model.source}|{engine.identity()}|{model.attention}|seed={seed}"
+        start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
+                                    start_frame)
+        origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
+        first = start.emitted  # the sequence's first frame this run returns
+        held = engine.pending(start)
+
+        H, W = h * engine.scale, w * engine.scale
+        out = torch.empty(held + b, H, W, 3, dtype=torch.float32, device=mm.intermediate_device())
+        done = 0
+        bar = comfy.utils.ProgressBar(b + (1 if last_chunk else 0))
+        current = start.to(model.load_device)
+
+        def take(hr: torch.Tensor) -> None:
+            nonlocal done
+            if hr.shape[0]:
+                out[done: done + hr.shape[0]] = hr.permute(0, 2, 3, 1).to(out.device)
+                done += hr.shape[0]
+
+        message = oom_message(engine, h, w)
+        for i in range(0, b, FRAMES_PER_PUSH):
+            mm.throw_exception_if_processing_interrupted()
+            chunk = frames[i: i + FRAMES_PER_PUSH].permute(0, 3, 1, 2)
+            with out_of_memory_advice(message):
+                hr, current = engine.push(current, chunk)
+            take(hr)
+            preview = ("JPEG", tensor_to_preview(hr[-1:]), 512) if hr.shape[0] else None
+            bar.update_absolute(min(i + FRAMES_PER_PUSH, b), None, preview)
+        if last_chunk:
+            mm.throw_exception_if_processing_interrupted()
+            with out_of_memory_advice(message):
+                hr, current = engine.flush(current)
+            take(hr)
+            preview = ("JPEG", tensor_to_preview(hr[-1:]), 512) if hr.shape[0] else None
+            bar.update_absolute(b + 1, None, preview)
+        final = current.to("cpu")
+        # Only a completed batch replaces the stored stream: an interrupted or failed run leaves it as it was.
+        STREAMS.put(node_id, StoredStream(key, final, origin))
+        if done < out.shape[0]:
+            out = out[:done]
+        if done == 0:
+            log.info("FlashVSR: node %s holds all %d frames of this run back for look-ahead; they come out with "
+                     "the next chunk", node_id, b)
+        return io.NodeOutput(out, final, wan_latent(latents, first, done, H, W, bool(last_chunk)))
+
+
+def wan_latent(latents: list, first_frame: int, frames: int, height: int, width: int, complete: bool) -> dict:
+    """This run's latents as a ComfyUI LATENT in the Wan 2.1 format: {"samples": (1, 16, T, H/8, W/8)} in the VAE's
+    own scale (the DiT's normalised latents x std + mean, what core VAE Decode expects), plus what Trim Wan VAE
+    Decode needs: the run's first output frame, its frame count and the output size."""
+    import comfy.latent_formats
+
+    if latents:
+        samples = comfy.latent_formats.Wan21().process_out(torch.cat(latents, dim=2))
+    else:
+        hp, wp = -(-height // 128) * 128, -(-width // 128) * 128
+        samples = torch.zeros(1, 16, 0, hp // 8, wp // 8)
+    return {"samples": samples.to(mm.intermediate_device()),
+            "streamvsr_flashvsr": {"first_frame": int(first_frame), "frames": int(frames), "height": int(height),
+                                   "width": int(width), "complete": complete}}
+
+
+class StreamVSRFlashVSRSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamVSRFlashVSRSettings",
+            display_name="FlashVSR Settings",
+            category=CATEGORY,
+            description="FlashVSR's quality/speed settings for Stream Upscale Video File (without it the "
+                        "official defaults are used).",
+            inputs=[
+                io.Int.Input("scale", default=4, min=1, max=8, tooltip=TIPS["scale"]),
+                io.Float.Input("sparse_ratio", default=2.0, min=0.5, max=8.0, step=0.1,
+                               tooltip=TIPS["sparse_ratio"]),
+                io.Int.Input("local_range", default=11, min=1, max=31, step=2, tooltip=TIPS["local_range"]),
+                io.Float.Input("kv_ratio", default=3.0, min=1.0, max=8.0, step=1.0, tooltip=TIPS["kv_ratio"]),
+                io.Combo.Input("color_fix", options=COLOR_FIXES, default="adain", tooltip=TIPS["color_fix"]),
+            ],
+            outputs=[FlashVSRSettingsType.Output(display_name="flashvsr_settings")],
+        )
+
+    @classmethod
+    def execute(cls, scale, sparse_ratio, local_range, kv_ratio, color_fix) -> io.NodeOutput:
+        # The widgets' limits keep the values in range; the engine checks them again when it is built.
+        return io.NodeOutput(settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix))
+
+
+class StreamVSRFlashVSRTrimDecoded(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamVSRFlashVSRTrimDecoded",
+            display_name="Trim Wan VAE Decode (FlashVSR)",
+            category=CATEGORY,
+            description="Cuts core VAE Decode's output of FlashVSR Upscale's latent to the upscaled frames: FlashVSR "
+                        "works on sizes padded to multiples of 128 and frame counts padded for look-ahead.",
+            inputs=[
+                io.Image.Input("images", tooltip="From VAE Decode (Wan 2.1 VAE) of FlashVSR Upscale's latent."),
+                io.Latent.Input("latent", tooltip="The latent that was decoded (FlashVSR Upscale's latent output)."),
+            ],
+            outputs=[io.Image.Output(display_name="images")],
+        )
+
+    @classmethod
+    def execute(cls, images, latent) -> io.NodeOutput:
+        info = latent.get("streamvsr_flashvsr") if isinstance(latent, dict) else None
+        if info is None:
+            raise UserInputError("Trim Wan VAE Decode needs the latent output of FlashVSR Upscale")
+        if info["first_frame"] != 0 or not info["complete"]:
+            raise UserInputError(
+                "the Wan 2.1 VAE can only decode FlashVSR latents of a whole clip upscaled in one run (restart and "
+                "last_chunk on): the latents of one chunk of a longer sequence do not decode on their own. Use "
+                "FlashVSR Upscale's images output (TC decoder) for chunked videos")
+        n, hh, ww = info["frames"], info["height"], info["width"]
+        if images.ndim != 4 or images.shape[0] < n or images.shape[1] < hh or images.shape[2] < ww:
+            raise UserInputError(f"expected the VAE decode of this latent (at least {n} frames of {ww}x{hh}), got "
+                                 f"images of shape {tuple(images.shape)}")
+        return io.NodeOutput(images[:n, :hh, :ww, :3])

@@ -1,0 +1,295 @@
+"""Fault injection for the command line (issue #13): every user mistake is one ``error: ...`` line with exit
+status 2 and no traceback, found before the model loads wherever it can be; faults found mid-run keep what was
+done and say where; ``frames`` and ``flow`` say what they wrote.
+
+The model is a fake family (FakeEngine of test_video.py behind ``registry.detect_family``) that records whether it
+was looked at or loaded, so no weights are needed and "not loaded" is observable.
+"""
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import streamvsr.models.registry as registry
+from streamvsr.cli import main
+from streamvsr.models.contract import Family
+from streamvsr.video.outputs import lock_path, partial_path
+from streamvsr.video.resume import ResumeFiles
+from test_faults_video import HOLDER, ROOT, cut, noise_clip, png_folder
+from test_video import FakeEngine, decode, make_clip
+
+av = pytest.importorskip("av")
+
+
+@pytest.fixture
+def model(tmp_path, monkeypatch):
+    """A fake model family: ``detects`` and ``loads`` record every look at and every load of the model."""
+    record = SimpleNamespace(detects=[], loads=[], path=tmp_path / "model", make=FakeEngine)
+    record.path.mkdir()
+
+    def load_engine(path, device=None, dtype=None, **options):
+        record.loads.append(path)
+        return record.make()
+
+    family = Family(name="fake", title="Fake", scale=4, frame_rule="one per frame", size_multiple=1,
+                    dtypes=(torch.float32,), detect=lambda p: True, load_engine=load_engine)
+
+    def detect_family(path):
+        record.detects.append(path)
+        return family
+
+    monkeypatch.setattr(registry, "detect_family", detect_family)
+    return record
+
+
+@pytest.fixture
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    make_clip(root / "in.mp4", n=4, audio=None)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("not a video\n" * 40)
+    a = av.open(str(root / "audio.m4a"), "w")
+    s = a.add_stream("aac", rate=16000)
+    s.layout = "mono"
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = 16000, 0
+    for p in list(s.encode(frame)) + list(s.encode()):
+        a.mux(p)
+    a.close()
+    noise_clip(root / "full.mp4", n=6, fmt_options={"movflags": "faststart"})
+    cut(root / "full.mp4", 0.75, root / "cut.mp4")
+    cut(root / "full.mp4", 0.3, root / "head.mp4")
+    (root / "file").write_text("a file where a folder is needed")
+    png_folder(root / "frames", n=3)
+    png_folder(root / "one", n=1)
+    png_folder(root / "sizes", n=2)
+    Image.new("RGB", (10, 10)).save(root / "sizes" / "f005.png")
+    png_folder(root / "notimage", n=3)
+    (root / "notimage" / "f001.png").write_text("<html>not a png</html>")
+    (root / "nopng").mkdir()
+    (root / "raft.pth").write_bytes(b"weights")
+    return root
+
+
+def one_line_error(caplog, code, fragment):
+    """Exit 2, exactly one log record, an ``error: ...`` line without a traceback, containing ``fragment``."""
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    text = "\n".join(r.getMessage() for r in errors)
+    assert code == 2, text
+    assert len(errors) == 1 and "\n" not in text and text.startswith("error: "), text
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    assert fragment in text, text
+
+
+# (arguments, fragment of the message); {m} is the media folder, {t} the test's folder, {model} the fake model
+EARLY_MISTAKES = [
+    ("upscale {m}/missing.mp4 {t}/o.mp4", "does not exist"),
+    ("upscale {m} {t}/o.mp4", "is a folder, not a video file"),
+    ("upscale {m}/empty.mp4 {t}/o.mp4", "is empty (0 bytes)"),
+    ("upscale {m}/text.mp4 {t}/o.mp4", "cannot be read as a video"),
+    ("upscale {m}/audio.m4a {t}/o.mp4", "has no video stream (it holds 1 audio stream)"),
+    ("upscale {m}/head.mp4 {t}/o.mp4", "first frame cannot be decoded"),
+    ("upscale {m}/in.mp4 {m}/file/sub/o.mp4", "is a file, not a folder"),
+    ("upscale {m}/in.mp4 {t}/o.avi", "needs a .mp4 or .mkv or .mov output file"),
+    ("upscale {m}/in.mp4 {t}/o.mkv --codec lossless --crf 10", "has no such setting"),
+    ("upscale {m}/in.mp4 {m}/in.mp4 --overwrite", "is the input"),
+    ("upscale {m}/in.mp4 {t}/o.mp4 --checkpoint-every 5", "only applies with --resume"),
+    ("upscale {m}/in.mp4 {t}/o.mp4 --device gpu0", "unknown device 'gpu0'"),
+    ("upscale {m}/in.mp4 {t}/o.mp4 --flow {m}/missing.pth", "do not exist"),
+    ("upscale {m}/in.mp4 {t}/o.mp4", "give --model PATH"),
+    ("frames {m}/missing {t}/out", "does not exist"),
+    ("frames {m}/file {t}/out", "is not a folder"),
+    ("frames {m}/nopng {t}/out", "no .png files"),
+    ("frames {m}/notimage {t}/out", "f001.png is not a readable image"),
+    ("frames {m}/sizes {t}/out", "must have one size"),
+    ("frames {m}/frames {m}/frames", "is the input folder"),
+    ("frames {m}/frames {m}/file/out", "is a file"),
+    ("flow {m}/one {t}/out --flow {m}/raft.pth", "at least two frames"),
+    ("flow {m}/frames {m}/frames --flow {m}/raft.pth", "is the input folder"),
+    ("flow {m}/frames {t}/out --flow {m}/missing.pth", "do not exist"),
+    ("flow {m}/frames {t}/out --flow {m}/raft.pth --device gpu0", "unknown device"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", EARLY_MISTAKES, ids=[a for a, _ in EARLY_MISTAKES])
+def test_early_mistakes_are_one_line_and_the_model_is_never_touched(args, fragment, media, model, tmp_path, caplog):
+    argv = args.format(m=media, t=tmp_path).split()
+    if argv[0] in ("upscale", "frames") and "give --model" not in fragment:
+        argv += ["--model", str(model.path)]
+    code = main(argv)
+    one_line_error(caplog, code, fragment)
+    assert model.loads == [] and model.detects == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written
+
+
+def test_cuda_without_a_gpu_is_found_before_the_model(media, model, tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code = main(["upscale", str(media / "in.mp4"), str(tmp_path / "o.mp4"), "--model", str(model.path),
+                 "--device", "cuda"])
+    one_line_error(caplog, code, "no usable CUDA GPU")
+    assert model.loads == [] and model.detects == []
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ("upscale IN OUT --crf -5", "argument --crf: -5 is outside x264's range"),
+    ("upscale IN OUT --seed 18446744073709551616", "2^64-1"),
+    ("upscale IN OUT --seed -1", "2^64-1"),
+    ("upscale IN OUT --scene-cut 2", "out of range"),
+    ("upscale IN OUT --checkpoint-every 0", "out of range"),
+    ("frames IN OUT --model M --steps 0", "out of range"),
+    ("frames IN OUT --model M --kv-ratio nan", "out of range"),
+    ("upscale IN OUT --codec h265", "invalid choice"),
+])
+def test_bad_option_values_are_one_line(args, fragment, capsys, model):
+    with pytest.raises(SystemExit) as e:
+        main(args.split())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
+    assert model.loads == []
+
+
+def test_mistakes_found_with_the_model_are_one_line(media, model, tmp_path, caplog):
+    # an option the model does not take: the model was recognised (cheaply), but not loaded, nothing written
+    code = main(["upscale", str(media / "in.mp4"), str(tmp_path / "o.mp4"), "--model", str(model.path),
+                 "--sparse-ratio", "1.5"])
+    one_line_error(caplog, code, "--sparse-ratio is a flashvsr option")
+    assert model.loads == [] and not (tmp_path / "o.mp4").exists()
+
+
+def test_existing_output_needs_overwrite_and_survives_a_failed_run(media, model, tmp_path, caplog):
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"keep me")
+    code = main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path)])
+    one_line_error(caplog, code, "add --overwrite")
+    assert model.loads == [] and out.read_bytes() == b"keep me"
+    caplog.clear()
+    model.make = lambda: FakeEngine(fail_at=2)
+    with pytest.raises(RuntimeError, match="engine failure"):  # a bug in an engine keeps its traceback
+        main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path), "--overwrite"])
+    assert out.read_bytes() == b"keep me" and len(decode(partial_path(out))) == 2
+
+
+def test_cut_input_exits_2_with_frames_and_place(media, model, tmp_path, caplog):
+    out = tmp_path / "o.mp4"
+    for extra in ([], ["--resume"]):
+        caplog.clear()
+        code = main(["upscale", str(media / "cut.mp4"), str(out), "--model", str(model.path)] + extra)
+        one_line_error(caplog, code, "is damaged or cut off: decoding stopped at frame")
+        assert "were upscaled into" in caplog.text and not out.exists()
+        assert len(decode(partial_path(out))) > 0
+        assert not ResumeFiles(out).state.exists()
+    caplog.clear()
+    assert main(["upscale", str(media / "cut.mp4"), str(out), "--model", str(model.path), "--allow-truncated"]) == 0
+    assert "warning:" in caplog.text and 0 < len(decode(out)) < 6
+
+
+def test_damaged_resume_file_and_other_settings_are_one_line_before_the_model(media, model, tmp_path, caplog):
+    out = tmp_path / "o.mkv"
+    files = ResumeFiles(out)
+    # a checkpoint from the same job with another seed
+    from streamvsr.video.stream import upscale_video
+
+    polls = []
+    upscale_video(FakeEngine(), media / "in.mp4", out, codec="lossless", seed=5, resume=True, checkpoint_frames=1,
+                  should_stop=lambda: polls.append(1) or len(polls) > 2)
+    assert files.state.exists()
+    code = main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path), "--codec", "lossless",
+                 "--resume"])
+    one_line_error(caplog, code, "seed 5 then, 42 now")
+    caplog.clear()
+    code = main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path), "--codec", "lossless"])
+    one_line_error(caplog, code, "add --resume to continue it")
+    caplog.clear()
+    files.state.write_bytes(b"\x00" * 20)
+    code = main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path), "--codec", "lossless",
+                 "--resume", "--seed", "5"])
+    one_line_error(caplog, code, "is damaged")
+    assert model.loads == [] and model.detects == []
+
+
+def test_second_run_is_refused_at_once_before_loading(media, model, tmp_path, caplog):
+    out = tmp_path / "o.mp4"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        code = main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path), "--resume"])
+        one_line_error(caplog, code, "is being written by another streamvsr run")
+        assert model.loads == [] and not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model", lock_path(out).name]
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    caplog.clear()
+    assert main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path)]) == 0  # lock released
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "o.mp4"]
+
+
+def test_frame_size_change_in_a_folder_mid_run(media, model, tmp_path, caplog, monkeypatch):
+    """A frame that changes between the check and its turn (or any mid-run read failure): one line, and the frames
+    before it written."""
+    folder = tmp_path / "in"
+    files = png_folder(folder, n=3)
+    import streamvsr.video.frames as frames
+
+    real = frames.read_frame
+
+    def read(path):
+        if Path(path).name == "f002.png":
+            Image.new("RGB", (6, 6)).save(path)
+        return real(path)
+
+    monkeypatch.setattr(frames, "read_frame", read)
+    code = main(["frames", str(folder), str(tmp_path / "out"), "--model", str(model.path)])
+    one_line_error(caplog, code, "2 of 3 frames were written")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f000.png", "f001.png"]
+    assert files
+
+
+def test_frames_and_flow_print_a_summary(media, model, tmp_path, caplog, monkeypatch):
+    import streamvsr.models.raft.weights as weights
+
+    caplog.set_level(logging.INFO)
+    assert main(["frames", str(media / "frames"), str(tmp_path / "up"), "--model", str(model.path)]) == 0
+    assert "wrote 3 frames (png, 48x32) to" in caplog.text
+    monkeypatch.setattr(weights, "load_raft", lambda *a, **k: lambda a, b: torch.zeros(1, 2, *a.shape[-2:]))
+    caplog.clear()
+    assert main(["flow", str(media / "frames"), str(tmp_path / "flow"), "--flow", str(media / "raft.pth")]) == 0
+    assert "wrote 2 flow fields (npy, 12x8; one per frame from f001.png on) to" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "flow").iterdir()) == ["f001.npy", "f002.npy"]
+    caplog.clear()
+    code = main(["flow", str(media / "frames"), str(tmp_path / "flow"), "--flow", str(media / "raft.pth")])
+    one_line_error(caplog, code, "add --overwrite")
+
+
+def test_debug_shows_the_traceback(media, tmp_path):
+    from streamvsr.models.shared.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="does not exist"):
+        main(["--debug", "upscale", str(media / "missing.mp4"), str(tmp_path / "o.mp4"), "--model", "x"])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ("upscale {m}/text.mp4 {t}/o.mp4 --model {t}", "cannot be read as a video"),
+    ("upscale {m}/in.mp4 {t}/o.mp4 --crf -5", "outside x264's range"),
+    ("frames {m}/frames {m}/frames --model {t}", "is the input folder"),
+    ("flow {m}/one {t}/out --flow {m}/raft.pth", "at least two frames"),
+])
+def test_real_process_prints_one_line_on_stderr(args, fragment, media, tmp_path):
+    """The whole program as a user runs it: stderr is exactly one line, exit status 2."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import conftest; from streamvsr.cli import main; "
+            "sys.exit(main(sys.argv[2:]))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests")]
+                            + args.format(m=media, t=tmp_path).split(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,669 @@
+"""Fault injection for the video and frame-folder jobs (issue #13): nothing the user has is lost or hidden, and
+what breaks is reported with what was kept and where.
+
+Outputs that are the input (hard links, symlinks, OUT_DIR = IN_DIR), existing outputs and failed runs, cut-off and
+damaged inputs, rotated video, 16-bit PNGs, two runs at once and stale locks, a frame size that changes, and the
+same guarantees in the ComfyUI video node. Every media file is generated here and tiny; the engine is the
+FakeEngine of test_video.py (the engine contract, no model).
+"""
+
+import hashlib
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from streamvsr.models.shared.errors import (InputDamagedError, OutputBusyError, OutputExistsError,
+                                            UserInputError)
+from streamvsr.video.frames import check_frames, flow_folder, read_frame, upscale_folder, write_png16
+from streamvsr.video.outputs import OutputLock, lock_path, partial_path, temp_path
+from streamvsr.video.resume import ResumeFiles
+from streamvsr.video.stream import check_video_job, upscale_video
+from test_video import FakeEngine, decode, make_clip
+
+av = pytest.importorskip("av")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def noise_clip(path, n=6, w=64, h=48, fmt_options=None, codec="libx264", rotation=None, hflip=False):
+    """Random frames (so every frame is large and a cut lands mid-file), H.264 or FFV1, optionally with a display
+    matrix. FFV1/bgr0 decodes bit-exactly, for pixel comparisons."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+    c = av.open(str(path), "w", options=fmt_options or {})
+    v = c.add_stream(codec, rate=24)
+    v.width, v.height = w, h
+    v.pix_fmt = "yuv420p" if codec == "libx264" else "bgr0"
+    if rotation is not None or hflip:
+        v.set_display_rotation(rotation or 0, hflip=hflip)
+    for img in frames:
+        for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+    for p in v.encode():
+        c.mux(p)
+    c.close()
+    return frames
+
+
+def cut(path, fraction, to=None):
+    data = Path(path).read_bytes()
+    to = Path(to or path)
+    to.write_bytes(data[: int(len(data) * fraction)])
+    return to
+
+
+def nearest4(img):
+    return np.repeat(np.repeat(img, 4, axis=0), 4, axis=1)
+
+
+class Identity(FakeEngine):
+    """Nearest-neighbour 4x, no noise and no temporal mixing: output pixels follow the input exactly."""
+
+    def step(self, frame, state):
+        hr, state = super().step(frame, state)
+        return frame[None].repeat_interleave(4, dim=2).repeat_interleave(4, dim=3), state
+
+
+# ------------------------------------------------------------------------------------ 1. never destroy data
+
+
+def test_output_that_is_a_hard_link_or_symlink_to_the_input_is_refused(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=3, audio=None)
+    before = digest(clip)
+    os.link(clip, tmp_path / "link.mp4")
+    (tmp_path / "sym.mp4").symlink_to(clip)
+    for out in ("link.mp4", "sym.mp4", "in.mp4"):
+        engine = FakeEngine()
+        with pytest.raises(UserInputError, match="is the input"):
+            upscale_video(engine, clip, tmp_path / out, overwrite=True)  # not even with overwrite
+        assert engine.calls == []
+    assert digest(clip) == before
+
+
+def test_existing_output_is_refused_without_overwrite_and_kept_when_a_run_fails(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=8, audio=None)
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"the user's precious file")
+    engine = FakeEngine()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        upscale_video(engine, clip, out)
+    assert engine.calls == [] and out.read_bytes() == b"the user's precious file"
+    # with overwrite, a failure half-way leaves the old file untouched and the finished frames labelled
+    with pytest.raises(RuntimeError, match="engine failure"):
+        upscale_video(FakeEngine(fail_at=3), clip, out, overwrite=True)
+    assert out.read_bytes() == b"the user's precious file"
+    assert len(decode(partial_path(out))) == 3
+    # a stop request too
+    polls = []
+    summary = upscale_video(FakeEngine(), clip, out, overwrite=True,
+                            should_stop=lambda: polls.append(1) or len(polls) > 2)
+    assert summary["interrupted"] and summary["path"] == str(partial_path(out))
+    assert out.read_bytes() == b"the user's precious file"
+    # an interrupt that raises (ComfyUI's, or a second Ctrl-C)
+    def interrupt():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        upscale_video(FakeEngine(), clip, out, overwrite=True, should_stop=interrupt)
+    assert out.read_bytes() == b"the user's precious file"
+    # only a complete run replaces it, and no work file is left
+    upscale_video(FakeEngine(), clip, out, overwrite=True)
+    assert len(decode(out)) == 8
+    assert not temp_path(out).exists() and not lock_path(out).exists()
+
+
+def test_resume_run_that_fails_leaves_existing_output_alone(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=8, audio=None)
+    out = tmp_path / "out.mkv"
+    out.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        upscale_video(FakeEngine(fail_at=5), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                      overwrite=True)
+    assert out.read_bytes() == b"old"
+    summary = upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                            overwrite=True)
+    assert summary["resumed_from"] == 4 and len(decode(out)) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"]
+
+
+def test_unfinished_resume_job_is_not_silently_discarded(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    assert ResumeFiles(out).state.exists()
+    with pytest.raises(UserInputError, match="add --resume to continue it, or --overwrite"):
+        upscale_video(FakeEngine(), clip, out, codec="lossless")
+    assert ResumeFiles(out).state.exists()
+    upscale_video(FakeEngine(), clip, out, codec="lossless", overwrite=True)  # discards it, on request
+    assert not ResumeFiles(out).state.exists() and not ResumeFiles(out).parts_on_disk()
+    assert len(decode(out)) == 6
+
+
+def png_folder(folder, n=3, size=(12, 8), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"f{i:03d}.png")
+    return sorted(folder.iterdir())
+
+
+def test_frames_and_flow_refuse_out_dir_equal_to_in_dir_or_overlapping_it(tmp_path):
+    files = png_folder(tmp_path / "in")
+    before = {p.name: digest(p) for p in files}
+    (tmp_path / "alias").symlink_to(tmp_path / "in")
+    for out_dir in (tmp_path / "in", tmp_path / "alias"):
+        engine = FakeEngine()
+        with pytest.raises(UserInputError, match="is the input folder"):
+            upscale_folder(engine, files, out_dir, save="png", overwrite=True)
+        with pytest.raises(UserInputError, match="is the input folder"):
+            flow_folder(lambda a, b: torch.zeros(1, 2, *a.shape[-2:]), files, out_dir, save="png", overwrite=True)
+        assert engine.calls == []
+    # another folder whose files are hard links to the inputs
+    (tmp_path / "linked").mkdir()
+    os.link(files[1], tmp_path / "linked" / files[1].name)
+    with pytest.raises(UserInputError, match="is the input frame"):
+        upscale_folder(FakeEngine(), files, tmp_path / "linked", save="png", overwrite=True)
+    assert {p.name: digest(p) for p in files} == before
+
+
+def test_frames_outputs_are_not_replaced_without_overwrite_and_dotted_names_stay_apart(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("shot.0001.png", "shot.0002.png"):  # Path.with_suffix would map both to shot.png
+        Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)).save(folder / name)
+    files = sorted(folder.iterdir())
+    out = tmp_path / "out"
+    assert upscale_folder(FakeEngine(), files, out, save="npy") == 2
+    assert sorted(p.name for p in out.iterdir()) == ["shot.0001.npy", "shot.0002.npy"]
+    kept = digest(out / "shot.0001.npy")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        upscale_folder(FakeEngine(), files, out, save="npy")
+    assert digest(out / "shot.0001.npy") == kept
+    assert upscale_folder(FakeEngine(), files, out, save="npy", overwrite=True) == 2
+
+
+# ------------------------------------------------------------------------- 2. cut-off or corrupt input
+
+
+@pytest.mark.parametrize("kind", ["mp4", "mkv"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_truncated_input_is_reported_with_the_frames_kept(tmp_path, kind, resume):
+    clip = tmp_path / f"full.{kind}"
+    noise_clip(clip, n=6, fmt_options={"movflags": "faststart"} if kind == "mp4" else None)
+    broken = cut(clip, 0.75, tmp_path / f"cut.{kind}")
+    out = tmp_path / f"out.{kind}"
+    with pytest.raises(InputDamagedError) as e:
+        upscale_video(FakeEngine(), broken, out, resume=resume, checkpoint_frames=2)
+    assert 0 < e.value.frames < 6
+    message = str(e.value)
+    assert f"after frame {e.value.frames}" in message or f"stopped at frame {e.value.frames}" in message
+    assert f"{out} was not written" in message and "--allow-truncated" in message
+    assert not out.exists() and e.value.path == partial_path(out)
+    assert len(decode(partial_path(out))) == e.value.frames
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([clip.name, broken.name, partial_path(out).name])
+    # accepted on request: the decodable frames go to the output, and the summary says what was wrong
+    summary = upscale_video(FakeEngine(), broken, out, resume=resume, allow_truncated=True)
+    assert summary["frames"] == e.value.frames and summary["input_problem"]
+    assert len(decode(out)) == e.value.frames
+
+
+def test_threaded_decoding_would_have_hidden_the_cut(tmp_path):
+    """The control: FFmpeg's frame threading ends a cut-off MP4 without an error, so the reader must not use it."""
+    clip = tmp_path / "full.mp4"
+    noise_clip(clip, n=6, fmt_options={"movflags": "faststart"})
+    broken = cut(clip, 0.75, tmp_path / "cut.mp4")
+    with av.open(str(broken)) as c:
+        c.streams.video[0].thread_type = "AUTO"
+        threaded = sum(1 for _ in c.decode(video=0))  # no exception: the damage is swallowed
+    assert 0 < threaded < 6
+
+
+def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path):
+    data = b""
+    for w, h, n in ((32, 24, 3), (48, 32, 3)):  # two raw H.264 streams back to back: the size changes at frame 3
+        part = tmp_path / f"p{w}.h264"
+        c = av.open(str(part), "w", format="h264")
+        v = c.add_stream("libx264", rate=24)
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            for p in v.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), 40 * i, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+        c.close()
+        data += part.read_bytes()
+    clip = tmp_path / "mixed.h264"
+    clip.write_bytes(data)
+    out = tmp_path / "out.mkv"
+    engine = FakeEngine()
+    with pytest.raises(InputDamagedError, match="changes its frame size at frame 3, from 32x24 to 48x32") as e:
+        upscale_video(engine, clip, out, codec="lossless", allow_truncated=True)  # not acceptable even so
+    assert "--allow-truncated" not in str(e.value)
+    assert len(engine.calls) == 3 and not out.exists()
+    assert len(decode(partial_path(out))) == 3
+
+
+def test_unreadable_inputs_are_one_line_errors_before_any_work(tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("this is not a video\n" * 50)
+    a = av.open(str(tmp_path / "audio.m4a"), "w")
+    s = a.add_stream("aac", rate=16000)
+    s.layout = "mono"
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = 16000, 0
+    for p in list(s.encode(frame)) + list(s.encode()):
+        a.mux(p)
+    a.close()
+    clip = tmp_path / "full.mp4"
+    noise_clip(clip, n=4, fmt_options={"movflags": "faststart"})
+    cut(clip, 0.3, tmp_path / "head.mp4")  # not even the first frame survives
+    cases = {"missing.mp4": "does not exist", "empty.mp4": "is empty", "text.mp4": "cannot be read as a video",
+             "audio.m4a": "has no video stream", "head.mp4": "first frame", ".": "is a folder"}
+    for name, message in cases.items():
+        engine = FakeEngine()
+        with pytest.raises(UserInputError, match=message):
+            upscale_video(engine, tmp_path / name, tmp_path / "o.mp4")
+        assert engine.calls == []
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="file permissions do not bind root")
+def test_unreadable_input_and_unwritable_folder(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
+    locked = tmp_path / "locked.mp4"
+    locked.write_bytes(clip.read_bytes())
+    locked.chmod(0)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(UserInputError, match="permission denied"):
+            upscale_video(FakeEngine(), locked, tmp_path / "o.mp4")
+        for out in (ro / "o.mp4", ro / "sub" / "o.mp4"):
+            with pytest.raises(UserInputError, match="no permission to write"):
+                upscale_video(FakeEngine(), clip, out)
+    finally:
+        locked.chmod(0o644)
+        ro.chmod(0o755)
+
+
+def test_damaged_resume_file_and_other_settings_are_found_without_the_model(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    with pytest.raises(UserInputError, match="seed 42 then, 7 now.*delete it"):
+        check_video_job(clip, out, seed=7, codec="lossless", resume=True)  # no engine needed
+    state = ResumeFiles(out).state
+    state.write_bytes(state.read_bytes()[:40])
+    with pytest.raises(UserInputError, match="is damaged.*delete it"):
+        check_video_job(clip, out, codec="lossless", resume=True)
+
+
+def test_option_mistakes_are_one_line_errors(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
+    for kwargs, message in (({"crf": -5}, "0 to 51"), ({"crf": 20, "codec": "lossless"}, "has no such setting"),
+                            ({"seed": 2**64}, "2\\^64-1"), ({"seed": -1}, "2\\^64-1"),
+                            ({"scene_cut_threshold": 2.0}, "scene-cut"), ({"codec": "h265"}, "codec must be")):
+        out = tmp_path / ("o.mkv" if kwargs.get("codec") == "lossless" else "o.mp4")
+        with pytest.raises(UserInputError, match=message):
+            upscale_video(FakeEngine(), clip, out, **kwargs)
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(UserInputError, match="is a file"):
+        upscale_video(FakeEngine(), clip, blocked / "sub" / "o.mp4")
+
+
+# -------------------------------------------------------------------- 3. as meant to be seen, full precision
+
+
+@pytest.mark.skipif(not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
+                    reason="this PyAV cannot write a display matrix")
+@pytest.mark.parametrize("rotation,hflip,turn", [
+    (90, False, lambda a: np.rot90(a, 1)),      # PyAV: degrees counter-clockwise; np.rot90 turns counter-clockwise
+    (-90, False, lambda a: np.rot90(a, -1)),
+    (180, False, lambda a: np.rot90(a, 2)),
+    (90, True, lambda a: np.fliplr(np.rot90(a, 1))),  # PyAV: the mirror applies after the rotation
+])
+def test_rotated_input_comes_out_as_it_is_shown(tmp_path, rotation, hflip, turn):
+    clip = tmp_path / "phone.mkv"
+    frames = noise_clip(clip, n=2, w=16, h=8, codec="ffv1", rotation=rotation, hflip=hflip)
+    with av.open(str(clip)) as c:  # what was written really carries the matrix
+        assert next(c.decode(video=0)).rotation == (rotation if rotation != 180 else -180)
+    out = tmp_path / "out.mkv"
+    summary = upscale_video(Identity(), clip, out, codec="lossless")
+    want = [nearest4(turn(f)) for f in frames]
+    assert summary["size"] == (want[0].shape[1], want[0].shape[0])
+    got = decode(out)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+def _png16(path, arr, colour_type):
+    """A 16-bit PNG written by hand (PIL writes none but grey): arr H x W x channels uint16."""
+    import struct
+    import zlib
+
+    h, w, ch = arr.shape
+    raw = np.ascontiguousarray(arr.astype(">u2")).view(np.uint8).reshape(h, w * ch * 2)
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), raw], axis=1)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("colour_type,channels", [(2, 3), (6, 4), (0, 1), (4, 2)])
+def test_16_bit_pngs_keep_16_bits(tmp_path, colour_type, channels):
+    rng = np.random.default_rng(colour_type)
+    arr = rng.integers(0, 65536, (5, 7, channels)).astype(np.uint16)
+    arr[0, 0, 0] = 257 * 10 + 1  # not a multiple of 257: an 8-bit read cannot give it back
+    path = tmp_path / "deep.png"
+    _png16(path, arr, colour_type)
+    got = read_frame(path)
+    rgb = np.repeat(arr[..., :1], 3, axis=2) if channels <= 2 else arr[..., :3]
+    assert got.shape == (3, 5, 7) and got.dtype == torch.float32
+    assert torch.equal(got, torch.from_numpy(rgb.astype(np.float32) / 65535).permute(2, 0, 1))
+    assert check_frames([path]) == (7, 5)
+
+
+@pytest.mark.parametrize("orientation", [2, 6, 8])
+def test_png_exif_orientation_is_applied(tmp_path, orientation):
+    from PIL import ImageOps
+
+    arr = np.random.default_rng(orientation).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(tmp_path / "o.png", exif=exif)
+    with Image.open(tmp_path / "o.png") as img:
+        want = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))  # PIL's own reading of the tag
+    got = (read_frame(tmp_path / "o.png").permute(1, 2, 0) * 255).round().byte().numpy()
+    assert np.array_equal(got, want)
+    assert check_frames([tmp_path / "o.png"]) == (want.shape[1], want.shape[0])
+
+
+def test_png16_written_by_frames_reads_back_exactly(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 65536, (4, 6, 3)).astype(np.uint16)
+    write_png16(tmp_path / "w.png", arr)
+    assert torch.equal((read_frame(tmp_path / "w.png") * 65535).round().to(torch.int64).permute(1, 2, 0),
+                       torch.from_numpy(arr.astype(np.int64)))
+
+
+# ------------------------------------------------------------------------- 4. folders: inputs checked first
+
+
+def test_frames_folder_problems_are_found_before_the_engine_runs(tmp_path):
+    files = png_folder(tmp_path / "in", n=4)
+    (tmp_path / "in" / "f002.png").write_text("not an image")
+    with pytest.raises(UserInputError, match="f002.png is not a readable image"):
+        check_frames(sorted((tmp_path / "in").iterdir()))
+    png_folder(tmp_path / "sizes", n=2)
+    Image.new("RGB", (10, 10)).save(tmp_path / "sizes" / "f009.png")
+    with pytest.raises(UserInputError, match="one size: f000.png is 12x8, f009.png is 10x10"):
+        check_frames(sorted((tmp_path / "sizes").iterdir()))
+    data = files[1].read_bytes()
+    (tmp_path / "in" / "f002.png").write_bytes(data[: len(data) // 2])  # a cut-off PNG
+    with pytest.raises(UserInputError, match="f002.png is not a readable image"):
+        check_frames(sorted((tmp_path / "in").iterdir()))
+
+
+def test_frame_that_breaks_mid_run_reports_what_was_written(tmp_path):
+    files = png_folder(tmp_path / "in", n=4)
+    files[2].write_text("not an image")
+    out = tmp_path / "out"
+    with pytest.raises(UserInputError, match="f002.png cannot be read as an image.*2 of 4 frames were written"):
+        upscale_folder(FakeEngine(), files, out, save="png")
+    assert sorted(p.name for p in out.iterdir()) == ["f000.png", "f001.png"]  # complete files only
+
+
+def test_flow_of_one_frame_is_an_error_not_an_empty_success(tmp_path):
+    files = png_folder(tmp_path / "in", n=1)
+    with pytest.raises(UserInputError, match="at least two frames"):
+        flow_folder(lambda a, b: torch.zeros(1, 2, *a.shape[-2:]), files, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------- two runs, stale locks
+
+HOLDER = textwrap.dedent("""
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("streamvsr", sys.argv[1] + "/__init__.py",
+                                                  submodule_search_locations=[sys.argv[1]])
+    module = importlib.util.module_from_spec(spec); sys.modules["streamvsr"] = module; spec.loader.exec_module(module)
+    from streamvsr.video.outputs import OutputLock
+    with OutputLock(sys.argv[2]):
+        print("locked", flush=True)
+        sys.stdin.read()   # held until the test closes our stdin
+""")
+
+
+@pytest.fixture
+def lock_holder():
+    """Holds the lock of an output in another process (another run in progress) until the test ends."""
+    procs = []
+
+    def hold(target):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(target)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_second_run_to_the_same_output_fails_at_once(tmp_path, lock_holder):
+    clip = make_clip(tmp_path / "in.mp4", n=3, audio=None)
+    out = tmp_path / "out.mkv"
+    holder = lock_holder(out)
+    for resume in (False, True):
+        engine = FakeEngine()
+        with pytest.raises(OutputBusyError, match=f"being written by another streamvsr run \\(process {holder.pid}"):
+            upscale_video(engine, clip, out, codec="lossless", resume=resume)
+        assert engine.calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", lock_path(out).name]
+    files = png_folder(tmp_path / "in")
+    lock_holder(tmp_path / "frames")
+    with pytest.raises(OutputBusyError):
+        upscale_folder(FakeEngine(), files, tmp_path / "frames")
+
+
+def test_two_runs_at_once_in_threads_one_is_refused_the_other_completes(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mkv"
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(FakeEngine):
+        def step(self, frame, state):
+            started.set()
+            release.wait(30)
+            return super().step(frame, state)
+
+    results = {}
+
+    def first():
+        results["first"] = upscale_video(Slow(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(30)
+    try:
+        with pytest.raises(OutputBusyError):
+            upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
+    finally:
+        release.set()
+        t.join(60)
+    assert results["first"]["frames"] == 6 and len(decode(out)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"]
+
+
+def test_stale_lock_and_work_files_of_a_crashed_run_are_cleaned(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=4, audio=None)
+    out = tmp_path / "out.mkv"
+    # what a run killed mid-way leaves: its lock file (no process holds it any more), a half-written temporary
+    # output, a half-written checkpoint and a segment written after no checkpoint
+    lock_path(out).write_text("process 999999 on elsewhere, since 2020-01-01 00:00:00\n")
+    temp_path(out).write_bytes(b"half a video")
+    ResumeFiles(out).state_tmp.write_bytes(b"half a checkpoint")
+    ResumeFiles(out).part(0).write_bytes(b"half a segment")
+    lock = OutputLock(out)
+    with lock:
+        assert lock.stale
+    summary = upscale_video(FakeEngine(), clip, out, codec="lossless")
+    assert summary["frames"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"]
+
+
+CRASHER = textwrap.dedent("""
+    import importlib.util, os, sys, time
+    spec = importlib.util.spec_from_file_location("streamvsr", sys.argv[1] + "/__init__.py",
+                                                  submodule_search_locations=[sys.argv[1]])
+    module = importlib.util.module_from_spec(spec); sys.modules["streamvsr"] = module; spec.loader.exec_module(module)
+    sys.path.insert(0, sys.argv[1] + "/tests")
+    from test_video import FakeEngine
+    from streamvsr.video.stream import upscale_video
+
+    resume = sys.argv[4] == "1"
+
+    class Slow(FakeEngine):
+        def step(self, frame, state):
+            if len(self.calls) == 3:
+                while resume and not os.path.exists(sys.argv[3] + ".streamvsr-resume.safetensors"):
+                    time.sleep(0.05)  # the writer thread saves the checkpoint after frame 2
+                print("busy", flush=True)
+                time.sleep(600)   # killed here
+            return super().step(frame, state)
+
+    upscale_video(Slow(), sys.argv[2], sys.argv[3], codec="lossless", resume=resume, overwrite=not resume,
+                  checkpoint_frames=2)
+""")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_killed_run_leaves_nothing_that_blocks_the_next(tmp_path, resume):
+    """A run killed mid-way (SIGKILL: no cleanup at all). Without resume it was replacing an existing file, which
+    must survive; with resume the next run continues from its checkpoint. Either way the next run is not blocked
+    by the lock or work files it left, and cleans them."""
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mkv"
+    if not resume:
+        out.write_bytes(b"old result")
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(ROOT), str(clip), str(out), "1" if resume else "0"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "busy"
+    proc.kill()
+    proc.wait(30)
+    assert lock_path(out).exists()  # what the killed run left
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert (ResumeFiles(out).state.name in left) if resume else (temp_path(out).name in left)
+    if not resume:
+        assert out.read_bytes() == b"old result"
+    engine = FakeEngine()
+    summary = upscale_video(engine, clip, out, codec="lossless", resume=resume, overwrite=not resume)
+    assert summary["frames"] == 6 and len(decode(out)) == 6
+    assert summary["resumed_from"] == (2 if resume else 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"]
+
+
+def test_lock_is_reentrant_in_one_thread_only(tmp_path):
+    target = tmp_path / "x.mp4"
+    with OutputLock(target):
+        with OutputLock(target):
+            pass
+        assert lock_path(target).exists()
+        errors = []
+
+        def other():
+            try:
+                with OutputLock(target):
+                    pass
+            except OutputBusyError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert errors
+    assert not lock_path(target).exists()
+
+
+# ----------------------------------------------------------------------------------- 6. the ComfyUI node
+
+
+@pytest.fixture
+def video_node(tmp_path, monkeypatch):
+    import fake_comfy
+
+    fake_comfy.install(monkeypatch, tmp_path / "comfy")
+    module = importlib.import_module("streamvsr.nodes.video")
+    monkeypatch.setattr(module, "prepare_engine", lambda *a, **k: Identity())
+
+    class Video:  # core VideoFromFile, reduced to what the node uses
+        def __init__(self, path):
+            self.path = path
+
+        def get_dimensions(self):
+            with av.open(str(self.path)) as c:  # the stored size, as ComfyUI reports it (no rotation)
+                return c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height
+
+        def get_stream_source(self):
+            return str(self.path)
+
+    def run(path, prefix="streamvsr/test"):
+        return module.StreamVSRVideoUpscale.execute(
+            model=object(), flow_model=object(), video=Video(path), seed=1, steps=1, codec="lossless",
+            scene_cut_threshold=0.0, filename_prefix=prefix, resume=False)
+
+    return run, tmp_path / "comfy" / "output" / "streamvsr"
+
+
+def test_video_node_never_replaces_a_file_and_reports_a_cut_input(tmp_path, video_node):
+    run, folder = video_node
+    clip = tmp_path / "in.mkv"
+    noise_clip(clip, n=4, w=16, h=8, codec="ffv1")
+    folder.mkdir(parents=True)
+    taken = folder / "test_00001_.mkv"  # the name ComfyUI's counter gives (the fake's is always 1)
+    taken.write_bytes(b"an earlier result")
+    out = run(clip)
+    path = Path(out.values[0][1])
+    assert path.name == "test_00002_.mkv" and len(decode(path)) == 4
+    assert taken.read_bytes() == b"an earlier result"
+
+    broken = cut(clip, 0.6, tmp_path / "cut.mkv")
+    with pytest.raises(InputDamagedError, match="ends early") as e:
+        run(broken, prefix="streamvsr/cut")
+    assert str(e.value.path) in str(e.value) and len(decode(e.value.path)) == e.value.frames > 0
+    assert not (folder / "cut_00001_.mkv").exists()
+
+
+@pytest.mark.skipif(not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
+                    reason="this PyAV cannot write a display matrix")
+def test_video_node_honours_rotation(tmp_path, video_node):
+    run, _ = video_node
+    clip = tmp_path / "phone.mkv"
+    frames = noise_clip(clip, n=2, w=16, h=8, codec="ffv1", rotation=90)
+    got = decode(run(clip).values[0][1])
+    assert got[0].shape == (64, 32, 3) and np.array_equal(got[0], nearest4(np.rot90(frames[0])))

@@ -1,0 +1,500 @@
+"""FlashVSR nodes, Load Video Chunk and the video-file node with FlashVSR, on CPU with a tiny FlashVSR checkpoint
+in the official file layout and stand-ins for the ComfyUI modules (tests/fake_comfy.py).
+
+Expected values come from the engine driven directly (FlashVSREngine over the whole sequence) and from the video
+reader, never from earlier node output.
+"""
+
+import asyncio
+import json
+import shutil
+import types
+
+import pytest
+import torch
+
+import fake_comfy
+from flashvsr_helpers import one_thread, write_official_folder
+
+FLASH_NODES = {"StreamVSRLoadFlashVSR", "StreamVSRFlashVSRUpscale", "StreamVSRFlashVSRSettings",
+               "StreamVSRFlashVSRTrimDecoded", "StreamVSRLoadVideoChunk", "StreamVSRVideoUpscale"}
+SETTINGS = dict(scale=4, sparse_ratio=2.0, local_range=11, kv_ratio=3.0, color_fix="adain")
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flashvsr_nodes") / "FlashVSR-v1.1"
+    write_official_folder(path, seed=3)
+    return path
+
+
+def _install(monkeypatch, tmp_path, folder, **kwargs):
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "flashvsr" / "FlashVSR-v1.1")
+    mm = fake_comfy.install(monkeypatch, models, **kwargs)
+    import streamvsr
+
+    ext = asyncio.run(streamvsr.comfy_entrypoint())
+    nodes = {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}
+    return mm, nodes
+
+
+@pytest.fixture
+def comfy(monkeypatch, tmp_path, folder):
+    return _install(monkeypatch, tmp_path, folder)
+
+
+def _run(node, unique_id="7", **inputs):
+    node.hidden = types.SimpleNamespace(unique_id=unique_id)
+    return node.execute(**inputs).values
+
+
+def _frames(n, h=32, w=32, seed=0):
+    """A pattern drifting right and down, (n, h, w, 3) as ComfyUI's IMAGE."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(h + n, w + 2 * n, 3, generator=g)
+    return torch.stack([base[i: i + h, 2 * i: 2 * i + w] for i in range(n)])
+
+
+def _load(nodes, **kw):
+    (model,) = _run(nodes["StreamVSRLoadFlashVSR"], **{"model": "FlashVSR-v1.1", "version": "v1.1",
+                                                       "precision": "auto", **kw})
+    return model
+
+
+def _upscale(nodes, model, images, unique_id="7", seed=42, continue_sequence=False, last_chunk=True, **kw):
+    return _run(nodes["StreamVSRFlashVSRUpscale"], unique_id, model=model, images=images, seed=seed,
+                continue_sequence=continue_sequence, last_chunk=last_chunk, **{**SETTINGS, **kw})
+
+
+def _reference(model, images, seed=42, **settings):
+    """The engine over the whole sequence, and the latents it made, straight from the model's modules."""
+    from streamvsr.models.flashvsr.engine import FlashVSREngine
+
+    latents = []
+    engine = FlashVSREngine(model.pipeline, device="cpu", compute_dtype=torch.float32,
+                            latent_sink=latents.append, **{**SETTINGS, **settings})
+    state = engine.new_state(seed)
+    out, state = engine.push(state, images.permute(0, 3, 1, 2))
+    rest, _ = engine.flush(state)
+    return torch.cat([out, rest]).permute(0, 2, 3, 1), torch.cat(latents, dim=2)
+
+
+@pytest.fixture(scope="module")
+def whole30():
+    return _frames(30)
+
+
+def test_registration_schemas(comfy):
+    _, nodes = comfy
+    assert FLASH_NODES <= nodes.keys()
+    for node_id in FLASH_NODES:
+        schema = nodes[node_id].define_schema()
+        assert schema.node_id == node_id and node_id.startswith("StreamVSR")
+        assert schema.kwargs.get("description") and schema.kwargs.get("display_name")
+        for inp in schema.inputs:
+            assert inp.kwargs.get("tooltip"), f"{node_id}.{inp.id} has no tooltip"
+            if inp.io_type in ("INT", "FLOAT"):
+                assert "min" in inp.kwargs and "max" in inp.kwargs, f"{node_id}.{inp.id} is unbounded"
+    upscale = {i.id: i for i in nodes["StreamVSRFlashVSRUpscale"].define_schema().inputs}
+    assert upscale["sparse_ratio"].kwargs["default"] == 2.0 and upscale["local_range"].kwargs["default"] == 11
+    assert upscale["kv_ratio"].kwargs["default"] == 3.0 and upscale["last_chunk"].kwargs["default"] is True
+    assert upscale["start_frame"].kwargs.get("optional") and upscale["start_frame"].kwargs.get("force_input")
+    outputs = [o.io_type for o in nodes["StreamVSRFlashVSRUpscale"].define_schema().outputs]
+    assert outputs == ["IMAGE", "STREAMVSR_STATE", "LATENT"]
+    video = {i.id: i for i in nodes["StreamVSRVideoUpscale"].define_schema().inputs}
+    assert video["model"].io_type == "STREAMVSR_MODEL,STREAMVSR_FLASHVSR_MODEL"
+    assert video["flow_model"].kwargs.get("optional") and video["flashvsr_settings"].kwargs.get("optional")
+    chunk = {i.id: i for i in nodes["StreamVSRLoadVideoChunk"].define_schema().inputs}
+    assert chunk["chunk_index"].kwargs["control_after_generate"] is True
+
+
+def test_model_list_folders_files_and_extra_paths(monkeypatch, tmp_path, folder):
+    import sys
+
+    from safetensors.torch import save_file
+
+    from streamvsr.models.flashvsr.weights import convert_flashvsr
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(folder, elsewhere / "FlashVSR-v1.1")
+    write_official_folder(elsewhere / "kijai", seed=1)  # a folder of another name holding the official files
+    convert_flashvsr(folder, elsewhere / "converted.safetensors", version="v1")
+    (elsewhere / "loose").mkdir()
+    save_file({"x": torch.zeros(1)}, str(elsewhere / "loose" / "Wan2.1_VAE.safetensors"))  # a VAE: not listed
+    save_file({"x": torch.zeros(1)}, str(elsewhere / "loose" / "merged_dit.safetensors"))
+    fake_comfy.install(monkeypatch, tmp_path / "models")
+    sys.modules["folder_paths"].folder_names_and_paths["flashvsr"] = ([str(elsewhere)], set())  # from the yaml
+    import streamvsr
+
+    nodes = {n.define_schema().node_id: n
+             for n in asyncio.run(asyncio.run(streamvsr.comfy_entrypoint()).get_node_list())}
+    paths, exts = sys.modules["folder_paths"].folder_names_and_paths["flashvsr"]
+    assert paths == [str(elsewhere), str(tmp_path / "models" / "flashvsr")] and ".ckpt" in exts
+    options = next(i for i in nodes["StreamVSRLoadFlashVSR"].define_schema().inputs
+                   if i.id == "model").kwargs["options"]
+    assert options == ["FlashVSR-v1.1", "converted.safetensors", "kijai", "loose/merged_dit.safetensors",
+                       "(download) FlashVSR, the version below"]
+
+
+def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_path, caplog):
+    from streamvsr.models.flashvsr.weights import convert_flashvsr
+    from streamvsr.nodes.flashvsr import FlashVSRModel
+
+    mm, nodes = comfy
+    model = _load(nodes)
+    assert isinstance(model, FlashVSRModel) and model.attention == "gather"  # auto on the CPU
+    assert model.compute_dtype == torch.float32 and model.pipeline.dtype == torch.float32
+    assert isinstance(model.core, fake_comfy.ModelPatcher) and isinstance(model.decoder, fake_comfy.ModelPatcher)
+    # DiT and LQ projection in one patcher, the TC decoder in its own
+    core = set(model.core.model.state_dict())
+    assert any(k.startswith("dit.") for k in core) and any(k.startswith("lq_proj.") for k in core)
+    assert not any("decoder" in k for k in core)
+    assert model.decoder.model is model.pipeline.tc_decoder and model.pipeline.version == "v1.1"
+    assert _load(nodes, version="v1").pipeline.version == "v1"
+    assert _load(nodes, attention="flex").attention == "flex"
+    # a converted file keeps the version recorded in it, and says so when the widget disagrees
+    convert_flashvsr(folder, tmp_path / "models" / "flashvsr" / "one.safetensors", version="v1")
+    with caplog.at_level("WARNING"):
+        assert _load(nodes, model="one.safetensors").pipeline.version == "v1"
+    assert "converted as v1" in caplog.text
+    with pytest.raises(ValueError, match="not in any flashvsr model folder"):
+        _load(nodes, model="gone")
+
+
+def test_whole_clip_equals_engine_with_latents_and_model_management(comfy, whole30):
+    mm, nodes = comfy
+    model = _load(nodes)
+    images = whole30[:6]
+    before = images.clone()
+    out, state, latent = _upscale(nodes, model, images)
+    expected, latents = _reference(model, images)
+    assert out.shape == (6, 128, 128, 3) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert torch.equal(images, before)  # inputs are never modified
+    assert torch.allclose(out, expected, atol=1e-6)
+    # the Wan 2.1 LATENT: the DiT's latents in the VAE's scale, (1, 16, T, H/8, W/8), T = (stream length - 1) / 4
+    samples = latent["samples"]
+    assert samples.shape == (1, 16, 6, 16, 16)
+    std = fake_comfy.Wan21.latents_std.view(1, 16, 1, 1, 1)
+    mean = fake_comfy.Wan21.latents_mean.view(1, 16, 1, 1, 1)
+    assert torch.allclose(samples, latents * std + mean, atol=1e-6)
+    assert latent["streamvsr_flashvsr"] == {"first_frame": 0, "frames": 6, "height": 128, "width": 128,
+                                            "complete": True}
+    # ComfyUI was asked for room for the DiT plus the activation estimate; the decoder is loaded whole
+    (core_call, decoder_call) = mm.calls["load_models_gpu"][-2:]
+    assert core_call[0] == [model.core] and decoder_call[0] == [model.decoder]
+    assert decoder_call[2].get("force_full_load") is True
+    assert core_call[1] > decoder_call[1] > 0
+    assert fake_comfy.ProgressBar.updates[-1][2]  # a preview with the last chunk
+    assert state.frame_index == 0  # the last chunk ended the sequence
+
+
+def test_chunked_runs_equal_one_run(comfy, whole30):
+    """Three queue runs (continue, last_chunk off, off, on) give the frames of one run, each once, in order."""
+    _, nodes = comfy
+    model = _load(nodes)
+    whole, _, _ = _upscale(nodes, model, whole30, "1")
+    counts, parts = [], []
+    for a, b, last in ((0, 12, False), (12, 26, False), (26, 30, True)):
+        out, state, _ = _upscale(nodes, model, whole30[a:b], "2", continue_sequence=a > 0, last_chunk=last)
+        counts.append(out.shape[0])
+        parts.append(out)
+    assert counts == [0, 21, 9]  # nothing before the first 25 frames; the look-ahead comes out with the last run
+    assert torch.equal(torch.cat(parts), whole)
+    # the same through start_frame (what Load Video Chunk connects), chunks of 10
+    parts = []
+    for a in (0, 10, 20):
+        out, _, _ = _upscale(nodes, model, whole30[a:a + 10], "3", start_frame=a, last_chunk=a == 20)
+        parts.append(out)
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_chunk_errors_and_restarts(comfy, whole30, caplog):
+    from streamvsr.nodes import flashvsr
+
+    _, nodes = comfy
+    model = _load(nodes)
+    with pytest.raises(ValueError, match="no earlier chunk"):
+        _upscale(nodes, model, whole30[8:16], "4", start_frame=8, last_chunk=False)
+    _upscale(nodes, model, whole30[:8], "4", start_frame=0, last_chunk=False)
+    stored = flashvsr.STREAMS.get("4")
+    with pytest.raises(ValueError, match="ended at frame 8: queue the chunk that starts at frame 8"):
+        _upscale(nodes, model, whole30[16:24], "4", start_frame=16, last_chunk=False)  # a chunk skipped
+    with pytest.raises(ValueError, match="settings changed"):
+        _upscale(nodes, model, whole30[8:16], "4", start_frame=8, last_chunk=False, kv_ratio=2.0)
+    assert flashvsr.STREAMS.get("4") is stored  # failed runs leave the sequence as it was
+    _upscale(nodes, model, whole30[8:16], "4", start_frame=8, last_chunk=True)
+    with pytest.raises(ValueError, match="ended its sequence"):
+        _upscale(nodes, model, whole30[16:24], "4", start_frame=16)
+    # continue_sequence after a last chunk starts anew, and says so
+    with caplog.at_level("WARNING"):
+        out, state, _ = _upscale(nodes, model, whole30[:3], "4", continue_sequence=True)
+    assert "ended its sequence" in caplog.text and out.shape[0] == 3
+    # another seed when continuing: a new sequence (logged), not an error
+    _upscale(nodes, model, whole30[:3], "5", last_chunk=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _upscale(nodes, model, whole30[3:6], "5", seed=1, continue_sequence=True)
+    assert "changed" in caplog.text
+
+
+def test_state_socket_and_fingerprint(comfy, whole30):
+    from streamvsr.nodes import flashvsr
+
+    _, nodes = comfy
+    model = _load(nodes)
+    whole, _, _ = _upscale(nodes, model, whole30[:28], "6")
+    first, state, _ = _upscale(nodes, model, whole30[:26], "6", last_chunk=False)
+    second, _, _ = _upscale(nodes, model, whole30[26:28], "8", state=state)
+    assert torch.equal(torch.cat([first, second]), whole)
+    assert flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs(continue_sequence=True) != \
+        flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs(continue_sequence=True)  # NaN: always re-run
+
+
+def test_trim_wan_vae_decode(comfy, whole30):
+    _, nodes = comfy
+    model = _load(nodes)
+    out, _, latent = _upscale(nodes, model, _frames(5, h=24, w=40))
+    assert out.shape == (5, 96, 160, 3)
+    t = latent["samples"].shape[2]
+    decoded = torch.rand(4 * t - 3, 128, 256, 3)  # what VAE Decode makes of it: padded frames and sides
+    (trimmed,) = _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded, latent=latent)
+    assert torch.equal(trimmed, decoded[:5, :96, :160])
+    _, _, partial = _upscale(nodes, model, whole30[:26], "9", last_chunk=False)
+    _, _, rest = _upscale(nodes, model, whole30[26:], "9", continue_sequence=True)
+    with pytest.raises(ValueError, match="whole clip"):
+        _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=torch.rand(25, 128, 128, 3), latent=partial)
+    with pytest.raises(ValueError, match="whole clip"):
+        _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=torch.rand(9, 128, 128, 3), latent=rest)
+    with pytest.raises(ValueError, match="expected the VAE decode"):
+        _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded[:3], latent=latent)
+    with pytest.raises(ValueError, match="latent output of FlashVSR Upscale"):
+        _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded, latent={"samples": latent["samples"]})
+
+
+def test_bad_inputs_interrupt_and_out_of_memory(monkeypatch, tmp_path, folder, whole30):
+    mm, nodes = _install(monkeypatch, tmp_path, folder, interrupt_after=3)
+    from streamvsr.models.flashvsr.engine import FlashVSREngine
+    from streamvsr.nodes import flashvsr
+
+    mm.calls["interrupt_checks"] = -1000  # no interrupt until the interrupt check below
+    model = _load(nodes)
+    with pytest.raises(ValueError, match="empty"):
+        _upscale(nodes, model, torch.zeros(0, 8, 8, 3))
+    nan = whole30[:2].clone()
+    nan[1, 3, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="frame 1 .*NaN"):
+        _upscale(nodes, model, nan)
+    with pytest.raises(ValueError, match="Load FlashVSR Model"):
+        _upscale(nodes, fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), whole30[:2])
+    # grayscale and RGBA frames: as their RGB
+    rgb, _, _ = _upscale(nodes, model, whole30[:2].mean(-1, keepdim=True).expand(-1, -1, -1, 3).clone(), "11")
+    gray, _, _ = _upscale(nodes, model, whole30[:2].mean(-1, keepdim=True), "11")
+    assert torch.equal(gray, rgb)
+    mm.calls["interrupt_checks"] = 0
+    _upscale(nodes, model, whole30[:8], "10", last_chunk=False)  # 1 interrupt check
+    stored = flashvsr.STREAMS.get("10")
+    with pytest.raises(fake_comfy.Interrupted):
+        _upscale(nodes, model, whole30[8:30], "10", continue_sequence=True)  # interrupted at the 4th check
+    assert flashvsr.STREAMS.get("10") is stored and stored.state.frame_index == 8
+    mm.calls["interrupt_checks"] = -1000
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(FlashVSREngine, "push", out_of_memory)
+    with pytest.raises(RuntimeError, match="kv_ratio 2.*sparse_ratio 1.5.*bf16.*--lowvram"):
+        _upscale(nodes, model, whole30[8:16], "10", continue_sequence=True)
+    assert flashvsr.STREAMS.get("10") is stored
+
+
+def _video(path):
+    class Video:  # what core Load Video hands over, reduced to what the nodes use
+        def get_stream_source(self):
+            return str(path)
+
+        def get_dimensions(self):
+            import av
+
+            with av.open(str(path)) as c:
+                s = c.streams.video[0]
+                return s.codec_context.width, s.codec_context.height
+
+    return Video()
+
+
+def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    from streamvsr.video.reader import FrameReader
+
+    _, nodes = comfy
+    clip = make_clip(tmp_path / "ten.mp4", n=10, w=32, h=24) or tmp_path / "ten.mp4"
+    expected = torch.stack([f for _, f, _ in FrameReader(str(clip))]).permute(0, 2, 3, 1)
+    node = nodes["StreamVSRLoadVideoChunk"]
+    got = []
+    for index in range(3):
+        images, start, last, fps, chunks, total = _run(node, video=_video(clip), chunk_index=index, chunk_frames=4)
+        assert (start, last, chunks, total) == (4 * index, index == 2, 3, 10) and fps == 24.0
+        got.append(images)
+    assert [g.shape[0] for g in got] == [4, 4, 2]
+    assert torch.equal(torch.cat(got), expected)
+    with pytest.raises(ValueError, match="past the end.*10 frames.*3 chunks.*back to 0"):
+        _run(node, video=_video(clip), chunk_index=3, chunk_frames=4)
+
+
+def test_chunk_loader_into_upscale_equals_one_run(comfy, tmp_path):
+    """What the chunked workflow does: Load Video Chunk's start_frame and last_chunk wired into FlashVSR Upscale."""
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    _, nodes = comfy
+    clip = tmp_path / "thirty.mp4"
+    make_clip(clip, n=30, w=32, h=24)
+    model = _load(nodes)
+    loader = nodes["StreamVSRLoadVideoChunk"]
+    (everything, *_rest) = _run(loader, video=_video(clip), chunk_index=0, chunk_frames=64)
+    whole, _, _ = _upscale(nodes, model, everything, "20")
+    parts = []
+    for index in range(2):
+        images, start, last, *_ = _run(loader, video=_video(clip), chunk_index=index, chunk_frames=26)
+        out, _, _ = _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+        parts.append(out)
+    assert [p.shape[0] for p in parts] == [21, 9]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_video_file_node_with_flashvsr_and_settings(comfy, tmp_path):
+    pytest.importorskip("av")
+    from test_video import decode, make_clip
+
+    _, nodes = comfy
+    model = _load(nodes)
+    clip = tmp_path / "in.mp4"
+    make_clip(clip, n=3, w=32, h=24)
+    (settings,) = _run(nodes["StreamVSRFlashVSRSettings"], scale=2, sparse_ratio=1.5, local_range=9, kv_ratio=2.0,
+                       color_fix="none")
+    assert settings == {"scale": 2, "sparse_ratio": 1.5, "local_range": 9, "kv_ratio": 2.0, "color_fix": "none"}
+    node = nodes["StreamVSRVideoUpscale"]
+    out = node.execute(model=model, video=_video(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.0,
+                       filename_prefix="flashvsr/test", flashvsr_settings=settings)
+    kind, path = out.values[0]
+    assert kind == "VideoFromFile" and path.endswith("test_00001_.mp4")
+    frames = decode(path)
+    assert len(frames) == 3 and frames[0].shape == (48, 64, 3)
+    # without settings: the official defaults (x4); Stream-DiffVSR without a flow model is refused clearly
+    out = node.execute(model=model, video=_video(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.0,
+                       filename_prefix="flashvsr/default")
+    assert decode(out.values[0][1])[0].shape == (96, 128, 3)
+    # resumable writing and scene cuts work with FlashVSR's chunked engine too
+    out = node.execute(model=model, video=_video(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.3,
+                       filename_prefix="flashvsr/resumable", resume=True)
+    assert len(decode(out.values[0][1])) == 3 and not list((tmp_path / "models" / "output" / "flashvsr").glob(
+        "*.streamvsr-*"))
+    with pytest.raises(ValueError, match="flow model"):
+        node.execute(model=fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), video=_video(clip),
+                     seed=1, steps=4, codec="h264", scene_cut_threshold=0.0, filename_prefix="x")
+
+
+def test_download_messages(monkeypatch, tmp_path):
+    """Offline: the hub files and the GitHub prompt file fail with what to download by hand and where."""
+    import huggingface_hub
+
+    from streamvsr.models.flashvsr import hub
+    from streamvsr.models.shared.errors import DownloadError
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(DownloadError, match="JunhaoZhuang/FlashVSR-v1.1.*posi_prompt.pth.*OpenImagingLab"):
+        hub.download_flashvsr("v1.1", tmp_path)
+    dest = tmp_path / "p"
+    dest.mkdir()
+    with pytest.raises(DownloadError, match=f"posi_prompt.pth.*by hand.*{dest}"):
+        hub.download_prompt(dest, url="http://127.0.0.1:9/posi_prompt.pth", timeout=2)
+    fake = tmp_path / "fake_prompt.pth"
+    fake.write_bytes(b"not the prompt")
+    with pytest.raises(DownloadError, match="not the official file"):
+        hub.download_prompt(dest, url=fake.as_uri())
+    assert not (dest / "posi_prompt.pth").exists() and not list(dest.iterdir())
+    # the git blob id is git's: sha1 of "blob <size>\\0" + content
+    assert hub.git_blob_id(fake) == __import__("hashlib").sha1(b"blob 14\0not the prompt").hexdigest()
+
+
+def test_workflows_reference_known_nodes_and_widgets():
+    """Every workflow's nodes exist in this pack or in core, and its links agree with its node records."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "workflows"
+    core = {"LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo", "SaveImage", "VAELoader", "VAEDecode",
+            "Note"}
+    names = sorted(p.name for p in root.glob("*.json"))
+    assert {"flashvsr_video_file.json", "flashvsr_long_video_chunks.json", "flashvsr_wan_vae_decode.json"} <= \
+        set(names)
+    for name in names:
+        w = json.loads((root / name).read_text())
+        ids = {n["id"]: n for n in w["nodes"]}
+        for n in w["nodes"]:
+            assert n["type"].startswith("StreamVSR") or n["type"] in core, (name, n["type"])
+        for link_id, src, src_slot, dst, dst_slot, kind in w["links"]:
+            assert link_id in ids[src]["outputs"][src_slot]["links"], (name, link_id)
+            assert ids[dst]["inputs"][dst_slot]["link"] == link_id, (name, link_id)
+    video = json.loads((root / "streamvsr_video_upscale.json").read_text())
+    create = next(n for n in video["nodes"] if n["type"] == "CreateVideo")
+    linked = {i["name"] for i in create["inputs"] if i.get("link") is not None}
+    assert {"fps", "audio", "images"} <= linked  # frame rate and audio from the source
+
+
+def test_range_reader_equals_decoding_from_the_start(tmp_path):
+    """video/range.py: any range, read by seeking, is what FrameReader decodes from the start (keyframes every 10
+    frames with B-frames, variable frame timing, a phone video's rotation), and the last range reads to the end."""
+    av = pytest.importorskip("av")
+    import numpy as np
+    from test_video import make_clip
+
+    from streamvsr.video.range import frame_index, read_range
+    from streamvsr.video.reader import FrameReader
+
+    def everything(path):
+        return torch.stack([f for _, f, _ in FrameReader(str(path))])
+
+    gop = tmp_path / "gop.mp4"
+    with av.open(str(gop), "w") as c:
+        v = c.add_stream("libx264", rate=24, options={"crf": "18", "g": "10", "bf": "3"})
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        for i in range(37):
+            pixels = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
+            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+    ref = everything(gop)
+    assert frame_index(str(gop)).count == len(ref) == 37
+    for start, count in ((0, 10), (13, 7), (30, 20), (36, 1), (9, 28)):
+        assert torch.equal(read_range(str(gop), start, count), ref[start:start + count]), (start, count)
+    assert torch.equal(read_range(str(gop), 33, 2, to_end=True), ref[33:])
+    assert read_range(str(gop), 37, 3).shape == (0, 3, 48, 64)
+    assert torch.equal(read_range(str(gop), 5, 3, channels_last=True), ref[5:8].permute(0, 2, 3, 1))
+
+    vfr = tmp_path / "vfr.mp4"
+    make_clip(vfr, n=9, pts=[0, 1, 3, 4, 8, 9, 10, 15, 16])
+    ref = everything(vfr)
+    for start in range(9):
+        assert torch.equal(read_range(str(vfr), start, 3), ref[start:start + 3]), start
+
+    if hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        from test_faults_video import noise_clip
+
+        phone = tmp_path / "phone.mkv"
+        noise_clip(phone, n=4, w=16, h=8, codec="ffv1", rotation=90, hflip=False)
+        ref = everything(phone)
+        assert ref.shape[-2:] == (16, 8)  # shown upright
+        assert torch.equal(read_range(str(phone), 1, 2), ref[1:3])

@@ -1,0 +1,180 @@
+"""The engine's savings change no number: with them (``reuse=True``, the default) the frames are bit-identical to
+the plain per-step arithmetic (``reuse=False``, run on a separately loaded model so no saving leaks into it).
+
+Saved: the prompt's cross-attention keys/values (once per model), each timestep's embeddings (once per model),
+the ControlNet conditioning embedding (once per frame), RAFT's features of the previous frame (carried in the
+state), and the per-call copies of convolution weights into the layout of their inputs.
+"""
+
+import pytest
+import torch
+
+from helpers import make_tiny_checkpoint, make_tiny_raft
+
+pytest.importorskip("diffusers")
+
+from streamvsr.models.raft.weights import load_raft  # noqa: E402
+from streamvsr.models.stream_diffvsr.engine import StreamEngine, StreamState  # noqa: E402
+from streamvsr.models.stream_diffvsr.loader import load_pipeline  # noqa: E402
+from streamvsr.models.stream_diffvsr.unet import PromptKV, StepEmbedding  # noqa: E402
+
+LR_H, LR_W = 32, 40
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def raft_path(tmp_path_factory):
+    return make_tiny_raft(tmp_path_factory.mktemp("raft") / "raft_small.pth")
+
+
+@pytest.fixture(scope="module")
+def frames():
+    g = torch.Generator().manual_seed(11)
+    base = torch.rand(3, LR_H + 8, LR_W + 8, generator=g)
+    return [base[:, i: i + LR_H, 2 * i: 2 * i + LR_W].contiguous() for i in range(3)]
+
+
+def _run(engine, frames, state):
+    outs = []
+    for f in frames:
+        hr, state = engine.step(f, state)
+        outs.append(hr)
+    return outs, state
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoint, raft_path):
+    """The per-step arithmetic, on its own copy of the model (no saving applied to it)."""
+    return StreamEngine(load_pipeline(checkpoint), load_raft(raft_path), reuse=False)
+
+
+@pytest.fixture(scope="module")
+def fast(checkpoint, raft_path):
+    return StreamEngine(load_pipeline(checkpoint), load_raft(raft_path))
+
+
+@pytest.fixture(scope="module")
+def reference(plain, frames):
+    return _run(plain, frames, plain.new_state(42))
+
+
+def test_savings_are_bit_identical(fast, reference, frames):
+    got, state = _run(fast, frames, fast.new_state(42))
+    expected, ref_state = reference
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"frame {i}: max abs difference {(a - b).abs().max().item()}"
+    assert torch.equal(state.prev_output, ref_state.prev_output)
+    # The savings were taken: RAFT's features ride in the state, constants are cached, some convolution
+    # weights were stored channels-last (after the transformer blocks).
+    assert state.flow_features is not None and ref_state.flow_features is None
+    assert any(k.startswith("kv:") for k in fast._constants) and any(k.startswith("temb:") for k in fast._constants)
+    convs = [m for m in fast.pipeline.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
+               for c in convs)
+
+
+def test_restored_state_recomputes_the_flow_features(fast, reference, frames):
+    first, state = _run(fast, frames[:2], fast.new_state(42))
+    tensors, meta = state.to_dict()
+    assert not any("flow" in k for k in tensors)  # a cache, not part of the saved sequence
+    restored = StreamState.from_dict(tensors, meta)
+    assert restored.flow_features is None and state.flow_features is not None
+    second, _ = _run(fast, frames[2:], restored)
+    assert all(torch.equal(a, b) for a, b in zip(first + second, reference[0]))
+
+
+def test_features_of_another_flow_model_are_not_used(fast, plain, frames, tmp_path):
+    _, state = _run(fast, frames[:2], fast.new_state(9))
+    _, ref_state = _run(plain, frames[:2], plain.new_state(9))
+    # Another estimator object (as after reloading it in ComfyUI) computes its own features.
+    other = StreamEngine(fast.pipeline, load_raft(make_tiny_raft(tmp_path / "other.pth", seed=1)))
+    reference = StreamEngine(plain.pipeline, load_raft(tmp_path / "other.pth"), reuse=False)
+    assert torch.equal(other.step(frames[2], state)[0], reference.step(frames[2], ref_state)[0])
+
+
+def test_another_frame_size_after_layout_pinning(fast, plain, frames):
+    small = [f[:, :24, :32].contiguous() for f in frames[:2]]
+    got, _ = _run(fast, small, fast.new_state(1))
+    expected, _ = _run(plain, small, plain.new_state(1))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_half_precision_savings_are_bit_identical(checkpoint, raft_path, frames):
+    fast = StreamEngine(load_pipeline(checkpoint, dtype=torch.bfloat16), load_raft(raft_path))
+    plain = StreamEngine(load_pipeline(checkpoint, dtype=torch.bfloat16), load_raft(raft_path), reuse=False)
+    got, _ = _run(fast, frames[:2], fast.new_state(5))
+    expected, _ = _run(plain, frames[:2], plain.new_state(5))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_precomputed_constants_match_the_networks(checkpoint):
+    pipe = load_pipeline(checkpoint)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 7, 16, 20, generator=g)
+    cond = torch.randn(1, 3, 64, 80, generator=g)
+    embeds = pipe.prompt_embeds
+    t = torch.tensor(749)
+    with torch.inference_mode():
+        down, mid = pipe.controlnet(sample, t, embeds, cond)
+        down2, mid2 = pipe.controlnet(sample, pipe.controlnet.step_embedding(t, sample),
+                                      pipe.controlnet.prompt_kv(embeds),
+                                      cond_embedding=pipe.controlnet.embed_condition(cond))
+        assert all(torch.equal(a, b) for a, b in zip(down + [mid], down2 + [mid2]))
+        kv, temb = pipe.unet.prompt_kv(embeds), pipe.unet.step_embedding(t, sample)
+        assert isinstance(kv, PromptKV) and isinstance(temb, StepEmbedding)
+        assert len(kv.kv) == len(pipe.unet.cross_attentions) > 0
+        assert torch.equal(pipe.unet(sample, t, embeds, down, mid), pipe.unet(sample, temb, kv, down, mid))
+
+
+@pytest.mark.parametrize("corr", ["all_pairs", "on_demand"])
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_raft_reused_features_give_the_same_flow(raft_path, corr, downscale):
+    estimator = load_raft(raft_path, corr=corr, downscale=downscale)
+    g = torch.Generator().manual_seed(4)
+    a, b, c = (torch.rand(1, 3, 128, 160, generator=g) * 2 - 1 for _ in range(3))
+    _, features_b = estimator.flow_and_features(b, a)
+    flow, features_c = estimator.flow_and_features(c, b, features_b)
+    assert torch.equal(flow, estimator(c, b))
+    assert torch.equal(features_c, estimator.flow_and_features(c, a)[1])
+
+
+# ---------------------------------------------------------------------------------------------- compiled path
+
+
+def test_compiled_engine_is_close_to_eager(checkpoint, raft_path, frames, reference, caplog):
+    pytest.importorskip("torch._inductor")
+    fast = StreamEngine(load_pipeline(checkpoint), load_raft(raft_path), compile=True)
+    with caplog.at_level("INFO", logger="streamvsr.models.stream_diffvsr.speed"):
+        got, state = _run(fast, frames, fast.new_state(42))
+    if any("running it eagerly" in r.getMessage() for r in caplog.records):
+        pytest.skip("torch.compile is unavailable on this machine: " + caplog.text.strip().splitlines()[-1])
+    expected, ref_state = reference
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert (a - b).abs().max() <= 1e-4, f"frame {i}"
+    assert (state.prev_output - ref_state.prev_output).abs().max() <= 1e-4
+    assert fast.compile_seconds > 0 and any("compiled the UNet" in r.getMessage() for r in caplog.records)
+    # Kept for the session: a new engine on the same model compiles nothing more for the same frame size.
+    again = StreamEngine(fast.pipeline, load_raft(raft_path), compile=True)
+    before = again.compile_seconds
+    _run(again, frames[:2], again.new_state(42))
+    assert again.compile_seconds == before
+
+
+def test_compile_unavailable_falls_back_to_eager_with_a_warning(checkpoint, raft_path, frames, reference, caplog,
+                                                                monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fast = StreamEngine(load_pipeline(checkpoint), load_raft(raft_path), compile=True)
+    with caplog.at_level("WARNING"):
+        got, _ = _run(fast, frames[:2], fast.new_state(42))
+    warnings = [r.getMessage() for r in caplog.records if "running it eagerly" in r.getMessage()]
+    assert any("UNet" in w and "no compiler here" in w for w in warnings)
+    assert len(warnings) == len(set(warnings))  # one line per network, not per call
+    # eager fallback: channels-last weights change rounding only
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(got, reference[0]))

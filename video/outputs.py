@@ -1,0 +1,305 @@
+"""Keeping the user's files safe while outputs are written.
+
+- Every output is written under a temporary name next to it (``NAME.streamvsr-tmp.EXT``) and moved into place only
+  when complete, so a failed or interrupted run never leaves a half-written file under the name that was asked
+  for and never replaces an existing file with a partial one. What such a run did finish is kept under a
+  labelled name (``NAME.streamvsr-partial.EXT``).
+- An existing output is replaced only when asked for (``overwrite``), and never when it is one of the inputs:
+  that is checked by identity (device and inode), so a hard link or a symbolic link to the input counts as the
+  input.
+- A lock file next to the output (``NAME.streamvsr-lock``) makes a second run to the same output fail at once.
+  The lock is the operating system's (``flock``, or ``msvcrt.locking`` on Windows), which dies with its process:
+  a lock file left behind by a crashed run is recognised as stale and taken over, and the caller then removes
+  the work files that run left (``remove_stale``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from ..models.shared.errors import OutputBusyError, OutputExistsError, UserInputError
+
+log = logging.getLogger(__name__)
+
+LOCK_TAG = ".streamvsr-lock"
+TMP_TAG = ".streamvsr-tmp"
+PARTIAL_TAG = ".streamvsr-partial"
+# Windows locks byte ranges and blocks reading them; the lock byte sits far from the holder's description at the
+# start of the file, so a refused run can still say who holds the lock.
+_WINDOWS_LOCK_OFFSET = 1 << 20
+
+
+def temp_path(path) -> Path:
+    """Where ``path`` is written until it is complete: the same folder, so that the final move is a rename on
+    one file system (atomic), and the same extension, from which muxers and image writers take the format."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{TMP_TAG}{path.suffix}")
+
+
+def partial_path(path) -> Path:
+    """Where the finished part of an incomplete output is kept, labelled as such."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{PARTIAL_TAG}{path.suffix}")
+
+
+def lock_path(target) -> Path:
+    target = Path(os.path.abspath(target))
+    if not target.name:  # a file-system root as the output folder: the lock has to go inside it
+        return target / LOCK_TAG
+    return target.with_name(target.name + LOCK_TAG)
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file (hard links and symbolic links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_folder_creatable(folder) -> None:
+    """Raise a one-line error unless ``folder`` exists as a writable folder or can be created, without creating
+    anything (so that a run refused later leaves no trace)."""
+    folder = Path(os.path.abspath(folder))
+    probe = folder
+    while not probe.exists():
+        if os.path.lexists(probe):
+            raise UserInputError(f"cannot create the folder {folder}: {probe} is a broken symbolic link")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == folder else f"cannot create the folder {folder}: "
+        raise UserInputError(f"{where}{probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write to {folder}: no permission to write in {probe}")
+
+
+def make_folder(folder) -> Path:
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    return folder
+
+
+def check_output_file(out, inputs=(), overwrite: bool = False) -> None:
+    """The checks for one output file: not a folder, not one of ``inputs`` (paths; other sources are skipped),
+    not already there unless ``overwrite``, and its folder can be created."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserInputError(f"the output {out} is a folder; give a file name")
+    for source in inputs:
+        if isinstance(source, (str, os.PathLike)) and same_file(source, out):
+            how = "" if os.path.abspath(source) == os.path.abspath(out) else \
+                " (the same file under another name: a hard link or symbolic link to it)"
+            raise UserInputError(f"the output {out} is the input {source}{how}; choose another output name")
+    if out.exists() and not out.is_file():
+        raise UserInputError(f"the output {out} exists and is not a regular file (a device, pipe or socket); "
+                             "give a file name")
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError(f"{out} already exists; add --overwrite to replace it (it is replaced only once the "
+                                "new file is complete)")
+    check_folder_creatable(out.parent)
+
+
+def publish(tmp, out, overwrite: bool = False) -> Path:
+    """Move the finished ``tmp`` to ``out``. Without ``overwrite`` this never replaces a file that appeared at
+    ``out`` in the meantime (a hard link is created, which fails if the name is taken); the result is then kept
+    under the partial name and the error says where."""
+    tmp, out = Path(tmp), Path(out)
+    if overwrite:
+        os.replace(tmp, out)
+        return out
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        kept = partial_path(out)
+        os.replace(tmp, kept)
+        raise OutputExistsError(f"{out} was created by something else while this run wrote it; it was left alone "
+                                f"and the finished result is in {kept}") from None
+    except OSError:  # a file system without hard links (FAT, some network shares): check, then rename
+        if os.path.lexists(out):
+            kept = partial_path(out)
+            os.replace(tmp, kept)
+            raise OutputExistsError(f"{out} was created by something else while this run wrote it; it was left "
+                                    f"alone and the finished result is in {kept}") from None
+        if os.name == "nt":
+            os.rename(tmp, out)  # refuses to replace an existing file on Windows
+        else:
+            os.replace(tmp, out)
+        return out
+    os.unlink(tmp)
+    return out
+
+
+def keep_partial(tmp, out) -> Path | None:
+    """Keep an unfinished ``tmp`` under the partial name of ``out`` (replacing an older partial result of the same
+    output). Returns where it is, or None if there was nothing."""
+    tmp = Path(tmp)
+    if not tmp.exists():
+        return None
+    kept = partial_path(out)
+    os.replace(tmp, kept)
+    return kept
+
+
+def remove_stale(paths, why: str = "left by a run that did not finish") -> None:
+    """Delete work files of an earlier run. Only called while holding the output's lock, so they cannot belong
+    to a run still in progress."""
+    for path in paths:
+        path = Path(path)
+        if os.path.lexists(path):
+            try:
+                path.unlink()
+            except OSError as e:
+                raise UserInputError(f"cannot remove {path}, {why}: {e.strerror or e}") from None
+            log.info("removed %s, %s", path, why)
+
+
+# ---------------------------------------------------------------------------------------------------- the lock
+
+_held: dict[str, list] = {}  # lock key -> [thread id, depth, fd, lock file]: the locks this process holds
+_held_guard = threading.Lock()
+
+
+class OutputLock:
+    """Exclusive right to write ``target`` (a file or a folder), held with ``with OutputLock(target):``.
+
+    The same thread may take it again while holding it (the command line takes it before loading the model, and
+    the job it runs takes it again); any other taker, in this process or another, gets ``OutputBusyError`` at
+    once. ``stale`` tells whether a lock file from a run that ended without cleaning up was taken over.
+    """
+
+    def __init__(self, target):
+        self.target = Path(target)
+        self.path = lock_path(target)
+        self.key = str(self.path)  # stays the same if the lock file has to go elsewhere (see _open)
+        self.stale = False
+
+    def __enter__(self) -> "OutputLock":
+        key, me = self.key, threading.get_ident()
+        with _held_guard:
+            entry = _held.get(key)
+            if entry is not None:
+                if entry[0] != me:
+                    raise OutputBusyError(f"{self.target} is being written by another job in this program; wait "
+                                          "for it to finish or choose another output")
+                entry[1] += 1
+                return self
+        fd = self._acquire()
+        with _held_guard:
+            _held[key] = [me, 1, fd, self.path]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _held_guard:
+            entry = _held[self.key]
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del _held[self.key]
+        fd, path = entry[2], entry[3]
+        if os.name == "nt":  # an open file cannot be deleted there; closing first leaves a harmless moment
+            os.close(fd)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        else:  # delete while still holding the lock, so nobody can take a lock on a file about to vanish
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            os.close(fd)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            inside = self.target / LOCK_TAG
+            if self.target.is_dir() and self.path != inside:
+                # An output folder in a folder we may not write to: the lock goes inside it instead (every run
+                # to this folder meets the same permissions, so all of them look there).
+                self.path = inside
+                return self._open()
+            raise UserInputError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
+
+    def _acquire(self) -> int:
+        for _ in range(10):
+            fd = self._open()
+            try:
+                locked = _try_lock(fd, self.path)
+                if not locked:
+                    raise OutputBusyError(self._busy_message(_read_holder(fd)))
+                # The run we waited for may have deleted the file between our open and our lock: then this lock
+                # is on a file nobody else sees. Start again on the file now at the path.
+                try:
+                    current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except OSError:
+                    current = False
+                if not current:
+                    os.close(fd)
+                    continue
+                before = _read_holder(fd)
+                if before:
+                    self.stale = True
+                    log.info("%s: took over the lock of an earlier run that ended without cleaning up (%s)",
+                             self.target, before)
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                return fd
+            except BaseException:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                raise
+        raise OutputBusyError(self._busy_message(""))
+
+    def _busy_message(self, holder: str) -> str:
+        who = f" ({holder})" if holder else ""
+        return (f"{self.target} is being written by another streamvsr run{who}; wait for it to finish or choose "
+                f"another output (lock file {self.path})")
+
+
+def _try_lock(fd: int, path) -> bool:
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            log.warning("cannot lock %s on this file system (%s): a second run to the same output would not be "
+                        "stopped", path, e.strerror)
+            return True
+        raise
+    return True
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 200).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

@@ -1,0 +1,206 @@
+"""Reading a range of frames of a video file without decoding the frames before it.
+
+A frame index lists every frame's presentation timestamp, from the container's packets (demuxed, not decoded:
+cheap next to decoding, and kept per file while the file is unchanged). To read frames [start, start + count) the
+decoder seeks to the keyframe at or before frame ``start``'s timestamp and decodes from there, dropping the frames
+before it. Frame numbers are those of a decode from the beginning (``reader.FrameReader``), also for variable frame
+rates, and frames come out turned as the file is meant to be seen (``reader.probe_video``'s orientation, as
+``FrameReader`` applies it). Where the timestamps cannot be trusted (packets without them, or a seek that does not land where the index
+says) the range is read by decoding from the beginning instead: slower, same frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from ..models.shared.errors import UserInputError
+from .reader import describe, frame_to_tensor, open_input, probe_video
+
+log = logging.getLogger(__name__)
+
+_CACHE_SIZE = 16
+_cache: OrderedDict = OrderedDict()
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class FrameIndex:
+    """pts: every frame's presentation timestamp in ``time_base`` units, in order (None when the file's packets
+    carry none: then only sequential reading is possible, and ``count`` comes from decoding the whole file).
+    rate: average frame rate. width, height: frame size as displayed. orientation: ``reader.Orientation``."""
+
+    count: int
+    pts: tuple[int, ...] | None
+    time_base: Fraction
+    rate: Fraction
+    width: int
+    height: int
+    orientation: object = None
+
+
+def _cache_key(source):
+    if isinstance(source, (str, os.PathLike)):
+        st = os.stat(source)
+        return os.path.realpath(source), st.st_size, st.st_mtime_ns
+    return None  # in-memory videos are indexed every time
+
+
+def _open_video(source):
+    container = open_input(source)
+    if not container.streams.video:
+        container.close()
+        raise UserInputError(f"{describe(source)} has no video stream")
+    return container, container.streams.video[0]
+
+
+def frame_index(source) -> FrameIndex:
+    """The frame index of the first video stream of ``source`` (a path, bytes or a binary file object)."""
+    key = _cache_key(source)
+    if key is not None:
+        with _lock:
+            if key in _cache:
+                _cache.move_to_end(key)
+                return _cache[key]
+    info = probe_video(source)  # also reports an unreadable or damaged file in one line
+    container, stream = _open_video(source)
+    try:
+        rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
+        time_base = Fraction(stream.time_base or Fraction(1, 90000))
+        width, height, orientation = info.width, info.height, info.orientation
+        stamps, trusted = [], True
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the flush packet at the end
+                continue
+            if getattr(packet, "is_discard", False):
+                continue
+            if packet.pts is None:
+                trusted = False
+                break
+            stamps.append(int(packet.pts))
+    finally:
+        container.close()
+    if trusted:
+        stamps.sort()
+        index = FrameIndex(len(stamps), tuple(stamps), time_base, rate, width, height, orientation)
+    else:
+        index = FrameIndex(_count_by_decoding(source), None, time_base, rate, width, height, orientation)
+    if key is not None:
+        with _lock:
+            _cache[key] = index
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    return index
+
+
+def _count_by_decoding(source) -> int:
+    container, stream = _open_video(source)
+    try:
+        return sum(1 for _ in container.decode(stream))
+    finally:
+        container.close()
+
+
+def read_range(source, start: int, count: int, channels_last: bool = False,
+               to_end: bool = False) -> torch.Tensor:
+    """Frames [start, start + count) of ``source`` as float32 RGB in [0, 1] on the CPU, (n, 3, h, w) or with
+    ``channels_last`` (n, h, w, 3), decoded as ``reader.FrameReader`` does. Fewer frames come back where the
+    video ends first; with ``to_end`` every frame from ``start`` to the end of the file comes back (for a last
+    chunk, in case the index counted fewer frames than the decoder makes)."""
+    if start < 0 or count < 1:
+        raise UserInputError(f"a frame range needs start >= 0 and count >= 1, got start={start}, count={count}")
+    index = frame_index(source)
+    if start >= index.count and not to_end:
+        return _empty(index, channels_last)
+    frames = None
+    if index.pts is not None and start < index.count:
+        frames = _read_seeking(source, index, start, count, to_end)
+    if frames is None:
+        frames = _read_sequential(source, index, start, count, to_end)
+    out = frames.result()
+    if out is None:
+        return _empty(index, channels_last)
+    return out if channels_last else out.permute(0, 3, 1, 2)
+
+
+class _Frames:
+    """Decoded frames written straight into one (n, h, w, 3) buffer (no second copy of the chunk): sized for
+    ``count`` frames, grown only when reading to the end of the file."""
+
+    def __init__(self, count: int, orientation=None):
+        self.count, self.n, self.buffer, self.orientation = count, 0, None, orientation
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, frame) -> None:
+        pixels = frame_to_tensor(frame)
+        if self.orientation is not None:
+            pixels = self.orientation.apply(pixels)
+        pixels = pixels.permute(1, 2, 0)
+        if self.buffer is None:
+            self.buffer = torch.empty((self.count, *pixels.shape), dtype=pixels.dtype)
+        elif self.n == self.buffer.shape[0]:
+            self.buffer = torch.cat([self.buffer, torch.empty_like(self.buffer[: max(self.n // 2, 1)])])
+        self.buffer[self.n] = pixels
+        self.n += 1
+
+    def result(self) -> torch.Tensor | None:
+        if self.buffer is None:
+            return None
+        return self.buffer if self.n == self.buffer.shape[0] else self.buffer[: self.n]
+
+
+def _empty(index: FrameIndex, channels_last: bool) -> torch.Tensor:
+    shape = (0, index.height, index.width, 3) if channels_last else (0, 3, index.height, index.width)
+    return torch.empty(shape)
+
+
+def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: bool) -> _Frames | None:
+    target = index.pts[start]
+    container, stream = _open_video(source)
+    stream.thread_type = "AUTO"
+    frames = _Frames(count, index.orientation)
+    try:
+        if start > 0:
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                return None
+            if frame.pts < target:
+                continue
+            if not frames and frame.pts != target:
+                log.info("%s: seeking to frame %d landed on another frame; decoding from the start",
+                         describe(source), start)
+                return None
+            frames.append(frame)
+            if len(frames) == count and not to_end:
+                break
+    except Exception as e:  # a container that cannot seek: fall back to decoding from the start
+        log.info("%s: cannot seek (%s); decoding from the start", describe(source), e)
+        return None
+    finally:
+        container.close()
+    return frames
+
+
+def _read_sequential(source, index: FrameIndex, start: int, count: int, to_end: bool) -> _Frames:
+    container, stream = _open_video(source)
+    stream.thread_type = "AUTO"
+    frames = _Frames(count, index.orientation)
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            if i < start:
+                continue
+            frames.append(frame)
+            if len(frames) == count and not to_end:
+                break
+    finally:
+        container.close()
+    return frames

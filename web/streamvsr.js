@@ -1,0 +1,39 @@
+// ComfyUI-StreamVSR frontend glue (loaded by ComfyUI from WEB_DIRECTORY).
+//
+// Stream Upscale Video File sends an upscaled frame as a progress preview now and then while it runs. The frontend
+// keeps a node's last progress preview in front of its results, so after the run the node went on showing that
+// frame instead of the finished video. When the node's result arrives, its preview is dropped and the video shows.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const RESULT_REPLACES_PREVIEW = new Set(["StreamVSRVideoUpscale"]);
+// The frontend's widgets that draw a node's images (ComfyUI frontend 1.27).
+const PREVIEW_WIDGETS = ["$$canvas-image-preview", "$$comfy_animation_preview"];
+
+app.registerExtension({
+  name: "StreamVSR.ResultReplacesPreview",
+  setup() {
+    api.addEventListener("executed", ({ detail }) => {
+      const id = detail?.display_node ?? detail?.node;
+      if (id === undefined || id === null) return;
+      const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+      if (!node || !RESULT_REPLACES_PREVIEW.has(node.type)) return;
+      const key = String(id);
+      const previews = app.nodePreviewImages?.[key];
+      if (!previews) return;
+      for (const url of previews) URL.revokeObjectURL(url);
+      delete app.nodePreviewImages[key];
+      // The preview frames the node drew (as images on the canvas) go too; the video widget takes their place.
+      node.imgs = undefined;
+      node.imageIndex = null;
+      for (let i = (node.widgets?.length ?? 0) - 1; i >= 0; i--) {
+        const widget = node.widgets[i];
+        if (PREVIEW_WIDGETS.includes(widget.name)) {
+          widget.onRemove?.();
+          node.widgets.splice(i, 1);
+        }
+      }
+      node.setDirtyCanvas?.(true, true);
+    });
+  },
+});
