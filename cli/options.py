@@ -98,7 +98,8 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
     add_flow_options(g, default=(None, None))
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks (minutes to compile per frame size, once per run; output "
-                        "equal to float rounding; runs eagerly with a warning where compiling is unavailable)")
+                        "equal to float rounding; runs eagerly with a warning where compiling is unavailable). "
+                        "Meant for GPUs; slower on the CPU")
 
     g = p.add_argument_group("FlashVSR")
     g.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),

@@ -126,9 +126,10 @@ class StreamVSRLoadModel(io.ComfyNode):
                                        "recent GPUs, fp32 on the CPU). Flow and warping always stay fp32."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the networks: minutes of compiling for the first frames "
-                                         "of each frame size (kept while the model stays loaded), then faster "
-                                         "frames; output equal up to float rounding. Falls back to normal "
-                                         "running, with a warning in the log, where compiling is unavailable."),
+                                         "of each frame size (kept while the model stays loaded); output equal "
+                                         "up to float rounding. Meant for GPUs (speed-up not measured yet); on "
+                                         "the CPU it is slower, leave it off. Falls back to normal running, "
+                                         "with a warning in the log, where compiling is unavailable."),
             ],
             outputs=[VSRModel.Output(display_name="model")],
         )

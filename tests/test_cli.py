@@ -38,11 +38,9 @@ def test_frames_npy_matches_engine(assets, tmp_path):
     assert all(a.shape == (132, 180, 3) and a.dtype == np.float32 for a in arrays)
     assert all(0 <= a.min() and a.max() <= 1 for a in arrays)
 
-    from streamvsr.models.stream_diffvsr.engine import StreamEngine
-    from streamvsr.models.raft.weights import load_raft
-    from streamvsr.models.stream_diffvsr.loader import load_pipeline
+    from streamvsr.models.stream_diffvsr import load_engine
 
-    engine = StreamEngine(load_pipeline(ckpt), load_raft(raft))
+    engine = load_engine(ckpt, flow=raft)  # the engine the command line builds on the CPU
     state = engine.new_state(42)  # the command line's default seed
     for path, saved in zip(sorted(frames.iterdir()), arrays):
         hr, state = engine.step(read_frame(path), state)

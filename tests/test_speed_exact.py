@@ -2,8 +2,8 @@
 the plain per-step arithmetic (``reuse=False``, run on a separately loaded model so no saving leaks into it).
 
 Saved: the prompt's cross-attention keys/values (once per model), each timestep's embeddings (once per model),
-the ControlNet conditioning embedding (once per frame), RAFT's features of the previous frame (carried in the
-state), and the per-call copies of convolution weights into the layout of their inputs.
+the ControlNet conditioning embedding (once per frame) and RAFT's features of the previous frame (carried in the
+state). The compiled path is checked against eager within 1e-4.
 """
 
 import pytest
@@ -68,13 +68,9 @@ def test_savings_are_bit_identical(fast, reference, frames):
     for i, (a, b) in enumerate(zip(got, expected)):
         assert torch.equal(a, b), f"frame {i}: max abs difference {(a - b).abs().max().item()}"
     assert torch.equal(state.prev_output, ref_state.prev_output)
-    # The savings were taken: RAFT's features ride in the state, constants are cached, some convolution
-    # weights were stored channels-last (after the transformer blocks).
+    # The savings were taken: RAFT's features ride in the state, the constants are cached.
     assert state.flow_features is not None and ref_state.flow_features is None
     assert any(k.startswith("kv:") for k in fast._constants) and any(k.startswith("temb:") for k in fast._constants)
-    convs = [m for m in fast.pipeline.unet.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert any(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
-               for c in convs)
 
 
 def test_restored_state_recomputes_the_flow_features(fast, reference, frames):
@@ -96,7 +92,7 @@ def test_features_of_another_flow_model_are_not_used(fast, plain, frames, tmp_pa
     assert torch.equal(other.step(frames[2], state)[0], reference.step(frames[2], ref_state)[0])
 
 
-def test_another_frame_size_after_layout_pinning(fast, plain, frames):
+def test_another_frame_size_reuses_nothing_stale(fast, plain, frames):
     small = [f[:, :24, :32].contiguous() for f in frames[:2]]
     got, _ = _run(fast, small, fast.new_state(1))
     expected, _ = _run(plain, small, plain.new_state(1))

@@ -37,14 +37,18 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     the torch.compile path, see speed.py)."""
     from ..raft.weights import load_raft
     from ..shared.errors import UserInputError
+    from ..shared.packed import packed_operations
     from .engine import StreamEngine
     from .loader import load_pipeline
 
     if not flow:
         raise UserInputError("Stream-DiffVSR needs optical flow: give --flow PATH (torchvision RAFT weights, "
                              "e.g. from `streamvsr download`)")
-    pipe = load_pipeline(path, device=device, dtype=dtype)
-    estimator = load_raft(flow, device=device, corr=corr, downscale=flow_downscale)
+    # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights where that pays (see
+    # shared/packed.py): the same numbers up to float rounding, several times faster on the deep levels.
+    operations = packed_operations() if torch.device(device).type == "cpu" and dtype == torch.float32 else None
+    pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
+    estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
     return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile))
 
 

@@ -21,7 +21,7 @@ from .pipeline import StreamDiffVSRPipeline
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.warp import flow_warp_official
-from .speed import compiled, pin_conv_layouts
+from .speed import compiled
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ class StreamEngine:
                  reuse: bool = True, compile: bool = False):
         """``reuse``: compute once what gives the same numbers every time (the prompt's cross-attention keys and
         values, each timestep's embeddings, the ControlNet's conditioning embedding once per frame, RAFT's
-        features of the previous frame, convolution weights in the layout their inputs have). The output is
-        bit-identical either way; False runs the plain per-step arithmetic (a reference for tests).
+        features of the previous frame). The output is bit-identical either way; False runs the plain per-step
+        arithmetic (a reference for tests).
 
         ``compile``: run the UNet, ControlNet and temporal decoder through ``torch.compile`` (channels-last,
         shapes static per sequence, compiled once per frame size and kept for the session; see speed.py). The
@@ -131,9 +131,6 @@ class StreamEngine:
         self.reuse = bool(reuse)
         # name -> (fingerprint of the weights it was computed from, value): constants of the networks
         self._constants: dict = {}
-        if self.reuse:
-            for net in (pipeline.unet, pipeline.controlnet, pipeline.vae):
-                pin_conv_layouts(net)
         self.compile = bool(compile)
         if self.compile:
             self._unet = compiled(pipeline.unet, "forward", "UNet")

@@ -1,19 +1,7 @@
-"""Speed: convolution weight layouts that follow their inputs (exact), and the opt-in compiled path.
-
-PyTorch runs a convolution in channels-last whenever its input *or* its weight is channels-last, and otherwise
-in the default layout; the two give slightly different roundings. In the UNet and ControlNet a transformer block
-returns channels-last strides, so every convolution after it runs channels-last, and PyTorch copies that
-convolution's (default-layout) weight into channels-last on every call: for the 1024-channel 3x3 convolutions
-that is 38 MB per call, a few GB per frame.
-
-``pin_conv_layouts`` stores each convolution's weight in the layout its input has, so the copy is made once. The
-rule PyTorch applies is unchanged (the input decides, the weight no longer has to be converted), so every
-convolution runs exactly the kernel it ran before and the output is bit-identical; a convolution whose input
-layout changes (another frame size) simply gets its weight converted back.
-
-``compiled`` is the opt-in ``torch.compile`` path (``StreamEngine(compile=True)``): networks in channels-last,
-shapes static per sequence, compiled once per session and frame size, eager with a warning where compilation is
-unavailable. Its numbers differ from the eager ones by float rounding only (fused and reordered operations).
+"""The opt-in compiled path (``StreamEngine(compile=True)``): networks in channels-last, ``torch.compile`` with
+shapes static per sequence, compiled once per session and frame size, eager with a one-line warning where
+compilation is unavailable. Its numbers differ from the eager ones by float rounding only (fused and reordered
+operations, channels-last convolutions).
 """
 
 from __future__ import annotations
@@ -24,45 +12,6 @@ import time
 import torch
 import torch.utils._pytree
 from torch import nn
-
-_HOOKED = "_streamvsr_layout_hook"
-
-
-def _definitely_channels_last(x: torch.Tensor) -> bool:
-    # Dense channels-last and not also contiguous (an input with one pixel or one channel is both: there the
-    # convolution's own rule decides, so the weight is left as loaded).
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def _match_weight_to_input(conv: nn.Conv2d, args) -> None:
-    if not args or not torch.is_tensor(args[0]) or torch.compiler.is_compiling():
-        return
-    weight = getattr(conv, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.device.type == "meta" \
-            or weight.shape[-1] * weight.shape[-2] == 1:
-        return  # a 1x1 kernel is channels-last and contiguous at once: never copied
-    want = _definitely_channels_last(args[0])
-    if want == _definitely_channels_last(weight):
-        return
-    # Channels-last only where the input already makes the convolution run channels-last; everywhere else the
-    # weight keeps its loaded (contiguous) layout, so the convolution takes the path it always took.
-    layout = torch.channels_last if want else torch.contiguous_format
-    # A normal tensor even inside inference_mode, so the weight stays usable for ComfyUI's in-place patching.
-    with torch.inference_mode(False), torch.no_grad():
-        weight.data = weight.data.contiguous(memory_format=layout)
-
-
-def pin_conv_layouts(module: nn.Module) -> nn.Module:
-    """Make every Conv2d under ``module`` keep its weight in its input's layout (see the module docstring).
-    Idempotent; returns ``module``."""
-    for m in module.modules():
-        # Plain torch layers only: ComfyUI's comfy.ops layers cast and patch their weights themselves, and swapping
-        # the weight of one inside ComfyUI's inference mode breaks its convolutions.
-        if type(m) is nn.Conv2d and not getattr(m, _HOOKED, False):
-            m.register_forward_pre_hook(_match_weight_to_input)
-            setattr(m, _HOOKED, True)
-    return module
-
 
 # ---------------------------------------------------------------------------------------------- compiled path
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..shared.packed import PackedConv2d, PackedLinear
+
 logger = logging.getLogger(__name__)
 
 
@@ -238,6 +240,8 @@ class GEGLU(nn.Module):
         self.proj = operations.Linear(dim, inner * 2, device=device, dtype=dtype)
 
     def forward(self, x):
+        if isinstance(self.proj, PackedLinear):
+            return self.proj.gated_gelu(x)  # the same up to float rounding, without passes over the output
         h, gate = self.proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
 
@@ -273,6 +277,10 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class Transformer2D(nn.Module):
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int, linear_projection: bool,
                  only_cross: bool, layers: int = 1, upcast: bool = False, operations=nn, device=None, dtype=None):
@@ -303,7 +311,10 @@ class Transformer2D(nn.Module):
             x = block(x, context)
         if self.linear_projection:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        # Back to the input's layout (contiguous, as diffusers does, unless the network runs channels-last): a
+        # channels-last view here would make the following convolutions copy their weights on every call.
+        layout = torch.channels_last if _channels_last(residual) else torch.contiguous_format
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         if not self.linear_projection:
             x = self.proj_out(x)
         return x + residual
@@ -327,6 +338,9 @@ class Upsample2D(nn.Module):
         self.conv = operations.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
 
     def forward(self, x, size=None):
+        doubles = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
+        if doubles and isinstance(self.conv, PackedConv2d) and self.conv.can_fold_upsample(x):
+            return self.conv.upsampled(x)  # the same up to float rounding, 2.25x fewer multiply-adds
         dtype = x.dtype
         if dtype == torch.bfloat16:  # nearest upsampling lacks a bf16 kernel on some builds; it is a copy anyway
             x = x.float()

@@ -1,0 +1,212 @@
+"""CPU layers with oneDNN weights reordered once (models/shared/packed.py): the plain layers' numbers up to float
+rounding, their parameters and keys, the plain path wherever they cannot help, and a fresh copy when the weight
+changes. The whole Stream-DiffVSR engine built with them stays within 1e-4 of the plain one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamvsr.models.shared import packed
+from streamvsr.models.shared.packed import PackedConv2d, PackedLinear, packed_operations
+
+pytestmark = pytest.mark.skipif(not packed._ops_available(), reason="this PyTorch has no oneDNN operators")
+
+
+def _conv_pair(cin, cout, k, **kw):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(cin, cout, k, **kw)
+    fast = PackedConv2d(cin, cout, k, **kw)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+@pytest.mark.parametrize("cin,cout,k,kw,size", [
+    (16, 32, 3, dict(padding=1), (12, 20)),            # small input: reordered weight kept
+    (16, 32, 3, dict(padding=1), (70, 70)),            # large input: weight as stored
+    (8, 8, 3, dict(padding=1, stride=2, bias=False), (15, 9)),
+    (12, 6, 1, dict(), (10, 10)),
+    (8, 16, (5, 1), dict(padding=(2, 0)), (9, 11)),
+    (8, 8, 3, dict(padding=1, groups=4), (10, 10)),
+    (4, 4, 3, dict(padding=2, dilation=2), (10, 10)),
+])
+def test_conv_matches_the_plain_layer(cin, cout, k, kw, size):
+    plain, fast = _conv_pair(cin, cout, k, **kw)
+    x = torch.randn(1, cin, *size)
+    with torch.inference_mode():
+        expected, got = plain(x), fast(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (fast._packed is not None) == (size[0] * size[1] <= packed.PACK_MAX_PIXELS)
+
+
+def test_conv_keeps_the_state_dict_and_follows_weight_changes():
+    plain, fast = _conv_pair(8, 8, 3, padding=1)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(1, 8, 10, 10)
+    with torch.no_grad():
+        fast(x)
+        first = fast._packed[1]
+        fast.weight.mul_(2)  # in place: the version counter moves
+        plain.weight.mul_(2)
+        assert (fast(x) - plain(x)).abs().max() <= 1e-5 * plain(x).abs().max()
+        assert fast._packed[1] is not first
+        fast.weight = nn.Parameter(torch.zeros_like(fast.weight))  # replaced (as a model patcher does)
+        assert torch.equal(fast(x), fast.bias.view(1, -1, 1, 1).expand(1, 8, 10, 10))
+        fast(torch.randn(1, 8, 6, 7))  # another input size: packed again for it
+        assert fast._packed[0][-1] == (1, 8, 6, 7)
+
+
+def test_conv_runs_the_plain_layer_where_packing_cannot_apply():
+    _, fast = _conv_pair(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    y = fast(x)  # autograd: the plain layer, gradients flow
+    y.sum().backward()
+    assert x.grad is not None and fast._packed is None
+    with torch.inference_mode():
+        assert fast(x.detach().double().float()).dtype == torch.float32
+        half = fast.to(torch.bfloat16)
+        out = half(x.detach().to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and fast._packed is None
+    reflect = PackedConv2d(4, 4, 3, padding=1, padding_mode="reflect")
+    with torch.inference_mode():
+        xr = torch.randn(1, 4, 8, 8)
+        assert torch.equal(reflect(xr), F.conv2d(F.pad(xr, (1, 1, 1, 1), mode="reflect"), reflect.weight,
+                                                 reflect.bias))
+
+
+def test_conv_without_onednn_runs_the_plain_layer(monkeypatch):
+    plain, fast = _conv_pair(4, 4, 3, padding=1)
+    monkeypatch.setattr(packed, "_AVAILABLE", [False])
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), plain(x))
+    assert fast._packed is None
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 32), (3, 32), (1, 5000, 32)])
+def test_linear_matches_the_plain_layer(shape):
+    torch.manual_seed(0)
+    plain = nn.Linear(32, 48)
+    fast = PackedLinear(32, 48)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        expected, got = plain(x), fast(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert fast._packed is not None
+
+
+def test_operations_namespace_swaps_only_conv_and_linear():
+    ops = packed_operations()
+    assert ops.Conv2d is PackedConv2d and ops.Linear is PackedLinear
+    assert ops.GroupNorm is nn.GroupNorm and ops.Conv1d is nn.Conv1d and ops.LayerNorm is nn.LayerNorm
+
+
+def test_engine_with_packed_layers_is_close_to_the_plain_one(tmp_path):
+    pytest.importorskip("diffusers")
+    from helpers import make_tiny_checkpoint, make_tiny_raft
+
+    from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.stream_diffvsr import load_engine
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+    from streamvsr.models.stream_diffvsr.loader import load_pipeline
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    raft = make_tiny_raft(tmp_path / "raft.pth")
+    fast = load_engine(ckpt, flow=raft)  # what the command line runs on the CPU
+    assert isinstance(fast.pipeline.unet.conv_in, PackedConv2d)
+    plain = StreamEngine(load_pipeline(ckpt), load_raft(raft))
+    assert type(plain.pipeline.unet.conv_in) is nn.Conv2d
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(3, 40, 48, generator=g)
+    s1, s2 = fast.new_state(7), plain.new_state(7)
+    for i in range(3):
+        frame = base[:, i: i + 32, 2 * i: 2 * i + 40]
+        a, s1 = fast.step(frame, s1)
+        b, s2 = plain.step(frame, s2)
+        assert (a - b).abs().max() <= 1e-4, f"frame {i}"
+    assert (s1.prev_output - s2.prev_output).abs().max() <= 1e-4
+    assert any(m._packed is not None for m in fast.pipeline.unet.modules() if isinstance(m, PackedConv2d))
+
+
+@pytest.mark.parametrize("size,bias", [((5, 7), True), ((70, 66), True), ((8, 8), False)])
+def test_folded_upsample_matches_nearest_then_conv(size, bias):
+    plain, fast = _conv_pair(6, 10, 3, padding=1, bias=bias)
+    x = torch.randn(2, 6, *size)
+    with torch.inference_mode():
+        expected = plain(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert fast.can_fold_upsample(x)
+        got = fast.upsampled(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_folded_upsample_applies_only_to_plain_3x3_convolutions():
+    x = torch.randn(1, 4, 6, 6)
+    with torch.inference_mode():
+        assert not PackedConv2d(4, 4, 3, padding=1, stride=2).can_fold_upsample(x)
+        assert not PackedConv2d(4, 4, 1).can_fold_upsample(x)
+        assert not PackedConv2d(4, 4, 3, padding=1, groups=2).can_fold_upsample(x)
+        assert not PackedConv2d(4, 4, 3, padding=1).can_fold_upsample(x.double())
+    assert not PackedConv2d(4, 4, 3, padding=1).can_fold_upsample(x.requires_grad_())
+
+
+def test_unet_upsampler_folds_only_an_exact_doubling():
+    from streamvsr.models.stream_diffvsr.unet import Upsample2D
+
+    torch.manual_seed(0)
+    plain = Upsample2D(8)
+    fast = Upsample2D(8, operations=packed_operations())
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 8, 5, 6)
+    calls = []
+    fast.conv.upsampled = lambda t, f=fast.conv.upsampled: calls.append(1) or f(t)
+    with torch.inference_mode():
+        for size in (None, (10, 12), (9, 11)):  # (9, 11): the ceil-rounded skip of an odd latent
+            expected, got = plain(x, size), fast(x, size)
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("small", [True, False])
+@pytest.mark.parametrize("corr", ["all_pairs", "on_demand"])
+def test_raft_with_packed_layers_gives_the_same_flow(tmp_path, small, corr):
+    pytest.importorskip("torchvision")
+    from helpers import make_tiny_raft
+
+    from streamvsr.models.raft.weights import load_raft
+
+    path = make_tiny_raft(tmp_path / "raft.pth", small=small)
+    plain = load_raft(path, corr=corr)
+    fast = load_raft(path, corr=corr, operations=packed_operations())
+    g = torch.Generator().manual_seed(2)
+    a, b, c = (torch.rand(1, 3, 64, 96, generator=g) * 2 - 1 for _ in range(3))
+    expected = plain(b, a)
+    flow, features = fast.flow_and_features(b, a)
+    assert (flow - expected).abs().max() <= 1e-3  # pixels
+    # the carried features still give the flow of a fresh call
+    assert torch.equal(fast.flow_and_features(c, b, features)[0], fast(c, b))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gated_gelu_matches_geglu(bias):
+    from streamvsr.models.stream_diffvsr.unet import GEGLU
+
+    torch.manual_seed(0)
+    plain = GEGLU(32, 64)
+    fast = GEGLU(32, 64, operations=packed_operations())
+    if not bias:
+        plain.proj.bias = fast.proj.bias = None
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 50, 32)
+    with torch.inference_mode():
+        expected, got = plain(x), fast(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert fast.proj._halves is not None and fast.proj._packed is None
+    with torch.no_grad():  # plain arithmetic where oneDNN does not apply (here: another dtype)
+        assert torch.equal(fast.double()(x.double()), plain.double()(x.double()))
