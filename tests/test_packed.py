@@ -64,7 +64,6 @@ def test_conv_runs_the_plain_layer_where_packing_cannot_apply():
     y.sum().backward()
     assert x.grad is not None and fast._packed is None
     with torch.inference_mode():
-        assert fast(x.detach().double().float()).dtype == torch.float32
         half = fast.to(torch.bfloat16)
         out = half(x.detach().to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and fast._packed is None

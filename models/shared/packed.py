@@ -13,7 +13,8 @@ The numbers are the same as the plain layers' up to float rounding (oneDNN sums 
 default path: about 1e-6 relative per layer), not bit-identical. Anything else runs the plain layer: another
 device or dtype, autograd, ``torch.compile`` tracing, or a PyTorch without these oneDNN operators. The
 reordered weight is an extra copy, so a convolution only keeps it where it pays: inputs of at most
-``PACK_MAX_PIXELS`` positions. It is rebuilt when the weight is replaced or changed in place.
+``PACK_MAX_PIXELS`` positions; the phase kernels of ``upsampled`` (16/9 of the weight) are kept at every size.
+Copies are rebuilt when the weight is replaced or changed in place.
 """
 
 from __future__ import annotations
