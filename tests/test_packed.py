@@ -1,6 +1,7 @@
 """CPU layers with oneDNN weights reordered once (models/shared/packed.py): the plain layers' numbers up to float
-rounding, their parameters and keys, the plain path wherever they cannot help, and a fresh copy when the weight
-changes. The whole Stream-DiffVSR engine built with them stays within 1e-4 of the plain one."""
+rounding (Winograd convolutions: within 2e-5 of the output's scale of a float64 reference), their parameters and
+keys, the plain path wherever they cannot help, and a fresh copy when the weight changes. The whole Stream-DiffVSR
+engine built with them stays within 1e-4 of the plain one."""
 
 import pytest
 import torch
@@ -97,6 +98,67 @@ def test_linear_matches_the_plain_layer(shape):
     assert fast._packed is not None
 
 
+def _conv_reference(x, conv):
+    """The convolution in float64: an independent reference for both the direct and the Winograd path."""
+    bias = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(x.double(), conv.weight.double(), bias, padding=1)
+
+
+@pytest.mark.parametrize("n,cin,cout,size,bias", [
+    (1, 128, 128, (16, 16), True),     # whole tiles, one band
+    (1, 96, 130, (17, 23), True),      # partial tiles on the bottom and right edges
+    (2, 100, 96, (30, 9), False),      # a batch, no bias
+])
+def test_winograd_matches_the_convolution(n, cin, cout, size, bias):
+    _, fast = _conv_pair(cin, cout, 3, padding=1, bias=bias)
+    x = torch.randn(n, cin, *size)
+    with torch.inference_mode():
+        assert fast.uses_winograd(x)
+        got = fast(x)
+    expected = _conv_reference(x, fast)
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+    # Winograd F(4x4, 3x3) rounds a few times more than a direct convolution (its transforms have
+    # coefficients up to 8) but stays within 2e-5 of the output's scale
+    assert (got.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
+    assert fast._winograd is not None and fast._packed is None
+
+
+def test_winograd_bands_and_reused_buffers_give_the_same_result(monkeypatch):
+    _, fast = _conv_pair(96, 96, 3, padding=1)
+    large, small = torch.randn(1, 96, 26, 21), torch.randn(1, 96, 16, 17)
+    with torch.inference_mode():
+        whole = fast(large)
+        monkeypatch.setattr(packed, "WINOGRAD_BAND_BYTES", 1)  # one row of tiles per band
+        banded = fast(large)
+        after = fast(small)  # a smaller input after a larger one: buffers are reused, not misread
+    assert torch.equal(banded, whole)
+    assert (after.double() - _conv_reference(small, fast)).abs().max() <= 2e-5 * after.abs().max()
+
+
+def test_winograd_applies_only_to_wide_3x3_convolutions_on_large_enough_maps():
+    x = torch.randn(1, 128, 16, 16)
+    assert PackedConv2d(128, 128, 3, padding=1).uses_winograd(x)
+    assert not PackedConv2d(128, 128, 3, padding=1).uses_winograd(x[..., :15])  # 240 < 256 positions
+    assert not PackedConv2d(128, 64, 3, padding=1).uses_winograd(x)  # too narrow to pay
+    assert not PackedConv2d(128, 128, 3, padding=1, stride=2).uses_winograd(x)
+    assert not PackedConv2d(128, 128, 3, padding=2, dilation=2).uses_winograd(x)
+    assert not PackedConv2d(128, 128, 3, padding=1, groups=2).uses_winograd(x)
+    assert not PackedConv2d(128, 128, 1).uses_winograd(x)
+
+
+def test_winograd_kernel_follows_weight_changes():
+    plain, fast = _conv_pair(96, 96, 3, padding=1)
+    x = torch.randn(1, 96, 16, 16)
+    with torch.no_grad():
+        fast(x)
+        first = fast._winograd[1]
+        fast.weight.mul_(-0.5)
+        plain.weight.mul_(-0.5)
+        expected = plain(x)
+        assert (fast(x) - expected).abs().max() <= 2e-5 * expected.abs().max()
+        assert fast._winograd[1] is not first
+
+
 def test_operations_namespace_swaps_only_conv_and_linear():
     ops = packed_operations()
     assert ops.Conv2d is PackedConv2d and ops.Linear is PackedLinear
@@ -128,6 +190,34 @@ def test_engine_with_packed_layers_is_close_to_the_plain_one(tmp_path):
         assert (a - b).abs().max() <= 1e-4, f"frame {i}"
     assert (s1.prev_output - s2.prev_output).abs().max() <= 1e-4
     assert any(m._packed is not None for m in fast.pipeline.unet.modules() if isinstance(m, PackedConv2d))
+
+
+def test_engine_with_winograd_convolutions_is_close_to_the_plain_one(tmp_path, monkeypatch):
+    """The tiny checkpoint's layers are too narrow for the Winograd rule; lowered, every 3x3 convolution of the
+    UNet, the ControlNet and RAFT on 16x16 or more runs it, through four steps and the flow of three frames."""
+    pytest.importorskip("diffusers")
+    from helpers import make_tiny_checkpoint, make_tiny_raft
+
+    from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.stream_diffvsr import load_engine
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+    from streamvsr.models.stream_diffvsr.loader import load_pipeline
+
+    monkeypatch.setattr(packed, "WINOGRAD_MIN_CHANNELS", 1)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    raft = make_tiny_raft(tmp_path / "raft.pth")
+    fast = load_engine(ckpt, flow=raft)
+    plain = StreamEngine(load_pipeline(ckpt), load_raft(raft))
+    g = torch.Generator().manual_seed(5)
+    base = torch.rand(3, 40, 48, generator=g)
+    s1, s2 = fast.new_state(7), plain.new_state(7)
+    for i in range(3):
+        frame = base[:, i: i + 32, 2 * i: 2 * i + 40]
+        a, s1 = fast.step(frame, s1)
+        b, s2 = plain.step(frame, s2)
+        assert (a - b).abs().max() <= 1e-4, f"frame {i}"
+    for network in (fast.pipeline.unet, fast.pipeline.controlnet):
+        assert any(m._winograd is not None for m in network.modules() if isinstance(m, PackedConv2d))
 
 
 @pytest.mark.parametrize("size,bias", [((5, 7), True), ((70, 66), True), ((8, 8), False)])
