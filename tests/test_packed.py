@@ -128,9 +128,9 @@ def test_winograd_bands_and_reused_buffers_give_the_same_result(monkeypatch):
     large, small = torch.randn(1, 96, 26, 21), torch.randn(1, 96, 16, 17)
     with torch.inference_mode():
         whole = fast(large)
-        monkeypatch.setattr(packed, "WINOGRAD_BAND_BYTES", 1)  # one row of tiles per band
-        banded = fast(large)
         after = fast(small)  # a smaller input after a larger one: buffers are reused, not misread
+        monkeypatch.setattr(packed, "WINOGRAD_BAND_BYTES", 1)  # one row of tiles per band, fresh buffers
+        banded = fast(large)
     assert torch.equal(banded, whole)
     assert (after.double() - _conv_reference(small, fast)).abs().max() <= 2e-5 * after.abs().max()
 

@@ -20,10 +20,11 @@ Copies are rebuilt when the weight is replaced or changed in place.
 Wide 3x3 convolutions (stride 1, padding 1, at least ``WINOGRAD_MIN_CHANNELS`` channels in and out, at least
 ``WINOGRAD_MIN_PIXELS`` positions) run as Winograd F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for
 Convolutional Neural Networks", 2016): each 6x6 input tile and each kernel go to a 36-point transform domain where
-the convolution is 36 independent matrix products, 4 multiply-adds per output pixel and channel pair instead of 9.
-The rounding differs more than oneDNN's direct convolution (about 1e-5 relative instead of 1e-6, from the
-transforms' coefficients up to 8); the transformed kernel (36/9 of the weight) is kept instead of a reordered one,
-and the transform-domain buffers are kept per thread between calls (a few times ``WINOGRAD_BAND_BYTES`` at most).
+the convolution is 36 independent matrix products per 16 output pixels: 2.25 multiply-adds per output pixel and
+channel pair instead of 9. The rounding differs more than oneDNN's direct convolution (about 1e-5 relative
+instead of 1e-6, from the transforms' coefficients up to 8); the transformed kernel (36/9 of the weight) is kept
+instead of a reordered one, and the transform-domain buffers are kept per thread between calls (a few times
+``WINOGRAD_BAND_BYTES`` at most).
 """
 
 from __future__ import annotations
@@ -84,9 +85,12 @@ _SCRATCH = threading.local()
 def _scratch(slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """A buffer kept between calls (per thread): the transform-domain tensors run to tens of MB, and a fresh
     allocation of that size is fresh pages from the kernel on every call (page faults cost as much as the
-    transforms). Grows to the largest request; at most a few times ``WINOGRAD_BAND_BYTES`` in all."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    transforms). Grows to the largest request up to ``WINOGRAD_BAND_BYTES``; larger requests get a buffer of their
+    own, so no more than a few bands' worth stays allocated."""
     numel = math.prod(shape)
+    if numel * like.element_size() > WINOGRAD_BAND_BYTES:
+        return like.new_empty(shape)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get(slot)
     if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
         buffers[slot] = None  # the old one goes first
@@ -298,7 +302,7 @@ class PackedLinear(nn.Linear):
         _, weight_h, weight_gate, bias_h, bias_gate = self._halves
         x = x.contiguous()
         # GELU as a separate pass: oneDNN's erf GELU post-op ran slower than the pass (23 vs 17 ms on a
-        # 1024x512x2048 product); the product with the other half does pay as a post-op
+        # 1024x512x2048 product); the product with the other half stays a post-op (one pass fewer)
         gate = F.gelu(torch.ops.mkldnn._linear_pointwise(x, weight_gate, bias_gate, "none", [], ""))
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight_h, bias_h, "mul")
 
