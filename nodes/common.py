@@ -16,6 +16,7 @@ import comfy.ops
 
 from ..models.shared.errors import UserInputError
 from ..models.shared.image import to_rgb
+from ..models.shared.packed import packed_operations
 from ..models.shared.runtime import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,16 @@ def wrap(model: torch.nn.Module) -> "comfy.model_patcher.ModelPatcher":
                                             offload_device=mm.unet_offload_device())
 
 
-def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device):
+def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device,
+                   cpu_layers: bool = False):
     # disable_weight_init (equal dtypes) or manual_cast layers skip random init and take part in ComfyUI's
     # low-VRAM partial loading (weights cast to the input's device and dtype on the fly).
-    return comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=device, disable_fast_fp8=True)
+    ops = comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=device, disable_fast_fp8=True)
+    if cpu_layers and device.type == "cpu" and weight_dtype == compute_dtype == torch.float32:
+        # A CPU-only ComfyUI: the same CPU layers as the command line (reordered weights, Winograd), mixed under
+        # ComfyUI's classes so that its cast path still runs wherever it casts or patches weights.
+        return packed_operations(base=ops)
+    return ops
 
 
 def load_flow_patcher(flow_patcher, memory_required: int = 0):

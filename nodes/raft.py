@@ -64,7 +64,7 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
     def execute(cls, model, correlation, resolution, iterations) -> io.NodeOutput:
         device = mm.get_torch_device()
         # RAFT is small (20 MB): fp32 weights (flow is computed in fp32), always loaded whole (load_flow_patcher).
-        operations = operations_for(torch.float32, torch.float32, device)
+        operations = operations_for(torch.float32, torch.float32, device, cpu_layers=True)
         estimator = load_raft(resolve_flow_path(model), operations=operations, device=mm.unet_offload_device(),
                               num_flow_updates=iterations, corr=correlation,
                               downscale={"full": 1, "half": 2, "quarter": 4}[resolution])

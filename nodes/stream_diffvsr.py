@@ -142,7 +142,7 @@ class StreamVSRLoadModel(io.ComfyNode):
         # Weights go to the offload device; ComfyUI moves them (whole or layer by layer) when Stream Upscale asks.
         # The text encoder runs once on the CPU inside load_pipeline and is dropped: only its output is kept.
         pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=weight_dtype,
-                             operations=operations_for(weight_dtype, compute_dtype, device))
+                             operations=operations_for(weight_dtype, compute_dtype, device, cpu_layers=True))
         pipe.streamvsr_source = model
         pipe.streamvsr_compute_dtype = compute_dtype
         pipe.streamvsr_compile = bool(compile)

@@ -6,6 +6,10 @@ The pipeline is built twice from the same checkpoint with bf16 weights: once wit
 to fp32), once with ``comfy.ops`` manual-cast layers inside a ``ModelPatcher`` loaded with a tiny low-VRAM
 budget, so nearly every layer is cast on the fly (what --lowvram/--novram do on a GPU). Both run 3 frames in
 fp32; their outputs and the loader's report go to OUT.npz for the test to compare.
+
+Then the CPU layers under ComfyUI's classes (what the nodes build on a CPU-only ComfyUI): fp32 weights with
+``packed_operations(base=comfy.ops...)`` in a ModelPatcher loaded whole (the packed path runs) and loaded
+partially (ComfyUI's cast path runs), each against the plain fp32 pipeline.
 """
 
 import importlib.util
@@ -32,6 +36,7 @@ def main(comfy_dir, pack_dir, checkpoint, raft, out):
     spec.loader.exec_module(package)
     from streamvsr.models.stream_diffvsr.engine import StreamEngine
     from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.shared.packed import packed_operations
     from streamvsr.models.stream_diffvsr.loader import load_pipeline
 
     cpu = torch.device("cpu")
@@ -47,15 +52,30 @@ def main(comfy_dir, pack_dir, checkpoint, raft, out):
     g = torch.Generator().manual_seed(0)
     base = torch.rand(3, 40, 48, generator=g)
     frames = [base[:, i:i + 32, 2 * i:2 * i + 40] for i in range(3)]
+    fp32_ops = comfy.ops.pick_operations(torch.float32, torch.float32, load_device=cpu, disable_fast_fp8=True)
+    plain32 = load_pipeline(checkpoint)
+    packed_whole = load_pipeline(checkpoint, operations=packed_operations(base=fp32_ops))
+    comfy.model_patcher.ModelPatcher(packed_whole, load_device=cpu, offload_device=cpu).load(cpu, full_load=True)
+    packed_partial = load_pipeline(checkpoint, operations=packed_operations(base=fp32_ops))
+    partial_patcher = comfy.model_patcher.ModelPatcher(packed_partial, load_device=cpu, offload_device=cpu)
+    partial_patcher.load(cpu, lowvram_model_memory=64 * 1024)
+    packed_cast = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in packed_partial.modules())
+
     results = {}
-    for name, model in (("reference", reference), ("lowvram", pipe)):
+    for name, model in (("reference", reference), ("lowvram", pipe), ("plain32", plain32),
+                        ("packed_whole", packed_whole), ("packed_partial", packed_partial)):
         engine = StreamEngine(model, flow, steps=4, device=cpu, compute_dtype=torch.float32)
         state, outputs = engine.new_state(42), []
         for frame in frames:
             hr, state = engine.step(frame, state)
             outputs.append(hr)
         results[name] = torch.cat(outputs).numpy()
+    ran_packed = {name: any(getattr(m, attr, None) is not None for m in model.modules()
+                            for attr in ("_packed", "_winograd", "_phases", "_halves"))
+                  for name, model in (("whole", packed_whole), ("partial", packed_partial))}
     np.savez(out, lowvram_flag=bool(getattr(pipe, "model_lowvram", False)), cast_layers=cast,
+             packed_cast_layers=packed_cast, packed_ran_whole=ran_packed["whole"],
+             packed_ran_partial=ran_packed["partial"],
              ops=str(ops.__name__), comfy_cpu=mm.is_device_cpu(mm.get_torch_device()), **results)
 
 

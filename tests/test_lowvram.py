@@ -69,3 +69,9 @@ def test_partial_loading_with_comfy_ops_matches_plain_layers(checkpoint, tmp_pat
     reference, lowvram = torch.from_numpy(result["reference"]), torch.from_numpy(result["lowvram"])
     assert reference.shape == lowvram.shape == (3, 3, 128, 160)
     assert (reference - lowvram).abs().max() <= 1e-5
+    # the CPU layers under ComfyUI's classes: the packed path when loaded whole, ComfyUI's cast path when not
+    plain32 = torch.from_numpy(result["plain32"])
+    assert bool(result["packed_ran_whole"])
+    assert (torch.from_numpy(result["packed_whole"]) - plain32).abs().max() <= 1e-4
+    assert int(result["packed_cast_layers"]) > 50
+    assert (torch.from_numpy(result["packed_partial"]) - plain32).abs().max() <= 1e-4

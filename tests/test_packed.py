@@ -1,7 +1,8 @@
 """CPU layers with oneDNN weights reordered once (models/shared/packed.py): the plain layers' numbers up to float
 rounding (Winograd convolutions: within 2e-5 of the output's scale of a float64 reference), their parameters and
-keys, the plain path wherever they cannot help, and a fresh copy when the weight changes. The whole Stream-DiffVSR
-engine built with them stays within 1e-4 of the plain one."""
+keys, the plain path wherever they cannot help, a fresh copy when the weight changes, and ComfyUI's cast path when
+mixed under its layer classes. The whole Stream-DiffVSR engine built with them stays within 1e-4 of the plain
+one."""
 
 import pytest
 import torch
@@ -159,13 +160,70 @@ def test_winograd_kernel_follows_weight_changes():
         assert fast._winograd[1] is not first
 
 
+class _CastFlags:
+    comfy_cast_weights = False
+    weight_function = []
+    bias_function = []
+
+
+class _ComfyLikeOps:
+    """Layers shaped like ComfyUI's ``comfy.ops`` classes (ComfyUI is not installed for these tests): a forward
+    that takes the cast path while the layer is cast or patched, and the torch layer's forward otherwise."""
+
+    cast_calls = []
+
+    class Conv2d(nn.Conv2d, _CastFlags):
+        def forward(self, *args, **kwargs):
+            if self.comfy_cast_weights or self.weight_function or self.bias_function:
+                _ComfyLikeOps.cast_calls.append(self)
+                return self._conv_forward(args[0], self.weight, self.bias)
+            return super().forward(*args, **kwargs)
+
+    class Linear(nn.Linear, _CastFlags):
+        def forward(self, *args, **kwargs):
+            if self.comfy_cast_weights or self.weight_function or self.bias_function:
+                _ComfyLikeOps.cast_calls.append(self)
+                return F.linear(args[0], self.weight, self.bias)
+            return super().forward(*args, **kwargs)
+
+    GroupNorm = nn.GroupNorm
+
+
+def test_operations_over_comfy_layers_keep_their_cast_path():
+    ops = packed_operations(base=_ComfyLikeOps)
+    assert packed_operations(base=_ComfyLikeOps).Conv2d is ops.Conv2d  # one mixed class, not one per call
+    assert ops.GroupNorm is nn.GroupNorm
+    torch.manual_seed(0)
+    conv = ops.Conv2d(96, 96, 3, padding=1)
+    linear = ops.Linear(16, 32)
+    assert isinstance(conv, _ComfyLikeOps.Conv2d) and isinstance(conv, PackedConv2d)
+    assert isinstance(linear, _ComfyLikeOps.Linear) and isinstance(linear, PackedLinear)
+    x, t = torch.randn(1, 96, 16, 16), torch.randn(1, 5, 16)
+    _ComfyLikeOps.cast_calls.clear()
+    with torch.inference_mode():
+        y = conv(x)  # not cast: the packed path (here Winograd) under the comfy class's forward
+        assert conv._winograd is not None and not _ComfyLikeOps.cast_calls
+        assert (y.double() - _conv_reference(x, conv)).abs().max() <= 2e-5 * y.abs().max()
+        gelu = linear.gated_gelu(t)
+        assert linear._halves is not None
+        conv.comfy_cast_weights = linear.comfy_cast_weights = True  # ComfyUI casts on the fly from now on
+        assert not conv.can_fold_upsample(x)
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+        h, gate = F.linear(t, linear.weight, linear.bias).chunk(2, dim=-1)
+        assert torch.equal(linear.gated_gelu(t), h * F.gelu(gate))
+        assert (gelu - h * F.gelu(gate)).abs().max() <= 1e-5 * gelu.abs().max()
+    assert _ComfyLikeOps.cast_calls == [conv, linear]
+
+
 def test_operations_namespace_swaps_only_conv_and_linear():
     ops = packed_operations()
     assert ops.Conv2d is PackedConv2d and ops.Linear is PackedLinear
     assert ops.GroupNorm is nn.GroupNorm and ops.Conv1d is nn.Conv1d and ops.LayerNorm is nn.LayerNorm
 
 
-def test_engine_with_packed_layers_is_close_to_the_plain_one(tmp_path):
+def _compare_engines(tmp_path, seed):
+    """The engine `load_engine` builds on the CPU (packed layers) against plain layers, three frames: the fast
+    engine, after checking every frame and the carried decoder output are within 1e-4."""
     pytest.importorskip("diffusers")
     from helpers import make_tiny_checkpoint, make_tiny_raft
 
@@ -180,7 +238,7 @@ def test_engine_with_packed_layers_is_close_to_the_plain_one(tmp_path):
     assert isinstance(fast.pipeline.unet.conv_in, PackedConv2d)
     plain = StreamEngine(load_pipeline(ckpt), load_raft(raft))
     assert type(plain.pipeline.unet.conv_in) is nn.Conv2d
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     base = torch.rand(3, 40, 48, generator=g)
     s1, s2 = fast.new_state(7), plain.new_state(7)
     for i in range(3):
@@ -189,33 +247,19 @@ def test_engine_with_packed_layers_is_close_to_the_plain_one(tmp_path):
         b, s2 = plain.step(frame, s2)
         assert (a - b).abs().max() <= 1e-4, f"frame {i}"
     assert (s1.prev_output - s2.prev_output).abs().max() <= 1e-4
+    return fast
+
+
+def test_engine_with_packed_layers_is_close_to_the_plain_one(tmp_path):
+    fast = _compare_engines(tmp_path, seed=3)
     assert any(m._packed is not None for m in fast.pipeline.unet.modules() if isinstance(m, PackedConv2d))
 
 
 def test_engine_with_winograd_convolutions_is_close_to_the_plain_one(tmp_path, monkeypatch):
     """The tiny checkpoint's layers are too narrow for the Winograd rule; lowered, every 3x3 convolution of the
     UNet, the ControlNet and RAFT on 16x16 or more runs it, through four steps and the flow of three frames."""
-    pytest.importorskip("diffusers")
-    from helpers import make_tiny_checkpoint, make_tiny_raft
-
-    from streamvsr.models.raft.weights import load_raft
-    from streamvsr.models.stream_diffvsr import load_engine
-    from streamvsr.models.stream_diffvsr.engine import StreamEngine
-    from streamvsr.models.stream_diffvsr.loader import load_pipeline
-
     monkeypatch.setattr(packed, "WINOGRAD_MIN_CHANNELS", 1)
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
-    raft = make_tiny_raft(tmp_path / "raft.pth")
-    fast = load_engine(ckpt, flow=raft)
-    plain = StreamEngine(load_pipeline(ckpt), load_raft(raft))
-    g = torch.Generator().manual_seed(5)
-    base = torch.rand(3, 40, 48, generator=g)
-    s1, s2 = fast.new_state(7), plain.new_state(7)
-    for i in range(3):
-        frame = base[:, i: i + 32, 2 * i: 2 * i + 40]
-        a, s1 = fast.step(frame, s1)
-        b, s2 = plain.step(frame, s2)
-        assert (a - b).abs().max() <= 1e-4, f"frame {i}"
+    fast = _compare_engines(tmp_path, seed=5)
     for network in (fast.pipeline.unet, fast.pipeline.controlnet):
         assert any(m._winograd is not None for m in network.modules() if isinstance(m, PackedConv2d))
 

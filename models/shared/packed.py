@@ -29,6 +29,7 @@ instead of a reordered one, and the transform-domain buffers are kept per thread
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import types
@@ -155,6 +156,12 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _AVAILABLE[0])
 
 
+def _managed(layer: nn.Module) -> bool:
+    """Whether ComfyUI casts or patches this layer's weights on the fly: then its ``comfy.ops`` path must run."""
+    return bool(getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+                or getattr(layer, "bias_function", None))
+
+
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version
@@ -221,7 +228,7 @@ class PackedConv2d(nn.Conv2d):
 
     def can_fold_upsample(self, x: torch.Tensor) -> bool:
         """Whether ``upsampled(x)`` applies: a 3x3, stride-1, padding-1 convolution of one group."""
-        return x.dim() == 4 and self._is_same_3x3() and _eligible(x, self.weight)
+        return x.dim() == 4 and self._is_same_3x3() and not _managed(self) and _eligible(x, self.weight)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """This convolution of ``x`` upsampled 2x (nearest), computed at ``x``'s resolution: output pixel
@@ -285,10 +292,10 @@ class PackedLinear(nn.Linear):
     def gated_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``h * gelu(gate)`` where ``h, gate = self(x).chunk(2, -1)`` (a GEGLU), with oneDNN applying the product
         inside the second half's matrix product instead of in a separate pass over the output."""
-        if torch.compiler.is_compiling() or x.dim() < 2 or not _eligible(x, self.weight):
+        if torch.compiler.is_compiling() or x.dim() < 2 or _managed(self) or not _eligible(x, self.weight):
             if not torch.compiler.is_compiling():
                 self._halves = None  # stale after a move or a cast
-            h, gate = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
+            h, gate = self(x).chunk(2, dim=-1)  # through the layer's own forward (ComfyUI's cast path)
             return h * F.gelu(gate)
         key = _fingerprint(self.weight, ())
         if self._halves is None or self._halves[0] != key:
@@ -307,7 +314,19 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight_h, bias_h, "mul")
 
 
-def packed_operations() -> types.SimpleNamespace:
-    """The ``torch.nn`` layer namespace with the packed ``Conv2d`` and ``Linear``."""
-    names = {name: getattr(nn, name) for name in dir(nn) if not name.startswith("_")}
-    return types.SimpleNamespace(**dict(names, Conv2d=PackedConv2d, Linear=PackedLinear))
+def packed_operations(base=None) -> types.SimpleNamespace:
+    """The layer namespace ``base`` (``torch.nn`` by default) with ``Conv2d`` and ``Linear`` that run as the packed
+    layers. ``base`` may be one of ComfyUI's ``comfy.ops`` classes: its layers come first in the mixed classes, so
+    ComfyUI's forward still decides, and its cast path runs whenever ComfyUI casts or patches the weights on the
+    fly; the packed path runs otherwise (a CPU-only ComfyUI keeps fp32 weights in place)."""
+    source = nn if base is None else base
+    names = {name: getattr(source, name) for name in dir(source) if not name.startswith("_")}
+    return types.SimpleNamespace(**dict(names, Conv2d=_mixed(source.Conv2d, PackedConv2d),
+                                        Linear=_mixed(source.Linear, PackedLinear)))
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed(layer: type, packed: type) -> type:
+    if issubclass(packed, layer):  # torch.nn's own layer
+        return packed
+    return type(packed.__name__, (layer, packed), {"__module__": __name__, "__qualname__": packed.__name__})
