@@ -57,8 +57,8 @@ def main(comfy_dir, pack_dir, checkpoint, raft, out):
     packed_whole = load_pipeline(checkpoint, operations=packed_operations(base=fp32_ops))
     comfy.model_patcher.ModelPatcher(packed_whole, load_device=cpu, offload_device=cpu).load(cpu, full_load=True)
     packed_partial = load_pipeline(checkpoint, operations=packed_operations(base=fp32_ops))
-    partial_patcher = comfy.model_patcher.ModelPatcher(packed_partial, load_device=cpu, offload_device=cpu)
-    partial_patcher.load(cpu, lowvram_model_memory=64 * 1024)
+    comfy.model_patcher.ModelPatcher(packed_partial, load_device=cpu, offload_device=cpu).load(
+        cpu, lowvram_model_memory=64 * 1024)
     packed_cast = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in packed_partial.modules())
 
     results = {}
@@ -70,12 +70,10 @@ def main(comfy_dir, pack_dir, checkpoint, raft, out):
             hr, state = engine.step(frame, state)
             outputs.append(hr)
         results[name] = torch.cat(outputs).numpy()
-    ran_packed = {name: any(getattr(m, attr, None) is not None for m in model.modules()
-                            for attr in ("_packed", "_winograd", "_phases", "_halves"))
-                  for name, model in (("whole", packed_whole), ("partial", packed_partial))}
+    ran_packed = any(getattr(m, attr, None) is not None for m in packed_whole.modules()
+                     for attr in ("_packed", "_winograd", "_phases", "_halves"))
     np.savez(out, lowvram_flag=bool(getattr(pipe, "model_lowvram", False)), cast_layers=cast,
-             packed_cast_layers=packed_cast, packed_ran_whole=ran_packed["whole"],
-             packed_ran_partial=ran_packed["partial"],
+             packed_cast_layers=packed_cast, packed_ran_whole=ran_packed,
              ops=str(ops.__name__), comfy_cpu=mm.is_device_cpu(mm.get_torch_device()), **results)
 
 

@@ -183,7 +183,7 @@ def _check_available() -> None:
 
 class PackedConv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs channels-last through oneDNN on the CPU, with its weight reordered once for small
-    inputs (see the module docstring)."""
+    inputs, or as Winograd F(4x4, 3x3) where that pays (see the module docstring)."""
 
     _packed: tuple | None = None  # (fingerprint, reordered weight)
     _phases: tuple | None = None  # (fingerprint, 2x2 phase kernels, their bias) for ``upsampled``
