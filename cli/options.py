@@ -12,7 +12,7 @@ from pathlib import Path
 # given for the wrong model can be reported instead of silently ignored.
 FAMILY_OPTIONS = {
     "flow": "stream-diffvsr", "steps": "stream-diffvsr", "corr": "stream-diffvsr", "flow_downscale": "stream-diffvsr",
-    "compile": "stream-diffvsr",
+    "compile": "stream-diffvsr", "plain_layers": "stream-diffvsr",
     "version": "flashvsr", "scale": "flashvsr", "sparse_ratio": "flashvsr", "local_range": "flashvsr",
     "kv_ratio": "flashvsr", "color_fix": "flashvsr",
 }
@@ -100,6 +100,10 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
                    help="torch.compile the networks (minutes to compile per frame size, once per run; output "
                         "equal to float rounding; runs eagerly with a warning where compiling is unavailable). "
                         "Meant for GPUs; slower on the CPU")
+    g.add_argument("--plain-layers", action="store_true", default=None,
+                   help="on the CPU in fp32, run PyTorch's plain layers instead of the faster CPU layers "
+                        "(reordered weights, Winograd convolutions): about half the peak memory, about 1.7x "
+                        "slower; the output differs only by float rounding")
 
     g = p.add_argument_group("FlashVSR")
     g.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),

@@ -47,6 +47,31 @@ def test_frames_npy_matches_engine(assets, tmp_path):
         assert np.array_equal(hr[0].permute(1, 2, 0).numpy(), saved)
 
 
+def test_plain_layers_option_builds_torch_layers_with_the_same_output(assets, tmp_path, monkeypatch):
+    ckpt, raft, frames = assets
+    from torch import nn
+
+    from streamvsr.models.shared.packed import PackedConv2d
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+
+    built = []  # the engines the command line builds
+    init = StreamEngine.__init__
+    monkeypatch.setattr(StreamEngine, "__init__", lambda self, *a, **k: built.append(self) or init(self, *a, **k))
+    outputs = {}
+    for extra in ([], ["--plain-layers"]):
+        out = tmp_path / ("plain" if extra else "fast")
+        assert main(["frames", str(frames), str(out), "--model", str(ckpt), "--flow", str(raft), "--save", "npy",
+                     "--device", "cpu", *extra]) == 0
+        outputs[bool(extra)] = [np.load(f) for f in sorted(out.iterdir())]
+    fast, plain = built
+    assert isinstance(fast.pipeline.unet.conv_in, PackedConv2d) and type(plain.pipeline.unet.conv_in) is nn.Conv2d
+    assert any(isinstance(m, PackedConv2d) for m in fast.flow.modules())
+    assert not any(isinstance(m, PackedConv2d) for network in (plain.pipeline, plain.flow)
+                   for m in network.modules())
+    for a, b in zip(outputs[False], outputs[True]):
+        assert np.abs(a - b).max() <= 1e-4
+
+
 def test_frames_png_and_png16(assets, tmp_path):
     ckpt, raft, frames = assets
     for fmt, dtype in (("png", np.uint8), ("png16", np.uint16)):

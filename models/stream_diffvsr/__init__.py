@@ -32,9 +32,9 @@ def detect(path) -> bool:
 
 
 def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int = 4, corr: str = "auto",
-                flow_downscale: int = 1, compile: bool = False):
+                flow_downscale: int = 1, compile: bool = False, plain_layers: bool = False):
     """The official folder or a single file, plus RAFT weights ``flow``, as a ready StreamEngine (``compile``:
-    the torch.compile path, see speed.py)."""
+    the torch.compile path, see speed.py; ``plain_layers``: torch's layers on the CPU too, for less memory)."""
     from ..raft.weights import load_raft
     from ..shared.errors import UserInputError
     from ..shared.packed import packed_operations
@@ -46,7 +46,8 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
                              "e.g. from `streamvsr download`)")
     # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights where that pays (see
     # shared/packed.py): the same numbers up to float rounding, several times faster on the deep levels.
-    operations = packed_operations() if torch.device(device).type == "cpu" and dtype == torch.float32 else None
+    cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
+    operations = packed_operations() if cpu_fp32 and not plain_layers else None
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
     return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile))
@@ -62,6 +63,6 @@ FAMILY = Family(
     name="stream-diffvsr", title="Stream-DiffVSR", scale=4,
     frame_rule="one output frame per input frame, immediately", size_multiple=4,
     dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect, load_engine=load_engine,
-    options=("flow", "steps", "corr", "flow_downscale", "compile"), convert=convert)
+    options=("flow", "steps", "corr", "flow_downscale", "compile", "plain_layers"), convert=convert)
 
 __all__ = ["FAMILY", "SINGLE_FILE_FORMAT", "detect", "load_engine"]
