@@ -174,3 +174,15 @@ def test_compile_unavailable_falls_back_to_eager_with_a_warning(checkpoint, raft
     assert len(warnings) == len(set(warnings))  # one line per network, not per call
     # eager fallback: channels-last weights change rounding only
     assert all((a - b).abs().max() <= 1e-4 for a, b in zip(got, reference[0]))
+
+
+def test_compile_on_the_cpu_is_flagged_at_load(checkpoint, raft_path, caplog):
+    from streamvsr.models.stream_diffvsr import load_engine
+
+    with caplog.at_level("WARNING"):
+        engine = load_engine(checkpoint, flow=raft_path, compile=True)  # nothing compiles before the first frame
+        assert engine.compile
+        assert any("--compile on the CPU" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        load_engine(checkpoint, flow=raft_path)
+    assert not any("--compile" in r.getMessage() for r in caplog.records)

@@ -7,6 +7,7 @@ output, in plain PyTorch.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from ..contract import Family
 
 SINGLE_FILE_FORMAT = "streamvsr/stream-diffvsr"
+log = logging.getLogger(__name__)
 
 
 def detect(path) -> bool:
@@ -47,6 +49,9 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights where that pays (see
     # shared/packed.py): the same numbers up to float rounding, several times faster on the deep levels.
     cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
+    if compile and torch.device(device).type == "cpu":
+        log.warning("--compile on the CPU: compiling takes minutes and the compiled networks ran about 2x slower "
+                    "than the default CPU layers here; it is meant for GPUs")
     operations = packed_operations() if cpu_fp32 and not plain_layers else None
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
