@@ -12,7 +12,9 @@ network through its ``operations`` namespace (``packed_operations()``).
 
 The numbers are the same as the plain layers' up to float rounding (oneDNN sums in another order than the
 default path: about 1e-6 relative per layer), not bit-identical. Anything else runs the plain layer: another
-device or dtype, autograd, ``torch.compile`` tracing, or a PyTorch without these oneDNN operators. The
+device or dtype, autograd, ``torch.compile`` tracing, a PyTorch without these oneDNN operators, or (mixed under
+ComfyUI's classes, ``packed_operations(base=...)``) a layer ComfyUI casts or patches on the fly, which runs
+ComfyUI's own cast path. The
 reordered weight is an extra copy, so a convolution only keeps it where it pays: inputs of at most
 ``PACK_MAX_PIXELS`` positions; the phase kernels of ``upsampled`` (16/9 of the weight) are kept at every size.
 Copies are rebuilt when the weight is replaced or changed in place.
@@ -49,7 +51,7 @@ PACK_MAX_PIXELS = 64 * 64
 WINOGRAD_MIN_CHANNELS = 96
 WINOGRAD_MIN_PIXELS = 16 * 16
 # The transformed input and product of one band of tile rows stay under this many bytes each, so memory does not
-# grow 2.25x with the frame (and a band stays in the last-level cache on small frames).
+# grow 2.25x with the frame and the buffers can be kept between calls.
 WINOGRAD_BAND_BYTES = 64 << 20
 
 # F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2 and infinity. Y = A^T [(G g G^T) * (B^T d B)] A.
