@@ -46,13 +46,13 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     if not flow:
         raise UserInputError("Stream-DiffVSR needs optical flow: give --flow PATH (torchvision RAFT weights, "
                              "e.g. from `streamvsr download`)")
-    # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights where that pays (see
-    # shared/packed.py): the same numbers up to float rounding, several times faster on the deep levels.
-    cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
-    if compile and torch.device(device).type == "cpu":
+    on_cpu = torch.device(device).type == "cpu"
+    if compile and on_cpu:
         log.warning("--compile on the CPU: compiling takes minutes and the compiled networks ran about 2x slower "
                     "than the default CPU layers here; it is meant for GPUs")
-    operations = packed_operations() if cpu_fp32 and not plain_layers else None
+    # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights and run wide 3x3 convolutions as
+    # Winograd (see shared/packed.py): the same numbers up to float rounding, about 1.7x faster per frame.
+    operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
     return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile))

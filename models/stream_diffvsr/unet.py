@@ -241,7 +241,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         if isinstance(self.proj, PackedLinear):
-            return self.proj.gated_gelu(x)  # the same up to float rounding, without passes over the output
+            return self.proj.gated_gelu(x)  # the same up to float rounding, one pass fewer over the output
         h, gate = self.proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
 
