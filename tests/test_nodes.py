@@ -250,6 +250,21 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     assert "model" in caplog.text and state.frame_index == 1
 
 
+def test_cpu_layers_can_be_turned_off_for_memory(comfy):
+    from streamvsr.models.shared.packed import PackedConv2d, PackedLinear
+
+    _, nodes = comfy
+    model, flow = _models(nodes)  # a CPU-only ComfyUI in fp32: the CPU layers by default
+    (plain,) = _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto", cpu_layers=False)
+    packed = (PackedConv2d, PackedLinear)
+    assert any(isinstance(m, packed) for m in model.model.modules())
+    assert not any(isinstance(m, packed) for m in plain.model.modules())
+    images = _frames(2)
+    (fast_out, _), (plain_out, _) = (_upscale(nodes, m, flow, images, uid) for m, uid in ((model, "1"), (plain, "2")))
+    assert (fast_out - plain_out).abs().max() <= 1e-4  # the same output up to float rounding
+    assert torch.allclose(plain_out, _reference(plain, flow, images, seed=5), atol=1e-6)
+
+
 def test_bad_inputs(comfy):
     from streamvsr.nodes import stream_diffvsr as vsr
 

@@ -236,6 +236,8 @@ def _compare_engines(tmp_path, seed):
     raft = make_tiny_raft(tmp_path / "raft.pth")
     fast = load_engine(ckpt, flow=raft)  # what the command line runs on the CPU
     assert isinstance(fast.pipeline.unet.conv_in, PackedConv2d)
+    linears = [m for m in fast.pipeline.modules() if isinstance(m, PackedLinear)]
+    assert linears and all(m._halves if m.gated else m._packed for m in linears)  # prepared at load
     plain = StreamEngine(load_pipeline(ckpt), load_raft(raft))
     assert type(plain.pipeline.unet.conv_in) is nn.Conv2d
     g = torch.Generator().manual_seed(seed)
@@ -343,3 +345,108 @@ def test_gated_gelu_matches_geglu(bias):
     assert fast.proj._halves is not None and fast.proj._packed is None
     with torch.no_grad():  # plain arithmetic where oneDNN does not apply (here: another dtype)
         assert torch.equal(fast.double()(x.double()), plain.double()(x.double()))
+
+
+def test_prepare_makes_the_linear_copies_before_the_first_call():
+    from streamvsr.models.stream_diffvsr.unet import FeedForward
+
+    torch.manual_seed(0)
+    ops = packed_operations()
+    net = nn.Sequential(ops.Linear(32, 32), FeedForward(32, operations=ops))
+    net.append(nn.Linear(32, 8))  # a plain layer: nothing to prepare
+    x = torch.randn(1, 20, 32)
+    with torch.inference_mode():
+        lazy = net(x)
+    fresh = nn.Sequential(ops.Linear(32, 32), FeedForward(32, operations=ops), nn.Linear(32, 8))
+    fresh.load_state_dict(net.state_dict())
+    linear, geglu = fresh[0], fresh[1].net[0].proj
+    assert packed.prepare_packed(fresh) == 3  # the first layer, the GEGLU and the feed-forward's output layer
+    assert linear._packed is not None and linear._halves is None
+    assert geglu.gated and geglu._halves is not None and geglu._packed is None  # only the copy its calls use
+    prepared = (linear._packed[1], geglu._halves[1])
+    with torch.inference_mode():
+        got = fresh(x)
+    assert torch.equal(got, lazy)  # the same copies, made earlier
+    assert linear._packed[1] is prepared[0] and geglu._halves[1] is prepared[1]  # and used, not remade
+
+
+def test_prepare_skips_layers_the_packed_path_would_not_run():
+    ops = packed_operations(base=_ComfyLikeOps)
+    managed, double = ops.Linear(16, 16), PackedLinear(16, 16, dtype=torch.float64)
+    managed.comfy_cast_weights = True
+    assert packed.prepare_packed(nn.Sequential(managed, double)) == 0
+    assert managed._packed is None and double._packed is None
+
+
+class _GatedNet(nn.Module):
+    """Each kind of packed call (Winograd and reordered convolutions, a linear layer, a GEGLU) with plain
+    operations between them, for the torch.compile tests."""
+
+    def __init__(self, ops):
+        from streamvsr.models.stream_diffvsr.unet import GEGLU
+
+        super().__init__()
+        self.conv = ops.Conv2d(96, 96, 3, padding=1)
+        self.norm = nn.GroupNorm(8, 96)
+        self.head = ops.Conv2d(96, 16, 1)
+        self.linear = ops.Linear(16, 16)
+        self.geglu = GEGLU(16, 32, operations=ops)
+
+    def forward(self, x):
+        y = self.head(F.silu(self.norm(self.conv(x))) + x)
+        t = y.flatten(2).transpose(1, 2)
+        return self.geglu(self.linear(t) + t)
+
+
+def _graph_targets(net, x):
+    """Compiles ``net`` with a backend that records the traced graph and runs it as traced; (targets, output)."""
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        out = torch.compile(net, backend=record, dynamic=False)(x)
+    return {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op.startswith("call_")}, out
+
+
+def test_compile_keeps_marked_packed_layers_as_operators():
+    torch.manual_seed(0)
+    net = _GatedNet(packed_operations())
+    x = torch.randn(1, 96, 16, 16)
+    with torch.inference_mode():
+        expected = net(x)
+    plain = ("conv2d", "linear", "gelu")
+    targets, _ = _graph_targets(net, x)  # unmarked: the plain layers are traced
+    assert not any("streamvsr" in t for t in targets)
+    assert all(any(name in t for t in targets) for name in plain)
+    assert packed.as_operators(net) == 4
+    targets, got = _graph_targets(net, x)
+    assert {"streamvsr.packed_conv2d", "streamvsr.packed_linear", "streamvsr.packed_gated_gelu"} <= targets
+    assert not any(name in t for t in targets for name in plain if "streamvsr" not in t)
+    assert net.conv._winograd is not None and net.head._packed is not None  # the packed layers ran
+    assert net.linear._packed is not None and net.geglu.proj._halves is not None
+    assert torch.equal(got, expected)  # the same calls as eager, in the same order
+    handle = net.conv._operator
+    del net, targets
+    import gc
+
+    gc.collect()
+    assert handle not in packed._OPERATOR_LAYERS  # forgotten with the layer
+
+
+def test_compiled_network_with_packed_operators_is_close_to_eager():
+    torch.manual_seed(0)
+    net = _GatedNet(packed_operations())
+    packed.as_operators(net)
+    x = torch.randn(1, 96, 16, 16)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        expected = net(x)
+        try:
+            got = torch.compile(net, dynamic=False)(x)
+        except Exception as e:  # noqa: BLE001 - no C++ compiler for inductor on this machine
+            pytest.skip(f"torch.compile (inductor) is unavailable here: {type(e).__name__}: {e}"[:300])
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()

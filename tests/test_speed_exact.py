@@ -141,13 +141,27 @@ def test_raft_reused_features_give_the_same_flow(raft_path, corr, downscale):
 # ---------------------------------------------------------------------------------------------- compiled path
 
 
-def test_compiled_engine_is_close_to_eager(checkpoint, raft_path, frames, reference, caplog):
+@pytest.mark.parametrize("cpu_layers", [False, True], ids=["plain-layers", "cpu-layers"])
+def test_compiled_engine_is_close_to_eager(checkpoint, raft_path, frames, reference, caplog, cpu_layers):
+    """Compiled plain layers, and the CPU layers `load_engine` uses (kept whole as operators), against the eager
+    plain arithmetic."""
+    from streamvsr.models.shared.packed import PackedConv2d
+    from streamvsr.models.stream_diffvsr import load_engine
+
     pytest.importorskip("torch._inductor")
-    fast = StreamEngine(load_pipeline(checkpoint), load_raft(raft_path), compile=True)
+    if cpu_layers:
+        fast = load_engine(checkpoint, flow=raft_path, compile=True)
+    else:
+        fast = StreamEngine(load_pipeline(checkpoint), load_raft(raft_path), compile=True)
     with caplog.at_level("INFO", logger="streamvsr.models.stream_diffvsr.speed"):
         got, state = _run(fast, frames, fast.new_state(42))
     if any("running it eagerly" in r.getMessage() for r in caplog.records):
         pytest.skip("torch.compile is unavailable on this machine: " + caplog.text.strip().splitlines()[-1])
+    convs = [m for m in fast.pipeline.modules() if isinstance(m, PackedConv2d)]
+    if cpu_layers:  # called as operators: their copies were made by the compiled calls
+        assert convs and all(m._operator for m in convs) and any(m._packed is not None for m in convs)
+    else:
+        assert not convs
     expected, ref_state = reference
     for i, (a, b) in enumerate(zip(got, expected)):
         assert (a - b).abs().max() <= 1e-4, f"frame {i}"

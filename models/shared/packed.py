@@ -12,10 +12,10 @@ network through its ``operations`` namespace (``packed_operations()``).
 
 The numbers are the same as the plain layers' up to float rounding (oneDNN sums in another order than the
 default path: about 1e-6 relative per layer), not bit-identical. Anything else runs the plain layer: another
-device or dtype, autograd, ``torch.compile`` tracing, a PyTorch without these oneDNN operators, or (mixed under
-ComfyUI's classes, ``packed_operations(base=...)``) a layer ComfyUI casts or patches on the fly, which runs
-ComfyUI's own cast path. The
-reordered weight is an extra copy, so a convolution only keeps it where it pays: inputs of at most
+device or dtype, autograd, ``torch.compile`` tracing (unless ``as_operators`` marked the layers: then each is one
+opaque operator of the compiled graph), a PyTorch without these oneDNN operators, or (mixed under ComfyUI's
+classes, ``packed_operations(base=...)``) a layer ComfyUI casts or patches on the fly, which runs ComfyUI's own cast
+path. The reordered weight is an extra copy, so a convolution only keeps it where it pays: inputs of at most
 ``PACK_MAX_PIXELS`` positions; the phase kernels of ``upsampled`` (16/9 of the weight) are kept at every size.
 Copies are rebuilt when the weight is replaced or changed in place.
 
@@ -32,9 +32,11 @@ instead of a reordered one, and the transform-domain buffers are kept per thread
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -191,9 +193,16 @@ class PackedConv2d(nn.Conv2d):
     _phases: tuple | None = None  # (fingerprint, 2x2 phase kernels, their bias) for ``upsampled``
     _winograd: tuple | None = None  # (fingerprint, transformed kernel)
 
+    _operator: int | None = None  # handle of the layer while ``as_operators`` marks it (see there)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # traced as the plain layer: the compiler picks its own kernels
-            return super().forward(x)
+        if torch.compiler.is_compiling():
+            if x.dim() == 4 and self.padding_mode == "zeros" and _traced_as_operator(self, x):
+                return torch.ops.streamvsr.packed_conv2d(x, self.weight, self.bias, self._operator)
+            return super().forward(x)  # traced as the plain layer: the compiler picks its own kernels
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() != 4 or self.padding_mode != "zeros" or isinstance(self.padding, str)
                 or not _eligible(x, self.weight)):
             self._packed = self._phases = self._winograd = None  # stale after a move or a cast
@@ -277,43 +286,160 @@ class PackedLinear(nn.Linear):
 
     _packed: tuple | None = None
     _halves: tuple | None = None  # (fingerprint, reordered first and second halves, their biases)
+    gated = False  # only ever called through ``gated_gelu`` (set by its owner): ``prepare`` makes the halves
+
+    _operator: int | None = None  # handle of the layer while ``as_operators`` marks it (see there)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
+            if _traced_as_operator(self, x):
+                return torch.ops.streamvsr.packed_linear(x, self.weight, self.bias, self._operator)
             return F.linear(x, self.weight, self.bias)
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         if x.dim() < 2 or rows == 0 or not _eligible(x, self.weight):
             self._packed = None
             return F.linear(x, self.weight, self.bias)
-        key = _fingerprint(self.weight, ())  # the reordered weight serves any number of rows
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._reordered(), self.bias, "none", [], "")
+
+    def _reordered(self) -> torch.Tensor:
+        # one reordered weight serves any number of rows (oneDNN's row hint made no difference, measured)
+        key = _fingerprint(self.weight, ())
         if self._packed is None or self._packed[0] != key:
             self._packed = None
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight, rows))
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed[1], self.bias, "none", [], "")
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight))
+        return self._packed[1]
+
+    def _reordered_halves(self) -> tuple:
+        key = _fingerprint(self.weight, ())
+        if self._halves is None or self._halves[0] != key:
+            self._halves = None
+            n = self.out_features // 2
+            halves = [torch.ops.mkldnn._reorder_linear_weight(part.contiguous())
+                      for part in (self.weight[:n], self.weight[n:])]
+            biases = [None, None] if self.bias is None else [self.bias[:n].contiguous(), self.bias[n:].contiguous()]
+            self._halves = (key, *halves, *biases)
+        return self._halves[1:]
+
+    def prepare(self) -> bool:
+        """Make the reordered weight now (the halves if ``gated``) rather than on the first call, where the packed
+        path would run; whether it did. The copy does not depend on the input, so loading can pay for it instead
+        of the first frame."""
+        with torch.no_grad():  # eligible as under the engine's inference mode
+            if _managed(self) or self.weight.dim() != 2 or not _eligible(self.weight, self.weight):
+                return False
+            if self.gated:
+                self._reordered_halves()
+            else:
+                self._reordered()
+        return True
 
     def gated_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``h * gelu(gate)`` where ``h, gate = self(x).chunk(2, -1)`` (a GEGLU), with oneDNN applying the product
         inside the second half's matrix product instead of in a separate pass over the output."""
+        if torch.compiler.is_compiling() and _traced_as_operator(self, x):
+            return torch.ops.streamvsr.packed_gated_gelu(x, self.weight, self.bias, self._operator)
+        return self._run_gated_gelu(x)
+
+    def _run_gated_gelu(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or x.dim() < 2 or _managed(self) or not _eligible(x, self.weight):
             if not torch.compiler.is_compiling():
                 self._halves = None  # stale after a move or a cast
             h, gate = self(x).chunk(2, dim=-1)  # through the layer's own forward (ComfyUI's cast path)
             return h * F.gelu(gate)
-        key = _fingerprint(self.weight, ())
-        if self._halves is None or self._halves[0] != key:
-            self._halves = None
-            n = self.out_features // 2
-            rows = max(x.numel() // x.shape[-1], 1)
-            halves = [torch.ops.mkldnn._reorder_linear_weight(part.contiguous(), rows)
-                      for part in (self.weight[:n], self.weight[n:])]
-            biases = [None, None] if self.bias is None else [self.bias[:n].contiguous(), self.bias[n:].contiguous()]
-            self._halves = (key, *halves, *biases)
-        _, weight_h, weight_gate, bias_h, bias_gate = self._halves
+        weight_h, weight_gate, bias_h, bias_gate = self._reordered_halves()
         x = x.contiguous()
         # GELU as a separate pass: oneDNN's erf GELU post-op ran slower than the pass (23 vs 17 ms on a
         # 1024x512x2048 product); the product with the other half stays a post-op (one pass fewer)
         gate = F.gelu(torch.ops.mkldnn._linear_pointwise(x, weight_gate, bias_gate, "none", [], ""))
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight_h, bias_h, "mul")
+
+
+# ---------------------------------------------------------------------------------------------- under torch.compile
+# Traced as plain layers, these convolutions and matrix products would run as torch's (a weight reorder per call,
+# no Winograd): compiled networks ran about 2x slower than eager ones with the packed layers. ``as_operators``
+# marks a network's packed layers so that torch.compile keeps each one as a single operator whose call runs the
+# packed layer itself; the compiler still fuses and schedules everything between them (normalisations,
+# activations, residual sums).
+
+_OPERATOR_LAYERS: dict = {}  # handle -> weakref of the layer
+_OPERATOR_HANDLES = itertools.count(1)
+
+
+def _traced_as_operator(layer: nn.Module, x: torch.Tensor) -> bool:
+    weight = layer.weight
+    return (layer._operator is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and not _managed(layer)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _operator_layer(handle: int) -> nn.Module:
+    layer = _OPERATOR_LAYERS[handle]()
+    if layer is None:
+        raise RuntimeError("a compiled network called a packed layer that no longer exists")
+    return layer
+
+
+def _register_operators() -> None:
+    """Defines the ``streamvsr::packed_*`` operators (once per process, on the first ``as_operators``). Each
+    output is laid out as its fake (shape-only) version promises the compiler: channels-last for convolutions,
+    contiguous for the rest."""
+    if hasattr(torch.ops.streamvsr, "packed_conv2d"):
+        return
+    args = "(Tensor x, Tensor weight, Tensor? bias, int layer) -> Tensor"
+
+    def conv(x, weight, bias, layer):
+        return _operator_layer(layer)._run(x).contiguous(memory_format=torch.channels_last)
+
+    def conv_shape(x, weight, bias, layer):
+        conv = _operator_layer(layer)
+        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return y.contiguous(memory_format=torch.channels_last)
+
+    def linear(x, weight, bias, layer):
+        return _operator_layer(layer)._run(x).contiguous()
+
+    def linear_shape(x, weight, bias, layer):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    def gated_gelu(x, weight, bias, layer):
+        return _operator_layer(layer)._run_gated_gelu(x).contiguous()
+
+    def gated_gelu_shape(x, weight, bias, layer):
+        return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+    for name, run, shape in (("packed_conv2d", conv, conv_shape), ("packed_linear", linear, linear_shape),
+                             ("packed_gated_gelu", gated_gelu, gated_gelu_shape)):
+        op = torch.library.custom_op(f"streamvsr::{name}", run, mutates_args=(), schema=args)
+        op.register_fake(shape)
+
+
+def as_operators(module: nn.Module) -> int:
+    """Marks the packed layers of ``module`` so that torch.compile keeps each as one operator running the packed
+    layer (see above); how many. Eager calls are unchanged."""
+    _register_operators()
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, (PackedConv2d, PackedLinear)):
+            if layer._operator is None:
+                layer._operator = next(_OPERATOR_HANDLES)
+                _OPERATOR_LAYERS[layer._operator] = weakref.ref(
+                    layer, functools.partial(_forget_operator, layer._operator))
+            count += 1
+    return count
+
+
+def _forget_operator(handle: int, _ref) -> None:
+    _OPERATOR_LAYERS.pop(handle, None)
+
+
+def prepare_packed(module: nn.Module) -> int:
+    """``prepare`` every packed linear layer of ``module`` (see ``PackedLinear.prepare``); how many. The
+    convolutions' copies depend on the input size (reordered for small inputs, Winograd for wide ones), so they
+    are still made on first use."""
+    return sum(layer.prepare() for layer in module.modules() if isinstance(layer, PackedLinear))
 
 
 def packed_operations(base=None) -> types.SimpleNamespace:

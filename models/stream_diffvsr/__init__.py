@@ -39,7 +39,7 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     the torch.compile path, see speed.py; ``plain_layers``: torch's layers on the CPU too, for less memory)."""
     from ..raft.weights import load_raft
     from ..shared.errors import UserInputError
-    from ..shared.packed import packed_operations
+    from ..shared.packed import packed_operations, prepare_packed
     from .engine import StreamEngine
     from .loader import load_pipeline
 
@@ -48,13 +48,15 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
                              "e.g. from `streamvsr download`)")
     on_cpu = torch.device(device).type == "cpu"
     if compile and on_cpu:
-        log.warning("--compile on the CPU: compiling takes minutes and the compiled networks ran about 2x slower "
-                    "than the default CPU layers here; it is meant for GPUs")
+        log.warning("--compile on the CPU: compiling takes minutes and the compiled networks ran no faster than "
+                    "the default CPU layers; it is meant for GPUs")
     # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights and run wide 3x3 convolutions as
     # Winograd (see shared/packed.py): the same numbers up to float rounding, about 1.7x faster per frame.
     operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
+    if operations is not None:  # the linear layers' copies now, not in the first frame
+        prepare_packed(pipe)
     return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile))
 
 

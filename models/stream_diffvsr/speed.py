@@ -1,7 +1,8 @@
 """The opt-in compiled path (``StreamEngine(compile=True)``): networks in channels-last, ``torch.compile`` with
 shapes static per sequence, compiled once per session and frame size, eager with a one-line warning where
-compilation is unavailable. Its numbers differ from the eager ones by float rounding only (fused and reordered
-operations, channels-last convolutions).
+compilation is unavailable. The CPU layers (shared/packed.py) stay whole as operators of the compiled graph, so
+their Winograd and reordered weights are kept; what lies between them is fused. Its numbers differ from the eager
+ones by float rounding only (fused and reordered operations, channels-last convolutions).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 import torch
 import torch.utils._pytree
 from torch import nn
+
+from ..shared.packed import as_operators
 
 # ---------------------------------------------------------------------------------------------- compiled path
 
@@ -70,10 +73,13 @@ class CompiledCall:
 
 def compiled(module: nn.Module, method: str, label: str, channels_last: bool = True) -> CompiledCall:
     """The session's compiled ``module.<method>`` (made on first use). ``channels_last`` stores the module's
-    4-D weights channels-last, so its convolutions run channels-last (faster with oneDNN and cuDNN)."""
+    4-D weights channels-last, so its convolutions run channels-last (faster with oneDNN and cuDNN), unless its
+    layers are the CPU layers."""
     calls = module.__dict__.setdefault(_COMPILED, {})
     if method not in calls:
-        if channels_last:
+        # The CPU layers stay whole (see shared/packed.py) and choose their own layouts: channels-last copies of
+        # their weights would only cost memory. Plain layers are traced.
+        if not as_operators(module) and channels_last:
             module.to(memory_format=torch.channels_last)
         calls[method] = CompiledCall(getattr(module, method), label)
     return calls[method]

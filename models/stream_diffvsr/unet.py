@@ -238,6 +238,8 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int, operations=nn, device=None, dtype=None):
         super().__init__()
         self.proj = operations.Linear(dim, inner * 2, device=device, dtype=dtype)
+        if isinstance(self.proj, PackedLinear):
+            self.proj.gated = True  # runs through gated_gelu only: its prepared copy is the two halves
 
     def forward(self, x):
         if isinstance(self.proj, PackedLinear):
