@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -574,11 +575,14 @@ def test_a_killed_run_leaves_nothing_that_blocks_the_next(tmp_path, resume):
     proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(ROOT), str(clip), str(out), "1" if resume else "0"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "busy"
+    work_file = ResumeFiles(out).state if resume else temp_path(out)
+    deadline = time.monotonic() + 30
+    while not work_file.exists() and time.monotonic() < deadline:  # the writer thread opens it on its own time
+        time.sleep(0.05)
     proc.kill()
     proc.wait(30)
     assert lock_path(out).exists()  # what the killed run left
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert (ResumeFiles(out).state.name in left) if resume else (temp_path(out).name in left)
+    assert work_file.name in sorted(p.name for p in tmp_path.iterdir())
     if not resume:
         assert out.read_bytes() == b"old result"
     engine = FakeEngine()
