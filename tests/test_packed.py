@@ -451,3 +451,24 @@ def test_compiled_network_with_packed_operators_is_close_to_eager():
         expected = net(x)
         got = torch.compile(net, dynamic=False)(x)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_a_second_copy_of_the_module_gets_its_own_operators():
+    """The pack imported twice in one process (under two names): each copy's layers reach their own registry."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("packed_second_copy", packed.__file__)
+    second = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(second)
+    first_net, second_net = _GatedNet(packed_operations()), _GatedNet(second.packed_operations())
+    second_net.load_state_dict(first_net.state_dict())
+    packed.as_operators(first_net)
+    second.as_operators(second_net)
+    x = torch.randn(1, 96, 16, 16)
+    first_targets, first_out = _graph_targets(first_net, x)
+    second_targets, second_out = _graph_targets(second_net, x)
+    ours = {t.split(".")[0] for t in first_targets if t.startswith("streamvsr")}
+    theirs = {t.split(".")[0] for t in second_targets if t.startswith("streamvsr")}
+    assert len(ours) == len(theirs) == 1 and ours != theirs
+    # (the GEGLU knows the first copy's class only, so the second copy's runs unfused: rounding differs)
+    assert (first_out - second_out).abs().max() <= 1e-5 * first_out.abs().max()

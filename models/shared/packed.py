@@ -198,7 +198,7 @@ class PackedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             if x.dim() == 4 and self.padding_mode == "zeros" and _traced_as_operator(self, x):
-                return torch.ops.streamvsr.packed_conv2d(x, self.weight, self.bias, self._operator)
+                return _OPERATORS["packed_conv2d"](x, self.weight, self.bias, self._operator)
             return super().forward(x)  # traced as the plain layer: the compiler picks its own kernels
         return self._run(x)
 
@@ -293,7 +293,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             if _traced_as_operator(self, x):
-                return torch.ops.streamvsr.packed_linear(x, self.weight, self.bias, self._operator)
+                return _OPERATORS["packed_linear"](x, self.weight, self.bias, self._operator)
             return F.linear(x, self.weight, self.bias)
         return self._run(x)
 
@@ -340,7 +340,7 @@ class PackedLinear(nn.Linear):
         """``h * gelu(gate)`` where ``h, gate = self(x).chunk(2, -1)`` (a GEGLU), with oneDNN applying the product
         inside the second half's matrix product instead of in a separate pass over the output."""
         if torch.compiler.is_compiling() and _traced_as_operator(self, x):
-            return torch.ops.streamvsr.packed_gated_gelu(x, self.weight, self.bias, self._operator)
+            return _OPERATORS["packed_gated_gelu"](x, self.weight, self.bias, self._operator)
         return self._run_gated_gelu(x)
 
     def _run_gated_gelu(self, x: torch.Tensor) -> torch.Tensor:
@@ -366,6 +366,7 @@ class PackedLinear(nn.Linear):
 
 _OPERATOR_LAYERS: dict = {}  # handle -> weakref of the layer
 _OPERATOR_HANDLES = itertools.count(1)
+_OPERATORS: dict = {}  # name -> this module's registered operator
 
 
 def _traced_as_operator(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -383,11 +384,17 @@ def _operator_layer(handle: int) -> nn.Module:
 
 
 def _register_operators() -> None:
-    """Defines the ``streamvsr::packed_*`` operators (once per process, on the first ``as_operators``). Each
-    output is laid out as its fake (shape-only) version promises the compiler: channels-last for convolutions,
-    contiguous for the rest."""
-    if hasattr(torch.ops.streamvsr, "packed_conv2d"):
+    """Defines the ``streamvsr::packed_*`` operators (on the first ``as_operators``). Each output is laid out as
+    its fake (shape-only) version promises the compiler: channels-last for convolutions, contiguous for the rest.
+    Another copy of this module in the process (the pack imported under a second name) has its own handles, so
+    it gets its own namespace: ``streamvsr_2`` and so on."""
+    if _OPERATORS:
         return
+    namespace = "streamvsr"
+    for n in itertools.count(2):
+        if not hasattr(getattr(torch.ops, namespace), "packed_conv2d"):
+            break
+        namespace = f"streamvsr_{n}"
     args = "(Tensor x, Tensor weight, Tensor? bias, int layer) -> Tensor"
 
     def conv(x, weight, bias, layer):
@@ -412,8 +419,9 @@ def _register_operators() -> None:
 
     for name, run, shape in (("packed_conv2d", conv, conv_shape), ("packed_linear", linear, linear_shape),
                              ("packed_gated_gelu", gated_gelu, gated_gelu_shape)):
-        op = torch.library.custom_op(f"streamvsr::{name}", run, mutates_args=(), schema=args)
+        op = torch.library.custom_op(f"{namespace}::{name}", run, mutates_args=(), schema=args)
         op.register_fake(shape)
+        _OPERATORS[name] = getattr(getattr(torch.ops, namespace), name)
 
 
 def as_operators(module: nn.Module) -> int:
