@@ -76,12 +76,13 @@ def _winograd_matrices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def winograd_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """A (out, in, 3, 3) weight in the transform domain, as 36 (in, out) matrices."""
+    """A (out, in, 3, 3) weight in the transform domain, as 36 (in, out) matrices (transposed views: the matrix
+    products read them as fast, and the weight needs no reordering copy first)."""
     out_c, in_c = weight.shape[:2]
     _, kernel, _ = _winograd_matrices()
-    with torch.no_grad():  # taps first, then one product straight into the final layout (no transposing copy)
-        taps = weight.detach().permute(2, 3, 1, 0).reshape(9, in_c * out_c)
-        return (kernel.t().to(weight.dtype) @ taps).view(36, in_c, out_c)
+    with torch.no_grad():
+        taps = weight.detach().reshape(out_c * in_c, 9)
+        return (kernel.t().to(weight.dtype) @ taps.t()).view(36, out_c, in_c).transpose(1, 2)
 
 
 _SCRATCH = threading.local()
