@@ -472,3 +472,23 @@ def test_a_second_copy_of_the_module_gets_its_own_operators():
     assert len(ours) == len(theirs) == 1 and ours != theirs
     # (the GEGLU knows the first copy's class only, so the second copy's runs unfused: rounding differs)
     assert (first_out - second_out).abs().max() <= 1e-5 * first_out.abs().max()
+
+
+def test_prepare_makes_winograd_kernels_that_the_first_small_input_drops():
+    torch.manual_seed(0)
+    conv = PackedConv2d(96, 96, 3, padding=1)
+    assert packed.prepare_packed(nn.Sequential(conv, PackedConv2d(96, 96, 1), PackedConv2d(32, 32, 3, padding=1),
+                                               PackedConv2d(96, packed.PREPARE_MAX_CHANNELS + 1, 3, padding=1))) == 1
+    kernel = conv._winograd[1]
+    assert torch.equal(kernel, packed.winograd_kernel(conv.weight))
+    x = torch.randn(1, 96, 16, 16)
+    with torch.inference_mode():
+        y = conv(x)  # Winograd: the prepared kernel, not a new one
+        assert conv._winograd[1] is kernel
+        assert (y.double() - _conv_reference(x, conv)).abs().max() <= 2e-5 * y.abs().max()
+        conv(torch.randn(1, 96, 8, 8))  # below WINOGRAD_MIN_PIXELS: the direct path, the kernel goes
+        assert conv._winograd is None and conv._packed is not None
+    assert conv.prepare() and conv._winograd is not None
+    with torch.inference_mode():
+        conv.upsampled(torch.randn(1, 96, 8, 8))  # the folded upsample has its own kernels
+    assert conv._winograd is None and conv._phases is not None

@@ -52,6 +52,10 @@ PACK_MAX_PIXELS = 64 * 64
 # 16x16 and 128 channels on 128x128, 0.8x for 64 channels (the transforms then cost more than they save).
 WINOGRAD_MIN_CHANNELS = 96
 WINOGRAD_MIN_PIXELS = 16 * 16
+# ``prepare`` makes the Winograd kernels of layers up to this width only: the widest layers of an encoder-decoder
+# sit at its lowest resolution, where small frames fall below WINOGRAD_MIN_PIXELS (the real-size UNet's 1024-channel
+# level is 8x8 for a 64x64 frame) and a kernel made ahead would be 4x their weight wasted until the first call.
+PREPARE_MAX_CHANNELS = 512
 # The transformed input and product of one band of tile rows stay under this many bytes each, so memory does not
 # grow 2.25x with the frame and the buffers can be kept between calls.
 WINOGRAD_BAND_BYTES = 64 << 20
@@ -209,12 +213,9 @@ class PackedConv2d(nn.Conv2d):
             self._packed = self._phases = self._winograd = None  # stale after a move or a cast
             return super().forward(x)
         if self.uses_winograd(x):
-            key = _fingerprint(self.weight, ())
-            if self._winograd is None or self._winograd[0] != key:
-                self._winograd = None
-                self._winograd = (key, winograd_kernel(self.weight))
             self._packed = None  # a layer sees one size per model level: no need for both copies
-            return winograd_conv3x3(x, self._winograd[1], self.bias)
+            return winograd_conv3x3(x, self._winograd_kernel(), self.bias)
+        self._winograd = None  # made by ``prepare`` for a size that did not come
         x = x.contiguous(memory_format=torch.channels_last)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         weight = self.weight
@@ -228,6 +229,29 @@ class PackedConv2d(nn.Conv2d):
             self._packed = None
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, "none", [], "")
 
+    def _winograd_kernel(self) -> torch.Tensor:
+        key = _fingerprint(self.weight, ())
+        if self._winograd is None or self._winograd[0] != key:
+            self._winograd = None
+            self._winograd = (key, winograd_kernel(self.weight))
+        return self._winograd[1]
+
+    def _wide_3x3(self) -> bool:
+        return self._is_same_3x3() and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+
+    def prepare(self) -> bool:
+        """Make the Winograd kernel now if the layer's shape qualifies (a wide 3x3 convolution, see the module
+        docstring) rather than on the first call; whether it did. Whether the kernel is used depends on the input
+        size as well (``WINOGRAD_MIN_PIXELS``): the first call with a smaller input, or through ``upsampled``,
+        drops it again. The reordered copies of the direct path depend on the input's shape, so they are made on
+        first use."""
+        with torch.no_grad():  # eligible as under the engine's inference mode
+            if (not self._wide_3x3() or self.out_channels > PREPARE_MAX_CHANNELS or _managed(self)
+                    or not _eligible(self.weight, self.weight)):
+                return False
+            self._winograd_kernel()
+        return True
+
     def _is_same_3x3(self) -> bool:
         return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
@@ -235,8 +259,7 @@ class PackedConv2d(nn.Conv2d):
     def uses_winograd(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` runs Winograd F(4x4, 3x3) for an input shaped like ``x`` (see the module
         docstring)."""
-        return (self._is_same_3x3() and x.dim() == 4 and x.shape[-1] * x.shape[-2] >= WINOGRAD_MIN_PIXELS
-                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS)
+        return self._wide_3x3() and x.dim() == 4 and x.shape[-1] * x.shape[-2] >= WINOGRAD_MIN_PIXELS
 
     def can_fold_upsample(self, x: torch.Tensor) -> bool:
         """Whether ``upsampled(x)`` applies: a 3x3, stride-1, padding-1 convolution of one group."""
@@ -250,6 +273,7 @@ class PackedConv2d(nn.Conv2d):
         reordered for small inputs like ``forward``'s weight."""
         n, _, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
+        self._winograd = None  # made by ``prepare``, not needed here
         key = _fingerprint(self.weight, x.shape)
         if self._phases is None or self._phases[0] != key:
             self._phases = None
@@ -445,10 +469,9 @@ def _forget_operator(handle: int, _ref) -> None:
 
 
 def prepare_packed(module: nn.Module) -> int:
-    """``prepare`` every packed linear layer of ``module`` (see ``PackedLinear.prepare``); how many. The
-    convolutions' copies depend on the input size (reordered for small inputs, Winograd for wide ones), so they
-    are still made on first use."""
-    return sum(layer.prepare() for layer in module.modules() if isinstance(layer, PackedLinear))
+    """``prepare`` the packed layers of ``module`` (``PackedLinear.prepare``, ``PackedConv2d.prepare``): the weight
+    copies that loading can make instead of the first frame; how many layers made one."""
+    return sum(layer.prepare() for layer in module.modules() if isinstance(layer, (PackedLinear, PackedConv2d)))
 
 
 def packed_operations(base=None) -> types.SimpleNamespace:

@@ -55,8 +55,9 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
-    if operations is not None:  # the linear layers' copies now, not in the first frame
+    if operations is not None:  # the weight copies that do not depend on the frame size: now, not in the first frame
         prepare_packed(pipe)
+        prepare_packed(estimator)
     return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile))
 
 
