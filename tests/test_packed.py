@@ -422,6 +422,7 @@ def test_compile_keeps_marked_packed_layers_as_operators():
     targets, _ = _graph_targets(net, x)  # unmarked: the plain layers are traced
     assert not any("streamvsr" in t for t in targets)
     assert all(any(name in t for t in targets) for name in plain)
+    assert packed.as_operators(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Linear(4, 4))) == 0  # plain layers: none
     assert packed.as_operators(net) == 4
     targets, got = _graph_targets(net, x)
     assert {"streamvsr.packed_conv2d", "streamvsr.packed_linear", "streamvsr.packed_gated_gelu"} <= targets

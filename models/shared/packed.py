@@ -451,17 +451,15 @@ def _register_operators() -> None:
 
 def as_operators(module: nn.Module) -> int:
     """Marks the packed layers of ``module`` so that torch.compile keeps each as one operator running the packed
-    layer (see above); how many. Eager calls are unchanged."""
-    _register_operators()
-    count = 0
-    for layer in module.modules():
-        if isinstance(layer, (PackedConv2d, PackedLinear)):
-            if layer._operator is None:
-                layer._operator = next(_OPERATOR_HANDLES)
-                _OPERATOR_LAYERS[layer._operator] = weakref.ref(
-                    layer, functools.partial(_forget_operator, layer._operator))
-            count += 1
-    return count
+    layer (see above); how many. Eager calls are unchanged. Without packed layers (a GPU) nothing is registered."""
+    layers = [layer for layer in module.modules() if isinstance(layer, (PackedConv2d, PackedLinear))]
+    if layers:
+        _register_operators()
+    for layer in layers:
+        if layer._operator is None:
+            layer._operator = next(_OPERATOR_HANDLES)
+            _OPERATOR_LAYERS[layer._operator] = weakref.ref(layer, functools.partial(_forget_operator, layer._operator))
+    return len(layers)
 
 
 def _forget_operator(handle: int, _ref) -> None:
