@@ -132,7 +132,11 @@ def test_winograd_bands_and_reused_buffers_give_the_same_result(monkeypatch):
         after = fast(small)  # a smaller input after a larger one: buffers are reused, not misread
         monkeypatch.setattr(packed, "WINOGRAD_BAND_BYTES", 1)  # one row of tiles per band, fresh buffers
         banded = fast(large)
-    assert torch.equal(banded, whole)
+        # at most 3 of the 7 tile rows per band: 3 bands of 3, the last one padded with 2 rows of zero tiles
+        monkeypatch.setattr(packed, "WINOGRAD_BAND_BYTES", 3 * 36 * 6 * 96 * 4)
+        assert packed.winograd_bands(26, 21, 96, 4) == (3, 3)
+        padded = fast(large)
+    assert torch.equal(banded, whole) and torch.equal(padded, whole)
     assert (after.double() - _conv_reference(small, fast)).abs().max() <= 2e-5 * after.abs().max()
 
 
@@ -475,17 +479,24 @@ def test_a_second_copy_of_the_module_gets_its_own_operators():
     assert (first_out - second_out).abs().max() <= 1e-5 * first_out.abs().max()
 
 
-def test_prepare_makes_winograd_kernels_that_the_first_small_input_drops():
+def test_prepare_makes_winograd_kernels_that_the_first_small_input_drops(monkeypatch):
     torch.manual_seed(0)
     conv = PackedConv2d(96, 96, 3, padding=1)
     assert packed.prepare_packed(nn.Sequential(conv, PackedConv2d(96, 96, 1), PackedConv2d(32, 32, 3, padding=1),
                                                PackedConv2d(96, packed.PREPARE_MAX_CHANNELS + 1, 3, padding=1))) == 1
     kernel = conv._winograd[1]
     assert torch.equal(kernel, packed.winograd_kernel(conv.weight))
+
+    def transform_again(weight):
+        raise AssertionError("the prepared kernel was transformed again")
+
     x = torch.randn(1, 96, 16, 16)
-    with torch.inference_mode():
-        y = conv(x)  # Winograd: the prepared kernel, not a new one
-        assert conv._winograd[1] is kernel
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        patch.setattr(packed, "winograd_kernel", transform_again)
+        y = conv(x)  # Winograd: the prepared kernel, laid out for this size once
+        laid_out = conv._winograd[1]
+        assert torch.equal(laid_out.to_dense(), kernel)
+        assert torch.equal(conv(x), y) and conv._winograd[1] is laid_out
         assert (y.double() - _conv_reference(x, conv)).abs().max() <= 2e-5 * y.abs().max()
         conv(torch.randn(1, 96, 8, 8))  # below WINOGRAD_MIN_PIXELS: the direct path, the kernel goes
         assert conv._winograd is None and conv._packed is not None

@@ -23,10 +23,11 @@ Wide 3x3 convolutions (stride 1, padding 1, at least ``WINOGRAD_MIN_CHANNELS`` c
 ``WINOGRAD_MIN_PIXELS`` positions) run as Winograd F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for
 Convolutional Neural Networks", 2016): each 6x6 input tile and each kernel go to a 36-point transform domain where
 the convolution is 36 independent matrix products per 16 output pixels: 2.25 multiply-adds per output pixel and
-channel pair instead of 9. The rounding differs more than oneDNN's direct convolution (about 1e-5 relative
-instead of 1e-6, from the transforms' coefficients up to 8); the transformed kernel (36/9 of the weight) is kept
-instead of a reordered one, and the transform-domain buffers are kept per thread between calls (a few times
-``WINOGRAD_BAND_BYTES`` at most).
+channel pair instead of 9. oneDNN runs the 36 products as one grouped 1x1 convolution. The rounding differs more
+than oneDNN's direct convolution (about 1e-5 relative instead of 1e-6, from the transforms' coefficients up to
+8); the transformed kernel (36/9 of the weight), reordered for the input size, is kept instead of a reordered
+weight, and the transform-domain buffers are kept per thread between calls (a few times ``WINOGRAD_BAND_BYTES``
+at most).
 """
 
 from __future__ import annotations
@@ -80,13 +81,34 @@ def _winograd_matrices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def winograd_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """A (out, in, 3, 3) weight in the transform domain, as 36 (in, out) matrices (transposed views: the matrix
-    products read them as fast, and the weight needs no reordering copy first)."""
+    """A (out, in, 3, 3) weight in the transform domain, laid out as the weight of a 1x1 convolution with 36
+    groups, (36 * out, in, 1, 1): group k is transform point k's (out, in) matrix."""
     out_c, in_c = weight.shape[:2]
     _, kernel, _ = _winograd_matrices()
     with torch.no_grad():
         taps = weight.detach().reshape(out_c * in_c, 9)
-        return (kernel.t().to(weight.dtype) @ taps.t()).view(36, out_c, in_c).transpose(1, 2)
+        return (kernel.t().to(weight.dtype) @ taps.t()).view(36 * out_c, in_c, 1, 1)
+
+
+# the 36 products as one grouped 1x1 convolution: padding, stride, dilation, groups
+_WINOGRAD_PRODUCTS = ([0, 0], [1, 1], [1, 1], 36)
+
+
+def winograd_layout(kernel: torch.Tensor, tiles: int) -> torch.Tensor:
+    """``winograd_kernel``'s result reordered by oneDNN for bands of ``tiles`` tiles. The layout oneDNN picks
+    depends on the number of tiles, and a kernel in another one is reordered on every call (measured: 100x
+    slower), so a kernel serves one band size."""
+    return torch.ops.mkldnn._reorder_convolution_weight(kernel, *_WINOGRAD_PRODUCTS,
+                                                        [1, kernel.shape[1] * 36, tiles, 1])
+
+
+def winograd_bands(h: int, w: int, channels: int, itemsize: int) -> tuple[int, int]:
+    """(tile rows per band, number of bands) for an h x w map: bands stay under ``WINOGRAD_BAND_BYTES`` and all
+    have the same size (the last one is padded with zero tiles), so one kernel layout serves them all."""
+    th, tw = -(-h // 4), -(-w // 4)
+    most = max(1, WINOGRAD_BAND_BYTES // (36 * tw * channels * itemsize))
+    bands = -(-th // most)
+    return -(-th // bands), bands
 
 
 _SCRATCH = threading.local()
@@ -110,36 +132,40 @@ def _scratch(slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
 
 
 def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The 3x3, stride-1, padding-1 convolution of ``x`` (n, c, h, w) by ``winograd_kernel(weight)``; the result is
-    channels-last. Tiles of 4x4 output pixels, processed in bands of tile rows (``WINOGRAD_BAND_BYTES``)."""
+    """The 3x3, stride-1, padding-1 convolution of ``x`` (n, c, h, w) by ``winograd_kernel(weight)`` (best in
+    ``winograd_layout`` for this size's bands); the result is channels-last. Tiles of 4x4 output pixels,
+    processed in bands of tile rows (``winograd_bands``)."""
     n, c, h, w = x.shape
-    out_c = kernel.shape[2]
+    out_c = kernel.shape[0] // 36
     to_tiles, _, from_tiles = _winograd_matrices()
     th, tw = -(-h // 4), -(-w // 4)
-    # zero padding: 1 on the top and left, up to the last whole tile (plus the kernel's 1) on the bottom and right
-    hp, wp = 4 * th + 2, 4 * tw + 2
+    band, bands = winograd_bands(h, w, max(c, out_c), x.element_size())
+    tiles = band * tw
+    # zero padding: 1 on the top and left, up to the last band's whole tiles (plus the kernel's 1) on the bottom
+    # and right
+    hp, wp = 4 * band * bands + 2, 4 * tw + 2
     padded = _scratch("padded", (n, hp, wp, c), x)
     for border in (padded[:, :1], padded[:, h + 1:], padded[:, 1:h + 1, :1], padded[:, 1:h + 1, w + 1:]):
         border.zero_()
     padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
     out = x.new_empty(n, h, w, out_c)
-    band = max(1, WINOGRAD_BAND_BYTES // (36 * tw * max(c, out_c) * x.element_size()))
     for i in range(n):
         image = padded[i]
         for r0 in range(0, th, band):
-            rows = min(band, th - r0)
-            tiles = rows * tw
             # overlapping 6x6 tiles with stride 4, gathered as (tiles, 36, c); two buffers take turns
             d = _scratch("a", (tiles, 36, c), x)
-            d.view(rows, tw, 6, 6, c).copy_(image.as_strided(
-                (rows, tw, 6, 6, c), (4 * wp * c, 4 * c, wp * c, c, 1), image.storage_offset() + 4 * r0 * wp * c))
+            d.view(band, tw, 6, 6, c).copy_(image.as_strided(
+                (band, tw, 6, 6, c), (4 * wp * c, 4 * c, wp * c, c, 1), image.storage_offset() + 4 * r0 * wp * c))
             v = torch.bmm(to_tiles.expand(tiles, 36, 36), d, out=_scratch("b", (tiles, 36, c), x))
-            # (36, tiles, out_c): the 36 independent products
-            m = torch.bmm(v.transpose(0, 1), kernel, out=_scratch("a", (36, tiles, out_c), x))
-            y = torch.bmm(from_tiles.expand(tiles, 16, 36), m.transpose(0, 1),
-                          out=_scratch("b", (tiles, 16, out_c), x))
-            y0, y1 = 4 * r0, min(4 * (r0 + rows), h)
-            y = y.view(rows, tw, 4, 4, out_c).permute(0, 2, 1, 3, 4).reshape(4 * rows, 4 * tw, out_c)
+            # the 36 independent (tiles, c) x (c, out_c) products: one 1x1 convolution with 36 groups over a
+            # channels-last (1, 36 c, tiles, 1) map, which is v as it lies; oneDNN ran them 2.4x faster than bmm
+            m = torch.ops.mkldnn._convolution_pointwise(v.view(1, tiles, 1, 36 * c).permute(0, 3, 1, 2), kernel,
+                                                        None, *_WINOGRAD_PRODUCTS, "none", [], "")
+            m = m.permute(0, 2, 3, 1).reshape(tiles, 36, out_c)
+            y = torch.bmm(from_tiles.expand(tiles, 16, 36), m, out=_scratch("b", (tiles, 16, out_c), x))
+            del m
+            y0, y1 = 4 * r0, min(4 * (r0 + band), h)
+            y = y.view(band, tw, 4, 4, out_c).permute(0, 2, 1, 3, 4).reshape(4 * band, 4 * tw, out_c)
             y = y[: y1 - y0, :w]
             if bias is None:
                 out[i, y0:y1].copy_(y)
@@ -196,7 +222,7 @@ class PackedConv2d(nn.Conv2d):
 
     _packed: tuple | None = None  # (fingerprint, reordered weight)
     _phases: tuple | None = None  # (fingerprint, 2x2 phase kernels, their bias) for ``upsampled``
-    _winograd: tuple | None = None  # (fingerprint, transformed kernel)
+    _winograd: tuple | None = None  # (fingerprint, transformed kernel, band size of its layout or None)
 
     _operator: int | None = None  # handle of the layer while ``as_operators`` marks it (see there)
 
@@ -214,7 +240,7 @@ class PackedConv2d(nn.Conv2d):
             return super().forward(x)
         if self.uses_winograd(x):
             self._packed = None  # a layer sees one size per model level: no need for both copies
-            return winograd_conv3x3(x, self._winograd_kernel(), self.bias)
+            return winograd_conv3x3(x, self._winograd_kernel(x), self.bias)
         self._winograd = None  # made by ``prepare`` for a size that did not come
         x = x.contiguous(memory_format=torch.channels_last)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
@@ -229,11 +255,20 @@ class PackedConv2d(nn.Conv2d):
             self._packed = None
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, "none", [], "")
 
-    def _winograd_kernel(self) -> torch.Tensor:
+    def _winograd_kernel(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformed kernel, in the layout for ``x``'s bands (as computed, without ``x``)."""
         key = _fingerprint(self.weight, ())
         if self._winograd is None or self._winograd[0] != key:
             self._winograd = None
-            self._winograd = (key, winograd_kernel(self.weight))
+            self._winograd = (key, winograd_kernel(self.weight), None)
+        if x is not None:
+            band, _ = winograd_bands(*x.shape[-2:], max(self.in_channels, self.out_channels), x.element_size())
+            tiles = band * -(-x.shape[-1] // 4)
+            _, kernel, laid_out_for = self._winograd
+            if laid_out_for != tiles:
+                plain = kernel if laid_out_for is None else kernel.to_dense()
+                self._winograd = None
+                self._winograd = (key, winograd_layout(plain, tiles), tiles)
         return self._winograd[1]
 
     def _wide_3x3(self) -> bool:
@@ -362,8 +397,8 @@ class PackedLinear(nn.Linear):
         return True
 
     def gated_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """``h * gelu(gate)`` where ``h, gate = self(x).chunk(2, -1)`` (a GEGLU), with oneDNN applying the product
-        inside the second half's matrix product instead of in a separate pass over the output."""
+        """``h * gelu(gate)`` where ``h, gate = self(x).chunk(2, -1)`` (a GEGLU), from the two halves' reordered
+        weights: no (rows, 2 * width) intermediate and no chunk copies."""
         if torch.compiler.is_compiling() and _traced_as_operator(self, x):
             return _OPERATORS["packed_gated_gelu"](x, self.weight, self.bias, self._operator)
         return self._run_gated_gelu(x)
@@ -376,10 +411,10 @@ class PackedLinear(nn.Linear):
             return h * F.gelu(gate)
         weight_h, weight_gate, bias_h, bias_gate = self._reordered_halves()
         x = x.contiguous()
-        # GELU as a separate pass: oneDNN's erf GELU post-op ran slower than the pass (23 vs 17 ms on a
-        # 1024x512x2048 product); the product with the other half stays a post-op (one pass fewer)
+        # GELU and the product as separate passes: as oneDNN post-ops both ran slower (on a 1024x512x2048
+        # product: 23 vs 17 ms for the GELU on a Zen 3 EPYC; 9.3 vs 4.9 ms for the product on a Zen 5 one)
         gate = F.gelu(torch.ops.mkldnn._linear_pointwise(x, weight_gate, bias_gate, "none", [], ""))
-        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight_h, bias_h, "mul")
+        return torch.ops.mkldnn._linear_pointwise(x, weight_h, bias_h, "none", [], "").mul_(gate)
 
 
 # ---------------------------------------------------------------------------------------------- under torch.compile
