@@ -15,6 +15,7 @@ import comfy.utils
 from ..models.raft.visualise import flow_to_image
 from ..models.raft.weights import load_raft
 from ..models.shared.errors import UserInputError
+from ..models.shared.packed import prepare_packed
 from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, load_flow_patcher,
                      operations_for, wrap)
 
@@ -68,6 +69,7 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
         estimator = load_raft(resolve_flow_path(model), operations=operations, device=mm.unet_offload_device(),
                               num_flow_updates=iterations, corr=correlation,
                               downscale={"full": 1, "half": 2, "quarter": 4}[resolution])
+        prepare_packed(estimator)  # the CPU layers' weight copies, if any: made now rather than in the first frame
         return io.NodeOutput(wrap(estimator))
 
 

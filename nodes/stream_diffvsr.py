@@ -12,6 +12,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
+from ..models.shared.packed import prepare_packed
 from ..models.shared.weights import safetensors_numel
 from ..models.stream_diffvsr.engine import StreamEngine
 from ..models.stream_diffvsr.loader import load_pipeline
@@ -149,6 +150,7 @@ class StreamVSRLoadModel(io.ComfyNode):
         # The text encoder runs once on the CPU inside load_pipeline and is dropped: only its output is kept.
         operations = operations_for(weight_dtype, compute_dtype, device, cpu_layers=bool(cpu_layers))
         pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=weight_dtype, operations=operations)
+        prepare_packed(pipe)  # the CPU layers' weight copies: made now rather than in the first frame
         pipe.streamvsr_source = model
         pipe.streamvsr_compute_dtype = compute_dtype
         pipe.streamvsr_compile = bool(compile)
