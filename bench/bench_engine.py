@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,28 @@ def _import_package():
     module = importlib.util.module_from_spec(spec)
     sys.modules["streamvsr"] = module
     spec.loader.exec_module(module)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = 0
+    try:  # the vector width PyTorch's kernels use: what separates one "AMD EPYC" VM from another
+        import torch
+
+        cpu += f" ({torch.backends.cpu.get_cpu_capability()})"
+    except (ImportError, AttributeError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GB RAM, {platform.system()}"
 
 
 def worker(args) -> None:

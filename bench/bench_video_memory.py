@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_engine import _import_package  # noqa: E402
+from bench_engine import _import_package, machine  # noqa: E402
 
 
 def make_clip(path: pathlib.Path, frames: int, h: int, w: int, fps: int = 24) -> None:
@@ -102,22 +101,6 @@ def count_frames(path) -> int:
 
     with av.open(str(path)) as c:
         return sum(1 for _ in c.decode(video=0))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = 0
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GB RAM, {platform.system()}"
 
 
 def main() -> None:

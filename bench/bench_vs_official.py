@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from bench_engine import _import_package  # makes this checkout importable as ``streamvsr``
+from bench_engine import _import_package, machine  # makes this checkout importable as ``streamvsr``
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("official", "plain", "ours", "compiled")
@@ -280,7 +280,8 @@ def main() -> None:
         ref_out, ref_raw = np.load(results[reference][0]["out"]), np.load(results[reference][0]["raw"])
         base = min(a["seconds"] for a in results[reference]) / args.frames
         print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.frames} frames, {args.steps} steps, fp32, CPU, "
-              f"{args.threads} threads, best of {args.rounds} interleaved rounds; model {args.model}")
+              f"{args.threads} threads, best of {args.rounds} interleaved rounds; model {args.model}\n"
+              f"machine: {machine()}")
         print(f"| variant | s/frame | speed vs {reference} | compile s | RSS after load GB | peak RSS GB | "
               f"max abs diff (output) | max abs diff (raw decoder) |")
         print("|---|---|---|---|---|---|---|---|")
