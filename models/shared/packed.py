@@ -164,14 +164,27 @@ def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor |
             m = m.permute(0, 2, 3, 1).reshape(tiles, 36, out_c)
             y = torch.bmm(from_tiles.expand(tiles, 16, 36), m, out=_scratch("b", (tiles, 16, out_c), x))
             del m
-            y0, y1 = 4 * r0, min(4 * (r0 + band), h)
-            y = y.view(band, tw, 4, 4, out_c).permute(0, 2, 1, 3, 4).reshape(4 * band, 4 * tw, out_c)
-            y = y[: y1 - y0, :w]
-            if bias is None:
-                out[i, y0:y1].copy_(y)
-            else:
-                torch.add(y, bias, out=out[i, y0:y1])
+            # (tile row, pixel row, tile column, pixel column, channel) as a view, stored without a reshape copy
+            _store_tiles(y.view(band, tw, 4, 4, out_c).permute(0, 2, 1, 3, 4), out[i, 4 * r0: 4 * (r0 + band)],
+                         bias)
     return out.permute(0, 3, 1, 2)
+
+
+def _store_tiles(tiles: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``target`` (h, w, c) = ``tiles`` (rows, 4, columns, 4, c) (+ ``bias``), cropped: the whole tiles through a
+    5-d view of ``target``, the partial ones on the bottom and right edges through small reshapes."""
+    h, w, c = target.shape
+    rows, cols = h // 4, w // 4
+    parts = [(tiles[:rows, :, :cols], target[: 4 * rows, : 4 * cols].view(rows, 4, cols, 4, c))]
+    if h > 4 * rows:
+        parts.append((tiles[rows].reshape(4, -1, c)[: h - 4 * rows, :w], target[4 * rows:]))
+    if w > 4 * cols:
+        parts.append((tiles[:rows, :, cols].reshape(4 * rows, 4, c)[:, : w - 4 * cols], target[: 4 * rows, 4 * cols:]))
+    for source, dest in parts:
+        if bias is None:
+            dest.copy_(source)
+        else:
+            torch.add(source, bias, out=dest)
 
 
 def _ops_available() -> bool:
