@@ -8,8 +8,8 @@ load changes on a shared machine hit every variant alike. Reported per variant: 
 round; whole sequence, frame 0 included, model loading excluded), the first round against the reference's (what
 one pass costs, with the weight copies that are made on first use, and compiling), peak RSS of its process, and the
 largest difference from the official output (the [0, 1] frames and the raw decoder outputs that are warped into
-the next frame). Noise: frame i gets the i-th draw of a CPU generator seeded 42 on both sides (the official draws it from
-the global RNG after ``torch.manual_seed(42)``, which on the CPU gives the same numbers).
+the next frame). Noise: frame i gets the i-th draw of a CPU generator seeded 42 on both sides (the official draws
+it from the global RNG after ``torch.manual_seed(42)``, which on the CPU gives the same numbers).
 
     python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
         [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 3]
