@@ -241,7 +241,11 @@ def _compare_engines(tmp_path, seed):
     fast = load_engine(ckpt, flow=raft)  # what the command line runs on the CPU
     assert isinstance(fast.pipeline.unet.conv_in, PackedConv2d)
     linears = [m for m in fast.pipeline.modules() if isinstance(m, PackedLinear)]
-    assert linears and all(m._halves if m.gated else m._packed for m in linears)  # prepared at load
+    once = [m for m in linears if m.single_use]  # the prompt's keys and values: computed once, no copy kept
+    pipe = fast.pipeline
+    assert once and len(once) == 2 * len(pipe.unet.cross_attentions + pipe.controlnet.cross_attentions)
+    assert all(m._halves if m.gated else m._packed for m in linears if not m.single_use)  # prepared at load
+    assert not any(m._packed for m in once)
     plain = StreamEngine(load_pipeline(ckpt), load_raft(raft))
     assert type(plain.pipeline.unet.conv_in) is nn.Conv2d
     g = torch.Generator().manual_seed(seed)
@@ -253,6 +257,7 @@ def _compare_engines(tmp_path, seed):
         b, s2 = plain.step(frame, s2)
         assert (a - b).abs().max() <= 1e-4, f"frame {i}"
     assert (s1.prev_output - s2.prev_output).abs().max() <= 1e-4
+    assert not any(m._packed for m in once)  # still none after the frames
     return fast
 
 

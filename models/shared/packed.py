@@ -370,6 +370,9 @@ class PackedLinear(nn.Linear):
     _packed: tuple | None = None
     _halves: tuple | None = None  # (fingerprint, reordered first and second halves, their biases)
     gated = False  # only ever called through ``gated_gelu`` (set by its owner): ``prepare`` makes the halves
+    # called once per weight (set by its owner; e.g. the keys and values of a constant prompt, which the engine
+    # computes once and keeps): PyTorch's product, no reordered copy kept
+    single_use = False
 
     _operator: int | None = None  # handle of the layer while ``as_operators`` marks it (see there)
 
@@ -382,7 +385,7 @@ class PackedLinear(nn.Linear):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.dim() < 2 or rows == 0 or not _eligible(x, self.weight):
+        if self.single_use or x.dim() < 2 or rows == 0 or not _eligible(x, self.weight):
             self._packed = None
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._reordered(), self.bias, "none", [], "")
@@ -411,7 +414,8 @@ class PackedLinear(nn.Linear):
         path would run; whether it did. The copy does not depend on the input, so loading can pay for it instead
         of the first frame."""
         with torch.no_grad():  # eligible as under the engine's inference mode
-            if _managed(self) or self.weight.dim() != 2 or not _eligible(self.weight, self.weight):
+            if (self.single_use or _managed(self) or self.weight.dim() != 2
+                    or not _eligible(self.weight, self.weight)):
                 return False
             if self.gated:
                 self._reordered_halves()

@@ -212,6 +212,10 @@ class Attention(nn.Module):
         # diffusers' to_out.1 is a parameter-free dropout, so a single entry keeps the key to_out.0.
         self.to_out = nn.ModuleList([operations.Linear(dim, dim, **kw)])
         self.is_cross = context_dim is not None
+        if self.is_cross:  # the context is the constant prompt: its keys and values are computed once (PromptKV)
+            for layer in (self.to_k, self.to_v):
+                if isinstance(layer, PackedLinear):
+                    layer.single_use = True
 
     kv_slot = -1  # index in PromptKV.kv, numbered by the network that owns the block (cross-attentions only)
 
