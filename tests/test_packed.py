@@ -388,22 +388,21 @@ def test_prepare_skips_layers_the_packed_path_would_not_run():
 
 
 class _GatedNet(nn.Module):
-    """Each kind of packed call (Winograd and reordered convolutions, a folded upsample, a linear layer, a GEGLU)
-    with plain operations between them, for the torch.compile tests."""
+    """Each kind of packed call (Winograd and reordered convolutions, a linear layer, a GEGLU) with plain
+    operations between them, for the torch.compile tests."""
 
     def __init__(self, ops):
-        from streamvsr.models.stream_diffvsr.unet import GEGLU, Upsample2D
+        from streamvsr.models.stream_diffvsr.unet import GEGLU
 
         super().__init__()
         self.conv = ops.Conv2d(96, 96, 3, padding=1)
         self.norm = nn.GroupNorm(8, 96)
         self.head = ops.Conv2d(96, 16, 1)
-        self.up = Upsample2D(16, operations=ops)
         self.linear = ops.Linear(16, 16)
         self.geglu = GEGLU(16, 32, operations=ops)
 
     def forward(self, x):
-        y = self.up(self.head(F.silu(self.norm(self.conv(x))) + x))
+        y = self.head(F.silu(self.norm(self.conv(x))) + x)
         t = y.flatten(2).transpose(1, 2)
         return self.geglu(self.linear(t) + t)
 
@@ -428,18 +427,16 @@ def test_compile_keeps_marked_packed_layers_as_operators():
     x = torch.randn(1, 96, 16, 16)
     with torch.inference_mode():
         expected = net(x)
-    plain = ("conv2d", "linear", "gelu", "interpolate")
+    plain = ("conv2d", "linear", "gelu")
     targets, _ = _graph_targets(net, x)  # unmarked: the plain layers are traced
     assert not any("streamvsr" in t for t in targets)
     assert all(any(name in t for t in targets) for name in plain)
     assert packed.as_operators(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Linear(4, 4))) == 0  # plain layers: none
-    assert packed.as_operators(net) == 5
+    assert packed.as_operators(net) == 4
     targets, got = _graph_targets(net, x)
-    assert {"streamvsr.packed_conv2d", "streamvsr.packed_upsampled_conv2d", "streamvsr.packed_linear",
-            "streamvsr.packed_gated_gelu"} <= targets
+    assert {"streamvsr.packed_conv2d", "streamvsr.packed_linear", "streamvsr.packed_gated_gelu"} <= targets
     assert not any(name in t for t in targets for name in plain if "streamvsr" not in t)
     assert net.conv._winograd is not None and net.head._packed is not None  # the packed layers ran
-    assert net.up.conv._phases is not None  # the upsample folded into its convolution
     assert net.linear._packed is not None and net.geglu.proj._halves is not None
     assert torch.equal(got, expected)  # the same calls as eager, in the same order
     handle = net.conv._operator

@@ -310,13 +310,8 @@ class PackedConv2d(nn.Conv2d):
         return self._wide_3x3() and x.dim() == 4 and x.shape[-1] * x.shape[-2] >= WINOGRAD_MIN_PIXELS
 
     def can_fold_upsample(self, x: torch.Tensor) -> bool:
-        """Whether ``upsampled(x)`` applies: a 3x3, stride-1, padding-1 convolution of one group (under
-        torch.compile: one that ``as_operators`` marked)."""
-        if x.dim() != 4 or not self._is_same_3x3() or _managed(self):
-            return False
-        if torch.compiler.is_compiling():
-            return _traced_as_operator(self, x)
-        return _eligible(x, self.weight)
+        """Whether ``upsampled(x)`` applies: a 3x3, stride-1, padding-1 convolution of one group."""
+        return x.dim() == 4 and self._is_same_3x3() and not _managed(self) and _eligible(x, self.weight)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """This convolution of ``x`` upsampled 2x (nearest), computed at ``x``'s resolution: output pixel
@@ -324,11 +319,6 @@ class PackedConv2d(nn.Conv2d):
         is a 2x2 convolution whose taps are sums of the 3x3 taps; 16 instead of 36 multiply-adds per input pixel
         and channel pair. Only where ``can_fold_upsample(x)``. The phase kernels (16/9 of the weight) are kept,
         reordered for small inputs like ``forward``'s weight."""
-        if torch.compiler.is_compiling():
-            return _OPERATORS["packed_upsampled_conv2d"](x, self.weight, self.bias, self._operator)
-        return self._run_upsampled(x)
-
-    def _run_upsampled(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
         self._winograd = None  # made by ``prepare``, not needed here
@@ -492,18 +482,6 @@ def _register_operators() -> None:
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return y.contiguous(memory_format=torch.channels_last)
 
-    def upsampled_conv(x, weight, bias, layer):
-        conv = _operator_layer(layer)
-        if not _eligible(x, conv.weight):  # oneDNN's operators are missing: the layer on the upsampled input
-            y = conv._run(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        else:
-            y = conv._run_upsampled(x)
-        return y.contiguous(memory_format=torch.channels_last)
-
-    def upsampled_conv_shape(x, weight, bias, layer):
-        n, _, h, w = x.shape
-        return x.new_empty(n, 2 * h, 2 * w, weight.shape[0]).permute(0, 3, 1, 2)
-
     def linear(x, weight, bias, layer):
         return _operator_layer(layer)._run(x).contiguous()
 
@@ -516,9 +494,7 @@ def _register_operators() -> None:
     def gated_gelu_shape(x, weight, bias, layer):
         return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
 
-    for name, run, shape in (("packed_conv2d", conv, conv_shape),
-                             ("packed_upsampled_conv2d", upsampled_conv, upsampled_conv_shape),
-                             ("packed_linear", linear, linear_shape),
+    for name, run, shape in (("packed_conv2d", conv, conv_shape), ("packed_linear", linear, linear_shape),
                              ("packed_gated_gelu", gated_gelu, gated_gelu_shape)):
         op = torch.library.custom_op(f"{namespace}::{name}", run, mutates_args=(), schema=args)
         op.register_fake(shape)
