@@ -102,7 +102,7 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
                         "Meant for GPUs; no faster than the default CPU layers on the CPU")
     g.add_argument("--plain-layers", action="store_true", default=None,
                    help="on the CPU in fp32, run PyTorch's plain layers instead of the faster CPU layers "
-                        "(reordered weights, Winograd convolutions): about half the peak memory, about 1.7x "
+                        "(reordered weights, Winograd convolutions): about half the peak memory, 1.7-2.3x "
                         "slower; the output differs only by float rounding")
 
     g = p.add_argument_group("FlashVSR")

@@ -133,9 +133,9 @@ class StreamVSRLoadModel(io.ComfyNode):
                                          "with a warning in the log, where compiling is unavailable."),
                 io.Boolean.Input("cpu_layers", default=True, optional=True,
                                  tooltip="ComfyUI running on the CPU in fp32 only: layers that keep reordered "
-                                         "weight copies and run wide convolutions as Winograd, about 1.7x faster "
+                                         "weight copies and run wide convolutions as Winograd, 1.7-2.3x faster "
                                          "with the same output up to float rounding, but about twice the memory "
-                                         "for the model (7.2 instead of 3.5 GB at 64x64 input). Turn off if the "
+                                         "for the model (7.2 instead of 3.8 GB at 64x64 input). Turn off if the "
                                          "machine runs short of RAM. No effect on GPUs."),
             ],
             outputs=[VSRModel.Output(display_name="model")],

@@ -51,7 +51,7 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
         log.warning("--compile on the CPU: compiling takes minutes and the compiled networks ran no faster than "
                     "the default CPU layers; it is meant for GPUs")
     # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights and run wide 3x3 convolutions as
-    # Winograd (see shared/packed.py): the same numbers up to float rounding, about 1.7x faster per frame.
+    # Winograd (see shared/packed.py): the same numbers up to float rounding, 1.7-2.3x faster per frame.
     operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
