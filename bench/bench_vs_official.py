@@ -13,13 +13,20 @@ it from the global RNG after ``torch.manual_seed(42)``, which on the CPU gives t
 
     python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
         [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 3]
-        [--variants official,plain,ours,compiled]
+        [--variants official,plain,ours,compiled] [--device cuda --dtype fp16]
 
 Without ``--model`` a random model of the real-size architecture is written in the hub layout
 (bench/realsize.py, 2.7 GB, in ``--workdir``); without ``--flow`` a random RAFT-large. Variants: ``official``;
 ``plain`` (ours with plain layers and the savings off: the official arithmetic); ``ours`` (what ``streamvsr``
 runs: the savings, bit-identical, and on the CPU in fp32 the oneDNN-packed layers, equal up to float rounding);
-``compiled`` (``ours`` with ``compile=True``; its first round includes compilation, reported separately).
+``compiled`` (``ours`` with ``compile=True``, ``--compile-mode`` passed to ``torch.compile``; its first round
+includes compilation, reported separately).
+
+On a GPU (``--device cuda --dtype fp16``) both sides run in that precision, the official one with its RAFT too
+(its pipeline hands RAFT images of the pipeline's dtype); each round is timed between ``torch.cuda.synchronize()``
+calls and reports the peak of ``torch.cuda.max_memory_allocated`` beside the RSS. The initial noise is drawn in
+float32 on the CPU on both sides, then cast and moved (the official draws it in the pipeline's dtype on the
+device, which would make the outputs incomparable). ``bench/gpu_side_by_side.sh`` runs this on a lent GPU machine.
 """
 
 from __future__ import annotations
@@ -46,6 +53,33 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_vram(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_vram_mb(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def _serve(run) -> None:
@@ -78,12 +112,26 @@ def official_worker(args) -> None:
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     vae = TemporalAutoencoderTiny.from_pretrained(model, subfolder="vae")
     scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler")
+    device, dtype = args.device, _dtype(args.dtype)
     pipe = StreamDiffVSRPipeline.from_pretrained(model, controlnet=controlnet, vae=vae, unet=unet,
-                                                 scheduler=scheduler).to("cpu")
+                                                 scheduler=scheduler).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     of_model = raft_large(weights=None)
     of_model.load_state_dict(torch.load(args.flow, map_location="cpu"))
-    of_model = of_model.eval().requires_grad_(False)
+    # the pipeline hands RAFT its images in the pipeline's dtype
+    of_model = of_model.eval().requires_grad_(False).to(device, dtype)
+
+    # Frame i's noise: the i-th float32 draw of a CPU generator seeded 42, cast to the pipeline's dtype, as ours
+    # draws it. On the CPU in fp32 these are the numbers the official gets from the global RNG after
+    # ``torch.manual_seed(42)``; elsewhere it would draw in its dtype on the device.
+    noise = torch.Generator("cpu")
+
+    def prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents=None):
+        shape = (batch_size, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        drawn = torch.randn(shape, generator=noise, dtype=torch.float32).to(device, dtype)
+        return drawn * pipe.scheduler.init_noise_sigma
+
+    pipe.prepare_latents = prepare_latents
 
     raw = []
     decode = vae.decode
@@ -100,14 +148,17 @@ def official_worker(args) -> None:
         images = [PIL.Image.fromarray(f) for f in frames]
         raw.clear()
         torch.manual_seed(42)  # the official inference.py: set_seed(42), once, before the sequence
+        noise.manual_seed(42)
+        _reset_vram(device)
         start = time.perf_counter()
         result = pipe("", images, num_inference_steps=request["steps"], guidance_scale=0, of_model=of_model,
                       output_type="pt")
+        _sync(device)
         seconds = time.perf_counter() - start
-        outputs = torch.cat([img for img in result.images]).float().numpy()
+        outputs = torch.cat([img for img in result.images]).float().cpu().numpy()
         np.save(request["out"], outputs)
-        np.save(request["raw"], torch.cat(raw).float().numpy())
-        return {"seconds": seconds}
+        np.save(request["raw"], torch.cat(raw).float().cpu().numpy())
+        return {"seconds": seconds, "peak_vram_mb": _peak_vram_mb(device)}
 
     _serve(run)
 
@@ -126,29 +177,34 @@ def ours_worker(args) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s", stream=sys.stderr)
+    device, dtype = args.device, _dtype(args.dtype)
     if args.worker == "plain":  # plain layers, no savings: the official arithmetic
-        engine = StreamEngine(load_pipeline(args.model), load_raft(args.flow, corr=args.corr), steps=args.steps,
-                              reuse=False)
+        engine = StreamEngine(load_pipeline(args.model, device=device, dtype=dtype),
+                              load_raft(args.flow, corr=args.corr, device=device), steps=args.steps,
+                              device=device, compute_dtype=dtype, reuse=False)
     else:  # what `streamvsr` runs
-        engine = load_engine(args.model, flow=args.flow, steps=args.steps, corr=args.corr,
-                             compile=args.worker == "compiled")
+        engine = load_engine(args.model, device=device, dtype=dtype, flow=args.flow, steps=args.steps,
+                             corr=args.corr, compile=args.worker == "compiled", compile_mode=args.compile_mode)
 
     def run(request):
         frames = torch.from_numpy(np.load(request["frames"])).permute(0, 3, 1, 2).float() / 255
         compile_before = engine.compile_seconds
         state = engine.new_state(42)
         outputs, raw, per_frame = [], [], []
+        _reset_vram(device)
         start = time.perf_counter()
         for frame in frames:
             t = time.perf_counter()
             hr, state = engine.step(frame, state)
+            _sync(device)
             per_frame.append(time.perf_counter() - t)
             outputs.append(hr)
             raw.append(state.prev_output)
         seconds = time.perf_counter() - start
-        np.save(request["out"], torch.cat(outputs).numpy())
-        np.save(request["raw"], torch.cat(raw).numpy())
-        return {"seconds": seconds, "per_frame": per_frame, "compile_seconds": engine.compile_seconds - compile_before}
+        np.save(request["out"], torch.cat(outputs).cpu().numpy())
+        np.save(request["raw"], torch.cat(raw).cpu().numpy())
+        return {"seconds": seconds, "per_frame": per_frame, "compile_seconds": engine.compile_seconds - compile_before,
+                "peak_vram_mb": _peak_vram_mb(device)}
 
     _serve(run)
 
@@ -160,7 +216,9 @@ class Worker:
     def __init__(self, name: str, python: str, args, workdir: pathlib.Path):
         cmd = [python, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model", str(args.model),
                "--flow", str(args.flow), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--corr", args.corr]
+               "--corr", args.corr, "--device", args.device, "--dtype", args.dtype]
+        if args.compile_mode:
+            cmd += ["--compile-mode", args.compile_mode]
         if name == "official":
             cmd += ["--official", str(args.official)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -187,6 +245,12 @@ class Worker:
         self.proc.stdin.close()
         self.proc.wait()
         self.log.close()
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 
 
 def make_frames(path: pathlib.Path, n: int, h: int, w: int) -> None:
@@ -217,6 +281,10 @@ def main() -> None:
     p.add_argument("--variants", default="official,plain,ours")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--corr", default="all_pairs", help="our RAFT correlation (the official is all-pairs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="both sides' precision")
+    p.add_argument("--compile-mode", help="torch.compile mode of the compiled variant (default: torch's default), "
+                   "e.g. max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
     p.add_argument("--workdir", help="where the random model and the outputs go (default: a temporary folder)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -232,6 +300,9 @@ def main() -> None:
         p.error(f"--variants: choose from {', '.join(VARIANTS)}")
     if "official" in variants and not (args.official and args.official_python):
         p.error("the official variant needs --official and --official-python")
+    # the workers run in the work folder; abspath, not resolve: a venv's python is a link that must stay one
+    args.official, args.official_python = (os.path.abspath(a) if a else a for a in (args.official,
+                                                                                      args.official_python))
     h, w = (int(v) for v in args.size.split("x"))
     if "official" in variants and (h % 8 or w % 8):
         p.error("--size: the official pipeline resizes frames to multiples of 8, so compare at such sizes")
@@ -280,13 +351,15 @@ def main() -> None:
         reference = "official" if "official" in variants else variants[0]
         ref_out, ref_raw = np.load(results[reference][0]["out"]), np.load(results[reference][0]["raw"])
         base = min(a["seconds"] for a in results[reference]) / args.frames
-        print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.frames} frames, {args.steps} steps, fp32, CPU, "
-              f"{args.threads} threads, best of {args.rounds} interleaved rounds; model {args.model}\n"
-              f"machine: {machine()}")
+        gpu = args.device.startswith("cuda")
+        where = f"{_gpu_name()}, " if gpu else f"CPU, {args.threads} threads, "
+        print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.frames} frames, {args.steps} steps, {args.dtype}, {where}"
+              f"best of {args.rounds} interleaved rounds; model {args.model}\nmachine: {machine()}")
         # the first round is what a single pass costs: it includes the copies made on first use (and compiling)
+        vram = " peak VRAM GB (allocated) |" if gpu else ""
         print(f"| variant | s/frame | speed vs {reference} | first round vs {reference} | compile s | "
-              f"RSS after load GB | peak RSS GB | max abs diff (output) | max abs diff (raw decoder) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              f"RSS after load GB | peak RSS GB |{vram} max abs diff (output) | max abs diff (raw decoder) |")
+        print("|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|")
         for v in variants:
             runs = results[v]
             # the compiled variant's first round includes compilation: its speed is taken from later rounds
@@ -298,7 +371,8 @@ def main() -> None:
             first = results[reference][0]["seconds"] / runs[0]["seconds"]
             print(f"| {v} | {spf:.2f} | {base / spf:.2f}x | {first:.2f}x | {compile_s:.0f} | "
                   f"{workers[v].ready['rss_loaded_mb'] / 1024:.2f} | {runs[-1]['peak_rss_mb'] / 1024:.2f} | "
-                  f"{diff_out:.2e} | {diff_raw:.2e} |")
+                  + (f"{max(a['peak_vram_mb'] for a in runs) / 1024:.2f} | " if gpu else "")
+                  + f"{diff_out:.2e} | {diff_raw:.2e} |")
         for v in variants:
             print(f"{v}: whole-sequence seconds by round {[round(a['seconds'], 1) for a in results[v]]}")
         steady = {v: [a["per_frame"] for a in results[v] if "per_frame" in a] for v in variants}

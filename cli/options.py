@@ -152,6 +152,12 @@ class EnginePlan:
     def load(self):
         options = dict(self.options)
         model = self.model
+        if self.device.type == "cuda":
+            import torch
+
+            # The command owns its process and a video's frames share one size, so cuDNN may time its algorithms
+            # once per convolution shape and keep the fastest (inside ComfyUI that is the user's `--fast autotune`).
+            torch.backends.cudnn.benchmark = True
         if self.download:
             from ..models.raft.weights import download_raft
             from ..models.stream_diffvsr.hub import download_stream_diffvsr

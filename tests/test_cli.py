@@ -148,3 +148,20 @@ def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_
     with pytest.raises(SystemExit) as e:
         main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--seed", str(2**64)])
     assert e.value.code == 2 and "2^64-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_command_lets_cudnn_pick_its_fastest_algorithms_on_a_gpu(device, monkeypatch):
+    """A video's frames share one size, so the command turns cuDNN's autotuning on for a CUDA engine (ComfyUI
+    leaves it to its own setting); a CPU run leaves the flag alone."""
+    from types import SimpleNamespace
+
+    from streamvsr.cli.options import EnginePlan
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    loaded = []
+    family = SimpleNamespace(load_engine=lambda model, **kw: loaded.append((model, kw)) or "engine")
+    plan = EnginePlan(family, {"steps": 4}, torch.device(device), torch.float16, "model-path")
+    assert plan.load() == "engine"
+    assert loaded == [("model-path", {"device": torch.device(device), "dtype": torch.float16, "steps": 4})]
+    assert torch.backends.cudnn.benchmark == (device == "cuda")

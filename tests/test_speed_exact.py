@@ -200,3 +200,44 @@ def test_compile_on_the_cpu_is_flagged_at_load(checkpoint, raft_path, caplog):
         caplog.clear()
         load_engine(checkpoint, flow=raft_path)
     assert not any("--compile" in r.getMessage() for r in caplog.records)
+
+
+def test_compile_mode_is_handed_to_torch_compile_and_graph_outputs_are_copied(monkeypatch):
+    """CUDA graph modes replay into memory that the next replay reuses, so their outputs are copied before the
+    engine keeps them (checked with meta tensors standing in for a device's); the default mode returns the
+    compiled function's own outputs."""
+    from streamvsr.models.stream_diffvsr import speed
+
+    seen, graph_memory = [], {}
+
+    def fake_compile(fn, dynamic=None, mode=None):
+        seen.append((dynamic, mode))
+
+        def replay(x):
+            graph_memory["out"] = fn(x)
+            return graph_memory["out"]
+
+        return replay
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    on_device = torch.empty(2, 3, device="meta")
+    for mode, copied in [(None, False), ("max-autotune-no-cudagraphs", False), ("reduce-overhead", True),
+                         ("max-autotune", True)]:
+        call = speed.CompiledCall(lambda x: (x * 2, [x + 1], 3), "test net", mode=mode)
+        out = call(on_device)
+        assert seen[-1] == (False, mode)
+        assert (out[0] is not graph_memory["out"][0]) == copied, mode
+        assert (out[1][0] is not graph_memory["out"][1][0]) == copied, mode
+        assert out[0].shape == (2, 3) and out[2] == 3
+        cpu = call(torch.ones(2))  # nothing to copy on the CPU, where no graph is captured
+        assert cpu[0] is graph_memory["out"][0]
+
+
+def test_compiled_networks_are_kept_per_mode(checkpoint):
+    from streamvsr.models.stream_diffvsr.speed import compiled
+
+    unet = load_pipeline(checkpoint).unet
+    default = compiled(unet, "forward", "UNet", channels_last=False)
+    assert compiled(unet, "forward", "UNet", channels_last=False) is default
+    graphs = compiled(unet, "forward", "UNet", channels_last=False, mode="reduce-overhead")
+    assert graphs is not default and graphs.mode == "reduce-overhead"

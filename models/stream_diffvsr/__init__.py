@@ -34,9 +34,11 @@ def detect(path) -> bool:
 
 
 def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int = 4, corr: str = "auto",
-                flow_downscale: int = 1, compile: bool = False, plain_layers: bool = False):
+                flow_downscale: int = 1, compile: bool = False, plain_layers: bool = False,
+                compile_mode: str | None = None):
     """The official folder or a single file, plus RAFT weights ``flow``, as a ready StreamEngine (``compile``:
-    the torch.compile path, see speed.py; ``plain_layers``: torch's layers on the CPU too, for less memory)."""
+    the torch.compile path, see speed.py, with ``torch.compile``'s ``compile_mode``; ``plain_layers``: torch's
+    layers on the CPU too, for less memory)."""
     from ..raft.weights import load_raft
     from ..shared.errors import UserInputError
     from ..shared.packed import packed_operations, prepare_packed
@@ -58,7 +60,8 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     if operations is not None:  # the weight copies that do not depend on the frame size: now, not in the first frame
         prepare_packed(pipe)
         prepare_packed(estimator)
-    return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile))
+    return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile),
+                        compile_mode=compile_mode)
 
 
 def convert(source, out_path, dtype=torch.float16, **_ignored) -> Path:

@@ -108,7 +108,7 @@ class StreamEngine:
 
     def __init__(self, pipeline: StreamDiffVSRPipeline, flow: FlowFn, steps: int = 4,
                  device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
-                 reuse: bool = True, compile: bool = False):
+                 reuse: bool = True, compile: bool = False, compile_mode: str | None = None):
         """``reuse``: compute once what gives the same numbers every time (the prompt's cross-attention keys and
         values, each timestep's embeddings, the ControlNet's conditioning embedding once per frame, RAFT's
         features of the previous frame). The output is bit-identical either way; False runs the plain per-step
@@ -117,7 +117,8 @@ class StreamEngine:
         ``compile``: run the UNet, ControlNet and temporal decoder through ``torch.compile`` (channels-last,
         shapes static per sequence, compiled once per frame size and kept for the session; see speed.py). The
         output then differs from the eager one by float rounding; where compilation is unavailable the networks
-        run eagerly after a one-line warning."""
+        run eagerly after a one-line warning. ``compile_mode``: ``torch.compile``'s mode (None: its default; the CUDA
+        graph modes are handled, see speed.py)."""
         if not 1 <= int(steps) <= 50:
             raise UserInputError(f"steps must be between 1 and 50 (the model is distilled for 4), got {steps}")
         self.pipeline = pipeline
@@ -133,10 +134,10 @@ class StreamEngine:
         self._constants: dict = {}
         self.compile = bool(compile)
         if self.compile:
-            self._unet = compiled(pipeline.unet, "forward", "UNet")
-            self._controlnet = compiled(pipeline.controlnet, "forward", "ControlNet")
-            self._decode = compiled(pipeline.vae, "decode", "temporal decoder")
-            self._features = compiled(pipeline.vae, "encode_features", "temporal encoder")
+            self._unet = compiled(pipeline.unet, "forward", "UNet", mode=compile_mode)
+            self._controlnet = compiled(pipeline.controlnet, "forward", "ControlNet", mode=compile_mode)
+            self._decode = compiled(pipeline.vae, "decode", "temporal decoder", mode=compile_mode)
+            self._features = compiled(pipeline.vae, "encode_features", "temporal encoder", mode=compile_mode)
         else:
             self._unet, self._controlnet = pipeline.unet, pipeline.controlnet
             self._decode, self._features = pipeline.vae.decode, pipeline.vae.encode_features

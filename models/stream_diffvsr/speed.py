@@ -3,6 +3,11 @@ shapes static per sequence, compiled once per session and frame size, eager with
 compilation is unavailable. The CPU layers (shared/packed.py) stay whole as operators of the compiled graph, so
 their Winograd and reordered weights are kept; what lies between them is fused. Its numbers differ from the eager
 ones by float rounding only (fused and reordered operations, channels-last convolutions).
+
+``mode`` is handed to ``torch.compile`` (None: its default). The modes that replay CUDA graphs on a GPU
+("reduce-overhead", "max-autotune") keep their outputs in memory that the next replay overwrites, and the engine
+holds outputs across calls (the ControlNet's residuals into the UNet, the decoder's output into the next frame), so
+the device outputs of those modes are copied out of the graph's memory before they are returned.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ log = logging.getLogger(__name__)
 
 # attribute of a network holding its compiled callables: they live (for the session) as long as the network
 _COMPILED = "_streamvsr_compiled"
+# torch.compile modes that capture CUDA graphs on a GPU
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _own_device_outputs(out):
+    """``out`` with its tensors off the CPU copied: a CUDA graph's outputs live in memory that its next replay
+    reuses (the CPU has no graphs)."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.clone() if torch.is_tensor(t) and t.device.type != "cpu" else t, out)
 
 
 def _shape_key(args, kwargs) -> tuple:
@@ -37,8 +51,8 @@ class CompiledCall:
     warning line says why; from then on this network runs eagerly.
     """
 
-    def __init__(self, fn, label: str):
-        self.eager, self.label = fn, label
+    def __init__(self, fn, label: str, mode: str | None = None):
+        self.eager, self.label, self.mode = fn, label, mode
         self.compiled = None
         self.failed = False
         self.seen: set = set()
@@ -52,8 +66,10 @@ class CompiledCall:
         start = time.perf_counter()
         try:
             if self.compiled is None:
-                self.compiled = torch.compile(self.eager, dynamic=False)
+                self.compiled = torch.compile(self.eager, dynamic=False, mode=self.mode)
             out = self.compiled(*args, **kwargs)
+            if self.mode in CUDA_GRAPH_MODES:
+                out = _own_device_outputs(out)
         except Exception as e:  # noqa: BLE001 - any failure of the compiler; the eager run below tells real errors
             out = self.eager(*args, **kwargs)  # an error of the inputs themselves raises here, as without compile
             self.failed = True
@@ -71,15 +87,17 @@ class CompiledCall:
         return out
 
 
-def compiled(module: nn.Module, method: str, label: str, channels_last: bool = True) -> CompiledCall:
-    """The session's compiled ``module.<method>`` (made on first use). ``channels_last`` stores the module's
-    4-D weights channels-last, so its convolutions run channels-last (faster with oneDNN and cuDNN), unless its
-    layers are the CPU layers."""
+def compiled(module: nn.Module, method: str, label: str, channels_last: bool = True,
+             mode: str | None = None) -> CompiledCall:
+    """The session's compiled ``module.<method>`` for ``mode`` (made on first use). ``channels_last`` stores the
+    module's 4-D weights channels-last, so its convolutions run channels-last (faster with oneDNN and cuDNN),
+    unless its layers are the CPU layers."""
     calls = module.__dict__.setdefault(_COMPILED, {})
-    if method not in calls:
+    key = (method, mode)
+    if key not in calls:
         # The CPU layers stay whole (see shared/packed.py) and choose their own layouts: channels-last copies of
         # their weights would only cost memory. Plain layers are traced.
         if not as_operators(module) and channels_last:
             module.to(memory_format=torch.channels_last)
-        calls[method] = CompiledCall(getattr(module, method), label)
-    return calls[method]
+        calls[key] = CompiledCall(getattr(module, method), label, mode)
+    return calls[key]

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Ours against the official Stream-DiffVSR pipeline on a GPU, in one call of a machine that has no network:
+# bench/bench_vs_official.py at a 1280-wide and a 1920-wide output, fp16 on both sides, real-size architecture
+# with random weights (written there), official / ours / ours compiled, interleaved.
+#
+# 1. Where there is a network (this checkout's root), once:
+#        bench/gpu_side_by_side.sh prepare /path/to/jamichss/Stream-DiffVSR
+#    puts the official code's pinned packages as wheels for CPython 3.12 in .whl/ (about 15 MB) and a copy of the
+#    checkout in .official/ (both ignored by git). The GPU machine is expected to hold torch, torchvision, numpy,
+#    pillow, safetensors, einops, accelerate, matplotlib and the rest of what both sides import.
+# 2. On the GPU machine, from the checkout's root, with .whl and .official beside it:
+#        bench/gpu_side_by_side.sh run [OUT_DIR]
+#    writes the tables (720.md, 1080.md) and the logs (720.log, 1080.log) to OUT_DIR (default: $OUT, else
+#    bench/results).
+#
+# Sizes: the official pipeline needs LR sides that are multiples of 8, so "720p" is LR 184x320 -> 736x1280 and
+# "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run
+# has no compiled variant. Override with SIZES_720, SIZES_1080 (HxW), VARIANTS_720, VARIANTS_1080, FRAMES, ROUNDS,
+# DEVICE, DTYPE, COMPILE_MODE, WORKDIR (a bench_vs_official --workdir: a random model already there is reused).
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$here"
+python=${PYTHON:-python3}
+
+prepare() {
+    local checkout=${1:?give the path of a jamichss/Stream-DiffVSR checkout}
+    [ -f "$checkout/pipeline/stream_diffvsr_pipeline.py" ] || { echo "$checkout is not a Stream-DiffVSR checkout"; exit 2; }
+    rm -rf .official .whl
+    mkdir -p .official .whl
+    cp -r "$checkout" .official/Stream-DiffVSR
+    rm -rf .official/Stream-DiffVSR/.git
+    # The official code's pins (diffusers 0.27.2 needs a huggingface_hub from before 0.26, and transformers 4.37.2
+    # a tokenizers before 0.19); the GPU machine's newer versions of these stay untouched, see run().
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl diffusers==0.27.2 transformers==4.37.2 tokenizers==0.15.2 huggingface_hub==0.25.2 \
+        importlib_metadata==8.5.0
+    du -sh .whl .official
+}
+
+worker_logs() {  # the end of each worker's log, appended to the driver's (few files come back from a lent machine)
+    for log in "$1"/*.log; do
+        [ -f "$log" ] && { echo "==> ${log##*/}"; tail -n 40 "$log"; rm -f "$log"; }
+    done
+    return 0
+}
+
+run() {
+    local out=${1:-${OUT:-bench/results}}
+    local work=${WORKDIR:-/tmp/streamvsr_gpu_bench}
+    mkdir -p "$out" "$work"
+    [ -d .official/Stream-DiffVSR ] && ls .whl/*.whl >/dev/null || { echo "run 'prepare' first (see the header)"; exit 2; }
+    # The official side gets its pinned packages first on its path; ours runs on the machine's own packages.
+    "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/official_site" .whl/*.whl
+    cat > "$work/official_python" <<EOF
+#!/bin/sh
+PYTHONPATH="$work/official_site\${PYTHONPATH:+:\$PYTHONPATH}" exec "$(command -v "$python")" "\$@"
+EOF
+    chmod +x "$work/official_python"
+    "$python" - <<'EOF'
+import torch
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+EOF
+    "$work/official_python" -c "import diffusers, transformers; print('official side: diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+
+    local common=(--official .official/Stream-DiffVSR --official-python "$work/official_python" --device "${DEVICE:-cuda}"
+                  --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-3}" --rounds "${ROUNDS:-3}" --workdir "$work")
+    [ -n "${COMPILE_MODE:-}" ] && common+=(--compile-mode "$COMPILE_MODE")
+    local status=0
+    PYTHONUNBUFFERED=1 "$python" bench/bench_vs_official.py "${common[@]}" --size "${SIZES_720:-184x320}" \
+        --variants "${VARIANTS_720:-official,ours,compiled}" > "$out/720.md" 2> "$out/720.log" || status=$?
+    cat "$out/720.md"
+    worker_logs "$work" >> "$out/720.log"
+    PYTHONUNBUFFERED=1 "$python" bench/bench_vs_official.py "${common[@]}" --size "${SIZES_1080:-272x480}" \
+        --variants "${VARIANTS_1080:-official,ours}" > "$out/1080.md" 2> "$out/1080.log" || status=$?
+    cat "$out/1080.md"
+    worker_logs "$work" >> "$out/1080.log"
+    return $status
+}
+
+case "${1:-}" in
+    prepare) shift; prepare "$@" ;;
+    run) shift; run "$@" ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
+esac
