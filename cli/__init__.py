@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from ..models.shared.errors import StreamVSRError
+    from ..models.shared.runtime import keep_freed_memory
+
+    keep_freed_memory()  # for the tensors to come
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")

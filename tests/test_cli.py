@@ -165,3 +165,14 @@ def test_the_command_lets_cudnn_pick_its_fastest_algorithms_on_a_gpu(device, mon
     assert plan.load() == "engine"
     assert loaded == [("model-path", {"device": torch.device(device), "dtype": torch.float16, "steps": 4})]
     assert torch.backends.cudnn.benchmark == (device == "cuda")
+
+
+def test_the_command_keeps_freed_memory_for_reuse(monkeypatch, tmp_path):
+    """The command tunes its own process's allocator before loading anything (see runtime.keep_freed_memory)."""
+    from streamvsr.models.shared import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True) or True)
+    assert main(["frames", "--model", str(tmp_path / "nothing"), "--flow", str(tmp_path / "none.pth"),
+                 str(tmp_path / "in"), str(tmp_path / "out")]) == 2
+    assert calls == [True]

@@ -1,0 +1,45 @@
+"""The command line's process setup: large freed blocks kept by glibc for the next allocation."""
+
+import subprocess
+import sys
+
+import pytest
+
+# Allocates a 256 MB tensor, frees it, allocates 200 MB: the minor page faults of the second allocation (51200 for
+# 200 MB of 4 KB pages when it is fresh memory).
+PROBE = """
+import resource, sys
+from streamvsr.models.shared.runtime import keep_freed_memory
+import torch
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+t = torch.ones(64 << 20); del t
+before = faults(); t = torch.ones(50 << 20); print(kept, faults() - before)
+"""
+
+
+def _probe(mode: str, env: dict | None = None) -> tuple[str, int]:
+    run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    kept, faults = run.stdout.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux)")
+def test_large_freed_blocks_are_reused_without_page_faults():
+    kept, fresh = _probe("default")
+    if fresh < 30000:
+        pytest.skip(f"this C library already reuses large blocks ({fresh} faults for fresh 200 MB)")
+    kept, reused = _probe("keep")
+    assert kept == "True"
+    assert reused < 2000, f"{reused} page faults allocating 200 MB after freeing 256 MB (fresh: {fresh})"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux)")
+def test_an_allocator_tuned_by_the_environment_is_left_alone():
+    import os
+
+    kept, faults = _probe("keep", env=dict(os.environ, MALLOC_MMAP_MAX_="65536"))
+    assert kept == "False"
+    assert faults > 30000
