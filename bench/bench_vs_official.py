@@ -169,9 +169,6 @@ def ours_worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     _import_package()
-    from streamvsr.models.shared.runtime import keep_freed_memory
-
-    keep_freed_memory()  # as the `streamvsr` command does
     from streamvsr.models.raft.weights import load_raft
     from streamvsr.models.stream_diffvsr import load_engine
     from streamvsr.models.stream_diffvsr.engine import StreamEngine

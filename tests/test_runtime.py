@@ -43,3 +43,18 @@ def test_an_allocator_tuned_by_the_environment_is_left_alone():
     kept, faults = _probe("keep", env=dict(os.environ, MALLOC_MMAP_MAX_="65536"))
     assert kept == "False"
     assert faults > 30000
+
+
+@pytest.mark.parametrize("plain_layers", [False, True])
+def test_a_cpu_engine_keeps_freed_memory(plain_layers, monkeypatch, tmp_path):
+    """Whoever loads a Stream-DiffVSR engine for the CPU (the command, a script, the benchmark) gets the allocator
+    setting with it."""
+    from helpers import make_tiny_checkpoint, make_tiny_raft
+    from streamvsr.models.shared import runtime
+    from streamvsr.models.stream_diffvsr import load_engine
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True) or True)
+    load_engine(make_tiny_checkpoint(tmp_path / "ckpt"), flow=make_tiny_raft(tmp_path / "raft.pth"),
+                plain_layers=plain_layers)
+    assert calls == [True]

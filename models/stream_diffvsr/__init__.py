@@ -38,10 +38,12 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
                 compile_mode: str | None = None):
     """The official folder or a single file, plus RAFT weights ``flow``, as a ready StreamEngine (``compile``:
     the torch.compile path, see speed.py, with ``torch.compile``'s ``compile_mode``; ``plain_layers``: torch's
-    layers on the CPU too, for less memory)."""
+    layers on the CPU too, for less memory). On the CPU it also tells glibc to keep freed large blocks for reuse,
+    for the whole process (``shared.runtime.keep_freed_memory``; the environment can say otherwise)."""
     from ..raft.weights import load_raft
     from ..shared.errors import UserInputError
     from ..shared.packed import packed_operations, prepare_packed
+    from ..shared.runtime import keep_freed_memory
     from .engine import StreamEngine
     from .loader import load_pipeline
 
@@ -49,6 +51,8 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
         raise UserInputError("Stream-DiffVSR needs optical flow: give --flow PATH (torchvision RAFT weights, "
                              "e.g. from `streamvsr download`)")
     on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:  # its activations at video sizes are blocks of hundreds of MB: see keep_freed_memory
+        keep_freed_memory()
     if compile and on_cpu:
         log.warning("--compile on the CPU: compiling takes minutes and the compiled networks ran no faster than "
                     "the default CPU layers; it is meant for GPUs")
