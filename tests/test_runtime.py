@@ -1,5 +1,6 @@
-"""The command line's process setup: large freed blocks kept by glibc for the next allocation."""
+"""A CPU engine's process setup: large freed blocks kept by glibc for the next allocation."""
 
+import os
 import subprocess
 import sys
 
@@ -38,8 +39,6 @@ def test_large_freed_blocks_are_reused_without_page_faults():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux)")
 def test_an_allocator_tuned_by_the_environment_is_left_alone():
-    import os
-
     kept, faults = _probe("keep", env=dict(os.environ, MALLOC_MMAP_MAX_="65536"))
     assert kept == "False"
     assert faults > 30000
