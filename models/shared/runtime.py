@@ -27,13 +27,13 @@ def keep_freed_memory() -> bool:
     CPU) on Linux with glibc: serve large allocations from the heap and keep freed memory there for the next ones,
     instead of a fresh ``mmap`` per allocation that is returned on ``free``; whether it did.
 
-    PyTorch's CPU tensors come straight from ``malloc``. glibc maps blocks over 32 MB (less by default) fresh from
-    the kernel and unmaps them when freed, so every large activation is new memory, touched page by page on first
-    write: at a 1280x736 output, where a layer's output runs to hundreds of MB, those page faults took about a third
-    of a frame on a 2-core EPYC (frame 67 -> 41 s, the same numbers). Kept, the freed blocks serve the next frame's
-    identical allocations. The cost is fragmentation: peak RSS grows (11.6 -> 13.7 GB there). Nothing changes
-    when the environment already tunes glibc's allocator (e.g. ``MALLOC_MMAP_MAX_=65536`` restores its default
-    behaviour), or on another C library. Not for the ComfyUI nodes: that process is ComfyUI's.
+    PyTorch's CPU tensors come straight from ``malloc``. glibc maps every block over its mmap threshold (128 KB at
+    first, rising to at most 32 MB) fresh from the kernel and unmaps them when freed, so every large activation is new
+    memory, touched page by page on first write: at a 1280x736 output, where a layer's output runs to hundreds of MB,
+    those page faults took about a third of a frame on a 2-core EPYC (frame 67 -> 41 s, the same numbers). Kept, the
+    freed blocks serve the next frame's identical allocations. The cost is fragmentation: peak RSS grows (11.6 -> 13.7
+    GB there). Nothing changes when the environment already tunes glibc's allocator (e.g. ``MALLOC_MMAP_MAX_=65536``
+    restores its default behaviour), or on another C library. Not for the ComfyUI nodes: that process is ComfyUI's.
     """
     if sys.platform != "linux" or any(name in os.environ for name in _MALLOC_ENV):
         return False
