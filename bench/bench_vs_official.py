@@ -22,8 +22,8 @@ runs: the savings, bit-identical, and on the CPU in fp32 the oneDNN-packed layer
 ``compiled`` (``ours`` with ``compile=True``, ``--compile-mode`` passed to ``torch.compile``; its first round
 includes compilation, reported separately).
 
-On a GPU (``--device cuda --dtype fp16``) both sides run in that precision, the official one with its RAFT too
-(its pipeline hands RAFT images of the pipeline's dtype); each round is timed between ``torch.cuda.synchronize()``
+On a GPU (``--device cuda --dtype fp16``) both sides run in that precision, RAFT in float32 on both (as the
+official inference.py runs it); each round is timed between ``torch.cuda.synchronize()``
 calls and reports the peak of ``torch.cuda.max_memory_allocated`` beside the RSS. The initial noise is drawn in
 float32 on the CPU on both sides, then cast and moved (the official draws it in the pipeline's dtype on the
 device, which would make the outputs incomparable). ``bench/gpu_side_by_side.sh`` runs this on a lent GPU machine.
@@ -82,6 +82,59 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+class _Stamp:
+    """A point in time on the device's stream: a recorded CUDA event, or on the CPU (which runs in order) the
+    host clock."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.event = torch.cuda.Event(enable_timing=True) if device.startswith("cuda") else None
+        if self.event is not None:
+            self.event.record()
+        else:
+            self.t = time.perf_counter()
+
+    def ms_until(self, later: "_Stamp") -> float:
+        return self.event.elapsed_time(later.event) if self.event is not None else (later.t - self.t) * 1000
+
+
+def _breakdown(device: str, parts: dict, sequence) -> dict:
+    """Milliseconds spent inside each named callable while ``sequence()`` runs once, and the total: each
+    ``(owner, attribute)`` is wrapped for that run (an instance attribute, so a module's ``forward`` or a bound
+    method alike; timed with CUDA events on a GPU), then restored. What lies between the parts (scheduler,
+    warps, bicubic, host work and the GPU's idle gaps) is the total minus their sum."""
+    spans = {name: [] for name in parts}
+
+    def timed(name, fn):
+        def call(*a, **k):
+            start = _Stamp(device)
+            out = fn(*a, **k)
+            spans[name].append((start, _Stamp(device)))
+            return out
+        return call
+
+    saved = []
+    for name, (owner, attr) in parts.items():
+        saved.append((owner, attr, owner.__dict__.get(attr)))
+        setattr(owner, attr, timed(name, getattr(owner, attr)))
+    try:
+        _sync(device)
+        first = _Stamp(device)
+        sequence()
+        last = _Stamp(device)
+        _sync(device)
+    finally:
+        for owner, attr, before in saved:
+            if before is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, before)
+    return {"total_ms": first.ms_until(last),
+            "parts_ms": {name: sum(a.ms_until(b) for a, b in pairs) for name, pairs in spans.items()},
+            "calls": {name: len(pairs) for name, pairs in spans.items()}}
+
+
 def _serve(run) -> None:
     """Answer one JSON request per stdin line with one JSON line on stdout."""
     out = sys.stdout
@@ -101,6 +154,9 @@ def official_worker(args) -> None:
     from torchvision.models.optical_flow import raft_large
 
     torch.set_num_threads(args.threads)
+    # diffusers uses peft when it is installed, and a current peft does not import beside the pinned transformers
+    # 4.37; the official pipeline has no LoRA, so peft is hidden (find_spec then answers None, as if absent).
+    sys.modules.setdefault("peft", None)
     sys.path.insert(0, str(pathlib.Path(args.official).resolve()))
     from diffusers import DDIMScheduler  # noqa: E402
     from pipeline.stream_diffvsr_pipeline import (ControlNetModel, StreamDiffVSRPipeline,  # noqa: E402
@@ -118,8 +174,9 @@ def official_worker(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     of_model = raft_large(weights=None)
     of_model.load_state_dict(torch.load(args.flow, map_location="cpu"))
-    # the pipeline hands RAFT its images in the pipeline's dtype
-    of_model = of_model.eval().requires_grad_(False).to(device, dtype)
+    # in float32 whatever the pipeline's dtype, as the official inference.py loads it: the pipeline hands RAFT its
+    # float32 bicubic upscales
+    of_model = of_model.eval().requires_grad_(False).to(device)
 
     # Frame i's noise: the i-th float32 draw of a CPU generator seeded 42, cast to the pipeline's dtype, as ours
     # draws it. On the CPU in fp32 these are the numbers the official gets from the global RNG after
@@ -149,10 +206,21 @@ def official_worker(args) -> None:
         raw.clear()
         torch.manual_seed(42)  # the official inference.py: set_seed(42), once, before the sequence
         noise.manual_seed(42)
+
+        def sequence():
+            # The official pipeline runs only in float32 as shipped (it builds its latents and time embeddings in
+            # float32 and hands them to the half-precision UNet); autocast in the weights' dtype is the least
+            # help that makes it run in fp16/bf16 (its RAFT then runs in that precision too).
+            with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                return pipe("", images, num_inference_steps=request["steps"], guidance_scale=0, of_model=of_model,
+                            output_type="pt")
+
+        if request.get("breakdown"):
+            return _breakdown(device, {"UNet": (unet, "forward"), "ControlNet": (controlnet, "forward"),
+                               "RAFT": (of_model, "forward"), "VAE decode": (vae, "decode")}, sequence)
         _reset_vram(device)
         start = time.perf_counter()
-        result = pipe("", images, num_inference_steps=request["steps"], guidance_scale=0, of_model=of_model,
-                      output_type="pt")
+        result = sequence()
         _sync(device)
         seconds = time.perf_counter() - start
         outputs = torch.cat([img for img in result.images]).float().cpu().numpy()
@@ -178,6 +246,8 @@ def ours_worker(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s", stream=sys.stderr)
     device, dtype = args.device, _dtype(args.dtype)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as the `streamvsr` command sets it (cli/options.py)
     if args.worker == "plain":  # plain layers, no savings: the official arithmetic
         engine = StreamEngine(load_pipeline(args.model, device=device, dtype=dtype),
                               load_raft(args.flow, corr=args.corr, device=device), steps=args.steps,
@@ -188,6 +258,15 @@ def ours_worker(args) -> None:
 
     def run(request):
         frames = torch.from_numpy(np.load(request["frames"])).permute(0, 3, 1, 2).float() / 255
+        if request.get("breakdown"):
+            def sequence():
+                state = engine.new_state(42)
+                for frame in frames:
+                    _, state = engine.step(frame, state)
+
+            return _breakdown(device, {"UNet": (engine, "_unet"), "ControlNet": (engine, "_controlnet"),
+                               "RAFT": (engine, "_call_flow"), "VAE decode": (engine, "_decode"),
+                               "VAE features": (engine, "_features")}, sequence)
         compile_before = engine.compile_seconds
         state = engine.new_state(42)
         outputs, raw, per_frame = [], [], []
@@ -286,6 +365,9 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="both sides' precision")
     p.add_argument("--compile-mode", help="torch.compile mode of the compiled variant (default: torch's default), "
                    "e.g. max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after the timed rounds, one more pass per variant (not in the timings) with its UNet, "
+                   "ControlNet, RAFT and VAE calls timed (CUDA events on a GPU); prints the ms per frame of each")
     p.add_argument("--workdir", help="where the random model and the outputs go (default: a temporary folder)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -305,6 +387,7 @@ def main() -> None:
     args.official, args.official_python = (os.path.abspath(a) if a else a for a in (args.official,
                                                                                       args.official_python))
     h, w = (int(v) for v in args.size.split("x"))
+    breakdown = {}
     if "official" in variants and (h % 8 or w % 8):
         p.error("--size: the official pipeline resizes frames to multiples of 8, so compare at such sizes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -345,6 +428,9 @@ def main() -> None:
                     answer.update(out=str(out), raw=str(raw))
                     results[v].append(answer)
                     print(f"round {r} {v}: {answer['seconds']:.1f} s", file=sys.stderr)
+            if args.breakdown:
+                breakdown = {v: workers[v].ask({"frames": str(frames), "steps": args.steps, "breakdown": True})
+                             for v in variants}
         finally:
             for worker in workers.values():
                 worker.close()
@@ -357,7 +443,9 @@ def main() -> None:
         print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.frames} frames, {args.steps} steps, {args.dtype}, {where}"
               f"best of {args.rounds} interleaved rounds; model {args.model}\nmachine: {machine()}")
         # the first round is what a single pass costs: it includes the copies made on first use (and compiling)
-        vram = " peak VRAM GB (allocated) |" if gpu else ""
+        # the first round's peak includes what cuDNN's autotuning (`streamvsr` turns it on) tries; later rounds'
+        # is what a long video keeps needing
+        vram = " peak VRAM GB, first round / later (allocated) |" if gpu else ""
         print(f"| variant | s/frame | speed vs {reference} | first round vs {reference} | compile s | "
               f"RSS after load GB | peak RSS GB |{vram} max abs diff (output) | max abs diff (raw decoder) |")
         print("|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|")
@@ -372,10 +460,25 @@ def main() -> None:
             first = results[reference][0]["seconds"] / runs[0]["seconds"]
             print(f"| {v} | {spf:.2f} | {base / spf:.2f}x | {first:.2f}x | {compile_s:.0f} | "
                   f"{workers[v].ready['rss_loaded_mb'] / 1024:.2f} | {runs[-1]['peak_rss_mb'] / 1024:.2f} | "
-                  + (f"{max(a['peak_vram_mb'] for a in runs) / 1024:.2f} | " if gpu else "")
+                  + (f"{runs[0]['peak_vram_mb'] / 1024:.2f} / "
+                     f"{max(a['peak_vram_mb'] for a in runs[1:] or runs) / 1024:.2f} | " if gpu else "")
                   + f"{diff_out:.2e} | {diff_raw:.2e} |")
         for v in variants:
             print(f"{v}: whole-sequence seconds by round {[round(a['seconds'], 1) for a in results[v]]}")
+        if breakdown:
+            names = list(dict.fromkeys(n for b in breakdown.values() for n in b["parts_ms"]))
+            print(f"\nms per frame inside each part (one more pass of {args.frames} frames; other: the rest of "
+                  "the frame, host work and idle gaps included)")
+            print("| variant | " + " | ".join(names) + " | other | total |")
+            print("|---|" + "---|" * (len(names) + 2))
+            for v, b in breakdown.items():
+                parts = [b["parts_ms"].get(n) for n in names]
+                other = b["total_ms"] - sum(x for x in parts if x is not None)
+                cells = ["-" if x is None else f"{x / args.frames:.1f}" for x in parts]
+                print(f"| {v} | " + " | ".join(cells) + f" | {other / args.frames:.1f} | "
+                      f"{b['total_ms'] / args.frames:.1f} |")
+            for v, b in breakdown.items():
+                print(f"{v}: calls per part {b['calls']}")
         steady = {v: [a["per_frame"] for a in results[v] if "per_frame" in a] for v in variants}
         for v, rows in steady.items():
             if rows:

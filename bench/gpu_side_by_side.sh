@@ -15,8 +15,9 @@
 #
 # Sizes: the official pipeline needs LR sides that are multiples of 8, so "720p" is LR 184x320 -> 736x1280 and
 # "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run
-# has no compiled variant. Override with SIZES_720, SIZES_1080 (HxW), VARIANTS_720, VARIANTS_1080, FRAMES, ROUNDS,
-# DEVICE, DTYPE, COMPILE_MODE, WORKDIR (a bench_vs_official --workdir: a random model already there is reused).
+# has no compiled variant. Override with SIZES_720, SIZES_1080 (HxW; empty: skip that size), VARIANTS_720,
+# VARIANTS_1080, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE, BREAKDOWN (non-empty: bench_vs_official --breakdown),
+# WORKDIR (a bench_vs_official --workdir: a random model already there is reused).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -68,15 +69,17 @@ EOF
     local common=(--official .official/Stream-DiffVSR --official-python "$work/official_python" --device "${DEVICE:-cuda}"
                   --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-3}" --rounds "${ROUNDS:-3}" --workdir "$work")
     [ -n "${COMPILE_MODE:-}" ] && common+=(--compile-mode "$COMPILE_MODE")
-    local status=0
-    PYTHONUNBUFFERED=1 "$python" bench/bench_vs_official.py "${common[@]}" --size "${SIZES_720:-184x320}" \
-        --variants "${VARIANTS_720:-official,ours,compiled}" > "$out/720.md" 2> "$out/720.log" || status=$?
-    cat "$out/720.md"
-    worker_logs "$work" >> "$out/720.log"
-    PYTHONUNBUFFERED=1 "$python" bench/bench_vs_official.py "${common[@]}" --size "${SIZES_1080:-272x480}" \
-        --variants "${VARIANTS_1080:-official,ours}" > "$out/1080.md" 2> "$out/1080.log" || status=$?
-    cat "$out/1080.md"
-    worker_logs "$work" >> "$out/1080.log"
+    [ -n "${BREAKDOWN:-}" ] && common+=(--breakdown)
+    local status=0 name size variants
+    for name in 720 1080; do
+        if [ $name = 720 ]; then size=${SIZES_720-184x320} variants=${VARIANTS_720:-official,ours,compiled}
+        else size=${SIZES_1080-272x480} variants=${VARIANTS_1080:-official,ours}; fi
+        [ -n "$size" ] || continue  # an empty SIZES_* skips that size
+        PYTHONUNBUFFERED=1 "$python" bench/bench_vs_official.py "${common[@]}" --size "$size" \
+            --variants "$variants" > "$out/$name.md" 2> "$out/$name.log" || status=$?
+        cat "$out/$name.md"
+        worker_logs "$work" >> "$out/$name.log"
+    done
     return $status
 }
 
