@@ -166,7 +166,9 @@ def test_compiled_engine_is_close_to_eager(checkpoint, raft_path, frames, refere
     for i, (a, b) in enumerate(zip(got, expected)):
         assert (a - b).abs().max() <= 1e-4, f"frame {i}"
     assert (state.prev_output - ref_state.prev_output).abs().max() <= 1e-4
-    assert fast.compile_seconds > 0 and any("compiled the UNet" in r.getMessage() for r in caplog.records)
+    assert fast.compile_seconds > 0
+    # One UNet graph per frame size: the first frame's zero residuals are laid out as the later frames' are.
+    assert sum("compiled the UNet" in r.getMessage() for r in caplog.records) == 1, caplog.text
     # Kept for the session: a new engine on the same model compiles nothing more for the same frame size.
     again = StreamEngine(fast.pipeline, load_raft(raft_path), compile=True)
     before = again.compile_seconds

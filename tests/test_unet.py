@@ -104,6 +104,39 @@ def test_rejects_wrong_residual_count(pair):
         ours(x, 1, torch.randn(1, 77, 32), [torch.zeros(1)] * 3)
 
 
+def _down_path_shapes(unet, x, ctx):
+    """The shapes the down path really produces (skip tensors, deepest features)."""
+    with torch.no_grad():
+        temb = unet.embed_time(1, x)
+        deepest, skips = unet.run_down_blocks(unet.conv_in(x), temb, ctx)
+    return [tuple(t.shape) for t in skips], tuple(deepest.shape)
+
+
+@pytest.mark.parametrize("size", [(12, 20), (11, 13), (5, 9)])
+def test_skip_shapes_are_those_of_the_down_path(pair, tmp_path, size):
+    """``skip_shapes`` predicts the residual shapes without running anything: padding 1 (the official) and 0,
+    odd sizes included."""
+    ours = pair[1]
+    x, ctx = torch.randn(2, 7, *size), torch.randn(2, 5, 32)
+    assert ours.skip_shapes(x.shape) == _down_path_shapes(ours, x, ctx)
+    torch.manual_seed(0)
+    variant = save_and_load(diffusers.UNet2DConditionModel(**VARIANT).eval(), tmp_path)
+    x, ctx = torch.randn(1, 5, *size), torch.randn(1, 6, 24)
+    assert variant.skip_shapes(x.shape) == _down_path_shapes(variant, x, ctx)
+
+
+def test_zero_residuals_change_no_number(pair):
+    """The compiled engine's first frame passes zeros where later frames pass ControlNet residuals: the output
+    must be bit-identical to passing none."""
+    ours = pair[1]
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(1, 7, 11, 13, generator=g), torch.randn(1, 77, 32, generator=g)
+    shapes, mid = ours.skip_shapes(x.shape)
+    with torch.no_grad():
+        zero = ours(x, 499, ctx, [torch.zeros(s) for s in shapes], torch.zeros(mid))
+        assert torch.equal(zero, ours(x, 499, ctx))
+
+
 VARIANT = dict(  # the less common options, all at once
     in_channels=5, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=(1, 2, 1),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .pipeline import StreamDiffVSRPipeline
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
+from ..shared.packed import as_operators
 from ..shared.warp import flow_warp_official
 from .speed import compiled
 
@@ -141,6 +142,21 @@ class StreamEngine:
         else:
             self._unet, self._controlnet = pipeline.unet, pipeline.controlnet
             self._decode, self._features = pipeline.vae.decode, pipeline.vae.encode_features
+
+    def _zero_residuals(self, sample_shape) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """ControlNet-shaped zeros for the first frame of a compiled run, which has no residuals: adding zeros
+        changes no number (x + 0 == x), and the UNet then runs the graph of every later frame instead of
+        compiling a second one. Laid out as the residuals are handed over (see ``_residuals_for_compiled``)."""
+        shapes, mid = self.pipeline.unet.skip_shapes(sample_shape)
+        zero = [torch.zeros(s, device=self.device, dtype=self.compute_dtype) for s in shapes]
+        return self._residuals_for_compiled(zero, torch.zeros(mid, device=self.device, dtype=self.compute_dtype))
+
+    def _residuals_for_compiled(self, down, mid):
+        """Residuals in one fixed memory layout, since the compiled UNet's graph is specialised to its inputs'
+        strides: channels-last, the layout of the compiled ControlNet's convolutions (a no-op for them), or
+        contiguous where the CPU layers keep their own layouts."""
+        fmt = torch.contiguous_format if as_operators(self.pipeline.controlnet) else torch.channels_last
+        return [d.contiguous(memory_format=fmt) for d in down], mid.contiguous(memory_format=fmt)
 
     @property
     def compile_seconds(self) -> float:
@@ -314,18 +330,25 @@ class StreamEngine:
             if warped is not None:
                 controlnet_context = self._prompt_kv(pipe.controlnet, embeds)
                 cond_embedding = pipe.controlnet.embed_condition(warped)  # depends on the frame, not the step
+        no_residuals = (None, None)
+        if warped is None and self.compile:
+            no_residuals = self._zero_residuals((1, pipe.latent_channels + lr_in.shape[1], *lr_in.shape[-2:]))
         for t in self.timesteps:
             model_in = torch.cat([latent.to(dtype), lr_in], dim=1)
-            down = mid = None
+            down, mid = no_residuals
             if not self.reuse:
                 timestep = torch.tensor(t, device=device)
                 if warped is not None:
                     down, mid = self._controlnet(model_in, timestep, embeds, warped)
+                    if self.compile:
+                        down, mid = self._residuals_for_compiled(down, mid)
                 v = self._unet(model_in, timestep, embeds, down, mid)
             else:
                 if warped is not None:
                     down, mid = self._controlnet(model_in, self._step_embedding(pipe.controlnet, t, model_in),
                                                  controlnet_context, cond_embedding=cond_embedding)
+                    if self.compile:
+                        down, mid = self._residuals_for_compiled(down, mid)
                 v = self._unet(model_in, self._step_embedding(pipe.unet, t, model_in), unet_context, down, mid)
             del down, mid
             latent, _ = pipe.scheduler.step(v.to(torch.float32), t, latent, self.steps)

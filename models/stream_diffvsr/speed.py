@@ -39,8 +39,10 @@ def _own_device_outputs(out):
 
 
 def _shape_key(args, kwargs) -> tuple:
+    """What a static-shape graph is specialised to: each tensor's shape, strides, dtype and device."""
     flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
-    return tuple((tuple(a.shape), a.dtype, a.device.type) if torch.is_tensor(a) else type(a).__name__ for a in flat)
+    return tuple((tuple(a.shape), a.stride(), a.dtype, a.device.type) if torch.is_tensor(a) else type(a).__name__
+                 for a in flat)
 
 
 class CompiledCall:

@@ -479,6 +479,21 @@ class DownPath(nn.Module):
         emb = timestep_embedding(timestep, s.channels[0], s.flip_sin_to_cos, s.freq_shift)
         return self.time_embedding(emb.to(sample.dtype))
 
+    def skip_shapes(self, sample_shape) -> tuple[list[tuple], tuple]:
+        """The shapes of the skip tensors that ``run_down_blocks`` returns for a sample of ``sample_shape``
+        (B, C, H, W), and of the deepest features: what a ControlNet's residuals for such a sample look like."""
+        s = self.settings
+        b, _, h, w = sample_shape
+        shapes = [(b, s.channels[0], h, w)]  # conv_in keeps the size (odd kernel, same padding)
+        for i, block in enumerate(self.down_blocks):
+            shapes += [(b, s.channels[i], h, w)] * len(block.resnets)
+            if block.downsamplers is not None:
+                p = block.downsamplers[0].padding
+                # a 3x3 convolution of stride 2 and padding p; padding 0 first pads one row and column (Downsample2D)
+                h, w = ((n + (2 * p if p else 1) - 3) // 2 + 1 for n in (h, w))
+                shapes.append((b, s.channels[i], h, w))
+        return shapes, (b, s.channels[-1], h, w)
+
     def run_down_blocks(self, x, temb, context):
         """Down blocks after conv_in; returns the deepest features and every skip tensor (``x`` first)."""
         skips = [x]
