@@ -22,11 +22,13 @@ runs: the savings, bit-identical, and on the CPU in fp32 the oneDNN-packed layer
 ``compiled`` (``ours`` with ``compile=True``, ``--compile-mode`` passed to ``torch.compile``; its first round
 includes compilation, reported separately).
 
-On a GPU (``--device cuda --dtype fp16``) both sides run in that precision, RAFT in float32 on both (as the
-official inference.py runs it); each round is timed between ``torch.cuda.synchronize()``
-calls and reports the peak of ``torch.cuda.max_memory_allocated`` beside the RSS. The initial noise is drawn in
-float32 on the CPU on both sides, then cast and moved (the official draws it in the pipeline's dtype on the
-device, which would make the outputs incomparable). ``bench/gpu_side_by_side.sh`` runs this on a lent GPU machine.
+On a GPU (``--device cuda --dtype fp16``) both sides run in that precision with RAFT's weights in float32 (as the
+official inference.py loads them); the official pipeline, which runs only in float32 as shipped, runs under
+``torch.autocast`` in that precision, so its RAFT computes in it too. Each round is timed between
+``torch.cuda.synchronize()`` calls and reports the peak of ``torch.cuda.max_memory_allocated`` beside the RSS.
+The initial noise is drawn in float32 on the CPU on both sides, then cast and moved (the official draws it in the
+pipeline's dtype on the device, which would make the outputs incomparable). ``bench/gpu_side_by_side.sh`` runs
+this on a lent GPU machine.
 """
 
 from __future__ import annotations
@@ -217,7 +219,8 @@ def official_worker(args) -> None:
 
         if request.get("breakdown"):
             return _breakdown(device, {"UNet": (unet, "forward"), "ControlNet": (controlnet, "forward"),
-                               "RAFT": (of_model, "forward"), "VAE decode": (vae, "decode")}, sequence)
+                               "RAFT": (of_model, "forward"), "VAE decode": (vae, "decode"),
+                               "VAE features": (vae, "encode")}, sequence)
         _reset_vram(device)
         start = time.perf_counter()
         result = sequence()
