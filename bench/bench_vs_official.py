@@ -174,6 +174,8 @@ def official_worker(args) -> None:
     pipe = StreamDiffVSRPipeline.from_pretrained(model, controlnet=controlnet, vae=vae, unet=unet,
                                                  scheduler=scheduler).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    if device.startswith("cuda") and args.cudnn_benchmark == "both":  # not as shipped: to compare like with like
+        torch.backends.cudnn.benchmark = True
     of_model = raft_large(weights=None)
     of_model.load_state_dict(torch.load(args.flow, map_location="cpu"))
     # in float32 whatever the pipeline's dtype, as the official inference.py loads it: the pipeline hands RAFT its
@@ -249,7 +251,7 @@ def ours_worker(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s", stream=sys.stderr)
     device, dtype = args.device, _dtype(args.dtype)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and args.cudnn_benchmark in ("ours", "both"):
         torch.backends.cudnn.benchmark = True  # as the `streamvsr` command sets it (cli/options.py)
     if args.worker == "plain":  # plain layers, no savings: the official arithmetic
         engine = StreamEngine(load_pipeline(args.model, device=device, dtype=dtype),
@@ -298,7 +300,8 @@ class Worker:
     def __init__(self, name: str, python: str, args, workdir: pathlib.Path):
         cmd = [python, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model", str(args.model),
                "--flow", str(args.flow), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--corr", args.corr, "--device", args.device, "--dtype", args.dtype]
+               "--corr", args.corr, "--device", args.device, "--dtype", args.dtype,
+               "--cudnn-benchmark", args.cudnn_benchmark]
         if args.compile_mode:
             cmd += ["--compile-mode", args.compile_mode]
         if name == "official":
@@ -368,6 +371,10 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="both sides' precision")
     p.add_argument("--compile-mode", help="torch.compile mode of the compiled variant (default: torch's default), "
                    "e.g. max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
+    p.add_argument("--cudnn-benchmark", default="ours", choices=("ours", "both", "none"),
+                   help="on a GPU, which side lets cuDNN time its algorithms per convolution shape "
+                   "(torch.backends.cudnn.benchmark): ours, as the streamvsr command does (default; the official "
+                   "code leaves it off), both, or none")
     p.add_argument("--breakdown", action="store_true",
                    help="after the timed rounds, one more pass per variant (not in the timings) with its UNet, "
                    "ControlNet, RAFT and VAE calls timed (CUDA events on a GPU); prints the ms per frame of each")

@@ -16,9 +16,10 @@
 # Sizes: the official pipeline needs LR sides that are multiples of 8, so "720p" is LR 184x320 -> 736x1280 and
 # "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run
 # has no compiled variant. Override with SIZES_720, SIZES_1080 (HxW; empty: skip that size), VARIANTS_720,
-# VARIANTS_1080, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE, BREAKDOWN (bench_vs_official --breakdown, on unless
-# set empty), WORKDIR (a bench_vs_official --workdir: a random model already there is reused). On the H200 lent on
-# 2026-12-04 the whole default run took about 6 minutes (the compiling about 2.5 of them).
+# VARIANTS_1080, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE, CUDNN_BENCHMARK (ours / both / none),
+# BREAKDOWN (bench_vs_official --breakdown, on unless set empty), WORKDIR (a bench_vs_official --workdir: a random
+# model already there is reused). On the H200 lent on 2026-12-04 the whole default run took about 6 minutes (the
+# compiling about 2.5 of them).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -70,6 +71,7 @@ EOF
     local common=(--official .official/Stream-DiffVSR --official-python "$work/official_python" --device "${DEVICE:-cuda}"
                   --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-3}" --rounds "${ROUNDS:-3}" --workdir "$work")
     [ -n "${COMPILE_MODE:-}" ] && common+=(--compile-mode "$COMPILE_MODE")
+    [ -n "${CUDNN_BENCHMARK:-}" ] && common+=(--cudnn-benchmark "$CUDNN_BENCHMARK")
     [ -n "${BREAKDOWN-1}" ] && common+=(--breakdown)
     local status=0 name size variants
     for name in 720 1080; do
