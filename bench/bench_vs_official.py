@@ -13,14 +13,15 @@ it from the global RNG after ``torch.manual_seed(42)``, which on the CPU gives t
 
     python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
         [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 3]
-        [--variants official,ours,compiled (default; plain too)] [--device cuda --dtype fp16]
+        [--variants official,ours,compiled (default; plain, channels_last too)] [--device cuda --dtype fp16]
 
 Without ``--model`` a random model of the real-size architecture is written in the hub layout
 (bench/realsize.py, 2.7 GB, in ``--workdir``); without ``--flow`` a random RAFT-large. Variants: ``official``;
 ``plain`` (ours with plain layers and the savings off: the official arithmetic); ``ours`` (what ``streamvsr``
 runs: the savings, bit-identical, and on the CPU in fp32 the oneDNN-packed layers, equal up to float rounding);
 ``compiled`` (``ours`` with ``compile=True``, ``--compile-mode`` passed to ``torch.compile``; its first round
-includes compilation, reported separately).
+includes compilation, reported separately); ``channels_last`` (``ours`` eager with its networks' weights stored
+channels-last, so that their convolutions run in NHWC: an experiment for GPUs).
 
 On a GPU (``--device cuda --dtype fp16``) both sides run in that precision with RAFT's weights in float32 (as the
 official inference.py loads them); the official pipeline, which runs only in float32 as shipped, runs under
@@ -45,7 +46,7 @@ import time
 from bench_engine import _import_package, machine  # makes this checkout importable as ``streamvsr``
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("official", "plain", "ours", "compiled")
+VARIANTS = ("official", "plain", "ours", "compiled", "channels_last")
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -260,6 +261,9 @@ def ours_worker(args) -> None:
     else:  # what `streamvsr` runs
         engine = load_engine(args.model, device=device, dtype=dtype, flow=args.flow, steps=args.steps,
                              corr=args.corr, compile=args.worker == "compiled", compile_mode=args.compile_mode)
+    if args.worker == "channels_last":  # an experiment for GPUs, where cuDNN's fp16 kernels work in NHWC
+        for network in (engine.pipeline.unet, engine.pipeline.controlnet, engine.pipeline.vae):
+            network.to(memory_format=torch.channels_last)
 
     def run(request):
         frames = torch.from_numpy(np.load(request["frames"])).permute(0, 3, 1, 2).float() / 255
