@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ours against the official Stream-DiffVSR pipeline on a GPU, in one call of a machine that has no network:
 # bench/bench_vs_official.py at a 1280-wide and a 1920-wide output, fp16 on both sides, real-size architecture
-# with random weights (written there), official / ours / ours compiled, interleaved.
+# with random weights (written there), official / ours / ours channels-last / ours compiled, interleaved.
 #
 # 1. Where there is a network (this checkout's root), once:
 #        bench/gpu_side_by_side.sh prepare /path/to/jamichss/Stream-DiffVSR
@@ -18,8 +18,8 @@
 # has no compiled variant. Override with SIZES_720, SIZES_1080 (HxW; empty: skip that size), VARIANTS_720,
 # VARIANTS_1080, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE, CUDNN_BENCHMARK (ours / both / none),
 # BREAKDOWN (bench_vs_official --breakdown, on unless set empty), WORKDIR (a bench_vs_official --workdir: a random
-# model already there is reused). On the H200 lent on 2026-12-04 the whole default run took about 6 minutes (the
-# compiling about 2.5 of them).
+# model already there is reused). On the H200 lent on 2026-12-04 the default run, before the channels_last variant
+# joined it, took about 6 minutes (the compiling about 2.5 of them).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -69,14 +69,15 @@ EOF
     "$work/official_python" -c "import diffusers, transformers; print('official side: diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 
     local common=(--official .official/Stream-DiffVSR --official-python "$work/official_python" --device "${DEVICE:-cuda}"
-                  --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-3}" --rounds "${ROUNDS:-3}" --workdir "$work")
+                  --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-4}" --rounds "${ROUNDS:-3}" --workdir "$work")
     [ -n "${COMPILE_MODE:-}" ] && common+=(--compile-mode "$COMPILE_MODE")
     [ -n "${CUDNN_BENCHMARK:-}" ] && common+=(--cudnn-benchmark "$CUDNN_BENCHMARK")
     [ -n "${BREAKDOWN-1}" ] && common+=(--breakdown)
     local status=0 name size variants
     for name in 720 1080; do
-        if [ $name = 720 ]; then size=${SIZES_720-184x320} variants=${VARIANTS_720:-official,ours,compiled}
-        else size=${SIZES_1080-272x480} variants=${VARIANTS_1080:-official,ours}; fi
+        if [ $name = 720 ]; then
+            size=${SIZES_720-184x320} variants=${VARIANTS_720:-official,ours,channels_last,compiled}
+        else size=${SIZES_1080-272x480} variants=${VARIANTS_1080:-official,ours,channels_last}; fi
         [ -n "$size" ] || continue  # an empty SIZES_* skips that size
         PYTHONUNBUFFERED=1 "$python" bench/bench_vs_official.py "${common[@]}" --size "$size" \
             --variants "$variants" > "$out/$name.md" 2> "$out/$name.log" || status=$?
