@@ -139,6 +139,11 @@ class StreamEngine:
             self._controlnet = compiled(pipeline.controlnet, "forward", "ControlNet", mode=compile_mode)
             self._decode = compiled(pipeline.vae, "decode", "temporal decoder", mode=compile_mode)
             self._features = compiled(pipeline.vae, "encode_features", "temporal encoder", mode=compile_mode)
+            # The compiled UNet's graph is specialised to its inputs' strides, so the residuals are handed over in
+            # one layout: channels-last, that of the compiled ControlNet's convolutions, or contiguous where the
+            # CPU layers (kept whole as operators) keep their own layouts.
+            self._residual_format = (torch.contiguous_format if as_operators(pipeline.controlnet)
+                                     else torch.channels_last)
         else:
             self._unet, self._controlnet = pipeline.unet, pipeline.controlnet
             self._decode, self._features = pipeline.vae.decode, pipeline.vae.encode_features
@@ -152,10 +157,8 @@ class StreamEngine:
         return self._residuals_for_compiled(zero, torch.zeros(mid, device=self.device, dtype=self.compute_dtype))
 
     def _residuals_for_compiled(self, down, mid):
-        """Residuals in one fixed memory layout, since the compiled UNet's graph is specialised to its inputs'
-        strides: channels-last, the layout of the compiled ControlNet's convolutions (a no-op for them), or
-        contiguous where the CPU layers keep their own layouts."""
-        fmt = torch.contiguous_format if as_operators(self.pipeline.controlnet) else torch.channels_last
+        """Residuals in the compiled UNet's layout (``_residual_format``; a no-op for the ControlNet's own)."""
+        fmt = self._residual_format
         return [d.contiguous(memory_format=fmt) for d in down], mid.contiguous(memory_format=fmt)
 
     @property
