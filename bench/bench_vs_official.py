@@ -138,6 +138,62 @@ def _breakdown(device: str, parts: dict, sequence) -> dict:
             "calls": {name: len(pairs) for name, pairs in spans.items()}}
 
 
+# What a kernel (GPU) or an operator (CPU) is, by its name; the first pattern that matches wins. Inductor's kernels
+# are named triton_<poi|red|per>_fused_<ops>: pointwise, and reductions (the fused norms) apart.
+_CATEGORIES = (
+    ("fused (triton) reduction", r"^triton_(red|per)_"),
+    ("fused (triton) pointwise", r"^triton_"),
+    ("attention", r"attention|flash|fmha"),
+    ("convolution", r"conv|fprop|implicit|winograd|dgrad"),
+    ("matrix product", r"gemm|cutlass|matmul|addmm|\bmm\b|bmm|linear"),
+    ("normalisation", r"norm|welford|moments"),
+    ("layout and copies", r"nchw|nhwc|transpose|permute|copy|contiguous|clone|cat|pad|reorder"),
+    ("grid sample, resize", r"grid_sampl|upsample|interpolate|bicubic|nearest"),
+    ("elementwise", r"elementwise|vectorized|unrolled|add|mul|silu|gelu|sigmoid|tanh|relu|sub|div|fill"),
+)
+
+
+def _category(name: str) -> str:
+    import re
+
+    return next((label for label, pattern in _CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def _profile(device: str, sequence, path: str) -> dict:
+    """``sequence()`` once under torch.profiler: the time of its GPU kernels (on the CPU: of its operators, self
+    time) by category and the busiest ones, written as a table to ``path``. ``busy_ms`` against ``wall_ms`` tells
+    how much of the time the GPU had nothing to do (the profiler's own host overhead widens such gaps, so read it
+    as an upper bound)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        sequence()
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1000
+    rows = [(e.key, (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1000, e.count)
+            for e in prof.key_averages()
+            if (e.device_type == DeviceType.CUDA) == gpu and (e.self_device_time_total if gpu else
+                                                                e.self_cpu_time_total) > 0]
+    rows.sort(key=lambda r: -r[1])
+    busy = sum(ms for _, ms, _ in rows)
+    categories: dict[str, float] = {}
+    for name, ms, _ in rows:
+        categories[_category(name)] = categories.get(_category(name), 0.0) + ms
+    what = "GPU kernels" if gpu else "CPU operators (self time)"
+    lines = [f"{what}: {busy:.1f} ms busy of {wall_ms:.1f} ms wall", "", "| category | ms | share |", "|---|---|---|"]
+    lines += [f"| {c} | {ms:.1f} | {ms / busy:.1%} |" for c, ms in sorted(categories.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| ms | calls | category | name |", "|---|---|---|---|"]
+    lines += [f"| {ms:.2f} | {n} | {_category(name)} | {name[:160]} |" for name, ms, n in rows[:60]]
+    pathlib.Path(path).write_text("\n".join(lines) + "\n")
+    return {"wall_ms": wall_ms, "busy_ms": busy, "categories_ms": categories}
+
+
 def _serve(run) -> None:
     """Answer one JSON request per stdin line with one JSON line on stdout."""
     out = sys.stdout
@@ -224,6 +280,8 @@ def official_worker(args) -> None:
             return _breakdown(device, {"UNet": (unet, "forward"), "ControlNet": (controlnet, "forward"),
                                "RAFT": (of_model, "forward"), "VAE decode": (vae, "decode"),
                                "VAE features": (vae, "encode")}, sequence)
+        if request.get("profile"):
+            return _profile(device, sequence, request["profile"])
         _reset_vram(device)
         start = time.perf_counter()
         result = sequence()
@@ -267,15 +325,18 @@ def ours_worker(args) -> None:
 
     def run(request):
         frames = torch.from_numpy(np.load(request["frames"])).permute(0, 3, 1, 2).float() / 255
-        if request.get("breakdown"):
-            def sequence():
-                state = engine.new_state(42)
-                for frame in frames:
-                    _, state = engine.step(frame, state)
 
+        def sequence():
+            state = engine.new_state(42)
+            for frame in frames:
+                _, state = engine.step(frame, state)
+
+        if request.get("breakdown"):
             return _breakdown(device, {"UNet": (engine, "_unet"), "ControlNet": (engine, "_controlnet"),
                                "RAFT": (engine, "_call_flow"), "VAE decode": (engine, "_decode"),
                                "VAE features": (engine, "_features")}, sequence)
+        if request.get("profile"):
+            return _profile(device, sequence, request["profile"])
         compile_before = engine.compile_seconds
         state = engine.new_state(42)
         outputs, raw, per_frame = [], [], []
@@ -382,6 +443,10 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="after the timed rounds, one more pass per variant (not in the timings) with its UNet, "
                    "ControlNet, RAFT and VAE calls timed (CUDA events on a GPU); prints the ms per frame of each")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after the timed rounds, one more pass per variant under torch.profiler (not in the "
+                   "timings): prints the ms per frame of its GPU kernels (CPU: operators) by category and writes "
+                   "each variant's busiest kernels to DIR/<variant>.txt")
     p.add_argument("--workdir", help="where the random model and the outputs go (default: a temporary folder)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -401,7 +466,7 @@ def main() -> None:
     args.official, args.official_python = (os.path.abspath(a) if a else a for a in (args.official,
                                                                                       args.official_python))
     h, w = (int(v) for v in args.size.split("x"))
-    breakdown = {}
+    breakdown, profiles = {}, {}
     if "official" in variants and (h % 8 or w % 8):
         p.error("--size: the official pipeline resizes frames to multiples of 8, so compare at such sizes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -445,6 +510,11 @@ def main() -> None:
             if args.breakdown:
                 breakdown = {v: workers[v].ask({"frames": str(frames), "steps": args.steps, "breakdown": True})
                              for v in variants}
+            if args.profile:
+                pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
+                profiles = {v: workers[v].ask({"frames": str(frames), "steps": args.steps,
+                                               "profile": str(pathlib.Path(args.profile) / f"{v}.txt")})
+                            for v in variants}
         finally:
             for worker in workers.values():
                 worker.close()
@@ -493,6 +563,18 @@ def main() -> None:
                       f"{b['total_ms'] / args.frames:.1f} |")
             for v, b in breakdown.items():
                 print(f"{v}: calls per part {b['calls']}")
+        if profiles:
+            names = sorted({c for p in profiles.values() for c in p["categories_ms"]},
+                           key=lambda c: -max(p["categories_ms"].get(c, 0.0) for p in profiles.values()))
+            unit = "GPU kernels" if gpu else "CPU operators, self time"
+            print(f"\nms per frame by kind of work (torch.profiler, one more pass; {unit}; busy: their sum, wall: "
+                  f"the pass, the profiler's overhead included; the busiest kernels are in {args.profile})")
+            print("| variant | busy | wall | " + " | ".join(names) + " |")
+            print("|---|---|---|" + "---|" * len(names))
+            for v, prof in profiles.items():
+                cells = [f"{prof['categories_ms'].get(c, 0.0) / args.frames:.1f}" for c in names]
+                print(f"| {v} | {prof['busy_ms'] / args.frames:.1f} | {prof['wall_ms'] / args.frames:.1f} | "
+                      + " | ".join(cells) + " |")
         steady = {v: [a["per_frame"] for a in results[v] if "per_frame" in a] for v in variants}
         for v, rows in steady.items():
             if rows:

@@ -79,6 +79,33 @@ def test_odd_size_is_padded_like_manual_padding():
     assert (got - expected).abs().max() <= 1e-4
 
 
+def test_parts_stand_in_for_the_submodules():
+    """What a compiled path hands over replaces exactly the named parts: the encoders once per image (the feature
+    encoder not for an image whose features are given), the update block once per update."""
+    ref = _reference("raft_small", seed=6)
+    model = _ours(ref, "raft_small")
+    calls = {name: 0 for name in RAFT.PARTS}
+
+    def counting(name):
+        module = getattr(model, name)
+
+        def call(*args):
+            calls[name] += 1
+            return module(*args)
+        return call
+
+    parts = {name: counting(name) for name in RAFT.PARTS}
+    a, b = _pair(128, 144, seed=7)
+    with torch.inference_mode():
+        expected = ref(a, b, num_flow_updates=4)[-1]
+        got, fmap1 = model(a, b, 4, corr="all_pairs", parts=parts, return_fmap1=True)
+        assert calls == {"feature_encoder": 2, "context_encoder": 1, "update_block": 4}
+        again = model(a, b, 4, corr="all_pairs", parts=parts, fmap2=model.feature_encoder(b))
+        assert calls == {"feature_encoder": 3, "context_encoder": 2, "update_block": 8}
+    assert (got - expected).abs().max() <= 1e-4
+    assert torch.equal(again, got)
+
+
 @pytest.mark.parametrize("size", [(131, 157), (50, 70), (200, 136)])
 def test_on_demand_equals_all_pairs(size):
     model = _ours(_reference("raft_small", seed=2), "raft_small")

@@ -48,18 +48,20 @@ class FlowEstimator(nn.Module):
         return int(max(encoders, eighth + corr) * 1.25)
 
     @torch.inference_mode()
-    def forward(self, image1: torch.Tensor, image2: torch.Tensor, corr: str | None = None) -> torch.Tensor:
-        return self._estimate(image1, image2, None, corr, False)[0]
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, corr: str | None = None,
+                parts=None) -> torch.Tensor:
+        """``parts``: stand-ins for RAFT's parts (``RAFT.forward``), e.g. compiled ones."""
+        return self._estimate(image1, image2, None, corr, False, parts)[0]
 
     @torch.inference_mode()
     def flow_and_features(self, image1: torch.Tensor, image2: torch.Tensor, features2=None,
-                          corr: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          corr: str | None = None, parts=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flow, features1)``: the flow as ``forward`` gives it, and image1's RAFT features. Passing those as
         ``features2`` when image1 comes back as the next pair's image2 (a video: frame i, then frame i+1 with
         frame i) saves encoding it again and gives the same flow."""
-        return self._estimate(image1, image2, features2, corr, True)
+        return self._estimate(image1, image2, features2, corr, True, parts)
 
-    def _estimate(self, image1, image2, features2, corr, want_features):
+    def _estimate(self, image1, image2, features2, corr, want_features, parts=None):
         param = next(self.raft.parameters())
         image1 = image1.to(param.device, param.dtype)
         image2 = image2.to(param.device, param.dtype)
@@ -75,9 +77,10 @@ class FlowEstimator(nn.Module):
             features2 = features2.to(param.device, param.dtype)
         if want_features or features2 is not None:
             flow, features1 = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr,
-                                        fmap2=features2, return_fmap1=True)
+                                        fmap2=features2, return_fmap1=True, parts=parts)
         else:
-            flow, features1 = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr), None
+            flow, features1 = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr,
+                                        parts=parts), None
         flow = flow.to(torch.float32)
         if self.downscale > 1:
             # per axis, the exact ratio (sizes that are not multiples of the factor are rounded down)

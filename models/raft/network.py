@@ -209,6 +209,10 @@ class RAFT(nn.Module):
     upsampling's temporaries.
     """
 
+    # the submodules that do the work at the image sizes, called once per pair (the encoders, with fixed shapes)
+    # or once per update (the update block, same shapes every time): what a compiled path compiles
+    PARTS = ("feature_encoder", "context_encoder", "update_block")
+
     def __init__(self, arch: str = "raft_large", operations=nn, device=None, dtype=None):
         super().__init__()
         if arch not in ARCHS:
@@ -226,10 +230,11 @@ class RAFT(nn.Module):
         self.mask_predictor = MaskPredictor(hidden, 256, operations, device, dtype) if use_mask else None
 
     def forward(self, image1, image2, num_flow_updates: int = 12, corr: str = "auto",
-                block_bytes: int = 256 << 20, fmap2=None, return_fmap1: bool = False):
+                block_bytes: int = 256 << 20, fmap2=None, return_fmap1: bool = False, parts=None):
         """``fmap2``: image2's features from an earlier call (the ``fmap1`` that ``return_fmap1=True`` returned
         for it as image1), so image2 is not encoded again; the encoder is per image, so the flow is the same.
-        With ``return_fmap1`` the result is ``(flow, fmap1)``."""
+        With ``return_fmap1`` the result is ``(flow, fmap1)``. ``parts``: callables that stand in for some of
+        ``PARTS`` (e.g. compiled versions of them), by name."""
         if image1.shape != image2.shape or image1.ndim != 4 or image1.shape[1] != 3:
             raise ValueError(f"images must both be (B, 3, H, W), got {tuple(image1.shape)} and "
                              f"{tuple(image2.shape)}")
@@ -245,9 +250,12 @@ class RAFT(nn.Module):
             image2 = F.pad(image2, (0, pw - w, 0, ph - h), mode="replicate")
         # Instance norm is per image: encoding the images one at a time gives the features of torchvision's
         # batched call with half the peak memory.
-        fmap1 = self.feature_encoder(image1)
+        parts = parts or {}
+        encode = parts.get("feature_encoder", self.feature_encoder)
+        update = parts.get("update_block", self.update_block)
+        fmap1 = encode(image1)
         if fmap2 is None:
-            fmap2 = self.feature_encoder(image2)
+            fmap2 = encode(image2)
         elif fmap2.shape != fmap1.shape:
             raise ValueError(f"fmap2 {tuple(fmap2.shape)} does not match image1's features {tuple(fmap1.shape)}")
         del image2
@@ -257,7 +265,7 @@ class RAFT(nn.Module):
         if not return_fmap1:
             del fmap1
         del fmap2
-        context = self.context_encoder(image1)
+        context = parts.get("context_encoder", self.context_encoder)(image1)
         del image1
         hidden, context = torch.split(context, [self.hidden, context.shape[1] - self.hidden], dim=1)
         hidden, context = torch.tanh(hidden), F.relu(context)
@@ -268,7 +276,7 @@ class RAFT(nn.Module):
         coords1 = coords0.clone()
         for _ in range(num_flow_updates):
             corr_features = lookup(coords1).to(context.dtype)
-            hidden, delta = self.update_block(hidden, context, corr_features, (coords1 - coords0).to(context.dtype))
+            hidden, delta = update(hidden, context, corr_features, (coords1 - coords0).to(context.dtype))
             del corr_features
             coords1 = coords1 + delta.to(torch.float32)
         del lookup, context

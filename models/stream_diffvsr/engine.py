@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..raft.network import RAFT
 from .pipeline import StreamDiffVSRPipeline
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
@@ -115,11 +116,11 @@ class StreamEngine:
         features of the previous frame). The output is bit-identical either way; False runs the plain per-step
         arithmetic (a reference for tests).
 
-        ``compile``: run the UNet, ControlNet and temporal decoder through ``torch.compile`` (channels-last,
-        shapes static per sequence, compiled once per frame size and kept for the session; see speed.py). The
-        output then differs from the eager one by float rounding; where compilation is unavailable the networks
-        run eagerly after a one-line warning. ``compile_mode``: ``torch.compile``'s mode (None: its default; the CUDA
-        graph modes are handled, see speed.py)."""
+        ``compile``: run the UNet, ControlNet, temporal decoder and RAFT's encoders and update block through
+        ``torch.compile`` (channels-last, shapes static per sequence, compiled once per frame size and kept for the
+        session; see speed.py). The output then differs from the eager one by float rounding; where compilation
+        is unavailable the networks run eagerly after a one-line warning. ``compile_mode``: ``torch.compile``'s
+        mode (None: its default; the CUDA graph modes are handled, see speed.py)."""
         if not 1 <= int(steps) <= 50:
             raise UserInputError(f"steps must be between 1 and 50 (the model is distilled for 4), got {steps}")
         self.pipeline = pipeline
@@ -144,9 +145,16 @@ class StreamEngine:
             # CPU layers (kept whole as operators) keep their own layouts.
             self._residual_format = (torch.contiguous_format if as_operators(pipeline.controlnet)
                                      else torch.channels_last)
+            # RAFT's encoders and update block (run 12 times a frame at 1/8 of the output size), which a compiled
+            # graph fuses; the correlation lookup between them stays eager
+            raft = getattr(flow, "raft", None)
+            self._flow_parts = {name: compiled(getattr(raft, name), "forward", "RAFT " + name.replace("_", " "),
+                                               mode=compile_mode)
+                                for name in RAFT.PARTS} if isinstance(raft, RAFT) else {}
         else:
             self._unet, self._controlnet = pipeline.unet, pipeline.controlnet
             self._decode, self._features = pipeline.vae.decode, pipeline.vae.encode_features
+            self._flow_parts = {}
 
     def _zero_residuals(self, sample_shape) -> tuple[list[torch.Tensor], torch.Tensor]:
         """ControlNet-shaped zeros for the first frame of a compiled run, which has no residuals: adding zeros
@@ -166,7 +174,8 @@ class StreamEngine:
         """Time spent compiling so far (0 without ``compile``)."""
         if not self.compile:
             return 0.0
-        return sum(c.seconds for c in (self._unet, self._controlnet, self._decode, self._features))
+        return sum(c.seconds for c in (self._unet, self._controlnet, self._decode, self._features,
+                                       *self._flow_parts.values()))
 
     # ------------------------------------------------------------------ the engine contract (see models/contract.py)
 
@@ -238,6 +247,8 @@ class StreamEngine:
     def _call_flow(self, image1, image2, features2, corr=None):
         """(flow, image1's features or None)."""
         kw = {} if corr is None else {"corr": corr}
+        if self._flow_parts:
+            kw["parts"] = self._flow_parts
         if self._flow_key() is None:
             return self.flow(image1, image2, **kw).to(torch.float32), None
         flow, features = self.flow.flow_and_features(image1, image2, features2, **kw)
