@@ -14,6 +14,7 @@ it from the global RNG after ``torch.manual_seed(42)``, which on the CPU gives t
     python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
         [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 3]
         [--variants official,ours,compiled (default; plain, channels_last too)] [--device cuda --dtype fp16]
+        [--breakdown] [--profile DIR]
 
 Without ``--model`` a random model of the real-size architecture is written in the hub layout
 (bench/realsize.py, 2.7 GB, in ``--workdir``); without ``--flow`` a random RAFT-large. Variants: ``official``;
@@ -27,6 +28,8 @@ On a GPU (``--device cuda --dtype fp16``) both sides run in that precision with 
 official inference.py loads them); the official pipeline, which runs only in float32 as shipped, runs under
 ``torch.autocast`` in that precision, so its RAFT computes in it too. Each round is timed between
 ``torch.cuda.synchronize()`` calls and reports the peak of ``torch.cuda.max_memory_allocated`` beside the RSS.
+``--breakdown`` times each network call with CUDA events, ``--profile`` each kernel with torch.profiler (one more
+pass each, outside the timed rounds).
 The initial noise is drawn in float32 on the CPU on both sides, then cast and moved (the official draws it in the
 pipeline's dtype on the device, which would make the outputs incomparable). ``bench/gpu_side_by_side.sh`` runs
 this on a lent GPU machine.

@@ -367,7 +367,10 @@ class StreamEngine:
             del down, mid
             latent, _ = pipe.scheduler.step(v.to(torch.float32), t, latent, self.steps)
 
-        decoded = self._decode((latent / pipe.vae_scaling_factor).to(dtype), temporal).to(torch.float32)
+        # A first frame decodes without temporal features: another graph, used once per sequence (and after a scene
+        # cut), so the compiled path runs it eagerly instead of compiling it.
+        decode = self._decode if temporal is not None else pipe.vae.decode
+        decoded = decode((latent / pipe.vae_scaling_factor).to(dtype), temporal).to(torch.float32)
         new = StreamState(seed=state.seed, frame_index=state.frame_index + 1,
                           generator_state=generator.get_state(), prev_output=decoded,
                           prev_upscaled=upscaled, lr_size=(h, w), flow_features=features,
