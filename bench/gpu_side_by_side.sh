@@ -10,19 +10,20 @@
 #    pillow, safetensors, einops, accelerate, matplotlib and the rest of what both sides import.
 # 2. On the GPU machine, from the checkout's root, with .whl and .official beside it:
 #        bench/gpu_side_by_side.sh run [OUT_DIR]
-#    writes the tables (720.md, 1080.md, 720-autotune-off.md), the logs (*.log) and the profiles (profile_*/) to
-#    OUT_DIR (default: $OUT, else bench/results).
+#    writes the tables (720.md, 1080.md, 720-autotune-off.md, 720-bf16.md), the logs (*.log) and the profiles
+#    (profile_*/) to OUT_DIR (default: $OUT, else bench/results).
 #
 # Sizes: the official pipeline needs LR sides that are multiples of 8, so "720p" is LR 184x320 -> 736x1280 and
 # "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run
-# has no compiled variant. A third, short pass (720-autotune-off: official and ours, two rounds) runs ours without
-# cuDNN's autotuning, for what the first round and the peak VRAM cost with it. Override with SIZES_720, SIZES_1080,
-# SIZES_AUTOTUNE_OFF (HxW; empty: skip that pass), VARIANTS_720, VARIANTS_1080, VARIANTS_AUTOTUNE_OFF, FRAMES,
-# ROUNDS, DEVICE, DTYPE, COMPILE_MODE, CUDNN_BENCHMARK (ours / both / none), BREAKDOWN and PROFILE
-# (bench_vs_official --breakdown and --profile OUT_DIR/profile_<pass>; on unless set empty), WORKDIR (a
-# bench_vs_official --workdir: a random model already there is reused). On the H200 lent on 2026-12-04 the run
-# of the first two passes, before the channels_last variant and the profile joined them, took about 6 minutes (the
-# compiling about 2.5 of them); all three passes are estimated at 8-9.
+# has no compiled variant. Two short passes at 720p follow (two rounds each): 720-autotune-off (official, ours)
+# runs ours without cuDNN's autotuning, for what the first round and the peak VRAM cost with it; 720-bf16
+# (official, ours, channels_last) runs bf16, the precision ComfyUI picks where the GPU has it. Override with
+# SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip that pass), VARIANTS_720, VARIANTS_1080,
+# VARIANTS_AUTOTUNE_OFF, VARIANTS_BF16, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE, CUDNN_BENCHMARK (ours / both /
+# none), BREAKDOWN and PROFILE (bench_vs_official --breakdown and --profile OUT_DIR/profile_<pass>; on unless set
+# empty), WORKDIR (a bench_vs_official --workdir: a random model already there is reused). On the H200 lent on
+# 2026-12-04 the run of the first two passes, before the channels_last variant and the profile joined them, took
+# about 6 minutes (the compiling about 2.5 of them); all four are estimated at 9-10, in order of importance.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -76,16 +77,20 @@ EOF
     [ -n "${COMPILE_MODE:-}" ] && common+=(--compile-mode "$COMPILE_MODE")
     [ -n "${CUDNN_BENCHMARK:-}" ] && common+=(--cudnn-benchmark "$CUDNN_BENCHMARK")
     local status=0 name size variants extra
-    # name | size | variants | what else: the two sizes with the breakdown and the profile, then what the first
-    # round costs without cuDNN's autotuning (shorter: no breakdown, no profile, two rounds)
+    # name | size | variants | what else: the two sizes with the breakdown and the profile, then (shorter: no
+    # breakdown, no profile, two rounds) what the first round costs without cuDNN's autotuning, and bf16, the
+    # precision ComfyUI picks on GPUs that have it
     for pass in "720|${SIZES_720-184x320}|${VARIANTS_720:-official,ours,channels_last,compiled}|parts" \
                 "1080|${SIZES_1080-272x480}|${VARIANTS_1080:-official,ours,channels_last}|parts" \
-                "720-autotune-off|${SIZES_AUTOTUNE_OFF-184x320}|${VARIANTS_AUTOTUNE_OFF:-official,ours}|off"; do
+                "720-autotune-off|${SIZES_AUTOTUNE_OFF-184x320}|${VARIANTS_AUTOTUNE_OFF:-official,ours}|off" \
+                "720-bf16|${SIZES_BF16-184x320}|${VARIANTS_BF16:-official,ours,channels_last}|bf16"; do
         IFS='|' read -r name size variants extra <<< "$pass"
         [ -n "$size" ] || continue  # an empty SIZES_* skips that pass
         local args=("${common[@]}")
         if [ "$extra" = off ]; then
             args+=(--cudnn-benchmark none --rounds 2)
+        elif [ "$extra" = bf16 ]; then
+            args+=(--dtype bf16 --rounds 2)
         else
             [ -n "${BREAKDOWN-1}" ] && args+=(--breakdown)
             [ -n "${PROFILE-1}" ] && args+=(--profile "$out/profile_$name")
@@ -101,5 +106,5 @@ EOF
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,25p' "$0"; exit 2 ;;
+    *) sed -n '2,26p' "$0"; exit 2 ;;
 esac
