@@ -75,12 +75,13 @@ class FlowEstimator(nn.Module):
                 image2 = image1
         if features2 is not None:
             features2 = features2.to(param.device, param.dtype)
+        extra = {} if parts is None else {"parts": parts}
         if want_features or features2 is not None:
             flow, features1 = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr,
-                                        fmap2=features2, return_fmap1=True, parts=parts)
+                                        fmap2=features2, return_fmap1=True, **extra)
         else:
             flow, features1 = self.raft(image1, image2, self.num_flow_updates, corr=corr or self.corr,
-                                        parts=parts), None
+                                        **extra), None
         flow = flow.to(torch.float32)
         if self.downscale > 1:
             # per axis, the exact ratio (sizes that are not multiples of the factor are rounded down)
