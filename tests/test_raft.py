@@ -100,6 +100,7 @@ def test_parts_stand_in_for_the_submodules():
         expected = ref(a, b, num_flow_updates=4)[-1]
         got, fmap1 = model(a, b, 4, corr="all_pairs", parts=parts, return_fmap1=True)
         assert calls == {"feature_encoder": 2, "context_encoder": 1, "update_block": 4}
+        assert fmap1.shape[-2:] == (128 // 8, 144 // 8)
         again = model(a, b, 4, corr="all_pairs", parts=parts, fmap2=model.feature_encoder(b))
         assert calls == {"feature_encoder": 3, "context_encoder": 2, "update_block": 8}
     assert (got - expected).abs().max() <= 1e-4
