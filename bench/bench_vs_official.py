@@ -144,14 +144,15 @@ def _breakdown(device: str, parts: dict, sequence) -> dict:
 # What a kernel (GPU) or an operator (CPU) is, by its name; the first pattern that matches wins. Inductor's kernels
 # are named triton_<poi|red|per>_fused_<ops>: pointwise, and reductions (the fused norms) apart.
 _CATEGORIES = (
+    ("fused (triton) template", r"^triton_tem_"),
     ("fused (triton) reduction", r"^triton_(red|per)_"),
     ("fused (triton) pointwise", r"^triton_"),
-    ("attention", r"attention|flash|fmha"),
+    ("attention", r"attention|flash|fmha|sdpa"),
     ("convolution", r"conv|fprop|implicit|winograd|dgrad"),
+    ("grid sample, resize", r"grid_sampl|upsample|interpolate|bicubic|nearest"),  # before "linear" (bilinear)
     ("matrix product", r"gemm|cutlass|matmul|addmm|\bmm\b|bmm|linear"),
     ("normalisation", r"norm|welford|moments"),
-    ("layout and copies", r"nchw|nhwc|transpose|permute|copy|contiguous|clone|cat|pad|reorder"),
-    ("grid sample, resize", r"grid_sampl|upsample|interpolate|bicubic|nearest"),
+    ("layout and copies", r"nchw|nhwc|transpose|permute|copy|memcpy|memset|contiguous|clone|cat|pad|reorder"),
     ("elementwise", r"elementwise|vectorized|unrolled|add|mul|silu|gelu|sigmoid|tanh|relu|sub|div|fill"),
 )
 
