@@ -198,6 +198,15 @@ def _profile(device: str, sequence, path: str) -> dict:
     return {"wall_ms": wall_ms, "busy_ms": busy, "categories_ms": categories}
 
 
+def _profile_or_error(device: str, sequence, path: str) -> dict:
+    """``_profile``, or what went wrong with it: a profiler that does not work on a machine must not cost the run
+    its timings."""
+    try:
+        return _profile(device, sequence, path)
+    except Exception as e:  # noqa: BLE001 - reported in the table's place
+        return {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+
+
 def _serve(run) -> None:
     """Answer one JSON request per stdin line with one JSON line on stdout."""
     out = sys.stdout
@@ -285,7 +294,7 @@ def official_worker(args) -> None:
                                "RAFT": (of_model, "forward"), "VAE decode": (vae, "decode"),
                                "VAE features": (vae, "encode")}, sequence)
         if request.get("profile"):
-            return _profile(device, sequence, request["profile"])
+            return _profile_or_error(device, sequence, request["profile"])
         _reset_vram(device)
         start = time.perf_counter()
         result = sequence()
@@ -340,7 +349,7 @@ def ours_worker(args) -> None:
                                "RAFT": (engine, "_call_flow"), "VAE decode": (engine, "_decode"),
                                "VAE features": (engine, "_features")}, sequence)
         if request.get("profile"):
-            return _profile(device, sequence, request["profile"])
+            return _profile_or_error(device, sequence, request["profile"])
         compile_before = engine.compile_seconds
         state = engine.new_state(42)
         outputs, raw, per_frame = [], [], []
@@ -470,6 +479,8 @@ def main() -> None:
     args.official, args.official_python = (os.path.abspath(a) if a else a for a in (args.official,
                                                                                       args.official_python))
     h, w = (int(v) for v in args.size.split("x"))
+    if args.profile:  # now, not after the timed rounds
+        pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
     breakdown, profiles = {}, {}
     if "official" in variants and (h % 8 or w % 8):
         p.error("--size: the official pipeline resizes frames to multiples of 8, so compare at such sizes")
@@ -515,7 +526,6 @@ def main() -> None:
                 breakdown = {v: workers[v].ask({"frames": str(frames), "steps": args.steps, "breakdown": True})
                              for v in variants}
             if args.profile:
-                pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
                 profiles = {v: workers[v].ask({"frames": str(frames), "steps": args.steps,
                                                "profile": str(pathlib.Path(args.profile) / f"{v}.txt")})
                             for v in variants}
@@ -567,6 +577,10 @@ def main() -> None:
                       f"{b['total_ms'] / args.frames:.1f} |")
             for v, b in breakdown.items():
                 print(f"{v}: calls per part {b['calls']}")
+        for v, prof in list(profiles.items()):
+            if "error" in prof:
+                print(f"\n{v}: no profile ({prof.pop('error')})")
+                del profiles[v]
         if profiles:
             names = sorted({c for p in profiles.values() for c in p["categories_ms"]},
                            key=lambda c: -max(p["categories_ms"].get(c, 0.0) for p in profiles.values()))
