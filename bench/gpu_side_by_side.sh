@@ -14,16 +14,17 @@
 #    (profile_*/) to OUT_DIR (default: $OUT, else bench/results).
 #
 # Sizes: the official pipeline needs LR sides that are multiples of 8, so "720p" is LR 184x320 -> 736x1280 and
-# "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run
-# has no compiled variant. Two short passes at 720p follow (two rounds each): 720-autotune-off (official, ours)
-# runs ours without cuDNN's autotuning, for what the first round and the peak VRAM cost with it; 720-bf16
-# (official, ours, channels_last) runs bf16, the precision ComfyUI picks where the GPU has it. Override with
-# SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip that pass), VARIANTS_720, VARIANTS_1080,
-# VARIANTS_AUTOTUNE_OFF, VARIANTS_BF16, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE, CUDNN_BENCHMARK (ours / both /
-# none), BREAKDOWN and PROFILE (bench_vs_official --breakdown and --profile OUT_DIR/profile_<pass>; on unless set
-# empty), WORKDIR (a bench_vs_official --workdir: a random model already there is reused). On the H200 lent on
-# 2026-12-04 the run of the first two passes, before the channels_last variant and the profile joined them, took
-# about 6 minutes (the compiling about 2.5 of them); all four are estimated at 9-10, in order of importance.
+# "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run has
+# no compiled variant. Two short passes at 720p follow (two rounds each, ours only: the official's figures are
+# those of the first pass): 720-autotune-off runs ours without cuDNN's autotuning, for what the first round and the
+# peak VRAM cost with it; 720-bf16 runs ours and channels_last in bf16, the precision ComfyUI picks where the GPU
+# has it. Override with SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip that pass),
+# VARIANTS_720, VARIANTS_1080, VARIANTS_AUTOTUNE_OFF, VARIANTS_BF16, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE,
+# CUDNN_BENCHMARK (ours / both / none), BREAKDOWN and PROFILE (bench_vs_official --breakdown and --profile
+# OUT_DIR/profile_<pass>; on unless set empty), WORKDIR (a bench_vs_official --workdir: a random model already
+# there is reused). On the H200 lent on 2026-12-04 the run of the first two passes, before the channels_last
+# variant and the profile joined them, took about 6 minutes (the compiling about 2.5 of them); all four are
+# estimated at 9-10 minutes; they run in order of importance.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -82,8 +83,8 @@ EOF
     # precision ComfyUI picks on GPUs that have it
     for pass in "720|${SIZES_720-184x320}|${VARIANTS_720:-official,ours,channels_last,compiled}|parts" \
                 "1080|${SIZES_1080-272x480}|${VARIANTS_1080:-official,ours,channels_last}|parts" \
-                "720-autotune-off|${SIZES_AUTOTUNE_OFF-184x320}|${VARIANTS_AUTOTUNE_OFF:-official,ours}|off" \
-                "720-bf16|${SIZES_BF16-184x320}|${VARIANTS_BF16:-official,ours,channels_last}|bf16"; do
+                "720-autotune-off|${SIZES_AUTOTUNE_OFF-184x320}|${VARIANTS_AUTOTUNE_OFF:-ours}|off" \
+                "720-bf16|${SIZES_BF16-184x320}|${VARIANTS_BF16:-ours,channels_last}|bf16"; do
         IFS='|' read -r name size variants extra <<< "$pass"
         [ -n "$size" ] || continue  # an empty SIZES_* skips that pass
         local args=("${common[@]}")
@@ -106,5 +107,5 @@ EOF
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,26p' "$0"; exit 2 ;;
+    *) sed -n '2,27p' "$0"; exit 2 ;;
 esac
