@@ -142,7 +142,8 @@ def _breakdown(device: str, parts: dict, sequence) -> dict:
 
 
 # What a kernel (GPU) or an operator (CPU) is, by its name; the first pattern that matches wins. Inductor's kernels
-# are named triton_<poi|red|per>_fused_<ops>: pointwise, and reductions (the fused norms) apart.
+# are named triton_<tem|red|per|poi>_fused_<ops>: templates (its own matrix products), reductions (the fused norms)
+# and pointwise apart.
 _CATEGORIES = (
     ("fused (triton) template", r"^triton_tem_"),
     ("fused (triton) reduction", r"^triton_(red|per)_"),
@@ -579,7 +580,7 @@ def main() -> None:
                 print(f"{v}: calls per part {b['calls']}")
         for v, prof in list(profiles.items()):
             if "error" in prof:
-                print(f"\n{v}: no profile ({prof.pop('error')})")
+                print(f"\n{v}: no profile ({prof['error']})")
                 del profiles[v]
         if profiles:
             names = sorted({c for p in profiles.values() for c in p["categories_ms"]},
