@@ -22,7 +22,9 @@ Without ``--model`` a random model of the real-size architecture is written in t
 runs: the savings, bit-identical, and on the CPU in fp32 the oneDNN-packed layers, equal up to float rounding);
 ``compiled`` (``ours`` with ``compile=True``, ``--compile-mode`` passed to ``torch.compile``; its first round
 includes compilation, reported separately); ``channels_last`` (``ours`` eager with its networks' weights stored
-channels-last, so that their convolutions run in NHWC: an experiment for GPUs).
+channels-last, so that their convolutions run in NHWC and, on a GPU in half precision, the group norms keep that
+layout (shared/norms.py): an experiment for GPUs). A variant whose worker dies is reported as failed and the others
+go on.
 
 On a GPU (``--device cuda --dtype fp16``) both sides run in that precision with RAFT's weights in float32 (as the
 official inference.py loads them); the official pipeline, which runs only in float32 as shipped, runs under
@@ -375,6 +377,10 @@ def ours_worker(args) -> None:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended (a crash, an error in its variant): the other variants go on without it."""
+
+
 class Worker:
     def __init__(self, name: str, python: str, args, workdir: pathlib.Path):
         cmd = [python, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model", str(args.model),
@@ -392,21 +398,30 @@ class Worker:
                                      text=True, env=env, cwd=str(workdir))
         self.ready = self._read()
 
+    def _died(self) -> WorkerDied:
+        self.log.flush()
+        tail = pathlib.Path(self.log.name).read_text()[-3000:]
+        return WorkerDied(f"worker {self.name} died:\n{tail}")
+
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            self.log.flush()
-            tail = pathlib.Path(self.log.name).read_text()[-3000:]
-            raise SystemExit(f"worker {self.name} died:\n{tail}")
+            raise self._died()
         return json.loads(line)
 
     def ask(self, request: dict) -> dict:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._died() from None
         return self._read()
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died
+            pass
         self.proc.wait()
         self.log.close()
 
@@ -509,30 +524,51 @@ def main() -> None:
 
         import numpy as np
 
-        workers = {}
-        for v in variants:  # started one after another: each loads 2.7 GB
+        workers, failed = {}, {}  # failed: variant -> why its worker died (a one-shot GPU run keeps the others)
+
+        def ask(v, request):
+            try:
+                return workers[v].ask(request)
+            except WorkerDied as e:
+                failed[v] = str(e)
+                variants.remove(v)
+                print(f"{v} failed; going on without it:\n{e}", file=sys.stderr)
+                return None
+
+        for v in list(variants):  # started one after another: each loads 2.7 GB
             print(f"starting {v} ...", file=sys.stderr)
-            workers[v] = Worker(v, args.official_python if v == "official" else sys.executable, args, workdir)
+            try:
+                workers[v] = Worker(v, args.official_python if v == "official" else sys.executable, args, workdir)
+            except (WorkerDied, OSError) as e:
+                failed[v] = str(e)
+                variants.remove(v)
         results = {v: [] for v in variants}
         try:
             for r in range(args.rounds):
-                for v in variants:
+                for v in list(variants):
                     out, raw = workdir / f"{v}_{r}_out.npy", workdir / f"{v}_{r}_raw.npy"
-                    answer = workers[v].ask({"frames": str(frames), "steps": args.steps, "out": str(out),
-                                             "raw": str(raw)})
+                    answer = ask(v, {"frames": str(frames), "steps": args.steps, "out": str(out), "raw": str(raw)})
+                    if answer is None:
+                        continue
                     answer.update(out=str(out), raw=str(raw))
                     results[v].append(answer)
                     print(f"round {r} {v}: {answer['seconds']:.1f} s", file=sys.stderr)
             if args.breakdown:
-                breakdown = {v: workers[v].ask({"frames": str(frames), "steps": args.steps, "breakdown": True})
-                             for v in variants}
+                breakdown = {v: ask(v, {"frames": str(frames), "steps": args.steps, "breakdown": True})
+                             for v in list(variants)}
             if args.profile:
-                profiles = {v: workers[v].ask({"frames": str(frames), "steps": args.steps,
-                                               "profile": str(pathlib.Path(args.profile) / f"{v}.txt")})
-                            for v in variants}
+                profiles = {v: ask(v, {"frames": str(frames), "steps": args.steps,
+                                       "profile": str(pathlib.Path(args.profile) / f"{v}.txt")})
+                            for v in list(variants)}
         finally:
             for worker in workers.values():
                 worker.close()
+        for v, why in failed.items():
+            print(f"\n{v}: FAILED (no figures). {why.strip().splitlines()[-1] if why.strip() else ''}")
+        breakdown = {v: b for v, b in breakdown.items() if v in variants}
+        profiles = {v: b for v, b in profiles.items() if v in variants}
+        if not variants:
+            raise SystemExit("every variant failed (their logs are in the work folder)")
 
         reference = "official" if "official" in variants else variants[0]
         ref_out, ref_raw = np.load(results[reference][0]["out"]), np.load(results[reference][0]["raw"])

@@ -204,7 +204,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _AVAILABLE[0])
 
 
-def _managed(layer: nn.Module) -> bool:
+def managed(layer: nn.Module) -> bool:
     """Whether ComfyUI casts or patches this layer's weights on the fly: then its ``comfy.ops`` path must run."""
     return bool(getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
                 or getattr(layer, "bias_function", None))
@@ -294,7 +294,7 @@ class PackedConv2d(nn.Conv2d):
         drops it again. The reordered copies of the direct path depend on the input's shape, so they are made on
         first use."""
         with torch.no_grad():  # eligible as under the engine's inference mode
-            if (not self._wide_3x3() or self.out_channels > PREPARE_MAX_CHANNELS or _managed(self)
+            if (not self._wide_3x3() or self.out_channels > PREPARE_MAX_CHANNELS or managed(self)
                     or not _eligible(self.weight, self.weight)):
                 return False
             self._winograd_kernel()
@@ -311,7 +311,7 @@ class PackedConv2d(nn.Conv2d):
 
     def can_fold_upsample(self, x: torch.Tensor) -> bool:
         """Whether ``upsampled(x)`` applies: a 3x3, stride-1, padding-1 convolution of one group."""
-        return x.dim() == 4 and self._is_same_3x3() and not _managed(self) and _eligible(x, self.weight)
+        return x.dim() == 4 and self._is_same_3x3() and not managed(self) and _eligible(x, self.weight)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """This convolution of ``x`` upsampled 2x (nearest), computed at ``x``'s resolution: output pixel
@@ -404,7 +404,7 @@ class PackedLinear(nn.Linear):
         path would run; whether it did. The copy does not depend on the input, so loading can pay for it instead
         of the first frame."""
         with torch.no_grad():  # eligible as under the engine's inference mode
-            if (self.single_use or _managed(self) or self.weight.dim() != 2
+            if (self.single_use or managed(self) or self.weight.dim() != 2
                     or not _eligible(self.weight, self.weight)):
                 return False
             if self.gated:
@@ -421,7 +421,7 @@ class PackedLinear(nn.Linear):
         return self._run_gated_gelu(x)
 
     def _run_gated_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or x.dim() < 2 or _managed(self) or not _eligible(x, self.weight):
+        if torch.compiler.is_compiling() or x.dim() < 2 or managed(self) or not _eligible(x, self.weight):
             if not torch.compiler.is_compiling():
                 self._halves = None  # stale after a move or a cast
             h, gate = self(x).chunk(2, dim=-1)  # through the layer's own forward (ComfyUI's cast path)
@@ -449,7 +449,7 @@ _OPERATORS: dict = {}  # name -> this module's registered operator
 def _traced_as_operator(layer: nn.Module, x: torch.Tensor) -> bool:
     weight = layer.weight
     return (layer._operator is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.device.type == "cpu" and weight.dtype == torch.float32 and not _managed(layer)
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and not managed(layer)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..shared.norms import group_norm
 from ..shared.packed import PackedConv2d, PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -190,9 +191,9 @@ class ResnetBlock2D(nn.Module):
         return self.time_emb_proj(F.silu(temb))[:, :, None, None]
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(F.silu(group_norm(self.norm1, x)))
         h = h + (temb.proj[self.temb_slot] if isinstance(temb, StepEmbedding) else self.project_time(temb))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(group_norm(self.norm2, h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -307,7 +308,7 @@ class Transformer2D(nn.Module):
     def forward(self, x, context):
         b, c, h, w = x.shape
         residual = x
-        x = self.norm(x)
+        x = group_norm(self.norm, x)
         if not self.linear_projection:
             x = self.proj_in(x)
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
@@ -544,4 +545,4 @@ class UNet(DownPath):
             # ceil-rounded sizes of the down path when the latent is not a multiple of 2^n (quirk Q15).
             size = skips[-1].shape[-2:] if skips else None
             x = block(x, here, temb, encoder_hidden_states, size)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(group_norm(self.conv_norm_out, x)))
