@@ -75,3 +75,29 @@ def test_partial_loading_with_comfy_ops_matches_plain_layers(checkpoint, tmp_pat
     assert (torch.from_numpy(result["packed_whole"]) - plain32).abs().max() <= 1e-4
     assert int(result["packed_cast_layers"]) > 50
     assert (torch.from_numpy(result["packed_partial"]) - plain32).abs().max() <= 1e-4
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not (os.environ.get("STREAMVSR_COMFYUI") and torch.cuda.is_available()),
+                    reason="needs a CUDA GPU and STREAMVSR_COMFYUI=/path/to/ComfyUI (what --lowvram does on a GPU)")
+def test_partial_loading_on_a_gpu_matches_plain_layers(checkpoint, tmp_path):
+    """ComfyUI's partial loading on a GPU: fp16 weights, most layers left on the CPU and cast to the GPU on the fly,
+    against the same layers loaded whole and against plain torch layers on the GPU."""
+    pytest.importorskip("torchvision")
+    raft = make_tiny_raft(tmp_path / "raft_small.pth")
+    out = tmp_path / "out.npz"
+    python = os.environ.get("STREAMVSR_COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run([python, str(ROOT / "tests" / "comfy_lowvram_worker.py"), os.environ["STREAMVSR_COMFYUI"],
+                          str(ROOT), str(checkpoint), str(raft), str(out), "cuda"], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = np.load(out)
+    assert bool(result["lowvram_flag"]), "ModelPatcher did not take the partial-loading path"
+    assert int(result["cast_layers"]) > 50
+    assert int(result["partial_params_on_gpu"]) < int(result["params"])
+    reference = torch.from_numpy(result["reference"])
+    assert reference.shape == (3, 3, 128, 160)
+    for name in ("whole", "partial"):
+        assert (torch.from_numpy(result[name]) - reference).abs().max() <= 2e-3, name
+    print("peak VRAM (bytes): " + ", ".join(f"{n} {int(result[f'{n}_peak_vram'])}"
+                                             for n in ("reference", "whole", "partial")))
