@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import TINY_UNET
+
 import streamvsr.models.shared.norms as norms
 from streamvsr.models.stream_diffvsr.unet import UNet
 
@@ -76,21 +78,12 @@ def test_which_inputs_take_the_channels_last_path(monkeypatch):
     assert len(calls) == 1
 
 
-TINY = dict(
-    in_channels=7, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=8, cross_attention_dim=32, only_cross_attention=(True, True, True, False),
-    use_linear_projection=True, num_class_embeds=None, norm_num_groups=8,
-)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_unet_channels_last_keeps_every_norm_in_layout(monkeypatch, dtype):
     """A channels-last half-precision UNet takes the path at every group norm and is as close to the float32
     network as with PyTorch's norms."""
     torch.manual_seed(0)
-    unet = UNet(TINY).eval()
+    unet = UNet(TINY_UNET).eval()
     with torch.no_grad():
         for p in unet.parameters():  # away from the zero init of some layers
             p.add_(torch.randn_like(p) * 0.05)
