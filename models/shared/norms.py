@@ -3,8 +3,9 @@
 PyTorch's CUDA group norm works in NCHW only: it copies a channels-last input to NCHW and returns NCHW, so a network
 stored channels-last (the layout in which cuDNN runs half-precision convolutions natively) pays two copies per norm,
 that one and the next convolution's back to channels-last. ``group_norm`` computes such a norm in the input's
-layout instead, with the layer's own weights and the arithmetic of PyTorch's kernel: statistics accumulated in
-float32, then ``x * scale + shift`` per channel in float32, rounded once to the input's dtype.
+layout instead, with the layer's own weights: statistics in float32 (from sums of x and x^2, where PyTorch's kernel
+uses Welford's method), then, as that kernel does, ``x * scale + shift`` per channel in float32, rounded once to
+the input's dtype.
 """
 
 from __future__ import annotations
