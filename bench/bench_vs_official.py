@@ -210,6 +210,15 @@ def _profile_or_error(device: str, sequence, path: str) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
 
 
+def _diagnostic(device: str, request: dict, parts: dict, sequence) -> dict | None:
+    """The answer to a breakdown or profile request (one more pass of ``sequence``), or None for a timed round."""
+    if request.get("breakdown"):
+        return _breakdown(device, parts, sequence)
+    if request.get("profile"):
+        return _profile_or_error(device, sequence, request["profile"])
+    return None
+
+
 def _serve(run) -> None:
     """Answer one JSON request per stdin line with one JSON line on stdout."""
     out = sys.stdout
@@ -292,12 +301,11 @@ def official_worker(args) -> None:
                 return pipe("", images, num_inference_steps=request["steps"], guidance_scale=0, of_model=of_model,
                             output_type="pt")
 
-        if request.get("breakdown"):
-            return _breakdown(device, {"UNet": (unet, "forward"), "ControlNet": (controlnet, "forward"),
-                               "RAFT": (of_model, "forward"), "VAE decode": (vae, "decode"),
-                               "VAE features": (vae, "encode")}, sequence)
-        if request.get("profile"):
-            return _profile_or_error(device, sequence, request["profile"])
+        answer = _diagnostic(device, request, {"UNet": (unet, "forward"), "ControlNet": (controlnet, "forward"),
+                                               "RAFT": (of_model, "forward"), "VAE decode": (vae, "decode"),
+                                               "VAE features": (vae, "encode")}, sequence)
+        if answer is not None:
+            return answer
         _reset_vram(device)
         start = time.perf_counter()
         result = sequence()
@@ -347,12 +355,11 @@ def ours_worker(args) -> None:
             for frame in frames:
                 _, state = engine.step(frame, state)
 
-        if request.get("breakdown"):
-            return _breakdown(device, {"UNet": (engine, "_unet"), "ControlNet": (engine, "_controlnet"),
-                               "RAFT": (engine, "_call_flow"), "VAE decode": (engine, "_decode"),
-                               "VAE features": (engine, "_features")}, sequence)
-        if request.get("profile"):
-            return _profile_or_error(device, sequence, request["profile"])
+        answer = _diagnostic(device, request, {"UNet": (engine, "_unet"), "ControlNet": (engine, "_controlnet"),
+                                               "RAFT": (engine, "_call_flow"), "VAE decode": (engine, "_decode"),
+                                               "VAE features": (engine, "_features")}, sequence)
+        if answer is not None:
+            return answer
         compile_before = engine.compile_seconds
         state = engine.new_state(42)
         outputs, raw, per_frame = [], [], []

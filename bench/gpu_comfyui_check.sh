@@ -40,7 +40,7 @@ run() {
     "$python" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name())"
     set -o pipefail
     PYTHONPATH=/tmp/streamvsr_test_site STREAMVSR_COMFYUI="$here/.comfy" PYTHONUNBUFFERED=1 \
-        "$python" -m pytest -q -rs -s -p no:cacheprovider tests/test_lowvram.py 2>&1 | tee "$out/comfyui_gpu.log"
+        "$python" -m pytest -q -rs -p no:cacheprovider -o log_cli=true --log-cli-level=INFO tests/test_lowvram.py 2>&1 | tee "$out/comfyui_gpu.log"
 }
 
 case "${1:-}" in

@@ -24,7 +24,8 @@
 # OUT_DIR/profile_<pass>; on unless set empty), WORKDIR (a bench_vs_official --workdir: a random model already
 # there is reused). On the H200 lent on 2026-12-04 the run of the first two passes, before the channels_last
 # variant and the profile joined them, took about 6 minutes (the compiling about 2.5 of them); all four are
-# estimated at 9-10 minutes; they run in order of importance.
+# estimated at 10-11 minutes, more than one device call may take: run the first two passes and the last two in
+# separate calls (an empty SIZES_* skips a pass). They run in order of importance.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -107,5 +108,5 @@ EOF
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,27p' "$0"; exit 2 ;;
+    *) sed -n '2,28p' "$0"; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ code moves itself. The second (opt-in, STREAMVSR_COMFYUI) runs the engine under 
 manual-cast layers and ``ModelPatcher`` partial loading on the CPU and compares it with plain torch layers.
 """
 
+import logging
 import os
 import pathlib
 import subprocess
@@ -99,5 +100,5 @@ def test_partial_loading_on_a_gpu_matches_plain_layers(checkpoint, tmp_path):
     assert reference.shape == (3, 3, 128, 160)
     for name in ("whole", "partial"):
         assert (torch.from_numpy(result[name]) - reference).abs().max() <= 2e-3, name
-    print("peak VRAM (bytes): " + ", ".join(f"{n} {int(result[f'{n}_peak_vram'])}"
-                                             for n in ("reference", "whole", "partial")))
+    logging.getLogger(__name__).info("peak VRAM (bytes): %s", ", ".join(
+        f"{n} {int(result[f'{n}_peak_vram'])}" for n in ("reference", "whole", "partial")))
