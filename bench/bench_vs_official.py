@@ -13,12 +13,13 @@ it from the global RNG after ``torch.manual_seed(42)``, which on the CPU gives t
 
     python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
         [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 3]
-        [--variants official,ours,compiled (default; plain, channels_last too)] [--device cuda --dtype fp16]
+        [--variants official,ours,compiled (default; plain, exact, channels_last too)] [--device cuda --dtype fp16]
         [--breakdown] [--profile DIR]
 
 Without ``--model`` a random model of the real-size architecture is written in the hub layout
 (bench/realsize.py, 2.7 GB, in ``--workdir``); without ``--flow`` a random RAFT-large. Variants: ``official``;
-``plain`` (ours with plain layers and the savings off: the official arithmetic); ``ours`` (what ``streamvsr``
+``plain`` (ours with plain layers and the savings off: the official arithmetic); ``exact`` (plain layers with the
+savings on: what the bit-identical savings alone give, ``--plain-layers``); ``ours`` (what ``streamvsr``
 runs: the savings, bit-identical, and on the CPU in fp32 the oneDNN-packed layers, equal up to float rounding);
 ``compiled`` (``ours`` with ``compile=True``, ``--compile-mode`` passed to ``torch.compile``; its first round
 includes compilation, reported separately); ``channels_last`` (``ours`` eager with its networks' weights stored
@@ -51,7 +52,7 @@ import time
 from bench_engine import _import_package, machine  # makes this checkout importable as ``streamvsr``
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("official", "plain", "ours", "compiled", "channels_last")
+VARIANTS = ("official", "plain", "exact", "ours", "compiled", "channels_last")
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -342,7 +343,8 @@ def ours_worker(args) -> None:
                               device=device, compute_dtype=dtype, reuse=False)
     else:  # what `streamvsr` runs
         engine = load_engine(args.model, device=device, dtype=dtype, flow=args.flow, steps=args.steps,
-                             corr=args.corr, compile=args.worker == "compiled", compile_mode=args.compile_mode)
+                             corr=args.corr, compile=args.worker == "compiled", compile_mode=args.compile_mode,
+                             plain_layers=args.worker == "exact")
     if args.worker == "channels_last":  # an experiment for GPUs, where cuDNN's fp16 kernels work in NHWC
         for network in (engine.pipeline.unet, engine.pipeline.controlnet, engine.pipeline.vae):
             network.to(memory_format=torch.channels_last)
