@@ -13,7 +13,7 @@ it from the global RNG after ``torch.manual_seed(42)``, which on the CPU gives t
 
     python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
         [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 3]
-        [--variants official,ours,compiled (default; plain, exact, channels_last too)] [--device cuda --dtype fp16]
+        [--variants official,ours,compiled (default; plain, exact, channels_last, nchw too)] [--device cuda --dtype fp16]
         [--breakdown] [--profile DIR]
 
 Without ``--model`` a random model of the real-size architecture is written in the hub layout
@@ -22,10 +22,10 @@ Without ``--model`` a random model of the real-size architecture is written in t
 savings on: what the bit-identical savings alone give, ``--plain-layers``); ``ours`` (what ``streamvsr``
 runs: the savings, bit-identical, and on the CPU in fp32 the oneDNN-packed layers, equal up to float rounding);
 ``compiled`` (``ours`` with ``compile=True``, ``--compile-mode`` passed to ``torch.compile``; its first round
-includes compilation, reported separately); ``channels_last`` (``ours`` eager with its networks' weights stored
-channels-last, so that their convolutions run in NHWC and, on a GPU in half precision, the group norms keep that
-layout (shared/norms.py): an experiment for GPUs). A variant whose worker dies is reported as failed and the others
-go on.
+includes compilation, reported separately); ``channels_last`` and ``nchw`` (``ours`` eager with its networks'
+weights stored channels-last or NCHW, which their convolutions follow: ours stores them channels-last on a GPU in
+half precision and leaves them NCHW elsewhere, see shared/norms.py). A variant whose worker dies is reported as
+failed and the others go on.
 
 On a GPU (``--device cuda --dtype fp16``) both sides run in that precision with RAFT's weights in float32 (as the
 official inference.py loads them); the official pipeline, which runs only in float32 as shipped, runs under
@@ -52,7 +52,7 @@ import time
 from bench_engine import _import_package, machine  # makes this checkout importable as ``streamvsr``
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("official", "plain", "exact", "ours", "compiled", "channels_last")
+VARIANTS = ("official", "plain", "exact", "ours", "compiled", "channels_last", "nchw")
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -345,9 +345,10 @@ def ours_worker(args) -> None:
         engine = load_engine(args.model, device=device, dtype=dtype, flow=args.flow, steps=args.steps,
                              corr=args.corr, compile=args.worker == "compiled", compile_mode=args.compile_mode,
                              plain_layers=args.worker == "exact")
-    if args.worker == "channels_last":  # an experiment for GPUs, where cuDNN's fp16 kernels work in NHWC
+    if args.worker in ("channels_last", "nchw"):  # the weights' layout, which the convolutions follow
+        layout = torch.channels_last if args.worker == "channels_last" else torch.contiguous_format
         for network in (engine.pipeline.unet, engine.pipeline.controlnet, engine.pipeline.vae):
-            network.to(memory_format=torch.channels_last)
+            network.to(memory_format=layout)
 
     def run(request):
         frames = torch.from_numpy(np.load(request["frames"])).permute(0, 3, 1, 2).float() / 255

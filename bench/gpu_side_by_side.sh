@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ours against the official Stream-DiffVSR pipeline on a GPU, in one call of a machine that has no network:
 # bench/bench_vs_official.py at a 1280-wide and a 1920-wide output, fp16 on both sides, real-size architecture
-# with random weights (written there), official / ours / ours channels-last / ours compiled, interleaved.
+# with random weights (written there), official / ours / ours in NCHW / ours compiled, interleaved (ours stores
+# its networks channels-last there; nchw measures the layout it ran in before).
 #
 # 1. Where there is a network (this checkout's root), once:
 #        bench/gpu_side_by_side.sh prepare /path/to/jamichss/Stream-DiffVSR
@@ -17,7 +18,7 @@
 # "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run has
 # no compiled variant. Two short passes at 720p follow (two rounds each, ours only: the official's figures are
 # those of the first pass): 720-autotune-off runs ours without cuDNN's autotuning, for what the first round and the
-# peak VRAM cost with it; 720-bf16 runs ours and channels_last in bf16, the precision ComfyUI picks where the GPU
+# peak VRAM cost with it; 720-bf16 runs ours and nchw in bf16, the precision ComfyUI picks where the GPU
 # has it. Override with SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip that pass),
 # VARIANTS_720, VARIANTS_1080, VARIANTS_AUTOTUNE_OFF, VARIANTS_BF16, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE,
 # CUDNN_BENCHMARK (ours / both / none), BREAKDOWN and PROFILE (bench_vs_official --breakdown and --profile
@@ -82,10 +83,10 @@ EOF
     # name | size | variants | what else: the two sizes with the breakdown and the profile, then (shorter: no
     # breakdown, no profile, two rounds) what the first round costs without cuDNN's autotuning, and bf16, the
     # precision ComfyUI picks on GPUs that have it
-    for pass in "720|${SIZES_720-184x320}|${VARIANTS_720:-official,ours,channels_last,compiled}|parts" \
-                "1080|${SIZES_1080-272x480}|${VARIANTS_1080:-official,ours,channels_last}|parts" \
+    for pass in "720|${SIZES_720-184x320}|${VARIANTS_720:-official,ours,nchw,compiled}|parts" \
+                "1080|${SIZES_1080-272x480}|${VARIANTS_1080:-official,ours,nchw}|parts" \
                 "720-autotune-off|${SIZES_AUTOTUNE_OFF-184x320}|${VARIANTS_AUTOTUNE_OFF:-ours}|off" \
-                "720-bf16|${SIZES_BF16-184x320}|${VARIANTS_BF16:-ours,channels_last}|bf16"; do
+                "720-bf16|${SIZES_BF16-184x320}|${VARIANTS_BF16:-ours,nchw}|bf16"; do
         IFS='|' read -r name size variants extra <<< "$pass"
         [ -n "$size" ] || continue  # an empty SIZES_* skips that pass
         local args=("${common[@]}")

@@ -13,8 +13,9 @@ from helpers import make_tiny_checkpoint, make_tiny_raft
 
 pytest.importorskip("diffusers")
 
+import streamvsr.models.shared.norms as norms  # noqa: E402
 from streamvsr.models.raft.weights import load_raft  # noqa: E402
-from streamvsr.models.stream_diffvsr.engine import StreamEngine, StreamState  # noqa: E402
+from streamvsr.models.stream_diffvsr.engine import StreamEngine, StreamState, new_state  # noqa: E402
 from streamvsr.models.stream_diffvsr.loader import load_pipeline  # noqa: E402
 from streamvsr.models.stream_diffvsr.unet import PromptKV, StepEmbedding  # noqa: E402
 
@@ -247,3 +248,35 @@ def test_compiled_networks_are_kept_per_mode(checkpoint):
     assert compiled(unet, "forward", "UNet", channels_last=False) is default
     graphs = compiled(unet, "forward", "UNet", channels_last=False, mode="reduce-overhead")
     assert graphs is not default and graphs.mode == "reduce-overhead"
+
+
+def _channels_last(network) -> bool:
+    """Whether the network's 3x3 convolution weights (where the layouts differ) are all stored channels-last."""
+    weights = [p for p in network.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                 for p in weights)
+
+
+def test_half_precision_on_a_gpu_runs_channels_last(checkpoint, raft_path, frames, monkeypatch):
+    """On a GPU in half precision the engine stores the networks channels-last, every group norm keeps that layout,
+    and the frames are as close to float32's as in NCHW. The CPU stands in for the GPU."""
+    reference, _ = _run(StreamEngine(load_pipeline(checkpoint), load_raft(raft_path)), frames, new_state(3))
+    nchw = StreamEngine(load_pipeline(checkpoint, dtype=torch.bfloat16), load_raft(raft_path))
+    assert not _channels_last(nchw.pipeline.unet)  # the CPU: left as loaded
+    before, _ = _run(nchw, frames, new_state(3))
+
+    monkeypatch.setattr(norms, "CHANNELS_LAST_DEVICES", ("cuda", "cpu"))
+    assert not _channels_last(StreamEngine(load_pipeline(checkpoint), load_raft(raft_path)).pipeline.unet)  # fp32
+    calls = []
+    path = norms.group_norm_channels_last
+    monkeypatch.setattr(norms, "group_norm_channels_last", lambda *a: calls.append(1) or path(*a))
+    nhwc = StreamEngine(load_pipeline(checkpoint, dtype=torch.bfloat16), load_raft(raft_path))
+    assert all(_channels_last(n) for n in (nhwc.pipeline.unet, nhwc.pipeline.controlnet, nhwc.pipeline.vae))
+    got, state = _run(nhwc, frames, new_state(3))
+    norms_per_frame = sum(isinstance(m, torch.nn.GroupNorm) for m in nhwc.pipeline.unet.modules()) * nhwc.steps
+    assert len(calls) > len(frames) * norms_per_frame  # the ControlNet's norms come on top from frame 1
+    for i, (a, b, ref) in enumerate(zip(got, before, reference)):
+        assert a.shape == ref.shape
+        assert (a - ref).abs().max() <= 1.5 * (b - ref).abs().max(), f"frame {i}"
+    tensors, _ = state.to_dict()  # the state saves as it did (safetensors wants contiguous tensors)
+    assert all(t.is_contiguous() for t in tensors.values())

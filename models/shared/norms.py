@@ -1,4 +1,5 @@
-"""Group norm that keeps a channels-last layout on the GPU.
+"""Channels-last networks on the GPU: when to store them so (``prefers_channels_last``) and a group norm that keeps
+that layout.
 
 PyTorch's CUDA group norm works in NCHW only: it copies a channels-last input to NCHW and returns NCHW, so a network
 stored channels-last (the layout in which cuDNN runs half-precision convolutions natively) pays two copies per norm,
@@ -17,12 +18,22 @@ from .packed import managed
 
 # Where the channels-last path runs (PyTorch's CPU group norm keeps the layout by itself); tests add "cpu".
 CHANNELS_LAST_DEVICES = ("cuda",)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def prefers_channels_last(device, dtype: torch.dtype) -> bool:
+    """Whether a convolutional network with group norms should store its weights channels-last to run on ``device``
+    in ``dtype``: on a GPU in half precision. cuDNN's tensor-core convolutions work in NHWC, so NCHW costs a
+    transpose on each side of every convolution or a slower kernel (in bf16 much slower: an SD UNet ran 1.75x
+    faster in NHWC on an A100, as reported with TensorFlow's change to that layout), and ``group_norm`` below keeps
+    the layout between them. On the CPU the oneDNN layers choose their own layouts (shared/packed.py)."""
+    return torch.device(device).type in CHANNELS_LAST_DEVICES and dtype in HALF_DTYPES
 
 
 def _keeps_layout(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
     # Half precision only: the statistics come from sums of x and x^2 (two reads, no copy), whose float32
     # cancellation error is far below a half-precision rounding but not below a float32 one.
-    return (x.device.type in CHANNELS_LAST_DEVICES and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16)
+    return (x.device.type in CHANNELS_LAST_DEVICES and x.dim() == 4 and x.dtype in HALF_DTYPES
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             and norm.affine and not managed(norm) and norm.weight.device == x.device
             and not torch.compiler.is_compiling())  # a compiled graph fuses the norm in any layout

@@ -22,6 +22,7 @@ from .pipeline import StreamDiffVSRPipeline
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.packed import as_operators
+from ..shared.norms import prefers_channels_last
 from ..shared.warp import flow_warp_official
 from .speed import compiled
 
@@ -120,7 +121,11 @@ class StreamEngine:
         ``torch.compile`` (channels-last, shapes static per sequence, compiled once per frame size and kept for the
         session; see speed.py). The output then differs from the eager one by float rounding; where compilation
         is unavailable the networks run eagerly after a one-line warning. ``compile_mode``: ``torch.compile``'s
-        mode (None: its default; the CUDA graph modes are handled, see speed.py)."""
+        mode (None: its default; the CUDA graph modes are handled, see speed.py).
+
+        On a GPU in half precision the UNet, ControlNet and autoencoder are stored channels-last (in place: a
+        pipeline shared with other engines is stored so for them too), the layout of cuDNN's half-precision
+        convolutions (see shared/norms.py); the numbers differ from NCHW's by float rounding."""
         if not 1 <= int(steps) <= 50:
             raise UserInputError(f"steps must be between 1 and 50 (the model is distilled for 4), got {steps}")
         self.pipeline = pipeline
@@ -135,6 +140,9 @@ class StreamEngine:
         # name -> (fingerprint of the weights it was computed from, value): constants of the networks
         self._constants: dict = {}
         self.compile = bool(compile)
+        if not self.compile and prefers_channels_last(self.device, self.compute_dtype):  # compiled(): its own
+            for network in (pipeline.unet, pipeline.controlnet, pipeline.vae):
+                network.to(memory_format=torch.channels_last)  # no copy where a weight is so already
         if self.compile:
             self._unet = compiled(pipeline.unet, "forward", "UNet", mode=compile_mode)
             self._controlnet = compiled(pipeline.controlnet, "forward", "ControlNet", mode=compile_mode)
