@@ -102,3 +102,13 @@ def test_unet_channels_last_keeps_every_norm_in_layout(monkeypatch, dtype):
     assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in half.modules()) > 0
     assert kept.is_contiguous(memory_format=torch.channels_last)
     assert (kept.float() - exact).abs().max() <= 1.5 * (with_torch_norms.float() - exact).abs().max()
+
+
+def test_which_devices_store_networks_channels_last(monkeypatch):
+    assert norms.prefers_channels_last("cuda:0", torch.float16)
+    assert norms.prefers_channels_last(torch.device("cuda"), torch.bfloat16)
+    assert not norms.prefers_channels_last("cuda", torch.float32)  # float32: NCHW, as loaded
+    assert not norms.prefers_channels_last("cpu", torch.bfloat16)  # the oneDNN layers choose their own layouts
+    assert not norms.prefers_channels_last("mps", torch.float16)
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)  # ROCm builds call their GPUs "cuda" too
+    assert not norms.prefers_channels_last("cuda", torch.float16)

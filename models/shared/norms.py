@@ -26,8 +26,10 @@ def prefers_channels_last(device, dtype: torch.dtype) -> bool:
     in ``dtype``: on a GPU in half precision. cuDNN's tensor-core convolutions work in NHWC, so NCHW costs a
     transpose on each side of every convolution or a slower kernel (in bf16 much slower: an SD UNet ran 1.75x
     faster in NHWC on an A100, as reported with TensorFlow's change to that layout), and ``group_norm`` below keeps
-    the layout between them. On the CPU the oneDNN layers choose their own layouts (shared/packed.py)."""
-    return torch.device(device).type in CHANNELS_LAST_DEVICES and dtype in HALF_DTYPES
+    the layout between them. On the CPU the oneDNN layers choose their own layouts (shared/packed.py). Not on ROCm,
+    whose builds call their GPUs "cuda" too: MIOpen is another library (ComfyUI even turns it off on AMD GPUs)."""
+    return (torch.device(device).type in CHANNELS_LAST_DEVICES and dtype in HALF_DTYPES
+            and getattr(torch.version, "hip", None) is None)
 
 
 def _keeps_layout(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
