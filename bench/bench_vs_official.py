@@ -13,8 +13,8 @@ it from the global RNG after ``torch.manual_seed(42)``, which on the CPU gives t
 
     python bench/bench_vs_official.py --official ~/Stream-DiffVSR --official-python ~/sdvsr/.venv/bin/python
         [--model HUB_FOLDER] [--flow raft_large.pth] [--size 64x64] [--frames 3] [--rounds 3]
-        [--variants official,ours,compiled (default; plain, exact, channels_last, nchw too)] [--device cuda --dtype fp16]
-        [--breakdown] [--profile DIR]
+        [--variants official,ours,compiled (default; plain, exact, channels_last, nchw too)]
+        [--device cuda --dtype fp16] [--breakdown] [--profile DIR]
 
 Without ``--model`` a random model of the real-size architecture is written in the hub layout
 (bench/realsize.py, 2.7 GB, in ``--workdir``); without ``--flow`` a random RAFT-large. Variants: ``official``;

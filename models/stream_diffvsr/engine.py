@@ -21,8 +21,8 @@ from ..raft.network import RAFT
 from .pipeline import StreamDiffVSRPipeline
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
-from ..shared.packed import as_operators
 from ..shared.norms import prefers_channels_last
+from ..shared.packed import as_operators
 from ..shared.warp import flow_warp_official
 from .speed import compiled
 
