@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import TINY_UNET
 
 import streamvsr.models.shared.norms as norms
+from streamvsr.models.shared.errors import UserInputError
 from streamvsr.models.stream_diffvsr.unet import UNet
 
 SHAPES = [  # (n, c, h, w, groups, mean): the mean offset makes the variance a small difference of big sums
@@ -112,3 +113,13 @@ def test_which_devices_store_networks_channels_last(monkeypatch):
     assert not norms.prefers_channels_last("mps", torch.float16)
     monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)  # ROCm builds call their GPUs "cuda" too
     assert not norms.prefers_channels_last("cuda", torch.float16)
+
+
+def test_the_environment_can_keep_networks_nchw(monkeypatch):
+    monkeypatch.setenv("STREAMVSR_CHANNELS_LAST", "off")
+    assert not norms.prefers_channels_last("cuda", torch.float16)
+    monkeypatch.setenv("STREAMVSR_CHANNELS_LAST", " Auto ")
+    assert norms.prefers_channels_last("cuda", torch.float16)
+    monkeypatch.setenv("STREAMVSR_CHANNELS_LAST", "0")
+    with pytest.raises(UserInputError, match="STREAMVSR_CHANNELS_LAST='0': use auto"):
+        norms.prefers_channels_last("cuda", torch.float16)

@@ -11,14 +11,21 @@ the input's dtype.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from .errors import UserInputError
 from .packed import managed
 
 # Where the channels-last path runs (PyTorch's CPU group norm keeps the layout by itself); tests add "cpu".
 CHANNELS_LAST_DEVICES = ("cuda",)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# "off" keeps the networks NCHW everywhere: a way out should some GPU or cuDNN version run NHWC worse
+LAYOUT_ENV = "STREAMVSR_CHANNELS_LAST"
 
 
 def prefers_channels_last(device, dtype: torch.dtype) -> bool:
@@ -27,8 +34,12 @@ def prefers_channels_last(device, dtype: torch.dtype) -> bool:
     transpose on each side of every convolution or a slower kernel (in bf16 much slower: an SD UNet ran 1.75x
     faster in NHWC on an A100, as reported with TensorFlow's change to that layout), and ``group_norm`` below keeps
     the layout between them. On the CPU the oneDNN layers choose their own layouts (shared/packed.py). Not on ROCm,
-    whose builds call their GPUs "cuda" too: MIOpen is another library (ComfyUI even turns it off on AMD GPUs)."""
-    return (torch.device(device).type in CHANNELS_LAST_DEVICES and dtype in HALF_DTYPES
+    whose builds call their GPUs "cuda" too: MIOpen is another library (ComfyUI even turns it off on AMD GPUs).
+    ``STREAMVSR_CHANNELS_LAST=off`` in the environment says never."""
+    setting = os.environ.get(LAYOUT_ENV, "auto").strip().lower()
+    if setting not in ("auto", "off"):
+        raise UserInputError(f"{LAYOUT_ENV}={setting!r}: use auto (the default) or off (NCHW everywhere)")
+    return (setting == "auto" and torch.device(device).type in CHANNELS_LAST_DEVICES and dtype in HALF_DTYPES
             and getattr(torch.version, "hip", None) is None)
 
 
