@@ -176,3 +176,13 @@ def test_the_command_keeps_freed_memory_for_reuse(monkeypatch, tmp_path):
     assert main(["frames", "--model", str(tmp_path / "nothing"), "--flow", str(tmp_path / "none.pth"),
                  str(tmp_path / "in"), str(tmp_path / "out")]) == 2
     assert calls == [True]
+
+
+def test_a_wrong_layout_setting_is_one_line_before_the_models_load(assets, tmp_path, caplog, monkeypatch):
+    ckpt, raft, frames = assets
+    monkeypatch.setenv("STREAMVSR_CHANNELS_LAST", "nhwc")
+    loaded = []
+    monkeypatch.setattr("streamvsr.models.stream_diffvsr.loader.load_pipeline", lambda *a, **k: loaded.append(a))
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft)]) == 2
+    assert "STREAMVSR_CHANNELS_LAST='nhwc': use auto" in caplog.text and "Traceback" not in caplog.text
+    assert not loaded and not (tmp_path / "o").exists()

@@ -36,11 +36,16 @@ def prefers_channels_last(device, dtype: torch.dtype) -> bool:
     the layout between them. On the CPU the oneDNN layers choose their own layouts (shared/packed.py). Not on ROCm,
     whose builds call their GPUs "cuda" too: MIOpen is another library (ComfyUI even turns it off on AMD GPUs).
     ``STREAMVSR_CHANNELS_LAST=off`` in the environment says never."""
+    return (layout_setting() == "auto" and torch.device(device).type in CHANNELS_LAST_DEVICES
+            and dtype in HALF_DTYPES and getattr(torch.version, "hip", None) is None)
+
+
+def layout_setting() -> str:
+    """``STREAMVSR_CHANNELS_LAST``: "auto" (the default) or "off"; anything else is a UserInputError."""
     setting = os.environ.get(LAYOUT_ENV, "auto").strip().lower()
     if setting not in ("auto", "off"):
         raise UserInputError(f"{LAYOUT_ENV}={setting!r}: use auto (the default) or off (NCHW everywhere)")
-    return (setting == "auto" and torch.device(device).type in CHANNELS_LAST_DEVICES and dtype in HALF_DTYPES
-            and getattr(torch.version, "hip", None) is None)
+    return setting
 
 
 def _keeps_layout(norm: nn.GroupNorm, x: torch.Tensor) -> bool:

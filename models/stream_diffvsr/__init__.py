@@ -42,6 +42,7 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     for the whole process (``shared.runtime.keep_freed_memory``; the environment can say otherwise)."""
     from ..raft.weights import load_raft
     from ..shared.errors import UserInputError
+    from ..shared.norms import layout_setting
     from ..shared.packed import packed_operations, prepare_packed
     from ..shared.runtime import keep_freed_memory
     from .engine import StreamEngine
@@ -50,6 +51,7 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     if not flow:
         raise UserInputError("Stream-DiffVSR needs optical flow: give --flow PATH (torchvision RAFT weights, "
                              "e.g. from `streamvsr download`)")
+    layout_setting()  # a wrong STREAMVSR_CHANNELS_LAST is reported before the models load
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:  # its activations at video sizes are blocks of hundreds of MB: see keep_freed_memory
         keep_freed_memory()
