@@ -106,6 +106,7 @@ def test_unet_channels_last_keeps_every_norm_in_layout(monkeypatch, dtype):
 
 
 def test_which_devices_store_networks_channels_last(monkeypatch):
+    monkeypatch.delenv(norms.LAYOUT_ENV, raising=False)
     assert norms.prefers_channels_last("cuda:0", torch.float16)
     assert norms.prefers_channels_last(torch.device("cuda"), torch.bfloat16)
     assert not norms.prefers_channels_last("cuda", torch.float32)  # float32: NCHW, as loaded

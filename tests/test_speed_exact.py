@@ -266,6 +266,7 @@ def test_half_precision_on_a_gpu_runs_channels_last(checkpoint, raft_path, frame
     before, _ = _run(nchw, frames, new_state(3))
 
     monkeypatch.setattr(norms, "CHANNELS_LAST_DEVICES", ("cuda", "cpu"))
+    monkeypatch.delenv(norms.LAYOUT_ENV, raising=False)
     assert not _channels_last(StreamEngine(load_pipeline(checkpoint), load_raft(raft_path)).pipeline.unet)  # fp32
     calls = []
     path = norms.group_norm_channels_last
