@@ -22,8 +22,6 @@ from .packed import managed
 # Where the channels-last path runs (PyTorch's CPU group norm keeps the layout by itself); tests add "cpu".
 CHANNELS_LAST_DEVICES = ("cuda",)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 # "off" keeps the networks NCHW everywhere: a way out should some GPU or cuDNN version run NHWC worse
 LAYOUT_ENV = "STREAMVSR_CHANNELS_LAST"
 
