@@ -22,7 +22,8 @@ from .packed import managed
 # Where the channels-last path runs (PyTorch's CPU group norm keeps the layout by itself); tests add "cpu".
 CHANNELS_LAST_DEVICES = ("cuda",)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# "off" keeps the networks NCHW everywhere: a way out should some GPU or cuDNN version run NHWC worse
+# "off" keeps the eager networks NCHW (a compiled graph picks its own layout): a way out should some GPU or cuDNN
+# version run NHWC worse
 LAYOUT_ENV = "STREAMVSR_CHANNELS_LAST"
 
 
@@ -42,7 +43,7 @@ def layout_setting() -> str:
     """``STREAMVSR_CHANNELS_LAST``: "auto" (the default) or "off"; anything else is a UserInputError."""
     setting = os.environ.get(LAYOUT_ENV, "auto").strip().lower()
     if setting not in ("auto", "off"):
-        raise UserInputError(f"{LAYOUT_ENV}={setting!r}: use auto (the default) or off (NCHW everywhere)")
+        raise UserInputError(f"{LAYOUT_ENV}={setting!r}: use auto (the default) or off (NCHW)")
     return setting
 
 
