@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -52,6 +53,7 @@ import time
 from bench_engine import _import_package, machine  # makes this checkout importable as ``streamvsr``
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench_vs_official")  # progress on stderr; the tables go to stdout
 VARIANTS = ("official", "plain", "exact", "ours", "compiled", "channels_last", "nchw")
 
 
@@ -331,8 +333,6 @@ def ours_worker(args) -> None:
     from streamvsr.models.stream_diffvsr.engine import StreamEngine
     from streamvsr.models.stream_diffvsr.loader import load_pipeline
 
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s", stream=sys.stderr)
     device, dtype = args.device, _dtype(args.dtype)
     if device.startswith("cuda") and args.cudnn_benchmark in ("ours", "both"):
@@ -496,6 +496,7 @@ def main() -> None:
         ours_worker(args)
         return
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if any(v not in VARIANTS for v in variants):
         p.error(f"--variants: choose from {', '.join(VARIANTS)}")
@@ -519,7 +520,7 @@ def main() -> None:
 
             args.model = workdir / "realsize"
             if not (args.model / "model_index.json").exists():
-                print(f"writing a random real-size model to {args.model} ...", file=sys.stderr)
+                log.info("writing a random real-size model to %s ...", args.model)
                 realsize.write_hub_folder(args.model)
         if args.flow is None:
             import torch
@@ -542,11 +543,11 @@ def main() -> None:
             except WorkerDied as e:
                 failed[v] = str(e)
                 variants.remove(v)
-                print(f"{v} failed; going on without it:\n{e}", file=sys.stderr)
+                log.warning("%s failed; going on without it:\n%s", v, e)
                 return None
 
         for v in list(variants):  # started one after another: each loads 2.7 GB
-            print(f"starting {v} ...", file=sys.stderr)
+            log.info("starting %s ...", v)
             try:
                 workers[v] = Worker(v, args.official_python if v == "official" else sys.executable, args, workdir)
             except (WorkerDied, OSError) as e:
@@ -562,7 +563,7 @@ def main() -> None:
                         continue
                     answer.update(out=str(out), raw=str(raw))
                     results[v].append(answer)
-                    print(f"round {r} {v}: {answer['seconds']:.1f} s", file=sys.stderr)
+                    log.info("round %d %s: %.1f s", r, v, answer["seconds"])
             if args.breakdown:
                 breakdown = {v: ask(v, {"frames": str(frames), "steps": args.steps, "breakdown": True})
                              for v in list(variants)}
