@@ -109,7 +109,8 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
     g.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
                    help="which release the weights are (default v1.1): v1 and v1.1 files have the same keys but "
                         "their LQ projections run differently")
-    g.add_argument("--scale", type=int, choices=(2, 3, 4), help="output/input size ratio (default 4, the trained one)")
+    g.add_argument("--scale", type=int_range(1, 8), help="output/input size ratio, 1-8 (default 4, the trained one; "
+                   "2 or 3 are faster but softer)")
     g.add_argument("--sparse-ratio", type=float_range(0, low_open=True),
                    help="attention budget (default 2.0; 1.5 is faster, larger attends more)")
     g.add_argument("--local-range", type=int_range(1), help="side of the local attention window, in 8x8-token "

@@ -47,8 +47,9 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
                 io.Video.Input("video", tooltip="From the core Load Video node; only this chunk's frames are "
                                                 "decoded from its file."),
                 io.Int.Input("chunk_index", default=0, min=0, max=1_000_000, control_after_generate=True,
-                             tooltip="Which chunk to load; 0 is the first. Set 'control after generate' to "
-                                     "increment: every queue run then loads the next chunk. Queue as many runs "
+                             tooltip="Which chunk to load; 0 is the first. With 'control after generate' at "
+                                     "increment (a new node's setting) every queue run loads the next chunk. "
+                                     "Queue as many runs "
                                      "as the node reports chunks (a run past the end stops with a message); set "
                                      "it back to 0 to start the video again."),
                 io.Int.Input("chunk_frames", default=64, min=1, max=100_000,

@@ -198,6 +198,21 @@ BUILD_JS = """(spec) => {
 }"""
 
 MISSING_JS = """() => app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type)"""
+# Load Video Chunk's control-after-generate setting: on a node added by hand (web/streamvsr.js sets "increment"),
+# and after loading a workflow that saved another value (the saved one must win).
+CHUNK_CONTROL_JS = """async () => {
+  const control = (node) => node?.widgets?.find((w) => w.name === "control_after_generate")?.value ?? null;
+  const fresh = LiteGraph.createNode("StreamVSRLoadVideoChunk");
+  app.graph.add(fresh);
+  const added = control(fresh);
+  const saved = app.graph.serialize();
+  const mine = saved.nodes.find((n) => n.id === fresh.id);
+  mine.widgets_values[1] = "fixed";
+  await app.loadGraphData(saved);
+  const reloaded = control(app.graph.getNodeById(fresh.id));
+  app.graph.clear();
+  return { added, reloaded };
+}"""
 
 
 def _get(url):
@@ -249,6 +264,12 @@ async def check(url, chromium, shots, queue=1, names=None, files=None, chunk_fra
     results = {}
     async with async_playwright() as p:
         browser, page, errors = await _open(p, url, chromium)
+        errors.clear()  # the frontend's own, while it loads (a settings handler of 1.27.10 raises one)
+        chunk_control = await page.evaluate(CHUNK_CONTROL_JS)
+        print("Load Video Chunk's control after generate:", chunk_control, flush=True)
+        results["chunk control"] = {"missing": [], "runs": [], "page_errors": list(errors),
+                                    "wrong": chunk_control != {"added": "increment", "reloaded": "fixed"}}
+        errors.clear()
         for path in sorted(WORKFLOWS.glob("*.json")):
             if names and path.name not in names:
                 continue
@@ -305,7 +326,8 @@ def main():
     else:
         results = asyncio.run(check(args.url, args.chromium, args.shots, args.queue, args.only, files,
                                     args.chunk_frames))
-        bad = {k: v for k, v in results.items() if v["missing"] or any(s != "success" for s in v["runs"])}
+        bad = {k: v for k, v in results.items()
+               if v["missing"] or v.get("wrong") or any(s != "success" for s in v["runs"])}
         raise SystemExit(1 if bad else 0)
 
 

@@ -192,6 +192,31 @@ def load_workflow(name):
     return json.loads((ROOT / "workflows" / name).read_text())
 
 
+def test_a_new_chunk_node_increments_in_the_frontend(server):
+    """In the real frontend (Chromium + playwright, skipped without them): a Load Video Chunk node added by hand
+    advances chunk by chunk (the frontend's own default for such a widget is "randomize"), and a workflow that saved
+    another setting keeps it."""
+    playwright = pytest.importorskip("playwright.async_api", reason="needs playwright (and /usr/bin/chromium)")
+    chromium = os.environ.get("STREAMVSR_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(chromium):
+        pytest.skip(f"no Chromium at {chromium} (set STREAMVSR_CHROMIUM)")
+    import asyncio
+
+    from frontend_check import CHUNK_CONTROL_JS, _open
+
+    async def read():
+        async with playwright.async_playwright() as p:
+            browser, page, errors = await _open(p, server[0], chromium)
+            errors.clear()  # the frontend's own, while it loads (a settings handler of 1.27.10 raises one)
+            try:
+                return await page.evaluate(CHUNK_CONTROL_JS), errors
+            finally:
+                await browser.close()
+
+    control, errors = asyncio.run(read())
+    assert control == {"added": "increment", "reloaded": "fixed"} and not errors, (control, errors)
+
+
 def test_object_info_lists_every_node(server):
     url, _ = server
     info = _get(url, "/object_info")

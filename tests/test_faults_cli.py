@@ -146,6 +146,7 @@ def test_cuda_without_a_gpu_is_found_before_the_model(media, model, tmp_path, ca
     ("upscale IN OUT --checkpoint-every 0", "out of range"),
     ("frames IN OUT --model M --steps 0", "out of range"),
     ("frames IN OUT --model M --kv-ratio nan", "out of range"),
+    ("frames IN OUT --model M --scale 9", "out of range"),
     ("upscale IN OUT --codec h265", "invalid choice"),
 ])
 def test_bad_option_values_are_one_line(args, fragment, capsys, model):

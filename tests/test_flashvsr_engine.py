@@ -209,6 +209,11 @@ def test_command_line_frames_and_convert(folder, tmp_path, engine):
                  "--device", "cpu"]) == 0
     assert all(np.array_equal(np.load(a), np.load(b))
                for a, b in zip(got, sorted((tmp_path / "out2").iterdir())))
+    # the command line takes the scales the engine and the node take (1-8), not only the trained 4
+    assert main(["frames", str(src), str(tmp_path / "x5"), "--model", str(single), "--save", "npy",
+                 "--device", "cpu", "--scale", "5"]) == 0
+    h, w = frames.shape[-2:]
+    assert {np.load(p).shape for p in (tmp_path / "x5").iterdir()} == {(5 * h, 5 * w, 3)}
     # a Stream-DiffVSR option with a FlashVSR model is a one-line error, before anything is written
     assert main(["frames", str(src), str(tmp_path / "out3"), "--model", str(folder), "--steps", "2"]) == 2
     assert not (tmp_path / "out3").exists()

@@ -1,5 +1,10 @@
 // ComfyUI-StreamVSR frontend glue (loaded by ComfyUI from WEB_DIRECTORY).
 //
+// Load Video Chunk's chunk_index asks for a control-after-generate widget, which the frontend starts at
+// "randomize" (the server's schema can only say yes or no to that widget in ComfyUI 0.3.64). Random chunks are never
+// what that node is for, so a node added by hand starts at "increment"; a saved workflow's value is restored over
+// it when the workflow loads.
+//
 // Stream Upscale Video File sends an upscaled frame as a progress preview now and then while it runs. The frontend
 // keeps a node's last progress preview in front of its results, so after the run the node went on showing that
 // frame instead of the finished video. When the node's result arrives, its preview is dropped and the video shows.
@@ -9,6 +14,17 @@ import { api } from "../../scripts/api.js";
 const RESULT_REPLACES_PREVIEW = new Set(["StreamVSRVideoUpscale"]);
 // The frontend's widgets that draw a node's images (ComfyUI frontend 1.27).
 const PREVIEW_WIDGETS = ["$$canvas-image-preview", "$$comfy_animation_preview"];
+
+const CHUNK_CONTROL = { node: "StreamVSRLoadVideoChunk", widget: "control_after_generate", value: "increment" };
+
+app.registerExtension({
+  name: "StreamVSR.ChunkIndexIncrements",
+  nodeCreated(node) {
+    if (node.comfyClass !== CHUNK_CONTROL.node) return;
+    const control = node.widgets?.find((w) => w.name === CHUNK_CONTROL.widget);
+    if (control) control.value = CHUNK_CONTROL.value;
+  },
+});
 
 app.registerExtension({
   name: "StreamVSR.ResultReplacesPreview",
