@@ -48,10 +48,9 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
                                                 "decoded from its file."),
                 io.Int.Input("chunk_index", default=0, min=0, max=1_000_000, control_after_generate=True,
                              tooltip="Which chunk to load; 0 is the first. With 'control after generate' at "
-                                     "increment (a new node's setting) every queue run loads the next chunk. "
-                                     "Queue as many runs "
-                                     "as the node reports chunks (a run past the end stops with a message); set "
-                                     "it back to 0 to start the video again."),
+                                     "increment (a new node's setting) every queue run loads the next chunk. Queue "
+                                     "as many runs as the node reports chunks (a run past the end stops with a "
+                                     "message); set it back to 0 to start the video again."),
                 io.Int.Input("chunk_frames", default=64, min=1, max=100_000,
                              tooltip="Frames per chunk. Memory grows with it (the chunk and its upscaled frames "
                                      "are IMAGE batches in RAM: about 25 MB per 1080p frame, 400 MB per 4K "
