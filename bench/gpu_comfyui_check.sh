@@ -38,7 +38,6 @@ run() {
     "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/streamvsr_test_site \
         .whl-test/*.whl
     "$python" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name())"
-    set -o pipefail
     PYTHONPATH=/tmp/streamvsr_test_site STREAMVSR_COMFYUI="$here/.comfy" PYTHONUNBUFFERED=1 \
         "$python" -m pytest -q -rs -p no:cacheprovider -o log_cli=true --log-cli-level=INFO tests/test_lowvram.py 2>&1 | tee "$out/comfyui_gpu.log"
 }

@@ -6,7 +6,7 @@ workflow:
     python main.py --cpu --listen 127.0.0.1 --port 8199 --base-directory BASE   # BASE from
         # test_comfyui_server.prepare_base: this pack linked in, tiny checkpoints, input.mp4 and long.mp4
     python tests/frontend_check.py build  --url http://127.0.0.1:8199     # rewrite workflows/*.json
-    python tests/frontend_check.py check  --url http://127.0.0.1:8199 --shots /tmp/shots [--queue N]
+    python tests/frontend_check.py check  --url http://127.0.0.1:8199 --shots SHOTS_DIR [--queue N]
 
 ``build`` creates every node of each spec below in the frontend (so sizes, widget values, widget inputs and link
 records are the frontend's own), lays the nodes out in columns without overlaps and saves ``app.graph.serialize()``.
