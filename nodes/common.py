@@ -36,6 +36,19 @@ FlashVSRModelType = io.Custom("STREAMVSR_FLASHVSR_MODEL")
 FlashVSRSettingsType = io.Custom("STREAMVSR_FLASHVSR_SETTINGS")
 
 
+def continuation_inputs(node_name: str) -> list:
+    """The ``state`` and ``start_frame`` inputs of a stateful upscale node called ``node_name``."""
+    return [
+        StreamStateType.Input("state", optional=True,
+                              tooltip=f"Continue from this state (from another {node_name}) instead; takes "
+                                      "precedence over continue_sequence and start_frame."),
+        io.Int.Input("start_frame", optional=True, force_input=True, min=0, max=2**31 - 1,
+                     tooltip="From Load Video Chunk: the chunk's first frame. 0 starts a new sequence; any other "
+                             "value continues this node's sequence, which must have ended exactly there (else an "
+                             "error says which chunk to queue). Replaces continue_sequence when connected."),
+    ]
+
+
 def register_folders() -> None:
     """Add our folders, keeping whatever extra_model_paths.yaml already registered under the same names."""
     base = os.path.join(folder_paths.models_dir, "streamvsr")

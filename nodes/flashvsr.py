@@ -28,8 +28,8 @@ from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILE
 from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
-                     load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, tensor_to_preview,
-                     wrap)
+                     continuation_inputs, load_flow_patcher, operations_for, out_of_memory_advice, pick_precision,
+                     tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,18 @@ TIPS = {
     "color_fix": "Colour correction of each output frame towards its input: adain (official) matches colour "
                  "statistics; wavelet keeps the input's low frequencies; none is the raw output.",
 }
+
+
+
+def settings_inputs() -> list:
+    """The quality/speed inputs of the upscale node and the settings node, with the official defaults."""
+    return [
+        io.Int.Input("scale", default=4, min=1, max=8, tooltip=TIPS["scale"]),
+        io.Float.Input("sparse_ratio", default=2.0, min=0.5, max=8.0, step=0.1, tooltip=TIPS["sparse_ratio"]),
+        io.Int.Input("local_range", default=11, min=1, max=31, step=2, tooltip=TIPS["local_range"]),
+        io.Float.Input("kv_ratio", default=3.0, min=1.0, max=8.0, step=1.0, tooltip=TIPS["kv_ratio"]),
+        io.Combo.Input("color_fix", options=COLOR_FIXES, default="adain", tooltip=TIPS["color_fix"]),
+    ]
 
 
 @dataclass
@@ -211,12 +223,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
             inputs=[
                 FlashVSRModelType.Input("model", tooltip="From Load FlashVSR Model."),
                 io.Image.Input("images", tooltip="Consecutive frames of one video, in order (any count >= 1)."),
-                io.Int.Input("scale", default=4, min=1, max=8, tooltip=TIPS["scale"]),
-                io.Float.Input("sparse_ratio", default=2.0, min=0.5, max=8.0, step=0.1,
-                               tooltip=TIPS["sparse_ratio"]),
-                io.Int.Input("local_range", default=11, min=1, max=31, step=2, tooltip=TIPS["local_range"]),
-                io.Float.Input("kv_ratio", default=3.0, min=1.0, max=8.0, step=1.0, tooltip=TIPS["kv_ratio"]),
-                io.Combo.Input("color_fix", options=COLOR_FIXES, default="adain", tooltip=TIPS["color_fix"]),
+                *settings_inputs(),
                 io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Noise seed; latent frame j gets the j-th draw, so chunks continue it."),
                 io.Boolean.Input("continue_sequence", default=False, label_on="continue", label_off="restart",
@@ -231,14 +238,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
                                          "frames as it got). Off: the last few frames (up to 24 before the first "
                                          "21 are done, then 4 to 11) stay in the state and come out at the "
                                          "start of the next chunk's run. No frame is lost or repeated."),
-                StreamStateType.Input("state", optional=True,
-                                      tooltip="Continue from this state (from another FlashVSR Upscale) instead; "
-                                              "takes precedence over continue_sequence and start_frame."),
-                io.Int.Input("start_frame", optional=True, force_input=True, min=0, max=2**31 - 1,
-                             tooltip="From Load Video Chunk: the chunk's first frame. 0 starts a new sequence; "
-                                     "any other value continues this node's sequence, which must have ended "
-                                     "exactly there (else an error says which chunk to queue). Replaces "
-                                     "continue_sequence when connected."),
+                *continuation_inputs("FlashVSR Upscale"),
             ],
             outputs=[io.Image.Output(display_name="images"),
                      StreamStateType.Output(display_name="state"),
@@ -335,12 +335,7 @@ class StreamVSRFlashVSRSettings(io.ComfyNode):
             description="FlashVSR's quality/speed settings for Stream Upscale Video File (without it the "
                         "official defaults are used).",
             inputs=[
-                io.Int.Input("scale", default=4, min=1, max=8, tooltip=TIPS["scale"]),
-                io.Float.Input("sparse_ratio", default=2.0, min=0.5, max=8.0, step=0.1,
-                               tooltip=TIPS["sparse_ratio"]),
-                io.Int.Input("local_range", default=11, min=1, max=31, step=2, tooltip=TIPS["local_range"]),
-                io.Float.Input("kv_ratio", default=3.0, min=1.0, max=8.0, step=1.0, tooltip=TIPS["kv_ratio"]),
-                io.Combo.Input("color_fix", options=COLOR_FIXES, default="adain", tooltip=TIPS["color_fix"]),
+                *settings_inputs(),
             ],
             outputs=[FlashVSRSettingsType.Output(display_name="flashvsr_settings")],
         )

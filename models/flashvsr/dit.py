@@ -102,20 +102,20 @@ class RMSNorm(nn.Module):
         return normed * self.weight.to(device=x.device, dtype=x.dtype)
 
 
-def _linear_qkvo(module: nn.Module, dim: int, operations, kw: dict) -> None:
-    for name in ("q", "k", "v", "o"):
-        setattr(module, name, operations.Linear(dim, dim, **kw))
+class _Attention(nn.Module):
+    """The layers both attentions hold (Wan's keys ``q``, ``k``, ``v``, ``o``, ``norm_q``, ``norm_k``)."""
 
-
-class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float, operations=nn, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.heads = heads
-        _linear_qkvo(self, dim, operations, kw)
+        for name in ("q", "k", "v", "o"):
+            setattr(self, name, operations.Linear(dim, dim, **kw))
         self.norm_q = RMSNorm(dim, eps, **kw)
         self.norm_k = RMSNorm(dim, eps, **kw)
 
+
+class SelfAttention(_Attention):
     def forward(self, x, chunk: "ChunkGeometry", cache: BlockKV | None, kv_ratio: float):
         """``x`` (tokens, C) of one chunk -> output (tokens, C) and the block's new KV cache."""
         rope = chunk.rope
@@ -130,16 +130,8 @@ class SelfAttention(nn.Module):
         return self.o(unpartition(out, *grid)), cache
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Attention to the fixed prompt; its keys/values come precomputed from :meth:`WanDiT.prepare`."""
-
-    def __init__(self, dim: int, heads: int, eps: float, operations=nn, device=None, dtype=None):
-        super().__init__()
-        kw = dict(device=device, dtype=dtype)
-        self.heads = heads
-        _linear_qkvo(self, dim, operations, kw)
-        self.norm_q = RMSNorm(dim, eps, **kw)
-        self.norm_k = RMSNorm(dim, eps, **kw)
 
     def context_kv(self, context):
         """(heads, ctx_len, head_dim) keys (normed) and values of ``context`` (ctx_len, C)."""
