@@ -66,7 +66,6 @@ TIPS = {
 }
 
 
-
 def settings_inputs() -> list:
     """The quality/speed inputs of the upscale node and the settings node, with the official defaults."""
     return [
