@@ -107,6 +107,33 @@ def test_parts_stand_in_for_the_submodules():
     assert torch.equal(again, got)
 
 
+def test_gru_inputs_stay_channels_last_with_the_cpu_layers():
+    """With the CPU layers (channels-last outputs), the update block's GRU takes channels-last maps as they come
+    (no reordered copy of its 384-channel input on every update), and the flow is that of torchvision."""
+    from streamvsr.models.shared.packed import packed_operations
+
+    ref = _reference("raft_large", seed=8)
+    model = RAFT("raft_large", operations=packed_operations())
+    model.load_state_dict(ref.state_dict(), strict=True)
+    model.eval()
+    layouts = []
+
+    def record(_module, args):
+        layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    gru = model.update_block.recurrent_block
+    hooks = [conv.register_forward_pre_hook(record) for cell in (gru.convgru1, gru.convgru2)
+             for conv in (cell.convz, cell.convr, cell.convq)]
+    a, b = _pair(128, 144, seed=9)
+    with torch.inference_mode():
+        got = model(a, b, 3, corr="on_demand")
+        expected = ref(a, b, num_flow_updates=3)[-1]
+    for hook in hooks:
+        hook.remove()
+    assert len(layouts) == 3 * 6 and all(layouts)
+    assert (got - expected).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("size", [(131, 157), (50, 70), (200, 136)])
 def test_on_demand_equals_all_pairs(size):
     model = _ours(_reference("raft_small", seed=2), "raft_small")
