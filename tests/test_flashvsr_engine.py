@@ -3,7 +3,8 @@
 What is checked against independent facts: frame counts (one output per input), alignment (AdaIN makes output
 frame i take LR frame i's colour statistics), sizes (exactly scale x input), splits (any way of feeding the frames
 gives the same bits), seeds, resume states, scene cuts, bad inputs and the command line. Agreement with the
-official pipeline's numbers is checked outside CI against the official code (see README, "FlashVSR parity").
+official pipeline's numbers is checked outside CI against the official code (README, "How the output relates to
+the official pipeline", FlashVSR).
 """
 
 import numpy as np
