@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
     p.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
                    help="FlashVSR only: which release the folder holds (default v1.1); stored in the file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (only once the new file is complete; never the source)")
     p.set_defaults(func=commands.cmd_convert)
 
     p = sub.add_parser("download", help="download the official Stream-DiffVSR and RAFT-large weights")
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import torch
+
     from ..models.shared.errors import StreamVSRError
     from ..models.shared.runtime import keep_freed_memory
 
@@ -103,6 +107,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        if args.debug:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.error("error: out of memory (%s). Try, in this order: --dtype fp16 or bf16 on a GPU; Stream-DiffVSR: "
+                  "--corr on_demand, then --flow-downscale 2; FlashVSR: --kv-ratio 2, then --sparse-ratio 1.5; "
+                  "smaller frames (the output is 4x the input on each side); --device cpu as a last resort. "
+                  "Frames finished before it are kept, as said above", first[:200])
+        return 2
     except OSError as e:
         # A full disk, a read-only or vanished folder: the machine's state, not a bug in this program.
         if args.debug or e.errno not in _ENVIRONMENT_ERRORS:

@@ -101,7 +101,7 @@ def cmd_frames(args) -> int:
 def cmd_flow(args) -> int:
     from ..models.raft.weights import load_raft
     from ..models.shared.errors import UserInputError
-    from ..models.shared.runtime import pick_device
+    from ..models.shared.runtime import Progress, pick_device
     from ..video.frames import check_folder_outputs, check_frames, list_pngs, output_name, flow_folder
     from ..video.outputs import OutputLock, make_folder
 
@@ -119,7 +119,12 @@ def cmd_flow(args) -> int:
     make_folder(args.out_dir.parent)
     with OutputLock(args.out_dir):
         estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale)
-        count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite)
+        progress = Progress(len(files) - 1, "flow")
+        try:
+            count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite,
+                                progress=progress.update)
+        finally:
+            progress.close()
     log.info("wrote %d flow fields (%s, %dx%d; one per frame from %s on) to %s", count, args.save, width, height,
              files[1].name, args.out_dir)
     return 0
@@ -182,6 +187,7 @@ def cmd_convert(args) -> int:
     from ..models.registry import detect_family
     from ..models.shared.errors import UserInputError
     from ..models.shared.runtime import PRECISIONS
+    from ..video.outputs import OutputLock, check_output_file, make_folder, publish, temp_path
 
     family = detect_family(args.source)
     if family.convert is None:
@@ -189,7 +195,22 @@ def cmd_convert(args) -> int:
     options = {"version": args.version} if args.version else {}
     if options and family.name != "flashvsr":
         raise UserInputError(f"--flashvsr-version is a FlashVSR option, but {args.source} is a {family.title} model")
-    out = family.convert(args.source, args.out, dtype=PRECISIONS[args.dtype], **options)
+    # Every check of the output before the weights are read: a converted file is read back by its suffix, and
+    # neither an existing file nor a file of the source is replaced by accident.
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserInputError(f"the converted file must end in .safetensors, got {out}")
+    source = Path(args.source)
+    sources = [source, *(p for p in source.rglob("*") if p.is_file())] if source.is_dir() else [source]
+    check_output_file(out, sources, overwrite=args.overwrite)
+    make_folder(out.parent)
+    with OutputLock(out):
+        tmp = temp_path(out)
+        try:
+            family.convert(args.source, tmp, dtype=PRECISIONS[args.dtype], **options)
+            publish(tmp, out, overwrite=args.overwrite)
+        finally:
+            tmp.unlink(missing_ok=True)
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return 0
 

@@ -128,13 +128,15 @@ def as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def out_of_memory_advice(message: str):
-    """Turn a device out-of-memory error inside the block into ``message`` (what to change), after freeing the
-    failed attempt's cached memory."""
+    """Turn a device out-of-memory error inside the block into ``message`` (what to change), after unloading the
+    models and freeing the failed attempt's cached memory, as ComfyUI does after its own out-of-memory errors
+    (which it only recognises by their type)."""
     try:
         yield
         return
     except mm.OOM_EXCEPTION:
         pass  # raised again outside the except block, so the failed attempt's tensors can be freed first
+    mm.unload_all_models()
     mm.soft_empty_cache()
     raise RuntimeError(message)
 

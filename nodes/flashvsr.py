@@ -23,7 +23,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..models.flashvsr import load_pipeline
-from ..models.flashvsr.engine import FlashVSREngine
+from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState
 from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
 from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
@@ -49,7 +49,7 @@ OOM_ADVICE = (
     "the CPU (--cpu, very slow).")
 
 # Sequences carried across queue runs (see streams.py), one per FlashVSR Upscale node.
-STREAMS = StreamStore()
+STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState)
 
 # Tooltips shared by the upscale node and the settings node.
 TIPS = {
@@ -135,14 +135,23 @@ def settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix) -> dict
 
 def prepare_engine(model: FlashVSRModel, settings: dict | None, lr_size: tuple[int, int],
                    latent_sink=None) -> FlashVSREngine:
-    """A FlashVSREngine with ``settings`` (DEFAULT_SETTINGS where missing), both patchers loaded for frames of
-    ``lr_size``: ComfyUI frees room for the weights plus the activation and KV-cache estimate, offloading other
-    models as needed. The DiT may be partially loaded (--lowvram/--novram); the TC decoder is loaded whole."""
+    """``make_engine`` with both patchers loaded for frames of ``lr_size`` (``load_engine``)."""
+    return load_engine(make_engine(model, settings, latent_sink), model, lr_size)
+
+
+def make_engine(model: FlashVSRModel, settings: dict | None, latent_sink=None) -> FlashVSREngine:
+    """A FlashVSREngine with ``settings`` (DEFAULT_SETTINGS where missing); nothing is loaded yet."""
     if not isinstance(model, FlashVSRModel):
         raise UserInputError("this input needs a model from Load FlashVSR Model")
     options = {**DEFAULT_SETTINGS, **(settings or {})}
-    engine = FlashVSREngine(model.pipeline, device=model.load_device, compute_dtype=model.compute_dtype,
-                            attention=model.attention, latent_sink=latent_sink, **options)
+    return FlashVSREngine(model.pipeline, device=model.load_device, compute_dtype=model.compute_dtype,
+                          attention=model.attention, latent_sink=latent_sink, **options)
+
+
+def load_engine(engine: FlashVSREngine, model: FlashVSRModel, lr_size: tuple[int, int]) -> FlashVSREngine:
+    """Both patchers loaded for ``engine`` on frames of ``lr_size``: ComfyUI frees room for the weights plus the
+    activation and KV-cache estimate, offloading other models as needed. The DiT may be partially loaded
+    (--lowvram/--novram); the TC decoder is loaded whole."""
     activations = engine.estimate_memory(*lr_size)
     mm.load_models_gpu([model.core], memory_required=activations + model.decoder.model_size())
     load_flow_patcher(model.decoder, activations)
@@ -246,6 +255,9 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
                                               "the Wan 2.1 VAE (full quality, slower); then Trim Wan VAE Decode. "
                                               "Only a whole clip in one run decodes correctly.")],
             hidden=[io.Hidden.unique_id],
+            # Each node carries its own sequence: two alike must not share one cached result (ComfyUI keys the
+            # cache by node id only for these; V3's unique_id does not make it do so).
+            not_idempotent=True,
         )
 
     @classmethod
@@ -260,12 +272,14 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         b, h, w, _ = frames.shape
         node_id = str(cls.hidden.unique_id)
         latents = []
-        engine = prepare_engine(model, settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix), (h, w),
-                                latent_sink=lambda z: latents.append(z.detach().to("cpu", torch.float32)))
+        engine = make_engine(model, settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix),
+                             latent_sink=lambda z: latents.append(z.detach().to("cpu", torch.float32)))
         key = f"{model.source}|{engine.identity()}|{model.attention}|seed={seed}"
+        # A mistake in the sequence (a chunk out of order, a state of other frames) is reported before any loading.
         start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
                                     start_frame)
-        origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
+        load_engine(engine, model, (h, w))
+        origin = batch_origin(key, frames, state) if state is not None or start.frame_index == 0 else None
         first = start.emitted  # the sequence's first frame this run returns
         held = engine.pending(start)
 

@@ -70,6 +70,7 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
                               num_flow_updates=iterations, corr=correlation,
                               downscale={"full": 1, "half": 2, "quarter": 4}[resolution])
         prepare_packed(estimator)  # the CPU layers' weight copies, if any: made now rather than in the first frame
+        estimator.streamvsr_source = model  # names it in a sequence's settings (a continuation needs the same)
         return io.NodeOutput(wrap(estimator))
 
 

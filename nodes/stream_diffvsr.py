@@ -14,7 +14,7 @@ import comfy.utils
 
 from ..models.shared.packed import prepare_packed
 from ..models.shared.weights import safetensors_numel
-from ..models.stream_diffvsr.engine import StreamEngine
+from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      continuation_inputs, load_flow_patcher, operations_for, out_of_memory_advice, pick_precision,
@@ -31,12 +31,16 @@ OOM_LADDER = (
     "as a last resort run on the CPU (--cpu, slow).")
 
 # Module level because V3 node classes are stateless clones (see streams.py).
-STREAMS = StreamStore()
+STREAMS = StreamStore("Stream Upscale", StreamState)
 
 
-def model_key(model_patcher, seed: int, steps: int) -> str:
-    pipe = model_patcher.model
-    return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{pipe.dtype}|steps={steps}|seed={seed}"
+def model_key(model_patcher, flow_patcher, seed: int, steps: int) -> str:
+    """What must not change for a run to continue a sequence: the model, its precision, the seed, the steps and the
+    flow model with the options that change its numbers."""
+    pipe, flow = model_patcher.model, flow_patcher.model
+    flow_name = (f"{getattr(flow, 'streamvsr_source', id(flow))}|{getattr(flow, 'arch', '')}|"
+                 f"updates={getattr(flow, 'num_flow_updates', '')}|downscale={getattr(flow, 'downscale', '')}")
+    return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{pipe.dtype}|steps={steps}|seed={seed}|flow={flow_name}"
 
 
 def model_choices() -> list[str]:
@@ -98,11 +102,20 @@ def load_for_inference(model_patcher, flow_patcher, memory_required: int):
 
 
 def prepare_engine(model_patcher, flow_patcher, steps: int, lr_size: tuple[int, int]) -> StreamEngine:
-    """A StreamEngine in the loader's compute precision, with both models loaded for frames of ``lr_size``."""
+    """``make_engine`` with both models loaded for frames of ``lr_size`` (``load_engine``)."""
+    return load_engine(make_engine(model_patcher, flow_patcher, steps), model_patcher, flow_patcher, lr_size)
+
+
+def make_engine(model_patcher, flow_patcher, steps: int) -> StreamEngine:
+    """A StreamEngine in the loader's compute precision; nothing is loaded yet (``load_engine``)."""
     pipe = model_patcher.model
     compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
-    engine = StreamEngine(pipe, flow_patcher.model, steps=steps, device=model_patcher.load_device,
-                          compute_dtype=compute_dtype, compile=bool(getattr(pipe, "streamvsr_compile", False)))
+    return StreamEngine(pipe, flow_patcher.model, steps=steps, device=model_patcher.load_device,
+                        compute_dtype=compute_dtype, compile=bool(getattr(pipe, "streamvsr_compile", False)))
+
+
+def load_engine(engine: StreamEngine, model_patcher, flow_patcher, lr_size: tuple[int, int]) -> StreamEngine:
+    """Both models loaded for ``engine`` on frames of ``lr_size`` (ComfyUI offloads other models as needed)."""
     load_for_inference(model_patcher, flow_patcher, engine.estimate_memory(*lr_size))
     return engine
 
@@ -188,6 +201,9 @@ class StreamVSRUpscale(io.ComfyNode):
             outputs=[io.Image.Output(display_name="images"),
                      StreamStateType.Output(display_name="state")],
             hidden=[io.Hidden.unique_id],
+            # Each node carries its own sequence: two alike must not share one cached result (ComfyUI keys the
+            # cache by node id only for these; V3's unique_id does not make it do so).
+            not_idempotent=True,
         )
 
     @classmethod
@@ -201,11 +217,13 @@ class StreamVSRUpscale(io.ComfyNode):
         frames = as_rgb(images, "Stream Upscale")
         b, h, w, _ = frames.shape
         node_id = str(cls.hidden.unique_id)
-        key = model_key(model, seed, steps)
-        engine = prepare_engine(model, flow_model, steps, (h, w))
+        key = model_key(model, flow_model, seed, steps)
+        engine = make_engine(model, flow_model, steps)
+        # A mistake in the sequence (a chunk out of order, a state of other frames) is reported before any loading.
         start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
                                     start_frame)
-        origin = batch_origin(key, frames) if state is None and start.frame_index == 0 else None
+        load_engine(engine, model, flow_model, (h, w))
+        origin = batch_origin(key, frames, state) if state is not None or start.frame_index == 0 else None
 
         out = torch.empty(b, h * 4, w * 4, 3, dtype=torch.float32, device=mm.intermediate_device())
         bar = comfy.utils.ProgressBar(b)

@@ -7,8 +7,10 @@ interrupted loses the frames it computed, but the stream stays where the last su
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,8 +24,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StoredStream:
-    """model_key: what must not change for a continuation (model, precision, seed, steps).
-    origin: for a stream started by a restart run, a fingerprint of that run's frames; None after a continuation.
+    """model_key: what must not change for a continuation (model, precision, seed, steps, flow model).
+    origin: for a run whose result its inputs alone decide (a restart, or a continuation of a ``state`` input), what
+    decided it (``batch_origin``); None after a continuation of the node's own stored stream.
     """
 
     model_key: str
@@ -32,14 +35,16 @@ class StoredStream:
 
 
 class StreamStore:
-    """node id -> StoredStream, at most ``capacity`` nodes (least recently used dropped first).
+    """node id -> StoredStream, at most ``capacity`` nodes (least recently used dropped first), for the upscale
+    node called ``node_name``, whose states are ``state_type``.
 
-    ``version`` changes whenever a run replaces a stream in a way that a cached result of a *restart* run could
-    no longer reproduce (see ``fingerprint``), so ComfyUI's output cache never skips a run whose side effect on
-    the store is still needed.
+    ``version`` changes whenever a run replaces a stream in a way that a cached result of a run that depends on
+    its inputs alone could no longer reproduce (see ``fingerprint``), so ComfyUI's output cache never skips a run
+    whose side effect on the store is still needed.
     """
 
-    def __init__(self, capacity: int = 8):
+    def __init__(self, node_name: str, state_type: type, capacity: int = 8):
+        self.node_name, self.state_type = node_name, state_type
         self.capacity = capacity
         self.version = 0
         self._streams: OrderedDict[str, StoredStream] = OrderedDict()
@@ -52,9 +57,10 @@ class StreamStore:
     def put(self, node_id: str, stream: StoredStream) -> None:
         with self._lock:
             previous = self._streams.pop(node_id, None)
-            # A continuation always moves the stream on. A restart run only invalidates cached restart results
-            # when it replaces a stream that another restart run made: re-queueing the same restart run must
-            # still be served from the cache, and a restart after a continuation was already re-run.
+            # A continuation of the stored stream always moves it on. A run that its inputs decide only
+            # invalidates cached results when it replaces a stream that another such run made: re-queueing the
+            # same run (or a workflow that hands one node's state to another) must still be served from the
+            # cache, and a run after a continuation was already re-run.
             if stream.origin is None or (previous is not None and previous.origin is not None
                                          and previous.origin != stream.origin):
                 self.version += 1
@@ -70,7 +76,8 @@ class StreamStore:
             self.version += 1
 
     def fingerprint(self, continue_sequence: bool):
-        """Value for ``fingerprint_inputs``: NaN (never cached) when continuing."""
+        """Value for ``fingerprint_inputs``: NaN (never cached) when continuing. (ComfyUI hands that method no node
+        id, so the version is the store's, not the node's.)"""
         return float("nan") if continue_sequence else ("restart", self.version)
 
     def start_state(self, node_id: str, model_key: str, size: tuple[int, int], fresh: Callable[[], Any],
@@ -83,6 +90,9 @@ class StreamStore:
         value continues the stored one, which must have ended at exactly that frame (else an error says which
         chunk to queue), so a chunk can be neither skipped nor applied twice."""
         if state is not None:
+            if not isinstance(state, self.state_type):
+                raise UserInputError(f"the state input of {self.node_name} comes from another kind of upscale node; "
+                                     f"connect the state output of a {self.node_name} node, or disconnect it")
             if state.lr_size is not None and tuple(state.lr_size) != tuple(size):
                 raise UserInputError(
                     f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
@@ -100,8 +110,8 @@ class StreamStore:
         if stored is None:
             log.info("StreamVSR: node %s has no previous run to continue; starting a new sequence", node_id)
         elif stored.model_key != model_key:
-            log.warning("StreamVSR: the model, precision, seed or steps changed since the last run of node %s; "
-                        "starting a new sequence", node_id)
+            log.warning("StreamVSR: the model, precision, seed, steps or flow model changed since the last run of "
+                        "node %s; starting a new sequence", node_id)
         elif stored.state.lr_size is not None and tuple(stored.state.lr_size) != tuple(size):
             log.warning("StreamVSR: the frame size changed from %dx%d to %dx%d since the last run of node %s; "
                         "starting a new sequence", stored.state.lr_size[1], stored.state.lr_size[0], size[1],
@@ -138,9 +148,29 @@ class StreamStore:
         return previous
 
 
-def batch_origin(key: str, images: torch.Tensor) -> tuple:
-    """Cheap identity of a restart run's frames (shape and checksums), see StreamStore.put."""
+def batch_origin(key: str, images: torch.Tensor, state: Any = None) -> tuple:
+    """Cheap identity of what decides a run that does not continue the node's stored stream: its settings, its
+    frames (shape and checksums) and the ``state`` input it continues, if any (see StreamStore.put)."""
     # Frame by frame, so that the float64 accumulation copies one frame at a time, not a batch of several GB.
     total = sum(float(frame.detach().sum(dtype=torch.float64)) for frame in images)
     sparse = sum(float(frame.detach()[::7, ::7].square().sum(dtype=torch.float64)) for frame in images)
-    return key, tuple(images.shape), total, sparse
+    return key, tuple(images.shape), total, sparse, None if state is None else state_token(state)
+
+
+_TOKENS: dict[int, tuple[weakref.ref, int]] = {}  # id -> (the object, its token)
+_NEXT_TOKEN = itertools.count(1)
+_TOKENS_LOCK = threading.Lock()
+
+
+def state_token(state: Any) -> int:
+    """A number naming this state object while it lives. States are immutable, and one handed from node to node
+    is the upstream node's cached output, so the same object means the same state; ``id`` alone could name a
+    later object at the same address."""
+    with _TOKENS_LOCK:
+        for key, (ref, _) in list(_TOKENS.items()):
+            if ref() is None:
+                del _TOKENS[key]
+        entry = _TOKENS.get(id(state))
+        if entry is None:
+            entry = _TOKENS[id(state)] = (weakref.ref(state), next(_NEXT_TOKEN))
+        return entry[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import time
 
 import folder_paths
@@ -21,7 +22,7 @@ import comfy.utils
 
 from ..video.outputs import lock_path, partial_path, temp_path
 from ..video.reader import probe_video, reopenable
-from ..video.resume import ResumeFiles, glob_escape
+from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import upscale_video
 from ..video.writer import CODECS
 from ..models.shared.errors import UserInputError
@@ -37,17 +38,15 @@ EXTENSIONS = {"h264": ".mp4", "lossless": ".mkv"}
 PREVIEW_SECONDS = 1.0  # a preview costs a device→CPU copy and a JPEG encode of a 4x frame: not every frame
 
 
-def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: bool, scale: int = 4):
-    """(absolute path, file name, subfolder). With resume, an unfinished job of this prefix is continued."""
+def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: dict | None, scale: int = 4):
+    """(absolute path, file name, subfolder). ``resume``: the job's settings (``video.resume.fingerprint``), to
+    continue an unfinished job of this prefix with the same ones."""
     extension = EXTENSIONS[codec]
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
         filename_prefix, folder_paths.get_output_directory(), width * scale, height * scale)
-    if resume:
-        states = glob.glob(os.path.join(glob_escape(folder), f"{glob_escape(name)}_*_{extension}"
-                                        ".streamvsr-resume.safetensors"))
-        if states:
-            state = max(states, key=os.path.getmtime)
-            path = state[: -len(".streamvsr-resume.safetensors")]
+    if resume is not None:
+        path = _unfinished_job(folder, name, extension, resume)
+        if path is not None:
             log.info("StreamVSR: continuing the unfinished %s", path)
             return path, os.path.basename(path), subfolder
     filename = f"{name}_{counter:05}_{extension}"
@@ -58,6 +57,29 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
         counter += 1
         filename = f"{name}_{counter:05}_{extension}"
     return os.path.join(folder, filename), filename, subfolder
+
+
+def _unfinished_job(folder: str, name: str, extension: str, job: dict) -> str | None:
+    """The output path of the newest unfinished resumable job named like ComfyUI's numbered files of this prefix
+    (``name_00007_.mp4``, not ``name_v2_00001_.mp4``) whose checkpoint has ``job``'s settings, or None."""
+    numbered = re.compile(rf"{re.escape(name)}_\d{{5,}}_{re.escape(extension)}{re.escape(STATE_SUFFIX)}")
+    pattern = f"{glob_escape(name)}_*_{extension}{STATE_SUFFIX}"
+    states = [p for p in glob.glob(os.path.join(glob_escape(folder), pattern))
+              if numbered.fullmatch(os.path.basename(p))]
+    for state in sorted(states, key=os.path.getmtime, reverse=True):
+        path = state[: -len(STATE_SUFFIX)]
+        try:
+            info = ResumeFiles(path).read_info()
+        except UserInputError as e:  # damaged: it cannot be continued, and it is not ours to delete
+            log.warning("StreamVSR: %s", e)
+            continue
+        if info is None:
+            continue
+        differs = fingerprint_mismatch(info["fingerprint"], job)
+        if differs is None:
+            return path
+        log.info("StreamVSR: not continuing the unfinished %s (%s); a new file is started", path, differs)
+    return None
 
 
 def _taken(path: str):
@@ -98,8 +120,9 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                                 tooltip="Output file name prefix, relative to ComfyUI's output folder."),
                 io.Boolean.Input("resume", default=False, optional=True,
                                  tooltip="Write resumably (segments plus a .streamvsr-resume.safetensors state "
-                                         "next to the output) and, if an interrupted job with this prefix is "
-                                         "there, continue it. Needs the video as a file (Load Video)."),
+                                         "next to the output) and, if an interrupted job of this prefix with "
+                                         "the same video, model and settings is there, continue it (Cancel "
+                                         "saves one). Needs the video as a file (Load Video)."),
                 FlashVSRSettingsType.Input("flashvsr_settings", optional=True,
                                            tooltip="From FlashVSR Settings (scale, sparse_ratio, local_range, "
                                                    "kv_ratio, color_fix); without it the official defaults."),
@@ -127,22 +150,31 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                 raise UserInputError("Stream-DiffVSR needs a flow model: connect Load RAFT Flow Model to flow_model")
             engine = prepare_engine(model, flow_model, steps, (height, width))
             advice = OOM_LADDER.format(w=width, h=height, W=4 * width, H=4 * height)
-        out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, resume, engine.scale)
+        job = fingerprint(source, seed, codec, None, scene_cut_threshold or None, (width, height), engine)
+        out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job if resume else None,
+                                                     engine.scale)
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
 
         bar = comfy.utils.ProgressBar(0)
         shown = {"done": 0, "total": 0, "at": 0.0}
 
+        def update(image=None):
+            # ComfyUI's progress hook raises a pending interrupt itself, in the middle of writing a frame; left
+            # pending, it is raised by should_stop before the next frame, which ends the run properly (with
+            # resume, a checkpoint of every frame done)
+            if not mm.processing_interrupted():
+                bar.update_absolute(shown["done"], shown["total"] or None, image)
+
         def progress(done, total):
             shown["done"], shown["total"] = done, total
-            bar.update_absolute(done, total or None)
+            update()
 
         def preview(hr):
             now = time.monotonic()
             if now - shown["at"] >= PREVIEW_SECONDS:
                 shown["at"] = now
-                bar.update_absolute(shown["done"], shown["total"] or None, ("JPEG", tensor_to_preview(hr), 512))
+                update(("JPEG", tensor_to_preview(hr), 512))
 
         with out_of_memory_advice(advice):
             summary = upscale_video(engine, source, out_path, seed=seed, codec=codec,

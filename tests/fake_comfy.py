@@ -101,11 +101,14 @@ class Interrupted(Exception):
 
 class ProgressBar:
     updates: list = []
+    hook = None  # as the ComfyUI server's progress hook (main.py), which raises a pending interrupt
 
     def __init__(self, total, node_id=None):
         self.total = total
 
     def update_absolute(self, value, total=None, preview=None):
+        if ProgressBar.hook is not None:
+            ProgressBar.hook()
         ProgressBar.updates.append((value, total, preview is not None))
 
     def update(self, n):
@@ -147,13 +150,33 @@ def install(monkeypatch, models_dir, interrupt_after=None):
     def load_models_gpu(models, memory_required=0, **kwargs):
         mm.calls["load_models_gpu"].append((models, memory_required, kwargs))
 
+    # The interrupt flag, set as the Cancel button does (mm.interrupt_current_processing) and cleared by the
+    # check that raises it.
+    mm.interrupted = False
+
+    def interrupt_current_processing(value=True):
+        mm.interrupted = value
+
+    def raise_pending_interrupt():
+        if mm.interrupted:
+            mm.interrupted = False
+            raise Interrupted()
+
     def throw_exception_if_processing_interrupted():
         mm.calls["interrupt_checks"] += 1
         if interrupt_after is not None and mm.calls["interrupt_checks"] > interrupt_after:
             raise Interrupted()
+        raise_pending_interrupt()
+
+    def unload_all_models():
+        mm.calls.setdefault("unload_all_models", 0)
+        mm.calls["unload_all_models"] += 1
 
     mm.load_models_gpu = load_models_gpu
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.processing_interrupted = lambda: mm.interrupted
+    mm.interrupt_current_processing = interrupt_current_processing
+    mm.unload_all_models = unload_all_models
 
     patcher_mod = types.ModuleType("comfy.model_patcher")
     patcher_mod.ModelPatcher = ModelPatcher
@@ -161,6 +184,7 @@ def install(monkeypatch, models_dir, interrupt_after=None):
     ops.pick_operations = lambda weight_dtype, compute_dtype, load_device=None, **k: torch.nn
     utils = types.ModuleType("comfy.utils")
     ProgressBar.updates = []
+    ProgressBar.hook = raise_pending_interrupt
     utils.ProgressBar = ProgressBar
     latent_formats = types.ModuleType("comfy.latent_formats")
     latent_formats.Wan21 = Wan21

@@ -126,6 +126,56 @@ def test_convert_then_frames(assets, tmp_path):
         assert np.array_equal(np.load(a / name), np.load(b / name))
 
 
+def test_flow_and_frames_report_progress(assets, tmp_path, monkeypatch, capsys):
+    ckpt, raft, frames = assets
+    monkeypatch.setenv("STREAMVSR_PROGRESS", "1")  # as on a terminal
+    assert main(["flow", str(frames), str(tmp_path / "f"), "--flow", str(raft)]) == 0
+    assert "flow: 2/2 frames" in capsys.readouterr().err
+    assert main(["frames", str(frames), str(tmp_path / "u"), "--model", str(ckpt), "--flow", str(raft),
+                 "--device", "cpu"]) == 0
+    assert "frames: 3/3 frames" in capsys.readouterr().err
+
+
+def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, monkeypatch):
+    from streamvsr.models.stream_diffvsr import loader
+
+    ckpt = assets[0]
+    calls = []
+    real = loader.convert_to_single_file
+    monkeypatch.setattr(loader, "convert_to_single_file", lambda *a, **k: calls.append(a) or real(*a, **k))
+    precious = tmp_path / "precious.safetensors"
+    precious.write_bytes(b"another model")
+    assert main(["convert", str(ckpt), str(precious), "--dtype", "fp32"]) == 2
+    assert "already exists" in caplog.text and precious.read_bytes() == b"another model"
+    caplog.clear()
+    # a file of the source, even with --overwrite; a name that cannot be read back as a converted file
+    inside = next(p for p in (ckpt / "unet").iterdir() if p.suffix == ".safetensors")
+    before = inside.read_bytes()
+    assert main(["convert", str(ckpt), str(inside), "--dtype", "fp16", "--overwrite"]) == 2
+    assert "is the input" in caplog.text and inside.read_bytes() == before
+    assert main(["convert", str(ckpt), str(tmp_path / "m.pt")]) == 2
+    assert "must end in .safetensors" in caplog.text and "Traceback" not in caplog.text
+    assert calls == []  # all refused before the weights were read
+    # --overwrite replaces it, once the new file is complete; no work file is left
+    assert main(["convert", str(ckpt), str(precious), "--dtype", "fp32", "--overwrite"]) == 0
+    assert precious.read_bytes() != b"another model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.safetensors"]
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(assets, tmp_path, caplog, monkeypatch):
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+
+    ckpt, raft, frames = assets
+
+    def out_of_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(StreamEngine, "step", out_of_memory)
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft),
+                 "--device", "cpu"]) == 2
+    assert "out of memory" in caplog.text and "--corr on_demand" in caplog.text and "Traceback" not in caplog.text
+
+
 def test_bad_model_path_is_a_clear_error(assets, tmp_path, caplog):
     _, raft, frames = assets
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(tmp_path / "missing"),

@@ -111,7 +111,8 @@ def test_existing_output_is_refused_without_overwrite_and_kept_when_a_run_fails(
     polls = []
     summary = upscale_video(FakeEngine(), clip, out, overwrite=True,
                             should_stop=lambda: polls.append(1) or len(polls) > 2)
-    assert summary["interrupted"] and summary["path"] == str(partial_path(out))
+    assert summary["interrupted"] and summary["path"] == str(partial_path(out, 2))
+    assert len(decode(partial_path(out))) == 3  # an older partial result is never replaced
     assert out.read_bytes() == b"the user's precious file"
     # an interrupt that raises (ComfyUI's, or a second Ctrl-C)
     def interrupt():
@@ -180,6 +181,30 @@ def test_frames_and_flow_refuse_out_dir_equal_to_in_dir_or_overlapping_it(tmp_pa
     with pytest.raises(UserInputError, match="is the input frame"):
         upscale_folder(FakeEngine(), files, tmp_path / "linked", save="png", overwrite=True)
     assert {p.name: digest(p) for p in files} == before
+
+
+def test_frames_into_a_folder_leave_other_jobs_work_files_alone(tmp_path):
+    """A frames run cleans up what an unfinished run of its own outputs left, not the temporary file of a video
+    being upscaled into the same folder (that job holds its own lock, not the folder's)."""
+    files = png_folder(tmp_path / "in", n=2)
+    out = tmp_path / "shared"
+    out.mkdir()
+    video_in_progress = temp_path(out / "clip.mp4")
+    video_in_progress.write_bytes(b"a video being written")
+    leftover = temp_path(out / "f000.png")
+    leftover.write_bytes(b"half a frame")
+    assert upscale_folder(FakeEngine(), files, out, save="png") == 2
+    assert video_in_progress.read_bytes() == b"a video being written" and not leftover.exists()
+    assert flow_folder(lambda a, b: torch.zeros(1, 2, *a.shape[-2:]), files, out / "flow", save="npy") == 1
+    assert video_in_progress.exists()
+
+
+def test_an_output_through_a_folder_not_yet_there_is_still_the_input(tmp_path, monkeypatch):
+    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserInputError, match="is the input"):
+        check_video_job(clip, Path("new") / ".." / "in.mp4", overwrite=True)
+    assert not (tmp_path / "new").exists()
 
 
 def test_frames_outputs_are_not_replaced_without_overwrite_and_dotted_names_stay_apart(tmp_path):
@@ -621,9 +646,10 @@ def test_lock_is_reentrant_in_one_thread_only(tmp_path):
 def video_node(tmp_path, monkeypatch):
     import fake_comfy
 
-    fake_comfy.install(monkeypatch, tmp_path / "comfy")
+    mm = fake_comfy.install(monkeypatch, tmp_path / "comfy")
     module = importlib.import_module("streamvsr.nodes.video")
-    monkeypatch.setattr(module, "prepare_engine", lambda *a, **k: Identity())
+    engines = [Identity]  # the engine class the next runs get
+    monkeypatch.setattr(module, "prepare_engine", lambda *a, **k: engines[0]())
 
     class Video:  # core VideoFromFile, reduced to what the node uses
         def __init__(self, path):
@@ -636,11 +662,12 @@ def video_node(tmp_path, monkeypatch):
         def get_stream_source(self):
             return str(self.path)
 
-    def run(path, prefix="streamvsr/test"):
+    def run(path, prefix="streamvsr/test", resume=False, seed=1):
         return module.StreamVSRVideoUpscale.execute(
-            model=object(), flow_model=object(), video=Video(path), seed=1, steps=1, codec="lossless",
-            scene_cut_threshold=0.0, filename_prefix=prefix, resume=False)
+            model=object(), flow_model=object(), video=Video(path), seed=seed, steps=1, codec="lossless",
+            scene_cut_threshold=0.0, filename_prefix=prefix, resume=resume)
 
+    run.mm, run.engines = mm, engines
     return run, tmp_path / "comfy" / "output" / "streamvsr"
 
 
@@ -671,3 +698,67 @@ def test_video_node_honours_rotation(tmp_path, video_node):
     frames = noise_clip(clip, n=2, w=16, h=8, codec="ffv1", rotation=90)
     got = decode(run(clip).values[0][1])
     assert got[0].shape == (64, 32, 3) and np.array_equal(got[0], nearest4(np.rot90(frames[0])))
+
+
+def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, video_node):
+    """Cancel arrives while a frame is computed: ComfyUI's progress hook would raise it while that frame is being
+    written, past the checkpoint; the node leaves it to the poll before the next frame, which checkpoints."""
+    import fake_comfy
+
+    run, folder = video_node
+    clip = tmp_path / "in.mkv"
+    frames = noise_clip(clip, n=6, w=16, h=8, codec="ffv1")
+
+    class CancelledDuringFrame3(Identity):
+        def step(self, frame, state):
+            if state.frame_index == 2:
+                run.mm.interrupt_current_processing()  # the Cancel button, pressed while this frame runs
+            return super().step(frame, state)
+
+    run.engines[0] = CancelledDuringFrame3
+    with pytest.raises(fake_comfy.Interrupted):
+        run(clip, resume=True)
+    job = ResumeFiles(folder / "test_00001_.mkv")
+    assert job.read_info()["frames"] == 3  # frames 0-2 were done and written: none is redone
+    run.engines[0] = Identity
+    out = Path(run(clip, resume=True).values[0][1])
+    assert out.name == "test_00001_.mkv" and not job.state.exists()
+    got = decode(out)
+    assert len(got) == 6 and all(np.array_equal(g, nearest4(f)) for g, f in zip(got, frames))
+
+
+def test_video_node_resumes_only_its_own_job(tmp_path, video_node):
+    """resume continues the unfinished job of this prefix with these settings: not a job of another input or
+    seed (those stay as they are, and a new file is started), not one of a longer prefix (test_v2_…)."""
+    run, folder = video_node
+    first, second = tmp_path / "a.mkv", tmp_path / "b.mkv"
+    frames_a = noise_clip(first, n=5, w=16, h=8, codec="ffv1")
+    noise_clip(second, n=4, w=16, h=8, codec="ffv1")
+
+    class StopsAtFrame2(Identity):
+        def step(self, frame, state):
+            if state.frame_index == 2:
+                run.mm.interrupt_current_processing()
+            return super().step(frame, state)
+
+    import fake_comfy
+
+    run.engines[0] = StopsAtFrame2
+    for prefix in ("streamvsr/test_v2", "streamvsr/test"):
+        with pytest.raises(fake_comfy.Interrupted):
+            run(first, prefix=prefix, resume=True)
+    unfinished = {p.name for p in folder.iterdir() if p.name.endswith(".streamvsr-resume.safetensors")}
+    assert unfinished == {"test_v2_00001_.mkv.streamvsr-resume.safetensors",
+                          "test_00001_.mkv.streamvsr-resume.safetensors"}
+    run.engines[0] = Identity
+    # another input, then another seed, with the same prefix: new jobs, the unfinished one untouched
+    other = Path(run(second, resume=True).values[0][1])
+    assert other.name == "test_00002_.mkv" and len(decode(other)) == 4
+    reseeded = Path(run(first, resume=True, seed=2).values[0][1])
+    assert reseeded.name == "test_00003_.mkv"
+    assert ResumeFiles(folder / "test_00001_.mkv").read_info()["frames"] == 3
+    # the job itself: continued to the end under its own name; test_v2's job is still there
+    done = Path(run(first, resume=True).values[0][1])
+    assert done.name == "test_00001_.mkv" and not ResumeFiles(done).state.exists()
+    assert all(np.array_equal(g, nearest4(f)) for g, f in zip(decode(done), frames_a))
+    assert ResumeFiles(folder / "test_v2_00001_.mkv").read_info()["frames"] == 3

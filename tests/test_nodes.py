@@ -241,13 +241,68 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     caplog.clear()
     with caplog.at_level("INFO"):
         _, state = _upscale(nodes, model, flow, small, "9", seed=2, continue_sequence=True)
-    assert "seed or steps changed" in caplog.text and state.frame_index == 1
+    assert "seed, steps or flow model changed" in caplog.text and state.frame_index == 1
     (other,) = _run(nodes["StreamVSRLoadModel"], model="tiny", precision="fp32")
     other.model.streamvsr_source = "another"
     caplog.clear()
     with caplog.at_level("INFO"):
         _, state = _upscale(nodes, other, flow, small, "9", seed=2, continue_sequence=True)
     assert "model" in caplog.text and state.frame_index == 1
+    # the flow model is part of the sequence too: other weights, or other options that change its numbers
+    _upscale(nodes, other, flow, small, "9", seed=2)
+    (fewer,) = _run(nodes["StreamVSRLoadFlowModel"], model="raft_small_test.pth", correlation="auto",
+                    resolution="full", iterations=3)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _, state = _upscale(nodes, other, fewer, small, "9", seed=2, continue_sequence=True)
+    assert "flow model changed" in caplog.text and state.frame_index == 1
+    (same,) = _run(nodes["StreamVSRLoadFlowModel"], model="raft_small_test.pth", correlation="on_demand",
+                   resolution="full", iterations=3)  # the same numbers in less memory: continues
+    _, state = _upscale(nodes, other, same, small, "9", seed=2, continue_sequence=True)
+    assert state.frame_index == 2
+
+
+def test_a_state_handed_to_another_node_leaves_the_cache_valid(comfy):
+    """One node's state output wired into another's state input: re-queueing the unchanged workflow is served
+    from ComfyUI's cache (the runs' results depend on their inputs alone), also for other nodes."""
+    from streamvsr.nodes import stream_diffvsr as vsr
+
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    fp = nodes["StreamVSRUpscale"].fingerprint_inputs
+    images = _frames(3)
+    key = fp(continue_sequence=False)
+    first, state = _upscale(nodes, model, flow, images[:2], "50")
+    second, _ = _upscale(nodes, model, flow, images[2:], "51", state=state)
+    assert fp(continue_sequence=False) == key
+    again, _ = _upscale(nodes, model, flow, images[2:], "51", state=state)  # ComfyUI would not even run it
+    assert torch.equal(again, second) and fp(continue_sequence=False) == key
+    assert torch.equal(torch.cat([first, second]), _upscale(nodes, model, flow, images, "52")[0])
+    # node 51 continues another state now (equal numbers, but another run of node 50): a cached result of the
+    # earlier run would leave node 51's stored sequence at this one's end
+    _, other = _upscale(nodes, model, flow, images[:2], "50")
+    _upscale(nodes, model, flow, images[2:], "51", state=other)
+    assert fp(continue_sequence=False) != key
+    assert vsr.STREAMS.get("51").state.frame_index == 3
+
+
+def test_sequence_mistakes_are_reported_before_the_models_load(comfy):
+    from streamvsr.models.flashvsr.engine import new_state as flashvsr_state
+
+    mm, nodes = comfy
+    model, flow = _models(nodes)
+    loads = len(mm.calls["load_models_gpu"])
+    with pytest.raises(ValueError, match="no earlier chunk.*chunk index to 0"):
+        _upscale(nodes, model, flow, _frames(2), "60", start_frame=8)
+    with pytest.raises(ValueError, match="another kind of upscale node.*Stream Upscale"):
+        _upscale(nodes, model, flow, _frames(2), "60", state=flashvsr_state(1))
+    assert len(mm.calls["load_models_gpu"]) == loads
+
+
+def test_two_alike_upscale_nodes_do_not_share_a_cached_result(comfy):
+    # ComfyUI adds the node id to the cache key of a not-idempotent node only (V3's unique_id does not)
+    _, nodes = comfy
+    assert nodes["StreamVSRUpscale"].define_schema().kwargs.get("not_idempotent") is True
 
 
 def test_cpu_layers_can_be_turned_off_for_memory(comfy):
@@ -315,7 +370,7 @@ def test_interrupt_keeps_stored_state(monkeypatch, tmp_path, assets):
 
 
 def test_out_of_memory_retries_with_on_demand_correlation(comfy):
-    _, nodes = comfy
+    mm, nodes = comfy
     model, flow = _models(nodes, correlation="all_pairs")
     raft = flow.model.raft
     real_forward = raft.forward
@@ -341,6 +396,7 @@ def test_out_of_memory_retries_with_on_demand_correlation(comfy):
     raft.forward = always_oom
     with pytest.raises(RuntimeError, match="ran out of memory.*--lowvram"):
         _upscale(nodes, model, flow, images)
+    assert mm.calls["unload_all_models"] == 1  # as ComfyUI does after its own out-of-memory errors
     del raft.forward
 
 

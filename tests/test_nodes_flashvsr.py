@@ -216,12 +216,17 @@ def test_chunked_runs_equal_one_run(comfy, whole30):
 
 
 def test_chunk_errors_and_restarts(comfy, whole30, caplog):
+    from streamvsr.models.stream_diffvsr.engine import new_state as stream_diffvsr_state
     from streamvsr.nodes import flashvsr
 
-    _, nodes = comfy
+    mm, nodes = comfy
     model = _load(nodes)
+    # mistakes in the sequence are reported before the models load
     with pytest.raises(ValueError, match="no earlier chunk"):
         _upscale(nodes, model, whole30[8:16], "4", start_frame=8, last_chunk=False)
+    with pytest.raises(ValueError, match="another kind of upscale node.*FlashVSR Upscale"):
+        _upscale(nodes, model, whole30[8:16], "4", state=stream_diffvsr_state(1))
+    assert mm.calls["load_models_gpu"] == []
     _upscale(nodes, model, whole30[:8], "4", start_frame=0, last_chunk=False)
     stored = flashvsr.STREAMS.get("4")
     with pytest.raises(ValueError, match="ended at frame 8: queue the chunk that starts at frame 8"):
@@ -429,9 +434,14 @@ def test_download_messages(monkeypatch, tmp_path):
     assert hub.git_blob_id(fake) == __import__("hashlib").sha1(b"blob 14\0not the prompt").hexdigest()
 
 
-def test_workflows_reference_known_nodes_and_widgets():
-    """Every workflow's nodes exist in this pack or in core, and its links agree with its node records."""
+def test_workflows_reference_known_nodes_and_widgets(comfy):
+    """Every workflow's nodes exist in this pack or in core, its links agree with its node records, and each of
+    this pack's nodes has a value for every widget of its schema, in the schema's order (a node saved before a
+    widget was added loads with that widget's default, which the file then does not show)."""
     import pathlib
+
+    _, nodes = comfy
+    widget_types = {"INT", "FLOAT", "BOOLEAN", "COMBO", "STRING"}
 
     root = pathlib.Path(__file__).resolve().parents[1] / "workflows"
     core = {"LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo", "SaveImage", "VAELoader", "VAEDecode",
@@ -444,6 +454,14 @@ def test_workflows_reference_known_nodes_and_widgets():
         ids = {n["id"]: n for n in w["nodes"]}
         for n in w["nodes"]:
             assert n["type"].startswith("StreamVSR") or n["type"] in core, (name, n["type"])
+            if n["type"] in nodes:
+                widgets = [i for i in nodes[n["type"]].define_schema().inputs
+                           if i.io_type in widget_types and not i.kwargs.get("force_input")]
+                assert [i["name"] for i in n["inputs"] if "widget" in i] == [i.id for i in widgets], \
+                    (name, n["type"])
+                # control_after_generate adds its own widget (increment, randomize, …) after its input's
+                controls = sum(bool(i.kwargs.get("control_after_generate")) for i in widgets)
+                assert len(n.get("widgets_values", [])) == len(widgets) + controls, (name, n["type"])
         for link_id, src, src_slot, dst, dst_slot, kind in w["links"]:
             assert link_id in ids[src]["outputs"][src_slot]["links"], (name, link_id)
             assert ids[dst]["inputs"][dst_slot]["link"] == link_id, (name, link_id)

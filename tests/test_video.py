@@ -160,7 +160,8 @@ def audio_info(path):
             return None
         s = c.streams.audio[0]
         samples = sum(f.samples for f in c.decode(audio=0))
-        return {"codec": s.codec_context.name, "seconds": samples / s.codec_context.sample_rate}
+        return {"codec": s.codec_context.name, "seconds": samples / s.codec_context.sample_rate,
+                "channels": s.codec_context.channels}
 
 
 def stream_info(path):
@@ -206,12 +207,43 @@ def test_variable_frame_timing_and_pcm_audio(tmp_path):
     upscale_video(FakeEngine(), clip, mp4)
     assert video_times(mp4) == pytest.approx(video_times(clip), abs=1e-3)
     assert audio_info(mp4)["codec"] == "aac"  # PCM cannot go into MP4: re-encoded
+    assert audio_info(mp4)["channels"] == audio_info(clip)["channels"] == 1  # not made stereo
     # AAC adds up to two frames (priming + padding, 2 x 1024 samples = 0.128 s at 16 kHz)
     assert audio_info(clip)["seconds"] <= audio_info(mp4)["seconds"] <= audio_info(clip)["seconds"] + 0.13
     mkv = tmp_path / "out.mkv"
     upscale_video(FakeEngine(), clip, mkv, codec="lossless")
     assert audio_info(mkv) == audio_info(clip)  # copied as it is
     assert video_times(mkv) == pytest.approx(video_times(clip), abs=1e-3)
+
+
+def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
+    """ADPCM (QuickTime) cannot go into Matroska at all: re-encoded to AAC, with and without resume (where the
+    audio joins at the end, after every frame is done)."""
+    clip = tmp_path / "in.mov"
+    c = av.open(str(clip), "w")
+    v = c.add_stream("libx264", rate=24)
+    v.width, v.height, v.pix_fmt = 32, 24, "yuv420p"
+    a = c.add_stream("adpcm_ima_qt", rate=16000)
+    a.layout = "mono"
+    for i in range(6):
+        for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")):
+            c.mux(p)
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(4000) / 16000) * 32767).astype(np.int16)[None]
+    for k in range(0, wave.shape[1], 1024):
+        fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k:k + 1024]), format="s16", layout="mono")
+        fr.sample_rate, fr.pts = 16000, k
+        for p in a.encode(fr):
+            c.mux(p)
+    for p in list(a.encode()) + list(v.encode()):
+        c.mux(p)
+    c.close()
+    assert audio_info(clip)["codec"] == "adpcm_ima_qt"
+    for resume in (False, True):
+        out = tmp_path / f"out{resume}.mkv"
+        assert upscale_video(FakeEngine(), clip, out, codec="lossless", resume=resume)["frames"] == 6
+        got = audio_info(out)
+        assert got["codec"] == "aac" and got["channels"] == 1
+        assert audio_info(clip)["seconds"] <= got["seconds"] <= audio_info(clip)["seconds"] + 0.13
 
 
 def test_odd_sizes(tmp_path):

@@ -9,8 +9,19 @@ from .reader import open_input
 log = logging.getLogger(__name__)
 
 # Audio codecs MP4/MOV carry without trouble in every FFmpeg version; others are re-encoded to AAC there.
-# Matroska takes any codec.
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3"}
+
+
+# FFmpeg's default channel order for a count, where a source gives only the count (PCM in Matroska does)
+_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+def _named_layout(layout):
+    """``layout``, or the default one for its channel count where it names no order ("2 channels"): the AAC
+    encoder refuses those."""
+    if layout.name.endswith(" channels") and layout.nb_channels in _DEFAULT_LAYOUTS:
+        return _DEFAULT_LAYOUTS[layout.nb_channels]
+    return layout
 
 
 class AudioCopy:
@@ -23,11 +34,15 @@ class AudioCopy:
         self.map = {}
         mp4 = out_suffix.lower() in (".mp4", ".mov", ".m4v")
         for a in self.streams:
-            if mp4 and a.codec_context.name not in MP4_AUDIO:
+            # Matroska takes nearly anything; what a container cannot hold at all (ADPCM in Matroska) is
+            # re-encoded too, rather than failing once the video is done
+            if (mp4 and a.codec_context.name not in MP4_AUDIO) or a.codec_context.name not in sink.supported_codecs:
                 log.info("audio stream %d (%s) cannot go into %s as it is: re-encoding to AAC",
                          a.index, a.codec_context.name, out_suffix)
                 out = sink.add_stream("aac", rate=a.codec_context.sample_rate)
-                out.bit_rate = 192000
+                # the source's channels (PyAV's default would be stereo), at AAC's usual 96 kbit/s per channel
+                out.layout = _named_layout(a.codec_context.layout)
+                out.bit_rate = 96000 * a.codec_context.layout.nb_channels
                 self.map[a.index] = ("encode", out)
             else:
                 self.map[a.index] = ("copy", sink.add_stream_from_template(a))

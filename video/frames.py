@@ -244,10 +244,12 @@ def check_folder_outputs(in_dirs, out_dir: Path, inputs: list[Path], names: list
         raise OutputExistsError(f"{out_dir} already has {existing[0].name}{more}; add --overwrite to replace them")
 
 
-def _prepare(out_dir: Path) -> None:
-    """Under the folder's lock: create it, and clear temporary files of a run that did not finish."""
+def _prepare(out_dir: Path, names: list[str]) -> None:
+    """Under the folder's lock: create it, and clear the temporary files of this run's outputs ``names`` that a run
+    which did not finish left. Only those: the lock is the folder's, and a video being upscaled into the same
+    folder holds its own lock, not this one."""
     make_folder(out_dir)
-    remove_stale(sorted(out_dir.glob(f"*{TMP_TAG}.*")))
+    remove_stale([temp_path(out_dir / name) for name in names])
 
 
 def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, save: str = "png",
@@ -265,7 +267,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
     check_folder_outputs({p.parent for p in files}, out_dir, files, names, overwrite)
     make_folder(out_dir.parent)
     with OutputLock(out_dir):
-        _prepare(out_dir)
+        _prepare(out_dir, names)
         state = engine.new_state(seed)
         stems: deque[str] = deque()
         written = 0
@@ -300,10 +302,11 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
 
 
 def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], files: list[Path], out_dir: Path,
-                save: str = "npy", overwrite: bool = False) -> int:
+                save: str = "npy", overwrite: bool = False, progress: Callable[[int], None] | None = None) -> int:
     """For each consecutive pair of ``files``, write the flow that backward-warps frame i-1 onto frame i, i.e.
     ``estimator(image1=frame i, image2=frame i-1)``, at input resolution, named after frame i: ``npy`` = float32
-    H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture. Returns the number of flows written.
+    H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture. Returns the number of flows written;
+    ``progress(count)`` after each.
     One frame gives no flow: that is an error, not an empty success."""
     from ..models.raft.visualise import flow_to_image
 
@@ -321,7 +324,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     previous = None
     count = 0
     with OutputLock(out_dir):
-        _prepare(out_dir)
+        _prepare(out_dir, names)
         for path in files:
             try:
                 current = read_frame(path)[None] * 2 - 1
@@ -348,5 +351,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 publish(tmp, target, overwrite=overwrite)
                 count += 1
                 log.debug("flow %s", path.name)
+                if progress is not None:
+                    progress(count)
             previous = current
     return count

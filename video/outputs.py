@@ -42,10 +42,21 @@ def temp_path(path) -> Path:
     return path.with_name(f"{path.stem}{TMP_TAG}{path.suffix}")
 
 
-def partial_path(path) -> Path:
-    """Where the finished part of an incomplete output is kept, labelled as such."""
+def partial_path(path, number: int = 1) -> Path:
+    """Where the finished part of an incomplete output is kept, labelled as such; ``number`` > 1 for the later
+    ones of the same output (``free_partial_path``)."""
     path = Path(path)
-    return path.with_name(f"{path.stem}{PARTIAL_TAG}{path.suffix}")
+    tag = PARTIAL_TAG if number == 1 else f"{PARTIAL_TAG}-{number}"
+    return path.with_name(f"{path.stem}{tag}{path.suffix}")
+
+
+def free_partial_path(path) -> Path:
+    """The first partial name of ``path`` not in use: an older partial result is never replaced (called under
+    the output's lock, so no other run of this output takes the name meanwhile)."""
+    number = 1
+    while os.path.lexists(partial_path(path, number)):
+        number += 1
+    return partial_path(path, number)
 
 
 def lock_path(target) -> Path:
@@ -56,9 +67,15 @@ def lock_path(target) -> Path:
 
 
 def same_file(a, b) -> bool:
-    """Whether two paths name the same file (hard links and symbolic links included)."""
+    """Whether two paths name the same file (hard links and symbolic links included), also where one is not
+    there yet: ``new/../in.mp4`` is ``in.mp4`` once the folder ``new`` exists."""
     try:
-        return os.path.samefile(a, b)
+        if os.path.samefile(a, b):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
     except (OSError, ValueError):
         return False
 
@@ -121,13 +138,13 @@ def publish(tmp, out, overwrite: bool = False) -> Path:
     try:
         os.link(tmp, out)
     except FileExistsError:
-        kept = partial_path(out)
+        kept = free_partial_path(out)
         os.replace(tmp, kept)
         raise OutputExistsError(f"{out} was created by something else while this run wrote it; it was left alone "
                                 f"and the finished result is in {kept}") from None
     except OSError:  # a file system without hard links (FAT, some network shares): check, then rename
         if os.path.lexists(out):
-            kept = partial_path(out)
+            kept = free_partial_path(out)
             os.replace(tmp, kept)
             raise OutputExistsError(f"{out} was created by something else while this run wrote it; it was left "
                                     f"alone and the finished result is in {kept}") from None
@@ -141,12 +158,12 @@ def publish(tmp, out, overwrite: bool = False) -> Path:
 
 
 def keep_partial(tmp, out) -> Path | None:
-    """Keep an unfinished ``tmp`` under the partial name of ``out`` (replacing an older partial result of the same
-    output). Returns where it is, or None if there was nothing."""
+    """Keep an unfinished ``tmp`` under a free partial name of ``out`` (an older partial result stays). Returns
+    where it is, or None if there was nothing."""
     tmp = Path(tmp)
     if not tmp.exists():
         return None
-    kept = partial_path(out)
+    kept = free_partial_path(out)
     os.replace(tmp, kept)
     return kept
 

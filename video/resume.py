@@ -17,12 +17,15 @@ from .audio import AudioCopy
 RESUME_VERSION = 3
 
 
+STATE_SUFFIX = ".streamvsr-resume.safetensors"  # a job's checkpoint: its output's name with this added
+
+
 class ResumeFiles:
     """The work files of a resumable job writing ``out_path``."""
 
     def __init__(self, out_path):
         self.out = Path(out_path)
-        self.state = self.out.with_name(self.out.name + ".streamvsr-resume.safetensors")
+        self.state = self.out.with_name(self.out.name + STATE_SUFFIX)
 
     def part(self, index: int) -> Path:
         # NUT keeps every timestamp exactly in the input's time base (MP4 would round a segment's start to the

@@ -367,7 +367,10 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             if files is None:
                 if written > start_written:
                     kept = keep_partial(tmp, out_path)
-                    log.warning("the %d frames written before this error are in %s", written, kept)
+                    if kept is not None:
+                        log.warning("the %d frames written before this error are in %s", written, kept)
+                    else:  # the writer failed before it made its file
+                        log.warning("the %d frames done before this error could not be kept", written)
                 else:
                     remove_stale([tmp], "an empty output of a failed run")
             raise
