@@ -251,6 +251,17 @@ def test_odd_sizes(tmp_path):
     out = tmp_path / "out.mp4"
     assert upscale_video(FakeEngine(), clip, out)["size"] == (132, 100)
     assert stream_info(out)["size"] == (132, 100)
+    # an engine that makes odd sides (FlashVSR at scale 3): the summary gives the size the file has
+    class Times3(FakeEngine):
+        scale = 3
+
+        def step(self, frame, state):
+            hr, state = super().step(frame, state)
+            return torch.nn.functional.interpolate(frame[None], scale_factor=3, mode="nearest"), state
+
+    assert upscale_video(Times3(), clip, tmp_path / "x3.mp4")["size"] == stream_info(tmp_path / "x3.mp4")["size"] \
+        == (100, 76)
+    assert upscale_video(Times3(), clip, tmp_path / "x3.mkv", codec="lossless")["size"] == (99, 75)
     # the writer on its own pads odd frames by one replicated row/column for 4:2:0
     w = VideoWriter(tmp_path / "odd.mp4", 33, 25, Fraction(24), Fraction(1, 24))
     w.write(np.full((25, 33, 3), 90, np.uint8), 0)

@@ -234,8 +234,14 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     detector = SceneCutDetector(scene_cut_threshold) if scene_cut_threshold else None
     scale = int(engine.scale)
     size = (info.width * scale, info.height * scale)
+    encoded = size
+    if codec_spec(codec, out_path).pix_fmt == "yuv420p" and (size[0] % 2 or size[1] % 2):
+        # FlashVSR at scale 1 or 3 can make odd sides, which 4:2:0 cannot hold (VideoWriter pads them)
+        encoded = (size[0] + size[0] % 2, size[1] + size[1] % 2)
+        log.info("the output frames are %dx%d; H.264 in 4:2:0 needs even sides, so the file is %dx%d (the last "
+                 "column or row repeated; the lossless codec keeps the size)", *size, *encoded)
     fp = {**job.base, "model": engine.identity()}
-    summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": size,
+    summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": encoded,
                "path": str(out_path), "resumed_from": 0, "interrupted": False, "input_problem": None}
 
     state, consumed, written, segments, complete = engine.new_state(seed), 0, 0, 0, False
