@@ -216,6 +216,40 @@ def test_variable_frame_timing_and_pcm_audio(tmp_path):
     assert video_times(mkv) == pytest.approx(video_times(clip), abs=1e-3)
 
 
+def test_re_encoded_audio_keeps_its_start(tmp_path):
+    """Audio that starts half a second after the video still does once re-encoded (PCM cannot go into MP4)."""
+    clip = tmp_path / "late.mkv"
+    c = av.open(str(clip), "w")
+    v = c.add_stream("ffv1", rate=24)
+    v.width, v.height, v.pix_fmt = 32, 24, "bgr0"
+    a = c.add_stream("pcm_s16le", rate=16000)
+    a.layout = "mono"
+    for i in range(24):
+        for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")):
+            c.mux(p)
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000) * 32767).astype(np.int16)[None]
+    for k in range(0, wave.shape[1], 1024):
+        fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k:k + 1024]), format="s16", layout="mono")
+        fr.sample_rate, fr.pts, fr.time_base = 16000, 8000 + k, Fraction(1, 16000)
+        for p in a.encode(fr):
+            c.mux(p)
+    for p in list(a.encode()) + list(v.encode()):
+        c.mux(p)
+    c.close()
+
+    def audio_start(path):  # presentation time of the first decoded sample
+        with av.open(str(path)) as f:
+            frame = next(f.decode(audio=0))
+            return float(frame.pts * frame.time_base)
+
+    assert audio_start(clip) == pytest.approx(0.5, abs=1e-3)
+    out = tmp_path / "out.mp4"
+    upscale_video(FakeEngine(), clip, out)
+    assert audio_info(out)["codec"] == "aac"
+    # AAC's priming (1024 samples = 64 ms here) may show before the start, as the encoder's delay
+    assert audio_start(out) == pytest.approx(0.5, abs=0.07)
+
+
 def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
     """ADPCM (QuickTime) cannot go into Matroska at all: re-encoded to AAC, with and without resume (where the
     audio joins at the end, after every frame is done)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 
 from .reader import open_input
 
@@ -49,6 +50,7 @@ class AudioCopy:
         self.packets = self.container.demux(self.streams) if self.streams else iter(())
         self.pending = None
         self.position = "the start"
+        self.samples: dict[int, int] = {}  # re-encoded stream -> its next frame's timestamp, in samples
 
     def mux_until(self, seconds: float | None) -> None:
         """Mux audio packets that start before ``seconds`` (all of them if None)."""
@@ -87,8 +89,18 @@ class AudioCopy:
                     log.warning("skipped a damaged audio packet at %s (%s)", self.position, e)
                     continue
                 for frame in decoded:
-                    frame.pts = None  # the encoder's resampler re-times the re-chunked frames
+                    self._retime(packet.stream.index, frame)
                     self.sink.mux(out.encode(frame))
+
+    def _retime(self, index: int, frame) -> None:
+        """Sample-exact timestamps for a frame to re-encode: the stream's first timestamp (so audio that starts
+        after the video still does), then the samples before this frame; the encoder re-chunks them."""
+        rate = frame.sample_rate
+        if index not in self.samples:
+            start = frame.pts * frame.time_base if frame.pts is not None and frame.time_base else 0
+            self.samples[index] = max(round(start * rate), 0)
+        frame.pts, frame.time_base = self.samples[index], Fraction(1, rate)
+        self.samples[index] += frame.samples
 
     def finish(self, until: float | None) -> None:
         try:
