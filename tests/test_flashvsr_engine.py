@@ -101,6 +101,30 @@ def test_output_frame_i_belongs_to_input_frame_i(engine):
     assert (means - lr_means).abs().max() < 0.02
 
 
+def test_colour_statistics_are_those_of_the_visible_frame(engine):
+    """Where the output is padded to multiples of 128 (80x144 -> 128x256, the last row and column repeated),
+    AdaIN takes the mean of the frame returned, as the official code (which crops instead) does: a dark bottom
+    and right edge, repeated into the padding, must not darken the picture."""
+    from PIL import Image
+
+    n = 26
+    g = torch.Generator().manual_seed(7)
+    frames = 0.6 + 0.3 * torch.rand(n, 3, 20, 36, generator=g)
+    frames[:, :, -1, :] = 0.0
+    frames[:, :, :, -1] = 0.0
+    out, _ = _run(engine, frames)
+    assert out.shape == (n, 3, 80, 144)
+
+    def bicubic(frame):  # the official preprocessing's upscale, on 8-bit pixels
+        pixels = (frame.permute(1, 2, 0) * 255).round().byte().numpy()
+        return torch.from_numpy(np.array(Image.fromarray(pixels).resize((144, 80), Image.BICUBIC))) / 255.0
+
+    want = torch.stack([bicubic(f).mean(dim=(0, 1)) for f in frames])
+    # up to what clamping to [0, 1] moves (a random decoder's spread is wide); statistics of the padded frame
+    # were off by up to 0.5 here
+    assert (out.mean(dim=(2, 3)) - want).abs().max() < 0.05
+
+
 def test_sizes_are_exactly_scale_times_the_input(folder):
     eng = load_engine(folder, device="cpu", dtype=torch.float32, scale=2)
     frames = _frames(3, h=20, w=36)

@@ -329,12 +329,15 @@ class FlashVSREngine:
             self.latent_sink(latents)
         reference = frames(c.output)
         video, decoder_state = pipe.tc_decoder.decode(latents, reference, state.decoder)
-        video = color_fix(video, reference.to(video.dtype), self.color_fix)
+        # The colour statistics are those of the frames returned, as the official code's (it crops where this
+        # pads): the padding at the bottom and right is cut off first.
+        h, w = state.lr_size
+        crop = (..., slice(0, h * self.scale), slice(0, w * self.scale))
+        video = color_fix(video[crop], reference[crop].to(video.dtype), self.color_fix)
         first, end = c.output
         if keep is not None:
             end = min(end, keep)
-        h, w = state.lr_size
-        out = video[0, :, :end - first, : h * self.scale, : w * self.scale].transpose(0, 1)
+        out = video[0, :, :end - first].transpose(0, 1)
         out = ((out.float() + 1) / 2).clamp(0, 1)
         # The next chunk reads LR frames from its output start on (its LQ frames come later).
         nxt = chunk(state.chunks + 1).output[0]
