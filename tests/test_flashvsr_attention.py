@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from streamvsr.models.flashvsr import attention as A
 
@@ -209,6 +210,37 @@ def test_flex_path_matches_dense_reference():
         got = A.flex_block_sparse_attention(q, k, v, mask)
     assert torch.allclose(got.double(), dense_reference(q, k, v, mask), atol=2e-5)
     assert (got[1, 0] == 0).all()
+
+
+def test_compiled_flex_is_not_limited_to_eight_shapes_and_never_falls_back_to_eager(monkeypatch):
+    """Dynamo compiles flex_attention for at most recompile_limit shapes per process and then runs it eagerly
+    (the whole score matrix); the engine's compiled flex raises the limit around its calls and, past its own
+    limit, stops with an error instead of falling back. On the CPU (the engine compiles flex on CUDA only), with
+    plain attention: Inductor's CPU template does not build the engine's block masks."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # as if other shapes had used it up
+    flex = A.compiled_flex_attention()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 128, D, generator=g)
+    try:
+        for keys in (128, 256, 384):  # three key lengths: three graphs
+            k, v = torch.randn(2, 1, 2, keys, D, generator=g)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # eager flex warns that it materialises the scores
+                got = flex(q, k, v)
+            assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+    except (AssertionError, UserWarning):
+        raise
+    except Exception as e:  # noqa: BLE001 - no C++ compiler for Inductor here
+        pytest.skip(f"torch.compile of flex_attention unavailable on this CPU: {type(e).__name__}")
+    monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 3)
+    k, v = torch.randn(2, 1, 2, 512, D, generator=g)
+    with pytest.raises(RuntimeError, match="compiled for 3 shapes.*'gather' attention"):
+        flex(q, k, v)
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -222,6 +222,44 @@ def test_streaming_chunks(tiny):
         model.forward_chunk(latents(2, 16, 32), None, cache, 12, model.prepare(prompt))
 
 
+def test_each_lq_layer_adds_its_tokens_before_its_block(tiny):
+    """The official adds LQ layer i's tokens before block i (for i below the layer count); the released files
+    have one layer, added after the patch embedding, i.e. before block 0."""
+    model, prompt = tiny
+    assert len(model.blocks) >= 2
+    c = model.prepare(prompt)
+    x = latents(6)
+    g = torch.Generator().manual_seed(4)
+    t0, t1 = (0.3 * torch.randn(1, 6 * 16 * 16, 256, generator=g) for _ in range(2))
+
+    def run(lq):
+        return model.forward_chunk(x, lq, model.new_cache(), 0, c)
+
+    one = run(t0)
+    assert torch.equal(run([t0]), one) and torch.equal(run([t0, torch.zeros_like(t1)]), one)
+    two = run([t0, t1])
+    assert not torch.allclose(two, one)  # the second layer's tokens count
+    assert not torch.allclose(two, run(t0 + t1))  # and go in before block 1, not block 0
+    # the same as adding them by hand between block 0 and block 1
+    seen = []
+    block1 = model.blocks[1]
+    real = block1.forward
+
+    def forward(tokens, *args):
+        seen.append(tokens)
+        return real(tokens, *args)
+
+    block1.forward = forward
+    try:
+        run([t0, t1])
+        run(t0)
+    finally:
+        del block1.forward
+    torch.testing.assert_close(seen[0] - seen[1], t1[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sets of LQ tokens"):
+        run([t0] * (len(model.blocks) + 1))
+
+
 def test_streaming_chunk_uses_the_cache(tiny):
     model, prompt = tiny
     c = model.prepare(prompt)

@@ -183,6 +183,35 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return out
 
 
+# Dynamo keeps one set of compiled graphs for flex_attention's code, shared by every torch.compile of it in the
+# process, and compiles at most ``recompile_limit`` (8) shapes before it runs the function eagerly: for
+# FlexAttention that is the whole score matrix (tens of GB at a 1080p output). A frame size takes two or three
+# shapes (the first chunk's and the later chunks' key lengths), so 8 are used up after a few sizes in one session.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def compiled_flex_attention():
+    """``torch.compile``-d ``flex_attention`` (static shapes) that compiles up to ``FLEX_RECOMPILE_LIMIT`` shapes,
+    and past that raises an error that says what to do instead of silently falling back to eager attention.
+    The limits are raised only around its own calls."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(*args, **kwargs):
+        limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+                return compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            raise RuntimeError(f"FlexAttention has been compiled for {limit} shapes in this process (each frame size "
+                               "and kv_ratio takes two or three); restart it, or use the 'gather' attention, which "
+                               "needs no compiling") from None
+
+    return run
+
+
 def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                 compiled=None) -> torch.Tensor:
     """The same computation through FlexAttention with a 128-token BlockMask of full tiles.

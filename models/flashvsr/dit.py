@@ -299,14 +299,16 @@ class WanDiT(nn.Module):
             backend=backend, gather_tokens=gather_tokens, compiled_flex=compiled_flex)
 
     @torch.no_grad()
-    def forward_chunk(self, x: torch.Tensor, lq_tokens: torch.Tensor | None, cache: StreamCache, t_start: int,
+    def forward_chunk(self, x: torch.Tensor, lq_tokens, cache: StreamCache, t_start: int,
                       constants: DiTConstants, sparse_ratio: float = 2.0, local_range: int = 11,
                       kv_ratio: float = 3.0, backend: str = "gather",
                       gather_tokens: int = DEFAULT_GATHER_TOKENS, compiled_flex=None,
                       on_block=None) -> torch.Tensor:
         """Velocity (1, out_dim, T, H/8, W/8) for one chunk of noise latents ``x`` (1, in_dim, T, H/8, W/8).
 
-        ``lq_tokens`` (1, T*H/16*W/16, C) is added after the patch embedding. ``t_start`` is the temporal RoPE
+        ``lq_tokens``: (1, T*H/16*W/16, C) tokens added after the patch embedding, or a list of such, one per LQ
+        projection layer, the i-th added before block i (the official arithmetic; the released projections have
+        one layer), or None. ``t_start`` is the temporal RoPE
         position of the chunk's first latent frame (official: 0 for the 6-frame first chunk, 4+2i for chunk i).
         ``cache`` is updated in place. ``on_block(i)``, if given, is called after each block (progress /
         interruption). Computation runs in ``constants.dtype``; ``x`` is cast to it.
@@ -324,12 +326,15 @@ class WanDiT(nn.Module):
         chunk = self.chunk_geometry(frames, rows, cols, t_start, sparse_ratio, local_range, x.device, backend,
                                     gather_tokens, compiled_flex)
         tokens = self.patch_embedding(x.to(dtype)).flatten(2)[0].transpose(0, 1).contiguous()
-        if lq_tokens is not None:
-            if lq_tokens.shape[-2:] != tokens.shape:
-                raise ValueError(f"LQ tokens {tuple(lq_tokens.shape)} do not match the chunk's "
-                                 f"{tuple(tokens.shape)} tokens")
-            tokens = tokens + lq_tokens.reshape(tokens.shape).to(device=tokens.device, dtype=dtype)
+        lq = [] if lq_tokens is None else [lq_tokens] if torch.is_tensor(lq_tokens) else list(lq_tokens)
+        if len(lq) > len(self.blocks):
+            raise ValueError(f"{len(lq)} sets of LQ tokens for a DiT of {len(self.blocks)} blocks")
+        for t in lq:
+            if t.shape[-2:] != tokens.shape:
+                raise ValueError(f"LQ tokens {tuple(t.shape)} do not match the chunk's {tuple(tokens.shape)} tokens")
         for i, block in enumerate(self.blocks):
+            if i < len(lq):
+                tokens = tokens + lq[i].reshape(tokens.shape).to(device=tokens.device, dtype=dtype)
             tokens, cache.blocks[i] = block(tokens, constants.block_mods[i], constants.cross_kv[i], chunk,
                                             cache.blocks[i], kv_ratio)
             if on_block is not None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
-from .attention import BlockKV, kept_slices
+from .attention import BlockKV, compiled_flex_attention, kept_slices
 from .color import METHODS as COLOR_FIXES
 from .color import color_fix
 from .dit import StreamCache, WanDiT
@@ -287,9 +287,7 @@ class FlashVSREngine:
         if self.attention != "flex":
             return None
         if self._compiled_flex is None and self.device.type == "cuda":
-            from torch.nn.attention.flex_attention import flex_attention
-
-            self._compiled_flex = torch.compile(flex_attention, dynamic=False)
+            self._compiled_flex = compiled_flex_attention()
         return self._compiled_flex
 
     def _noise(self, state: FlashVSRState, latents: int, size: tuple[int, int]):
@@ -320,7 +318,7 @@ class FlashVSREngine:
         noise, generator_state = self._noise(state, c.latents[1] - c.latents[0], size)
         cache = pipe.dit.new_cache() if state.dit is None else StreamCache(list(state.dit.blocks), state.dit.chunks,
                                                                            state.dit.grid)
-        velocity = pipe.dit.forward_chunk(noise, tokens[0], cache, c.latents[0], self._constants_for(),
+        velocity = pipe.dit.forward_chunk(noise, tokens, cache, c.latents[0], self._constants_for(),
                                           sparse_ratio=self.sparse_ratio, local_range=self.local_range,
                                           kv_ratio=self.kv_ratio, backend=self.attention,
                                           compiled_flex=self._flex())
