@@ -197,7 +197,7 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
     @classmethod
     def execute(cls, model, version, precision, attention="auto") -> io.NodeOutput:
         path = resolve_model_path(model, version)
-        files = find_files(path)
+        files = find_files(path, version)
         device = mm.get_torch_device()
         params = safetensors_numel(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
         weight_dtype, compute_dtype = pick_precision(precision, device, params)

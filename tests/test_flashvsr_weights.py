@@ -99,6 +99,20 @@ def test_repackaged_files_load(tmp_path, style, hinted, caplog):
     assert f"says {hinted}" in caplog.text  # the file name contradicts the chosen version
 
 
+def test_a_folder_with_both_releases_dit_gives_the_chosen_one(tmp_path):
+    """1038lab's folder holds the v1.1 DiT (FlashVSR1_1.safetensors) and the v1 one under kijai's name: the
+    chosen version picks the file, whichever comes first in the list of known names."""
+    from safetensors.torch import save_file
+
+    new = write_repackaged(tmp_path, "1038lab", seed=1)
+    old = write_repackaged(tmp_path / "kijai", "kijai", seed=2)
+    save_file(old["dit"], str(tmp_path / "Wan2_1-T2V-1_3B_FlashVSR_fp32.safetensors"))
+    assert fw.find_files(tmp_path, "v1").dit.name == "Wan2_1-T2V-1_3B_FlashVSR_fp32.safetensors"
+    assert fw.find_files(tmp_path, "v1.1").dit.name == "FlashVSR1_1.safetensors"
+    assert_same(fw.read_flashvsr(tmp_path, "v1", verify_version=False).dit, old["dit"])
+    assert_same(fw.read_flashvsr(tmp_path, "v1.1", verify_version=False).dit, new["dit"])
+
+
 def test_dit_with_merged_lq_projection(tmp_path):
     from safetensors.torch import save_file
 

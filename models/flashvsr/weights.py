@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 FORMAT = "streamvsr/flashvsr"
 DIT_FILES = ("diffusion_pytorch_model_streaming_dmd.safetensors", "FlashVSR1_1.safetensors",
              "Wan2_1-T2V-1.1_3B_FlashVSR_fp32.safetensors", "Wan2_1-T2V-1_3B_FlashVSR_fp32.safetensors")
+# the DiT file names that say which release they hold (the official name is the same for both)
+DIT_VERSIONS = {"FlashVSR1_1.safetensors": "v1.1", "Wan2_1-T2V-1.1_3B_FlashVSR_fp32.safetensors": "v1.1",
+                "Wan2_1-T2V-1_3B_FlashVSR_fp32.safetensors": "v1"}
 LQ_FILES = ("LQ_proj_in.ckpt", "LQ_proj_in.safetensors", "Wan2_1_FlashVSR_LQ_proj_model_bf16.safetensors")
 TC_FILES = ("TCDecoder.ckpt", "TCDecoder.safetensors", "Wan2_1_FlashVSR_TCDecoder_fp32.safetensors")
 PROMPT_FILES = ("posi_prompt.pth", "Prompt.safetensors", "prompt_tensor/posi_prompt.pth")
@@ -165,19 +168,21 @@ def _first(folder: Path, names) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
-def find_files(path) -> FlashVSRFiles:
-    """The files of a FlashVSR model given as a folder, as one of its DiT files, or as a converted file."""
+def find_files(path, version: str | None = None) -> FlashVSRFiles:
+    """The files of a FlashVSR model given as a folder, as one of its DiT files, or as a converted file. In a
+    folder with the DiT of both releases under their names (1038lab's), ``version`` picks which."""
     path = Path(path).expanduser()
     if path.is_file():
         if _is_converted(path):
             return FlashVSRFiles(path, path, path, path, single=True)
         if path.name in LQ_FILES + TC_FILES + PROMPT_FILES:
-            return find_files(path.parent)  # another component of the folder was picked
+            return find_files(path.parent, version)  # another component of the folder was picked
         folder = path.parent
         dit = path
     elif path.is_dir():
         folder = path
-        dit = _first(folder, DIT_FILES)
+        named = [n for n in DIT_FILES if DIT_VERSIONS.get(n) == version]
+        dit = _first(folder, named + [n for n in DIT_FILES if n not in named])
         converted = sorted(p for p in folder.glob("*.safetensors") if _is_converted(p))
         if dit is None and len(converted) == 1:
             return FlashVSRFiles(converted[0], converted[0], converted[0], converted[0], single=True)
@@ -261,7 +266,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
     ``verify_version`` the LQ projection file is hashed (about a second) to spot the published v1.1 file.
     Raises WeightsError naming the file and the offending keys when something does not match.
     """
-    files = find_files(path)
+    files = find_files(path, version)
     facts: dict = {"files": {}, "ignored": {}}
     if files.single:
         dit, lq, tc, prompt, meta = _split_converted(files.dit)
