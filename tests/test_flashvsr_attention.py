@@ -221,25 +221,25 @@ def test_compiled_flex_is_not_limited_to_eight_shapes_and_never_falls_back_to_ea
     import torch._dynamo
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # as if other shapes had used it up
     flex = A.compiled_flex_attention()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 128, D, generator=g)
-    try:
-        for keys in (128, 256, 384):  # three key lengths: three graphs
-            k, v = torch.randn(2, 1, 2, keys, D, generator=g)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", UserWarning)  # eager flex warns that it materialises the scores
-                got = flex(q, k, v)
-            assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
-    except (AssertionError, UserWarning):
-        raise
-    except Exception as e:  # noqa: BLE001 - no C++ compiler for Inductor here
-        pytest.skip(f"torch.compile of flex_attention unavailable on this CPU: {type(e).__name__}")
-    monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 3)
-    k, v = torch.randn(2, 1, 2, 512, D, generator=g)
-    with pytest.raises(RuntimeError, match="compiled for 3 shapes.*'gather' attention"):
-        flex(q, k, v)
+    with torch._dynamo.config.patch(recompile_limit=1):  # as if other shapes had used it up
+        try:
+            for keys in (128, 256, 384):  # three key lengths: three graphs
+                k, v = torch.randn(2, 1, 2, keys, D, generator=g)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", UserWarning)  # eager flex warns that it materialises the scores
+                    got = flex(q, k, v)
+                assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+        except (AssertionError, UserWarning):
+            raise
+        except Exception as e:  # noqa: BLE001 - no C++ compiler for Inductor here
+            pytest.skip(f"torch.compile of flex_attention unavailable on this CPU: {type(e).__name__}")
+        monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 3)
+        k, v = torch.randn(2, 1, 2, 512, D, generator=g)
+        with pytest.raises(RuntimeError, match="compiled for 3 shapes.*'gather' attention"):
+            flex(q, k, v)
     torch._dynamo.reset()
 
 
