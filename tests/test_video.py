@@ -216,26 +216,32 @@ def test_variable_frame_timing_and_pcm_audio(tmp_path):
     assert video_times(mkv) == pytest.approx(video_times(clip), abs=1e-3)
 
 
-def test_re_encoded_audio_keeps_its_start(tmp_path):
-    """Audio that starts half a second after the video still does once re-encoded (PCM cannot go into MP4)."""
-    clip = tmp_path / "late.mkv"
-    c = av.open(str(clip), "w")
-    v = c.add_stream("ffv1", rate=24)
-    v.width, v.height, v.pix_fmt = 32, 24, "bgr0"
-    a = c.add_stream("pcm_s16le", rate=16000)
+def clip_with_tone(path, frames, acodec, samples, start=0, vcodec="ffv1"):
+    """``frames`` video frames (24 fps, 32x24) and a mono 440 Hz tone of ``samples`` samples at 16 kHz in
+    ``acodec`` that starts ``start`` samples after the video."""
+    c = av.open(str(path), "w")
+    v = c.add_stream(vcodec, rate=24)
+    v.width, v.height, v.pix_fmt = 32, 24, "bgr0" if vcodec == "ffv1" else "yuv420p"
+    a = c.add_stream(acodec, rate=16000)
     a.layout = "mono"
-    for i in range(24):
+    for i in range(frames):
         for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")):
             c.mux(p)
-    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000) * 32767).astype(np.int16)[None]
-    for k in range(0, wave.shape[1], 1024):
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / 16000) * 32767).astype(np.int16)[None]
+    for k in range(0, samples, 1024):
         fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k:k + 1024]), format="s16", layout="mono")
-        fr.sample_rate, fr.pts, fr.time_base = 16000, 8000 + k, Fraction(1, 16000)
+        fr.sample_rate, fr.pts, fr.time_base = 16000, start + k, Fraction(1, 16000)
         for p in a.encode(fr):
             c.mux(p)
     for p in list(a.encode()) + list(v.encode()):
         c.mux(p)
     c.close()
+    return path
+
+
+def test_re_encoded_audio_keeps_its_start(tmp_path):
+    """Audio that starts half a second after the video still does once re-encoded (PCM cannot go into MP4)."""
+    clip = clip_with_tone(tmp_path / "late.mkv", 24, "pcm_s16le", 8000, start=8000)
 
     def audio_start(path):  # presentation time of the first decoded sample
         with av.open(str(path)) as f:
@@ -253,24 +259,7 @@ def test_re_encoded_audio_keeps_its_start(tmp_path):
 def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
     """ADPCM (QuickTime) cannot go into Matroska at all: re-encoded to AAC, with and without resume (where the
     audio joins at the end, after every frame is done)."""
-    clip = tmp_path / "in.mov"
-    c = av.open(str(clip), "w")
-    v = c.add_stream("libx264", rate=24)
-    v.width, v.height, v.pix_fmt = 32, 24, "yuv420p"
-    a = c.add_stream("adpcm_ima_qt", rate=16000)
-    a.layout = "mono"
-    for i in range(6):
-        for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")):
-            c.mux(p)
-    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(4000) / 16000) * 32767).astype(np.int16)[None]
-    for k in range(0, wave.shape[1], 1024):
-        fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k:k + 1024]), format="s16", layout="mono")
-        fr.sample_rate, fr.pts = 16000, k
-        for p in a.encode(fr):
-            c.mux(p)
-    for p in list(a.encode()) + list(v.encode()):
-        c.mux(p)
-    c.close()
+    clip = clip_with_tone(tmp_path / "in.mov", 6, "adpcm_ima_qt", 4000, vcodec="libx264")
     assert audio_info(clip)["codec"] == "adpcm_ima_qt"
     for resume in (False, True):
         out = tmp_path / f"out{resume}.mkv"
