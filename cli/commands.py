@@ -178,7 +178,7 @@ def cmd_upscale(args) -> int:
     if summary["input_problem"]:
         log.warning("warning: %s; %s has the %d frames that could be decoded (--allow-truncated)",
                     summary["input_problem"], args.out_video, summary["frames"])
-    log.info("wrote %s: %d frames, %dx%d, %.3g fps, %d scene cuts", args.out_video, summary["frames"], w, h,
+    log.info("wrote %s: %d frames, %dx%d, %.5g fps, %d scene cuts", args.out_video, summary["frames"], w, h,
              summary["fps"], summary["scene_cuts"])
     return 0
 

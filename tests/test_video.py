@@ -269,6 +269,21 @@ def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
         assert audio_info(clip)["seconds"] <= got["seconds"] <= audio_info(clip)["seconds"] + 0.13
 
 
+def test_transparency_is_dropped_with_a_word(tmp_path, caplog):
+    clip = tmp_path / "alpha.mov"
+    c = av.open(str(clip), "w")
+    v = c.add_stream("png", rate=24)
+    v.width, v.height, v.pix_fmt = 32, 24, "rgba"
+    rgba = np.dstack([_pattern(0, 32, 24, None), np.full((24, 32), 128, np.uint8)])
+    for p in list(v.encode(av.VideoFrame.from_ndarray(rgba, format="rgba"))) + list(v.encode()):
+        c.mux(p)
+    c.close()
+    with caplog.at_level("INFO"):
+        (_, frame, _), = read_frames(clip)
+    assert "alpha channel is dropped" in caplog.text
+    assert np.array_equal((frame.permute(1, 2, 0) * 255).round().byte().numpy(), rgba[..., :3])
+
+
 def test_odd_sizes(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", n=3, w=33, h=25, audio=None)
     out = tmp_path / "out.mp4"

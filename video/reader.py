@@ -362,6 +362,9 @@ class FrameReader:
                 pts = last + 1
             last = pts
             self.decoded = index + 1
+            if index == 0 and any(c.is_alpha for c in frame.format.components):
+                log.info("%s has transparency (%s): the upscale is of the colours; its alpha channel is dropped",
+                         describe(self.source), frame.format.name)
             tensor = info.orientation.apply(frame_to_tensor(frame)) if index >= self.start else None
             yield index, tensor, pts
             index += 1
