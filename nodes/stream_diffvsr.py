@@ -194,8 +194,8 @@ class StreamVSRUpscale(io.ComfyNode):
                                  tooltip="continue: these frames are the next chunk of the sequence this node "
                                          "processed in its last successful run (for long videos queued in "
                                          "chunks); the node then always re-runs. restart: start a new sequence. "
-                                         "A continuation with another model, precision, seed, steps or frame "
-                                         "size restarts by itself and says so in the log."),
+                                         "A continuation with another model, precision, seed, steps, flow "
+                                         "model or frame size restarts by itself and says so in the log."),
                 *continuation_inputs("Stream Upscale"),
             ],
             outputs=[io.Image.Output(display_name="images"),
