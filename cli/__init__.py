@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         log.error("error: out of memory (%s). Try, in this order: --dtype fp16 or bf16 on a GPU; Stream-DiffVSR: "
                   "--corr on_demand, then --flow-downscale 2; FlashVSR: --kv-ratio 2, then --sparse-ratio 1.5; "
                   "smaller frames (the output is 4x the input on each side); --device cpu as a last resort. "
-                  "Frames finished before it are kept, as said above", first[:200])
+                  "What was finished is kept (frames as files, a video as its partial file or --resume checkpoint)",
+                  first[:200])
         return 2
     except OSError as e:
         # A full disk, a read-only or vanished folder: the machine's state, not a bug in this program.

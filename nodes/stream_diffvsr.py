@@ -38,8 +38,8 @@ def model_key(model_patcher, flow_patcher, seed: int, steps: int) -> str:
     """What must not change for a run to continue a sequence: the model, its precision, the seed, the steps and the
     flow model with the options that change its numbers."""
     pipe, flow = model_patcher.model, flow_patcher.model
-    flow_name = (f"{getattr(flow, 'streamvsr_source', id(flow))}|{getattr(flow, 'arch', '')}|"
-                 f"updates={getattr(flow, 'num_flow_updates', '')}|downscale={getattr(flow, 'downscale', '')}")
+    flow_name = (f"{getattr(flow, 'streamvsr_source', id(flow))}|{flow.arch}|updates={flow.num_flow_updates}|"
+                 f"downscale={flow.downscale}")
     return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{pipe.dtype}|steps={steps}|seed={seed}|flow={flow_name}"
 
 

@@ -150,9 +150,9 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                 raise UserInputError("Stream-DiffVSR needs a flow model: connect Load RAFT Flow Model to flow_model")
             engine = prepare_engine(model, flow_model, steps, (height, width))
             advice = OOM_LADDER.format(w=width, h=height, W=4 * width, H=4 * height)
-        job = fingerprint(source, seed, codec, None, scene_cut_threshold or None, (width, height), engine)
-        out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job if resume else None,
-                                                     engine.scale)
+        job = fingerprint(source, seed, codec, None, scene_cut_threshold or None, (width, height), engine) \
+            if resume else None  # what an unfinished job must have been started with to be continued
+        out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale)
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
 

@@ -730,6 +730,8 @@ def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, vide
 def test_video_node_resumes_only_its_own_job(tmp_path, video_node):
     """resume continues the unfinished job of this prefix with these settings: not a job of another input or
     seed (those stay as they are, and a new file is started), not one of a longer prefix (test_v2_…)."""
+    import fake_comfy
+
     run, folder = video_node
     first, second = tmp_path / "a.mkv", tmp_path / "b.mkv"
     frames_a = noise_clip(first, n=5, w=16, h=8, codec="ffv1")
@@ -740,8 +742,6 @@ def test_video_node_resumes_only_its_own_job(tmp_path, video_node):
             if state.frame_index == 2:
                 run.mm.interrupt_current_processing()
             return super().step(frame, state)
-
-    import fake_comfy
 
     run.engines[0] = StopsAtFrame2
     for prefix in ("streamvsr/test_v2", "streamvsr/test"):

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3"}
 
 
-# FFmpeg's default channel order for a count, where a source gives only the count (PCM in Matroska does)
+# The usual channel order for a count, where a source gives only the count (PCM in Matroska does)
 _DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
