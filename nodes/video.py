@@ -23,14 +23,15 @@ import comfy.utils
 from ..video.outputs import lock_path, partial_path, temp_path
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
-from ..video.stream import upscale_video
+from ..video.stream import check_video_job, upscale_video
 from ..video.writer import CODECS
 from ..models.shared.errors import UserInputError
 from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, out_of_memory_advice,
                      tensor_to_preview)
 from .flashvsr import FlashVSRModel, oom_message
-from .flashvsr import prepare_engine as prepare_flashvsr_engine
-from .stream_diffvsr import OOM_LADDER, prepare_engine
+from .flashvsr import load_engine as load_flashvsr_engine
+from .flashvsr import make_engine as make_flashvsr_engine
+from .stream_diffvsr import OOM_LADDER, load_engine, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +144,22 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         info = probe_video(source if isinstance(source, (str, os.PathLike)) else reopenable(source))
         width, height = info.width, info.height
         if isinstance(model, FlashVSRModel):
-            engine = prepare_flashvsr_engine(model, flashvsr_settings, (height, width))
+            engine = make_flashvsr_engine(model, flashvsr_settings)
             advice = oom_message(engine, height, width)
         else:
             if flow_model is None:
                 raise UserInputError("Stream-DiffVSR needs a flow model: connect Load RAFT Flow Model to flow_model")
-            engine = prepare_engine(model, flow_model, steps, (height, width))
+            engine = make_engine(model, flow_model, steps)
             advice = OOM_LADDER.format(w=width, h=height, W=4 * width, H=4 * height)
         job = fingerprint(source, seed, codec, None, scene_cut_threshold or None, (width, height), engine) \
             if resume else None  # what an unfinished job must have been started with to be continued
         out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale)
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
+        # A first frame that does not decode or an output folder that cannot be made is reported before the
+        # models take their minutes to load (upscale_video checks again, cheaply, once they are)
+        check_video_job(source, out_path, seed=seed, codec=codec, scene_cut_threshold=scene_cut_threshold or None,
+                        resume=bool(resume))
 
         bar = comfy.utils.ProgressBar(0)
         shown = {"done": 0, "total": 0, "at": 0.0}
@@ -177,6 +182,10 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                 update(("JPEG", tensor_to_preview(hr), 512))
 
         with out_of_memory_advice(advice):
+            if isinstance(model, FlashVSRModel):
+                load_flashvsr_engine(engine, model, (height, width))
+            else:
+                load_engine(engine, model, flow_model, (height, width))
             summary = upscale_video(engine, source, out_path, seed=seed, codec=codec,
                                     scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
                                     progress=progress, preview=preview,

@@ -649,7 +649,9 @@ def video_node(tmp_path, monkeypatch):
     mm = fake_comfy.install(monkeypatch, tmp_path / "comfy")
     module = importlib.import_module("streamvsr.nodes.video")
     engines = [Identity]  # the engine class the next runs get
-    monkeypatch.setattr(module, "prepare_engine", lambda *a, **k: engines[0]())
+    loads = []  # one entry per model load
+    monkeypatch.setattr(module, "make_engine", lambda *a, **k: engines[0]())
+    monkeypatch.setattr(module, "load_engine", lambda engine, *a, **k: loads.append(engine))
 
     class Video:  # core VideoFromFile, reduced to what the node uses
         def __init__(self, path):
@@ -667,7 +669,7 @@ def video_node(tmp_path, monkeypatch):
             model=object(), flow_model=object(), video=Video(path), seed=seed, steps=1, codec="lossless",
             scene_cut_threshold=0.0, filename_prefix=prefix, resume=resume)
 
-    run.mm, run.engines = mm, engines
+    run.mm, run.engines, run.loads = mm, engines, loads
     return run, tmp_path / "comfy" / "output" / "streamvsr"
 
 
@@ -688,6 +690,18 @@ def test_video_node_never_replaces_a_file_and_reports_a_cut_input(tmp_path, vide
         run(broken, prefix="streamvsr/cut")
     assert str(e.value.path) in str(e.value) and len(decode(e.value.path)) == e.value.frames > 0
     assert not (folder / "cut_00001_.mkv").exists()
+
+
+def test_video_node_reports_an_unusable_output_folder_before_loading_models(tmp_path, video_node):
+    run, folder = video_node
+    clip = tmp_path / "in.mkv"
+    noise_clip(clip, n=2, w=16, h=8, codec="ffv1")
+    folder.mkdir(parents=True)
+    (folder / "blocked").write_bytes(b"a file where the prefix wants a folder")
+    with pytest.raises(UserInputError, match="blocked"):
+        run(clip, prefix="streamvsr/blocked/x")
+    assert run.loads == []
+    assert len(decode(run(clip).values[0][1])) == 2 and len(run.loads) == 1
 
 
 @pytest.mark.skipif(not hasattr(av.video.stream.VideoStream, "set_display_rotation"),

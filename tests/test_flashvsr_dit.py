@@ -102,16 +102,30 @@ def test_rope_grid_layout_and_far_positions():
         assert torch.allclose(table.sin.double(), ref.imag, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
-def test_apply_rope_is_the_complex_multiply(dtype, tol):
-    heads, frames, rows, cols = 2, 2, 2, 3
-    x = torch.randn(frames * rows * cols, heads * 128, generator=torch.Generator().manual_seed(0)).to(dtype)
-    table = R.RopeTable(6, frames, rows, cols, 128)
-    got = R.apply_rope(x, table, heads)
+def official_rotation(x, heads, t_start, frames, rows, cols):
+    """The official rotation: x as complex128 pairs times the complex128 table of the three axes (torch.polar of
+    position times inverse frequency), rounded back to x's dtype."""
+    table = torch.cat([
+        formula_table(44, range(t_start, t_start + frames))[:, None, None].expand(frames, rows, cols, -1),
+        formula_table(42, range(rows))[None, :, None].expand(frames, rows, cols, -1),
+        formula_table(42, range(cols))[None, None, :].expand(frames, rows, cols, -1),
+    ], dim=-1).reshape(frames * rows * cols, 1, 64)
+    pairs = torch.view_as_complex(x.to(torch.float64).reshape(x.shape[0], heads, 64, 2))
+    return torch.view_as_real(pairs * table).reshape(x.shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_rope_equals_the_official_complex128_rotation(dtype):
+    heads, frames, rows, cols, t_start = 2, 2, 8, 12, 6
+    x = (torch.randn(frames * rows * cols, heads * 128, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    got = R.apply_rope(x, R.RopeTable(t_start, frames, rows, cols, 128), heads)
     assert got.dtype == dtype
-    ref = torch.view_as_complex(x.double().reshape(-1, heads, 64, 2)) * torch.complex(table.cos, table.sin).to(
-        torch.complex128)
-    assert torch.allclose(got.double(), torch.view_as_real(ref).reshape(x.shape), atol=tol, rtol=tol)
+    assert torch.equal(got, official_rotation(x, heads, t_start, frames, rows, cols))
+
+
+def test_rope_rotates_in_float32_where_the_device_has_no_float64():
+    assert R.rotation_dtype("cpu") == R.rotation_dtype(None) == R.rotation_dtype("cuda:1") == torch.float64
+    assert R.rotation_dtype("mps") == R.rotation_dtype(torch.device("mps")) == torch.float32
 
 
 # --------------------------------------------------------------------------------------------------------------

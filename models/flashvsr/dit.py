@@ -12,8 +12,8 @@ per-block modulation vectors and the cross-attention keys/values are computed on
 (a :class:`StreamCache` the caller keeps and replaces with a fresh one for each video).
 
 Self-attention is the locality-constrained sparse attention of ``attention.py``. The norms follow the official
-module: LayerNorms (eps 1e-6) in the activation dtype, the q/k RMSNorms in float32, the RoPE rotation in float32
-(official: float64; see ``rope.py``).
+module: LayerNorms (eps 1e-6) in the activation dtype, the q/k RMSNorms in float32, the RoPE rotation in float64
+(float32 on MPS; see ``rope.py``).
 """
 
 from __future__ import annotations
