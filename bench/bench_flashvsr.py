@@ -184,15 +184,18 @@ def main(argv=None) -> int:
         return 0
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     if args.what == "chunks":
-        print("| output | LR frames | outputs | s/chunk (first; later) | total s | peak RSS MB (after load) |")
-        print("|---|---|---|---|---|---|")
+        cuda = args.device.startswith("cuda")
+        print("| output | LR frames | outputs | s/chunk (first; later) | total s | peak RSS MB (after load) |"
+              + (" peak VRAM MB (allocated) |" if cuda else ""))
+        print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
         for size in args.sizes.split(","):
             for frames in args.frames.split(","):
                 r = _fresh(["chunks", size, frames, args.device, args.dtype])
                 later = r["chunk_s"][1:]
+                vram = f" {r['peak_vram_mb']} |" if cuda else ""
                 print(f"| {size} | {frames} | {r['outputs']} | {r['chunk_s'][0]}; "
                       f"{sum(later) / max(len(later), 1):.2f} | {r['total_s']} | {r['peak_rss_mb']} "
-                      f"({r['rss_after_load_mb']}) |", flush=True)
+                      f"({r['rss_after_load_mb']}) |{vram}", flush=True)
     else:
         measure = set(args.measure.split(",")) if args.measure else set()
         print("| output | key blocks per slice (density) | dense masked SDPA (computed) | exact sparse | time |")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from . import commands
-from .options import add_flow_options, add_model_options, default_models_dir
+from .options import add_flow_options, add_model_options, default_models_dir, memory_options
 
 log = logging.getLogger("streamvsr")
 
@@ -111,11 +111,10 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        log.error("error: out of memory (%s). Try, in this order: --dtype fp16 or bf16 on a GPU; Stream-DiffVSR: "
-                  "--corr on_demand, then --flow-downscale 2; FlashVSR: --kv-ratio 2, then --sparse-ratio 1.5; "
-                  "smaller frames (the output is 4x the input on each side); --device cpu as a last resort. "
-                  "What was finished is kept (frames as files, a video as its partial file or --resume checkpoint)",
-                  first[:200])
+        steps = "; ".join(["--dtype fp16 or bf16 on a GPU", *memory_options(args), "smaller frames",
+                           "--device cpu as a last resort"])
+        log.error("error: out of memory (%s). Try, in this order: %s. What was finished is kept (frames as files, "
+                  "a video as its partial file or --resume checkpoint)", first[:200], steps)
         return 2
     except OSError as e:
         # A full disk, a read-only or vanished folder: the machine's state, not a bug in this program.

@@ -198,6 +198,23 @@ def plan_engine(args) -> EnginePlan:
     return EnginePlan(family, options, device, dtype, None if download else args.model, download)
 
 
+def memory_options(args) -> list[str]:
+    """The options that lower the memory of what ``args`` run, the most useful first (for the out-of-memory
+    advice; none for a command without a model, or a model that cannot be recognised)."""
+    from ..models.registry import detect_family, family_by_name
+    from ..models.shared.errors import StreamVSRError
+
+    if args.command == "flow":
+        return ["--corr on_demand", "--flow-downscale 2"]
+    if args.command not in ("frames", "upscale"):
+        return []
+    try:
+        family = family_by_name("stream-diffvsr") if getattr(args, "download", False) else detect_family(args.model)
+    except StreamVSRError:
+        return []
+    return list(family.memory_options)
+
+
 def engine_from_args(args):
     """Device, precision and the engine of the model the arguments name (``--model`` or ``--download``)."""
     return plan_engine(args).load()

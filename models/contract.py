@@ -69,6 +69,8 @@ class Family:
     detect(path) -> bool: whether a file or folder holds this family's weights (checked cheaply: names, keys).
     load_engine(path, device, dtype, **options) -> Engine; options: the family-specific option names it takes.
     convert(source, out_path, dtype, **options) -> Path: pack the weights into one file (None if not offered).
+    memory_options: command-line options that lower the memory a frame takes, the most useful first (the advice
+    after running out of memory).
     """
 
     name: str
@@ -81,3 +83,4 @@ class Family:
     load_engine: Callable[..., Engine]
     options: tuple[str, ...] = field(default=())
     convert: Callable[..., Path] | None = None
+    memory_options: tuple[str, ...] = field(default=())

@@ -174,6 +174,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(assets, tmp_path, caplog,
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft),
                  "--device", "cpu"]) == 2
     assert "out of memory" in caplog.text and "--corr on_demand" in caplog.text and "Traceback" not in caplog.text
+    assert "--kv-ratio" not in caplog.text  # a FlashVSR option: not for this model
 
 
 def test_bad_model_path_is_a_clear_error(assets, tmp_path, caplog):
@@ -236,3 +237,23 @@ def test_a_wrong_layout_setting_is_one_line_before_the_models_load(assets, tmp_p
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft)]) == 2
     assert "STREAMVSR_CHANNELS_LAST='nhwc': use auto" in caplog.text and "Traceback" not in caplog.text
     assert not loaded and not (tmp_path / "o").exists()
+
+
+def test_out_of_memory_advice_names_the_options_of_the_model_run(assets, tmp_path):
+    """Each family lists what lowers its memory; the advice names that family's options only."""
+    from argparse import Namespace
+
+    from flashvsr_helpers import write_official_folder
+    from streamvsr.cli.options import memory_options
+
+    ckpt, _, _ = assets
+    flash = tmp_path / "FlashVSR-v1.1"
+    write_official_folder(flash)
+    assert memory_options(Namespace(command="frames", model=str(ckpt))) == ["--corr on_demand", "--flow-downscale 2"]
+    assert memory_options(Namespace(command="upscale", model=None, download=True)) == ["--corr on_demand",
+                                                                                       "--flow-downscale 2"]
+    assert memory_options(Namespace(command="upscale", model=str(flash), download=False)) == ["--kv-ratio 2",
+                                                                                             "--sparse-ratio 1.5"]
+    assert memory_options(Namespace(command="flow")) == ["--corr on_demand", "--flow-downscale 2"]
+    assert memory_options(Namespace(command="frames", model=str(tmp_path / "gone"))) == []
+    assert memory_options(Namespace(command="convert")) == []

@@ -80,6 +80,7 @@ FAMILY = Family(
     name="stream-diffvsr", title="Stream-DiffVSR", scale=4,
     frame_rule="one output frame per input frame, immediately", size_multiple=4,
     dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect, load_engine=load_engine,
-    options=("flow", "steps", "corr", "flow_downscale", "compile", "plain_layers"), convert=convert)
+    options=("flow", "steps", "corr", "flow_downscale", "compile", "plain_layers"), convert=convert,
+    memory_options=("--corr on_demand", "--flow-downscale 2"))
 
 __all__ = ["FAMILY", "SINGLE_FILE_FORMAT", "detect", "load_engine"]
