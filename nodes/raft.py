@@ -50,7 +50,7 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
                 io.Combo.Input("correlation", options=["auto", "all_pairs", "on_demand"], default="auto",
                                tooltip="all_pairs: the original all-pairs volume (memory grows with the square "
                                        "of the pixel count); on_demand: the same flow in bounded memory; auto: "
-                                       "all_pairs only while its volume is under 2 GiB and a quarter of the free "
+                                       "all_pairs only while its volume is under 2 GiB and a quarter of the device's "
                                        "memory, else on_demand."),
                 io.Combo.Input("resolution", options=["full", "half", "quarter"], default="full",
                                tooltip="Compute flow at reduced resolution and upsample it: faster and lighter, "

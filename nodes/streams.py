@@ -152,8 +152,9 @@ def batch_origin(key: str, images: torch.Tensor, state: Any = None) -> tuple:
     """Cheap identity of what decides a run that does not continue the node's stored stream: its settings, its
     frames (shape and checksums) and the ``state`` input it continues, if any (see StreamStore.put)."""
     # Frame by frame, so that the float64 accumulation copies one frame at a time, not a batch of several GB.
-    total = sum(float(frame.detach().sum(dtype=torch.float64)) for frame in images)
-    sparse = sum(float(frame.detach()[::7, ::7].square().sum(dtype=torch.float64)) for frame in images)
+    # On the CPU (a no-op for IMAGE batches, which live there): MPS has no float64.
+    total = sum(float(frame.detach().cpu().sum(dtype=torch.float64)) for frame in images)
+    sparse = sum(float(frame.detach().cpu()[::7, ::7].square().sum(dtype=torch.float64)) for frame in images)
     return key, tuple(images.shape), total, sparse, None if state is None else state_token(state)
 
 

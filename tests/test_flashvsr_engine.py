@@ -159,6 +159,74 @@ def test_the_state_survives_a_round_trip_through_a_resume_file(engine, whole30, 
     assert torch.equal(torch.cat([first, rest, tail]), whole)
 
 
+def test_a_restored_state_is_on_the_engine_device(engine, whole30, monkeypatch):
+    """Resume files hold CPU tensors; push and flush take a state as it is, so restoring puts it on the engine's
+    device (the meta device stands in for a GPU)."""
+    frames, _ = whole30
+    _, state = engine.push(engine.new_state(42), frames[:27])
+    tensors, meta = state.to("cpu").to_dict()
+    monkeypatch.setattr(engine, "device", torch.device("meta"))
+    restored = engine.state_from_dict(tensors, meta)
+    moved = {k: v.device.type for k, v in restored.to_dict()[0].items() if k != "generator_state"}
+    assert len(moved) > 3 and set(moved.values()) == {"meta"}, moved
+
+
+def test_flex_attention_that_fails_to_compile_falls_back_to_gather(folder, whole30, caplog, monkeypatch):
+    """A compiled FlexAttention that cannot be built (no Triton, an old PyTorch) costs a warning, not the run:
+    the engine continues with the gather attention, which computes the same."""
+    from streamvsr.models.flashvsr import attention as A
+
+    frames, whole = whole30
+    flex = load_engine(folder, device="cpu", dtype=torch.float32)
+    flex.attention = "flex"
+    calls = []
+
+    def cannot_compile(*args, **kwargs):
+        calls.append(1)
+        raise A.FlexCompileError("BackendCompilerFailed: Cannot find a working triton installation")
+
+    monkeypatch.setattr(flex, "_flex", lambda: cannot_compile if flex.attention == "flex" else None)
+    with caplog.at_level("WARNING"):
+        got, _ = _run(flex, frames)
+    assert calls == [1] and flex.attention == "gather"
+    assert [r.getMessage() for r in caplog.records if "FlexAttention" in r.getMessage()] == [
+        "FlashVSR: FlexAttention could not be compiled (BackendCompilerFailed: Cannot find a working triton "
+        "installation); using the gather attention, which computes the same"]
+    assert torch.equal(got, whole)
+
+
+def test_compiled_flex_reports_compiler_failures_and_passes_out_of_memory(monkeypatch):
+    from streamvsr.models.flashvsr import attention as A
+    from streamvsr.models.shared.runtime import OUT_OF_MEMORY
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    failure = [RuntimeError("Cannot find a working triton installation.\nmore lines")]
+
+    def fake_compile(fn, dynamic=None, mode=None):
+        def run(*args, **kwargs):
+            raise failure[0]
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run = A.compiled_flex_attention()
+    with pytest.raises(A.FlexCompileError, match=r"^RuntimeError: Cannot find a working triton installation\.$"):
+        run()
+    failure[0] = OUT_OF_MEMORY("CUDA out of memory")
+    with pytest.raises(OUT_OF_MEMORY):
+        run()
+
+
+def test_flex_needs_cuda_and_triton(monkeypatch):
+    from streamvsr.models.flashvsr import attention as A
+
+    assert A.flex_unavailable("cpu") == A.flex_unavailable(torch.device("mps")) == "it is compiled for CUDA GPUs only"
+    pytest.importorskip("torch.utils._triton")
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
+    assert "Triton is not installed" in A.flex_unavailable("cuda")
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    assert A.flex_unavailable("cuda:1") is None
+
+
 def test_a_failed_push_leaves_the_given_state_usable(engine):
     frames = _frames(34)
     state = engine.new_state(42)

@@ -15,6 +15,7 @@ import torch
 
 import fake_comfy
 from flashvsr_helpers import one_thread, write_official_folder
+from streamvsr.models.shared.errors import UserInputError
 
 FLASH_NODES = {"StreamVSRLoadFlashVSR", "StreamVSRFlashVSRUpscale", "StreamVSRFlashVSRSettings",
                "StreamVSRFlashVSRTrimDecoded", "StreamVSRLoadVideoChunk", "StreamVSRVideoUpscale"}
@@ -158,7 +159,9 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
     assert not any("decoder" in k for k in core)
     assert model.decoder.model is model.pipeline.tc_decoder and model.pipeline.version == "v1.1"
     assert _load(nodes, version="v1").pipeline.version == "v1"
-    assert _load(nodes, attention="flex").attention == "flex"
+    with pytest.raises(UserInputError, match="'flex' cannot be used here: it is compiled for CUDA GPUs only. "
+                                             "Choose 'gather'"):
+        _load(nodes, attention="flex")  # eager FlexAttention would hold the whole score matrix
     # a converted file keeps the version recorded in it, and says so when the widget disagrees
     convert_flashvsr(folder, tmp_path / "models" / "flashvsr" / "one.safetensors", version="v1")
     with caplog.at_level("WARNING"):
@@ -166,6 +169,20 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
     assert "converted as v1" in caplog.text
     with pytest.raises(ValueError, match="not in any flashvsr model folder"):
         _load(nodes, model="gone")
+
+
+def test_attention_auto_takes_flex_only_where_it_can_run(comfy, monkeypatch, caplog):
+    from streamvsr.nodes import flashvsr as node
+
+    monkeypatch.setattr(node, "flex_unavailable", lambda device: None)
+    assert node.pick_attention("auto", "cuda") == node.pick_attention("flex", "cuda") == "flex"
+    assert node.pick_attention("gather", "cuda") == "gather"
+    monkeypatch.setattr(node, "flex_unavailable", lambda device: "Triton is not installed")
+    with caplog.at_level("INFO"):
+        assert node.pick_attention("auto", "cuda") == "gather"
+    assert "FlexAttention is unavailable: Triton is not installed" in caplog.text
+    with pytest.raises(UserInputError, match="Triton is not installed"):
+        node.pick_attention("flex", "cuda")
 
 
 def test_whole_clip_equals_engine_with_latents_and_model_management(comfy, whole30):

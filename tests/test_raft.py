@@ -198,10 +198,33 @@ def test_volume_size_and_auto_rule():
     assert all_pairs_bytes(2880, 5120) == level0(2880, 5120) * 85 // 64
     assert all_pairs_bytes(100, 100) == all_pairs_bytes(128, 128)  # padded size
     gib = 2**30
-    assert select_correlation(720, 1280, free_bytes=16 * gib) == "all_pairs"  # 1.0 GiB
-    assert select_correlation(720, 1280, free_bytes=2 * gib) == "on_demand"  # more than a quarter
-    assert select_correlation(1080, 1920, free_bytes=1000 * gib) == "on_demand"  # over the 2 GiB cap
-    assert select_correlation(1080, 1920, free_bytes=16 * gib, batch=1) == "on_demand"
+    assert select_correlation(720, 1280, memory_bytes=16 * gib) == "all_pairs"  # 1.0 GiB
+    assert select_correlation(720, 1280, memory_bytes=2 * gib) == "on_demand"  # more than a quarter
+    assert select_correlation(1080, 1920, memory_bytes=1000 * gib) == "on_demand"  # over the 2 GiB cap
+    assert select_correlation(1080, 1920, memory_bytes=16 * gib, batch=1) == "on_demand"
+
+
+def test_auto_correlation_follows_the_device_memory_not_what_is_free(monkeypatch):
+    """What is free changes from frame to frame (other models, the allocator's cache); the device's memory does
+    not, so every frame of a sequence takes the same path."""
+    from streamvsr.models.raft import network
+    from streamvsr.models.shared import runtime
+
+    asked = []
+
+    def spy(h, w, memory_bytes, batch=1, element_size=4):
+        asked.append(memory_bytes)
+        return select_correlation(h, w, memory_bytes, batch, element_size)
+
+    monkeypatch.setattr(network, "select_correlation", spy)
+    model = raft_small().eval()
+    a, b = _pair(64, 64)
+    with torch.no_grad():
+        model(a, b, num_flow_updates=1, corr="auto")
+    assert asked == [runtime.device_memory("cpu")]
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert 0 < runtime.device_memory("cpu") <= total
 
 
 def test_rejects_bad_arguments():

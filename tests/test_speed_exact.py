@@ -197,6 +197,26 @@ def test_compile_unavailable_falls_back_to_eager_with_a_warning(checkpoint, raft
     assert all((a - b).abs().max() <= 1e-4 for a, b in zip(got, reference[0]))
 
 
+def test_out_of_memory_in_a_compiled_network_is_not_a_compiler_failure(monkeypatch, caplog):
+    """Out of memory is the frame's failure, for the engine's own handling: it is raised as it is, and the network
+    stays compiled (no eager rerun holding the failed attempt's memory)."""
+    from streamvsr.models.shared.runtime import OUT_OF_MEMORY
+    from streamvsr.models.stream_diffvsr import speed
+
+    eager_calls = []
+
+    def fake_compile(fn, dynamic=None, mode=None):
+        def run(x):
+            raise OUT_OF_MEMORY("CUDA out of memory (simulated)")
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    call = speed.CompiledCall(lambda x: eager_calls.append(x) or x, "test net")
+    with caplog.at_level("WARNING"), pytest.raises(OUT_OF_MEMORY):
+        call(torch.ones(2))
+    assert not call.failed and eager_calls == [] and "eagerly" not in caplog.text
+
+
 def test_compile_on_the_cpu_is_flagged_at_load(checkpoint, raft_path, caplog):
     from streamvsr.models.stream_diffvsr import load_engine
 

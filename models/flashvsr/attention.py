@@ -21,11 +21,14 @@ The KV cache (:class:`BlockKV`) keeps the post-RoPE keys/values of the last slic
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..shared.runtime import OUT_OF_MEMORY
 
 WINDOW = (2, 8, 8)
 BLOCK = WINDOW[0] * WINDOW[1] * WINDOW[2]  # 128 tokens, the kernel's tile side
@@ -190,10 +193,35 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 FLEX_RECOMPILE_LIMIT = 64
 
 
+class FlexCompileError(RuntimeError):
+    """The compiled FlexAttention failed to compile or run; the gather attention computes the same."""
+
+
+def flex_unavailable(device) -> str | None:
+    """Why the compiled FlexAttention cannot run on ``device``, or None when it can: it is compiled by Triton for
+    CUDA GPUs, with PyTorch features of recent releases."""
+    if torch.device(device).type != "cuda":
+        return "it is compiled for CUDA GPUs only"
+    try:
+        from torch import _dynamo
+        from torch.nn.attention.flex_attention import BlockMask
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return f"this PyTorch ({torch.__version__}) has no FlexAttention"
+    needs = (hasattr(_dynamo.config, "recompile_limit") and hasattr(_dynamo.config, "fail_on_recompile_limit_hit")
+             and hasattr(_dynamo.exc, "FailOnRecompileLimitHit")
+             and "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters)
+    if not needs:
+        return f"this PyTorch ({torch.__version__}) lacks parts of it that the engine uses"
+    if not has_triton():
+        return "Triton is not installed for this GPU (ComfyUI's Windows portable build has none)"
+    return None
+
+
 def compiled_flex_attention():
     """``torch.compile``-d ``flex_attention`` (static shapes) that compiles up to ``FLEX_RECOMPILE_LIMIT`` shapes,
     and past that raises an error that says what to do instead of silently falling back to eager attention.
-    The limits are raised only around its own calls."""
+    The limits are raised only around its own calls. A failure to compile raises ``FlexCompileError``."""
     import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -208,6 +236,11 @@ def compiled_flex_attention():
             raise RuntimeError(f"FlexAttention has been compiled for {limit} shapes in this process (each frame size "
                                "and kv_ratio takes two or three); restart it, or use the 'gather' attention, which "
                                "needs no compiling") from None
+        except OUT_OF_MEMORY:
+            raise
+        except Exception as e:  # noqa: BLE001 - the compiler's (Triton, Inductor); the gather path tells input errors
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise FlexCompileError(f"{type(e).__name__}: {reason}") from e
 
     return run
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
-from .attention import BlockKV, compiled_flex_attention, kept_slices
+from ..shared.runtime import checksum, concrete_device
+from .attention import BlockKV, FlexCompileError, compiled_flex_attention, kept_slices
 from .color import METHODS as COLOR_FIXES
 from .color import color_fix
 from .dit import StreamCache, WanDiT
@@ -235,12 +236,14 @@ class FlashVSREngine:
         pipe = self.pipeline
         tensors = [pipe.prompt] + [p for _, p in zip(range(4), pipe.dit.parameters())] + \
             [next(pipe.lq_proj.parameters()), next(pipe.tc_decoder.parameters())]
-        checksum = sum(float(t.detach().to("cpu", torch.float64).sum()) for t in tensors)
+        total = checksum(tensors)
         return (f"flashvsr|{pipe.version}|{self.compute_dtype}|scale={self.scale}|sparse={self.sparse_ratio}|"
-                f"local={self.local_range}|kv={self.kv_ratio}|color={self.color_fix}|{checksum:.10g}")
+                f"local={self.local_range}|kv={self.kv_ratio}|color={self.color_fix}|{total:.10g}")
 
     def state_from_dict(self, tensors: dict, meta: dict) -> FlashVSRState:
-        return FlashVSRState.from_dict(tensors, meta)
+        # On the engine's device: push and flush take the state as it is (its KV caches are concatenated with
+        # the next chunk's)
+        return FlashVSRState.from_dict(tensors, meta).to(self.device)
 
     def estimate_memory(self, h: int, w: int) -> int:
         """Rough peak bytes beyond the weights for LR frames of h x w: KV caches, the first chunk's activations
@@ -279,7 +282,8 @@ class FlashVSREngine:
 
     def _constants_for(self):
         c = self._constants
-        if c is None or c.device != self.device or c.dtype != self.compute_dtype:
+        # The constants' device is a concrete one (cuda:0) where the engine's may be "cuda"
+        if c is None or c.device != concrete_device(self.device) or c.dtype != self.compute_dtype:
             self._constants = c = self.pipeline.dit.prepare(self.pipeline.prompt, self.device, self.compute_dtype)
         return c
 
@@ -300,6 +304,16 @@ class FlashVSREngine:
         noise = torch.cat(draws, dim=2).to(device=self.device, dtype=self.compute_dtype)
         return noise, generator.get_state()
 
+    def _dit_pass(self, noise, tokens, state: FlashVSRState, t_start: int):
+        """The DiT's velocity for one chunk and the new KV caches (the state's own are left as they are)."""
+        dit = self.pipeline.dit
+        cache = dit.new_cache() if state.dit is None else StreamCache(list(state.dit.blocks), state.dit.chunks,
+                                                                      state.dit.grid)
+        velocity = dit.forward_chunk(noise, tokens, cache, t_start, self._constants_for(),
+                                     sparse_ratio=self.sparse_ratio, local_range=self.local_range,
+                                     kv_ratio=self.kv_ratio, backend=self.attention, compiled_flex=self._flex())
+        return velocity, cache
+
     def _run_chunk(self, state: FlashVSRState, keep: int | None = None) -> tuple[torch.Tensor, FlashVSRState]:
         """One DiT pass: the next chunk's output frames (only those < ``keep`` when flushing) and the new state."""
         pipe = self.pipeline
@@ -316,12 +330,13 @@ class FlashVSREngine:
         lq_in = frames(c.lq)
         tokens, lq_state = pipe.lq_proj.project(lq_in, state.lq if state.chunks else None)
         noise, generator_state = self._noise(state, c.latents[1] - c.latents[0], size)
-        cache = pipe.dit.new_cache() if state.dit is None else StreamCache(list(state.dit.blocks), state.dit.chunks,
-                                                                           state.dit.grid)
-        velocity = pipe.dit.forward_chunk(noise, tokens, cache, c.latents[0], self._constants_for(),
-                                          sparse_ratio=self.sparse_ratio, local_range=self.local_range,
-                                          kv_ratio=self.kv_ratio, backend=self.attention,
-                                          compiled_flex=self._flex())
+        try:
+            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0])
+        except FlexCompileError as e:
+            log.warning("FlashVSR: FlexAttention could not be compiled (%s); using the gather attention, which "
+                        "computes the same", e)
+            self.attention, self._compiled_flex = "gather", None
+            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0])
         latents = noise - velocity.to(noise.dtype)
         if self.latent_sink is not None:
             self.latent_sink(latents)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..shared.runtime import available_memory
+from ..shared.runtime import device_memory
 from .correlation import (NUM_LEVELS, AllPairsCorrelation, OnDemandCorrelation, padded_size,
                           select_correlation)
 
@@ -210,7 +210,7 @@ class RAFT(nn.Module):
 
     Images are in [-1, 1]. Any size works: inputs are padded (edge replicate) to a multiple of 8 and at least
     128 px, and the flow is cropped back. ``corr``: "all_pairs", "on_demand" or "auto" (``select_correlation``
-    with the free memory of the images' device). ``block_bytes`` bounds the on-demand lookup's and the
+    with the memory of the images' device). ``block_bytes`` bounds the on-demand lookup's and the
     upsampling's temporaries.
     """
 
@@ -244,7 +244,7 @@ class RAFT(nn.Module):
             raise ValueError(f"images must both be (B, 3, H, W), got {tuple(image1.shape)} and "
                              f"{tuple(image2.shape)}")
         if corr == "auto":
-            corr = select_correlation(*image1.shape[-2:], available_memory(image1.device), image1.shape[0],
+            corr = select_correlation(*image1.shape[-2:], device_memory(image1.device), image1.shape[0],
                                       image1.element_size())
         if corr not in ("all_pairs", "on_demand"):
             raise ValueError(f"corr must be 'auto', 'all_pairs' or 'on_demand', got {corr!r}")

@@ -80,6 +80,65 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# A device running out of memory (torch.OutOfMemoryError since PyTorch 2.5; before it only CUDA's existed).
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def concrete_device(device) -> torch.device:
+    """``device`` with its index, as tensors report theirs ("cuda" -> "cuda:0", the current one)."""
+    device = torch.device(device)
+    if device.index is None and device.type in ("cuda", "xpu", "mps"):
+        return torch.empty(0, device=device).device
+    return device
+
+
+def checksum(tensors) -> float:
+    """The sum of all values of ``tensors`` in float64, taken on the CPU (MPS has no float64, and a copy that casts
+    on the way out of it would cast there)."""
+    return sum(float(t.detach().cpu().double().sum()) for t in tensors)
+
+
+def device_memory(device) -> int:
+    """Bytes of memory ``device`` has in all: its VRAM on CUDA; elsewhere the system's MemTotal (/proc/meminfo,
+    else sysconf), capped by a cgroup v2 memory limit when there is one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    total = _meminfo("MemTotal")
+    if total is None:
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            total = 8 << 30
+    limit, _ = _cgroup_memory()
+    return int(min(total, limit)) if limit is not None else int(total)
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    """(limit, usage) of this process's cgroup v2, (None, None) outside one or without a limit: containers show
+    the host in /proc/meminfo."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None, None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return int(limit), int(f.read().strip())
+    except (OSError, ValueError):
+        return None, None
+
+
 def available_memory(device) -> int:
     """Bytes that can be allocated now on ``device``: free VRAM on CUDA; on other devices the system's
     MemAvailable (/proc/meminfo, else sysconf), capped by a cgroup v2 memory limit when there is one."""
@@ -87,28 +146,15 @@ def available_memory(device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
+    free = _meminfo("MemAvailable")
     if free is None:
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             free = 8 << 30
-    try:  # containers: /proc/meminfo shows the host, the cgroup holds the real limit
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open("/sys/fs/cgroup/memory.current") as f:
-                free = min(free, int(limit) - int(f.read().strip()))
-    except (OSError, ValueError):
-        pass
+    limit, usage = _cgroup_memory()
+    if limit is not None:
+        free = min(free, limit - usage)
     return max(int(free), 0)
 
 

@@ -23,6 +23,7 @@ from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.norms import prefers_channels_last
 from ..shared.packed import as_operators
+from ..shared.runtime import OUT_OF_MEMORY, checksum
 from ..shared.warp import flow_warp_official
 from .speed import compiled
 
@@ -223,8 +224,8 @@ class StreamEngine:
         count would splice two different renderings into one video."""
         pipe = self.pipeline
         tensors = [pipe.prompt_embeds] + [p for _, p in zip(range(4), pipe.parameters())]
-        checksum = sum(float(t.detach().to("cpu", torch.float64).sum()) for t in tensors)
-        return f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{checksum:.10g}"
+        total = checksum(tensors)
+        return f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{total:.10g}"
 
     def state_from_dict(self, tensors: dict, meta: dict) -> StreamState:
         return StreamState.from_dict(tensors, meta)
@@ -270,7 +271,7 @@ class StreamEngine:
                 getattr(self.flow, "corr", None) not in (None, "on_demand"):
             try:
                 return self._call_flow(image1, image2, features2)
-            except torch.OutOfMemoryError:
+            except OUT_OF_MEMORY:
                 pass  # retried outside the except block, so the failed attempt's tensors can be freed first
             if image1.device.type == "cuda":
                 torch.cuda.empty_cache()

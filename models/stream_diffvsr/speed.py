@@ -20,6 +20,7 @@ import torch.utils._pytree
 from torch import nn
 
 from ..shared.packed import as_operators
+from ..shared.runtime import OUT_OF_MEMORY
 
 # ---------------------------------------------------------------------------------------------- compiled path
 
@@ -72,6 +73,8 @@ class CompiledCall:
             out = self.compiled(*args, **kwargs)
             if self.mode in CUDA_GRAPH_MODES:
                 out = _own_device_outputs(out)
+        except OUT_OF_MEMORY:
+            raise  # the frame's own failure (handled by the caller), not the compiler's
         except Exception as e:  # noqa: BLE001 - any failure of the compiler; the eager run below tells real errors
             out = self.eager(*args, **kwargs)  # an error of the inputs themselves raises here, as without compile
             self.failed = True
