@@ -57,3 +57,32 @@ def test_a_cpu_engine_keeps_freed_memory(plain_layers, monkeypatch, tmp_path):
     load_engine(make_tiny_checkpoint(tmp_path / "ckpt"), flow=make_tiny_raft(tmp_path / "raft.pth"),
                 plain_layers=plain_layers)
     assert calls == [True]
+
+
+def test_auto_precision_asks_the_chosen_gpu(monkeypatch):
+    """bf16 where the GPU the command runs on has it: is_bf16_supported asks the current GPU, so it is asked
+    with the chosen one current (a machine with a new and an old GPU: cuda:1 without bf16)."""
+    import contextlib
+
+    import torch
+
+    from streamvsr.models.shared.runtime import pick_dtype
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def on(device):
+        before, current[0] = current[0], torch.device(device).index if torch.device(device).index is not None \
+            else current[0]
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: current[0] == 0)
+    assert pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
+    assert pick_dtype("auto", torch.device("cuda:1")) == torch.float16
+    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16 and current == [0]
+    assert pick_dtype("fp32", torch.device("cuda:1")) == torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32

@@ -76,7 +76,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return PRECISIONS[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.cuda.device(device):  # is_bf16_supported asks the current GPU, which may be another one
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
