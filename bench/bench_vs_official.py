@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -222,10 +223,17 @@ def _diagnostic(device: str, request: dict, parts: dict, sequence) -> dict | Non
     return None
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _serve(run) -> None:
     """Answer one JSON request per stdin line with one JSON line on stdout."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # library chatter must not mix with the answers
+    # Library chatter must not mix with the answers, also what C++ code or child processes (Inductor's compile
+    # workers, the profiler) write to file descriptor 1: the answers get their own copy of it, and 1 becomes 2.
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     print(json.dumps({"ready": True, "rss_loaded_mb": _peak_rss_mb()}), file=out, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -360,6 +368,8 @@ def ours_worker(args) -> None:
 
         answer = _diagnostic(device, request, {"UNet": (engine, "_unet"), "ControlNet": (engine, "_controlnet"),
                                                "RAFT": (engine, "_call_flow"), "VAE decode": (engine, "_decode"),
+                                               # a first frame decodes without temporal features, by itself
+                                               "VAE decode, frame 0": (engine.pipeline.vae, "decode"),
                                                "VAE features": (engine, "_features")}, sequence)
         if answer is not None:
             return answer
@@ -414,10 +424,17 @@ class Worker:
         return WorkerDied(f"worker {self.name} died:\n{tail}")
 
     def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise self._died()
-        return json.loads(line)
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise self._died()
+            try:
+                answer = json.loads(line)
+            except json.JSONDecodeError:
+                answer = None
+            if isinstance(answer, dict):
+                return answer
+            log.warning("%s wrote something that is not an answer: %s", self.name, line.rstrip()[:300])
 
     def ask(self, request: dict) -> dict:
         try:
@@ -427,7 +444,10 @@ class Worker:
             raise self._died() from None
         return self._read()
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Let the worker end after its request; ``kill``: at once (a run stopped by its time limit)."""
+        if kill:
+            self.proc.kill()
         try:
             self.proc.stdin.close()
         except BrokenPipeError:  # it died
@@ -508,7 +528,6 @@ def main() -> None:
     h, w = (int(v) for v in args.size.split("x"))
     if args.profile:  # now, not after the timed rounds
         pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
-    breakdown, profiles = {}, {}
     if "official" in variants and (h % 8 or w % 8):
         p.error("--size: the official pipeline resizes frames to multiples of 8, so compare at such sizes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -536,27 +555,34 @@ def main() -> None:
         import numpy as np
 
         workers, failed = {}, {}  # failed: variant -> why its worker died (a one-shot GPU run keeps the others)
+        alive = []  # the variants whose workers still answer
 
         def ask(v, request):
             try:
-                return workers[v].ask(request)
+                answer = workers[v].ask(request)
             except WorkerDied as e:
                 failed[v] = str(e)
-                variants.remove(v)
+                alive.remove(v)
                 log.warning("%s failed; going on without it:\n%s", v, e)
                 return None
+            # each answer in the log as it comes: a run cut short keeps what it measured
+            log.info("answer of %s: %s", v, json.dumps(answer))
+            return answer
 
-        for v in list(variants):  # started one after another: each loads 2.7 GB
+        for v in variants:  # started one after another: each loads 2.7 GB
             log.info("starting %s ...", v)
             try:
                 workers[v] = Worker(v, args.official_python if v == "official" else sys.executable, args, workdir)
+                alive.append(v)
             except (WorkerDied, OSError) as e:
                 failed[v] = str(e)
-                variants.remove(v)
         results = {v: [] for v in variants}
+        breakdown, profiles, stopped = {}, {}, False
+        # `timeout` (a device call's deadline) stops the run with SIGTERM: the tables of what was done still print
+        previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
         try:
             for r in range(args.rounds):
-                for v in list(variants):
+                for v in list(alive):
                     out, raw = workdir / f"{v}_{r}_out.npy", workdir / f"{v}_{r}_raw.npy"
                     answer = ask(v, {"frames": str(frames), "steps": args.steps, "out": str(out), "raw": str(raw)})
                     if answer is None:
@@ -565,29 +591,38 @@ def main() -> None:
                     results[v].append(answer)
                     log.info("round %d %s: %.1f s", r, v, answer["seconds"])
             if args.breakdown:
-                breakdown = {v: ask(v, {"frames": str(frames), "steps": args.steps, "breakdown": True})
-                             for v in list(variants)}
+                for v in list(alive):
+                    breakdown[v] = ask(v, {"frames": str(frames), "steps": args.steps, "breakdown": True})
             if args.profile:
-                profiles = {v: ask(v, {"frames": str(frames), "steps": args.steps,
-                                       "profile": str(pathlib.Path(args.profile) / f"{v}.txt")})
-                            for v in list(variants)}
+                for v in list(alive):
+                    profiles[v] = ask(v, {"frames": str(frames), "steps": args.steps,
+                                          "profile": str(pathlib.Path(args.profile) / f"{v}.txt")})
+        except KeyboardInterrupt:
+            stopped = True
+            print("\nSTOPPED before the end (time limit or Ctrl-C): the tables hold what was measured")
         finally:
+            # `timeout` signals the process and then its group: a second SIGTERM must not cut the tables short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if stopped else previous_handler)
             for worker in workers.values():
-                worker.close()
+                worker.close(kill=stopped)
+        # A variant whose worker died after some timed rounds keeps their figures
+        variants = [v for v in variants if results.get(v)]
         for v, why in failed.items():
-            print(f"\n{v}: FAILED (no figures). {why.strip().splitlines()[-1] if why.strip() else ''}")
-        breakdown = {v: b for v, b in breakdown.items() if v in variants}
-        profiles = {v: b for v, b in profiles.items() if v in variants}
+            what = "its worker died after its timed rounds" if v in variants else "FAILED (no figures)"
+            print(f"\n{v}: {what}. {why.strip().splitlines()[-1] if why.strip() else ''}")
+        breakdown = {v: b for v, b in breakdown.items() if b is not None}
+        profiles = {v: b for v, b in profiles.items() if b is not None}
         if not variants:
-            raise SystemExit("every variant failed (their logs are in the work folder)")
+            raise SystemExit("no variant finished a round (their logs are in the work folder)")
 
         reference = "official" if "official" in variants else variants[0]
         ref_out, ref_raw = np.load(results[reference][0]["out"]), np.load(results[reference][0]["raw"])
         base = min(a["seconds"] for a in results[reference]) / args.frames
         gpu = args.device.startswith("cuda")
         where = f"{_gpu_name()}, " if gpu else f"CPU, {args.threads} threads, "
+        rounds = max(len(results[v]) for v in variants)
         print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.frames} frames, {args.steps} steps, {args.dtype}, {where}"
-              f"best of {args.rounds} interleaved rounds; model {args.model}\nmachine: {machine()}")
+              f"best of {rounds} interleaved rounds; model {args.model}\nmachine: {machine()}")
         # the first round is what a single pass costs: it includes the copies made on first use (and compiling)
         # the first round's peak includes what cuDNN's autotuning (`streamvsr` turns it on) tries; later rounds'
         # is what a long video keeps needing

@@ -39,7 +39,8 @@ run() {
         .whl-test/*.whl
     "$python" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name())"
     PYTHONPATH=/tmp/streamvsr_test_site STREAMVSR_COMFYUI="$here/.comfy" PYTHONUNBUFFERED=1 \
-        "$python" -m pytest -q -rs -p no:cacheprovider -o log_cli=true --log-cli-level=INFO tests/test_lowvram.py 2>&1 | tee "$out/comfyui_gpu.log"
+        "$python" -m pytest -q -rs -p no:cacheprovider -o log_cli=true --log-cli-level=INFO \
+        tests/test_lowvram.py::test_partial_loading_on_a_gpu_matches_plain_layers 2>&1 | tee "$out/comfyui_gpu.log"
 }
 
 case "${1:-}" in

@@ -16,17 +16,20 @@
 #
 # Sizes: the official pipeline needs LR sides that are multiples of 8, so "720p" is LR 184x320 -> 736x1280 and
 # "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run has
-# no compiled variant. Two short passes at 720p follow (two rounds each, ours only: the official's figures are
-# those of the first pass): 720-autotune-off runs ours without cuDNN's autotuning, for what the first round and the
-# peak VRAM cost with it; 720-bf16 runs ours and nchw in bf16, the precision ComfyUI picks where the GPU
-# has it. Override with SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip that pass),
-# VARIANTS_720, VARIANTS_1080, VARIANTS_AUTOTUNE_OFF, VARIANTS_BF16, FRAMES, ROUNDS, DEVICE, DTYPE, COMPILE_MODE,
-# CUDNN_BENCHMARK (ours / both / none), BREAKDOWN and PROFILE (bench_vs_official --breakdown and --profile
-# OUT_DIR/profile_<pass>; on unless set empty), WORKDIR (a bench_vs_official --workdir: a random model already
-# there is reused). On the H200 lent on 2026-12-04 the run of the first two passes, before the channels_last
-# variant and the profile joined them, took about 6 minutes (the compiling about 2.5 of them); all four are
-# estimated at 10-11 minutes, more than one device call may take: run the first two passes and the last two in
-# separate calls (an empty SIZES_* skips a pass). They run in order of importance.
+# no compiled variant (and two rounds, no profile). Two short passes at 720p follow (two rounds each, ours only:
+# the official's figures are those of the first pass): 720-autotune-off runs ours without cuDNN's autotuning, for
+# what the first round and the peak VRAM cost with it; 720-bf16 runs ours and nchw in bf16, the precision ComfyUI
+# picks where the GPU has it. Override with SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip
+# that pass), VARIANTS_720, VARIANTS_1080, VARIANTS_AUTOTUNE_OFF, VARIANTS_BF16, FRAMES, ROUNDS, DEVICE, DTYPE,
+# COMPILE_MODE, CUDNN_BENCHMARK (ours / both / none), BREAKDOWN (bench_vs_official --breakdown on the two sizes)
+# and PROFILE (--profile on the 720 pass, packed as OUT_DIR/profile_720.tgz; both on unless set empty), WORKDIR (a
+# bench_vs_official --workdir: a random model already there is reused), DEADLINE (seconds: a pass still running
+# then is stopped and prints what it measured; a pass with under a minute left is skipped). On the H200 lent on
+# 2026-12-04 the first two passes, before the nchw variant and the profile joined them, took about 6 minutes (the
+# compiling about 2.5 of them); all four are estimated at 10-11 minutes, more than one device call may take. Two
+# calls, the second sent as soon as the first returns (a lent machine stays warm for seconds only):
+#     DEADLINE=540 SIZES_AUTOTUNE_OFF= SIZES_BF16= bench/gpu_side_by_side.sh run $OUT
+#     bench/gpu_comfyui_check.sh run $OUT; DEADLINE=420 SIZES_720= SIZES_1080= bench/gpu_side_by_side.sh run $OUT
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -59,49 +62,75 @@ worker_logs() {  # the end of each worker's log, appended to the driver's (few f
 run() {
     local out=${1:-${OUT:-bench/results}}
     local work=${WORKDIR:-/tmp/streamvsr_gpu_bench}
+    local start=$SECONDS
     mkdir -p "$out" "$work"
-    [ -d .official/Stream-DiffVSR ] && ls .whl/*.whl >/dev/null || { echo "run 'prepare' first (see the header)"; exit 2; }
-    # The official side gets its pinned packages first on its path; ours runs on the machine's own packages.
-    "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/official_site" .whl/*.whl
-    cat > "$work/official_python" <<EOF
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there: nothing may wait for one
+    # name | size | variants | what else: the two sizes with the breakdown (720 also with the profile), then
+    # (shorter: no breakdown, no profile, two rounds) what the first round costs without cuDNN's autotuning, and
+    # bf16, the precision ComfyUI picks on GPUs that have it
+    local passes=("720|${SIZES_720-184x320}|${VARIANTS_720:-official,ours,nchw,compiled}|profile"
+                  "1080|${SIZES_1080-272x480}|${VARIANTS_1080:-official,ours,nchw}|parts"
+                  "720-autotune-off|${SIZES_AUTOTUNE_OFF-184x320}|${VARIANTS_AUTOTUNE_OFF:-ours}|off"
+                  "720-bf16|${SIZES_BF16-184x320}|${VARIANTS_BF16:-ours,nchw}|bf16")
+    local official=0 pass name size variants extra
+    for pass in "${passes[@]}"; do
+        IFS='|' read -r name size variants extra <<< "$pass"
+        if [ -n "$size" ] && [[ ",$variants," == *,official,* ]]; then official=1; fi
+    done
+    "$python" - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+EOF
+    local common=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-4}" --rounds "${ROUNDS:-3}"
+                  --workdir "$work")
+    if [ "$official" = 1 ]; then
+        [ -d .official/Stream-DiffVSR ] && ls .whl/*.whl >/dev/null || { echo "run 'prepare' first (see the header)"; exit 2; }
+        # The official side gets its pinned packages first on its path; ours runs on the machine's own packages.
+        "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/official_site" \
+            .whl/*.whl
+        cat > "$work/official_python" <<EOF
 #!/bin/sh
 PYTHONPATH="$work/official_site\${PYTHONPATH:+:\$PYTHONPATH}" exec "$(command -v "$python")" "\$@"
 EOF
-    chmod +x "$work/official_python"
-    "$python" - <<'EOF'
-import torch
-print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
-      torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
-EOF
-    "$work/official_python" -c "import diffusers, transformers; print('official side: diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-
-    local common=(--official .official/Stream-DiffVSR --official-python "$work/official_python" --device "${DEVICE:-cuda}"
-                  --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-4}" --rounds "${ROUNDS:-3}" --workdir "$work")
+        chmod +x "$work/official_python"
+        "$work/official_python" -c "import diffusers, transformers; print('official side: diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+        common+=(--official .official/Stream-DiffVSR --official-python "$work/official_python")
+    fi
     [ -n "${COMPILE_MODE:-}" ] && common+=(--compile-mode "$COMPILE_MODE")
     [ -n "${CUDNN_BENCHMARK:-}" ] && common+=(--cudnn-benchmark "$CUDNN_BENCHMARK")
-    local status=0 name size variants extra
-    # name | size | variants | what else: the two sizes with the breakdown and the profile, then (shorter: no
-    # breakdown, no profile, two rounds) what the first round costs without cuDNN's autotuning, and bf16, the
-    # precision ComfyUI picks on GPUs that have it
-    for pass in "720|${SIZES_720-184x320}|${VARIANTS_720:-official,ours,nchw,compiled}|parts" \
-                "1080|${SIZES_1080-272x480}|${VARIANTS_1080:-official,ours,nchw}|parts" \
-                "720-autotune-off|${SIZES_AUTOTUNE_OFF-184x320}|${VARIANTS_AUTOTUNE_OFF:-ours}|off" \
-                "720-bf16|${SIZES_BF16-184x320}|${VARIANTS_BF16:-ours,nchw}|bf16"; do
+    local status=0 limit
+    for pass in "${passes[@]}"; do
         IFS='|' read -r name size variants extra <<< "$pass"
         [ -n "$size" ] || continue  # an empty SIZES_* skips that pass
-        local args=("${common[@]}")
+        local args=("${common[@]}") stop=()
         if [ "$extra" = off ]; then
             args+=(--cudnn-benchmark none --rounds 2)
         elif [ "$extra" = bf16 ]; then
             args+=(--dtype bf16 --rounds 2)
         else
             [ -n "${BREAKDOWN-1}" ] && args+=(--breakdown)
-            [ -n "${PROFILE-1}" ] && args+=(--profile "$out/profile_$name")
+            if [ "$extra" = profile ]; then
+                [ -n "${PROFILE-1}" ] && args+=(--profile "$out/profile_$name")
+            else
+                args+=(--rounds 2)
+            fi
         fi
-        PYTHONUNBUFFERED=1 "$python" bench/bench_vs_official.py "${args[@]}" --size "$size" \
+        if [ -n "${DEADLINE:-}" ]; then
+            limit=$((DEADLINE - (SECONDS - start)))
+            if [ "$limit" -lt 60 ]; then
+                echo "pass $name skipped: ${limit} s left of DEADLINE=$DEADLINE"
+                continue
+            fi
+            stop=(timeout -s TERM "$limit")  # the driver then prints the tables of what it measured
+        fi
+        PYTHONUNBUFFERED=1 "${stop[@]}" "$python" bench/bench_vs_official.py "${args[@]}" --size "$size" \
             --variants "$variants" > "$out/$name.md" 2> "$out/$name.log" || status=$?
         cat "$out/$name.md"
         worker_logs "$work" >> "$out/$name.log"
+        if [ -d "$out/profile_$name" ]; then  # one file: only so many come back from a lent machine
+            tar -C "$out" -czf "$out/profile_$name.tgz" "profile_$name" && rm -rf "$out/profile_$name"
+        fi
     done
     return $status
 }
@@ -109,5 +138,5 @@ EOF
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,28p' "$0"; exit 2 ;;
+    *) sed -n '2,31p' "$0"; exit 2 ;;
 esac
