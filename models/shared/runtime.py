@@ -105,17 +105,13 @@ def device_memory(device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    total = _meminfo("MemTotal")
-    if total is None:
-        try:
-            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            total = 8 << 30
+    total = _system_memory("MemTotal", "SC_PHYS_PAGES")
     limit, _ = _cgroup_memory()
     return int(min(total, limit)) if limit is not None else int(total)
 
 
-def _meminfo(field: str) -> int | None:
+def _system_memory(field: str, pages: str) -> int:
+    """``field`` of /proc/meminfo in bytes, else sysconf's count of ``pages`` (8 GiB if neither is there)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -123,7 +119,10 @@ def _meminfo(field: str) -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    return None
+    try:
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def _cgroup_memory() -> tuple[int | None, int | None]:
@@ -147,12 +146,7 @@ def available_memory(device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    free = _meminfo("MemAvailable")
-    if free is None:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 8 << 30
+    free = _system_memory("MemAvailable", "SC_AVPHYS_PAGES")
     limit, usage = _cgroup_memory()
     if limit is not None:
         free = min(free, limit - usage)
