@@ -224,6 +224,8 @@ def _diagnostic(device: str, request: dict, parts: dict, sequence) -> dict | Non
 
 
 def _stop_on_sigterm(signum, frame):
+    # `timeout` signals the process and then its group: the second SIGTERM must not cut the tables short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -601,14 +603,15 @@ def main() -> None:
             stopped = True
             print("\nSTOPPED before the end (time limit or Ctrl-C): the tables hold what was measured")
         finally:
-            # `timeout` signals the process and then its group: a second SIGTERM must not cut the tables short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN if stopped else previous_handler)
+            if not stopped:
+                signal.signal(signal.SIGTERM, previous_handler)
             for worker in workers.values():
                 worker.close(kill=stopped)
         # A variant whose worker died after some timed rounds keeps their figures
         variants = [v for v in variants if results.get(v)]
         for v, why in failed.items():
-            what = "its worker died after its timed rounds" if v in variants else "FAILED (no figures)"
+            what = (f"its worker died after {len(results[v])} of {args.rounds} timed rounds" if v in variants
+                    else "FAILED (no figures)")
             print(f"\n{v}: {what}. {why.strip().splitlines()[-1] if why.strip() else ''}")
         breakdown = {v: b for v, b in breakdown.items() if b is not None}
         profiles = {v: b for v, b in profiles.items() if b is not None}

@@ -122,9 +122,9 @@ EOF
                 echo "pass $name skipped: ${limit} s left of DEADLINE=$DEADLINE"
                 continue
             fi
-            stop=(timeout -s TERM "$limit")  # the driver then prints the tables of what it measured
+            stop=(timeout --preserve-status -s TERM "$limit")  # the driver then prints what it measured
         fi
-        PYTHONUNBUFFERED=1 "${stop[@]}" "$python" bench/bench_vs_official.py "${args[@]}" --size "$size" \
+        PYTHONUNBUFFERED=1 ${stop[@]+"${stop[@]}"} "$python" bench/bench_vs_official.py "${args[@]}" --size "$size" \
             --variants "$variants" > "$out/$name.md" 2> "$out/$name.log" || status=$?
         cat "$out/$name.md"
         worker_logs "$work" >> "$out/$name.log"

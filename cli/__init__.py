@@ -88,10 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from ..models.shared.errors import StreamVSRError
-    from ..models.shared.runtime import keep_freed_memory
+    from ..models.shared.errors import StreamVSRError, first_line
+    from ..models.shared.runtime import OUT_OF_MEMORY, keep_freed_memory
 
     keep_freed_memory()  # for the tensors to come
 
@@ -107,14 +105,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+    except (OUT_OF_MEMORY, MemoryError) as e:
         if args.debug:
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         steps = "; ".join(["--dtype fp16 or bf16 on a GPU", *memory_options(args), "smaller frames",
                            "--device cpu as a last resort"])
         log.error("error: out of memory (%s). Try, in this order: %s. What was finished is kept (frames as files, "
-                  "a video as its partial file or --resume checkpoint)", first[:200], steps)
+                  "a video as its partial file or --resume checkpoint)", first_line(e), steps)
         return 2
     except OSError as e:
         # A full disk, a read-only or vanished folder: the machine's state, not a bug in this program.

@@ -199,20 +199,23 @@ def plan_engine(args) -> EnginePlan:
 
 
 def memory_options(args) -> list[str]:
-    """The options that lower the memory of what ``args`` run, the most useful first (for the out-of-memory
-    advice; none for a command without a model, or a model that cannot be recognised)."""
+    """The options that lower the memory of what ``args`` run, the most useful first, as typed (for the
+    out-of-memory advice; none for a command without a model, or a model that cannot be recognised)."""
+    from ..models.raft import MEMORY_OPTIONS as RAFT_MEMORY_OPTIONS
     from ..models.registry import detect_family, family_by_name
-    from ..models.shared.errors import StreamVSRError
 
     if args.command == "flow":
-        return ["--corr on_demand", "--flow-downscale 2"]
-    if args.command not in ("frames", "upscale"):
+        options = RAFT_MEMORY_OPTIONS
+    elif args.command in ("frames", "upscale"):
+        try:
+            family = (family_by_name("stream-diffvsr") if getattr(args, "download", False)
+                      else detect_family(args.model))
+        except Exception:  # noqa: BLE001 - advice after an error: never a second error instead of it
+            return []
+        options = family.memory_options
+    else:
         return []
-    try:
-        family = family_by_name("stream-diffvsr") if getattr(args, "download", False) else detect_family(args.model)
-    except StreamVSRError:
-        return []
-    return list(family.memory_options)
+    return [f"--{name.replace('_', '-')} {value}" for name, value in options]
 
 
 def engine_from_args(args):

@@ -24,7 +24,8 @@ disk for resuming, and the output does not change):
 ``estimate_memory(h, w) -> int``
     Rough peak activation bytes for LR frames of h x w, beyond the weights.
 ``state_from_dict(tensors, meta) -> state``; states have ``to(device)`` and ``to_dict() -> (tensors, meta)``
-    (safetensors-ready) for resume files.
+    (safetensors-ready) for resume files. A restored state is ready for ``push`` (the engine moves what it
+    needs to its device, when restoring or when stepping).
 ``scale``
     Output side / input side.
 """
@@ -69,8 +70,8 @@ class Family:
     detect(path) -> bool: whether a file or folder holds this family's weights (checked cheaply: names, keys).
     load_engine(path, device, dtype, **options) -> Engine; options: the family-specific option names it takes.
     convert(source, out_path, dtype, **options) -> Path: pack the weights into one file (None if not offered).
-    memory_options: command-line options that lower the memory a frame takes, the most useful first (the advice
-    after running out of memory).
+    memory_options: (option, value) pairs of its options that lower the memory a frame takes, the most useful
+    first (the advice after running out of memory).
     """
 
     name: str
@@ -83,4 +84,4 @@ class Family:
     load_engine: Callable[..., Engine]
     options: tuple[str, ...] = field(default=())
     convert: Callable[..., Path] | None = None
-    memory_options: tuple[str, ...] = field(default=())
+    memory_options: tuple[tuple[str, Any], ...] = field(default=())

@@ -134,12 +134,6 @@ def settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix) -> dict
             "kv_ratio": float(kv_ratio), "color_fix": str(color_fix)}
 
 
-def prepare_engine(model: FlashVSRModel, settings: dict | None, lr_size: tuple[int, int],
-                   latent_sink=None) -> FlashVSREngine:
-    """``make_engine`` with both patchers loaded for frames of ``lr_size`` (``load_engine``)."""
-    return load_engine(make_engine(model, settings, latent_sink), model, lr_size)
-
-
 def make_engine(model: FlashVSRModel, settings: dict | None, latent_sink=None) -> FlashVSREngine:
     """A FlashVSREngine with ``settings`` (DEFAULT_SETTINGS where missing); nothing is loaded yet."""
     if not isinstance(model, FlashVSRModel):

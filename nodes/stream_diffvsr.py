@@ -101,11 +101,6 @@ def load_for_inference(model_patcher, flow_patcher, memory_required: int):
         load_flow_patcher(flow_patcher, memory_required)
 
 
-def prepare_engine(model_patcher, flow_patcher, steps: int, lr_size: tuple[int, int]) -> StreamEngine:
-    """``make_engine`` with both models loaded for frames of ``lr_size`` (``load_engine``)."""
-    return load_engine(make_engine(model_patcher, flow_patcher, steps), model_patcher, flow_patcher, lr_size)
-
-
 def make_engine(model_patcher, flow_patcher, steps: int) -> StreamEngine:
     """A StreamEngine in the loader's compute precision; nothing is loaded yet (``load_engine``)."""
     pipe = model_patcher.model

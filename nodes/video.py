@@ -43,8 +43,12 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
     """(absolute path, file name, subfolder). ``resume``: the job's settings (``video.resume.fingerprint``), to
     continue an unfinished job of this prefix with the same ones."""
     extension = EXTENSIONS[codec]
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-        filename_prefix, folder_paths.get_output_directory(), width * scale, height * scale)
+    try:
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width * scale, height * scale)
+    except OSError as e:  # ComfyUI lists or creates the folder: a file in the way, no permission
+        raise UserInputError(f"cannot use the output folder of filename_prefix {filename_prefix!r}: "
+                             f"{e.strerror or e} ({e.filename})") from None
     if resume is not None:
         path = _unfinished_job(folder, name, extension, resume)
         if path is not None:
@@ -156,8 +160,8 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale)
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
-        # A first frame that does not decode or an output folder that cannot be made is reported before the
-        # models take their minutes to load (upscale_video checks again, cheaply, once they are)
+        # An output folder that cannot be written is reported before the models take their minutes to load
+        # (upscale_video checks again once they are)
         check_video_job(source, out_path, seed=seed, codec=codec, scene_cut_threshold=scene_cut_threshold or None,
                         resume=bool(resume))
 

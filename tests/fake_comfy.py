@@ -232,6 +232,10 @@ def install(monkeypatch, models_dir, interrupt_after=None):
         import os
 
         full = os.path.join(output_dir, os.path.dirname(prefix))
+        try:  # as ComfyUI's: it lists the folder (to count), creating it when missing
+            os.listdir(full)
+        except FileNotFoundError:
+            os.makedirs(full, exist_ok=True)
         return full, os.path.basename(prefix), 1, os.path.dirname(prefix), prefix
 
     folder_paths.get_save_image_path = get_save_image_path

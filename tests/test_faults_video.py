@@ -692,7 +692,7 @@ def test_video_node_never_replaces_a_file_and_reports_a_cut_input(tmp_path, vide
     assert not (folder / "cut_00001_.mkv").exists()
 
 
-def test_video_node_reports_an_unusable_output_folder_before_loading_models(tmp_path, video_node):
+def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading_models(tmp_path, video_node):
     run, folder = video_node
     clip = tmp_path / "in.mkv"
     noise_clip(clip, n=2, w=16, h=8, codec="ffv1")

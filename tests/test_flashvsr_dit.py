@@ -125,8 +125,8 @@ def test_apply_rope_equals_the_official_complex128_rotation(dtype):
 
 def test_rope_in_bands_equals_one_pass(monkeypatch):
     heads, frames, rows, cols = 2, 2, 8, 12
-    x = torch.randn(frames * rows * cols, heads * 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    table = R.RopeTable(4, frames, rows, cols, 128)
+    x = torch.randn(frames * rows * cols, heads * 128, generator=torch.Generator().manual_seed(1))  # fp32: where
+    table = R.RopeTable(4, frames, rows, cols, 128)  # a float32 rotation would show
     whole = R.apply_rope(x, table, heads)
     monkeypatch.setattr(R, "ROPE_STEP_VALUES", 7 * heads * 128)  # bands of 7 tokens, the last one shorter
     banded = R.apply_rope(x, table, heads)
@@ -135,7 +135,8 @@ def test_rope_in_bands_equals_one_pass(monkeypatch):
 
 def test_rope_rotates_in_float32_where_the_device_has_no_float64():
     assert R.rotation_dtype("cpu") == R.rotation_dtype(None) == R.rotation_dtype("cuda:1") == torch.float64
-    assert R.rotation_dtype("mps") == R.rotation_dtype(torch.device("mps")) == torch.float32
+    for device in ("mps", torch.device("mps"), "xpu", "privateuseone:0"):  # Apple, Intel Arc, DirectML
+        assert R.rotation_dtype(device) == torch.float32, device
 
 
 # --------------------------------------------------------------------------------------------------------------

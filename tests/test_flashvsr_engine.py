@@ -177,6 +177,7 @@ def test_flex_attention_that_fails_to_compile_falls_back_to_gather(folder, whole
     from streamvsr.models.flashvsr import attention as A
 
     frames, whole = whole30
+    monkeypatch.setattr(A, "_FLEX_FAILED", {})
     flex = load_engine(folder, device="cpu", dtype=torch.float32)
     flex.attention = "flex"
     calls = []
@@ -185,14 +186,22 @@ def test_flex_attention_that_fails_to_compile_falls_back_to_gather(folder, whole
         calls.append(1)
         raise A.FlexCompileError("BackendCompilerFailed: Cannot find a working triton installation")
 
-    monkeypatch.setattr(flex, "_flex", lambda: cannot_compile if flex.attention == "flex" else None)
+    # as on a GPU: the compiled FlexAttention while the engine is set to flex
+    monkeypatch.setattr(flex, "_attention", lambda: ("flex", cannot_compile) if flex.attention == "flex"
+                        else ("gather", None))
     with caplog.at_level("WARNING"):
         got, _ = _run(flex, frames)
     assert calls == [1] and flex.attention == "gather"
     assert [r.getMessage() for r in caplog.records if "FlexAttention" in r.getMessage()] == [
-        "FlashVSR: FlexAttention could not be compiled (BackendCompilerFailed: Cannot find a working triton "
-        "installation); using the gather attention, which computes the same"]
+        "FlashVSR: FlexAttention failed (BackendCompilerFailed: Cannot find a working triton installation); "
+        "using the gather attention, which computes the same"]
     assert torch.equal(got, whole)
+    # remembered for the process: the next engine on that device takes gather without trying again
+    assert A.flex_failure("cpu") == "BackendCompilerFailed: Cannot find a working triton installation"
+    monkeypatch.setattr(A, "_FLEX_FAILED", {"cuda:0": "BackendCompilerFailed: no triton"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    assert A.flex_unavailable("cuda:0") == "it failed earlier in this session (BackendCompilerFailed: no triton)"
 
 
 def test_compiled_flex_reports_compiler_failures_and_passes_out_of_memory(monkeypatch):
@@ -224,7 +233,11 @@ def test_flex_needs_cuda_and_triton(monkeypatch):
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
     assert "Triton is not installed" in A.flex_unavailable("cuda")
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
-    assert A.flex_unavailable("cuda:1") is None
+    capability = {"cuda:0": (8, 6), "cuda:1": (6, 1)}  # has_triton() is content with any one of them
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[str(device)])
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert A.flex_unavailable("cuda:0") is None
+    assert A.flex_unavailable("cuda:1") == "this GPU (compute capability 6.1) is older than Triton's 7.0"
 
 
 def test_a_failed_push_leaves_the_given_state_usable(engine):

@@ -1,5 +1,7 @@
 """RAFT against torchvision (random weights), and the on-demand correlation against the all-pairs one."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,9 +224,10 @@ def test_auto_correlation_follows_the_device_memory_not_what_is_free(monkeypatch
     with torch.no_grad():
         model(a, b, num_flow_updates=1, corr="auto")
     assert asked == [runtime.device_memory("cpu")]
-    with open("/proc/meminfo") as f:
-        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-    assert 0 < runtime.device_memory("cpu") <= total
+    if os.path.exists("/proc/meminfo"):  # Linux
+        with open("/proc/meminfo") as f:
+            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+        assert 0 < runtime.device_memory("cpu") <= total
 
 
 def test_rejects_bad_arguments():

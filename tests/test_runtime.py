@@ -59,30 +59,20 @@ def test_a_cpu_engine_keeps_freed_memory(plain_layers, monkeypatch, tmp_path):
     assert calls == [True]
 
 
-def test_auto_precision_asks_the_chosen_gpu(monkeypatch):
-    """bf16 where the GPU the command runs on has it: is_bf16_supported asks the current GPU, so it is asked
-    with the chosen one current (a machine with a new and an old GPU: cuda:1 without bf16)."""
-    import contextlib
-
+def test_auto_precision_is_bf16_where_the_chosen_gpu_computes_in_it(monkeypatch):
+    """bf16 on Ampere and later, fp16 before (torch.cuda.is_bf16_supported() says yes there too, since bf16 can be
+    emulated, and asks the current GPU): a machine with a new cuda:0 and an old cuda:1."""
     import torch
 
     from streamvsr.models.shared.runtime import pick_dtype
 
-    current = [0]
-
-    @contextlib.contextmanager
-    def on(device):
-        before, current[0] = current[0], torch.device(device).index if torch.device(device).index is not None \
-            else current[0]
-        try:
-            yield
-        finally:
-            current[0] = before
-
-    monkeypatch.setattr(torch.cuda, "device", on)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: current[0] == 0)
+    capability = {"cuda:0": (8, 9), "cuda:1": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[str(device)])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
     assert pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
     assert pick_dtype("auto", torch.device("cuda:1")) == torch.float16
-    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16 and current == [0]
     assert pick_dtype("fp32", torch.device("cuda:1")) == torch.float32
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm GPUs compute in bf16
+    assert pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16

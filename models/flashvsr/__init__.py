@@ -59,4 +59,4 @@ FAMILY = Family(
     frame_rule="one output frame per input frame, in chunks of 21 then 8 frames, 4 frames behind the input",
     size_multiple=128, dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect,
     load_engine=load_engine, options=("version", "scale", "sparse_ratio", "local_range", "kv_ratio", "color_fix"),
-    convert=convert, memory_options=("--kv-ratio 2", "--sparse-ratio 1.5"))
+    convert=convert, memory_options=(("kv_ratio", 2), ("sparse_ratio", 1.5)))

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..shared.runtime import OUT_OF_MEMORY
+from ..shared.errors import first_line
+from ..shared.runtime import OUT_OF_MEMORY, concrete_device
 
 WINDOW = (2, 8, 8)
 BLOCK = WINDOW[0] * WINDOW[1] * WINDOW[2]  # 128 tokens, the kernel's tile side
@@ -215,7 +216,27 @@ def flex_unavailable(device) -> str | None:
         return f"this PyTorch ({torch.__version__}) lacks parts of it that the engine uses"
     if not has_triton():
         return "Triton is not installed for this GPU (ComfyUI's Windows portable build has none)"
+    capability = None if torch.version.hip else torch.cuda.get_device_capability(device)
+    if capability is not None and capability < (7, 0):  # has_triton() is content with any capable GPU there
+        return f"this GPU (compute capability {capability[0]}.{capability[1]}) is older than Triton's 7.0"
+    failed = flex_failure(device)
+    if failed is not None:
+        return f"it failed earlier in this session ({failed})"
     return None
+
+
+# device -> why the compiled FlexAttention failed there in this process: later engines take the gather attention at
+# once instead of failing (and warning) again
+_FLEX_FAILED: dict[str, str] = {}
+
+
+def record_flex_failure(device, reason: str) -> None:
+    _FLEX_FAILED[str(concrete_device(device))] = reason
+
+
+def flex_failure(device) -> str | None:
+    """Why the compiled FlexAttention failed on ``device`` earlier in this process, or None."""
+    return _FLEX_FAILED.get(str(concrete_device(device)))
 
 
 def compiled_flex_attention():
@@ -239,8 +260,7 @@ def compiled_flex_attention():
         except OUT_OF_MEMORY:
             raise
         except Exception as e:  # noqa: BLE001 - the compiler's (Triton, Inductor); the gather path tells input errors
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise FlexCompileError(f"{type(e).__name__}: {reason}") from e
+            raise FlexCompileError(f"{type(e).__name__}: {first_line(e)}") from e
 
     return run
 

@@ -25,7 +25,8 @@ from torch import nn
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.runtime import checksum, concrete_device
-from .attention import BlockKV, FlexCompileError, compiled_flex_attention, kept_slices
+from .attention import (BlockKV, FlexCompileError, compiled_flex_attention, flex_failure, kept_slices,
+                        record_flex_failure)
 from .color import METHODS as COLOR_FIXES
 from .color import color_fix
 from .dit import StreamCache, WanDiT
@@ -141,7 +142,8 @@ class FlashVSREngine:
     attention settings (budget of attended key blocks, local window in 8x8-token blocks, latent slices of KV memory:
     ``int(kv_ratio)`` as the official). color_fix: "adain" (official default), "wavelet" or "none".
     attention: "gather" (per-query-block gather + SDPA, bounded memory, any device) or "flex" (FlexAttention block
-    masks; compiled on CUDA). latent_sink: optional callable receiving each chunk's latents (see ``__init__``).
+    masks; compiled on CUDA; if that fails, a warning and gather, also for later engines on that device in this
+    process). latent_sink: optional callable receiving each chunk's latents (see ``__init__``).
     """
 
     def __init__(self, pipeline: FlashVSRPipeline, device=None, compute_dtype: torch.dtype | None = None,
@@ -287,12 +289,20 @@ class FlashVSREngine:
             self._constants = c = self.pipeline.dit.prepare(self.pipeline.prompt, self.device, self.compute_dtype)
         return c
 
-    def _flex(self):
+    def _attention(self) -> tuple[str, object]:
+        """(backend, compiled FlexAttention or None) for the next DiT pass."""
         if self.attention != "flex":
-            return None
-        if self._compiled_flex is None and self.device.type == "cuda":
+            return "gather", None
+        if self.device.type != "cuda":
+            return "flex", None  # eager FlexAttention: the whole score matrix, for checking only
+        if self._compiled_flex is None:
+            failed = flex_failure(self.device)
+            if failed is not None:
+                log.info("FlashVSR: gather attention (FlexAttention failed earlier in this session: %s)", failed)
+                self.attention = "gather"
+                return "gather", None
             self._compiled_flex = compiled_flex_attention()
-        return self._compiled_flex
+        return "flex", self._compiled_flex
 
     def _noise(self, state: FlashVSRState, latents: int, size: tuple[int, int]):
         generator = torch.Generator("cpu")
@@ -304,14 +314,14 @@ class FlashVSREngine:
         noise = torch.cat(draws, dim=2).to(device=self.device, dtype=self.compute_dtype)
         return noise, generator.get_state()
 
-    def _dit_pass(self, noise, tokens, state: FlashVSRState, t_start: int):
+    def _dit_pass(self, noise, tokens, state: FlashVSRState, t_start: int, backend: str, compiled_flex):
         """The DiT's velocity for one chunk and the new KV caches (the state's own are left as they are)."""
         dit = self.pipeline.dit
         cache = dit.new_cache() if state.dit is None else StreamCache(list(state.dit.blocks), state.dit.chunks,
                                                                       state.dit.grid)
         velocity = dit.forward_chunk(noise, tokens, cache, t_start, self._constants_for(),
                                      sparse_ratio=self.sparse_ratio, local_range=self.local_range,
-                                     kv_ratio=self.kv_ratio, backend=self.attention, compiled_flex=self._flex())
+                                     kv_ratio=self.kv_ratio, backend=backend, compiled_flex=compiled_flex)
         return velocity, cache
 
     def _run_chunk(self, state: FlashVSRState, keep: int | None = None) -> tuple[torch.Tensor, FlashVSRState]:
@@ -331,12 +341,13 @@ class FlashVSREngine:
         tokens, lq_state = pipe.lq_proj.project(lq_in, state.lq if state.chunks else None)
         noise, generator_state = self._noise(state, c.latents[1] - c.latents[0], size)
         try:
-            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0])
+            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], *self._attention())
         except FlexCompileError as e:
-            log.warning("FlashVSR: FlexAttention could not be compiled (%s); using the gather attention, which "
-                        "computes the same", e)
+            log.warning("FlashVSR: FlexAttention failed (%s); using the gather attention, which computes the same",
+                        e)
+            record_flex_failure(self.device, str(e))
             self.attention, self._compiled_flex = "gather", None
-            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0])
+            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], "gather", None)
         latents = noise - velocity.to(noise.dtype)
         if self.latent_sink is not None:
             self.latent_sink(latents)

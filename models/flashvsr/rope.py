@@ -58,8 +58,9 @@ def grid_angles(t_start: int, frames: int, rows: int, cols: int, head_dim: int,
 
 
 def rotation_dtype(device) -> torch.dtype:
-    """float64, the official rotation's precision, wherever the device has it (Apple's MPS has not: float32)."""
-    return torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+    """float64, the official rotation's precision, on the CPU and CUDA (ROCm included); float32 on devices without
+    a usable float64 (Apple's MPS, Intel's XPU, DirectML)."""
+    return torch.float64 if torch.device(device or "cpu").type in ("cpu", "cuda") else torch.float32
 
 
 class RopeTable:
@@ -67,8 +68,9 @@ class RopeTable:
 
     ``cos``/``sin`` have shape (tokens, 1, head_dim // 2) (the 1 broadcasts over heads), in ``rotation_dtype``.
     The official rotation is a complex128 multiply rounded back to the activation dtype; the same float64
-    products and sums here give its results bit for bit. (A float32 rotation, all MPS allows, differs from it by
-    a few float32 ulps: in bf16 one ulp on about one element in 60,000.)
+    products and sums here give its results bit for bit on the CPU (on CUDA its multiply may fuse a product and
+    a sum, a float64 rounding apart, which practically never reaches the activation dtype). A float32 rotation, all
+    some devices allow, differs from it by a few float32 ulps: in bf16 one ulp on about one element in 60,000.
     """
 
     def __init__(self, t_start: int, frames: int, rows: int, cols: int, head_dim: int, device=None,

@@ -8,6 +8,12 @@ escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), at most ``limit`` characters:
+    what a one-line report of a foreign library's error can hold."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class StreamVSRError(Exception):
     """A problem the user can fix; the message says how."""
 

@@ -72,13 +72,21 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA GPUs that support it, else fp16 on CUDA, fp32 elsewhere."""
+    """``auto``: bf16 on CUDA GPUs that compute in it (``has_native_bf16``), else fp16 on CUDA, fp32 elsewhere."""
     if name != "auto":
         return PRECISIONS[name]
     if device.type == "cuda":
-        with torch.cuda.device(device):  # is_bf16_supported asks the current GPU, which may be another one
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     return torch.float32
+
+
+def has_native_bf16(device) -> bool:
+    """Whether the CUDA GPU ``device`` computes in bf16 natively (Ampere and later; AMD's ROCm GPUs). Not
+    ``torch.cuda.is_bf16_supported()``: it says yes wherever bf16 can be emulated (slowly), and asks the
+    current GPU, which may be another one."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 # A device running out of memory (torch.OutOfMemoryError since PyTorch 2.5; before it only CUDA's existed).
@@ -125,18 +133,19 @@ def _system_memory(field: str, pages: str) -> int:
         return 8 << 30
 
 
-def _cgroup_memory() -> tuple[int | None, int | None]:
-    """(limit, usage) of this process's cgroup v2, (None, None) outside one or without a limit: containers show
-    the host in /proc/meminfo."""
+def _cgroup_memory() -> tuple[int | None, int]:
+    """(limit, usage) of this process's cgroup v2, limit None outside one or without a limit (containers show
+    the host in /proc/meminfo); usage 0 where it cannot be read."""
     try:
         with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None, None
+            limit = int(f.read().strip())
+    except (OSError, ValueError):  # no cgroup v2, or "max"
+        return None, 0
+    try:
         with open("/sys/fs/cgroup/memory.current") as f:
-            return int(limit), int(f.read().strip())
+            return limit, int(f.read().strip())
     except (OSError, ValueError):
-        return None, None
+        return limit, 0
 
 
 def available_memory(device) -> int:

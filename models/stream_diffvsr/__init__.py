@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..contract import Family
+from ..raft import MEMORY_OPTIONS as RAFT_MEMORY_OPTIONS
 
 SINGLE_FILE_FORMAT = "streamvsr/stream-diffvsr"
 log = logging.getLogger(__name__)
@@ -81,6 +82,6 @@ FAMILY = Family(
     frame_rule="one output frame per input frame, immediately", size_multiple=4,
     dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect, load_engine=load_engine,
     options=("flow", "steps", "corr", "flow_downscale", "compile", "plain_layers"), convert=convert,
-    memory_options=("--corr on_demand", "--flow-downscale 2"))
+    memory_options=RAFT_MEMORY_OPTIONS)
 
 __all__ = ["FAMILY", "SINGLE_FILE_FORMAT", "detect", "load_engine"]

@@ -19,6 +19,7 @@ import torch
 import torch.utils._pytree
 from torch import nn
 
+from ..shared.errors import first_line
 from ..shared.packed import as_operators
 from ..shared.runtime import OUT_OF_MEMORY
 
@@ -78,9 +79,8 @@ class CompiledCall:
         except Exception as e:  # noqa: BLE001 - any failure of the compiler; the eager run below tells real errors
             out = self.eager(*args, **kwargs)  # an error of the inputs themselves raises here, as without compile
             self.failed = True
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             log.warning("torch.compile of the %s is unavailable (%s: %s); running it eagerly", self.label,
-                        type(e).__name__, reason)
+                        type(e).__name__, first_line(e))
             return out
         if first:
             self.seen.add(key)
