@@ -69,7 +69,7 @@ def seed_value(text: str) -> int:
 def add_flow_options(p: argparse.ArgumentParser, default=("auto", 1)) -> None:
     p.add_argument("--corr", choices=("auto", "all_pairs", "on_demand"), default=default[0],
                    help="RAFT correlation: all-pairs volume (fast, O((HW)^2) memory), on-demand lookup "
-                        "(bounded memory) or chosen from the frame size and the device's memory (default)")
+                        "(bounded memory) or chosen from the frame size and the memory (default)")
     p.add_argument("--flow-downscale", type=int, choices=(1, 2, 4), default=default[1],
                    help="compute flow at 1/N resolution and upsample it (faster, less memory, "
                         "deviates from the official full-resolution flow); default 1")

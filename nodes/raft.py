@@ -50,8 +50,9 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
                 io.Combo.Input("correlation", options=["auto", "all_pairs", "on_demand"], default="auto",
                                tooltip="all_pairs: the original all-pairs volume (memory grows with the square "
                                        "of the pixel count); on_demand: the same flow in bounded memory; auto: "
-                                       "all_pairs only while its volume is under 2 GiB and a quarter of the device's "
-                                       "memory, else on_demand."),
+                                       "all_pairs only while its volume is under 2 GiB, a quarter of the device's "
+                                       "memory and half of what is free (decided at the first frame of a size), "
+                                       "else on_demand."),
                 io.Combo.Input("resolution", options=["full", "half", "quarter"], default="full",
                                tooltip="Compute flow at reduced resolution and upsample it: faster and lighter, "
                                        "but no longer the official (full-resolution) flow."),

@@ -1,7 +1,5 @@
 """RAFT against torchvision (random weights), and the on-demand correlation against the all-pairs one."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,28 +204,32 @@ def test_volume_size_and_auto_rule():
     assert select_correlation(1080, 1920, memory_bytes=16 * gib, batch=1) == "on_demand"
 
 
-def test_auto_correlation_follows_the_device_memory_not_what_is_free(monkeypatch):
-    """What is free changes from frame to frame (other models, the allocator's cache); the device's memory does
-    not, so every frame of a sequence takes the same path."""
+def test_auto_correlation_is_decided_once_per_shape(monkeypatch):
+    """The first frame decides from the device's memory and what is free then; later frames of that size take the
+    same path whatever is free by then (the paths differ by float rounding: a sequence must not mix them)."""
     from streamvsr.models.raft import network
     from streamvsr.models.shared import runtime
 
-    asked = []
+    gib = 2**30
+    asked, free = [], [64 * gib]
 
     def spy(h, w, memory_bytes, batch=1, element_size=4):
         asked.append(memory_bytes)
         return select_correlation(h, w, memory_bytes, batch, element_size)
 
     monkeypatch.setattr(network, "select_correlation", spy)
+    monkeypatch.setattr(network, "device_memory", lambda device: 16 * gib)
+    monkeypatch.setattr(network, "available_memory", lambda device: free[0])
     model = raft_small().eval()
     a, b = _pair(64, 64)
     with torch.no_grad():
         model(a, b, num_flow_updates=1, corr="auto")
-    assert asked == [runtime.device_memory("cpu")]
-    if os.path.exists("/proc/meminfo"):  # Linux
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        assert 0 < runtime.device_memory("cpu") <= total
+        free[0] = 1 << 20  # later, almost nothing is free
+        model(a, b, num_flow_updates=1, corr="auto")
+        assert asked == [16 * gib]  # a quarter of the device's memory: less than half of what was free
+        model(*_pair(72, 64), num_flow_updates=1, corr="auto")  # another size: decided anew, from what is free
+    assert asked == [16 * gib, 2 << 20]
+    assert runtime.device_memory("cpu") > 0
 
 
 def test_rejects_bad_arguments():

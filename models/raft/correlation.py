@@ -21,7 +21,7 @@ NUM_LEVELS = 4
 # coarsest correlation level still has 2x2 cells (grid_sample's align_corners=True lookup divides by size - 1).
 PAD_MULTIPLE = 8
 MIN_SIZE = 8 * 2 * 2 ** (NUM_LEVELS - 1)
-# "auto" takes the all-pairs volume only when it is at most this share of the device's memory and at most this size.
+# "auto" takes the all-pairs volume only when it is at most this share of the memory it may use and at most this size.
 AUTO_MEMORY_FRACTION = 0.25
 AUTO_MAX_BYTES = 2 << 30
 
@@ -41,12 +41,11 @@ def all_pairs_bytes(h: int, w: int, batch: int = 1, element_size: int = 4) -> in
 
 def select_correlation(h: int, w: int, memory_bytes: int, batch: int = 1, element_size: int = 4) -> str:
     """The "auto" rule: "all_pairs" when the all-pairs volume (with its pyramid) takes at most a quarter of
-    ``memory_bytes`` (the device's memory) and at most 2 GiB, else "on_demand".
+    ``memory_bytes`` and at most 2 GiB, else "on_demand".
 
     The quarter leaves room for the models, the encoders and the update block; the 2 GiB cap (a 1600x900 frame)
     is where the on-demand lookup stops being slower on the CPU (see bench/bench_raft_corr.py), so the volume's
-    memory buys nothing beyond it. The device's memory, not what is free at the moment, so that every frame of a
-    sequence takes the same path (the two differ by float rounding).
+    memory buys nothing beyond it.
     """
     need = all_pairs_bytes(h, w, batch, element_size)
     return "all_pairs" if need <= min(memory_bytes * AUTO_MEMORY_FRACTION, AUTO_MAX_BYTES) else "on_demand"

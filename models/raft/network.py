@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..shared.runtime import device_memory
+from ..shared.runtime import available_memory, device_memory
 from .correlation import (NUM_LEVELS, AllPairsCorrelation, OnDemandCorrelation, padded_size,
                           select_correlation)
 
@@ -210,7 +210,7 @@ class RAFT(nn.Module):
 
     Images are in [-1, 1]. Any size works: inputs are padded (edge replicate) to a multiple of 8 and at least
     128 px, and the flow is cropped back. ``corr``: "all_pairs", "on_demand" or "auto" (``select_correlation``
-    with the memory of the images' device). ``block_bytes`` bounds the on-demand lookup's and the
+    with the device's memory and what is free on it, decided once per input shape). ``block_bytes`` bounds the on-demand lookup's and the
     upsampling's temporaries.
     """
 
@@ -225,6 +225,9 @@ class RAFT(nn.Module):
         (block, f_layers, c_layers, c_norm, radius, corr_layers, flow_layers, motion_out, hidden, kernels, pads,
          head_hidden, use_mask) = ARCHS[arch]
         self.arch, self.radius, self.hidden = arch, radius, hidden
+        # corr="auto" decided once per input shape, device and dtype: the two paths differ by float rounding, so
+        # every frame of a sequence (and every run with this model) takes the one the first frame took
+        self._auto_corr: dict = {}
         self.feature_encoder = FeatureEncoder(block, f_layers, "instance", operations, device, dtype)
         self.context_encoder = FeatureEncoder(block, c_layers, c_norm, operations, device, dtype)
         corr_ch = NUM_LEVELS * (2 * radius + 1) ** 2
@@ -244,8 +247,13 @@ class RAFT(nn.Module):
             raise ValueError(f"images must both be (B, 3, H, W), got {tuple(image1.shape)} and "
                              f"{tuple(image2.shape)}")
         if corr == "auto":
-            corr = select_correlation(*image1.shape[-2:], device_memory(image1.device), image1.shape[0],
-                                      image1.element_size())
+            key = (tuple(image1.shape), str(image1.device), image1.dtype)
+            if key not in self._auto_corr:
+                # a quarter of the device's memory or half of what is free now, whichever is less
+                memory = min(device_memory(image1.device), 2 * available_memory(image1.device))
+                self._auto_corr[key] = select_correlation(*image1.shape[-2:], memory, image1.shape[0],
+                                                          image1.element_size())
+            corr = self._auto_corr[key]
         if corr not in ("all_pairs", "on_demand"):
             raise ValueError(f"corr must be 'auto', 'all_pairs' or 'on_demand', got {corr!r}")
         h, w = image1.shape[-2:]
