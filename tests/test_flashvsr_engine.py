@@ -202,6 +202,11 @@ def test_flex_attention_that_fails_to_compile_falls_back_to_gather(folder, whole
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
     assert A.flex_unavailable("cuda:0") == "it failed earlier in this session (BackendCompilerFailed: no triton)"
+    later = load_engine(folder, device="cpu", dtype=torch.float32)
+    later.attention, later.device = "flex", torch.device("cuda:0")  # a GPU engine, as far as the choice goes
+    monkeypatch.setattr("streamvsr.models.flashvsr.engine.compiled_flex_attention",
+                        lambda: pytest.fail("compiled again after it failed"))
+    assert later._attention() == ("gather", None) and later.attention == "gather"
 
 
 def test_compiled_flex_reports_compiler_failures_and_passes_out_of_memory(monkeypatch):

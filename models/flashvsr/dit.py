@@ -13,7 +13,7 @@ per-block modulation vectors and the cross-attention keys/values are computed on
 
 Self-attention is the locality-constrained sparse attention of ``attention.py``. The norms follow the official
 module: LayerNorms (eps 1e-6) in the activation dtype, the q/k RMSNorms in float32, the RoPE rotation in float64
-(float32 on MPS; see ``rope.py``).
+(float32 on devices without it; see ``rope.py``).
 """
 
 from __future__ import annotations

@@ -69,8 +69,9 @@ class RopeTable:
     ``cos``/``sin`` have shape (tokens, 1, head_dim // 2) (the 1 broadcasts over heads), in ``rotation_dtype``.
     The official rotation is a complex128 multiply rounded back to the activation dtype; the same float64
     products and sums here give its results bit for bit on the CPU (on CUDA its multiply may fuse a product and
-    a sum, a float64 rounding apart, which practically never reaches the activation dtype). A float32 rotation, all
-    some devices allow, differs from it by a few float32 ulps: in bf16 one ulp on about one element in 60,000.
+    a sum, a float64 rounding apart, which practically never reaches the activation dtype). On devices without
+    float64 the rotation runs in float32, a few float32 ulps from it: in bf16 one ulp on about one element in
+    60,000.
     """
 
     def __init__(self, t_start: int, frames: int, rows: int, cols: int, head_dim: int, device=None,

@@ -210,8 +210,8 @@ class RAFT(nn.Module):
 
     Images are in [-1, 1]. Any size works: inputs are padded (edge replicate) to a multiple of 8 and at least
     128 px, and the flow is cropped back. ``corr``: "all_pairs", "on_demand" or "auto" (``select_correlation``
-    with the device's memory and what is free on it, decided once per input shape). ``block_bytes`` bounds the on-demand lookup's and the
-    upsampling's temporaries.
+    with the device's memory and what is free on it, decided once per input shape). ``block_bytes`` bounds the
+    on-demand lookup's and the upsampling's temporaries.
     """
 
     # the submodules that do the work at the image sizes, called once per pair (the encoders, with fixed shapes)
