@@ -194,6 +194,17 @@ def test_bad_frames_raise_clear_errors(checkpoint, raft):
     assert torch.equal(rgba, rgb)
 
 
+def test_an_overflow_is_an_error_that_says_which_precision_to_use(checkpoint, raft, frames, monkeypatch):
+    """inf or NaN would become white or black frames without a word."""
+    from streamvsr.models.shared.errors import PrecisionError
+
+    half = StreamEngine(load_pipeline(checkpoint, dtype=torch.float16), _flow_fn(raft))
+    decode = half.pipeline.vae.decode
+    monkeypatch.setattr(half.pipeline.vae, "decode", lambda z, t=None: decode(z, t) * 1e5)  # past fp16's 65504
+    with pytest.raises(PrecisionError, match="computed inf or NaN in float16: load the model in bf16 or fp32"):
+        half.step(frames[0], half.new_state(1))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_close_to_fp32(checkpoint, raft, frames, dtype):
     full = StreamEngine(load_pipeline(checkpoint), _flow_fn(raft))

@@ -245,6 +245,21 @@ def test_flex_needs_cuda_and_triton(monkeypatch):
     assert A.flex_unavailable("cuda:1") == "this GPU (compute capability 6.1) is older than Triton's 7.0"
 
 
+def test_inf_or_nan_in_the_output_is_an_error(engine, whole30, monkeypatch):
+    from streamvsr.models.shared.errors import PrecisionError
+
+    frames, _ = whole30
+    decode = engine.pipeline.tc_decoder.decode
+
+    def broken(*args, **kwargs):
+        video, state = decode(*args, **kwargs)
+        return video * float("nan"), state
+
+    monkeypatch.setattr(engine.pipeline.tc_decoder, "decode", broken)
+    with pytest.raises(PrecisionError, match="FlashVSR computed inf or NaN in float32: the weights may be damaged"):
+        engine.push(engine.new_state(42), frames[:25])
+
+
 def test_a_failed_push_leaves_the_given_state_usable(engine):
     frames = _frames(34)
     state = engine.new_state(42)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
-from ..shared.runtime import checksum, concrete_device
+from ..shared.runtime import check_finite, checksum, concrete_device
 from .attention import (BlockKV, FlexCompileError, compiled_flex_attention, flex_failure, kept_slices,
                         record_flex_failure)
 from .color import METHODS as COLOR_FIXES
@@ -362,6 +362,7 @@ class FlashVSREngine:
         if keep is not None:
             end = min(end, keep)
         out = video[0, :, :end - first].transpose(0, 1)
+        check_finite(out, "FlashVSR", self.compute_dtype)
         out = ((out.float() + 1) / 2).clamp(0, 1)
         # The next chunk reads LR frames from its output start on (its LQ frames come later).
         nxt = chunk(state.chunks + 1).output[0]

@@ -38,6 +38,10 @@ class OutputBusyError(StreamVSRError, RuntimeError):
     """Another run is writing the same output right now (it holds the output's lock)."""
 
 
+class PrecisionError(StreamVSRError, RuntimeError):
+    """The model's arithmetic left the range of its precision: its output holds inf or NaN."""
+
+
 class InputDamagedError(UserInputError):
     """The input ends early or cannot be decoded past some point.
 

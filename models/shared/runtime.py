@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .errors import UserInputError
+from .errors import PrecisionError, UserInputError
 
 # The one precision table: option value -> dtype.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,6 +99,18 @@ def concrete_device(device) -> torch.device:
     if device.index is None and device.type in ("cuda", "xpu", "mps"):
         return torch.empty(0, device=device).device
     return device
+
+
+def check_finite(output, model: str, dtype) -> None:
+    """A ``PrecisionError`` that says what to change when ``output`` holds inf or NaN, which would otherwise
+    become black or white frames without a word."""
+    if torch.isfinite(output).all():
+        return
+    if dtype == torch.float16:
+        advice = "load the model in bf16 or fp32 (fp16's range is too small for it here)"
+    else:
+        advice = "the weights may be damaged: download them again"
+    raise PrecisionError(f"{model} computed inf or NaN in {str(dtype).replace('torch.', '')}: {advice}")
 
 
 def checksum(tensors) -> float:

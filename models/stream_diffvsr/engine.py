@@ -23,7 +23,7 @@ from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.norms import prefers_channels_last
 from ..shared.packed import as_operators
-from ..shared.runtime import OUT_OF_MEMORY, checksum
+from ..shared.runtime import OUT_OF_MEMORY, check_finite, checksum
 from ..shared.warp import flow_warp_official
 from .speed import compiled
 
@@ -380,6 +380,7 @@ class StreamEngine:
         # cut), so the compiled path runs it eagerly instead of compiling it.
         decode = self._decode if temporal is not None else pipe.vae.decode
         decoded = decode((latent / pipe.vae_scaling_factor).to(dtype), temporal).to(torch.float32)
+        check_finite(decoded, "Stream-DiffVSR", dtype)
         new = StreamState(seed=state.seed, frame_index=state.frame_index + 1,
                           generator_state=generator.get_state(), prev_output=decoded,
                           prev_upscaled=upscaled, lr_size=(h, w), flow_features=features,
