@@ -97,9 +97,8 @@ def test_rope_grid_layout_and_far_positions():
             formula_table(42, range(rows))[None, :, None].expand(frames, rows, cols, -1),
             formula_table(42, range(cols))[None, None, :].expand(frames, rows, cols, -1),
         ], dim=-1).reshape(frames * rows * cols, 1, 64)
-        assert torch.isfinite(table.cos).all() and torch.isfinite(table.sin).all()
-        assert torch.allclose(table.cos.double(), ref.real, atol=1e-7)
-        assert torch.allclose(table.sin.double(), ref.imag, atol=1e-7)
+        assert table.rotation.dtype == torch.complex128 and table.cos is None
+        assert torch.allclose(table.rotation, ref, rtol=0, atol=1e-12)
 
 
 def official_rotation(x, heads, t_start, frames, rows, cols):
@@ -131,6 +130,19 @@ def test_rope_in_bands_equals_one_pass(monkeypatch):
     monkeypatch.setattr(R, "ROPE_STEP_VALUES", 7 * heads * 128)  # bands of 7 tokens, the last one shorter
     banded = R.apply_rope(x, table, heads)
     assert torch.equal(banded, whole) and torch.equal(banded, official_rotation(x, heads, 4, frames, rows, cols))
+
+
+def test_rope_in_float32_where_there_is_no_float64_is_close_to_the_official(monkeypatch):
+    heads, frames, rows, cols, t_start = 2, 2, 8, 12, 6
+    x = torch.randn(frames * rows * cols, heads * 128, generator=torch.Generator().manual_seed(0)) * 3
+    monkeypatch.setattr(R, "rotation_dtype", lambda device: torch.float32)  # as on MPS
+    table = R.RopeTable(t_start, frames, rows, cols, 128)
+    assert table.rotation is None and table.cos.dtype == torch.float32
+    official = official_rotation(x, heads, t_start, frames, rows, cols)
+    got = R.apply_rope(x, table, heads)
+    assert torch.allclose(got, official, rtol=1e-6, atol=1e-5) and not torch.equal(got, official)
+    monkeypatch.setattr(R, "ROPE_STEP_VALUES", 5 * heads * 128)
+    assert torch.equal(R.apply_rope(x, table, heads), got)  # in bands too
 
 
 def test_rope_rotates_in_float32_where_the_device_has_no_float64():

@@ -64,26 +64,28 @@ def rotation_dtype(device) -> torch.dtype:
 
 
 class RopeTable:
-    """cos/sin of the rotation angles for one chunk's token grid, ready for :func:`apply_rope`.
+    """The rotations of one chunk's token grid, ready for :func:`apply_rope`, shaped (tokens, 1, head_dim // 2)
+    (the 1 broadcasts over heads).
 
-    ``cos``/``sin`` have shape (tokens, 1, head_dim // 2) (the 1 broadcasts over heads), in ``rotation_dtype``.
-    The official rotation is a complex128 multiply rounded back to the activation dtype; the same float64
-    products and sums here give its results bit for bit on the CPU (on CUDA its multiply may fuse a product and
-    a sum, a float64 rounding apart, which practically never reaches the activation dtype). On devices without
-    float64 the rotation runs in float32, a few float32 ulps from it: in bf16 one ulp on about one element in
-    60,000.
+    Where the device has float64 (``rotation_dtype``), ``rotation`` is the official table: complex128
+    ``torch.polar(1, angle)``, applied by the same complex multiply, so the results are the official ones bit for
+    bit. Elsewhere ``cos``/``sin`` in float32 rotate the pairs in real arithmetic, a few float32 ulps from it (in
+    bf16 one ulp on about one element in 60,000); the other representation is None.
     """
 
     def __init__(self, t_start: int, frames: int, rows: int, cols: int, head_dim: int, device=None,
                  theta: float = THETA):
         angles = grid_angles(t_start, frames, rows, cols, head_dim, theta)
         self.key = (t_start, frames, rows, cols, head_dim, theta)
-        dtype = rotation_dtype(device)
-        self.cos = torch.cos(angles).to(device=device, dtype=dtype)[:, None, :]
-        self.sin = torch.sin(angles).to(device=device, dtype=dtype)[:, None, :]
+        self.rotation = self.cos = self.sin = None
+        if rotation_dtype(device) == torch.float64:
+            self.rotation = torch.polar(torch.ones_like(angles), angles).to(device)[:, None, :]
+        else:
+            self.cos = torch.cos(angles).to(device=device, dtype=torch.float32)[:, None, :]
+            self.sin = torch.sin(angles).to(device=device, dtype=torch.float32)[:, None, :]
 
 
-# Values rotated per step: the float64 temporaries of a step take about 24 bytes per value (200 MB), where a
+# Values rotated per step: the float64 temporaries of a step take about 16 bytes per value (130 MB), where a
 # 1080p output's first chunk has 80 M values per q or k.
 ROPE_STEP_VALUES = 1 << 23
 
@@ -95,16 +97,18 @@ def apply_rope(x: torch.Tensor, table: RopeTable, heads: int) -> torch.Tensor:
     tokens = x.shape[-2]
     band = max(1, ROPE_STEP_VALUES // max(1, x[..., 0, :].numel()))
     if band >= tokens:
-        return _rotate(x, table.cos, table.sin, heads)
+        return _rotate(x, table, heads, slice(None))
     out = torch.empty_like(x)
     for start in range(0, tokens, band):
-        end = min(start + band, tokens)
-        out[..., start:end, :] = _rotate(x[..., start:end, :], table.cos[start:end], table.sin[start:end], heads)
+        rows = slice(start, min(start + band, tokens))
+        out[..., rows, :] = _rotate(x[..., rows, :], table, heads, rows)
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    pairs = x.to(cos.dtype).unflatten(-1, (heads, -1, 2))
-    re, im = pairs.unbind(-1)
-    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
-    return out.reshape(x.shape).to(x.dtype)
+def _rotate(x: torch.Tensor, table: RopeTable, heads: int, rows: slice) -> torch.Tensor:
+    if table.rotation is not None:
+        pairs = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (heads, -1, 2)))
+        return torch.view_as_real(pairs * table.rotation[rows]).reshape(x.shape).to(x.dtype)
+    re, im = x.float().unflatten(-1, (heads, -1, 2)).unbind(-1)
+    cos, sin = table.cos[rows], table.sin[rows]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).reshape(x.shape).to(x.dtype)
