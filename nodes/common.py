@@ -13,6 +13,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+import comfy.utils
 
 from ..models.shared.errors import UserInputError
 from ..models.shared.image import to_rgb
@@ -139,6 +140,21 @@ def out_of_memory_advice(message: str):
     mm.unload_all_models()
     mm.soft_empty_cache()
     raise RuntimeError(message)
+
+
+def download_progress():
+    """A ``progress(done, total)`` for the model downloads: ComfyUI's progress bar counts the files, and Cancel
+    stops the download between two files (those done are kept: the next run downloads the rest)."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        mm.throw_exception_if_processing_interrupted()
+        if bar is None:
+            bar = comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+
+    return update
 
 
 def tensor_to_preview(frame: torch.Tensor):

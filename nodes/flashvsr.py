@@ -29,8 +29,8 @@ from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILE
 from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
-                     continuation_inputs, load_flow_patcher, operations_for, out_of_memory_advice, pick_precision,
-                     tensor_to_preview, wrap)
+                     continuation_inputs, download_progress, load_flow_patcher, operations_for, out_of_memory_advice,
+                     pick_precision, tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def resolve_model_path(choice: str, version: str) -> str:
     if choice == DOWNLOAD:
         from ..models.flashvsr.hub import download_flashvsr
 
-        return str(download_flashvsr(version, folder_paths.get_folder_paths(FLASHVSR_FOLDER)[0]))
+        return str(download_flashvsr(version, folder_paths.get_folder_paths(FLASHVSR_FOLDER)[0], download_progress()))
     for root in folder_paths.get_folder_paths(FLASHVSR_FOLDER):
         path = os.path.join(root, choice)
         if os.path.exists(path):

@@ -17,8 +17,8 @@ from ..models.shared.weights import safetensors_numel
 from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
-                     continuation_inputs, load_flow_patcher, operations_for, out_of_memory_advice, pick_precision,
-                     tensor_to_preview, wrap)
+                     continuation_inputs, download_progress, load_flow_patcher, operations_for, out_of_memory_advice,
+                     pick_precision, tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def resolve_model_path(choice: str) -> str:
         from ..models.stream_diffvsr.hub import download_stream_diffvsr
 
         return str(download_stream_diffvsr(os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0],
-                                                        "Stream-DiffVSR")))
+                                                        "Stream-DiffVSR"), download_progress()))
     for root in folder_paths.get_folder_paths(MODEL_FOLDER):
         path = os.path.join(root, choice)
         if os.path.exists(path):

@@ -87,3 +87,22 @@ def test_offline_error_says_what_to_download(monkeypatch, tmp_path):
 def test_pinned_hashes_are_the_spec_values():
     assert hub.HUB_FILES["controlnet/diffusion_pytorch_model.safetensors"].startswith("f801cc49")
     assert hub.HUB_FILES["vae/diffusion_pytorch_model.safetensors"].startswith("26554a15")
+
+
+def test_progress_counts_the_files_and_can_stop_between_them(monkeypatch, tmp_path, known_hashes):
+    """What the loader nodes show and how Cancel stops a multi-GB download: between files, keeping those done."""
+    calls = fake_hub(monkeypatch)
+    n = len(known_hashes)
+    seen = []
+
+    def cancelled_after_three(done, total):
+        seen.append((done, total))
+        if done == 3:
+            raise KeyboardInterrupt  # the progress callback is where the nodes check for Cancel
+
+    with pytest.raises(KeyboardInterrupt):
+        hub.download_stream_diffvsr(tmp_path / "S", cancelled_after_three)
+    assert seen == [(0, n), (1, n), (2, n), (3, n)] and len(calls) == 3
+    seen.clear()
+    hub.download_stream_diffvsr(tmp_path / "S", lambda done, total: seen.append((done, total)))
+    assert seen == [(i, n - 3) for i in range(n - 2)] and len(calls) == n

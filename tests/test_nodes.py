@@ -130,6 +130,26 @@ def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_
     assert flow_options == ["(download) raft_large", "(download) raft_small"]
 
 
+def test_a_download_in_a_loader_shows_progress_and_stops_on_cancel(comfy, monkeypatch, tmp_path):
+    from streamvsr.models.stream_diffvsr import hub
+    from streamvsr.nodes import stream_diffvsr as node
+
+    mm, _ = comfy
+    fake_comfy.ProgressBar.updates.clear()
+
+    def download(dest, progress):
+        progress(0, 3)
+        progress(1, 3)
+        mm.interrupt_current_processing()  # Cancel pressed while the second file downloads
+        progress(2, 3)  # before the third: stops here
+        pytest.fail("the download went on after Cancel")
+
+    monkeypatch.setattr(hub, "download_stream_diffvsr", download)
+    with pytest.raises(fake_comfy.Interrupted):
+        node.resolve_model_path(node.DOWNLOAD_MODEL)
+    assert fake_comfy.ProgressBar.updates == [(0, 3, False), (1, 3, False)]
+
+
 def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
     from streamvsr.nodes.common import pick_precision
 

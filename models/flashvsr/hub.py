@@ -77,14 +77,15 @@ def download_prompt(dest: Path, url: str = PROMPT_URL, timeout: float = 60.0) ->
     return path
 
 
-def download_flashvsr(version: str, models_dir) -> Path:
+def download_flashvsr(version: str, models_dir, progress=None) -> Path:
     """Fetch FlashVSR ``version`` ("v1.1" or "v1") into ``models_dir/<repo name>`` and return that folder.
 
-    Files already there are kept (and hash-checked where the hash is known), so an interrupted download resumes."""
+    Files already there are kept (and hash-checked where the hash is known), so an interrupted download resumes.
+    ``progress``: see ``download_files`` (the hub's files; the small prompt file follows them)."""
     if version not in REPOS:
         raise DownloadError(f"unknown FlashVSR version {version!r}; use one of {', '.join(REPOS)}")
     dest = Path(models_dir) / FOLDERS[version]
-    download_files(REPOS[version], FILES[version], dest, manual_instructions(version, dest))
+    download_files(REPOS[version], FILES[version], dest, manual_instructions(version, dest), progress)
     download_prompt(dest)
     log.info("FlashVSR %s is in %s", version, dest)
     return dest

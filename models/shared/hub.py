@@ -19,12 +19,13 @@ def check_sha256(path: Path, name: str, sha: str | None) -> None:
                             "download it again.")
 
 
-def download_files(repo: str, files: dict[str, str | None], dest, manual: str) -> Path:
+def download_files(repo: str, files: dict[str, str | None], dest, manual: str, progress=None) -> Path:
     """Fetch ``files`` (name in the repository -> sha256 or prefix, or None) of ``repo`` into ``dest``.
 
     Files already there are kept (and hash-checked where the hash is known), so an interrupted download resumes
     where it stopped; the hub client also resumes a partly downloaded file and checks sizes against the server.
-    ``manual`` is appended to every error: how to get the files by hand.
+    ``manual`` is appended to every error: how to get the files by hand. ``progress(done, total)``: called before
+    the first missing file and after each one (files, not bytes); it may raise to stop between files.
     """
     dest = Path(dest)
     for name, sha in files.items():
@@ -42,11 +43,15 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str) -
     except OSError as e:
         raise DownloadError(f"cannot create {dest}: {e}") from None
     log.info("downloading %d files of %s into %s", len(missing), repo, dest)
-    for name in missing:
+    for done, name in enumerate(missing):
+        if progress is not None:
+            progress(done, len(missing))
         try:
             path = Path(hf_hub_download(repo, name, local_dir=str(dest)))
         except Exception as e:  # offline, DNS, HTTP and hub errors come in many types
             raise DownloadError(f"could not download {name} from https://huggingface.co/{repo} "
                                 f"({type(e).__name__}: {e}). " + manual) from None
         check_sha256(path, name, files[name])
+    if progress is not None:
+        progress(len(missing), len(missing))
     return dest

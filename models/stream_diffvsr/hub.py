@@ -43,8 +43,9 @@ def manual_instructions(dest: Path) -> str:
             f"Or run `huggingface-cli download {HUB_REPO} --local-dir {dest}` on a machine that is online.")
 
 
-def download_stream_diffvsr(dest_dir) -> Path:
-    """Fetch the official checkpoint into ``dest_dir`` and return it (files already there are kept and checked)."""
-    dest = download_files(HUB_REPO, HUB_FILES, dest_dir, manual_instructions(Path(dest_dir)))
+def download_stream_diffvsr(dest_dir, progress=None) -> Path:
+    """Fetch the official checkpoint into ``dest_dir`` and return it (files already there are kept and checked).
+    ``progress``: see ``download_files``."""
+    dest = download_files(HUB_REPO, HUB_FILES, dest_dir, manual_instructions(Path(dest_dir)), progress)
     log.info("Stream-DiffVSR is in %s", dest)
     return dest
