@@ -14,7 +14,7 @@ FAMILY_OPTIONS = {
     "flow": "stream-diffvsr", "steps": "stream-diffvsr", "corr": "stream-diffvsr", "flow_downscale": "stream-diffvsr",
     "compile": "stream-diffvsr", "plain_layers": "stream-diffvsr",
     "version": "flashvsr", "scale": "flashvsr", "sparse_ratio": "flashvsr", "local_range": "flashvsr",
-    "kv_ratio": "flashvsr", "color_fix": "flashvsr",
+    "kv_ratio": "flashvsr", "color_fix": "flashvsr", "attention": "flashvsr",
 }
 
 
@@ -118,6 +118,10 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
     g.add_argument("--kv-ratio", type=float_range(1), help="latent slices of attention memory kept, at least 1 "
                    "(default 3.0)")
     g.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="colour correction (default adain)")
+    g.add_argument("--attention", choices=("auto", "gather", "flex"),
+                   help="how the sparse attention is computed, the same result: gather (PyTorch attention on the "
+                        "selected blocks, any device) or flex (FlexAttention compiled for CUDA with Triton; the "
+                        "first chunk waits for the compiling); default auto: flex where it can run, else gather")
 
 
 def family_options(args, family) -> dict:

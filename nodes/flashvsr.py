@@ -23,7 +23,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..models.flashvsr import load_pipeline
-from ..models.flashvsr.attention import flex_unavailable
+from ..models.flashvsr.attention import choose_attention
 from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState
 from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
 from ..models.shared.errors import UserInputError
@@ -153,20 +153,6 @@ def load_engine(engine: FlashVSREngine, model: FlashVSRModel, lr_size: tuple[int
     return engine
 
 
-def pick_attention(choice: str, device) -> str:
-    """``auto``: the compiled FlexAttention where it can run (CUDA with Triton), else gather; ``flex`` where it
-    cannot is a one-line error (eager FlexAttention would hold the whole score matrix)."""
-    reason = flex_unavailable(device)
-    if choice == "flex" and reason is not None:
-        raise UserInputError(f"attention 'flex' cannot be used here: {reason}. Choose 'gather' (the same result) "
-                             "or 'auto'")
-    if choice == "auto":
-        if reason is not None and torch.device(device).type == "cuda":
-            log.info("FlashVSR: gather attention (FlexAttention is unavailable: %s)", reason)
-        return "gather" if reason is not None else "flex"
-    return choice
-
-
 def oom_message(engine, h: int, w: int) -> str:
     return OOM_ADVICE.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
 
@@ -209,7 +195,7 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
         path = resolve_model_path(model, version)
         files = find_files(path, version)
         device = mm.get_torch_device()
-        attention = pick_attention(attention, device)
+        attention = choose_attention(attention, device)
         params = safetensors_numel(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
         weight_dtype, compute_dtype = pick_precision(precision, device, params)
         # Weights go to the offload device; FlashVSR Upscale asks ComfyUI to move them (whole or layer by layer).

@@ -230,6 +230,22 @@ def test_compiled_flex_reports_compiler_failures_and_passes_out_of_memory(monkey
         run()
 
 
+def test_attention_auto_takes_flex_only_where_it_can_run(monkeypatch, caplog):
+    from streamvsr.models.flashvsr import attention as A
+
+    monkeypatch.setattr(A, "flex_unavailable", lambda device: None)
+    assert A.choose_attention("auto", "cuda") == A.choose_attention("flex", "cuda") == "flex"
+    assert A.choose_attention("gather", "cuda") == "gather"
+    monkeypatch.setattr(A, "flex_unavailable", lambda device: "Triton is not installed")
+    with caplog.at_level("INFO"):
+        assert A.choose_attention("auto", "cuda") == "gather"
+    assert "FlexAttention is unavailable: Triton is not installed" in caplog.text
+    with pytest.raises(UserInputError, match="Triton is not installed"):
+        A.choose_attention("flex", "cuda")
+    with pytest.raises(UserInputError, match="auto, gather or flex"):
+        A.choose_attention("fast", "cuda")
+
+
 def test_flex_needs_cuda_and_triton(monkeypatch):
     from streamvsr.models.flashvsr import attention as A
 
@@ -310,7 +326,7 @@ def test_grayscale_and_rgba_frames(engine):
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_command_line_frames_and_convert(folder, tmp_path, engine):
+def test_command_line_frames_and_convert(folder, tmp_path, engine, caplog):
     from PIL import Image
 
     from streamvsr.cli import main
@@ -343,6 +359,15 @@ def test_command_line_frames_and_convert(folder, tmp_path, engine):
     # a Stream-DiffVSR option with a FlashVSR model is a one-line error, before anything is written
     assert main(["frames", str(src), str(tmp_path / "out3"), "--model", str(folder), "--steps", "2"]) == 2
     assert not (tmp_path / "out3").exists()
+    # the attention as on the loader node: gather anywhere, flex only where it is compiled (CUDA with Triton)
+    assert main(["frames", str(src), str(tmp_path / "gather"), "--model", str(single), "--save", "npy",
+                 "--device", "cpu", "--attention", "gather"]) == 0
+    assert all(np.array_equal(np.load(a), np.load(b))
+               for a, b in zip(got, sorted((tmp_path / "gather").iterdir())))
+    assert main(["frames", str(src), str(tmp_path / "flex"), "--model", str(single), "--device", "cpu",
+                 "--attention", "flex"]) == 2
+    assert "'flex' cannot be used here: it is compiled for CUDA GPUs only" in caplog.text
+    assert not any(p.name.startswith("flex") for p in tmp_path.iterdir())  # nothing written, no lock left
 
 
 def test_video_file_streaming_writes_every_frame(engine, tmp_path):

@@ -171,20 +171,6 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
         _load(nodes, model="gone")
 
 
-def test_attention_auto_takes_flex_only_where_it_can_run(comfy, monkeypatch, caplog):
-    from streamvsr.nodes import flashvsr as node
-
-    monkeypatch.setattr(node, "flex_unavailable", lambda device: None)
-    assert node.pick_attention("auto", "cuda") == node.pick_attention("flex", "cuda") == "flex"
-    assert node.pick_attention("gather", "cuda") == "gather"
-    monkeypatch.setattr(node, "flex_unavailable", lambda device: "Triton is not installed")
-    with caplog.at_level("INFO"):
-        assert node.pick_attention("auto", "cuda") == "gather"
-    assert "FlexAttention is unavailable: Triton is not installed" in caplog.text
-    with pytest.raises(UserInputError, match="Triton is not installed"):
-        node.pick_attention("flex", "cuda")
-
-
 def test_whole_clip_equals_engine_with_latents_and_model_management(comfy, whole30):
     mm, nodes = comfy
     model = _load(nodes)

@@ -38,12 +38,16 @@ def load_pipeline(path, version: str | None = None, device="cpu", dtype=torch.fl
 
 
 def load_engine(path, device="cpu", dtype=torch.float32, version: str | None = None, scale: int = 4,
-                sparse_ratio: float = 2.0, local_range: int = 11, kv_ratio: float = 3.0, color_fix: str = "adain"):
+                sparse_ratio: float = 2.0, local_range: int = 11, kv_ratio: float = 3.0, color_fix: str = "adain",
+                attention: str = "auto"):
+    """attention: see ``attention.choose_attention`` (checked before the weights are read)."""
+    from .attention import choose_attention
     from .engine import FlashVSREngine
 
+    attention = choose_attention(attention, device)
     return FlashVSREngine(load_pipeline(path, version, device=device, dtype=dtype), device=device,
                           compute_dtype=dtype, scale=scale, sparse_ratio=sparse_ratio, local_range=local_range,
-                          kv_ratio=kv_ratio, color_fix=color_fix)
+                          kv_ratio=kv_ratio, color_fix=color_fix, attention=attention)
 
 
 def convert(source, out_path, dtype=None, version: str | None = None, **_ignored) -> Path:
@@ -58,5 +62,6 @@ FAMILY = Family(
     name="flashvsr", title="FlashVSR", scale=4,
     frame_rule="one output frame per input frame, in chunks of 21 then 8 frames, 4 frames behind the input",
     size_multiple=128, dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect,
-    load_engine=load_engine, options=("version", "scale", "sparse_ratio", "local_range", "kv_ratio", "color_fix"),
+    load_engine=load_engine,
+    options=("version", "scale", "sparse_ratio", "local_range", "kv_ratio", "color_fix", "attention"),
     convert=convert, memory_options=(("kv_ratio", 2), ("sparse_ratio", 1.5)))

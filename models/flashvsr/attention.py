@@ -22,14 +22,17 @@ The KV cache (:class:`BlockKV`) keeps the post-RoPE keys/values of the last slic
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..shared.errors import first_line
+from ..shared.errors import UserInputError, first_line
 from ..shared.runtime import OUT_OF_MEMORY, concrete_device
+
+log = logging.getLogger(__name__)
 
 WINDOW = (2, 8, 8)
 BLOCK = WINDOW[0] * WINDOW[1] * WINDOW[2]  # 128 tokens, the kernel's tile side
@@ -223,6 +226,23 @@ def flex_unavailable(device) -> str | None:
     if failed is not None:
         return f"it failed earlier in this session ({failed})"
     return None
+
+
+def choose_attention(choice: str, device) -> str:
+    """The attention for ``choice``: "auto" takes the compiled FlexAttention where it can run (CUDA with Triton),
+    else gather; "flex" where it cannot is a one-line error (eager FlexAttention would hold the whole score
+    matrix); "gather" is taken as it is."""
+    if choice not in ("auto", "gather", "flex"):
+        raise UserInputError(f"attention must be auto, gather or flex, got {choice!r}")
+    reason = None if choice == "gather" else flex_unavailable(device)
+    if choice == "flex" and reason is not None:
+        raise UserInputError(f"attention 'flex' cannot be used here: {reason}. Choose 'gather' (the same result) "
+                             "or 'auto'")
+    if choice == "auto":
+        if reason is not None and torch.device(device).type == "cuda":
+            log.info("FlashVSR: gather attention (FlexAttention is unavailable: %s)", reason)
+        return "gather" if reason is not None else "flex"
+    return choice
 
 
 # device -> why the compiled FlexAttention failed there in this process: later engines take the gather attention at
