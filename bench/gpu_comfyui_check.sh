@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The pack under ComfyUI's real model management on a GPU, in one short call of a machine that has no network:
 # tests/test_lowvram.py's GPU test (what --lowvram does there: fp16 weights, most layers left on the CPU and cast to
-# the GPU on the fly, against the same layers loaded whole and against plain torch layers; tiny random model).
+# the GPU on the fly, against the same layers loaded whole and against plain torch layers; tiny random model), and
+# FlashVSR's compiled FlexAttention against the gather attention (tiny random model, fp32 and bf16).
 #
 # 1. Where there is a network (this checkout's root), once:
 #        bench/gpu_comfyui_check.sh prepare /path/to/ComfyUI
@@ -40,7 +41,8 @@ run() {
     "$python" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name())"
     PYTHONPATH=/tmp/streamvsr_test_site STREAMVSR_COMFYUI="$here/.comfy" PYTHONUNBUFFERED=1 \
         "$python" -m pytest -q -rs -p no:cacheprovider -o log_cli=true --log-cli-level=INFO \
-        tests/test_lowvram.py::test_partial_loading_on_a_gpu_matches_plain_layers 2>&1 | tee "$out/comfyui_gpu.log"
+        tests/test_lowvram.py::test_partial_loading_on_a_gpu_matches_plain_layers \
+        tests/test_flashvsr_engine.py::test_compiled_flex_equals_gather_on_a_gpu 2>&1 | tee "$out/comfyui_gpu.log"
 }
 
 case "${1:-}" in

@@ -230,6 +230,27 @@ def test_compiled_flex_reports_compiler_failures_and_passes_out_of_memory(monkey
         run()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_comfyui_check.sh runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_flex_equals_gather_on_a_gpu(folder, dtype):
+    """What 'auto' picks on CUDA (FlexAttention compiled by Triton) against the gather attention, which the CPU
+    tests check against the official arithmetic: the same frames up to float rounding."""
+    from streamvsr.models.flashvsr import attention as A
+
+    reason = A.flex_unavailable("cuda")
+    if reason is not None:
+        pytest.skip(f"FlexAttention cannot run here: {reason}")
+    frames = _frames(30, 64, 64)
+    flex = load_engine(folder, device="cuda", dtype=dtype, attention="flex")
+    gather = load_engine(folder, device="cuda", dtype=dtype, attention="gather")
+    a, _ = _run(flex, frames)
+    assert flex.attention == "flex"  # it compiled: no fallback
+    b, _ = _run(gather, frames)
+    assert a.shape == b.shape == (30, 3, 256, 256)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (a - b).abs().max() <= tolerance, (a - b).abs().max()
+
+
 def test_attention_auto_takes_flex_only_where_it_can_run(monkeypatch, caplog):
     from streamvsr.models.flashvsr import attention as A
 
