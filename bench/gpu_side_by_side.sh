@@ -26,10 +26,12 @@
 # bench_vs_official --workdir: a random model already there is reused), DEADLINE (seconds: a pass still running
 # then is stopped and prints what it measured; a pass with under a minute left is skipped). On the H200 lent on
 # 2026-12-04 the first two passes, before the nchw variant and the profile joined them, took about 6 minutes (the
-# compiling about 2.5 of them); all four are estimated at 10-11 minutes, more than one device call may take. Two
-# calls, the second sent as soon as the first returns (a lent machine stays warm for seconds only):
-#     DEADLINE=540 SIZES_AUTOTUNE_OFF= SIZES_BF16= bench/gpu_side_by_side.sh run $OUT
-#     bench/gpu_comfyui_check.sh run $OUT; DEADLINE=420 SIZES_720= SIZES_1080= bench/gpu_side_by_side.sh run $OUT
+# compiling about 2.5 of them); all four are estimated at 10-11 minutes, more than one device call may take. With
+# 15 minutes of device time in all (the machine's start included), two calls, the second sent as soon as the first
+# returns (a lent machine stays warm for seconds only), the short passes only if time is left:
+#     DEADLINE=480 SIZES_AUTOTUNE_OFF= SIZES_BF16= bench/gpu_side_by_side.sh run $OUT
+#     timeout 240 bench/gpu_comfyui_check.sh run $OUT;
+#         DEADLINE=120 SIZES_720= SIZES_1080= bench/gpu_side_by_side.sh run $OUT
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -138,5 +140,5 @@ EOF
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,31p' "$0"; exit 2 ;;
+    *) sed -n '2,34p' "$0"; exit 2 ;;
 esac
