@@ -212,6 +212,35 @@ def test_flex_path_matches_dense_reference():
     assert (got[1, 0] == 0).all()
 
 
+def test_flex_block_structure_is_the_selection():
+    """Compiled FlexAttention kernels (CUDA) read only the block structure, full tiles without calling mask_mod;
+    eager flex, which the test above runs, reads only mask_mod. So the block structure is checked on its own: it
+    holds exactly the selected (query window, key window) tiles, all as full tiles."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    heads, nq, nk = 3, 4, 7
+    q, k, v = qkv(heads, nq, nk, seed=5)
+    mask = torch.rand(heads, nq, nk, generator=torch.Generator().manual_seed(4)) < 0.35
+    mask[0, 2] = False  # an empty query window
+    mask[2, 1] = True  # a full row
+    seen = {}
+
+    def kernel(q4, k4, v4, block_mask):  # stands in for the compiled flex_attention
+        seen["block_mask"] = block_mask
+        return torch.zeros_like(q4)
+
+    A.flex_block_sparse_attention(q, k, v, mask, compiled=kernel)
+    bm = seen["block_mask"]
+    assert bm.BLOCK_SIZE == (128, 128) and bm.seq_lengths == (nq * 128, nk * 128)
+    assert int(bm.kv_num_blocks.sum()) == 0  # no partial tiles
+    full = torch.zeros(1, heads, nq, nk, dtype=torch.bool)
+    for h in range(heads):
+        for i in range(nq):
+            n = int(bm.full_kv_num_blocks[0, h, i])
+            full[0, h, i, bm.full_kv_indices[0, h, i, :n].long()] = True
+    assert torch.equal(full[0], mask)
+    assert torch.equal(bm.to_dense()[0].bool(), mask)
+
+
 def test_compiled_flex_is_not_limited_to_eight_shapes_and_never_falls_back_to_eager(monkeypatch):
     """Dynamo compiles flex_attention for at most recompile_limit shapes per process and then runs it eagerly
     (the whole score matrix); the engine's compiled flex raises the limit around its calls and, past its own
