@@ -20,10 +20,10 @@ from comfy_api.latest import InputImpl, io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..video.outputs import lock_path, partial_path, temp_path
+from ..video.outputs import check_output_file, lock_path, partial_path, temp_path
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
-from ..video.stream import check_video_job, upscale_video
+from ..video.stream import upscale_video
 from ..video.writer import CODECS
 from ..models.shared.errors import UserInputError
 from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, out_of_memory_advice,
@@ -161,9 +161,8 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
         # An output folder that cannot be written is reported before the models take their minutes to load
-        # (upscale_video checks again once they are)
-        check_video_job(source, out_path, seed=seed, codec=codec, scene_cut_threshold=scene_cut_threshold or None,
-                        resume=bool(resume))
+        # (upscale_video checks the whole job again once they are; the input was probed above)
+        check_output_file(out_path, [source])
 
         bar = comfy.utils.ProgressBar(0)
         shown = {"done": 0, "total": 0, "at": 0.0}

@@ -162,7 +162,8 @@ class FlashVSREngine:
         if attention not in ("gather", "flex"):
             raise UserInputError(f"attention must be 'gather' or 'flex', got {attention!r}")
         self.pipeline = pipeline
-        self.device = torch.device(device) if device is not None else next(pipeline.dit.parameters()).device
+        # concrete ("cuda" -> "cuda:0"), as the tensors it compares with report theirs
+        self.device = concrete_device(device) if device is not None else next(pipeline.dit.parameters()).device
         self.compute_dtype = compute_dtype or pipeline.dtype
         self.scale = int(scale)
         self.sparse_ratio, self.local_range, self.kv_ratio = float(sparse_ratio), int(local_range), float(kv_ratio)
@@ -284,8 +285,7 @@ class FlashVSREngine:
 
     def _constants_for(self):
         c = self._constants
-        # The constants' device is a concrete one (cuda:0) where the engine's may be "cuda"
-        if c is None or c.device != concrete_device(self.device) or c.dtype != self.compute_dtype:
+        if c is None or c.device != self.device or c.dtype != self.compute_dtype:
             self._constants = c = self.pipeline.dit.prepare(self.pipeline.prompt, self.device, self.compute_dtype)
         return c
 
