@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from streamvsr.models.shared.errors import (InputDamagedError, OutputBusyError, OutputExistsError,
-                                            UserInputError)
+                                            OutputMoveError, UserInputError)
 from streamvsr.video.frames import check_frames, flow_folder, read_frame, upscale_folder, write_png16
 from streamvsr.video.outputs import OutputLock, lock_path, partial_path, temp_path
 from streamvsr.video.resume import ResumeFiles
@@ -222,6 +222,183 @@ def test_frames_outputs_are_not_replaced_without_overwrite_and_dotted_names_stay
         upscale_folder(FakeEngine(), files, out, save="npy")
     assert digest(out / "shot.0001.npy") == kept
     assert upscale_folder(FakeEngine(), files, out, save="npy", overwrite=True) == 2
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_finished_result_that_cannot_be_moved_into_place_is_kept(tmp_path, monkeypatch, resume):
+    """The last step fails (Windows: the old output is open in a player). The finished video must not stay under the
+    temporary name, which the next run deletes as a leftover: it is kept, and the error says where."""
+    clip = make_clip(tmp_path / "in.mp4", n=5, audio=None)
+    out = tmp_path / "out.mkv"
+    out.write_bytes(b"old result, open elsewhere")
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if Path(dst) == out:
+            raise PermissionError(13, "The process cannot access the file", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(OutputMoveError, match="is that file open") as e:
+        upscale_video(FakeEngine(), clip, out, codec="lossless", overwrite=True, resume=resume)
+    monkeypatch.setattr(os, "replace", real_replace)
+    kept = partial_path(out)
+    assert str(kept) in str(e.value) and out.read_bytes() == b"old result, open elsewhere"
+    assert len(decode(kept)) == 5 and not temp_path(out).exists()
+    # The next run leaves the kept result alone (and with resume joins the finished job again without redoing it).
+    engine = FakeEngine()
+    summary = upscale_video(engine, clip, out, codec="lossless", overwrite=True, resume=resume)
+    assert summary["frames"] == 5 and len(decode(out)) == 5 and len(decode(kept)) == 5
+    assert len(engine.calls) == (0 if resume else 5)
+
+
+def test_a_partial_file_that_could_not_be_finished_is_reported_as_such(tmp_path, monkeypatch, caplog):
+    """A full disk mid-file: the encoder fails, and so does writing the file's end (an MP4's index). The frames are
+    kept, but the message must not promise a playable file."""
+    from streamvsr.video.writer import VideoWriter
+
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    real_write, real_close = VideoWriter.write, VideoWriter.close
+    writes = []
+
+    def write(self, *args):
+        writes.append(1)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args)
+
+    def close(self, complete=True):
+        real_close(self, complete)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    monkeypatch.setattr(VideoWriter, "close", close)
+    caplog.set_level("WARNING")
+    with pytest.raises(OSError, match="No space"):
+        upscale_video(FakeEngine(), clip, tmp_path / "out.mp4")
+    assert partial_path(tmp_path / "out.mp4").exists() and "may not play" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(VideoWriter, "close", real_close)
+    with pytest.raises(RuntimeError, match="engine failure"):  # the control: a file finished properly
+        upscale_video(FakeEngine(fail_at=2), clip, tmp_path / "out.mp4")
+    assert "are in" in caplog.text and "may not play" not in caplog.text
+
+
+def test_an_input_named_like_a_work_file_of_the_output_is_refused(tmp_path):
+    """Every run removes the temporary name and the segments of its output and writes the lock: an input under one
+    of those names (e.g. the finished file a failed move left) would be destroyed."""
+    source = make_clip(tmp_path / "source.mp4", n=2, audio=None)
+    before = digest(source)
+    out = tmp_path / "out.mp4"
+    for name in ("out.streamvsr-tmp.mp4", "out.mp4.streamvsr-lock", "out.mp4.streamvsr-part0000.nut",
+                 "out.mp4.streamvsr-resume.safetensors"):
+        clip = tmp_path / name
+        os.link(source, clip)
+        for given in (clip, source):  # under that name, and as another name of the same file
+            engine = FakeEngine()
+            with pytest.raises(UserInputError, match="work file of the output"):
+                upscale_video(engine, given, out, resume=True)
+            assert engine.calls == [] and digest(clip) == before
+        clip.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.mp4"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsync'ed files through /proc/self/fd")
+def test_checkpoints_and_results_reach_the_disk_before_what_counts_on_them(tmp_path, monkeypatch):
+    """After a power cut a checkpoint must not count a segment whose data never reached the disk, and a result
+    must not replace its work files while its own data is still in the page cache."""
+    clip = make_clip(tmp_path / "in.mp4", n=5, audio=None)
+    out = tmp_path / "out.mkv"
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
+    files = ResumeFiles(out)
+    checkpoints = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(files.state)]
+    assert len(checkpoints) >= 3
+    for k, i in enumerate(checkpoints):
+        synced = {e[1] for e in events[:i] if e[0] == "fsync"}
+        assert str(files.state_tmp) in synced
+        assert {str(files.part(j)) for j in range(k + 1)} <= synced  # segment j closes before checkpoint j
+    # the joined result, before it is put in place (the segments are deleted right after)
+    synced = [e[1] for e in events if e[0] == "fsync"]
+    assert str(temp_path(out)) in synced and len(decode(out)) == 5
+
+
+def test_audio_of_a_cut_input_stays_cut_when_a_finished_resumable_job_is_joined_later(tmp_path, monkeypatch):
+    """A cut-off input, accepted: the audio ends with the last frame. That must hold too when the run that
+    finished the frames died while joining them, and a later run only joins."""
+    import streamvsr.video.reader as reader
+    import streamvsr.video.stream as stream
+    from test_video import audio_info
+
+    clip = make_clip(tmp_path / "in.mkv", n=24, fps=24, audio="aac")  # 1 s of video and of audio
+    whole_iter = reader.FrameReader.__iter__
+
+    def breaks_at_12(self):  # as a decoder error half-way would
+        for item in whole_iter(self):
+            if item[0] == 12:
+                self.problem = reader.InputProblem("damaged", 12, "in.mkv is damaged: decoding stopped at frame 12")
+                return
+            yield item
+
+    monkeypatch.setattr(reader.FrameReader, "__iter__", breaks_at_12)
+    clean = tmp_path / "clean.mkv"
+    upscale_video(FakeEngine(), clip, clean, resume=True, allow_truncated=True, checkpoint_frames=4)
+    out = tmp_path / "out.mkv"
+    real_join = stream.join_segments
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stream, "join_segments", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        upscale_video(FakeEngine(), clip, out, resume=True, allow_truncated=True, checkpoint_frames=4)
+    monkeypatch.setattr(stream, "join_segments", real_join)
+    engine = FakeEngine()
+    upscale_video(engine, clip, out, resume=True, allow_truncated=True, checkpoint_frames=4)
+    assert engine.calls == [] and len(decode(out)) == len(decode(clean)) == 12
+    assert audio_info(out)["seconds"] == audio_info(clean)["seconds"] < 0.6
+
+
+def test_chunks_of_a_video_cut_after_a_keyframe_are_the_frames_a_decoder_makes(tmp_path):
+    """A stream copy that starts after a keyframe: its first packets decode to nothing. Frame numbers (and so the
+    chunks of Load Video Chunk) must count decoded frames, or chunks overlap and frames repeat."""
+    from streamvsr.video.range import frame_index, read_range
+    from streamvsr.video.reader import FrameReader
+
+    whole, copy = tmp_path / "whole.mkv", tmp_path / "copy.mkv"
+    c = av.open(str(whole), "w")
+    v = c.add_stream("libx264", rate=24, options={"crf": "0", "x264-params": "keyint=8:min-keyint=8:bframes=0:"
+                                                                              "scenecut=0"})
+    v.width, v.height, v.pix_fmt = 32, 24, "yuv444p"
+    for i in range(24):
+        for p in v.encode(av.VideoFrame.from_ndarray(np.full((24, 32, 3), i * 10, np.uint8), format="rgb24")):
+            c.mux(p)
+    for p in v.encode():
+        c.mux(p)
+    c.close()
+    with av.open(str(whole)) as src, av.open(str(copy), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for k, packet in enumerate(src.demux(src.streams.video[0])):
+            if packet.dts is not None and k > 0:  # the first keyframe is gone
+                packet.stream = out
+                dst.mux(packet)
+    with FrameReader(copy) as reader:
+        decoded = [frame for _, frame, _ in reader]
+    index = frame_index(copy)
+    assert index.count == len(decoded) == 16
+    chunks = [read_range(copy, start, 5, to_end=start + 5 >= index.count) for start in range(0, index.count, 5)]
+    assert torch.equal(torch.cat(chunks), torch.stack(decoded))
 
 
 # ------------------------------------------------------------------------- 2. cut-off or corrupt input

@@ -519,7 +519,7 @@ def test_real_engine_lossless_matches_engine_steps(tiny, tmp_path):
         assert torch.equal(frame, lr) and np.array_equal(g, want)
 
 
-def test_resume_refuses_another_model_or_precision(tiny, tmp_path):
+def test_resume_refuses_another_model_precision_or_flow(tiny, tmp_path):
     from streamvsr.models.stream_diffvsr.engine import StreamEngine
     from streamvsr.models.raft.weights import load_raft
     from streamvsr.models.stream_diffvsr.loader import load_pipeline
@@ -540,7 +540,17 @@ def test_resume_refuses_another_model_or_precision(tiny, tmp_path):
         next(other.parameters()).add_(0.01)
     with pytest.raises(ValueError, match="delete it"):
         upscale_video(StreamEngine(other, flow, steps=1), clip, out, codec="lossless", resume=True)
-    summary = upscale_video(StreamEngine(pipe, flow, steps=1), clip, out, codec="lossless", resume=True)
+    # The flow guides every frame after the first: another flow model, flow resolution or update count splices two
+    # renderings as surely as another model.
+    other_flow = load_raft(raft, num_flow_updates=1)
+    with torch.no_grad():
+        next(other_flow.parameters()).add_(0.01)
+    for changed in (other_flow, load_raft(raft, num_flow_updates=1, downscale=2), load_raft(raft, num_flow_updates=2)):
+        with pytest.raises(ValueError, match="flow model"):
+            upscale_video(StreamEngine(pipe, changed, steps=1), clip, out, codec="lossless", resume=True)
+    # the correlation mode gives the same flow (up to rounding) and is the advice for running out of memory
+    same_flow = load_raft(raft, num_flow_updates=1, corr="on_demand")
+    summary = upscale_video(StreamEngine(pipe, same_flow, steps=1), clip, out, codec="lossless", resume=True)
     assert summary["resumed_from"] == 1 and summary["frames"] == 3
 
 

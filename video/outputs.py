@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..models.shared.errors import OutputBusyError, OutputExistsError, UserInputError
+from ..models.shared.errors import OutputBusyError, OutputExistsError, OutputMoveError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,10 @@ def make_folder(folder) -> Path:
     return folder
 
 
-def check_output_file(out, inputs=(), overwrite: bool = False) -> None:
+def check_output_file(out, inputs=(), overwrite: bool = False, work_files=()) -> None:
     """The checks for one output file: not a folder, not one of ``inputs`` (paths; other sources are skipped),
-    not already there unless ``overwrite``, and its folder can be created."""
+    not already there unless ``overwrite``, and its folder can be created. No input may be one of the files a run
+    writes, replaces or removes next to the output either: its temporary name, its lock and ``work_files``."""
     out = Path(out)
     if out.is_dir():
         raise UserInputError(f"the output {out} is a folder; give a file name")
@@ -118,6 +119,14 @@ def check_output_file(out, inputs=(), overwrite: bool = False) -> None:
             how = "" if os.path.abspath(source) == os.path.abspath(out) else \
                 " (the same file under another name: a hard link or symbolic link to it)"
             raise UserInputError(f"the output {out} is the input {source}{how}; choose another output name")
+    work = [temp_path(out), lock_path(out), *work_files]
+    for source in inputs:
+        if isinstance(source, (str, os.PathLike)):
+            taken = next((w for w in work if same_file(source, w)), None)
+            if taken is not None:
+                also = "" if os.path.abspath(source) == os.path.abspath(taken) else f" (as {taken})"
+                raise UserInputError(f"the input {source} is a work file of the output {out}{also}, which the run "
+                                     "would replace or remove; rename the input or choose another output name")
     if out.exists() and not out.is_file():
         raise UserInputError(f"the output {out} exists and is not a regular file (a device, pipe or socket); "
                              "give a file name")
@@ -128,13 +137,32 @@ def check_output_file(out, inputs=(), overwrite: bool = False) -> None:
 
 
 def publish(tmp, out, overwrite: bool = False) -> Path:
-    """Move the finished ``tmp`` to ``out``. Without ``overwrite`` this never replaces a file that appeared at
-    ``out`` in the meantime (a hard link is created, which fails if the name is taken); the result is then kept
-    under the partial name and the error says where."""
+    """Move the finished ``tmp`` to ``out``, its content flushed to the disk first (after a power cut, a file
+    under the output's name is whole). Without ``overwrite`` this never replaces a file that appeared at ``out``
+    in the meantime (a hard link is created, which fails if the name is taken). Where the move fails, the result is
+    kept under the partial name, never left under the temporary name (which the next run removes), and the
+    error says where."""
     tmp, out = Path(tmp), Path(out)
+    try:
+        sync_file(tmp)
+        _move_into_place(tmp, out, overwrite)
+    except OSError as e:  # (OutputExistsError is not one: the result is then kept already, and said where)
+        reason = e.strerror or str(e)
+        try:
+            kept = keep_partial(tmp, out)
+        except OSError:
+            raise OutputMoveError(f"could not put the finished result in place as {out} ({reason}); it is still in "
+                                  f"{tmp}: move it elsewhere before running again, which removes that file") from None
+        raise OutputMoveError(f"could not put the finished result in place as {out} ({reason}; is that file open in "
+                              f"another program?); it was kept as {kept}") from None
+    sync_folder(out.parent)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if overwrite:
         os.replace(tmp, out)
-        return out
+        return
     try:
         os.link(tmp, out)
     except FileExistsError:
@@ -152,9 +180,42 @@ def publish(tmp, out, overwrite: bool = False) -> Path:
             os.rename(tmp, out)  # refuses to replace an existing file on Windows
         else:
             os.replace(tmp, out)
-        return out
-    os.unlink(tmp)
-    return out
+        return
+    try:
+        os.unlink(tmp)
+    except OSError as e:  # the output is in place (a second name of the same data): not worth failing for
+        log.warning("could not remove %s (%s); it is a second name of %s", tmp, e.strerror or e, out)
+
+
+def sync_file(path) -> None:
+    """Flush ``path``'s content to the disk: a file that a later step counts on (a checkpoint's segments, a
+    result about to replace its work files) must not turn out empty after a power cut."""
+    # Windows flushes only a handle open for writing.
+    fd = os.open(path, (os.O_RDWR | os.O_BINARY) if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system without fsync: nothing to flush to
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder) -> None:
+    """Flush a folder's entries (a rename or a new name in it) to the disk, where the system allows it (not on
+    Windows, whose NTFS journals them)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def keep_partial(tmp, out) -> Path | None:

@@ -87,7 +87,9 @@ def frame_index(source) -> FrameIndex:
     finally:
         container.close()
     if trusted:
-        stamps.sort()
+        # A file cut after a keyframe (a stream copy, a capture) starts with packets the decoder cannot use and
+        # drops: they have no frame, and counting them would shift every later frame number.
+        stamps = sorted(s for s in stamps if info.first_pts is None or s >= info.first_pts)
         index = FrameIndex(len(stamps), tuple(stamps), time_base, rate, width, height, orientation)
     else:
         index = FrameIndex(_count_by_decoding(source), None, time_base, rate, width, height, orientation)

@@ -114,6 +114,7 @@ class VideoInfo:
     orientation: Orientation = field(default_factory=Orientation)
     sample_aspect_ratio: Fraction | None = None  # of the displayed frame
     stored_size: tuple[int, int] = (0, 0)        # (width, height) as decoded, before the orientation
+    first_pts: int | None = None  # the first decoded frame's timestamp (packets before it decode to nothing)
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,7 @@ def probe_video(source) -> VideoInfo:
         width, height = orientation.size(*stored)
         return VideoInfo(width, height, Fraction(rate), Fraction(stream.time_base or Fraction(1, 90000)),
                          int(frames), len(container.streams.audio), header, duration, orientation,
-                         Fraction(sar) if sar else None, stored)
+                         Fraction(sar) if sar else None, stored, first.pts)
     finally:
         container.close()
 

@@ -11,10 +11,12 @@ import torch
 
 from ..models.shared.errors import UserInputError
 from .audio import AudioCopy
+from .outputs import sync_file, sync_folder
 
 # Bumped whenever the checkpoint's content changes meaning: an old checkpoint is then refused, not misread.
 # 3: frames are turned upright by the input's display matrix (older segments of a rotated input were not).
-RESUME_VERSION = 3
+# 4: Stream-DiffVSR's identity names its flow model (a checkpoint of 3 cannot tell which flow made it).
+RESUME_VERSION = 4
 
 
 STATE_SUFFIX = ".streamvsr-resume.safetensors"  # a job's checkpoint: its output's name with this added
@@ -90,13 +92,17 @@ class ResumeFiles:
         meta = {**meta, "streamvsr_resume": json.dumps(info)}
         tmp = self.state_tmp
         save_file(tensors, str(tmp), metadata=meta)
+        sync_file(tmp)
         os.replace(tmp, self.state)  # atomic: a crash leaves the previous checkpoint intact
+        sync_folder(self.state.parent)
 
     def remove(self) -> None:
-        for p in self.parts_on_disk():
-            p.unlink(missing_ok=True)
+        # The checkpoint first: segments without one are work files of no job (removed by the next run), while a
+        # checkpoint without its segments would stop every later run.
         self.state.unlink(missing_ok=True)
         self.state_tmp.unlink(missing_ok=True)
+        for p in self.parts_on_disk():
+            p.unlink(missing_ok=True)
 
 
 def glob_escape(text: str) -> str:
@@ -126,7 +132,7 @@ def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
     for key, value in now.items():
         if saved.get(key) != value:
             if key == "model":
-                diffs.append("another model, precision or model option")
+                diffs.append("another model, precision, flow model or model option")
             else:
                 diffs.append(f"{names.get(key, key)} {saved.get(key)!r} then, {value!r} now")
     return "; ".join(diffs) or None

@@ -53,7 +53,8 @@ from typing import Callable
 import torch
 
 from ..models.shared.errors import InputDamagedError, UserInputError
-from .outputs import OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, temp_path
+from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, sync_file,
+                      temp_path)
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable
 from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments
 from .scenecut import SceneCutDetector
@@ -75,6 +76,7 @@ class WriterThread(threading.Thread):
         self.writer: VideoWriter | None = None
         self.segment = segment
         self.error: BaseException | None = None
+        self.finalised = True  # False once a file could not be closed properly after an error
 
     def run(self) -> None:
         try:
@@ -100,7 +102,7 @@ class WriterThread(threading.Thread):
                 try:
                     self.writer.close(complete=False)
                 except Exception:
-                    pass
+                    self.finalised = False
 
     def _close(self, complete: bool) -> None:
         writer, self.writer = self.writer, None
@@ -156,8 +158,9 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
         raise UserInputError("resume needs the input as a file path (a file object cannot be checked on resume)")
     source = in_path if is_path else reopenable(in_path)
     info = probe_video(source)
-    check_output_file(out, [in_path] if is_path else [], overwrite=overwrite)
     files = ResumeFiles(out)
+    check_output_file(out, [in_path] if is_path else [], overwrite=overwrite,
+                      work_files=[files.state, files.state_tmp, *files.parts_on_disk()])
     base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
     saved = files.read_info()
     if saved is not None and not resume:
@@ -245,6 +248,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                "path": str(out_path), "resumed_from": 0, "interrupted": False, "input_problem": None}
 
     state, consumed, written, segments, complete = engine.new_state(seed), 0, 0, 0, False
+    last_time = [0.0]  # seconds: end of the last frame written, where the audio of a cut-off output ends
     held_pts: deque[int] = deque()  # timestamps of frames pushed into the engine and not yet returned
     problem: dict | None = None  # where the input broke: {"kind", "message"} (see reader.InputProblem)
     if files is not None:
@@ -260,6 +264,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             held_pts.extend(int(p) for p in saved["held_pts"])
             complete, summary["scene_cuts"] = bool(saved["complete"]), int(saved["scene_cuts"])
             problem = saved.get("input_problem")
+            last_time[0] = float(saved.get("end_time") or 0.0)
             if detector is not None:
                 detector.previous = thumbnail
             log.info("resuming %s after %d frames", out_path, written)
@@ -273,7 +278,6 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     summary["resumed_from"] = written
 
     tags = color_tags(source) if codec != "lossless" else {}
-    last_time = [0.0]  # seconds: end of the last frame written, where a partial file's audio is cut
 
     def make_writer(segment: int) -> VideoWriter:
         path = files.part(segment) if files is not None else tmp
@@ -282,6 +286,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                            sample_aspect_ratio=info.sample_aspect_ratio, color_tags=tags)
 
     def checkpoint(segment_count: int, ckpt_state, counts: dict, thumb, done: bool) -> None:
+        if segment_count:  # the segments a checkpoint counts reach the disk before it does (the earlier ones did)
+            sync_file(files.part(segment_count - 1))
         files.save(ckpt_state, {**counts, "segments": segment_count, "complete": done, "fingerprint": fp}, thumb)
 
     stop_error: BaseException | None = None
@@ -309,7 +315,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
 
         def save_checkpoint(final: bool) -> None:
             counts = {"frames": written, "consumed": consumed, "held_pts": list(held_pts),
-                      "scene_cuts": summary["scene_cuts"], "input_problem": problem}
+                      "scene_cuts": summary["scene_cuts"], "input_problem": problem, "end_time": last_time[0]}
             writer.put(("checkpoint", state.to("cpu"), counts,
                         detector.previous if detector is not None else None, final))
 
@@ -369,12 +375,16 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     writer.put(("close", False))
                     writer.finish()
                 except BaseException:
+                    writer.finalised = False
                     log.warning("could not finalise %s", tmp)
             if files is None:
                 if written > start_written:
                     kept = keep_partial(tmp, out_path)
-                    if kept is not None:
+                    if kept is not None and writer.finalised:
                         log.warning("the %d frames written before this error are in %s", written, kept)
+                    elif kept is not None:  # e.g. a full disk: an MP4 without its index does not play
+                        log.warning("the %d frames written before this error are in %s, which could not be "
+                                    "finished and may not play", written, kept)
                     else:  # the writer failed before it made its file
                         log.warning("the %d frames done before this error could not be kept", written)
                 else:

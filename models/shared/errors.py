@@ -38,6 +38,11 @@ class OutputBusyError(StreamVSRError, RuntimeError):
     """Another run is writing the same output right now (it holds the output's lock)."""
 
 
+class OutputMoveError(StreamVSRError, RuntimeError):
+    """A finished output could not be moved to its name (the file there is open elsewhere, no permission); the
+    message says where the result was kept instead."""
+
+
 class PrecisionError(StreamVSRError, RuntimeError):
     """The model's arithmetic left the range of its precision: its output holds inf or NaN."""
 

@@ -220,12 +220,17 @@ class StreamEngine:
         return torch.empty(0, 3, h * SCALE, w * SCALE)
 
     def identity(self) -> str:
-        """Compute dtype, steps and a checksum of a few weights: resuming with another model, precision or step
-        count would splice two different renderings into one video."""
-        pipe = self.pipeline
-        tensors = [pipe.prompt_embeds] + [p for _, p in zip(range(4), pipe.parameters())]
-        total = checksum(tensors)
-        return f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{total:.10g}"
+        """Compute dtype, steps, the flow model with the options that change its numbers, and checksums of a few
+        weights of each: resuming with another model, precision, step count or flow would splice two different
+        renderings into one video. (The flow's correlation mode is left out: both modes give the same flow up to
+        float rounding, and switching to on-demand is the advice for running out of memory.)"""
+        pipe, flow = self.pipeline, self.flow
+        total = checksum([pipe.prompt_embeds] + [p for _, p in zip(range(4), pipe.parameters())])
+        flow_weights = checksum([p for _, p in zip(range(4), flow.parameters())]) \
+            if isinstance(flow, torch.nn.Module) else 0.0
+        flow_name = (f"{getattr(flow, 'arch', type(flow).__name__)},updates={getattr(flow, 'num_flow_updates', None)},"
+                     f"downscale={getattr(flow, 'downscale', 1)},{flow_weights:.10g}")
+        return f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{total:.10g}|flow={flow_name}"
 
     def state_from_dict(self, tensors: dict, meta: dict) -> StreamState:
         return StreamState.from_dict(tensors, meta)
