@@ -192,10 +192,10 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, version, precision, attention="auto") -> io.NodeOutput:
+        device = mm.get_torch_device()
+        attention = choose_attention(attention, device)  # before a download of GBs
         path = resolve_model_path(model, version)
         files = find_files(path, version)
-        device = mm.get_torch_device()
-        attention = choose_attention(attention, device)
         params = safetensors_numel(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
         weight_dtype, compute_dtype = pick_precision(precision, device, params)
         # Weights go to the offload device; FlashVSR Upscale asks ComfyUI to move them (whole or layer by layer).
@@ -272,7 +272,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         key = f"{model.source}|{engine.identity()}|{model.attention}|seed={seed}"
         # A mistake in the sequence (a chunk out of order, a state of other frames) is reported before any loading.
         start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
-                                    start_frame)
+                                    start_frame, pending=engine.pending)
         load_engine(engine, model, (h, w))
         origin = batch_origin(key, frames, state) if state is not None or start.frame_index == 0 else None
         first = start.emitted  # the sequence's first frame this run returns
@@ -307,10 +307,13 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
             preview = ("JPEG", tensor_to_preview(hr[-1:]), 512) if hr.shape[0] else None
             bar.update_absolute(b + 1, None, preview)
         final = current.to("cpu")
-        # Only a completed batch replaces the stored stream: an interrupted or failed run leaves it as it was.
-        STREAMS.put(node_id, StoredStream(key, final, origin))
+        # Only a completed batch replaces the stored stream: an interrupted or failed run leaves it as it was. A
+        # cancel during the last frame counts too: the nodes after this one would not run, and a stream moved on
+        # past frames that reached no one could not give them again.
+        mm.throw_exception_if_processing_interrupted()
+        STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index))
         if done < out.shape[0]:
-            out = out[:done]
+            out = out[:done].clone()  # a view would keep the whole buffer alive in ComfyUI's cache
         if done == 0:
             log.info("FlashVSR: node %s holds all %d frames of this run back for look-ahead; they come out with "
                      "the next chunk", node_id, b)

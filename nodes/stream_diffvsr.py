@@ -230,6 +230,9 @@ class StreamVSRUpscale(io.ComfyNode):
             out[i] = hr[0].permute(1, 2, 0).to(out.device)
             bar.update_absolute(i + 1, b, ("JPEG", tensor_to_preview(hr), 512))
         final = current.to("cpu")
-        # Only a completed batch replaces the stored stream: an interrupted or failed run leaves it as it was.
-        STREAMS.put(node_id, StoredStream(key, final, origin))
+        # Only a completed batch replaces the stored stream: an interrupted or failed run leaves it as it was. A
+        # cancel during the last frame counts too: the nodes after this one would not run, and a stream moved on
+        # past frames that reached no one could not give them again.
+        mm.throw_exception_if_processing_interrupted()
+        STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index))
         return io.NodeOutput(out, final)

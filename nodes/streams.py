@@ -27,11 +27,13 @@ class StoredStream:
     """model_key: what must not change for a continuation (model, precision, seed, steps, flow model).
     origin: for a run whose result its inputs alone decide (a restart, or a continuation of a ``state`` input), what
     decided it (``batch_origin``); None after a continuation of the node's own stored stream.
+    run_start: the frame the run that made it started from (``state.frame_index`` before it).
     """
 
     model_key: str
     state: Any
     origin: tuple | None = None
+    run_start: int = 0
 
 
 class StreamStore:
@@ -55,6 +57,7 @@ class StreamStore:
             return self._streams.get(node_id)
 
     def put(self, node_id: str, stream: StoredStream) -> None:
+        state_token(stream.state, stream.model_key)  # so that a state handed on is checked against its settings
         with self._lock:
             previous = self._streams.pop(node_id, None)
             # A continuation of the stored stream always moves it on. A run that its inputs decide only
@@ -81,10 +84,12 @@ class StreamStore:
         return float("nan") if continue_sequence else ("restart", self.version)
 
     def start_state(self, node_id: str, model_key: str, size: tuple[int, int], fresh: Callable[[], Any],
-                    continue_sequence: bool, state: Any = None, start_frame: int | None = None) -> Any:
+                    continue_sequence: bool, state: Any = None, start_frame: int | None = None,
+                    pending: Callable[[Any], int] | None = None) -> Any:
         """The state the next batch of node ``node_id`` starts from (``fresh()`` for a new sequence); logs why a
         continuation restarts. States are an engine's (``models/contract.py``): they have ``lr_size`` and
-        ``frame_index`` (0 after a sequence was ended, e.g. by FlashVSR's last chunk).
+        ``frame_index`` (0 after a sequence was ended, e.g. by FlashVSR's last chunk). ``pending(state)``: frames
+        a state holds back (the engine's ``pending``), named in the log when such a state is dropped.
 
         ``start_frame`` (from a chunk loader) replaces ``continue_sequence``: 0 starts a new sequence, any other
         value continues the stored one, which must have ended at exactly that frame (else an error says which
@@ -93,6 +98,11 @@ class StreamStore:
             if not isinstance(state, self.state_type):
                 raise UserInputError(f"the state input of {self.node_name} comes from another kind of upscale node; "
                                      f"connect the state output of a {self.node_name} node, or disconnect it")
+            made_with = state_key(state)
+            if made_with is not None and made_with != model_key:
+                raise UserInputError(f"the state input was made with another model, precision, seed, steps or "
+                                     f"setting than this {self.node_name} node has: give both nodes the same ones, "
+                                     "or disconnect the state input to start a new sequence")
             if state.lr_size is not None and tuple(state.lr_size) != tuple(size):
                 raise UserInputError(
                     f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
@@ -107,15 +117,18 @@ class StreamStore:
             log.warning("StreamVSR: the last run of node %s ended its sequence (last chunk); starting a new "
                         "sequence", node_id)
             return fresh()
+        held = pending(stored.state) if stored is not None and pending is not None else 0
+        lost = (f"; the {held} frames its last run held back for look-ahead are dropped (a run with last_chunk on "
+                "returns them)") if held else ""
         if stored is None:
             log.info("StreamVSR: node %s has no previous run to continue; starting a new sequence", node_id)
         elif stored.model_key != model_key:
-            log.warning("StreamVSR: the model, precision, seed, steps or flow model changed since the last run of "
-                        "node %s; starting a new sequence", node_id)
+            log.warning("StreamVSR: the model, precision, seed, steps, flow model or settings changed since the last "
+                        "run of node %s; starting a new sequence%s", node_id, lost)
         elif stored.state.lr_size is not None and tuple(stored.state.lr_size) != tuple(size):
             log.warning("StreamVSR: the frame size changed from %dx%d to %dx%d since the last run of node %s; "
-                        "starting a new sequence", stored.state.lr_size[1], stored.state.lr_size[0], size[1],
-                        size[0], node_id)
+                        "starting a new sequence%s", stored.state.lr_size[1], stored.state.lr_size[0], size[1],
+                        size[0], node_id, lost)
         else:
             log.info("StreamVSR: node %s continues its sequence at frame %d", node_id, stored.state.frame_index)
             return stored.state
@@ -140,6 +153,12 @@ class StreamStore:
             raise UserInputError(f"{where}, but the earlier chunks had frames of {previous.lr_size[1]}x"
                                  f"{previous.lr_size[0]} and these are {size[1]}x{size[0]}: set the chunk index "
                                  "to 0 to start again")
+        if previous.frame_index != start_frame and start_frame == stored.run_start:
+            raise UserInputError(f"{where}, which this node's last run upscaled already: it moved the sequence on to "
+                                 f"frame {previous.frame_index}, but its frames were not kept (a later node failed "
+                                 "or the queue was cancelled after it). To have them, set the chunk index to 0 and "
+                                 "start the video again; to go on without them, queue the chunk that starts at "
+                                 f"frame {previous.frame_index}")
         if previous.frame_index != start_frame:
             raise UserInputError(f"{where}, but this node's sequence ended at frame {previous.frame_index}: queue "
                                  f"the chunk that starts at frame {previous.frame_index} next (chunks must follow "
@@ -158,20 +177,30 @@ def batch_origin(key: str, images: torch.Tensor, state: Any = None) -> tuple:
     return key, tuple(images.shape), total, sparse, None if state is None else state_token(state)
 
 
-_TOKENS: dict[int, tuple[weakref.ref, int]] = {}  # id -> (the object, its token)
+_TOKENS: dict[int, list] = {}  # id -> [the object (weak), its token, the model key of the run that made it]
 _NEXT_TOKEN = itertools.count(1)
 _TOKENS_LOCK = threading.Lock()
 
 
-def state_token(state: Any) -> int:
-    """A number naming this state object while it lives. States are immutable, and one handed from node to node
-    is the upstream node's cached output, so the same object means the same state; ``id`` alone could name a
-    later object at the same address."""
+def state_token(state: Any, model_key: str | None = None) -> int:
+    """A number naming this state object while it lives (``model_key``: record the settings of the run that made
+    it, for ``state_key``). States are immutable, and one handed from node to node is the upstream node's cached
+    output, so the same object means the same state; ``id`` alone could name a later object at the same
+    address."""
     with _TOKENS_LOCK:
-        for key, (ref, _) in list(_TOKENS.items()):
+        for key, (ref, _, _) in list(_TOKENS.items()):
             if ref() is None:
                 del _TOKENS[key]
         entry = _TOKENS.get(id(state))
         if entry is None:
-            entry = _TOKENS[id(state)] = (weakref.ref(state), next(_NEXT_TOKEN))
+            entry = _TOKENS[id(state)] = [weakref.ref(state), next(_NEXT_TOKEN), None]
+        if model_key is not None:
+            entry[2] = model_key
         return entry[1]
+
+
+def state_key(state: Any) -> str | None:
+    """The model key of the run that made ``state`` (None when not known: not made by an upscale node's run)."""
+    with _TOKENS_LOCK:
+        entry = _TOKENS.get(id(state))
+        return entry[2] if entry is not None and entry[0]() is state else None

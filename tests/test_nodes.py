@@ -261,7 +261,7 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     caplog.clear()
     with caplog.at_level("INFO"):
         _, state = _upscale(nodes, model, flow, small, "9", seed=2, continue_sequence=True)
-    assert "seed, steps or flow model changed" in caplog.text and state.frame_index == 1
+    assert "seed, steps, flow model or settings changed" in caplog.text and state.frame_index == 1
     (other,) = _run(nodes["StreamVSRLoadModel"], model="tiny", precision="fp32")
     other.model.streamvsr_source = "another"
     caplog.clear()
@@ -275,7 +275,7 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     caplog.clear()
     with caplog.at_level("INFO"):
         _, state = _upscale(nodes, other, fewer, small, "9", seed=2, continue_sequence=True)
-    assert "flow model changed" in caplog.text and state.frame_index == 1
+    assert "flow model or settings changed" in caplog.text and state.frame_index == 1
     (same,) = _run(nodes["StreamVSRLoadFlowModel"], model="raft_small_test.pth", correlation="on_demand",
                    resolution="full", iterations=3)  # the same numbers in less memory: continues
     _, state = _upscale(nodes, other, same, small, "9", seed=2, continue_sequence=True)
@@ -381,12 +381,50 @@ def test_interrupt_keeps_stored_state(monkeypatch, tmp_path, assets):
     from streamvsr.nodes import stream_diffvsr as vsr
 
     model, flow = _models(nodes)
-    _upscale(nodes, model, flow, _frames(2), "30")  # 2 interrupt checks
+    _upscale(nodes, model, flow, _frames(2), "30")  # 3 interrupt checks: one per frame, one before storing
     stored = vsr.STREAMS.get("30")
     with pytest.raises(fake_comfy.Interrupted):
         _upscale(nodes, model, flow, _frames(4), "30", continue_sequence=True)
     assert vsr.STREAMS.get("30") is stored
     assert stored.state.frame_index == 2
+
+
+def test_a_cancel_during_the_last_frame_does_not_move_the_sequence_on(monkeypatch, tmp_path, assets):
+    """The nodes after this one would not run: a sequence moved past frames that reached no one could not give
+    them again (a chunk re-queued would be refused)."""
+    _, nodes = _install(monkeypatch, tmp_path, assets, interrupt_after=3)
+    from streamvsr.nodes import stream_diffvsr as vsr
+
+    model, flow = _models(nodes)
+    images = _frames(4)
+    _upscale(nodes, model, flow, images[:2], "31", start_frame=0)  # checks 1-3
+    stored = vsr.STREAMS.get("31")
+    with pytest.raises(fake_comfy.Interrupted):  # check 4 passes the frames through, check 5 is the cancel...
+        _upscale(nodes, model, flow, images[2:3], "31", start_frame=2)
+    assert vsr.STREAMS.get("31") is stored
+    # ...so the same chunk can be queued again
+
+
+def test_a_chunk_upscaled_already_and_a_state_of_other_settings_are_one_line_errors(comfy):
+    from streamvsr.models.shared.errors import UserInputError
+
+    mm, nodes = comfy
+    model, flow = _models(nodes)
+    images = _frames(4)
+    _upscale(nodes, model, flow, images[:2], "32", start_frame=0)
+    _upscale(nodes, model, flow, images[2:], "32", start_frame=2)
+    loads = len(mm.calls["load_models_gpu"])
+    # Its result went nowhere (a later node failed): it cannot be redone from here, and the error says so.
+    with pytest.raises(UserInputError, match="starts at frame 2, which this node's last run upscaled already.*"
+                                             "chunk index to 0.*starts at frame 4"):
+        _upscale(nodes, model, flow, images[2:], "32", start_frame=2)
+    # A state goes on only with the settings it was made with (here another seed, then other steps).
+    _, state = _upscale(nodes, model, flow, images[:2], "33", seed=1)
+    for other in ({"seed": 2}, {"seed": 1, "steps": 3}):
+        with pytest.raises(UserInputError, match="state input was made with another model, precision, seed"):
+            _upscale(nodes, model, flow, images[2:], "34", state=state, **other)
+    assert len(mm.calls["load_models_gpu"]) == loads + 2  # only node 33's run loaded (the model and the flow)
+    _upscale(nodes, model, flow, images[2:], "34", state=state, seed=1)
 
 
 def test_out_of_memory_retries_with_on_demand_correlation(comfy):

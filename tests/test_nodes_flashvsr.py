@@ -249,7 +249,27 @@ def test_chunk_errors_and_restarts(comfy, whole30, caplog):
     caplog.clear()
     with caplog.at_level("WARNING"):
         _upscale(nodes, model, whole30[3:6], "5", seed=1, continue_sequence=True)
-    assert "changed" in caplog.text
+    assert "changed" in caplog.text and "the 3 frames its last run held back for look-ahead are dropped" in \
+        caplog.text
+
+
+def test_returned_frames_own_their_memory_and_flex_is_refused_before_a_download(comfy, whole30, monkeypatch):
+    """A run that returns fewer frames than it could (look-ahead held back) must not keep the whole buffer alive in
+    ComfyUI's cache; and a loader choice that cannot run fails before GBs are downloaded."""
+    from streamvsr.models.flashvsr import hub
+    from streamvsr.nodes import flashvsr
+
+    _, nodes = comfy
+    model = _load(nodes)
+    out, _, _ = _upscale(nodes, model, whole30[:26], "9", last_chunk=False)
+    assert out.shape[0] == 21 and out.untyped_storage().nbytes() == out.numel() * out.element_size()
+
+    def download(*args, **kwargs):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(hub, "download_flashvsr", download)
+    with pytest.raises(UserInputError, match="'flex' cannot be used here"):
+        _load(nodes, model=flashvsr.DOWNLOAD, attention="flex")
 
 
 def test_state_socket_and_fingerprint(comfy, whole30):
