@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from ..models.shared.errors import StreamVSRError, first_line
-    from ..models.shared.runtime import OUT_OF_MEMORY, keep_freed_memory
+    from ..models.shared.runtime import is_out_of_memory, keep_freed_memory
 
     keep_freed_memory()  # for the tensors to come
 
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
-    except (OUT_OF_MEMORY, MemoryError) as e:
-        if args.debug:
+    except (MemoryError, RuntimeError) as e:  # (torch's OutOfMemoryError is a RuntimeError)
+        if args.debug or not is_out_of_memory(e):
             raise
         steps = "; ".join(["--dtype fp16 or bf16 on a GPU", *memory_options(args), "smaller frames",
                            "--device cpu as a last resort"])

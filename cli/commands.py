@@ -201,7 +201,10 @@ def cmd_convert(args) -> int:
     if out.suffix != ".safetensors":
         raise UserInputError(f"the converted file must end in .safetensors, got {out}")
     source = Path(args.source)
-    sources = [source, *(p for p in source.rglob("*") if p.is_file())] if source.is_dir() else [source]
+    # A model named by one of its files is read with the files next to it (FlashVSR's LQ projection, decoder,
+    # prompt): none of them may be the output either.
+    sources = [source, *(p for p in (source.rglob("*") if source.is_dir() else source.parent.iterdir())
+                         if p.is_file())]
     check_output_file(out, sources, overwrite=args.overwrite)
     make_folder(out.parent)
     with OutputLock(out):

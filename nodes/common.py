@@ -18,7 +18,7 @@ import comfy.utils
 from ..models.shared.errors import UserInputError
 from ..models.shared.image import to_rgb
 from ..models.shared.packed import packed_operations
-from ..models.shared.runtime import PRECISIONS
+from ..models.shared.runtime import PRECISIONS, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,12 @@ def as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:
     return frames
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """ComfyUI's out-of-memory type (CUDA's) or any other sign of memory running out: on the CPU, PyTorch's
+    allocator raises a plain RuntimeError."""
+    return isinstance(error, mm.OOM_EXCEPTION) or is_out_of_memory(error)
+
+
 @contextlib.contextmanager
 def out_of_memory_advice(message: str):
     """Turn a device out-of-memory error inside the block into ``message`` (what to change), after unloading the
@@ -135,8 +141,10 @@ def out_of_memory_advice(message: str):
     try:
         yield
         return
-    except mm.OOM_EXCEPTION:
-        pass  # raised again outside the except block, so the failed attempt's tensors can be freed first
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        # raised again outside the except block, so the failed attempt's tensors can be freed first
     mm.unload_all_models()
     mm.soft_empty_cache()
     raise RuntimeError(message)

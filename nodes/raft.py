@@ -17,7 +17,7 @@ from ..models.raft.weights import load_raft
 from ..models.shared.errors import UserInputError
 from ..models.shared.packed import prepare_packed
 from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, load_flow_patcher,
-                     operations_for, wrap)
+                     operations_for, out_of_memory, wrap)
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,17 @@ def _estimate(estimator, image1, image2, corr):
     if corr is None:
         try:
             return estimator(image1, image2), None
-        except mm.OOM_EXCEPTION:
-            pass  # retried outside the except block so the failed attempt's memory can be released
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            # retried outside the except block so the failed attempt's memory can be released
         mm.soft_empty_cache()
         log.warning("StreamVSR: out of memory in RAFT; retrying with on-demand correlation")
     try:
         return estimator(image1, image2, corr="on_demand"), "on_demand"
-    except mm.OOM_EXCEPTION:
-        pass
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
     mm.soft_empty_cache()
     raise RuntimeError("RAFT ran out of memory even with on-demand correlation: set Load RAFT Flow Model's "
                        "resolution to 'half' or 'quarter', use smaller frames, or start ComfyUI with --lowvram.")

@@ -177,6 +177,40 @@ def test_out_of_memory_is_one_line_with_what_to_change(assets, tmp_path, caplog,
     assert "--kv-ratio" not in caplog.text  # a FlashVSR option: not for this model
 
 
+def test_the_cpu_running_out_of_memory_is_one_line_too(assets, tmp_path, caplog, monkeypatch):
+    """PyTorch's CPU allocator raises a plain RuntimeError, not its OutOfMemoryError; other errors stay bugs."""
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+
+    ckpt, raft, frames = assets
+    for message, code in (("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 8589934592 bytes. Error code 12", 2),
+                          ("mat1 and mat2 shapes cannot be multiplied", None)):
+        def fail(*a, message=message, **k):
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(StreamEngine, "step", fail)
+        caplog.clear()
+        args = ["frames", str(frames), str(tmp_path / f"o{code}"), "--model", str(ckpt), "--flow", str(raft),
+                "--device", "cpu"]
+        if code is None:
+            with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+                main(args)
+        else:
+            assert main(args) == code
+            assert "error: out of memory (" in caplog.text and "Try, in this order" in caplog.text
+
+
+def test_a_tilde_in_the_flow_path_is_the_home_folder(assets, tmp_path, monkeypatch):
+    """A shell expands ~ in `--flow ~/raft.pth` but not in `--flow=~/raft.pth`: the program does it then."""
+    import shutil
+
+    ckpt, raft, frames = assets
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(raft, tmp_path / "raft.pth")
+    assert main(["flow", str(frames), str(tmp_path / "flows"), "--flow=~/raft.pth", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "flows").iterdir())) == 2
+
+
 def test_bad_model_path_is_a_clear_error(assets, tmp_path, caplog):
     _, raft, frames = assets
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(tmp_path / "missing"),

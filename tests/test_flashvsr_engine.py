@@ -391,6 +391,35 @@ def test_command_line_frames_and_convert(folder, tmp_path, engine, caplog):
     assert not any(p.name.startswith("flex") for p in tmp_path.iterdir())  # nothing written, no lock left
 
 
+def test_convert_from_a_dit_file_never_replaces_the_files_next_to_it(tmp_path, caplog):
+    """A model named by its DiT file is read with the files next to it (a port's layout, all .safetensors): none
+    of them may become the output, not even with --overwrite."""
+    from flashvsr_helpers import write_repackaged
+    from streamvsr.cli import main
+
+    folder = tmp_path / "lab"
+    write_repackaged(folder, "1038lab")
+    lq = folder / "LQ_proj_in.safetensors"
+    before = lq.read_bytes()
+    assert main(["convert", str(folder / "FlashVSR1_1.safetensors"), str(lq), "--overwrite",
+                 "--flashvsr-version", "v1.1"]) == 2
+    assert "is the input" in caplog.text and lq.read_bytes() == before
+    assert main(["convert", str(folder / "FlashVSR1_1.safetensors"), str(tmp_path / "one.safetensors"),
+                 "--flashvsr-version", "v1.1"]) == 0
+
+
+def test_a_sparse_ratio_too_small_for_the_frame_size_is_one_line_before_any_work(folder, monkeypatch):
+    engine = load_engine(folder, device="cpu", dtype=torch.float32, sparse_ratio=0.01)
+    monkeypatch.setattr(type(engine), "_condition", lambda *a: pytest.fail("computed something"))
+    with pytest.raises(UserInputError, match=r"sparse_ratio 0.01 leaves no attention budget at a 128x128 output "
+                                             r"\(padded\): use at least 0.0167"):
+        engine.push(engine.new_state(0), _frames(2, h=8, w=8))
+    monkeypatch.undo()
+    out, _ = _run(load_engine(folder, device="cpu", dtype=torch.float32, sparse_ratio=0.0167),
+                  _frames(2, h=8, w=8))  # the least it names works
+    assert out.shape == (2, 3, 32, 32)
+
+
 def test_video_file_streaming_writes_every_frame(engine, tmp_path):
     av = pytest.importorskip("av")
     from test_video import decode, make_clip

@@ -303,6 +303,44 @@ def test_convert_round_trips(official, tmp_path):
         fw.convert_flashvsr(folder, tmp_path / "x.ckpt", version="v1")
 
 
+def test_converted_file_with_an_unknown_version_and_a_killed_conversion(official, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = official
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "c.safetensors"
+    leftover = tmp_path / "out" / "c.safetensors.part"  # what a conversion killed half-way leaves
+    leftover.write_bytes(b"half of a big file")
+    fw.convert_flashvsr(folder, out, version="v1", verify_version=False)
+    assert [p.name for p in out.parent.iterdir()] == ["c.safetensors"]  # replaced, then renamed into place
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(out)), str(out), metadata={**meta, "version": "1.1"})  # edited by hand, or another tool
+    with pytest.raises(WeightsError, match="records the FlashVSR version '1.1'.*convert the model again"):
+        fw.read_flashvsr(out)
+
+
+def test_a_file_too_large_for_the_memory_left_is_not_called_damaged(official, monkeypatch):
+    import safetensors.torch
+
+    from streamvsr.models.shared.weights import read_state_dict
+
+    folder, _ = official
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 5726623744 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        read_state_dict(folder / "diffusion_pytorch_model_streaming_dmd.safetensors")
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        read_state_dict(folder / "diffusion_pytorch_model_streaming_dmd.safetensors")
+
+
 def test_converted_file_loaded_as_the_other_version_warns(official, tmp_path, caplog):
     folder, _ = official
     out = fw.convert_flashvsr(folder, tmp_path / "c.safetensors", version="v1", verify_version=False)

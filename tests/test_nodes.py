@@ -427,6 +427,22 @@ def test_a_chunk_upscaled_already_and_a_state_of_other_settings_are_one_line_err
     _upscale(nodes, model, flow, images[2:], "34", state=state, seed=1)
 
 
+def test_the_cpu_running_out_of_memory_gets_the_advice_too(comfy):
+    """ComfyUI knows CUDA's out-of-memory type only; PyTorch's CPU allocator raises a plain RuntimeError."""
+    from streamvsr.nodes.common import out_of_memory_advice
+
+    mm, _ = comfy
+    with pytest.raises(RuntimeError, match="^use smaller frames$"):
+        with out_of_memory_advice("use smaller frames"):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 8589934592 bytes. Error code 12")
+    assert mm.calls["unload_all_models"] == 1
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # a bug stays a bug
+        with out_of_memory_advice("use smaller frames"):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    assert mm.calls["unload_all_models"] == 1
+
+
 def test_out_of_memory_retries_with_on_demand_correlation(comfy):
     mm, nodes = comfy
     model, flow = _models(nodes, correlation="all_pairs")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..shared.errors import UserInputError, first_line
-from ..shared.runtime import OUT_OF_MEMORY, concrete_device
+from ..shared.runtime import concrete_device, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,11 @@ def topk_budget(sparse_ratio: float, height: int, width: int) -> int:
     ratio = sparse_ratio * REFERENCE_PIXELS[0] * REFERENCE_PIXELS[1] / (height * width)
     topk = int(windows * windows * ratio) - 1
     if topk < 0:
-        raise ValueError(f"sparse_ratio {sparse_ratio} leaves no attention budget at {width}x{height}")
+        least = height * width / (windows * windows * REFERENCE_PIXELS[0] * REFERENCE_PIXELS[1])
+        step = 10.0 ** (math.floor(math.log10(least)) - 2)  # three significant digits, rounded up
+        raise UserInputError(f"sparse_ratio {sparse_ratio} leaves no attention budget at a {width}x{height} output "
+                             f"(padded): use at least {math.ceil(least / step * (1 + 1e-9)) * step:.3g} (official "
+                             "2.0)")
     return topk
 
 
@@ -277,9 +281,9 @@ def compiled_flex_attention():
             raise RuntimeError(f"FlexAttention has been compiled for {limit} shapes in this process (each frame size "
                                "and kv_ratio takes two or three); restart it, or use the 'gather' attention, which "
                                "needs no compiling") from None
-        except OUT_OF_MEMORY:
-            raise
         except Exception as e:  # noqa: BLE001 - the compiler's (Triton, Inductor); the gather path tells input errors
+            if is_out_of_memory(e):
+                raise
             raise FlexCompileError(f"{type(e).__name__}: {first_line(e)}") from e
 
     return run

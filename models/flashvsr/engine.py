@@ -26,7 +26,7 @@ from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.runtime import check_finite, checksum, concrete_device
 from .attention import (BlockKV, FlexCompileError, compiled_flex_attention, flex_failure, kept_slices,
-                        record_flex_failure)
+                        record_flex_failure, topk_budget)
 from .color import METHODS as COLOR_FIXES
 from .color import color_fix
 from .dit import StreamCache, WanDiT
@@ -200,6 +200,8 @@ class FlashVSREngine:
                                  "start a new sequence to change the resolution")
         if not torch.isfinite(frames).all():
             raise UserInputError(f"a frame from {state.frame_index} on contains NaN or infinite values")
+        if state.lr_size is None:  # a sparse_ratio too small for this size, found before any work
+            topk_budget(self.sparse_ratio, *padded_size(*output_size(h, w, self.scale)))
         state = replace(state, lr_size=(h, w))
         cond = self._condition(frames)
         state = replace(state, cond=cond if state.cond is None else torch.cat([state.cond, cond], dim=1),

@@ -271,6 +271,9 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
     if files.single:
         dit, lq, tc, prompt, meta = _split_converted(files.dit)
         recorded = meta.get("version")
+        if recorded and recorded not in VERSIONS:
+            raise WeightsError(f"{files.dit} records the FlashVSR version {recorded!r}, which is not one of "
+                               f"{', '.join(VERSIONS)}: convert the model again with `streamvsr convert`")
         if version is None:
             version = recorded
         elif recorded and recorded != version:
@@ -419,7 +422,8 @@ def convert_flashvsr(folder, out_path, dtype=None, version: str | None = None, v
     if weights.facts.get("lq_sha256"):
         meta["lq_sha256"] = weights.facts["lq_sha256"]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.part")
+    # One name per output, not per process: a conversion killed half-way leaves GBs that the next one replaces.
+    tmp = out_path.with_name(out_path.name + ".part")
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, out_path)

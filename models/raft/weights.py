@@ -45,7 +45,7 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
               corr: str = "auto", downscale: int = 1) -> FlowEstimator:
     """Load RAFT weights in torchvision's format (.pth or .safetensors) strictly; large/small is read from the
     keys. A file that does not match raises WeightsError naming the missing, unexpected and misshapen keys."""
-    path = Path(path)
+    path = Path(path).expanduser()  # as every loader does (a shell leaves ~ alone after --flow=)
     state_dict = read_state_dict(path, manual_hint())
     arch = detect_arch(state_dict)
     model = RAFT(arch, operations=operations or nn, device="meta", dtype=dtype)

@@ -93,6 +93,13 @@ def has_native_bf16(device) -> bool:
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says that memory ran out: a device's ``OUT_OF_MEMORY``, Python's ``MemoryError``, or
+    PyTorch's CPU allocator, which raises a plain RuntimeError (known by its message; PyTorch 2.14 still does)."""
+    return isinstance(error, (OUT_OF_MEMORY, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def concrete_device(device) -> torch.device:
     """``device`` with its index, as tensors report theirs ("cuda" -> "cuda:0", the current one)."""
     device = torch.device(device)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
+from .runtime import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
         else:
             state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors/pickle raise assorted types for damaged or hostile files
+        if is_out_of_memory(e):
+            raise  # a good file too large for the memory left: not a reason to delete it
         raise WeightsError(
             f"cannot read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: {str(e)[:200]}. The file is "
             f"truncated, not a weights file, or holds code rather than tensors; delete it and download it "

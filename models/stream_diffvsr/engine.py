@@ -23,7 +23,7 @@ from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.norms import prefers_channels_last
 from ..shared.packed import as_operators
-from ..shared.runtime import OUT_OF_MEMORY, check_finite, checksum
+from ..shared.runtime import check_finite, checksum, is_out_of_memory
 from ..shared.warp import flow_warp_official
 from .speed import compiled
 
@@ -276,8 +276,10 @@ class StreamEngine:
                 getattr(self.flow, "corr", None) not in (None, "on_demand"):
             try:
                 return self._call_flow(image1, image2, features2)
-            except OUT_OF_MEMORY:
-                pass  # retried outside the except block, so the failed attempt's tensors can be freed first
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                # retried outside the except block, so the failed attempt's tensors can be freed first
             if image1.device.type == "cuda":
                 torch.cuda.empty_cache()
             log.warning("out of memory in the optical flow; continuing with on-demand correlation "

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..shared.errors import first_line
 from ..shared.packed import as_operators
-from ..shared.runtime import OUT_OF_MEMORY
+from ..shared.runtime import is_out_of_memory
 
 # ---------------------------------------------------------------------------------------------- compiled path
 
@@ -74,9 +74,9 @@ class CompiledCall:
             out = self.compiled(*args, **kwargs)
             if self.mode in CUDA_GRAPH_MODES:
                 out = _own_device_outputs(out)
-        except OUT_OF_MEMORY:
-            raise  # the frame's own failure (handled by the caller), not the compiler's
         except Exception as e:  # noqa: BLE001 - any failure of the compiler; the eager run below tells real errors
+            if is_out_of_memory(e):
+                raise  # the frame's own failure (handled by the caller), not the compiler's
             out = self.eager(*args, **kwargs)  # an error of the inputs themselves raises here, as without compile
             self.failed = True
             log.warning("torch.compile of the %s is unavailable (%s: %s); running it eagerly", self.label,
