@@ -130,7 +130,8 @@ def as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:
 def out_of_memory(error: BaseException) -> bool:
     """ComfyUI's out-of-memory type (CUDA's) or any other sign of memory running out: on the CPU, PyTorch's
     allocator raises a plain RuntimeError."""
-    return isinstance(error, mm.OOM_EXCEPTION) or is_out_of_memory(error)
+    # (ComfyUI falls back to Exception itself where torch has no CUDA error type: that would take every error)
+    return (mm.OOM_EXCEPTION is not Exception and isinstance(error, mm.OOM_EXCEPTION)) or is_out_of_memory(error)
 
 
 @contextlib.contextmanager
