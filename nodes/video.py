@@ -159,7 +159,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             if resume else None  # what an unfinished job must have been started with to be continued
         out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale)
         if not resume and os.path.exists(ResumeFiles(out_path).state):
-            raise ValueError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
+            raise UserInputError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
         # An output folder that cannot be written is reported before the models take their minutes to load
         # (upscale_video checks the whole job again once they are; the input was probed above)
         check_output_file(out_path, [source])
