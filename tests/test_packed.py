@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamvsr.models.shared import packed
-from streamvsr.models.shared.packed import PackedConv2d, PackedLinear, packed_operations
+from streamvsr.models.shared.packed import PackedConv2d, PackedLinear, forget_packed, packed_operations
+from streamvsr.models.shared.tensor_key import TensorKey
 
 pytestmark = pytest.mark.skipif(not packed._ops_available(), reason="this PyTorch has no oneDNN operators")
 
@@ -56,7 +57,7 @@ def test_conv_keeps_the_state_dict_and_follows_weight_changes():
         fast.weight = nn.Parameter(torch.zeros_like(fast.weight))  # replaced (as a model patcher does)
         assert torch.equal(fast(x), fast.bias.view(1, -1, 1, 1).expand(1, 8, 10, 10))
         fast(torch.randn(1, 8, 6, 7))  # another input size: packed again for it
-        assert fast._packed[0][-1] == (1, 8, 6, 7)
+        assert fast._packed[0] == TensorKey((fast.weight, None), (1, 8, 6, 7))
 
 
 def test_conv_runs_the_plain_layer_where_packing_cannot_apply():
@@ -162,6 +163,94 @@ def test_winograd_kernel_follows_weight_changes():
         expected = plain(x)
         assert (fast(x) - expected).abs().max() <= 2e-5 * expected.abs().max()
         assert fast._winograd[1] is not first
+
+
+def _kept_copy_case(kind):
+    """(layer, input, its call, the plain arithmetic of that call for a given weight and bias) for each kind of
+    weight copy the packed layers keep."""
+    torch.manual_seed(1)
+    if kind in ("linear", "gated"):
+        layer, x = PackedLinear(16, 24), torch.randn(1, 5, 16)
+        if kind == "linear":
+            return layer, x, layer, lambda w, b: F.linear(x, w, b)
+
+        def geglu(w, b):
+            h, gate = F.linear(x, w, b).chunk(2, dim=-1)
+            return h * F.gelu(gate)
+        return layer, x, layer.gated_gelu, geglu
+    channels, size = (96, 16) if kind == "winograd" else (8, 6)
+    layer, x = PackedConv2d(channels, channels, 3, padding=1), torch.randn(1, channels, size, size)
+    if kind == "upsampled":
+        return layer, x, layer.upsampled, lambda w, b: F.conv2d(F.interpolate(x, scale_factor=2.0), w, b, padding=1)
+    return layer, x, layer, lambda w, b: F.conv2d(x, w, b, padding=1)
+
+
+def _alias(storage: torch.Tensor) -> nn.Parameter:
+    """A new parameter over ``storage``'s memory with a version counter of its own."""
+    t = torch.empty(0).set_(storage.untyped_storage(), 0, storage.shape, storage.stride())
+    return nn.Parameter(t, requires_grad=False)
+
+
+@pytest.mark.parametrize("kind", ["linear", "gated", "conv", "winograd", "upsampled"])
+def test_a_new_weight_at_the_old_weights_address_is_not_taken_for_it(kind):
+    # What the allocator does when a patched weight replaces one that was just freed: same address, same version.
+    layer, x, call, reference = _kept_copy_case(kind)
+    memory = layer.weight.detach().clone()
+    layer.weight = old = _alias(memory)
+    with torch.inference_mode():
+        call(x)
+    memory.copy_(torch.randn_like(memory))  # another weight in the same memory
+    layer.weight = new = _alias(memory)
+    assert (new.data_ptr(), new._version) == (old.data_ptr(), old._version)
+    with torch.inference_mode():
+        expected, got = reference(memory, layer.bias), call(x)
+    assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+def test_a_tensor_key_keeps_no_tensor_alive_and_a_gone_tensor_matches_nothing():
+    import gc
+    import weakref
+
+    t = torch.zeros(3)
+    key, ref = TensorKey((t, None), (1,)), weakref.ref(t)
+    assert key == TensorKey((t, None), (1,))
+    assert key != TensorKey((t, None), (2,)) and key != TensorKey((t, t), (1,))
+    assert key != TensorKey((t.clone(), None), (1,))
+    del t
+    gc.collect()
+    assert ref() is None
+    assert all(key != TensorKey((torch.zeros(3), None), (1,)) for _ in range(4))
+
+
+@pytest.mark.parametrize("kind", ["gated", "upsampled"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_copies_that_hold_the_bias_follow_its_changes(kind, in_place):
+    layer, x, call, reference = _kept_copy_case(kind)
+    with torch.inference_mode():
+        call(x)
+    change = torch.randn_like(layer.bias)
+    if in_place:
+        with torch.no_grad():
+            layer.bias.add_(change)  # the bias's version counter moves
+    else:
+        layer.bias = nn.Parameter(layer.bias + change, requires_grad=False)
+    with torch.inference_mode():
+        expected, got = reference(layer.weight, layer.bias), call(x)
+    assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["linear", "gated", "conv", "winograd", "upsampled"])
+def test_forget_packed_drops_copies_after_a_change_pytorch_does_not_count(kind):
+    layer, x, call, reference = _kept_copy_case(kind)
+    module = nn.Sequential(layer)
+    with torch.inference_mode():
+        call(x)
+    layer.weight.data.mul_(-2)  # ``.data`` has a version counter of its own: no key can see this
+    assert forget_packed(module) == 1
+    assert forget_packed(module) == 0
+    with torch.inference_mode():
+        expected, got = reference(layer.weight, layer.bias), call(x)
+    assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
 class _CastFlags:
@@ -467,7 +556,7 @@ def test_a_second_copy_of_the_module_gets_its_own_operators():
     """The pack imported twice in one process (under two names): each copy's layers reach their own registry."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("packed_second_copy", packed.__file__)
+    spec = importlib.util.spec_from_file_location(f"{packed.__package__}.packed_second_copy", packed.__file__)
     second = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(second)
     first_net, second_net = _GatedNet(packed_operations()), _GatedNet(second.packed_operations())

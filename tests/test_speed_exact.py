@@ -74,6 +74,27 @@ def test_savings_are_bit_identical(fast, reference, frames):
     assert any(k.startswith("kv:") for k in fast._constants) and any(k.startswith("temb:") for k in fast._constants)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_kept_constants_follow_changed_biases(checkpoint, raft_path, frames, in_place):
+    """The time embedding's biases are part of what the kept step embeddings depend on (changed in place or
+    replaced, as a weight patch would)."""
+    fast = StreamEngine(load_pipeline(checkpoint), load_raft(raft_path))
+    plain = StreamEngine(load_pipeline(checkpoint), load_raft(raft_path), reuse=False)
+    _run(fast, frames[:1], fast.new_state(3))
+    for engine in (fast, plain):
+        for net in (engine.pipeline.unet, engine.pipeline.controlnet):
+            for layer in (net.time_embedding.linear_1, net.time_embedding.linear_2, net.time_resnets[0].time_emb_proj):
+                change = torch.linspace(-1, 1, layer.bias.numel())
+                if in_place:
+                    with torch.no_grad():
+                        layer.bias.add_(change)
+                else:
+                    layer.bias = torch.nn.Parameter(layer.bias + change, requires_grad=False)
+    got, _ = _run(fast, frames[:2], fast.new_state(3))
+    expected, _ = _run(plain, frames[:2], plain.new_state(3))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_restored_state_recomputes_the_flow_features(fast, reference, frames):
     first, state = _run(fast, frames[:2], fast.new_state(42))
     tensors, meta = state.to_dict()

@@ -17,7 +17,8 @@ opaque operator of the compiled graph), a PyTorch without these oneDNN operators
 classes, ``packed_operations(base=...)``) a layer ComfyUI casts or patches on the fly, which runs ComfyUI's own cast
 path. The reordered weight is an extra copy, so a convolution only keeps it where it pays: inputs of at most
 ``PACK_MAX_PIXELS`` positions; the phase kernels of ``upsampled`` (16/9 of the weight) are kept at every size.
-Copies are rebuilt when the weight is replaced or changed in place.
+Copies are rebuilt when the weight (or a bias they copy) is replaced or changed in place, as far as PyTorch counts
+in-place changes (``TensorKey``); after a change it does not count, ``forget_packed`` drops them.
 
 Wide 3x3 convolutions (stride 1, padding 1, at least ``WINOGRAD_MIN_CHANNELS`` channels in and out, at least
 ``WINOGRAD_MIN_PIXELS`` positions) run as Winograd F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for
@@ -42,6 +43,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .tensor_key import TensorKey
 
 # Beyond this size the work per weight element dwarfs one reorder per call, and the copy is not worth its
 # memory (measured on a 2-core EPYC: a 1024-channel 3x3 conv on 8x8 is 4x faster packed, on 90x160 no faster).
@@ -210,15 +213,9 @@ def managed(layer: nn.Module) -> bool:
                 or getattr(layer, "bias_function", None))
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place)
-        return -1
-
-
-def _fingerprint(weight: torch.Tensor, size) -> tuple:
-    return (weight.data_ptr(), _version(weight), tuple(weight.shape), tuple(size))
+def _fingerprint(weight: torch.Tensor, size, bias: torch.Tensor | None = None) -> TensorKey:
+    """The key of a copy made from ``weight`` (and ``bias``, where the copy holds it) for inputs of ``size``."""
+    return TensorKey((weight, bias), tuple(size))
 
 
 _AVAILABLE = [None]  # filled on first use, not at import (no probing at import time)
@@ -322,7 +319,7 @@ class PackedConv2d(nn.Conv2d):
         n, _, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
         self._winograd = None  # made by ``prepare``, not needed here
-        key = _fingerprint(self.weight, x.shape)
+        key = _fingerprint(self.weight, x.shape, self.bias)  # the phases' bias is a copy too
         if self._phases is None or self._phases[0] != key:
             self._phases = None
             weight = self.weight
@@ -389,7 +386,7 @@ class PackedLinear(nn.Linear):
         return self._packed[1]
 
     def _reordered_halves(self) -> tuple:
-        key = _fingerprint(self.weight, ())
+        key = _fingerprint(self.weight, (), self.bias)  # the halves' biases are views of this one
         if self._halves is None or self._halves[0] != key:
             self._halves = None
             n = self.out_features // 2
@@ -522,6 +519,19 @@ def prepare_packed(module: nn.Module) -> int:
     """``prepare`` the packed layers of ``module`` (``PackedLinear.prepare``, ``PackedConv2d.prepare``): the weight
     copies that loading can make instead of the first frame; how many layers made one."""
     return sum(layer.prepare() for layer in module.modules() if isinstance(layer, (PackedLinear, PackedConv2d)))
+
+
+def forget_packed(module: nn.Module) -> int:
+    """Drop the weight copies kept by the packed layers of ``module``; how many layers held one. For whoever changes
+    weights in place in a way PyTorch does not count (see ``TensorKey``); the next call makes them again."""
+    held = 0
+    for layer in module.modules():
+        if isinstance(layer, (PackedLinear, PackedConv2d)):
+            slots = ("_packed", "_halves") if isinstance(layer, PackedLinear) else ("_packed", "_phases", "_winograd")
+            held += any(getattr(layer, slot) is not None for slot in slots)
+            for slot in slots:
+                setattr(layer, slot, None)
+    return held
 
 
 def packed_operations(base=None) -> types.SimpleNamespace:

@@ -24,6 +24,7 @@ from ..shared.image import to_rgb
 from ..shared.norms import prefers_channels_last
 from ..shared.packed import as_operators
 from ..shared.runtime import check_finite, checksum, is_out_of_memory
+from ..shared.tensor_key import TensorKey
 from ..shared.warp import flow_warp_official
 from .speed import compiled
 
@@ -34,13 +35,6 @@ FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCALE = 4
 # LR sides are padded to a multiple of this (the tiny autoencoder downsamples the HR frame by 4).
 LR_MULTIPLE = 4
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place either)
-        return -1
 
 
 @dataclass(frozen=True)
@@ -291,8 +285,8 @@ class StreamEngine:
 
     def _constant(self, name: str, sources, make):
         """``make()``, computed again only when one of the ``sources`` tensors was replaced or changed in place
-        (weights patched or moved, e.g. by ComfyUI)."""
-        key = tuple((t.device, t.dtype, t.data_ptr(), _version(t)) for t in sources)
+        (weights patched or moved, e.g. by ComfyUI; as far as ``TensorKey`` can tell)."""
+        key = TensorKey(sources)
         hit = self._constants.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -303,13 +297,15 @@ class StreamEngine:
     def _prompt_kv(self, net, embeds: torch.Tensor):
         """The prompt's keys and values for every cross-attention of ``net``: the same for every step of every
         frame."""
-        sources = [embeds] + [w for m in net.cross_attentions for w in (m.to_k.weight, m.to_v.weight)]
+        sources = [embeds] + [p for m in net.cross_attentions for layer in (m.to_k, m.to_v)
+                              for p in (layer.weight, layer.bias)]
         return self._constant(f"kv:{id(net)}", sources, lambda: net.prompt_kv(embeds))
 
     def _step_embedding(self, net, t: int, sample: torch.Tensor):
         """Timestep ``t``'s embedding and its projection in every resnet of ``net``: the same for every frame."""
-        sources = [net.time_embedding.linear_1.weight, net.time_embedding.linear_2.weight] + \
-            [m.time_emb_proj.weight for m in net.time_resnets]
+        embedding = net.time_embedding
+        layers = [embedding.linear_1, embedding.linear_2] + [m.time_emb_proj for m in net.time_resnets]
+        sources = [p for layer in layers for p in (layer.weight, layer.bias)]
         return self._constant(f"temb:{id(net)}:{t}:{sample.dtype}:{sample.device}:{sample.shape[0]}", sources,
                               lambda: net.step_embedding(torch.tensor(t, device=sample.device), sample))
 
