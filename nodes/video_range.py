@@ -53,7 +53,7 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
                                      "message); set it back to 0 to start the video again."),
                 io.Int.Input("chunk_frames", default=64, min=1, max=100_000,
                              tooltip="Frames per chunk. Memory grows with it (the chunk and its upscaled frames "
-                                     "are IMAGE batches in RAM: about 25 MB per 1080p frame, 400 MB per 4K "
+                                     "are IMAGE batches in RAM: about 25 MB per 1080p frame, 100 MB per 4K "
                                      "frame); it does not change the result. FlashVSR returns its first frames "
                                      "once 25 have come in, so use 32 or more with it."),
             ],

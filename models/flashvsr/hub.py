@@ -22,7 +22,8 @@ REPOS = {"v1.1": "JunhaoZhuang/FlashVSR-v1.1", "v1": "JunhaoZhuang/FlashVSR"}
 # Folder names as the hub repositories are called (the weights loader reads "1.1" in a folder name as a version
 # hint, so the two downloads never mix).
 FOLDERS = {"v1.1": "FlashVSR-v1.1", "v1": "FlashVSR"}
-# name -> sha256 prefix where one is recorded (v1.1 at revision 27561b1); the hub client checks every size.
+# name -> sha256 prefix where one is recorded (v1.1 at revision 27561b1); the hub client checks the size of every
+# file it downloads.
 FILES = {
     "v1.1": {"diffusion_pytorch_model_streaming_dmd.safetensors": "bd28180e",
              "LQ_proj_in.ckpt": "d6d011cd", "TCDecoder.ckpt": "e224bdcf"},

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 HUB_REPO = "Jamichsu/Stream-DiffVSR"
 HUB_URL = f"https://huggingface.co/{HUB_REPO}"
 # The files StreamDiffVSRPipeline reads (about 4.1 GB in all; the repository holds more); sha256 where the spec
-# records it (§1.4, §1.5). The hub client itself checks every file's size against the server's.
+# records it (§1.4, §1.5). The hub client checks the size of every file it downloads against the server's.
 HUB_FILES = {
     "model_index.json": None,
     "scheduler/scheduler_config.json": None,
