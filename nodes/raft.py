@@ -16,8 +16,8 @@ from ..models.raft.visualise import flow_to_image
 from ..models.raft.weights import load_raft
 from ..models.shared.errors import UserInputError
 from ..models.shared.packed import prepare_packed
-from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, load_flow_patcher,
-                     operations_for, out_of_memory, wrap)
+from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, download_progress,
+                     load_flow_patcher, operations_for, out_of_memory, wrap)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ def resolve_flow_path(choice: str) -> str:
     if choice in DOWNLOAD_RAFT:
         from ..models.raft.weights import download_raft
 
-        return str(download_raft(DOWNLOAD_RAFT[choice], folder_paths.get_folder_paths(FLOW_FOLDER)[0]))
+        return str(download_raft(DOWNLOAD_RAFT[choice], folder_paths.get_folder_paths(FLOW_FOLDER)[0],
+                                 download_progress()))
     return folder_paths.get_full_path_or_raise(FLOW_FOLDER, choice)
 
 

@@ -122,6 +122,25 @@ def test_download_verifies_and_renames(tmp_path, monkeypatch):
     assert not (dest / "raft_bad-00000000.pth").exists() and not list(dest.glob("*.part"))
 
 
+def test_download_reports_bytes_and_a_stop_leaves_nothing_behind(tmp_path, monkeypatch):
+    src, prefix = _fake_published_file(tmp_path)
+    dest = tmp_path / "models"
+    monkeypatch.setitem(RAFT_WEIGHTS, "raft_fake", (src.as_uri(), src.name, prefix))
+    calls = []
+
+    def stop(done, total):
+        calls.append((done, total))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download_raft("raft_fake", dest, progress=stop)
+    assert calls and not list(dest.iterdir())
+    calls.clear()
+    got = download_raft("raft_fake", dest, progress=lambda done, total: calls.append((done, total)))
+    assert got.read_bytes() == src.read_bytes() and calls[-1][0] == src.stat().st_size
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
 def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
     url = (tmp_path / "nowhere" / "raft_large_C_T_SKHT_V2-ff5fadd5.pth").as_uri()  # fails like a dead network
     monkeypatch.setitem(RAFT_WEIGHTS, "raft_large", (url, "raft_large_C_T_SKHT_V2-ff5fadd5.pth", "ff5fadd5"))

@@ -7,6 +7,7 @@ called directly, never from earlier node output.
 import asyncio
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +149,32 @@ def test_a_download_in_a_loader_shows_progress_and_stops_on_cancel(comfy, monkey
     with pytest.raises(fake_comfy.Interrupted):
         node.resolve_model_path(node.DOWNLOAD_MODEL)
     assert fake_comfy.ProgressBar.updates == [(0, 3, False), (1, 3, False)]
+
+
+def test_the_flow_loaders_download_shows_progress_and_a_cancel_leaves_no_file(comfy, monkeypatch, tmp_path):
+    import hashlib
+
+    import folder_paths
+
+    from streamvsr.models.raft.weights import RAFT_WEIGHTS
+    from streamvsr.nodes import raft as node
+    from streamvsr.nodes.common import FLOW_FOLDER
+
+    mm, _ = comfy
+    src = tmp_path / "published.pth"
+    src.write_bytes(torch.randint(0, 256, (3 << 20,), dtype=torch.uint8).numpy().tobytes())  # 3 blocks of 1 MB
+    prefix = hashlib.sha256(src.read_bytes()).hexdigest()[:8]
+    monkeypatch.setitem(RAFT_WEIGHTS, "raft_large", (src.as_uri(), f"raft_large-{prefix}.pth", prefix))
+    dest = Path(folder_paths.get_folder_paths(FLOW_FOLDER)[0])
+    fake_comfy.ProgressBar.updates.clear()
+    mm.interrupt_current_processing()  # Cancel pressed as the download starts
+    with pytest.raises(fake_comfy.Interrupted):
+        node.resolve_flow_path("(download) raft_large")
+    assert not dest.exists() or not list(dest.glob("raft_large*"))
+    mm.interrupt_current_processing(False)
+    path = Path(node.resolve_flow_path("(download) raft_large"))
+    assert path.read_bytes() == src.read_bytes()
+    assert [done for done, _, _ in fake_comfy.ProgressBar.updates] == [1 << 20, 2 << 20, 3 << 20]
 
 
 def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):

@@ -76,10 +76,12 @@ def check_hash_prefix(path, prefix: str | None = None) -> None:
                          f"{prefix}. Delete it and download it again.")
 
 
-def download_raft(name: str, dest_dir, progress: bool = True) -> Path:
+def download_raft(name: str, dest_dir, progress=True) -> Path:
     """Download torchvision's RAFT weights ``name`` ("raft_large" or "raft_small") into ``dest_dir`` and return
     the path; a verified copy already there is reused. The file is written as ``.part`` and renamed only after
-    its sha256 prefix matched. Offline, the error says where to download the file by hand."""
+    its sha256 prefix matched; a download that fails or is stopped leaves nothing behind. Offline, the error says
+    where to download the file by hand. ``progress``: True logs every 10 %; a callable gets ``(bytes done, total
+    bytes)`` after each block (total 0 when the server does not say) and may raise to stop."""
     if name not in RAFT_WEIGHTS:
         raise UserInputError(f"unknown RAFT weights {name!r} (use one of {sorted(RAFT_WEIGHTS)})")
     url, filename, prefix = RAFT_WEIGHTS[name]
@@ -105,12 +107,17 @@ def download_raft(name: str, dest_dir, progress: bool = True) -> Path:
                 out.write(block)
                 digest.update(block)
                 done += len(block)
-                if progress and total and done * 10 // total > reported:
+                if callable(progress):
+                    progress(done, total)
+                elif progress and total and done * 10 // total > reported:
                     reported = done * 10 // total
                     log.info("%s: %d%%", filename, 10 * reported)
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
         raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? {manual}") from None
+    except BaseException:  # stopped (Cancel, Ctrl-C): no half file left behind
+        part.unlink(missing_ok=True)
+        raise
     if not digest.hexdigest().startswith(prefix):
         part.unlink(missing_ok=True)
         raise DownloadError(f"the download of {url} is corrupt (its sha256 does not start with {prefix}); try "
