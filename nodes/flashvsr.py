@@ -31,7 +31,7 @@ from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
                      continuation_inputs, download_progress, load_flow_patcher, operations_for, out_of_memory_advice,
                      pick_precision, tensor_to_preview, wrap)
-from .streams import StoredStream, StreamStore, batch_origin
+from .streams import StoredStream, StreamStore, batch_origin, redo_state
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,8 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         # cancel during the last frame counts too: the nodes after this one would not run, and a stream moved on
         # past frames that reached no one could not give them again.
         mm.throw_exception_if_processing_interrupted()
-        STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index))
+        STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index,
+                                          redo_state(start, state, start_frame)))
         if done < out.shape[0]:
             out = out[:done].clone()  # a view would keep the whole buffer alive in ComfyUI's cache
         if done == 0:

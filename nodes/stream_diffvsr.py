@@ -19,7 +19,7 @@ from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      continuation_inputs, download_progress, load_flow_patcher, operations_for, out_of_memory_advice,
                      pick_precision, tensor_to_preview, wrap)
-from .streams import StoredStream, StreamStore, batch_origin
+from .streams import StoredStream, StreamStore, batch_origin, redo_state
 
 log = logging.getLogger(__name__)
 
@@ -234,5 +234,6 @@ class StreamVSRUpscale(io.ComfyNode):
         # cancel during the last frame counts too: the nodes after this one would not run, and a stream moved on
         # past frames that reached no one could not give them again.
         mm.throw_exception_if_processing_interrupted()
-        STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index))
+        STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index,
+                                          redo_state(start, state, start_frame)))
         return io.NodeOutput(out, final)

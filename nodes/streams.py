@@ -7,6 +7,7 @@ interrupted loses the frames it computed, but the stream stays where the last su
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -28,12 +29,47 @@ class StoredStream:
     origin: for a run whose result its inputs alone decide (a restart, or a continuation of a ``state`` input), what
     decided it (``batch_origin``); None after a continuation of the node's own stored stream.
     run_start: the frame the run that made it started from (``state.frame_index`` before it).
+    run_start_state: the state that run started from, for a chunk that continued the stored stream (see
+    ``REDO_MAX_BYTES``): queued again, that chunk is redone from it instead of refused.
     """
 
     model_key: str
     state: Any
     origin: tuple | None = None
     run_start: int = 0
+    run_start_state: Any = None
+
+
+# A chunk whose frames reached no node (a later node failed, or the queue was cancelled after it) can be queued again
+# and redone from the state it started from, which is kept beside the stored stream up to this size; FlashVSR's
+# attention cache at high resolutions is far bigger (30 GB at a 4K output), and a second copy of it in RAM is not
+# worth that convenience.
+REDO_MAX_BYTES = 2 << 30
+
+
+def redo_state(start: Any, state_input: Any, start_frame: int | None) -> Any:
+    """The ``run_start_state`` of a run that started from ``start``: kept for a chunk that continued the stored
+    stream (``start_frame`` > 0, no ``state`` input), where a redo needs it; a first chunk restarts anyway."""
+    return start if state_input is None and start_frame else None
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a state (dataclasses, sequences and dicts of them; shared storage counted once)."""
+    seen, total, todo = set(), 0, [state]
+    while todo:
+        item = todo.pop()
+        if torch.is_tensor(item):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            todo.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+    return total
 
 
 class StreamStore:
@@ -58,6 +94,8 @@ class StreamStore:
 
     def put(self, node_id: str, stream: StoredStream) -> None:
         state_token(stream.state, stream.model_key)  # so that a state handed on is checked against its settings
+        if stream.run_start_state is not None and state_bytes(stream.run_start_state) > REDO_MAX_BYTES:
+            stream = dataclasses.replace(stream, run_start_state=None)
         with self._lock:
             previous = self._streams.pop(node_id, None)
             # A continuation of the stored stream always moves it on. A run that its inputs decide only
@@ -145,7 +183,12 @@ class StreamStore:
         if stored.model_key != model_key:
             raise UserInputError(f"{where}, but the model, precision or settings changed since the earlier chunks: "
                                  "set the chunk index to 0 to start the video again with these settings")
-        previous = stored.state
+        previous, redo = stored.state, stored.run_start_state
+        if (start_frame == stored.run_start and previous.frame_index != start_frame and redo is not None
+                and redo.frame_index == start_frame and tuple(redo.lr_size) == tuple(size)):
+            log.warning("StreamVSR: node %s upscaled the chunk at frame %d already but its frames reached no node; "
+                        "upscaling it again from the state it started from", node_id, start_frame)
+            return redo
         if previous.frame_index == 0:
             raise UserInputError(f"{where}, but the last run of this node ended its sequence (it was the last "
                                  "chunk): set the chunk index to 0 to start again")
@@ -156,8 +199,9 @@ class StreamStore:
         if previous.frame_index != start_frame and start_frame == stored.run_start:
             raise UserInputError(f"{where}, which this node's last run upscaled already: it moved the sequence on to "
                                  f"frame {previous.frame_index}, but its frames were not kept (a later node failed "
-                                 "or the queue was cancelled after it). To have them, set the chunk index to 0 and "
-                                 "start the video again; to go on without them, queue the chunk that starts at "
+                                 "or the queue was cancelled after it), and the state it started from was too large "
+                                 f"to keep (over {REDO_MAX_BYTES >> 30} GB). To have them, set the chunk index to 0 "
+                                 "and start the video again; to go on without them, queue the chunk that starts at "
                                  f"frame {previous.frame_index}")
         if previous.frame_index != start_frame:
             raise UserInputError(f"{where}, but this node's sequence ended at frame {previous.frame_index}: queue "

@@ -432,18 +432,38 @@ def test_a_cancel_during_the_last_frame_does_not_move_the_sequence_on(monkeypatc
     # ...so the same chunk can be queued again
 
 
-def test_a_chunk_upscaled_already_and_a_state_of_other_settings_are_one_line_errors(comfy):
+def test_a_chunk_whose_frames_reached_no_node_is_redone_when_queued_again(comfy, caplog):
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    images = _frames(6)
+    expected = _reference(model, flow, images, seed=5)
+    _upscale(nodes, model, flow, images[:2], "36", start_frame=0)
+    first, _ = _upscale(nodes, model, flow, images[2:4], "36", start_frame=2)
+    # Its result went nowhere (a later node failed): queued again, it is upscaled again from where it started...
+    with caplog.at_level("WARNING"):
+        again, _ = _upscale(nodes, model, flow, images[2:4], "36", start_frame=2)
+    assert "upscaling it again from the state it started from" in caplog.text
+    assert torch.equal(again, first) and torch.equal(again, expected[2:4])
+    # ...and the video goes on as if it had run once (and the redone chunk can be redone again)
+    assert torch.equal(_upscale(nodes, model, flow, images[2:4], "36", start_frame=2)[0], first)
+    last, _ = _upscale(nodes, model, flow, images[4:], "36", start_frame=4)
+    assert torch.equal(last, expected[4:])
+
+
+def test_a_chunk_upscaled_already_and_a_state_of_other_settings_are_one_line_errors(comfy, monkeypatch):
     from streamvsr.models.shared.errors import UserInputError
+    from streamvsr.nodes import streams
 
     mm, nodes = comfy
     model, flow = _models(nodes)
     images = _frames(4)
+    monkeypatch.setattr(streams, "REDO_MAX_BYTES", 1000)  # a state too large to keep a second copy of
     _upscale(nodes, model, flow, images[:2], "32", start_frame=0)
     _upscale(nodes, model, flow, images[2:], "32", start_frame=2)
     loads = len(mm.calls["load_models_gpu"])
     # Its result went nowhere (a later node failed): it cannot be redone from here, and the error says so.
     with pytest.raises(UserInputError, match="starts at frame 2, which this node's last run upscaled already.*"
-                                             "chunk index to 0.*starts at frame 4"):
+                                             "too large to keep.*chunk index to 0.*starts at frame 4"):
         _upscale(nodes, model, flow, images[2:], "32", start_frame=2)
     # A state goes on only with the settings it was made with (here another seed, then other steps).
     _, state = _upscale(nodes, model, flow, images[:2], "33", seed=1)

@@ -210,10 +210,14 @@ def test_chunked_runs_equal_one_run(comfy, whole30):
         parts.append(out)
     assert counts == [0, 21, 9]  # nothing before the first 25 frames; the look-ahead comes out with the last run
     assert torch.equal(torch.cat(parts), whole)
-    # the same through start_frame (what Load Video Chunk connects), chunks of 10
+    # the same through start_frame (what Load Video Chunk connects), chunks of 10; a chunk queued again after its
+    # frames reached no node (a later node failed) is upscaled again, the last one too, which ended the sequence
     parts = []
     for a in (0, 10, 20):
         out, _, _ = _upscale(nodes, model, whole30[a:a + 10], "3", start_frame=a, last_chunk=a == 20)
+        if a:
+            again, _, _ = _upscale(nodes, model, whole30[a:a + 10], "3", start_frame=a, last_chunk=a == 20)
+            assert torch.equal(again, out)
         parts.append(out)
     assert torch.equal(torch.cat(parts), whole)
 
