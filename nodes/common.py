@@ -79,6 +79,8 @@ def pick_precision(precision: str, device: torch.device, params: int = 0) -> tup
 
 
 def wrap(model: torch.nn.Module) -> "comfy.model_patcher.ModelPatcher":
+    # weight_inplace_update stays off: ComfyUI's in-place patches write through ``.data``, which the CPU layers'
+    # kept weight copies cannot notice (models/shared/tensor_key.py); replaced parameters they do notice.
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 

@@ -233,6 +233,7 @@ class PackedConv2d(nn.Conv2d):
     _packed: tuple | None = None  # (fingerprint, reordered weight)
     _phases: tuple | None = None  # (fingerprint, 2x2 phase kernels, their bias) for ``upsampled``
     _winograd: tuple | None = None  # (fingerprint, transformed kernel, band size of its layout or None)
+    COPIES = ("_packed", "_phases", "_winograd")
 
     _operator: int | None = None  # handle of the layer while ``as_operators`` marks it (see there)
 
@@ -356,6 +357,7 @@ class PackedLinear(nn.Linear):
 
     _packed: tuple | None = None
     _halves: tuple | None = None  # (fingerprint, reordered first and second halves, their biases)
+    COPIES = ("_packed", "_halves")
     gated = False  # only ever called through ``gated_gelu`` (set by its owner): ``prepare`` makes the halves
     # called once per weight (set by its owner; e.g. the keys and values of a constant prompt, which the engine
     # computes once and keeps): PyTorch's product, no reordered copy kept
@@ -527,9 +529,8 @@ def forget_packed(module: nn.Module) -> int:
     held = 0
     for layer in module.modules():
         if isinstance(layer, (PackedLinear, PackedConv2d)):
-            slots = ("_packed", "_halves") if isinstance(layer, PackedLinear) else ("_packed", "_phases", "_winograd")
-            held += any(getattr(layer, slot) is not None for slot in slots)
-            for slot in slots:
+            held += any(getattr(layer, slot) is not None for slot in layer.COPIES)
+            for slot in layer.COPIES:
                 setattr(layer, slot, None)
     return held
 

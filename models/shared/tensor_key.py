@@ -26,7 +26,8 @@ class TensorKey:
     version, would pass for the old one (ComfyUI's weight patching replaces parameters and puts the originals back).
 
     What no key can see is an in-place change that PyTorch does not count: one made through ``.data`` (which has
-    its own counter), or to an inference tensor inside ``torch.inference_mode`` (inference tensors have none).
+    its own counter; ComfyUI's in-place weight patches do that), or to an inference tensor inside
+    ``torch.inference_mode`` (inference tensors have none).
     Whoever changes weights that way must drop the values kept from them (``packed.forget_packed``; a new engine).
     """
 
