@@ -303,6 +303,25 @@ def test_an_input_named_like_a_work_file_of_the_output_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.mp4"]
 
 
+def test_only_the_outputs_own_segments_count_as_its_work_files(tmp_path):
+    """Files that merely start like a segment name (the partial result of output ``a.mp4.mkv``, a user's file) are
+    neither removed nor refused as inputs; a stale segment of the output is removed."""
+    clip = make_clip(tmp_path / "a.mp4.streamvsr-partial.mkv", n=2, audio=None, vcodec="ffv1")
+    before = digest(clip)
+    out = tmp_path / "a.mp4"
+    others = {"a.mp4.streamvsr-partners.txt": b"x", "a.mp4.streamvsr-part0001.nut.bak": b"y"}
+    for name, data in others.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "a.mp4.streamvsr-part0000.nut").write_bytes(b"a segment left by a run without a checkpoint")
+    upscale_video(FakeEngine(), clip, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([clip.name, "a.mp4", *others])
+    assert digest(clip) == before and all((tmp_path / name).read_bytes() == data for name, data in others.items())
+    files = ResumeFiles(out)
+    for index in (10000, 2, 9999):
+        files.part(index).write_bytes(b"")
+    assert files.parts_on_disk() == [files.part(i) for i in (2, 9999, 10000)]
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsync'ed files through /proc/self/fd")
 def test_checkpoints_and_results_reach_the_disk_before_what_counts_on_them(tmp_path, monkeypatch):
     """After a power cut a checkpoint must not count a segment whose data never reached the disk, and a result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,8 +36,15 @@ class ResumeFiles:
         return self.out.with_name(f"{self.out.name}.streamvsr-part{index:04d}.nut")
 
     def parts_on_disk(self) -> list[Path]:
-        prefix = self.out.name + ".streamvsr-part"
-        return sorted(p for p in self.out.parent.glob(f"{glob_escape(prefix)}*") if p.name.startswith(prefix))
+        """This job's segments that are on the disk, in order; exactly the names ``part`` makes (a prefix would also
+        take other files: another output's partial result ``OUT.streamvsr-partial.EXT``, a user's file)."""
+        name = re.compile(re.escape(self.out.name) + r"\.streamvsr-part(\d{4,})\.nut")
+        found = []
+        for p in self.out.parent.glob(f"{glob_escape(self.out.name)}.streamvsr-part*.nut"):
+            match = name.fullmatch(p.name)
+            if match:
+                found.append((int(match.group(1)), p))
+        return [p for _, p in sorted(found)]
 
     @property
     def state_tmp(self) -> Path:
