@@ -216,21 +216,21 @@ def test_variable_frame_timing_and_pcm_audio(tmp_path):
     assert video_times(mkv) == pytest.approx(video_times(clip), abs=1e-3)
 
 
-def clip_with_tone(path, frames, acodec, samples, start=0, vcodec="ffv1"):
-    """``frames`` video frames (24 fps, 32x24) and a mono 440 Hz tone of ``samples`` samples at 16 kHz in
+def clip_with_tone(path, frames, acodec, samples, start=0, vcodec="ffv1", rate=16000):
+    """``frames`` video frames (24 fps, 32x24) and a mono 440 Hz tone of ``samples`` samples at ``rate`` in
     ``acodec`` that starts ``start`` samples after the video."""
     c = av.open(str(path), "w")
     v = c.add_stream(vcodec, rate=24)
     v.width, v.height, v.pix_fmt = 32, 24, "bgr0" if vcodec == "ffv1" else "yuv420p"
-    a = c.add_stream(acodec, rate=16000)
+    a = c.add_stream(acodec, rate=rate)
     a.layout = "mono"
     for i in range(frames):
         for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")):
             c.mux(p)
-    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / 16000) * 32767).astype(np.int16)[None]
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / rate) * 32767).astype(np.int16)[None]
     for k in range(0, samples, 1024):
         fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k:k + 1024]), format="s16", layout="mono")
-        fr.sample_rate, fr.pts, fr.time_base = 16000, start + k, Fraction(1, 16000)
+        fr.sample_rate, fr.pts, fr.time_base = rate, start + k, Fraction(1, rate)
         for p in a.encode(fr):
             c.mux(p)
     for p in list(a.encode()) + list(v.encode()):
@@ -267,6 +267,19 @@ def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
         got = audio_info(out)
         assert got["codec"] == "aac" and got["channels"] == 1
         assert audio_info(clip)["seconds"] <= got["seconds"] <= audio_info(clip)["seconds"] + 0.13
+
+
+def test_audio_at_a_rate_aac_does_not_take_is_resampled(tmp_path):
+    """FFmpeg's AAC encoder stops at 96 kHz: 192 kHz PCM going into MP4 is resampled, not a failed job."""
+    clip = clip_with_tone(tmp_path / "in.mkv", 6, "pcm_s16le", 48000, rate=192000)
+    for resume in (False, True):
+        out = tmp_path / f"out{resume}.mp4"
+        assert upscale_video(FakeEngine(), clip, out, resume=resume)["frames"] == 6
+        with av.open(str(out)) as f:
+            assert f.streams.audio[0].codec_context.sample_rate == 96000
+        got = audio_info(out)
+        assert got["codec"] == "aac" and got["channels"] == 1
+        assert audio_info(clip)["seconds"] <= got["seconds"] <= audio_info(clip)["seconds"] + 0.03
 
 
 def test_transparency_is_dropped_with_a_word(tmp_path, caplog):

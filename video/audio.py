@@ -25,6 +25,18 @@ def _named_layout(layout):
     return layout
 
 
+def _aac_rate(rate: int) -> int:
+    """``rate``, or where FFmpeg's AAC encoder cannot take it (it refuses e.g. 192 kHz), the nearest rate above it
+    that it takes (the highest, 96 kHz, for higher ones); the encoder resamples."""
+    import av
+
+    rates = av.codec.Codec("aac", "w").audio_rates
+    if not rates or rate in rates:
+        return rate
+    above = [r for r in rates if r >= rate]
+    return min(above) if above else max(rates)
+
+
 class AudioCopy:
     """Copies the audio streams of ``source`` into ``sink``, interleaved with the video by time."""
 
@@ -40,7 +52,11 @@ class AudioCopy:
             if (mp4 and a.codec_context.name not in MP4_AUDIO) or a.codec_context.name not in sink.supported_codecs:
                 log.info("audio stream %d (%s) cannot go into %s as it is: re-encoding to AAC",
                          a.index, a.codec_context.name, out_suffix)
-                out = sink.add_stream("aac", rate=a.codec_context.sample_rate)
+                rate = _aac_rate(a.codec_context.sample_rate)
+                if rate != a.codec_context.sample_rate:
+                    log.info("audio stream %d: AAC does not take %d Hz; resampling to %d Hz", a.index,
+                             a.codec_context.sample_rate, rate)
+                out = sink.add_stream("aac", rate=rate)
                 # the source's channels (PyAV's default would be stereo), at AAC's usual 96 kbit/s per channel
                 out.layout = _named_layout(a.codec_context.layout)
                 out.bit_rate = 96000 * a.codec_context.layout.nb_channels
