@@ -578,6 +578,24 @@ def test_rotated_input_comes_out_as_it_is_shown(tmp_path, rotation, hflip, turn)
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
+@pytest.mark.parametrize("rotation,turn", [(90, lambda a: np.rot90(a, 1)), (-90, lambda a: np.rot90(a, -1)),
+                                           (180, lambda a: np.rot90(a, 2)), (270, lambda a: np.rot90(a, -1))])
+def test_a_rotation_given_without_a_display_matrix_turns_the_same_way(rotation, turn):
+    """Older PyAV/FFmpeg give only the frame's rotation (counter-clockwise) or the stream's legacy ``rotate`` tag
+    (clockwise), no display matrix: the same turn as the matrix would give."""
+    import types
+
+    from streamvsr.video.reader import _frame_orientation
+
+    a = np.arange(6).reshape(2, 3)
+    stream = types.SimpleNamespace(metadata={})
+    found = _frame_orientation(types.SimpleNamespace(side_data=[], rotation=rotation), stream)
+    assert np.array_equal(found.apply(torch.from_numpy(a)).numpy(), turn(a))
+    tagged = types.SimpleNamespace(metadata={"rotate": str(-rotation % 360)})
+    found = _frame_orientation(types.SimpleNamespace(side_data=[]), tagged)
+    assert np.array_equal(found.apply(torch.from_numpy(a)).numpy(), turn(a))
+
+
 def _png16(path, arr, colour_type):
     """A 16-bit PNG written by hand (PIL writes none but grey): arr H x W x channels uint16."""
     import struct

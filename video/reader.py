@@ -95,7 +95,7 @@ def orientation_from_degrees(degrees: float) -> Orientation | None:
     turn = round(degrees) % 360
     if turn % 90:
         return None
-    r = math.radians(-turn)  # av_display_rotation_set's matrix
+    r = math.radians(turn)  # av_display_rotation_set(matrix, -degrees): set takes a clockwise angle
     m = [round(math.cos(r) * 65536), round(-math.sin(r) * 65536), 0, round(math.sin(r) * 65536),
          round(math.cos(r) * 65536), 0, 0, 0, 1 << 30]
     return orientation_from_matrix(m)
