@@ -26,6 +26,7 @@ from streamvsr.models.shared.errors import (InputDamagedError, OutputBusyError, 
                                             OutputMoveError, UserInputError)
 from streamvsr.video.frames import check_frames, flow_folder, read_frame, upscale_folder, write_png16
 from streamvsr.video.outputs import OutputLock, lock_path, partial_path, temp_path
+from streamvsr.video.reader import FrameReader, probe_video
 from streamvsr.video.resume import ResumeFiles
 from streamvsr.video.stream import check_video_job, upscale_video
 from test_video import FakeEngine, decode, make_clip
@@ -594,6 +595,49 @@ def test_a_rotation_given_without_a_display_matrix_turns_the_same_way(rotation, 
     tagged = types.SimpleNamespace(metadata={"rotate": str(-rotation % 360)})
     found = _frame_orientation(types.SimpleNamespace(side_data=[]), tagged)
     assert np.array_equal(found.apply(torch.from_numpy(a)).numpy(), turn(a))
+
+
+def _avi_with_audio(path, n, drop_after=None):
+    """An AVI of ``n`` FFV1 frames (24 fps) and PCM audio; an empty chunk after packet ``drop_after``: a frame
+    that a capture program dropped, which the header counts and which decodes to nothing."""
+    c = av.open(str(path), "w")
+    v = c.add_stream("ffv1", rate=24)
+    v.width, v.height, v.pix_fmt = 16, 8, "bgr0"
+    a = c.add_stream("pcm_s16le", rate=8000)
+    a.layout = "mono"
+    rng = np.random.default_rng(0)
+    packets = [p for _ in range(n) for p in v.encode(av.VideoFrame.from_ndarray(
+        rng.integers(0, 256, (8, 16, 3), dtype=np.uint8), format="rgb24"))] + list(v.encode())
+    t = 0
+    for i, packet in enumerate(packets):
+        packet.pts = packet.dts = t
+        t += 1
+        c.mux(packet)
+        if i == drop_after:
+            empty = av.Packet(b"")
+            empty.stream, empty.pts, empty.dts, empty.time_base = v, t, t, packet.time_base
+            t += 1
+            c.mux(empty)
+    tone = av.AudioFrame.from_ndarray(np.zeros((1, 8000 * t // 24), np.int16), format="s16", layout="mono")
+    tone.sample_rate, tone.pts = 8000, 0
+    for packet in list(a.encode(tone)) + list(a.encode()):
+        c.mux(packet)
+    c.close()
+    return path
+
+
+def test_an_avi_with_a_dropped_frame_is_complete_and_a_cut_one_is_not(tmp_path):
+    clip = _avi_with_audio(tmp_path / "capture.avi", 6, drop_after=2)
+    assert probe_video(clip).header_frames == 7  # the dropped frame's slot counts
+    out = tmp_path / "out.mkv"
+    summary = upscale_video(FakeEngine(), clip, out, codec="lossless")
+    assert summary["frames"] == 6 and summary["input_problem"] is None and out.is_file()
+    data = _avi_with_audio(tmp_path / "full.avi", 24).read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[:int(len(data) * 0.6)])
+    with FrameReader(cut) as reader:
+        frames = sum(1 for _ in reader)
+    assert frames < 24 and reader.problem is not None and reader.problem.index == frames
 
 
 def _png16(path, arr, colour_type):

@@ -374,12 +374,15 @@ class FrameReader:
     def _shortfall(self) -> InputProblem | None:
         """A stream that ended cleanly but before its header says it should: a cut-off file. MP4/MOV count their
         frames; Matroska and others only give a duration, so there the last frame may end up to 1.5 frames early
-        (variable frame rates) before it counts as cut."""
+        (variable frame rates) before it counts as cut. A header's count that the frames fall short of is only a
+        cut where they also end early: an AVI counts the empty chunks of dropped frames, which decode to nothing,
+        so its frames end on time (its duration, where the container gives none, being its count of frame slots)."""
         info, decoded, end = self.info, self.decoded, self._end
         frame_s = float(1 / info.rate) if info.rate else 0.04
         name = describe(self.source)
         if info.header_frames and decoded < info.header_frames:
-            if info.duration is None or end is None or end < info.duration - 0.5 * frame_s:
+            expected = info.duration if info.duration is not None or not info.rate else info.header_frames * frame_s
+            if expected is None or end is None or end < expected - 0.5 * frame_s:
                 return InputProblem("truncated", decoded, f"{name} ends early: its header counts "
                                     f"{info.header_frames} frames, but the data stops after frame {decoded}")
         elif not info.header_frames and info.duration and end is not None and end < info.duration - 1.5 * frame_s:
