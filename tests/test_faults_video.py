@@ -457,7 +457,7 @@ def test_threaded_decoding_would_have_hidden_the_cut(tmp_path):
     assert 0 < threaded < 6
 
 
-def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path):
+def _two_sizes(tmp_path):
     data = b""
     for w, h, n in ((32, 24, 3), (48, 32, 3)):  # two raw H.264 streams back to back: the size changes at frame 3
         part = tmp_path / f"p{w}.h264"
@@ -473,6 +473,11 @@ def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path):
         data += part.read_bytes()
     clip = tmp_path / "mixed.h264"
     clip.write_bytes(data)
+    return clip
+
+
+def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path):
+    clip = _two_sizes(tmp_path)
     out = tmp_path / "out.mkv"
     engine = FakeEngine()
     with pytest.raises(InputDamagedError, match="changes its frame size at frame 3, from 32x24 to 48x32") as e:
@@ -480,6 +485,16 @@ def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path):
     assert "--allow-truncated" not in str(e.value)
     assert len(engine.calls) == 3 and not out.exists()
     assert len(decode(partial_path(out))) == 3
+
+
+@pytest.mark.parametrize("start,count,to_end", [(0, 6, True), (2, 2, False), (3, 3, True)])
+def test_a_chunk_across_or_after_a_frame_size_change_is_a_one_line_error(tmp_path, start, count, to_end):
+    from streamvsr.video.range import read_range
+
+    clip = _two_sizes(tmp_path)
+    assert read_range(clip, 0, 3).shape == (3, 3, 24, 32)
+    with pytest.raises(UserInputError, match="changes its frame size at frame 3, from 32x24 to 48x32"):
+        read_range(clip, start, count, to_end=to_end)
 
 
 def test_unreadable_inputs_are_one_line_errors_before_any_work(tmp_path):

@@ -135,8 +135,11 @@ class _Frames:
     """Decoded frames written straight into one (n, h, w, 3) buffer (no second copy of the chunk): sized for
     ``count`` frames, grown only when reading to the end of the file."""
 
-    def __init__(self, count: int, orientation=None):
-        self.count, self.n, self.buffer, self.orientation = count, 0, None, orientation
+    def __init__(self, count: int, index: FrameIndex | None = None, source=None, start: int = 0):
+        self.count, self.n, self.buffer = count, 0, None
+        self.orientation = None if index is None else index.orientation
+        self.size = None if index is None else (index.height, index.width)  # as displayed, like the frames
+        self.source, self.start = source, start
 
     def __len__(self) -> int:
         return self.n
@@ -146,6 +149,11 @@ class _Frames:
         if self.orientation is not None:
             pixels = self.orientation.apply(pixels)
         pixels = pixels.permute(1, 2, 0)
+        if self.size is not None and tuple(pixels.shape[:2]) != self.size:
+            (h, w), (new_h, new_w) = self.size, pixels.shape[:2]
+            raise UserInputError(f"{describe(self.source)} changes its frame size at frame {self.start + self.n}, "
+                                 f"from {w}x{h} to {new_w}x{new_h}; one output video has one size: cut the input "
+                                 "at the change and upscale the parts separately")
         if self.buffer is None:
             self.buffer = torch.empty((self.count, *pixels.shape), dtype=pixels.dtype)
         elif self.n == self.buffer.shape[0]:
@@ -168,7 +176,7 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
     target = index.pts[start]
     container, stream = _open_video(source)
     stream.thread_type = "AUTO"
-    frames = _Frames(count, index.orientation)
+    frames = _Frames(count, index, source, start)
     try:
         if start > 0:
             container.seek(target, stream=stream, backward=True, any_frame=False)
@@ -184,6 +192,8 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
             frames.append(frame)
             if len(frames) == count and not to_end:
                 break
+    except UserInputError:
+        raise
     except Exception as e:  # a container that cannot seek: fall back to decoding from the start
         log.info("%s: cannot seek (%s); decoding from the start", describe(source), e)
         return None
@@ -195,7 +205,7 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
 def _read_sequential(source, index: FrameIndex, start: int, count: int, to_end: bool) -> _Frames:
     container, stream = _open_video(source)
     stream.thread_type = "AUTO"
-    frames = _Frames(count, index.orientation)
+    frames = _Frames(count, index, source, start)
     try:
         for i, frame in enumerate(container.decode(stream)):
             if i < start:
