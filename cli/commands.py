@@ -211,9 +211,11 @@ def cmd_convert(args) -> int:
         tmp = temp_path(out)
         try:
             family.convert(args.source, tmp, dtype=PRECISIONS[args.dtype], **options)
-            publish(tmp, out, overwrite=args.overwrite)
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
+        # (where it cannot move the result into place, publish keeps it and says where: maybe this very name)
+        publish(tmp, out, overwrite=args.overwrite)
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return 0
 

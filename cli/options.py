@@ -58,7 +58,7 @@ def float_range(low: float, high: float | None = None, low_open: bool = False, w
 
 def seed_value(text: str) -> int:
     try:
-        value = int(text, 0)
+        value = int(text, 0) if text.strip().lower().startswith(("0x", "0o", "0b")) else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if not 0 <= value < 2**64:

@@ -162,6 +162,30 @@ def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.safetensors"]
 
 
+def test_seeds_read_as_written():
+    import argparse
+
+    from streamvsr.cli.options import seed_value
+
+    assert [seed_value(t) for t in ("42", "042", "0x2a", str(2**64 - 1))] == [42, 42, 42, 2**64 - 1]
+    for bad in ("-1", str(2**64), "4.2", "forty"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seed_value(bad)
+
+
+def test_convert_keeps_a_result_it_cannot_put_in_place_where_it_says(assets, tmp_path, caplog, monkeypatch):
+    from streamvsr.video import outputs
+
+    def cannot(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(outputs, "_move_into_place", cannot)
+    monkeypatch.setattr(outputs, "keep_partial", cannot)  # not even under the partial name
+    assert main(["convert", str(assets[0]), str(tmp_path / "m.safetensors"), "--dtype", "fp32"]) == 2
+    kept = outputs.temp_path(tmp_path / "m.safetensors")
+    assert f"it is still in {kept}" in caplog.text and kept.stat().st_size > 0
+
+
 def test_out_of_memory_is_one_line_with_what_to_change(assets, tmp_path, caplog, monkeypatch):
     from streamvsr.models.stream_diffvsr.engine import StreamEngine
 
