@@ -151,6 +151,24 @@ def test_unfinished_resume_job_is_not_silently_discarded(tmp_path):
     assert ResumeFiles(out).state.exists()
     with pytest.raises(UserInputError, match="add --resume to continue it, or --overwrite"):
         upscale_video(FakeEngine(), clip, out, codec="lossless")
+    # while another run continues it, that is what a second run is told
+    holding, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with OutputLock(out):
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        holding.wait(10)
+        for resume in (False, True):
+            with pytest.raises(OutputBusyError, match="is being written by another"):
+                check_video_job(clip, out, codec="lossless", resume=resume)
+    finally:
+        release.set()
+        thread.join()
     assert ResumeFiles(out).state.exists()
     upscale_video(FakeEngine(), clip, out, codec="lossless", overwrite=True)  # discards it, on request
     assert not ResumeFiles(out).state.exists() and not ResumeFiles(out).parts_on_disk()

@@ -163,6 +163,9 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
                       work_files=[files.state, files.state_tmp, *files.parts_on_disk()])
     base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
     saved = files.read_info()
+    if saved is not None:
+        with OutputLock(out):  # a run writing this job right now is what to report, not its checkpoint
+            pass
     if saved is not None and not resume:
         if not overwrite:
             raise UserInputError(f"{out} has an unfinished resumable job next to it ({saved['frames']} frames done, "
