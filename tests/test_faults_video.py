@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,38 @@ def test_resume_run_that_fails_leaves_existing_output_alone(tmp_path):
                             overwrite=True)
     assert summary["resumed_from"] == 4 and len(decode(out)) == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"]
+
+
+def test_the_audio_source_is_closed_when_writing_or_joining_fails(tmp_path, monkeypatch):
+    """An output abandoned before its audio was finished still closes the input it copies the audio from (open, it
+    stays locked on Windows and leaks in a long-lived ComfyUI)."""
+    from streamvsr.video import audio, resume, writer
+
+    clip = make_clip(tmp_path / "in.mkv", n=2)
+    opened, real_init = [], audio.AudioCopy.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(audio.AudioCopy, "__init__", init)
+
+    def fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    out = writer.VideoWriter(tmp_path / "out.mkv", 32, 24, Fraction(24), Fraction(1, 24), audio_from=clip)
+    monkeypatch.setattr(out, "_mux_video", fails)
+    with pytest.raises(OSError):
+        out.close()
+    part = tmp_path / "part.nut"
+    make_clip(part, n=2, audio=None)
+    monkeypatch.setattr(audio.AudioCopy, "mux_until", fails)
+    with pytest.raises(OSError):
+        resume.join_segments([part], tmp_path / "joined.mkv", audio_from=clip)
+    assert len(opened) == 2
+    for copy in opened:
+        with pytest.raises(AssertionError, match="not open"):
+            next(copy.container.demux())
 
 
 def test_unfinished_resume_job_is_not_silently_discarded(tmp_path):

@@ -42,6 +42,13 @@ class AudioCopy:
 
     def __init__(self, source, sink, out_suffix: str):
         self.container = open_input(source)
+        try:
+            self._add_streams(sink, out_suffix)
+        except BaseException:
+            self.container.close()
+            raise
+
+    def _add_streams(self, sink, out_suffix: str) -> None:
         self.streams = list(self.container.streams.audio)
         self.sink = sink
         self.map = {}
@@ -125,4 +132,8 @@ class AudioCopy:
                 if mode == "encode":
                     self.sink.mux(out.encode(None))
         finally:
-            self.container.close()
+            self.close()
+
+    def close(self) -> None:
+        """Close the source (again: harmless); for an output abandoned before ``finish``."""
+        self.container.close()

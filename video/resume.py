@@ -156,6 +156,7 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
     with av.open(str(parts[0])) as first:
         template = first.streams.video[0]
         sink = av.open(str(out_path), "w")
+        audio = None
         try:
             v_out = sink.add_stream_from_template(template)
             if time_base is not None:
@@ -174,5 +175,7 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
             if audio is not None:
                 audio.finish(audio_until)
         finally:
+            if audio is not None:
+                audio.close()
             sink.close()
     return frames

@@ -118,6 +118,8 @@ class VideoWriter:
             if self.audio is not None:
                 self.audio.finish(None if complete else self.last_time + self.frame_seconds)
         finally:
+            if self.audio is not None:
+                self.audio.close()  # (after a failed flush: the source stays open otherwise, locked on Windows)
             self.container.close()
 
 
