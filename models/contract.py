@@ -6,14 +6,16 @@ disk for resuming, and the output does not change):
 
 ``new_state(seed) -> state``
     A fresh sequence.
-``push(state, frames) -> (outputs, state)``
+``push(state, frames, consume=False) -> (outputs, state)``
     ``frames``: (n, 3, h, w) float in [0, 1] (any device). ``outputs``: the frames that became final, (m, 3, H, W)
     float32 in [0, 1], in order. A one-in-one-out model (Stream-DiffVSR) returns m = n; a chunked, look-ahead
     model (FlashVSR) returns nothing until it has a chunk and then several frames at once, ``pending(state)``
-    frames behind the input.
-``flush(state) -> (outputs, state)``
+    frames behind the input. ``consume=True``: the caller will not use ``state`` again, so the engine may take it
+    apart while it works (FlashVSR then holds one attention cache instead of two); a state that is kept (stored
+    between queue runs, queued for a checkpoint) must be a copy (``to``) or not be consumed.
+``flush(state, consume=False) -> (outputs, state)``
     The end of the sequence: every frame still held back. Afterwards the total output count equals the input count.
-``reset_temporal(state) -> (outputs, state)``
+``reset_temporal(state, consume=False) -> (outputs, state)``
     A scene cut: the frames pushed so far are finished (returned, as at a flush) and the next frame starts a new
     shot without temporal guidance from the previous one.
 ``pending(state) -> int``
@@ -44,11 +46,11 @@ class Engine(Protocol):
 
     def new_state(self, seed: int) -> Any: ...
 
-    def push(self, state: Any, frames: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
+    def push(self, state: Any, frames: torch.Tensor, consume: bool = False) -> tuple[torch.Tensor, Any]: ...
 
-    def flush(self, state: Any) -> tuple[torch.Tensor, Any]: ...
+    def flush(self, state: Any, consume: bool = False) -> tuple[torch.Tensor, Any]: ...
 
-    def reset_temporal(self, state: Any) -> tuple[torch.Tensor, Any]: ...
+    def reset_temporal(self, state: Any, consume: bool = False) -> tuple[torch.Tensor, Any]: ...
 
     def pending(self, state: Any) -> int: ...
 

@@ -295,14 +295,14 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
             chunk = frames[i: i + FRAMES_PER_PUSH].permute(0, 3, 1, 2)
             with out_of_memory_advice(message):
-                hr, current = engine.push(current, chunk)
+                hr, current = engine.push(current, chunk, consume=True)  # ``start`` is a copy
             take(hr)
             preview = ("JPEG", tensor_to_preview(hr[-1:]), 512) if hr.shape[0] else None
             bar.update_absolute(min(i + FRAMES_PER_PUSH, b), None, preview)
         if last_chunk:
             mm.throw_exception_if_processing_interrupted()
             with out_of_memory_advice(message):
-                hr, current = engine.flush(current)
+                hr, current = engine.flush(current, consume=True)
             take(hr)
             preview = ("JPEG", tensor_to_preview(hr[-1:]), 512) if hr.shape[0] else None
             bar.update_absolute(b + 1, None, preview)

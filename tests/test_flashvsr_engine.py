@@ -467,3 +467,53 @@ def test_video_resume_with_held_frames_equals_one_run(engine, tmp_path):
     assert second["resumed_from"] == 21 and second["frames"] == 30
     assert all(np.array_equal(a, b) for a, b in zip(decode(out), decode(tmp_path / "whole.mkv")))
     assert len(decode(out)) == 30
+
+
+def _live_kv_bytes() -> int:
+    """Bytes of every attention cache block alive in the process (shared storage counted once)."""
+    import gc
+
+    from streamvsr.models.flashvsr.attention import BlockKV
+
+    seen, total = set(), 0
+    for o in gc.get_objects():
+        if type(o) is BlockKV:  # (isinstance would touch every object, deprecated ones warn)
+            for t in (o.k, o.v, o.k_mean):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+    return total
+
+
+def test_a_consumed_state_gives_the_same_frames_with_one_attention_cache_alive(engine, whole30):
+    """Kept, the caller's state holds its whole cache while the next one is built; consumed, each block's old cache
+    goes as its successor is made (one cache alive). Within one call the engine's own intermediate states are let
+    go either way: a flush of two chunks (30 frames) holds the caller's cache and one more, not two more."""
+    frames, expected = whole30
+    peaks: list = []
+    hooks = [block.register_forward_pre_hook(lambda m, a: peaks.append(_live_kv_bytes()))
+             for block in engine.pipeline.dit.blocks]
+    try:
+        for consume in (False, True):
+            base = _live_kv_bytes()
+            state, outs, cache = engine.new_state(42), [], 0
+            peaks.clear()
+            for i in range(len(frames)):
+                out, state = engine.push(state, frames[i:i + 1], consume=consume)
+                outs.append(out)
+                cache = max(cache, state.dit.nbytes() if state.dit is not None else 0)
+            push_peak = max(p - base for p in peaks)
+            peaks.clear()
+            out, state = engine.flush(state, consume=consume)
+            outs.append(out)
+            flush_peak = max(p - base for p in peaks)
+            assert len(peaks) == 2 * len(engine.pipeline.dit.blocks)  # two chunks
+            assert torch.equal(torch.cat(outs), expected)
+            if consume:
+                assert 0 < push_peak <= cache and flush_peak <= cache
+            else:
+                assert cache < flush_peak <= 2 * cache
+    finally:
+        for hook in hooks:
+            hook.remove()

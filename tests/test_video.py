@@ -80,17 +80,17 @@ class OneToOne:
 
     scale = 4
 
-    def push(self, state, frames):
+    def push(self, state, frames, consume=False):
         outs = []
         for frame in frames:
             hr, state = self.step(frame, state)
             outs.append(hr)
         return torch.cat(outs), state
 
-    def flush(self, state):
+    def flush(self, state, consume=False):
         return torch.empty(0, 3, 1, 1), state
 
-    def reset_temporal(self, state):
+    def reset_temporal(self, state, consume=False):
         return torch.empty(0, 3, 1, 1), replace(state, prev_output=None, prev_upscaled=None)
 
     def pending(self, state):

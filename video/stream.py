@@ -337,12 +337,12 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                         summary["interrupted"] = True
                         break
                 if detector is not None and detector(lr) and index > 0:
-                    out, state = engine.reset_temporal(state)
+                    out, state = engine.reset_temporal(state, consume=True)
                     emit(out)
                     summary["scene_cuts"] += 1
                     log.info("scene cut at frame %d: temporal state reset", index)
                 held_pts.append(pts)
-                out, state = engine.push(state, lr[None])
+                out, state = engine.push(state, lr[None], consume=True)
                 consumed += 1
                 emit(out)
                 since_checkpoint += 1
@@ -362,7 +362,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             else:
                 if reader.problem is not None:
                     problem = {"kind": reader.problem.kind, "message": reader.problem.message}
-                out, state = engine.flush(state)
+                out, state = engine.flush(state, consume=True)
                 emit(out)
                 if files is not None:
                     save_checkpoint(True)

@@ -170,6 +170,7 @@ class FlashVSREngine:
         self.color_fix, self.attention = color_fix, attention
         self._constants = None
         self._compiled_flex = None
+        self._flex_ran = False  # a compiled FlexAttention pass has completed (it can no longer fail to compile)
         # Optional, for decoding with the Wan 2.1 VAE instead of the TC decoder (the ComfyUI LATENT output):
         # called with each chunk's normalised latents (1, 16, t, H/8, W/8), compute dtype, on the device, in
         # stream order (a flush's chunks included, which cover the padded frames too). Not part of the state.
@@ -184,9 +185,13 @@ class FlashVSREngine:
         return state.frame_index - state.emitted
 
     @torch.inference_mode()
-    def push(self, state: FlashVSRState, frames: torch.Tensor) -> tuple[torch.Tensor, FlashVSRState]:
+    def push(self, state: FlashVSRState, frames: torch.Tensor,
+             consume: bool = False) -> tuple[torch.Tensor, FlashVSRState]:
         """LR frames (n, C, h, w) or (C, h, w) in [0, 1], C in 1/3/4 -> the output frames that became final,
-        (m, 3, scale*h, scale*w) float32 in [0, 1] on the engine's device (m = 0 until a chunk is complete)."""
+        (m, 3, scale*h, scale*w) float32 in [0, 1] on the engine's device (m = 0 until a chunk is complete).
+        ``consume``: the caller gives ``state`` up (see ``models/contract.py``): each DiT block's KV cache is then
+        let go as soon as its successor exists, so one cache is held instead of two (the old one stays whole
+        otherwise, as ``state`` must)."""
         if frames.ndim == 3:
             frames = frames[None]
         if frames.ndim != 4:
@@ -202,22 +207,24 @@ class FlashVSREngine:
             raise UserInputError(f"a frame from {state.frame_index} on contains NaN or infinite values")
         if state.lr_size is None:  # a sparse_ratio too small for this size, found before any work
             topk_budget(self.sparse_ratio, *padded_size(*output_size(h, w, self.scale)))
+        given = state.dit
         state = replace(state, lr_size=(h, w))
         cond = self._condition(frames)
         state = replace(state, cond=cond if state.cond is None else torch.cat([state.cond, cond], dim=1),
                         frame_index=state.frame_index + frames.shape[0])
         outputs = []
         while state.chunks < chunks_ready(state.frame_index):
-            out, state = self._run_chunk(state)
+            out, state = self._run_chunk(state, owned=consume or state.dit is not given)
             outputs.append(out)
         return self._cat(outputs, state), state
 
     @torch.inference_mode()
-    def flush(self, state: FlashVSRState) -> tuple[torch.Tensor, FlashVSRState]:
+    def flush(self, state: FlashVSRState, consume: bool = False) -> tuple[torch.Tensor, FlashVSRState]:
         """The end of the sequence: the frames still held back, computed by padding the stream with copies of the
         last frame (their outputs are dropped). Afterwards every pushed frame has been returned once, and the state
-        starts a new sequence (same noise generator, which carries on)."""
+        starts a new sequence (same noise generator, which carries on). ``consume``: as for ``push``."""
         n = state.frame_index
+        given = state.dit
         if n == 0:
             return self._empty(state), state
         total = stream_length(n)
@@ -226,16 +233,16 @@ class FlashVSREngine:
                         frame_index=total)
         outputs = []
         while state.chunks < num_chunks(total):
-            out, state = self._run_chunk(state, keep=n)
+            out, state = self._run_chunk(state, keep=n, owned=consume or state.dit is not given)
             outputs.append(out)
         out = self._cat(outputs, state)
         fresh = FlashVSRState(seed=state.seed, generator_state=state.generator_state)
         return out, fresh
 
-    def reset_temporal(self, state: FlashVSRState) -> tuple[torch.Tensor, FlashVSRState]:
+    def reset_temporal(self, state: FlashVSRState, consume: bool = False) -> tuple[torch.Tensor, FlashVSRState]:
         """A scene cut: the shot so far is finished (as at a flush) and the next frame starts a new stream, so no
         attention memory, LQ or decoder memory crosses the cut; the noise sequence carries on."""
-        return self.flush(state)
+        return self.flush(state, consume)
 
     def identity(self) -> str:
         pipe = self.pipeline
@@ -316,18 +323,29 @@ class FlashVSREngine:
         noise = torch.cat(draws, dim=2).to(device=self.device, dtype=self.compute_dtype)
         return noise, generator.get_state()
 
-    def _dit_pass(self, noise, tokens, state: FlashVSRState, t_start: int, backend: str, compiled_flex):
-        """The DiT's velocity for one chunk and the new KV caches (the state's own are left as they are)."""
+    def _dit_pass(self, noise, tokens, state: FlashVSRState, t_start: int, backend: str, compiled_flex,
+                  owned: bool = False):
+        """The DiT's velocity for one chunk and the new KV caches. The state's own are left as they are, unless
+        ``owned``: then each block's is replaced in the state's list as the pass goes, and the old one freed.
+        Not during a first compiled FlexAttention pass, which may fail to compile midway and be run again."""
         dit = self.pipeline.dit
-        cache = dit.new_cache() if state.dit is None else StreamCache(list(state.dit.blocks), state.dit.chunks,
-                                                                      state.dit.grid)
+        if state.dit is None:
+            cache = dit.new_cache()
+        else:
+            keep_old = not owned or (backend == "flex" and compiled_flex is not None and not self._flex_ran)
+            blocks = list(state.dit.blocks) if keep_old else state.dit.blocks
+            cache = StreamCache(blocks, state.dit.chunks, state.dit.grid)
         velocity = dit.forward_chunk(noise, tokens, cache, t_start, self._constants_for(),
                                      sparse_ratio=self.sparse_ratio, local_range=self.local_range,
                                      kv_ratio=self.kv_ratio, backend=backend, compiled_flex=compiled_flex)
+        if backend == "flex" and compiled_flex is not None:
+            self._flex_ran = True
         return velocity, cache
 
-    def _run_chunk(self, state: FlashVSRState, keep: int | None = None) -> tuple[torch.Tensor, FlashVSRState]:
-        """One DiT pass: the next chunk's output frames (only those < ``keep`` when flushing) and the new state."""
+    def _run_chunk(self, state: FlashVSRState, keep: int | None = None,
+                   owned: bool = False) -> tuple[torch.Tensor, FlashVSRState]:
+        """One DiT pass: the next chunk's output frames (only those < ``keep`` when flushing) and the new state.
+        ``owned``: ``state`` may be taken apart (``_dit_pass``)."""
         pipe = self.pipeline
         c = chunk(state.chunks)
         cond = state.cond  # frames [cond_start, frame_index)
@@ -343,13 +361,13 @@ class FlashVSREngine:
         tokens, lq_state = pipe.lq_proj.project(lq_in, state.lq if state.chunks else None)
         noise, generator_state = self._noise(state, c.latents[1] - c.latents[0], size)
         try:
-            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], *self._attention())
+            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], *self._attention(), owned=owned)
         except FlexCompileError as e:
             log.warning("FlashVSR: FlexAttention failed (%s); using the gather attention, which computes the same",
                         e)
             record_flex_failure(self.device, str(e))
             self.attention, self._compiled_flex = "gather", None
-            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], "gather", None)
+            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], "gather", None, owned=owned)
         latents = noise - velocity.to(noise.dtype)
         if self.latent_sink is not None:
             self.latent_sink(latents)

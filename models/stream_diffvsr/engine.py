@@ -185,8 +185,9 @@ class StreamEngine:
     def new_state(self, seed: int) -> StreamState:
         return new_state(seed)
 
-    def push(self, state: StreamState, frames: torch.Tensor) -> tuple[torch.Tensor, StreamState]:
-        """Frames (n, 3, h, w) or (3, h, w) in [0, 1] -> their n upscaled frames (n, 3, 4h, 4w): one in, one out."""
+    def push(self, state: StreamState, frames: torch.Tensor, consume: bool = False) -> tuple[torch.Tensor, StreamState]:
+        """Frames (n, 3, h, w) or (3, h, w) in [0, 1] -> their n upscaled frames (n, 3, 4h, 4w): one in, one out.
+        (``consume`` changes nothing here: the state is two frames, nothing worth letting go early.)"""
         if frames.ndim == 3:
             frames = frames[None]
         outputs = []
@@ -197,11 +198,11 @@ class StreamEngine:
             return self.no_frames(state), state
         return torch.cat(outputs), state
 
-    def flush(self, state: StreamState) -> tuple[torch.Tensor, StreamState]:
+    def flush(self, state: StreamState, consume: bool = False) -> tuple[torch.Tensor, StreamState]:
         """Nothing is held back: every pushed frame has already been returned."""
         return self.no_frames(state), state
 
-    def reset_temporal(self, state: StreamState) -> tuple[torch.Tensor, StreamState]:
+    def reset_temporal(self, state: StreamState, consume: bool = False) -> tuple[torch.Tensor, StreamState]:
         """A scene cut: the next frame is upscaled like a first frame, the noise sequence carries on."""
         return self.no_frames(state), replace(state, prev_output=None, prev_upscaled=None, flow_features=None,
                                               flow_features_key=None)
