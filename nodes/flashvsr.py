@@ -269,7 +269,8 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         latents = []
         engine = make_engine(model, settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix),
                              latent_sink=lambda z: latents.append(z.detach().to("cpu", torch.float32)))
-        key = f"{model.source}|{engine.identity()}|{model.attention}|seed={seed}"
+        # (not the attention choice: gather and FlexAttention compute the same, a sequence may switch)
+        key = f"{model.source}|{engine.identity()}|seed={seed}"
         # A mistake in the sequence (a chunk out of order, a state of other frames) is reported before any loading.
         start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
                                     start_frame, pending=engine.pending)

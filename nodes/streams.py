@@ -145,6 +145,11 @@ class StreamStore:
                 raise UserInputError(
                     f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
                     f"frames are {size[1]}x{size[0]}: disconnect the state input to start a new sequence")
+            if state.frame_index == 0:
+                # as continue_sequence does: the same frames and seed give the same result whichever way they came
+                log.info("StreamVSR: the state input ended its sequence (last chunk); node %s starts a new one",
+                         node_id)
+                return fresh()
             return state
         if start_frame is not None:
             return self._chunk_start(node_id, model_key, size, fresh, int(start_frame))

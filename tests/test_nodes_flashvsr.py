@@ -222,6 +222,24 @@ def test_chunked_runs_equal_one_run(comfy, whole30):
     assert torch.equal(torch.cat(parts), whole)
 
 
+def test_a_sequence_may_switch_attention_and_a_finished_state_input_starts_anew(comfy, whole30):
+    """gather and FlexAttention compute the same: a chunk may continue under the other (as a resume may); a state
+    input whose sequence ended (last chunk) starts a new one from the seed, as continue_sequence does."""
+    import dataclasses
+
+    _, nodes = comfy
+    model = _load(nodes)
+    flex = dataclasses.replace(model, attention="flex")  # what auto picks on a CUDA machine with Triton
+    whole, _, _ = _upscale(nodes, model, whole30, "40")
+    first, _, _ = _upscale(nodes, flex, whole30[:16], "41", start_frame=0, last_chunk=False)
+    rest, _, _ = _upscale(nodes, model, whole30[16:], "41", start_frame=16, last_chunk=True)
+    assert torch.allclose(torch.cat([first, rest]), whole, atol=1e-5)
+    _, finished, _ = _upscale(nodes, model, whole30[:8], "42", last_chunk=True)
+    assert finished.frame_index == 0
+    again, _, _ = _upscale(nodes, model, whole30, "43", state=finished)
+    assert torch.equal(again, whole)
+
+
 def test_chunk_errors_and_restarts(comfy, whole30, caplog):
     from streamvsr.models.stream_diffvsr.engine import new_state as stream_diffvsr_state
     from streamvsr.nodes import flashvsr
