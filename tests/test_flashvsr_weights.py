@@ -54,6 +54,22 @@ def test_official_folder_loads(official, caplog):
     assert w.facts["dit"]["dim"] == 256 and w.facts["dit"]["num_layers"] == 2
 
 
+def test_entries_that_are_not_tensors_are_left_out_as_pytorch_loading_does(official, caplog):
+    """The official TCDecoder.ckpt is loaded with load_state_dict(strict=False), which ignores entries whatever
+    they hold; a checkpoint may carry a step count or a config beside its weights."""
+    from streamvsr.models.shared.weights import read_state_dict
+
+    folder, sd = official
+    torch.save({**sd["tc_decoder"], "step": 12000, "config": {"channels": [64, 64]}}, folder / "TCDecoder.ckpt")
+    with caplog.at_level(logging.INFO):
+        w = fw.read_flashvsr(folder, "v1.1")
+    assert_same(w.tc_decoder, sd["tc_decoder"])
+    assert "left out 2 entries that are not tensors: config, step" in caplog.text
+    torch.save({"step": 12000, "config": {}}, folder / "other.ckpt")
+    with pytest.raises(WeightsError, match="does not hold a state dict of tensors"):
+        read_state_dict(folder / "other.ckpt")
+
+
 def test_load_builds_modules_from_the_given_operations(official):
     folder, sd = official
     made = []

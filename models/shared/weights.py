@@ -30,8 +30,9 @@ def sha256_of(path) -> str:
 def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a pickled state dict.
 
-    With ``unwrap`` a ``state_dict``/``model`` wrapper and a DataParallel ``module.`` prefix are removed. Anything
-    that is not a mapping of names to tensors is refused.
+    With ``unwrap`` a ``state_dict``/``model`` wrapper and a DataParallel ``module.`` prefix are removed. Entries
+    that are not tensors (a training step, a config saved beside the weights) are left out, with a log line, as
+    PyTorch's own loading ignores them; a file without a mapping of names to tensors is refused.
     """
     path = Path(path)
     tail = f" {hint}" if hint else ""
@@ -55,8 +56,12 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
         for key in ("state_dict", "model"):
             if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
                 state_dict = state_dict[key]
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+    if not isinstance(state_dict, dict) or not any(torch.is_tensor(v) for v in state_dict.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors.{tail}")
+    others = sorted(str(k) for k, v in state_dict.items() if not torch.is_tensor(v))
+    if others:
+        log.info("%s: left out %d entries that are not tensors: %s", path.name, len(others), summary(others))
+        state_dict = {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
     if unwrap and state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict
