@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamvsr.models.shared.errors import UserInputError
 from streamvsr.models.stream_diffvsr.engine import StreamState, new_state
 from streamvsr.video import ResumeFiles, SceneCutDetector, VideoWriter, read_frames, upscale_video
 
@@ -280,6 +281,31 @@ def test_audio_at_a_rate_aac_does_not_take_is_resampled(tmp_path):
         got = audio_info(out)
         assert got["codec"] == "aac" and got["channels"] == 1
         assert audio_info(clip)["seconds"] <= got["seconds"] <= audio_info(clip)["seconds"] + 0.03
+
+
+def test_audio_that_aac_cannot_take_is_refused_before_any_work_where_it_must_be_re_encoded(tmp_path):
+    """16 unnamed PCM channels cannot go into MP4 as they are and FFmpeg's AAC encoder refuses them: found before
+    the first frame (not after the work, which would be lost); Matroska keeps them as they are."""
+    clip = tmp_path / "in.mkv"
+    c = av.open(str(clip), "w")
+    v = c.add_stream("ffv1", rate=24)
+    v.width, v.height, v.pix_fmt = 32, 24, "bgr0"
+    a = c.add_stream("pcm_s16le", rate=48000)
+    a.layout = "hexadecagonal"
+    for i in range(3):
+        for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")):
+            c.mux(p)
+    tone = av.AudioFrame.from_ndarray(np.zeros((1, 16 * 6000), np.int16), format="s16", layout="hexadecagonal")
+    tone.sample_rate, tone.pts = 48000, 0
+    for p in list(a.encode(tone)) + list(a.encode()) + list(v.encode()):
+        c.mux(p)
+    c.close()
+    engine = FakeEngine()
+    with pytest.raises(UserInputError, match="audio stream 1 .*16 channels.* write a Matroska"):
+        upscale_video(engine, clip, tmp_path / "out.mp4")
+    assert engine.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.mkv"]
+    upscale_video(engine, clip, tmp_path / "out.mkv", codec="lossless")
+    assert audio_info(tmp_path / "out.mkv")["channels"] == 16
 
 
 def test_transparency_is_dropped_with_a_word(tmp_path, caplog):

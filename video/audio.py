@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from fractions import Fraction
 
+from ..models.shared.errors import UserInputError
 from .reader import open_input
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,46 @@ def _aac_rate(rate: int) -> int:
     return min(above) if above else max(rates)
 
 
+def _aac_settings(source_codec) -> dict:
+    """The AAC encoder's settings for an audio stream to re-encode: its channels (named: the encoder refuses
+    unnamed layouts), a rate the encoder takes, AAC's usual 96 kbit/s per channel."""
+    return {"rate": _aac_rate(source_codec.sample_rate), "layout": _named_layout(source_codec.layout),
+            "bit_rate": 96000 * source_codec.layout.nb_channels}
+
+
+def _is_mp4(out_suffix: str) -> bool:
+    return out_suffix.lower() in (".mp4", ".mov", ".m4v")
+
+
+def check_audio(source, out_suffix: str) -> None:
+    """Before any work: each audio stream that an MP4/MOV output needs re-encoded to AAC can be (a one-line error
+    that says to write Matroska otherwise). ``source`` as for ``reader.open_input``."""
+    import av
+
+    if not _is_mp4(out_suffix):
+        return
+    container = open_input(source)
+    try:
+        for a in container.streams.audio:
+            codec = a.codec_context
+            if codec.name in MP4_AUDIO:
+                continue
+            settings = _aac_settings(codec)
+            encoder = av.CodecContext.create("aac", "w")
+            encoder.sample_rate, encoder.layout = settings["rate"], settings["layout"]
+            encoder.format, encoder.bit_rate = "fltp", settings["bit_rate"]
+            try:
+                encoder.open()
+            except av.FFmpegError as e:
+                raise UserInputError(
+                    f"the input's audio stream {a.index} ({codec.name}, {codec.layout.nb_channels} channels, "
+                    f"{codec.sample_rate} Hz) cannot go into {out_suffix} as it is, and AAC cannot take it ({e}): "
+                    "write a Matroska (.mkv) output, which keeps it as it is (the video node writes one with the "
+                    "lossless codec)") from None
+    finally:
+        container.close()
+
+
 class AudioCopy:
     """Copies the audio streams of ``source`` into ``sink``, interleaved with the video by time."""
 
@@ -52,21 +93,20 @@ class AudioCopy:
         self.streams = list(self.container.streams.audio)
         self.sink = sink
         self.map = {}
-        mp4 = out_suffix.lower() in (".mp4", ".mov", ".m4v")
+        mp4 = _is_mp4(out_suffix)
         for a in self.streams:
             # Matroska takes nearly anything; what a container cannot hold at all (ADPCM in Matroska) is
             # re-encoded too, rather than failing once the video is done
             if (mp4 and a.codec_context.name not in MP4_AUDIO) or a.codec_context.name not in sink.supported_codecs:
                 log.info("audio stream %d (%s) cannot go into %s as it is: re-encoding to AAC",
                          a.index, a.codec_context.name, out_suffix)
-                rate = _aac_rate(a.codec_context.sample_rate)
-                if rate != a.codec_context.sample_rate:
+                settings = _aac_settings(a.codec_context)
+                if settings["rate"] != a.codec_context.sample_rate:
                     log.info("audio stream %d: AAC does not take %d Hz; resampling to %d Hz", a.index,
-                             a.codec_context.sample_rate, rate)
-                out = sink.add_stream("aac", rate=rate)
-                # the source's channels (PyAV's default would be stereo), at AAC's usual 96 kbit/s per channel
-                out.layout = _named_layout(a.codec_context.layout)
-                out.bit_rate = 96000 * a.codec_context.layout.nb_channels
+                             a.codec_context.sample_rate, settings["rate"])
+                out = sink.add_stream("aac", rate=settings["rate"])
+                # the source's channels (PyAV's default would be stereo)
+                out.layout, out.bit_rate = settings["layout"], settings["bit_rate"]
                 self.map[a.index] = ("encode", out)
             else:
                 self.map[a.index] = ("copy", sink.add_stream_from_template(a))

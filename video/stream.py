@@ -53,6 +53,7 @@ from typing import Callable
 import torch
 
 from ..models.shared.errors import InputDamagedError, UserInputError
+from .audio import check_audio
 from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, sync_file,
                       temp_path)
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable
@@ -158,6 +159,7 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
         raise UserInputError("resume needs the input as a file path (a file object cannot be checked on resume)")
     source = in_path if is_path else reopenable(in_path)
     info = probe_video(source)
+    check_audio(source, out.suffix)
     files = ResumeFiles(out)
     check_output_file(out, [in_path] if is_path else [], overwrite=overwrite,
                       work_files=[files.state, files.state_tmp, *files.parts_on_disk()])
