@@ -21,6 +21,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..video.outputs import check_output_file, lock_path, partial_path, temp_path
+from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import upscale_video
@@ -73,6 +74,10 @@ def _unfinished_job(folder: str, name: str, extension: str, job: dict) -> str | 
               if numbered.fullmatch(os.path.basename(p))]
     for state in sorted(states, key=os.path.getmtime, reverse=True):
         path = state[: -len(STATE_SUFFIX)]
+        if os.path.lexists(path):  # finished, its work files left by a crash in the last step: not continuable
+            log.warning("StreamVSR: %s is finished but its resume files are still there; a new file is started "
+                        "(delete %s)", path, os.path.basename(state))
+            continue
         try:
             info = ResumeFiles(path).read_info()
         except UserInputError as e:  # damaged: it cannot be continued, and it is not ours to delete
@@ -163,6 +168,8 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         # An output folder that cannot be written is reported before the models take their minutes to load
         # (upscale_video checks the whole job again once they are; the input was probed above)
         check_output_file(out_path, [source])
+        check_audio(source if isinstance(source, (str, os.PathLike)) else reopenable(source),
+                    os.path.splitext(out_path)[1])
 
         bar = comfy.utils.ProgressBar(0)
         shown = {"done": 0, "total": 0, "at": 0.0}

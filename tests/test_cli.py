@@ -162,6 +162,12 @@ def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.safetensors"]
 
 
+def test_a_missing_flow_is_found_before_any_folder_is_made(assets, tmp_path, caplog):
+    ckpt, _, frames = assets
+    assert main(["frames", str(frames), str(tmp_path / "new" / "out"), "--model", str(ckpt), "--device", "cpu"]) == 2
+    assert "needs optical flow: give --flow PATH" in caplog.text and not (tmp_path / "new").exists()
+
+
 def test_seeds_read_as_written():
     import argparse
 

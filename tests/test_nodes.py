@@ -572,3 +572,49 @@ def test_video_file_node(comfy, tmp_path):
     assert kind == "VideoFromFile" and path.endswith("test_00001_.mp4")
     frames = decode(path)
     assert len(frames) == 3 and frames[0].shape == (96, 128, 3)
+
+
+def test_video_node_finds_audio_it_cannot_write_before_loading_the_models(comfy, tmp_path):
+    pytest.importorskip("av")
+    from test_video import clip_with_16_channels
+
+    from streamvsr.models.shared.errors import UserInputError
+
+    mm, nodes = comfy
+    model, flow = _models(nodes)
+    clip = clip_with_16_channels(tmp_path / "in.mkv")
+
+    class Video:
+        def get_dimensions(self):
+            return 32, 24
+
+        def get_stream_source(self):
+            return str(clip)
+
+    loads = len(mm.calls["load_models_gpu"])
+    with pytest.raises(UserInputError, match="AAC cannot take it"):
+        nodes["StreamVSRVideoUpscale"].execute(model=model, flow_model=flow, video=Video(), seed=1, steps=1,
+                                               codec="h264", scene_cut_threshold=0.0, filename_prefix="a/b")
+    assert len(mm.calls["load_models_gpu"]) == loads
+
+
+def test_a_finished_outputs_leftover_resume_files_are_not_continued(tmp_path, caplog):
+    """A crash between publishing the result and removing its work files leaves both: continuing that job could
+    only fail (its output exists), so a new file is started."""
+    pytest.importorskip("av")
+    from test_video import FakeEngine, make_clip
+
+    from streamvsr.nodes.video import _unfinished_job
+    from streamvsr.video import ResumeFiles, upscale_video
+
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out_00001_.mp4"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, resume=True, checkpoint_frames=1,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    job = ResumeFiles(out).read_info()["fingerprint"]
+    assert _unfinished_job(str(tmp_path), "out", ".mp4", job) == str(out)
+    out.write_bytes(b"the finished result")
+    with caplog.at_level("WARNING"):
+        assert _unfinished_job(str(tmp_path), "out", ".mp4", job) is None
+    assert "is finished but its resume files are still there" in caplog.text

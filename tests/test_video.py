@@ -283,11 +283,9 @@ def test_audio_at_a_rate_aac_does_not_take_is_resampled(tmp_path):
         assert audio_info(clip)["seconds"] <= got["seconds"] <= audio_info(clip)["seconds"] + 0.03
 
 
-def test_audio_that_aac_cannot_take_is_refused_before_any_work_where_it_must_be_re_encoded(tmp_path):
-    """16 unnamed PCM channels cannot go into MP4 as they are and FFmpeg's AAC encoder refuses them: found before
-    the first frame (not after the work, which would be lost); Matroska keeps them as they are."""
-    clip = tmp_path / "in.mkv"
-    c = av.open(str(clip), "w")
+def clip_with_16_channels(path):
+    """3 FFV1 frames (32x24) and 16 channels of PCM silence, which MP4 cannot hold and AAC cannot take."""
+    c = av.open(str(path), "w")
     v = c.add_stream("ffv1", rate=24)
     v.width, v.height, v.pix_fmt = 32, 24, "bgr0"
     a = c.add_stream("pcm_s16le", rate=48000)
@@ -300,6 +298,13 @@ def test_audio_that_aac_cannot_take_is_refused_before_any_work_where_it_must_be_
     for p in list(a.encode(tone)) + list(a.encode()) + list(v.encode()):
         c.mux(p)
     c.close()
+    return path
+
+
+def test_audio_that_aac_cannot_take_is_refused_before_any_work_where_it_must_be_re_encoded(tmp_path):
+    """16 unnamed PCM channels cannot go into MP4 as they are and FFmpeg's AAC encoder refuses them: found before
+    the first frame (not after the work, which would be lost); Matroska keeps them as they are."""
+    clip = clip_with_16_channels(tmp_path / "in.mkv")
     engine = FakeEngine()
     with pytest.raises(UserInputError, match="audio stream 1 .*16 channels.* write a Matroska"):
         upscale_video(engine, clip, tmp_path / "out.mp4")
