@@ -55,8 +55,8 @@ def test_official_folder_loads(official, caplog):
 
 
 def test_entries_that_are_not_tensors_are_left_out_as_pytorch_loading_does(official, caplog):
-    """The official TCDecoder.ckpt is loaded with load_state_dict(strict=False), which ignores entries whatever
-    they hold; a checkpoint may carry a step count or a config beside its weights."""
+    """The official code loads TCDecoder.ckpt non-strictly, ignoring entries whatever they hold; a checkpoint may
+    carry a step count or a config beside its weights."""
     from streamvsr.models.shared.weights import read_state_dict
 
     folder, sd = official
