@@ -135,3 +135,85 @@ def test_not_a_checkpoint(tmp_path):
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(WeightsError, match="not a Stream-DiffVSR single file"):
         load_pipeline(other)
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """The components the loader builds, in order: a damaged download should be found before any of them."""
+    from streamvsr.models.stream_diffvsr import loader
+
+    names = []
+    real = loader.build_component
+
+    def spy(cls, config, state_dict, component, *args, **kwargs):
+        names.append(component)
+        return real(cls, config, state_dict, component, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "build_component", spy)
+    return names
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda m: (m / "scheduler" / "scheduler_config.json").unlink(), "scheduler_config.json"),
+    (lambda m: (m / "scheduler" / "scheduler_config.json").write_text("{not json"), "not valid JSON"),
+    (lambda m: (m / "scheduler" / "scheduler_config.json").write_text("[1, 2]"), "not an object"),
+    (lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", clip_sample=True), "clip_sample"),
+    (lambda m: (m / "tokenizer" / "vocab.json").unlink(), "vocab.json"),
+    (lambda m: (m / "text_encoder" / "model.safetensors").unlink(), "no weights in"),
+    (lambda m: (m / "text_encoder" / "config.json").unlink(), "text_encoder"),
+    (lambda m: (m / "vae" / "diffusion_pytorch_model.safetensors").unlink(), "no weights in"),
+], ids=["no-scheduler", "scheduler-bad-json", "scheduler-not-object", "scheduler-unsupported", "no-vocab",
+        "no-text-weights", "no-text-config", "no-vae-weights"])
+def test_folder_small_files_are_checked_before_any_weights_load(copy, built, damage, match):
+    damage(copy)
+    with pytest.raises(WeightsError, match=match):
+        load_pipeline(copy)
+    assert built == []
+
+
+def test_folder_loads_text_encoder_first(copy, built):
+    # Encoding the prompt first frees the 1.4 GB text encoder before the large components load.
+    load_pipeline(copy)
+    assert built == ["text_encoder", "unet", "controlnet", "vae"]
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint, tmp_path_factory):
+    return convert_to_single_file(checkpoint, tmp_path_factory.mktemp("single") / "m.safetensors")
+
+
+def _rewrite_single(src, dst, edit_meta=lambda m: None, edit_tensors=lambda t: None):
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(src))
+    edit_meta(meta)
+    edit_tensors(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize("edit_meta, edit_tensors, match", [
+    (lambda m: m.pop("scheduler_config"), None, "no scheduler_config in its metadata"),
+    (lambda m: m.update(unet_config="{oops"), None, "unet_config in its metadata is not valid JSON"),
+    (lambda m: m.update(vae_config="3"), None, "vae_config in its metadata is not a JSON object"),
+    (lambda m: m.update(scheduler_config=json.dumps({"prediction_type": "flow"})), None, "prediction_type"),
+    (None, lambda t: t.pop("prompt_embeds"), "no prompt_embeds"),
+    (None, lambda t: t.update(prompt_embeds=torch.zeros(1, 77, 16)), r"prompt embedding .* \(1, 77, 16\)"),
+    (None, lambda t: t.update(extra=torch.zeros(1)), "unexpected tensors: extra"),
+], ids=["no-scheduler", "unet-bad-json", "vae-not-object", "scheduler-unsupported", "no-prompt", "prompt-width",
+        "unexpected"])
+def test_single_file_metadata_is_checked_before_any_weights_load(single, tmp_path, built, edit_meta, edit_tensors,
+                                                                 match):
+    damaged = _rewrite_single(single, tmp_path / "damaged.safetensors",
+                              edit_meta or (lambda m: None), edit_tensors or (lambda t: None))
+    with pytest.raises(WeightsError, match=match):
+        load_pipeline(damaged)
+    assert built == []

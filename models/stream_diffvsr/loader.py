@@ -32,6 +32,7 @@ from .clip_text import KNOWN_LEFTOVER_KEYS as CLIP_LEFTOVERS
 from .clip_text import CLIPTextTower, empty_prompt_ids
 from .controlnet import ControlNet
 from .pipeline import StreamDiffVSRPipeline
+from .scheduler import DDIMScheduler
 from .tiny_vae import TemporalAutoencoderTiny
 from .unet import UNet
 
@@ -53,14 +54,53 @@ KNOWN_LEFTOVERS = {
     "vae": (),
     "text_encoder": tuple(CLIP_LEFTOVERS),
 }
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise WeightsError(f"missing file {path}. {DOWNLOAD_HINT}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON ({e}). Re-download it. {DOWNLOAD_HINT}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} holds a JSON {type(data).__name__}, not an object. Re-download it. "
+                           f"{DOWNLOAD_HINT}")
+    return data
+
+
+def _meta_json(meta: dict, key: str, path: Path) -> dict:
+    """A config stored as a JSON string in a single file's metadata."""
+    if key not in meta:
+        raise WeightsError(f"{path} has no {key} in its metadata; convert it again with `streamvsr convert`.")
+    try:
+        data = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: the {key} in its metadata is not valid JSON ({e}); "
+                           "convert it again with `streamvsr convert`.") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: the {key} in its metadata is not a JSON object; "
+                           "convert it again with `streamvsr convert`.")
+    return data
+
+
+def _check_scheduler(config: dict, source) -> None:
+    # Found before the large components are built: a bad value would otherwise fail after minutes of loading.
+    try:
+        DDIMScheduler(config)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"scheduler config from {source} is not supported: {e}") from None
+
+
+def _check_prompt_embeds(embeds: torch.Tensor, unet_config: dict, source) -> None:
+    width = unet_config.get("cross_attention_dim")
+    # Per-block lists are allowed by the config; every block attends to the same embedding.
+    widths = set(width) if isinstance(width, (list, tuple)) else {width} if isinstance(width, int) else set()
+    if embeds.ndim != 3 or embeds.shape[0] != 1 or any(w != embeds.shape[-1] for w in widths):
+        raise WeightsError(
+            f"the prompt embedding from {source} has shape {tuple(embeds.shape)}; the UNet expects (1, tokens, "
+            f"{width}). Is this the right text encoder? {DOWNLOAD_HINT}")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -86,20 +126,21 @@ def build_component(cls, config: dict, state_dict: dict, component: str, source,
                      f"Is this the right file for this component? {DOWNLOAD_HINT}")
 
 
+def _prompt_ids(tokenizer_dir: Path) -> list[int]:
+    try:
+        return empty_prompt_ids(tokenizer_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise WeightsError(f"tokenizer in {tokenizer_dir}: {e}. {DOWNLOAD_HINT}") from None
+
+
 @torch.inference_mode()
-def empty_prompt_embedding(text_encoder_dir: Path, tokenizer_dir: Path) -> torch.Tensor:
+def _encode_prompt(config: dict, weights: Path, ids: list[int]) -> torch.Tensor:
     """The CLIP embedding of the empty prompt, (1, 77, C) float32, computed on the CPU."""
-    config = _read_json(text_encoder_dir / "config.json")
-    weights = _component_weights(text_encoder_dir)
     state_dict = read_state_dict(weights)
     if state_dict and not any(k.startswith("text_model.") for k in state_dict):
         # transformers >= 5 saves CLIPTextModel without the "text_model." prefix the official export has.
         state_dict = {"text_model." + k: v for k, v in state_dict.items()}
     tower = build_component(CLIPTextTower, config, state_dict, "text_encoder", weights, "cpu", torch.float32)
-    try:
-        ids = empty_prompt_ids(tokenizer_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise WeightsError(f"tokenizer in {tokenizer_dir}: {e}. {DOWNLOAD_HINT}") from None
     return tower(torch.tensor([ids], dtype=torch.long)).to(torch.float32)
 
 
@@ -112,15 +153,23 @@ def _load_folder(folder: Path, device, dtype, operations) -> StreamDiffVSRPipeli
     for sub in COMPONENTS + ("text_encoder", "tokenizer", "scheduler"):
         if not (folder / sub).is_dir():
             raise WeightsError(f"{folder} has no {sub}/ folder. {DOWNLOAD_HINT}")
+    # Every small file is read and every weight file found before any weights load, so a damaged or
+    # incomplete download is reported at once rather than after the large components are built.
+    configs = {name: _read_json(folder / name / "config.json") for name in COMPONENTS}
+    weights = {name: _component_weights(folder / name) for name in COMPONENTS}
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_path)
+    _check_scheduler(scheduler, scheduler_path)
+    text_config = _read_json(folder / "text_encoder" / "config.json")
+    text_weights = _component_weights(folder / "text_encoder")
+    ids = _prompt_ids(folder / "tokenizer")
+    # The text encoder runs first and is freed before the large components load, which lowers the peak.
+    embeds = _encode_prompt(text_config, text_weights, ids)
+    _check_prompt_embeds(embeds, configs["unet"], folder / "text_encoder")
     classes = {"unet": UNet, "controlnet": ControlNet, "vae": TemporalAutoencoderTiny}
-    configs, modules = {}, {}
-    for name in COMPONENTS:
-        configs[name] = _read_json(folder / name / "config.json")
-        weights = _component_weights(folder / name)
-        modules[name] = build_component(classes[name], configs[name], read_state_dict(weights), name, weights,
-                                        device, dtype, operations)
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
-    embeds = empty_prompt_embedding(folder / "text_encoder", folder / "tokenizer")
+    modules = {name: build_component(classes[name], configs[name], read_state_dict(weights[name]), name,
+                                     weights[name], device, dtype, operations)
+               for name in COMPONENTS}
     return StreamDiffVSRPipeline(modules["unet"], modules["controlnet"], modules["vae"], embeds.to(device),
                                  scheduler, configs)
 
@@ -138,24 +187,25 @@ def _load_single_file(path: Path, device, dtype, operations) -> StreamDiffVSRPip
         raise WeightsError(
             f"{path} is not a Stream-DiffVSR single file (its metadata has no format={SINGLE_FILE_FORMAT!r}). "
             "Pass the official folder, or a file written by `streamvsr convert`.")
+    configs = {name: _meta_json(meta, f"{name}_config", path) for name in COMPONENTS}
+    scheduler = _meta_json(meta, "scheduler_config", path)
+    _check_scheduler(scheduler, path)
     tensors = read_state_dict(path)
-    classes = {"unet": UNet, "controlnet": ControlNet, "vae": TemporalAutoencoderTiny}
-    configs, modules = {}, {}
-    for name in COMPONENTS:
-        if f"{name}_config" not in meta:
-            raise WeightsError(f"{path} has no {name}_config in its metadata; convert it again.")
-        configs[name] = json.loads(meta[f"{name}_config"])
-        prefix = name + "."
-        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        modules[name] = build_component(classes[name], configs[name], sd, name, path, device, dtype, operations)
     known = {"prompt_embeds"} | {k for k in tensors if k.split(".", 1)[0] in COMPONENTS}
     if tensors.keys() - known:
         raise WeightsError(f"{path} has unexpected tensors: {summary(tensors.keys() - known)}")
     if "prompt_embeds" not in tensors:
         raise WeightsError(f"{path} has no prompt_embeds tensor; convert it again.")
+    embeds = tensors.pop("prompt_embeds")
+    _check_prompt_embeds(embeds, configs["unet"], path)
+    classes = {"unet": UNet, "controlnet": ControlNet, "vae": TemporalAutoencoderTiny}
+    modules = {}
+    for name in COMPONENTS:
+        prefix = name + "."
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        modules[name] = build_component(classes[name], configs[name], sd, name, path, device, dtype, operations)
     return StreamDiffVSRPipeline(modules["unet"], modules["controlnet"], modules["vae"],
-                                 tensors["prompt_embeds"].to(device, torch.float32),
-                                 json.loads(meta["scheduler_config"]), configs)
+                                 embeds.to(device, torch.float32), scheduler, configs)
 
 
 def load_pipeline(path, device="cpu", dtype: torch.dtype = torch.float32, operations=None) -> StreamDiffVSRPipeline:
