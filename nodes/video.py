@@ -135,7 +135,8 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                                          "saves one). Needs the video as a file (Load Video)."),
                 FlashVSRSettingsType.Input("flashvsr_settings", optional=True,
                                            tooltip="From FlashVSR Settings (scale, sparse_ratio, local_range, "
-                                                   "kv_ratio, color_fix); without it the official defaults."),
+                                                   "kv_ratio, color_fix); without it the official defaults. "
+                                                   "FlashVSR only: refused with a Stream-DiffVSR model."),
             ],
             outputs=[io.Video.Output(display_name="video")],
             is_output_node=True,
@@ -144,6 +145,10 @@ class StreamVSRVideoUpscale(io.ComfyNode):
     @classmethod
     def execute(cls, model, video, seed, steps, codec, scene_cut_threshold, filename_prefix, flow_model=None,
                 resume=False, flashvsr_settings=None) -> io.NodeOutput:
+        if flashvsr_settings is not None and not isinstance(model, FlashVSRModel):
+            # Ignoring them would quietly change the result (e.g. a chosen x2 scale), as the CLI refuses too
+            raise UserInputError("flashvsr_settings only apply to FlashVSR, but the model is Stream-DiffVSR: "
+                                 "disconnect FlashVSR Settings, or connect a FlashVSR model")
         source = video.get_stream_source()
         if resume and not isinstance(source, (str, os.PathLike)):
             raise ValueError("resume needs a video backed by a file (e.g. from Load Video); this VIDEO lives in "

@@ -451,6 +451,11 @@ def test_video_file_node_with_flashvsr_and_settings(comfy, tmp_path):
     with pytest.raises(ValueError, match="flow model"):
         node.execute(model=fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), video=_video(clip),
                      seed=1, steps=4, codec="h264", scene_cut_threshold=0.0, filename_prefix="x")
+    # FlashVSR settings on a Stream-DiffVSR model would be ignored (scale 2 quietly becoming x4): refused
+    with pytest.raises(ValueError, match="only apply to FlashVSR"):
+        node.execute(model=fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), video=_video(clip),
+                     seed=1, steps=4, codec="h264", scene_cut_threshold=0.0, filename_prefix="x", flow_model=object(),
+                     flashvsr_settings=settings)
 
 
 def test_download_messages(monkeypatch, tmp_path):
