@@ -25,7 +25,7 @@ from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import upscale_video
-from ..video.writer import CODECS
+from ..video.writer import CODECS, codec_spec
 from ..models.shared.errors import UserInputError
 from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, out_of_memory_advice,
                      tensor_to_preview)
@@ -173,6 +173,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         # An output folder that cannot be written is reported before the models take their minutes to load
         # (upscale_video checks the whole job again once they are; the input was probed above)
         check_output_file(out_path, [source])
+        codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
         check_audio(source if isinstance(source, (str, os.PathLike)) else reopenable(source),
                     os.path.splitext(out_path)[1])
 

@@ -1100,3 +1100,18 @@ def test_video_node_resumes_only_its_own_job(tmp_path, video_node):
     assert done.name == "test_00001_.mkv" and not ResumeFiles(done).state.exists()
     assert all(np.array_equal(g, nearest4(f)) for g, f in zip(decode(done), frames_a))
     assert ResumeFiles(folder / "test_v2_00001_.mkv").read_info()["frames"] == 3
+
+
+def test_an_encoder_missing_from_ffmpeg_is_a_one_line_error_before_any_work(tmp_path, monkeypatch):
+    from streamvsr.video import writer
+
+    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
+    real = writer._has_encoder
+    monkeypatch.setattr(writer, "_has_encoder", lambda name: name != "libx264" and real(name))
+    with pytest.raises(UserInputError, match="no libx264 encoder, which codec 'h264' needs: choose codec 'lossless'"):
+        check_video_job(clip, tmp_path / "out.mp4")
+    check_video_job(clip, tmp_path / "out.mkv", codec="lossless")  # the other codec is still there
+    monkeypatch.setattr(writer, "_has_encoder", lambda name: False)
+    with pytest.raises(UserInputError, match=r"no ffv1 encoder.*: install PyPI's av wheel"):
+        check_video_job(clip, tmp_path / "out.mkv", codec="lossless")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]

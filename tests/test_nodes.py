@@ -598,6 +598,34 @@ def test_video_node_finds_audio_it_cannot_write_before_loading_the_models(comfy,
     assert len(mm.calls["load_models_gpu"]) == loads
 
 
+def test_video_node_finds_a_missing_encoder_before_loading_the_models(comfy, tmp_path, monkeypatch):
+    """PyAV built on a system FFmpeg without x264: one line that names the way out, before any model loads."""
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    from streamvsr.models.shared.errors import UserInputError
+    from streamvsr.video import writer
+
+    mm, nodes = comfy
+    model, flow = _models(nodes)
+    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
+
+    class Video:
+        def get_dimensions(self):
+            return 32, 24
+
+        def get_stream_source(self):
+            return str(clip)
+
+    real = writer._has_encoder
+    monkeypatch.setattr(writer, "_has_encoder", lambda name: name != "libx264" and real(name))
+    loads = len(mm.calls["load_models_gpu"])
+    with pytest.raises(UserInputError, match="no libx264 encoder.*choose codec 'lossless'"):
+        nodes["StreamVSRVideoUpscale"].execute(model=model, flow_model=flow, video=Video(), seed=1, steps=1,
+                                               codec="h264", scene_cut_threshold=0.0, filename_prefix="a/b")
+    assert len(mm.calls["load_models_gpu"]) == loads
+
+
 def test_a_finished_outputs_leftover_resume_files_are_not_continued(tmp_path, caplog):
     """A crash between publishing the result and removing its work files leaves both: continuing that job could
     only fail (its output exists), so a new file is started."""

@@ -130,7 +130,24 @@ def codec_spec(name: str, path) -> Codec:
     suffix = Path(path).suffix.lower()
     if suffix not in spec.containers and suffix != ".nut":
         raise UserInputError(f"codec {name!r} needs a {' or '.join(spec.containers)} output file, got {Path(path).name}")
+    if not _has_encoder(spec.encoder):
+        # PyAV built against a system FFmpeg without x264 (some distributions leave it out) would otherwise fail
+        # only once the models have loaded
+        other = [k for k, v in CODECS.items() if k != name and _has_encoder(v.encoder)]
+        raise UserInputError(f"this PyAV's FFmpeg has no {spec.encoder} encoder, which codec {name!r} needs: "
+                             + (f"choose codec {other[0]!r}, or " if other else "")
+                             + "install PyPI's av wheel (pip install --force-reinstall av)")
     return spec
+
+
+def _has_encoder(encoder: str) -> bool:
+    import av
+
+    try:
+        av.codec.Codec(encoder, "w")
+    except av.codec.codec.UnknownCodecError:
+        return False
+    return True
 
 
 def check_crf(crf, codec: str) -> None:
