@@ -293,6 +293,23 @@ def test_missing_files_are_named(official):
         fw.read_flashvsr(empty, "v1")
 
 
+def test_a_missing_file_or_version_is_found_before_the_dit_is_read(official, monkeypatch):
+    folder, _ = official
+    read = []
+    monkeypatch.setattr(fw, "_read", lambda path: read.append(path))
+    with pytest.raises(UserInputError, match="v1 or v1.1"):
+        fw.read_flashvsr(folder)
+    with pytest.raises(ValueError, match="version"):
+        fw.read_flashvsr(folder, "v2")
+    (folder / "TCDecoder.ckpt").unlink()
+    with pytest.raises(WeightsError, match="no TC decoder.*TCDecoder.ckpt"):
+        fw.read_flashvsr(folder, "v1")
+    (folder / "posi_prompt.pth").unlink()
+    with pytest.raises(WeightsError, match="no prompt embedding.*posi_prompt.pth"):
+        fw.read_flashvsr(folder, "v1", need_decoder=False)
+    assert read == []
+
+
 # --- conversion and detection -----------------------------------------------------------------------------------
 
 

@@ -258,6 +258,11 @@ def _split_converted(path: Path) -> tuple[dict, dict, dict, torch.Tensor, dict]:
     return parts["dit."], parts["lq_proj."], parts["tc_decoder."], prompt, meta
 
 
+def _version_needed(path) -> UserInputError:
+    return UserInputError(f"say which FlashVSR version {path} holds ({' or '.join(VERSIONS)}): v1 and v1.1 "
+                          f"files have the same keys but need different LQ-projection arithmetic")
+
+
 def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True,
                   verify_version: bool = True) -> FlashVSRWeights:
     """Read and check every component of the FlashVSR model at ``path`` (folder, DiT file or converted file).
@@ -266,6 +271,8 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
     ``verify_version`` the LQ projection file is hashed (about a second) to spot the published v1.1 file.
     Raises WeightsError naming the file and the offending keys when something does not match.
     """
+    if version is not None:
+        check_version(version)
     files = find_files(path, version)
     facts: dict = {"files": {}, "ignored": {}}
     if files.single:
@@ -282,6 +289,14 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
         lq_sha256 = meta.get("lq_sha256") or None
         tc = tc or None
     else:
+        # What is missing is reported before the DiT, gigabytes, is read
+        if files.prompt is None:
+            raise WeightsError(f"no prompt embedding next to {files.dit} (looked for {', '.join(PROMPT_FILES)}). "
+                               f"{HINT}")
+        if need_decoder and files.tc_decoder is None:
+            raise WeightsError(f"no TC decoder next to {files.dit} (looked for {', '.join(TC_FILES)}). {HINT}")
+        if version is None:
+            raise _version_needed(path)
         facts["files"]["dit"] = files.dit
         dit = _strip(_read(files.dit), DIT_PREFIXES)
         merged = {k[len(LQ_PREFIX):]: v for k, v in dit.items() if k.startswith(LQ_PREFIX)}
@@ -307,19 +322,13 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
                          summary(extra, 4))
                 facts["ignored"]["tc_decoder"] = extra
                 tc = {k: v for k, v in tc.items() if k.startswith("decoder.")}
-        if files.prompt is None:
-            raise WeightsError(f"no prompt embedding next to {files.dit} (looked for {', '.join(PROMPT_FILES)}). "
-                               f"{HINT}")
         prompt = _read_prompt(files.prompt)
         facts["files"]["prompt"] = files.prompt
-    if need_decoder and tc is None:
-        if files.single:
-            raise WeightsError(f"{files.dit} holds no TC decoder (tc_decoder.* tensors); convert the model again "
-                               f"from a folder that has TCDecoder.ckpt")
-        raise WeightsError(f"no TC decoder next to {files.dit} (looked for {', '.join(TC_FILES)}). {HINT}")
+    if need_decoder and tc is None:  # (a converted file without one; a folder's missing file is found above)
+        raise WeightsError(f"{files.dit} holds no TC decoder (tc_decoder.* tensors); convert the model again "
+                           f"from a folder that has TCDecoder.ckpt")
     if version is None:
-        raise UserInputError(f"say which FlashVSR version {path} holds ({' or '.join(VERSIONS)}): v1 and v1.1 "
-                             f"files have the same keys but need different LQ-projection arithmetic")
+        raise _version_needed(path)
     check_version(version)
 
     # Shapes are checked against modules built on the meta device (no memory).
