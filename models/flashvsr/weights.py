@@ -289,7 +289,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
         lq_sha256 = meta.get("lq_sha256") or None
         tc = tc or None
     else:
-        # What is missing is reported before the DiT, gigabytes, is read
+        # A missing file or version is reported before the DiT (gigabytes) is read
         if files.prompt is None:
             raise WeightsError(f"no prompt embedding next to {files.dit} (looked for {', '.join(PROMPT_FILES)}). "
                                f"{HINT}")
