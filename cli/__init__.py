@@ -24,6 +24,20 @@ from .options import add_flow_options, add_model_options, default_models_dir, me
 
 log = logging.getLogger("streamvsr")
 
+# What `streamvsr --help` shows (the module docstring above is for developers).
+DESCRIPTION = """\
+Streaming video super-resolution (Stream-DiffVSR, FlashVSR) without ComfyUI.
+
+  streamvsr upscale in.mp4 out.mp4 --download          Stream-DiffVSR x4, weights fetched on first use
+  streamvsr upscale in.mp4 out.mp4 --model FlashVSR-v1.1
+  streamvsr frames IN_DIR OUT_DIR --model PATH [--flow PATH]
+  streamvsr flow IN_DIR OUT_DIR --flow PATH
+  streamvsr convert MODEL OUT.safetensors --dtype fp16
+  streamvsr download [--dest DIR]
+
+--model takes an official model folder or a file written by `streamvsr convert`, of either family (recognised
+from the files). `streamvsr COMMAND --help` lists a command's options; --debug shows tracebacks for errors."""
+
 # errno values that mean the machine or file system refused, reported as one line rather than a traceback.
 _ENVIRONMENT_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EIO",
                                                          "ENOENT", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "EMFILE")
@@ -39,14 +53,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="streamvsr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="streamvsr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("frames", help="upscale a folder of PNG frames (one sequence)")
-    p.add_argument("in_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order with numbers by value (f2 before f10)")
+    p.add_argument("out_dir", type=Path, help="folder for the upscaled frames (same names)")
     add_model_options(p, dtype_default="fp32", model_required=True)
     p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
                    help="png: 8-bit; png16: 16-bit; npy: float32 HxWx3 in [0,1]")
@@ -54,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_frames)
 
     p = sub.add_parser("flow", help="optical flow of consecutive PNG frames (backward-warps frame i-1 onto i)")
-    p.add_argument("in_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order with numbers by value (f2 before f10)")
+    p.add_argument("out_dir", type=Path, help="folder for the flow of each frame after the first")
     p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
     p.add_argument("--save", choices=("npy", "png"), default="npy",
                    help="npy: float32 HxWx2 (x, y) in pixels; png: colour-wheel visualisation")
@@ -65,15 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_flow)
 
     p = sub.add_parser("upscale", help="upscale a video file, streaming it through the model")
-    p.add_argument("in_video", type=Path)
+    p.add_argument("in_video", type=Path, help="input video file (anything FFmpeg reads)")
     p.add_argument("out_video", type=Path, help="output file: .mp4/.mkv/.mov (h264) or .mkv (lossless)")
     add_model_options(p, dtype_default="auto", model_required=False)
     commands.add_video_options(p)
     p.set_defaults(func=commands.cmd_upscale)
 
     p = sub.add_parser("convert", help="pack an official model folder into one .safetensors file")
-    p.add_argument("source", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("source", type=Path, help="official model folder (or a converted file, to change its dtype)")
+    p.add_argument("out", type=Path, help="the .safetensors file to write")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
     p.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
                    help="FlashVSR only: which release the folder holds (default v1.1); stored in the file")

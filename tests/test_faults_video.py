@@ -25,7 +25,7 @@ from PIL import Image
 
 from streamvsr.models.shared.errors import (InputDamagedError, OutputBusyError, OutputExistsError,
                                             OutputMoveError, UserInputError)
-from streamvsr.video.frames import check_frames, flow_folder, read_frame, upscale_folder, write_png16
+from streamvsr.video.frames import check_frames, flow_folder, list_pngs, read_frame, upscale_folder, write_png16
 from streamvsr.video.outputs import OutputLock, lock_path, partial_path, temp_path
 from streamvsr.video.reader import FrameReader, probe_video
 from streamvsr.video.resume import ResumeFiles
@@ -1115,3 +1115,13 @@ def test_an_encoder_missing_from_ffmpeg_is_a_one_line_error_before_any_work(tmp_
     with pytest.raises(UserInputError, match=r"no ffv1 encoder.*: install PyPI's av wheel"):
         check_video_job(clip, tmp_path / "out.mkv", codec="lossless")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+def test_frames_numbered_without_leading_zeros_are_taken_in_numeric_order(tmp_path):
+    # A plain sort gives f1, f10, f11, f2, ...: the sequence would be upscaled out of order, its temporal guidance
+    # warped from the wrong frames
+    names = [f"f{i}.png" for i in (1, 2, 3, 9, 10, 11, 20, 100)] + ["shot2_0009.png", "shot2_0010.png",
+                                                                     "shot10_0001.png"]
+    for name in reversed(names):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    assert [p.name for p in list_pngs(tmp_path)] == names

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 import zlib
 from collections import deque
@@ -157,15 +158,24 @@ def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str, overwrite: bool = Tr
     return publish(tmp, path, overwrite=overwrite)
 
 
+def frame_order(path: Path) -> tuple:
+    """Sort key: names in natural order, numbers by value (frame_2 before frame_10, where a plain sort puts
+    frame_10 first and a sequence numbered without leading zeros would be upscaled out of order). Zero-padded
+    names keep their plain order; the name itself breaks ties (01 and 1)."""
+    # re.split with a group alternates text (even places, maybe empty) and digits (odd places): like types meet
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", path.name))], path.name
+
+
 def list_pngs(in_dir: Path) -> list[Path]:
+    """The PNG frames of ``in_dir`` in natural name order (``frame_order``)."""
     in_dir = Path(in_dir)
     if not in_dir.exists():
         raise UserInputError(f"{in_dir} does not exist")
     if not in_dir.is_dir():
         raise UserInputError(f"{in_dir} is not a folder")
     try:
-        files = sorted(p for p in in_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file()
-                       and TMP_TAG not in p.name)
+        files = sorted((p for p in in_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file()
+                        and TMP_TAG not in p.name), key=frame_order)
     except OSError as e:
         raise UserInputError(f"cannot list {in_dir}: {_reason(e)}") from None
     if not files:
