@@ -126,6 +126,7 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
 
 def family_options(args, family) -> dict:
     """The family-specific options given on the command line; a one-line error for one the model does not take."""
+    from ..models.registry import family_by_name
     from ..models.shared.errors import UserInputError
 
     options = {}
@@ -135,8 +136,8 @@ def family_options(args, family) -> dict:
             continue
         if owner != family.name:
             flag = "--flashvsr-version" if dest == "version" else "--" + dest.replace("_", "-")
-            raise UserInputError(f"{flag} is a {owner} option, but {args.model or 'the model'} is a {family.title} "
-                                 "model")
+            raise UserInputError(f"{flag} is a {family_by_name(owner).title} option, but {args.model or 'the model'} "
+                                 f"is a {family.title} model")
         options[dest] = value
     return options
 

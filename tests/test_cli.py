@@ -258,7 +258,7 @@ def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_
     ckpt = assets[0]
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft),
                  "--sparse-ratio", "1.5"]) == 2
-    assert "--sparse-ratio is a flashvsr option" in caplog.text and "Traceback" not in caplog.text
+    assert "--sparse-ratio is a FlashVSR option" in caplog.text and "Traceback" not in caplog.text
     assert not (tmp_path / "o").exists()  # refused before anything was written
     with pytest.raises(SystemExit) as e:
         main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--seed", str(2**64)])

@@ -161,7 +161,7 @@ def test_mistakes_found_with_the_model_are_one_line(media, model, tmp_path, capl
     # an option the model does not take: the model was recognised (cheaply), but not loaded, nothing written
     code = main(["upscale", str(media / "in.mp4"), str(tmp_path / "o.mp4"), "--model", str(model.path),
                  "--sparse-ratio", "1.5"])
-    one_line_error(caplog, code, "--sparse-ratio is a flashvsr option")
+    one_line_error(caplog, code, "--sparse-ratio is a FlashVSR option")
     assert model.loads == [] and not (tmp_path / "o.mp4").exists()
 
 
