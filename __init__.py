@@ -1,7 +1,7 @@
-"""ComfyUI-StreamVSR: streaming diffusion video super-resolution nodes (Stream-DiffVSR).
+"""ComfyUI-StreamVSR: streaming diffusion video super-resolution nodes (Stream-DiffVSR, FlashVSR).
 
 ComfyUI imports this folder as a package and calls ``comfy_entrypoint``; nothing else happens at import time.
-The engine under ``models/`` is plain PyTorch and can be used without ComfyUI (see ``cli.py``).
+The engines under ``models/`` are plain PyTorch and can be used without ComfyUI (see ``cli/``).
 """
 
 __version__ = "0.1.0"

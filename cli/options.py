@@ -116,7 +116,7 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
     g.add_argument("--local-range", type=int_range(1), help="side of the local attention window, in 8x8-token "
                    "blocks (default 11: more stable; 9: sharper)")
     g.add_argument("--kv-ratio", type=float_range(1), help="latent slices of attention memory kept, at least 1 "
-                   "(default 3.0)")
+                   "(1 and 2 both keep two; default 3.0)")
     g.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="colour correction (default adain)")
     g.add_argument("--attention", choices=("auto", "gather", "flex"),
                    help="how the sparse attention is computed, the same result: gather (PyTorch attention on the "

@@ -27,13 +27,13 @@ stops early (a decoder error, fewer frames than the header promises, or a change
 before it are finished and kept, and ``InputDamagedError`` says how many and where the input broke;
 ``allow_truncated`` instead accepts a cut-off or damaged input and writes what could be decoded to the output.
 
-Resume (optional, ``resume=True``): the video is written as segments ``OUT.streamvsr-partNNNN.EXT`` (video
-only, each a complete file) and, at every checkpoint, the engine state and the count of frames written go to
-``OUT.streamvsr-resume.safetensors`` (with the timestamps of frames the engine still holds). A checkpoint closes
-the current segment first, so the state always matches what is on disk, also after a crash or power loss (work
-since the last checkpoint is redone). When all frames are done, the segments are joined (under the temporary
-name) without re-encoding, the audio is added from the input, the result is moved to OUT and the work files are
-deleted. H.264 segments are encoded without B-frames so that their timestamps can be
+Resume (optional, ``resume=True``): the video is written as segments ``OUT.streamvsr-partNNNN.nut`` (OUT with
+its extension; video only, each a complete file) and, at every checkpoint, the engine state and the count of
+frames written go to ``OUT.streamvsr-resume.safetensors`` (with the timestamps of frames the engine still
+holds). A checkpoint closes the current segment first, so the state always matches what is on disk, also after a
+crash or power loss (work since the last checkpoint is redone). When all frames are done, the segments are
+joined (under the temporary name) without re-encoding, the audio is added from the input, the result is moved to
+OUT and the work files are deleted. H.264 segments are encoded without B-frames so that their timestamps can be
 joined as they are (files get a few percent larger at the same CRF).
 """
 

@@ -60,22 +60,6 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
     return FlowEstimator(model, num_flow_updates=num_flow_updates, corr=corr, downscale=downscale)
 
 
-def hash_prefix(filename) -> str | None:
-    """The sha256 prefix in a torchvision-style name ``<name>-<8+ hex digits>.<ext>``, or None."""
-    tail = Path(filename).name.split(".")[0].rsplit("-", 1)
-    if len(tail) == 2 and len(tail[1]) >= 8 and all(ch in "0123456789abcdef" for ch in tail[1].lower()):
-        return tail[1].lower()
-    return None
-
-
-def check_hash_prefix(path, prefix: str | None = None) -> None:
-    """Raise ValueError when the file's sha256 does not start with ``prefix`` (default: the one in its name)."""
-    prefix = prefix or hash_prefix(path)
-    if prefix and not sha256_of(path).startswith(prefix):
-        raise WeightsError(f"{path} is corrupt or not the published file: its sha256 does not start with "
-                         f"{prefix}. Delete it and download it again.")
-
-
 def download_raft(name: str, dest_dir, progress=True) -> Path:
     """Download torchvision's RAFT weights ``name`` ("raft_large" or "raft_small") into ``dest_dir`` and return
     the path; a verified copy already there is reused. The file is written as ``.part`` and renamed only after
@@ -88,7 +72,11 @@ def download_raft(name: str, dest_dir, progress=True) -> Path:
     dest_dir = Path(dest_dir)
     target = dest_dir / filename
     if target.is_file():
-        check_hash_prefix(target, prefix)
+        if not sha256_of(target).startswith(prefix):
+            # As the hub downloads do: a damaged file is not left to fail every later run the same way
+            target.unlink(missing_ok=True)
+            raise DownloadError(f"{target} was corrupt or not the published file (its sha256 does not start with "
+                                f"{prefix}); it was deleted: download it again.")
         return target
     manual = (f"Download {url} by hand (browser, curl -LO or wget) and put it at {target} "
               f"(its sha256 starts with {prefix}).")
