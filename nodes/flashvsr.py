@@ -275,7 +275,9 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
                                     start_frame, pending=engine.pending)
         load_engine(engine, model, (h, w))
-        origin = batch_origin(key, frames, state) if state is not None or start.frame_index == 0 else None
+        # (last_chunk too: with it off, the stored stream holds frames back for the next run; on, it holds none)
+        origin = batch_origin(f"{key}|last_chunk={bool(last_chunk)}", frames, state) \
+            if state is not None or start.frame_index == 0 else None
         first = start.emitted  # the sequence's first frame this run returns
         held = engine.pending(start)
 

@@ -34,13 +34,20 @@ OOM_LADDER = (
 STREAMS = StreamStore("Stream Upscale", StreamState)
 
 
+def compute_dtype_of(pipe) -> torch.dtype:
+    """The precision the loader chose to compute in (it may differ from the weights'; see pick_precision)."""
+    return getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
+
+
 def model_key(model_patcher, flow_patcher, seed: int, steps: int) -> str:
     """What must not change for a run to continue a sequence: the model, its precision, the seed, the steps and the
     flow model with the options that change its numbers."""
     pipe, flow = model_patcher.model, flow_patcher.model
     flow_name = (f"{getattr(flow, 'streamvsr_source', id(flow))}|{flow.arch}|updates={flow.num_flow_updates}|"
                  f"downscale={flow.downscale}")
-    return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{pipe.dtype}|steps={steps}|seed={seed}|flow={flow_name}"
+    # The weights' dtype and the one computed in (ComfyUI may pick a compute dtype other than the weights')
+    precision = f"{pipe.dtype}/{compute_dtype_of(pipe)}"
+    return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{precision}|steps={steps}|seed={seed}|flow={flow_name}"
 
 
 def model_choices() -> list[str]:
@@ -104,9 +111,8 @@ def load_for_inference(model_patcher, flow_patcher, memory_required: int):
 def make_engine(model_patcher, flow_patcher, steps: int) -> StreamEngine:
     """A StreamEngine in the loader's compute precision; nothing is loaded yet (``load_engine``)."""
     pipe = model_patcher.model
-    compute_dtype = getattr(pipe, "streamvsr_compute_dtype", None) or pipe.dtype
     return StreamEngine(pipe, flow_patcher.model, steps=steps, device=model_patcher.load_device,
-                        compute_dtype=compute_dtype, compile=bool(getattr(pipe, "streamvsr_compile", False)))
+                        compute_dtype=compute_dtype_of(pipe), compile=bool(getattr(pipe, "streamvsr_compile", False)))
 
 
 def load_engine(engine: StreamEngine, model_patcher, flow_patcher, lr_size: tuple[int, int]) -> StreamEngine:

@@ -194,6 +194,16 @@ def test_bad_frames_raise_clear_errors(checkpoint, raft):
     assert torch.equal(rgba, rgb)
 
 
+def test_values_outside_0_1_are_taken_as_a_saved_image_of_them(checkpoint, raft, frames):
+    # An IMAGE from a filter that overshoots: the model sees what a PNG of it would hold, as FlashVSR does.
+    engine = StreamEngine(load_pipeline(checkpoint), _flow_fn(raft))
+    over = [f * 1.4 - 0.2 for f in frames[:2]]
+    assert min(float(f.min()) for f in over) < 0 and max(float(f.max()) for f in over) > 1
+    got, _ = run_engine(engine, over, engine.new_state(3))
+    expected, _ = run_engine(engine, [f.clamp(0, 1) for f in over], engine.new_state(3))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_an_overflow_is_an_error_that_says_which_precision_to_use(checkpoint, raft, frames, monkeypatch):
     """inf or NaN would become white or black frames without a word."""
     from streamvsr.models.shared.errors import PrecisionError

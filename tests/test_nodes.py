@@ -275,6 +275,47 @@ def test_fingerprint_never_serves_a_stale_result(comfy):
     assert vsr.STREAMS.get("40").state.frame_index == 1
 
 
+def test_a_restart_of_reordered_mirrored_or_channel_swapped_frames_is_another_run(comfy):
+    """ComfyUI's LRU/RAM caches keep earlier results: a restart run of frames that only sums alike (reversed,
+    mirrored, R and B swapped) must count as another run, or a cached result would stand for the wrong stream."""
+    from streamvsr.nodes.streams import batch_origin
+
+    images = _frames(3, h=64, w=64)
+    origin = batch_origin("k", images)
+    assert batch_origin("k", images.clone()) == origin
+    for changed in (images.flip(0), images[[1, 0, 2]], images.flip(2), images.flip(1), images.flip(3),
+                    images.to(torch.float64)):
+        assert batch_origin("k", changed) != origin
+    assert batch_origin("k", images.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)) == origin  # layout
+
+
+def test_a_dropped_stream_invalidates_cached_restart_results(comfy, caplog):
+    from streamvsr.nodes.streams import StoredStream, StreamStore
+
+    class State:
+        lr_size, frame_index = (4, 4), 1
+
+    store = StreamStore("Test", State, capacity=2)
+    for node in ("1", "2"):
+        store.put(node, StoredStream("key", State(), origin=("o", node)))
+    version = store.version
+    with caplog.at_level("WARNING"):
+        store.put("3", StoredStream("key", State(), origin=("o", "3")))
+    assert store.get("1") is None and store.version != version
+    assert "dropped the stored sequence of node 1" in caplog.text
+
+
+def test_the_compute_precision_is_part_of_the_sequence(comfy):
+    """ComfyUI may compute in another dtype than the weights': chunks computed in two precisions are not spliced."""
+    from streamvsr.nodes.stream_diffvsr import model_key
+
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    key = model_key(model, flow, 1, 4)
+    model.model.streamvsr_compute_dtype = torch.bfloat16
+    assert model_key(model, flow, 1, 4) != key
+
+
 def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     _, nodes = comfy
     model, flow = _models(nodes)

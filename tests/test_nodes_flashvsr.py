@@ -305,6 +305,13 @@ def test_state_socket_and_fingerprint(comfy, whole30):
     assert torch.equal(torch.cat([first, second]), whole)
     assert flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs(continue_sequence=True) != \
         flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs(continue_sequence=True)  # NaN: always re-run
+    # last_chunk decides what the stored stream holds back: the same frames run with it on and then off are two
+    # runs, or a cached result of the first (LRU/RAM caches keep it) would stand for the stream the second left
+    fp = flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs
+    _upscale(nodes, model, whole30[:9], "9", last_chunk=True)
+    key = fp(continue_sequence=False)
+    _upscale(nodes, model, whole30[:9], "9", last_chunk=False)
+    assert fp(continue_sequence=False) != key
 
 
 def test_trim_wan_vae_decode(comfy, whole30):

@@ -327,7 +327,9 @@ class StreamEngine:
         lr = frame.to(device=device, dtype=torch.float32)
         if not torch.isfinite(lr).all():
             raise UserInputError(f"frame {state.frame_index} contains NaN or infinite values")
-        lr = lr * 2 - 1
+        # The model only ever saw images read from files, [0, 1]; an IMAGE from an overshooting filter is taken as
+        # a saved file of it would be (as FlashVSR's input is)
+        lr = lr.clamp(0, 1) * 2 - 1
         pad_h, pad_w = (-h) % LR_MULTIPLE, (-w) % LR_MULTIPLE
         if pad_h or pad_w:
             # Padding (and cropping the output back) keeps the picture geometry; the official code instead
