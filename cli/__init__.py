@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("frames", help="upscale a folder of PNG frames (one sequence)")
-    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order with numbers by value (f2 before f10)")
+    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
     p.add_argument("out_dir", type=Path, help="folder for the upscaled frames (same names)")
     add_model_options(p, dtype_default="fp32", model_required=True)
     p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_frames)
 
     p = sub.add_parser("flow", help="optical flow of consecutive PNG frames (backward-warps frame i-1 onto i)")
-    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order with numbers by value (f2 before f10)")
+    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
     p.add_argument("out_dir", type=Path, help="folder for the flow of each frame after the first")
     p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
     p.add_argument("--save", choices=("npy", "png"), default="npy",
