@@ -40,8 +40,15 @@ from the files). `streamvsr COMMAND --help` lists a command's options; --debug s
 
 # errno values that mean the machine or file system refused, reported as one line rather than a traceback.
 _ENVIRONMENT_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EIO",
-                                                         "ENOENT", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "EMFILE")
+                                                         "ENOENT", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "EMFILE",
+                                                         "EFBIG", "ESTALE")
                        if hasattr(errno, name)}
+# What to do about the ones whose reason is not plain from the system's words.
+_ENVIRONMENT_ADVICE = {getattr(errno, name): advice for name, advice in (
+    ("EFBIG", "the file system's limit on one file, e.g. 4 GB on FAT32 (USB drives): write to another drive, or "
+              "format it as exFAT or NTFS"),
+    ("ESTALE", "a network folder went away while it was being written: write to a local drive"),
+) if hasattr(errno, name)}
 
 
 class Parser(argparse.ArgumentParser):
@@ -132,7 +139,8 @@ def main(argv=None) -> int:
         if args.debug or e.errno not in _ENVIRONMENT_ERRORS:
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        log.error("error: %s%s", e.strerror or e, where)
+        advice = f": {_ENVIRONMENT_ADVICE[e.errno]}" if e.errno in _ENVIRONMENT_ADVICE else ""
+        log.error("error: %s%s%s", e.strerror or e, where, advice)
         return 2
 
 

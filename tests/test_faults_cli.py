@@ -294,3 +294,25 @@ def test_real_process_prints_one_line_on_stderr(args, fragment, media, tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_file_too_large_for_the_file_system_is_one_line_with_what_to_do(media, model, tmp_path, caplog,
+                                                                          monkeypatch):
+    import errno
+
+    from streamvsr.video.writer import VideoWriter
+
+    real_write, writes = VideoWriter.write, []
+
+    def write(self, *args):  # what FFmpeg reports when a FAT32 drive's 4 GB per file runs out
+        writes.append(1)
+        if len(writes) == 2:
+            raise OSError(errno.EFBIG, "File too large")
+        return real_write(self, *args)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    code = main(["upscale", str(media / "in.mp4"), str(tmp_path / "o.mp4"), "--model", str(model.path)])
+    assert code == 2 and "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    kept, error = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "frames written before this error are in" in kept  # what was done is kept, and said where
+    assert error.startswith("error: File too large: the file system's limit on one file, e.g. 4 GB on FAT32")
