@@ -155,7 +155,8 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                              "memory. Turn resume off, or save the video first and load it with Load Video.")
         # The size as the file is meant to be seen (a phone video's rotation applied, as upscale_video reads it);
         # probing also reports an unreadable or audio-only input before any model is prepared.
-        info = probe_video(source if isinstance(source, (str, os.PathLike)) else reopenable(source))
+        readable = reopenable(source)  # (a path as it is; a file object's bytes, read once)
+        info = probe_video(readable)
         width, height = info.width, info.height
         if isinstance(model, FlashVSRModel):
             engine = make_flashvsr_engine(model, flashvsr_settings)
@@ -174,8 +175,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         # (upscale_video checks the whole job again once they are; the input was probed above)
         check_output_file(out_path, [source])
         codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
-        check_audio(source if isinstance(source, (str, os.PathLike)) else reopenable(source),
-                    os.path.splitext(out_path)[1])
+        check_audio(readable, os.path.splitext(out_path)[1])
 
         bar = comfy.utils.ProgressBar(0)
         shown = {"done": 0, "total": 0, "at": 0.0}
@@ -202,7 +202,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                 load_flashvsr_engine(engine, model, (height, width))
             else:
                 load_engine(engine, model, flow_model, (height, width))
-            summary = upscale_video(engine, source, out_path, seed=seed, codec=codec,
+            summary = upscale_video(engine, readable, out_path, seed=seed, codec=codec,
                                     scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
                                     progress=progress, preview=preview,
                                     should_stop=mm.throw_exception_if_processing_interrupted)

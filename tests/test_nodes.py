@@ -614,6 +614,17 @@ def test_video_file_node(comfy, tmp_path):
     frames = decode(path)
     assert len(frames) == 3 and frames[0].shape == (96, 128, 3)
 
+    class InMemory(Video):  # a VIDEO that lives in memory (e.g. from another node), a file object read to its end
+        def get_stream_source(self):
+            data = __import__("io").BytesIO(clip.read_bytes())
+            data.seek(0, 2)
+            return data
+
+    out = node.execute(model=model, flow_model=flow, video=InMemory(), seed=1, steps=2, codec="h264",
+                       scene_cut_threshold=0.0, filename_prefix="streamvsr/memory")
+    again = decode(out.values[0][1])
+    assert len(again) == 3 and all((a == b).all() for a, b in zip(again, frames))
+
 
 def test_video_node_finds_audio_it_cannot_write_before_loading_the_models(comfy, tmp_path):
     pytest.importorskip("av")
