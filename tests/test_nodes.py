@@ -5,6 +5,7 @@ called directly, never from earlier node output.
 """
 
 import asyncio
+import io
 import math
 import shutil
 from pathlib import Path
@@ -589,6 +590,31 @@ def test_flow_nodes(comfy):
     assert torch.allclose(g, g3, atol=1e-5)
 
 
+class FileVideo:
+    """What core Load Video hands over, reduced to what the node uses."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def get_dimensions(self):
+        return 32, 24
+
+    def get_stream_source(self):
+        return str(self.path)
+
+
+def _refused_before_the_models_load(comfy, video, match):
+    from streamvsr.models.shared.errors import UserInputError
+
+    mm, nodes = comfy
+    model, flow = _models(nodes)
+    loads = len(mm.calls["load_models_gpu"])
+    with pytest.raises(UserInputError, match=match):
+        nodes["StreamVSRVideoUpscale"].execute(model=model, flow_model=flow, video=video, seed=1, steps=1,
+                                               codec="h264", scene_cut_threshold=0.0, filename_prefix="a/b")
+    assert len(mm.calls["load_models_gpu"]) == loads
+
+
 def test_video_file_node(comfy, tmp_path):
     pytest.importorskip("av")
     from test_video import decode, make_clip
@@ -598,29 +624,21 @@ def test_video_file_node(comfy, tmp_path):
         pytest.skip("no video-file node")
     model, flow = _models(nodes)
     clip = make_clip(tmp_path / "in.mp4", n=3, w=32, h=24)
-
-    class Video:  # what core LoadVideo hands over, reduced to what the node uses
-        def get_dimensions(self):
-            return 32, 24
-
-        def get_stream_source(self):
-            return str(clip)
-
     node = nodes["StreamVSRVideoUpscale"]
-    out = node.execute(model=model, flow_model=flow, video=Video(), seed=1, steps=2, codec="h264",
+    out = node.execute(model=model, flow_model=flow, video=FileVideo(clip), seed=1, steps=2, codec="h264",
                        scene_cut_threshold=0.0, filename_prefix="streamvsr/test")
     kind, path = out.values[0]
     assert kind == "VideoFromFile" and path.endswith("test_00001_.mp4")
     frames = decode(path)
     assert len(frames) == 3 and frames[0].shape == (96, 128, 3)
 
-    class InMemory(Video):  # a VIDEO that lives in memory (e.g. from another node), a file object read to its end
+    class InMemory(FileVideo):  # a VIDEO that lives in memory (e.g. from another node), a file object read to its end
         def get_stream_source(self):
-            data = __import__("io").BytesIO(clip.read_bytes())
+            data = io.BytesIO(self.path.read_bytes())
             data.seek(0, 2)
             return data
 
-    out = node.execute(model=model, flow_model=flow, video=InMemory(), seed=1, steps=2, codec="h264",
+    out = node.execute(model=model, flow_model=flow, video=InMemory(clip), seed=1, steps=2, codec="h264",
                        scene_cut_threshold=0.0, filename_prefix="streamvsr/memory")
     again = decode(out.values[0][1])
     assert len(again) == 3 and all((a == b).all() for a, b in zip(again, frames))
@@ -630,24 +648,8 @@ def test_video_node_finds_audio_it_cannot_write_before_loading_the_models(comfy,
     pytest.importorskip("av")
     from test_video import clip_with_16_channels
 
-    from streamvsr.models.shared.errors import UserInputError
-
-    mm, nodes = comfy
-    model, flow = _models(nodes)
-    clip = clip_with_16_channels(tmp_path / "in.mkv")
-
-    class Video:
-        def get_dimensions(self):
-            return 32, 24
-
-        def get_stream_source(self):
-            return str(clip)
-
-    loads = len(mm.calls["load_models_gpu"])
-    with pytest.raises(UserInputError, match="AAC cannot take it"):
-        nodes["StreamVSRVideoUpscale"].execute(model=model, flow_model=flow, video=Video(), seed=1, steps=1,
-                                               codec="h264", scene_cut_threshold=0.0, filename_prefix="a/b")
-    assert len(mm.calls["load_models_gpu"]) == loads
+    _refused_before_the_models_load(comfy, FileVideo(clip_with_16_channels(tmp_path / "in.mkv")),
+                                    "AAC cannot take it")
 
 
 def test_video_node_finds_a_missing_encoder_before_loading_the_models(comfy, tmp_path, monkeypatch):
@@ -655,27 +657,12 @@ def test_video_node_finds_a_missing_encoder_before_loading_the_models(comfy, tmp
     pytest.importorskip("av")
     from test_video import make_clip
 
-    from streamvsr.models.shared.errors import UserInputError
     from streamvsr.video import writer
-
-    mm, nodes = comfy
-    model, flow = _models(nodes)
-    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
-
-    class Video:
-        def get_dimensions(self):
-            return 32, 24
-
-        def get_stream_source(self):
-            return str(clip)
 
     real = writer._has_encoder
     monkeypatch.setattr(writer, "_has_encoder", lambda name: name != "libx264" and real(name))
-    loads = len(mm.calls["load_models_gpu"])
-    with pytest.raises(UserInputError, match="no libx264 encoder.*choose codec 'lossless'"):
-        nodes["StreamVSRVideoUpscale"].execute(model=model, flow_model=flow, video=Video(), seed=1, steps=1,
-                                               codec="h264", scene_cut_threshold=0.0, filename_prefix="a/b")
-    assert len(mm.calls["load_models_gpu"]) == loads
+    _refused_before_the_models_load(comfy, FileVideo(make_clip(tmp_path / "in.mp4", n=2, audio=None)),
+                                    "no libx264 encoder.*choose codec 'lossless'")
 
 
 def test_a_finished_outputs_leftover_resume_files_are_not_continued(tmp_path, caplog):
