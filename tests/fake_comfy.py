@@ -95,6 +95,23 @@ class ModelPatcher:
         return extra_memory
 
 
+class FileVideo:
+    """What core Load Video hands over (a VIDEO of a file), reduced to what the nodes use."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def get_stream_source(self):
+        return str(self.path)
+
+    def get_dimensions(self):
+        import av
+
+        with av.open(str(self.path)) as container:
+            codec = container.streams.video[0].codec_context
+            return codec.width, codec.height
+
+
 class Interrupted(Exception):
     pass
 

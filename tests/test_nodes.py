@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fake_comfy
+from fake_comfy import FileVideo
 from helpers import make_tiny_checkpoint, make_tiny_raft
 
 pytest.importorskip("diffusers")
@@ -588,19 +589,6 @@ def test_flow_nodes(comfy):
     (g,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray)
     (g3,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray.expand(-1, -1, -1, 3).clone())
     assert torch.allclose(g, g3, atol=1e-5)
-
-
-class FileVideo:
-    """What core Load Video hands over, reduced to what the node uses."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def get_dimensions(self):
-        return 32, 24
-
-    def get_stream_source(self):
-        return str(self.path)
 
 
 def _refused_before_the_models_load(comfy, video, match):

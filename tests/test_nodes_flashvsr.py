@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fake_comfy
+from fake_comfy import FileVideo
 from flashvsr_helpers import one_thread, write_official_folder
 from streamvsr.models.shared.errors import UserInputError
 
@@ -371,21 +372,6 @@ def test_bad_inputs_interrupt_and_out_of_memory(monkeypatch, tmp_path, folder, w
     assert flashvsr.STREAMS.get("10") is stored
 
 
-def _video(path):
-    class Video:  # what core Load Video hands over, reduced to what the nodes use
-        def get_stream_source(self):
-            return str(path)
-
-        def get_dimensions(self):
-            import av
-
-            with av.open(str(path)) as c:
-                s = c.streams.video[0]
-                return s.codec_context.width, s.codec_context.height
-
-    return Video()
-
-
 def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
     pytest.importorskip("av")
     from test_video import make_clip
@@ -398,13 +384,13 @@ def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
     node = nodes["StreamVSRLoadVideoChunk"]
     got = []
     for index in range(3):
-        images, start, last, fps, chunks, total = _run(node, video=_video(clip), chunk_index=index, chunk_frames=4)
+        images, start, last, fps, chunks, total = _run(node, video=FileVideo(clip), chunk_index=index, chunk_frames=4)
         assert (start, last, chunks, total) == (4 * index, index == 2, 3, 10) and fps == 24.0
         got.append(images)
     assert [g.shape[0] for g in got] == [4, 4, 2]
     assert torch.equal(torch.cat(got), expected)
     with pytest.raises(ValueError, match="past the end.*10 frames.*3 chunks.*back to 0"):
-        _run(node, video=_video(clip), chunk_index=3, chunk_frames=4)
+        _run(node, video=FileVideo(clip), chunk_index=3, chunk_frames=4)
 
 
 def test_chunk_loader_into_upscale_equals_one_run(comfy, tmp_path):
@@ -417,11 +403,11 @@ def test_chunk_loader_into_upscale_equals_one_run(comfy, tmp_path):
     make_clip(clip, n=30, w=32, h=24)
     model = _load(nodes)
     loader = nodes["StreamVSRLoadVideoChunk"]
-    (everything, *_rest) = _run(loader, video=_video(clip), chunk_index=0, chunk_frames=64)
+    (everything, *_rest) = _run(loader, video=FileVideo(clip), chunk_index=0, chunk_frames=64)
     whole, _, _ = _upscale(nodes, model, everything, "20")
     parts = []
     for index in range(2):
-        images, start, last, *_ = _run(loader, video=_video(clip), chunk_index=index, chunk_frames=26)
+        images, start, last, *_ = _run(loader, video=FileVideo(clip), chunk_index=index, chunk_frames=26)
         out, _, _ = _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
         parts.append(out)
     assert [p.shape[0] for p in parts] == [21, 9]
@@ -440,27 +426,27 @@ def test_video_file_node_with_flashvsr_and_settings(comfy, tmp_path):
                        color_fix="none")
     assert settings == {"scale": 2, "sparse_ratio": 1.5, "local_range": 9, "kv_ratio": 2.0, "color_fix": "none"}
     node = nodes["StreamVSRVideoUpscale"]
-    out = node.execute(model=model, video=_video(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.0,
+    out = node.execute(model=model, video=FileVideo(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.0,
                        filename_prefix="flashvsr/test", flashvsr_settings=settings)
     kind, path = out.values[0]
     assert kind == "VideoFromFile" and path.endswith("test_00001_.mp4")
     frames = decode(path)
     assert len(frames) == 3 and frames[0].shape == (48, 64, 3)
     # without settings: the official defaults (x4); Stream-DiffVSR without a flow model is refused clearly
-    out = node.execute(model=model, video=_video(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.0,
+    out = node.execute(model=model, video=FileVideo(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.0,
                        filename_prefix="flashvsr/default")
     assert decode(out.values[0][1])[0].shape == (96, 128, 3)
     # resumable writing and scene cuts work with FlashVSR's chunked engine too
-    out = node.execute(model=model, video=_video(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.3,
+    out = node.execute(model=model, video=FileVideo(clip), seed=1, steps=4, codec="h264", scene_cut_threshold=0.3,
                        filename_prefix="flashvsr/resumable", resume=True)
     assert len(decode(out.values[0][1])) == 3 and not list((tmp_path / "models" / "output" / "flashvsr").glob(
         "*.streamvsr-*"))
     with pytest.raises(ValueError, match="flow model"):
-        node.execute(model=fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), video=_video(clip),
+        node.execute(model=fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), video=FileVideo(clip),
                      seed=1, steps=4, codec="h264", scene_cut_threshold=0.0, filename_prefix="x")
     # FlashVSR settings on a Stream-DiffVSR model would be ignored (scale 2 quietly becoming x4): refused
     with pytest.raises(ValueError, match="only apply to FlashVSR"):
-        node.execute(model=fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), video=_video(clip),
+        node.execute(model=fake_comfy.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), video=FileVideo(clip),
                      seed=1, steps=4, codec="h264", scene_cut_threshold=0.0, filename_prefix="x", flow_model=object(),
                      flashvsr_settings=settings)
 
