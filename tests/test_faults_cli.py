@@ -98,6 +98,7 @@ EARLY_MISTAKES = [
     ("upscale {m}/head.mp4 {t}/o.mp4", "first frame cannot be decoded"),
     ("upscale {m}/in.mp4 {m}/file/sub/o.mp4", "is a file, not a folder"),
     ("upscale {m}/in.mp4 {t}/o.avi", "needs a .mp4 or .mkv or .mov output file"),
+    ("upscale {m}/in.mp4 {m}", "is a folder; give a file name"),
     ("upscale {m}/in.mp4 {t}/o.mkv --codec lossless --crf 10", "has no such setting"),
     ("upscale {m}/in.mp4 {m}/in.mp4 --overwrite", "is the input"),
     ("upscale {m}/in.mp4 {t}/o.mp4 --checkpoint-every 5", "only applies with --resume"),

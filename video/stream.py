@@ -148,6 +148,8 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
     identity, not there already unless ``overwrite``, its folder can be made) and, with ``resume``, that a
     checkpoint found belongs to this job. Nothing is written."""
     out = Path(out_path)
+    if out.is_dir():  # said plainly, before the codec's rule on the suffix (which a folder's name lacks) speaks
+        check_output_file(out)
     codec_spec(codec, out)
     check_crf(crf, codec)
     if not _whole(seed) or not 0 <= seed < 2**64:
