@@ -106,3 +106,22 @@ def test_progress_counts_the_files_and_can_stop_between_them(monkeypatch, tmp_pa
     seen.clear()
     hub.download_stream_diffvsr(tmp_path / "S", lambda done, total: seen.append((done, total)))
     assert seen == [(i, n - 3) for i in range(n - 2)] and len(calls) == n
+
+
+@pytest.mark.parametrize("installed,command", [("2.4.0", "hf"), ("0.34.1", "hf"), ("0.33.5", "huggingface-cli"),
+                                               (None, "hf")])
+def test_the_download_command_offered_exists_in_the_installed_client(monkeypatch, tmp_path, installed, command):
+    import importlib.metadata
+
+    from streamvsr.models.flashvsr import hub as flashvsr_hub
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    expected = f"`{command} download Jamichsu/Stream-DiffVSR --local-dir {tmp_path}`"
+    assert expected in hub.manual_instructions(tmp_path)
+    assert f"`{command} download JunhaoZhuang/FlashVSR-v1.1 --local-dir" in flashvsr_hub.manual_instructions(
+        "v1.1", tmp_path)

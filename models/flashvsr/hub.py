@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from ..shared.errors import DownloadError
-from ..shared.hub import download_files
+from ..shared.hub import download_command, download_files
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def manual_instructions(version: str, dest: Path) -> str:
     repo = REPOS[version]
     files = ", ".join(f"{name} ({SIZES[name]})" for name in FILES[version])
     return (f"Download by hand into {dest}: {files} from https://huggingface.co/{repo}/tree/main, and {PROMPT} "
-            f"(about 4 MB) from {PROMPT_PAGE}. Or run `huggingface-cli download {repo} --local-dir {dest}` on a "
+            f"(about 4 MB) from {PROMPT_PAGE}. Or run `{download_command(repo, dest)}` on a "
             "machine that is online and copy the folder over.")
 
 

@@ -11,6 +11,19 @@ from .weights import sha256_of
 log = logging.getLogger(__name__)
 
 
+def download_command(repo: str, dest) -> str:
+    """The hub client's own command that fetches ``repo`` into ``dest``: ``hf`` since huggingface_hub 0.34 (its
+    later releases no longer install ``huggingface-cli``), the old name where an older client is installed."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(part) for part in version("huggingface_hub").split(".")[:2])
+        old = (major, minor) < (0, 34)
+    except Exception:  # noqa: BLE001 - not installed or an unusual version string: the current name
+        old = False
+    return f"{'huggingface-cli' if old else 'hf'} download {repo} --local-dir {dest}"
+
+
 def check_sha256(path: Path, name: str, sha: str | None) -> None:
     """Delete ``path`` and raise when its sha256 does not start with ``sha`` (a full digest or a prefix)."""
     if sha is not None and not sha256_of(path).startswith(sha):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..shared.hub import download_files
+from ..shared.hub import download_command, download_files
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def manual_instructions(dest: Path) -> str:
     return (f"Download these files from {HUB_URL}/tree/main by hand, keeping the folder layout, into {dest}: "
             f"model_index.json and the folders {', '.join(folders)} (in each: config.json and the .safetensors "
             "weights; tokenizer/: vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json). "
-            f"Or run `huggingface-cli download {HUB_REPO} --local-dir {dest}` on a machine that is online.")
+            f"Or run `{download_command(HUB_REPO, dest)}` on a machine that is online.")
 
 
 def download_stream_diffvsr(dest_dir, progress=None) -> Path:
