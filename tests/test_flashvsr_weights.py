@@ -241,6 +241,16 @@ def test_wrong_file_in_place_of_another(official):
         fw.read_flashvsr(folder, "v1")
 
 
+@pytest.mark.parametrize("component,file", [("lq_proj", "LQ_proj_in.ckpt"), ("tc_decoder", "TCDecoder.ckpt")])
+def test_a_wrapped_file_is_reported_with_the_keys_it_holds(official, component, file):
+    # keys under a prefix no known file uses ("module." and a "state_dict" wrapper are taken off when reading)
+    folder, sd = official
+    torch.save({f"net.{k}": v for k, v in sd[component].items()}, folder / file)
+    with pytest.raises(WeightsError) as e:
+        fw.read_flashvsr(folder, "v1")
+    assert file in str(e.value) and "net." + sorted(sd[component])[0] in str(e.value)
+
+
 def test_mismatched_decoder_keys(official):
     folder, sd = official
     bad = dict(sd["tc_decoder"])

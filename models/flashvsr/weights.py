@@ -338,7 +338,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
         lq_config = lq_config_from_state_dict(lq)
         lq_module = LQProjection(version, **lq_config, device="meta")
     except ValueError as e:
-        raise WeightsError(f"{facts['files']['lq_proj']}: {e}. {HINT}") from None
+        raise WeightsError(f"{facts['files']['lq_proj']}: {e}; it holds {summary(lq)}. {HINT}") from None
     _check(lq_module, lq, "LQ projection", facts["files"]["lq_proj"])
     if lq_config["out_dim"] != dit_module.dim:
         raise WeightsError(f"the LQ projection in {facts['files']['lq_proj']} makes {lq_config['out_dim']}-wide "
@@ -349,7 +349,8 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
             tc_config = tc_config_from_state_dict(tc)
             tc_module = TCDecoder(**tc_config, device="meta")
         except ValueError as e:
-            raise WeightsError(f"{facts['files']['tc_decoder']}: {e}. {HINT}") from None
+            held = summary(tc or facts["ignored"].get("tc_decoder", ()))  # (what was left out above, if all)
+            raise WeightsError(f"{facts['files']['tc_decoder']}: {e}; it holds {held}. {HINT}") from None
         _check(tc_module, tc, "TC decoder", facts["files"]["tc_decoder"])
         if tc_config["latent_channels"] != dit_module.out_dim:
             raise WeightsError(f"the TC decoder in {facts['files']['tc_decoder']} decodes "
