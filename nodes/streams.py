@@ -194,8 +194,9 @@ class StreamStore:
         previous, redo = stored.state, stored.run_start_state
         if (start_frame == stored.run_start and previous.frame_index != start_frame and redo is not None
                 and redo.frame_index == start_frame and tuple(redo.lr_size) == tuple(size)):
-            log.warning("StreamVSR: node %s upscaled the chunk at frame %d already but its frames reached no node; "
-                        "upscaling it again from the state it started from", node_id, start_frame)
+            # (the node cannot tell a chunk queued again after a success from one whose frames were lost)
+            log.warning("StreamVSR: node %s upscaled the chunk at frame %d already (it is queued again, or a later "
+                        "node failed); upscaling it again from the state it started from", node_id, start_frame)
             return redo
         if previous.frame_index == 0:
             raise UserInputError(f"{where}, but the last run of this node ended its sequence (it was the last "
