@@ -1125,3 +1125,25 @@ def test_frames_numbered_without_leading_zeros_are_taken_in_numeric_order(tmp_pa
     for name in reversed(names):
         Image.new("RGB", (4, 4)).save(tmp_path / name)
     assert [p.name for p in list_pngs(tmp_path)] == names
+
+
+def test_a_join_short_of_frames_publishes_nothing_and_keeps_the_work(tmp_path, monkeypatch):
+    """Should joining the segments ever lose frames (as FFmpeg's NUT demuxer once made it), the job's work stays
+    for a fixed version instead of being replaced by a short file."""
+    from streamvsr.video import resume, stream
+
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mkv"
+
+    def short_join(*args, **kwargs):
+        return resume.join_segments(*args, **kwargs) - 1
+
+    monkeypatch.setattr(stream, "join_segments", short_join)
+    with pytest.raises(RuntimeError, match="gave 5 frames instead of 6"):
+        upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
+    files = ResumeFiles(out)
+    assert not out.exists() and not temp_path(out).exists()
+    assert files.state.exists() and len(files.parts_on_disk()) == 3
+    monkeypatch.undo()
+    summary = upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
+    assert summary["resumed_from"] == 6 and len(decode(out)) == 6

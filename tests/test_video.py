@@ -484,6 +484,20 @@ def test_resume_h264_segments_join_into_one_timeline(tmp_path):
     assert all(np.abs(g.astype(int) - w).mean() < 3 for g, w in zip(decode(out), want))
 
 
+@pytest.mark.parametrize("n,every,name", [(7, 7, "out.mp4"), (14, 7, "out.mkv"), (12, 5, "out.mkv")])
+def test_resumed_outputs_have_every_frame_and_the_input_frame_rate(tmp_path, n, every, name):
+    # FFmpeg's NUT demuxer gives no decode times to the packets of a segment of exactly 7 H.264 frames; a join
+    # that skipped them lost those frames, and Matroska took its frame rate from the segments' time base
+    clip = make_clip(tmp_path / "in.mp4", n=n)
+    whole, out = tmp_path / ("whole" + name[3:]), tmp_path / name
+    upscale_video(FakeEngine(), clip, whole)
+    summary = upscale_video(FakeEngine(), clip, out, resume=True, checkpoint_frames=every)
+    assert summary["frames"] == n and len(decode(out)) == n
+    assert video_times(out) == pytest.approx(video_times(whole))
+    assert stream_info(out)["fps"] == stream_info(whole)["fps"] == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.mp4", whole.name, name])
+
+
 def test_resume_refuses_other_settings(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
     out = tmp_path / "out.mkv"

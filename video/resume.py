@@ -147,9 +147,9 @@ def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
 
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
-                  audio_until: float | None = None) -> int:
+                  audio_until: float | None = None, rate: Fraction | None = None) -> int:
     """Remux video-only segments into one file (no re-encoding) and add the audio of ``audio_from`` (up to
-    ``audio_until`` seconds, all of it if None)."""
+    ``audio_until`` seconds, all of it if None); ``rate``: the frame rate to declare. Returns the frames joined."""
     import av
 
     frames = 0
@@ -161,12 +161,18 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
             v_out = sink.add_stream_from_template(template)
             if time_base is not None:
                 v_out.time_base = time_base
+            if rate is not None:  # (Matroska declares 1/time_base of the segments otherwise, e.g. 12288 fps)
+                v_out.codec_context.framerate = rate
             audio = AudioCopy(audio_from, sink, out_path.suffix) if audio_from is not None else None
             for part in parts:
                 with av.open(str(part)) as seg:
                     for packet in seg.demux(seg.streams.video[0]):
-                        if packet.dts is None:
+                        if packet.size == 0:  # the demuxer's end-of-stream marker
                             continue
+                        if packet.dts is None:
+                            # FFmpeg's NUT demuxer leaves it unset in some segments (every packet of one of 7
+                            # H.264 frames); segments have no B-frames, so decoding order is display order
+                            packet.dts = packet.pts
                         if audio is not None:
                             audio.mux_until(float(packet.pts * packet.time_base))
                         packet.stream = v_out

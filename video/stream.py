@@ -424,7 +424,11 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             raise UserInputError(f"{describe(source)} has no frames to upscale")
         until = last_time[0] if problem is not None and last_time[0] else None
         summary["frames"] = join_segments(parts, tmp, audio_from=source, time_base=info.time_base,
-                                          audio_until=until)
+                                          audio_until=until, rate=info.rate)
+        if summary["frames"] != written:  # a bug: the work files stay, for a fixed version to join them
+            remove_stale([tmp], "an incomplete join")
+            raise RuntimeError(f"joining the resume segments of {out_path} gave {summary['frames']} frames instead "
+                               f"of {written}; the segments and {files.state.name} were kept")
         if problem is not None and not accept:
             kept = keep_partial(tmp, out_path)
             files.remove()
