@@ -1127,6 +1127,24 @@ def test_frames_numbered_without_leading_zeros_are_taken_in_numeric_order(tmp_pa
     assert [p.name for p in list_pngs(tmp_path)] == names
 
 
+@pytest.mark.parametrize("audio", [None, "aac"])
+def test_matroska_whose_video_starts_late_is_not_called_cut_off(tmp_path, audio):
+    """FFmpeg writes a Matroska track's DURATION tag as its end time: a video that starts after 0 s (1 s here; AAC
+    priming delays it by a few ms in an MKV made from an MP4 with AAC, this pack's own outputs included) ends
+    on time, and an MKV cut short still counts as cut off."""
+    clip = make_clip(tmp_path / "late.mkv", n=24, audio=audio, pts=list(range(24, 48)))
+    assert probe_video(clip).duration == pytest.approx(1.0, abs=0.05)  # (the tag says 2 s: the end)
+    summary = upscale_video(FakeEngine(), clip, tmp_path / "out.mkv", codec="lossless")
+    assert summary["frames"] == 24 and summary["input_problem"] is None
+    again = upscale_video(FakeEngine(), tmp_path / "out.mkv", tmp_path / "again.mp4")
+    assert again["frames"] == 24 and again["input_problem"] is None
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) * 9 // 10])
+    with pytest.raises(InputDamagedError, match="ends early"):
+        upscale_video(FakeEngine(), cut, tmp_path / "cut_out.mkv", codec="lossless")
+
+
 def test_a_join_short_of_frames_publishes_nothing_and_keeps_the_work(tmp_path, monkeypatch):
     """Should joining the segments ever lose frames (as FFmpeg's NUT demuxer once made it), the job's work stays
     for a fixed version instead of being replaced by a short file."""

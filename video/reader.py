@@ -239,9 +239,15 @@ def _stream_seconds(container, stream) -> float | None:
     if tag:
         try:
             h, m, s = tag.split(":")
-            return int(h) * 3600 + int(m) * 60 + float(s)
+            seconds = int(h) * 3600 + int(m) * 60 + float(s)
         except ValueError:
-            pass
+            seconds = None
+        if seconds is not None:
+            # FFmpeg's muxer writes the track's end time there (mkvmerge its length): a video that starts late
+            # (1 s, or a few ms of AAC priming) lasts that much less
+            if (container.metadata or {}).get("ENCODER", "").startswith("Lavf") and stream.start_time:
+                seconds -= max(0.0, float(stream.start_time * stream.time_base))
+            return seconds
     if container.duration and only:
         return container.duration / 1_000_000
     return None
