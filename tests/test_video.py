@@ -498,6 +498,18 @@ def test_resumed_outputs_have_every_frame_and_the_input_frame_rate(tmp_path, n, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.mp4", whole.name, name])
 
 
+def test_resume_takes_the_default_crf_spelled_out_as_the_same_job(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mp4"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    with pytest.raises(ValueError, match="crf the default then, 20 now"):
+        upscale_video(FakeEngine(), clip, out, resume=True, crf=20)
+    summary = upscale_video(FakeEngine(), clip, out, resume=True, crf=16)  # the default, said
+    assert summary["resumed_from"] == 3 and len(decode(out)) == 6
+
+
 def test_resume_refuses_other_settings(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
     out = tmp_path / "out.mkv"

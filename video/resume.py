@@ -13,6 +13,7 @@ import torch
 from ..models.shared.errors import UserInputError
 from .audio import AudioCopy
 from .outputs import sync_file, sync_folder
+from .writer import CODECS
 
 # Bumped whenever the checkpoint's content changes meaning: an old checkpoint is then refused, not misread.
 # 3: frames are turned upright by the input's display matrix (older segments of a rotated input were not).
@@ -125,6 +126,8 @@ def fingerprint(source, seed, codec, crf, scene_cut_threshold, size: tuple[int, 
         src = {"input": os.path.abspath(source), "input_bytes": os.path.getsize(source)}
     else:
         src = {"input": None, "input_bytes": None}
+    if crf is not None and str(int(crf)) == CODECS[codec].options.get("crf"):
+        crf = None  # the default spelled out is the same job (and None is what checkpoints hold for it)
     job = {**src, "size": list(size), "seed": int(seed), "codec": codec, "crf": crf,
            "scene_cut": scene_cut_threshold, "version": RESUME_VERSION}
     if engine is not None:
@@ -135,15 +138,21 @@ def fingerprint(source, seed, codec, crf, scene_cut_threshold, size: tuple[int, 
 def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
     """None when ``saved`` continues ``now`` (only the keys of ``now`` are compared), else what differs."""
     names = {"input": "input", "input_bytes": "input size", "size": "frame size", "seed": "seed", "codec": "codec",
-             "crf": "crf", "scene_cut": "scene cut", "version": "resume format", "model": "model/settings"}
+             "scene_cut": "scene cut", "version": "resume format", "model": "model/settings"}
     diffs = []
     for key, value in now.items():
         if saved.get(key) != value:
             if key == "model":
                 diffs.append("another model, precision, flow model or model option")
+            elif key == "crf":
+                diffs.append(f"crf {_crf(saved.get(key))} then, {_crf(value)} now")
             else:
                 diffs.append(f"{names.get(key, key)} {saved.get(key)!r} then, {value!r} now")
     return "; ".join(diffs) or None
+
+
+def _crf(value) -> str:
+    return "the default" if value is None else str(value)
 
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
