@@ -438,8 +438,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         files.remove()
     if stop_error is not None:
         raise stop_error
-    if summary["interrupted"] and files is not None:
-        log.info("stopped after %d frames; run again with resume to continue", written)
+    if summary["interrupted"] and files is not None:  # (the command line says it in its own words)
+        log.debug("stopped after %d frames; run again with resume to continue", written)
     return summary
 
 
