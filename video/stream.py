@@ -274,7 +274,9 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             last_time[0] = float(saved.get("end_time") or 0.0)
             if detector is not None:
                 detector.previous = thumbnail
-            log.info("resuming %s after %d frames", out_path, written)
+            # (said, since the progress stays put meanwhile: decoding a long input up to there takes minutes)
+            log.info("resuming %s after %d frames (the input is decoded up to frame %d first)", out_path, written,
+                     consumed)
         keep = {files.part(i) for i in range(segments)}
         remove_stale([p for p in files.parts_on_disk() if p not in keep],
                      "written after the last checkpoint (redone now)")
