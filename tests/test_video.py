@@ -498,6 +498,24 @@ def test_resumed_outputs_have_every_frame_and_the_input_frame_rate(tmp_path, n, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.mp4", whole.name, name])
 
 
+def test_a_stop_while_a_resumed_job_decodes_its_way_back_is_heard_and_loses_nothing(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", n=10)
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 7)
+    polls.clear()
+    engine = FakeEngine()
+    stopped = upscale_video(engine, clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                            should_stop=lambda: polls.append(1) or len(polls) > 3)
+    assert stopped["interrupted"] and engine.calls == [] and len(polls) == 4  # (not after the 7 frames done)
+    summary = upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
+    assert summary["resumed_from"] == 7 and summary["frames"] == 10
+    whole = tmp_path / "whole.mkv"
+    upscale_video(FakeEngine(), clip, whole, codec="lossless")
+    assert all(np.array_equal(g, w) for g, w in zip(decode(out), decode(whole))) and len(decode(out)) == 10
+
+
 def test_resume_takes_the_default_crf_spelled_out_as_the_same_job(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
     out = tmp_path / "out.mp4"

@@ -332,9 +332,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         reader = FrameReader(source, start=consumed, info=info)
         try:
             for index, lr, pts in reader:
-                if index < consumed:
-                    continue
-                if should_stop is not None:
+                if should_stop is not None:  # (also while a resumed job decodes its way back, which takes minutes)
                     try:
                         stopped = bool(should_stop())
                     except BaseException as e:
@@ -342,6 +340,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     if stopped:
                         summary["interrupted"] = True
                         break
+                if index < consumed:
+                    continue
                 if detector is not None and detector(lr) and index > 0:
                     out, state = engine.reset_temporal(state, consume=True)
                     emit(out)
