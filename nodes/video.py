@@ -133,6 +133,10 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                                          "next to the output) and, if an interrupted job of this prefix with "
                                          "the same video, model and settings is there, continue it (Cancel "
                                          "saves one). Needs the video as a file (Load Video)."),
+                io.Boolean.Input("allow_truncated", default=False, optional=True,
+                                 tooltip="Accept a video that ends early or breaks off (an interrupted download or "
+                                         "copy): the output has the frames that could be decoded. Off, such a "
+                                         "video is an error, and those frames are kept as a partial file."),
                 FlashVSRSettingsType.Input("flashvsr_settings", optional=True,
                                            tooltip="From FlashVSR Settings (scale, sparse_ratio, local_range, "
                                                    "kv_ratio, color_fix); without it the official defaults. "
@@ -144,7 +148,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, video, seed, steps, codec, scene_cut_threshold, filename_prefix, flow_model=None,
-                resume=False, flashvsr_settings=None) -> io.NodeOutput:
+                resume=False, flashvsr_settings=None, allow_truncated=False) -> io.NodeOutput:
         if flashvsr_settings is not None and not isinstance(model, FlashVSRModel):
             # Ignoring them would quietly change the result (e.g. a chosen x2 scale), as the CLI refuses too
             raise UserInputError("flashvsr_settings only apply to FlashVSR, but the model is Stream-DiffVSR: "
@@ -205,7 +209,11 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             summary = upscale_video(engine, readable, out_path, seed=seed, codec=codec,
                                     scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
                                     progress=progress, preview=preview,
-                                    should_stop=mm.throw_exception_if_processing_interrupted)
+                                    should_stop=mm.throw_exception_if_processing_interrupted,
+                                    allow_truncated=bool(allow_truncated))
+        if summary["input_problem"]:
+            log.warning("StreamVSR: %s; the output has the %d frames that could be decoded (allow_truncated)",
+                        summary["input_problem"], summary["frames"])
         log.info("StreamVSR: wrote %s (%d frames, %dx%d, %d scene cuts)", out_path, summary["frames"],
                  *summary["size"], summary["scene_cuts"])
         result = ui.PreviewVideo([ui.SavedResult(filename, subfolder, io.FolderType.output)])

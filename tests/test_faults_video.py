@@ -977,21 +977,10 @@ def video_node(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "make_engine", lambda *a, **k: engines[0]())
     monkeypatch.setattr(module, "load_engine", lambda engine, *a, **k: loads.append(engine))
 
-    class Video:  # core VideoFromFile, reduced to what the node uses
-        def __init__(self, path):
-            self.path = path
-
-        def get_dimensions(self):
-            with av.open(str(self.path)) as c:  # the stored size, as ComfyUI reports it (no rotation)
-                return c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height
-
-        def get_stream_source(self):
-            return str(self.path)
-
-    def run(path, prefix="streamvsr/test", resume=False, seed=1):
+    def run(path, prefix="streamvsr/test", resume=False, seed=1, **options):
         return module.StreamVSRVideoUpscale.execute(
-            model=object(), flow_model=object(), video=Video(path), seed=seed, steps=1, codec="lossless",
-            scene_cut_threshold=0.0, filename_prefix=prefix, resume=resume)
+            model=object(), flow_model=object(), video=fake_comfy.FileVideo(path), seed=seed, steps=1,
+            codec="lossless", scene_cut_threshold=0.0, filename_prefix=prefix, resume=resume, **options)
 
     run.mm, run.engines, run.loads = mm, engines, loads
     return run, tmp_path / "comfy" / "output" / "streamvsr"
@@ -1010,10 +999,12 @@ def test_video_node_never_replaces_a_file_and_reports_a_cut_input(tmp_path, vide
     assert taken.read_bytes() == b"an earlier result"
 
     broken = cut(clip, 0.6, tmp_path / "cut.mkv")
-    with pytest.raises(InputDamagedError, match="ends early") as e:
+    with pytest.raises(InputDamagedError, match="ends early.*allow_truncated \\(the node\\)") as e:
         run(broken, prefix="streamvsr/cut")
     assert str(e.value.path) in str(e.value) and len(decode(e.value.path)) == e.value.frames > 0
     assert not (folder / "cut_00001_.mkv").exists()
+    accepted = Path(run(broken, prefix="streamvsr/accepted", allow_truncated=True).values[0][1])
+    assert accepted.name == "accepted_00001_.mkv" and len(decode(accepted)) == e.value.frames
 
 
 def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading_models(tmp_path, video_node):

@@ -455,5 +455,5 @@ def _broken(problem: dict, frames: int, kept, out_path) -> str:
         where = "no frame could be upscaled"
     text = f"{problem['message']}. {out_path} was not written; {where}"
     if problem["kind"] != "size":
-        text += ". To accept the input as it is: --allow-truncated (command line)"
+        text += ". To accept the input as it is: --allow-truncated (command line) or allow_truncated (the node)"
     return text
