@@ -187,9 +187,12 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         def update(image=None):
             # ComfyUI's progress hook raises a pending interrupt itself, in the middle of writing a frame; left
             # pending, it is raised by should_stop before the next frame, which ends the run properly (with
-            # resume, a checkpoint of every frame done)
+            # resume, a checkpoint of every frame done). A Cancel between the check and the hook is put back.
             if not mm.processing_interrupted():
-                bar.update_absolute(shown["done"], shown["total"] or None, image)
+                try:
+                    bar.update_absolute(shown["done"], shown["total"] or None, image)
+                except mm.InterruptProcessingException:
+                    mm.interrupt_current_processing(True)
 
         def progress(done, total):
             shown["done"], shown["total"] = done, total

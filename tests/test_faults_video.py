@@ -1056,6 +1056,36 @@ def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, vide
     assert len(got) == 6 and all(np.array_equal(g, nearest4(f)) for g, f in zip(got, frames))
 
 
+def test_video_node_cancel_between_its_check_and_the_progress_hook_still_checkpoints(tmp_path, video_node,
+                                                                                    monkeypatch):
+    """The node looks for a pending Cancel before it reports progress; one that arrives after that look is raised
+    by ComfyUI's progress hook inside the writing of a frame. It is put back for the poll before the next frame,
+    which checkpoints, instead of ending the run with the work since the last checkpoint lost."""
+    import fake_comfy
+
+    run, folder = video_node
+    clip = tmp_path / "in.mkv"
+    frames = noise_clip(clip, n=6, w=16, h=8, codec="ffv1")
+    reports = []
+
+    def hook():  # the Cancel lands just before the server's hook runs, at the 4th report of progress (only)
+        reports.append(1)
+        if len(reports) == 4:
+            run.mm.interrupt_current_processing()
+        if run.mm.interrupted:
+            run.mm.interrupted = False
+            raise fake_comfy.Interrupted()
+
+    monkeypatch.setattr(fake_comfy.ProgressBar, "hook", staticmethod(hook))
+    with pytest.raises(fake_comfy.Interrupted):
+        run(clip, resume=True)
+    job = ResumeFiles(folder / "test_00001_.mkv")
+    assert job.read_info() is not None and job.read_info()["frames"] >= 2
+    out = Path(run(clip, resume=True).values[0][1])
+    got = decode(out)
+    assert len(got) == 6 and all(np.array_equal(g, nearest4(f)) for g, f in zip(got, frames))
+
+
 def test_video_node_resumes_only_its_own_job(tmp_path, video_node):
     """resume continues the unfinished job of this prefix with these settings: not a job of another input or
     seed (those stay as they are, and a new file is started), not one of a longer prefix (test_v2_…)."""
