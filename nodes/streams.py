@@ -94,7 +94,8 @@ class StreamStore:
             return self._streams.get(node_id)
 
     def put(self, node_id: str, stream: StoredStream) -> None:
-        state_token(stream.state, stream.model_key)  # so that a state handed on is checked against its settings
+        # so that a state handed on is checked against its settings, and named by what made it
+        state_token(stream.state, stream.model_key, stream.origin)
         if stream.run_start_state is not None and state_bytes(stream.run_start_state) > REDO_MAX_BYTES:
             stream = dataclasses.replace(stream, run_start_state=None)
         with self._lock:
@@ -231,28 +232,29 @@ def batch_origin(key: str, images: torch.Tensor, state: Any = None) -> tuple:
     for frame in images:
         digest.update(frame.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return (key, tuple(images.shape), str(images.dtype), digest.hexdigest(),
-            None if state is None else state_token(state))
+            None if state is None else (state_origin(state) or state_token(state)))
 
 
-_TOKENS: dict[int, list] = {}  # id -> [the object (weak), its token, the model key of the run that made it]
+# id -> [the object (weak), its token, the model key and the origin of the run that made it]
+_TOKENS: dict[int, list] = {}
 _NEXT_TOKEN = itertools.count(1)
 _TOKENS_LOCK = threading.Lock()
 
 
-def state_token(state: Any, model_key: str | None = None) -> int:
-    """A number naming this state object while it lives (``model_key``: record the settings of the run that made
-    it, for ``state_key``). States are immutable, and one handed from node to node is the upstream node's cached
+def state_token(state: Any, model_key: str | None = None, origin: tuple | None = None) -> int:
+    """A number naming this state object while it lives (``model_key``, ``origin``: record the settings and the
+    origin of the run that made it, for ``state_key`` and ``state_origin``). States are immutable, and one handed from node to node is the upstream node's cached
     output, so the same object means the same state; ``id`` alone could name a later object at the same
     address."""
     with _TOKENS_LOCK:
-        for key, (ref, _, _) in list(_TOKENS.items()):
+        for key, (ref, *_) in list(_TOKENS.items()):
             if ref() is None:
                 del _TOKENS[key]
         entry = _TOKENS.get(id(state))
         if entry is None:
-            entry = _TOKENS[id(state)] = [weakref.ref(state), next(_NEXT_TOKEN), None]
+            entry = _TOKENS[id(state)] = [weakref.ref(state), next(_NEXT_TOKEN), None, None]
         if model_key is not None:
-            entry[2] = model_key
+            entry[2], entry[3] = model_key, origin
         return entry[1]
 
 
@@ -261,3 +263,12 @@ def state_key(state: Any) -> str | None:
     with _TOKENS_LOCK:
         entry = _TOKENS.get(id(state))
         return entry[2] if entry is not None and entry[0]() is state else None
+
+
+def state_origin(state: Any) -> tuple | None:
+    """The origin of the run that made ``state`` where its inputs alone decided it (None otherwise: a continuation,
+    or not made by an upscale node's run). An upstream node that runs again on the same inputs makes a new state
+    object of the same origin, so a node it feeds sees the same inputs and its cached result stays valid."""
+    with _TOKENS_LOCK:
+        entry = _TOKENS.get(id(state))
+        return entry[3] if entry is not None and entry[0]() is state else None

@@ -368,11 +368,19 @@ def test_a_state_handed_to_another_node_leaves_the_cache_valid(comfy):
     again, _ = _upscale(nodes, model, flow, images[2:], "51", state=state)  # ComfyUI would not even run it
     assert torch.equal(again, second) and fp(continue_sequence=False) == key
     assert torch.equal(torch.cat([first, second]), _upscale(nodes, model, flow, images, "52")[0])
-    # node 51 continues another state now (equal numbers, but another run of node 50): a cached result of the
-    # earlier run would leave node 51's stored sequence at this one's end
-    _, other = _upscale(nodes, model, flow, images[:2], "50")
+    # node 50 runs again on the same inputs (as it does after anything else moved the cache version on): its new
+    # state object is the same state, so the workflow settles instead of running both nodes on every queue
+    _, again_state = _upscale(nodes, model, flow, images[:2], "50")
+    assert again_state is not state
+    _upscale(nodes, model, flow, images[2:], "51", state=again_state)
+    assert fp(continue_sequence=False) == key
+    # node 51 continues another state now (other frames upstream): a cached result of the earlier run would leave
+    # node 51's stored sequence at the end of the other one
+    _, other = _upscale(nodes, model, flow, images[:2].flip(0), "50")
+    moved = fp(continue_sequence=False)
+    assert moved != key
     _upscale(nodes, model, flow, images[2:], "51", state=other)
-    assert fp(continue_sequence=False) != key
+    assert fp(continue_sequence=False) != moved
     assert vsr.STREAMS.get("51").state.frame_index == 3
 
 
