@@ -243,9 +243,9 @@ _TOKENS_LOCK = threading.Lock()
 
 def state_token(state: Any, model_key: str | None = None, origin: tuple | None = None) -> int:
     """A number naming this state object while it lives (``model_key``, ``origin``: record the settings and the
-    origin of the run that made it, for ``state_key`` and ``state_origin``). States are immutable, and one handed from node to node is the upstream node's cached
-    output, so the same object means the same state; ``id`` alone could name a later object at the same
-    address."""
+    origin of the run that made it, for ``state_key`` and ``state_origin``). States are immutable, and one handed
+    from node to node is the upstream node's cached output, so the same object means the same state; ``id`` alone
+    could name a later object at the same address."""
     with _TOKENS_LOCK:
         for key, (ref, *_) in list(_TOKENS.items()):
             if ref() is None:
