@@ -32,9 +32,9 @@ its extension; video only, each a complete file) and, at every checkpoint, the e
 frames written go to ``OUT.streamvsr-resume.safetensors`` (with the timestamps of frames the engine still
 holds). A checkpoint closes the current segment first, so the state always matches what is on disk, also after a
 crash or power loss (work since the last checkpoint is redone). When all frames are done, the segments are
-joined (under the temporary name) without re-encoding, the audio is added from the input, the result is moved to
-OUT and the work files are deleted. H.264 segments are encoded without B-frames so that their timestamps can be
-joined as they are (files get a few percent larger at the same CRF).
+joined (under the temporary name) without re-encoding, the audio is added from the input, and once the joined
+file holds every frame it is moved to OUT and the work files are deleted. H.264 segments are encoded without
+B-frames so that their timestamps can be joined as they are (files get a few percent larger at the same CRF).
 """
 
 from __future__ import annotations
