@@ -84,6 +84,7 @@ def cmd_frames(args) -> int:
     check_folder_outputs({args.in_dir}, args.out_dir, files, [output_name(p.stem, args.save) for p in files],
                          args.overwrite)
     plan = plan_engine(args)
+    plan.check_size(height, width)
     make_folder(args.out_dir.parent)
     with OutputLock(args.out_dir):
         engine = plan.load()
@@ -144,6 +145,7 @@ def cmd_upscale(args) -> int:
                           scene_cut_threshold=args.scene_cut, resume=args.resume, overwrite=args.overwrite)
     info = job.info
     plan = plan_engine(args)
+    plan.check_size(info.height, info.width)
     make_folder(job.out.parent)
     with OutputLock(job.out):
         if not info.orientation.identity:

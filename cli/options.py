@@ -155,6 +155,11 @@ class EnginePlan:
     model: str | None          # None with --download: known after the download
     download: bool = False
 
+    def check_size(self, h: int, w: int) -> None:
+        """A one-line error when the options cannot run LR frames of h x w (before anything loads)."""
+        if self.family.check_size is not None:
+            self.family.check_size(h, w, **self.options)
+
     def load(self):
         options = dict(self.options)
         model = self.model

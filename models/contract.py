@@ -72,6 +72,8 @@ class Family:
     detect(path) -> bool: whether a file or folder holds this family's weights (checked cheaply: names, keys).
     load_engine(path, device, dtype, **options) -> Engine; options: the family-specific option names it takes.
     convert(source, out_path, dtype, **options) -> Path: pack the weights into one file (None if not offered).
+    check_size(h, w, **options): raises a one-line error when the options cannot run LR frames of h x w, without
+    any weights (None: any size runs).
     memory_options: (option, value) pairs of its options that lower the memory a frame takes, the most useful
     first (the advice after running out of memory).
     """
@@ -86,4 +88,5 @@ class Family:
     load_engine: Callable[..., Engine]
     options: tuple[str, ...] = field(default=())
     convert: Callable[..., Path] | None = None
+    check_size: Callable[..., None] | None = None
     memory_options: tuple[tuple[str, Any], ...] = field(default=())

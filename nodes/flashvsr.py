@@ -147,6 +147,7 @@ def load_engine(engine: FlashVSREngine, model: FlashVSRModel, lr_size: tuple[int
     """Both patchers loaded for ``engine`` on frames of ``lr_size``: ComfyUI frees room for the weights plus the
     activation and KV-cache estimate, offloading other models as needed. The DiT may be partially loaded
     (--lowvram/--novram); the TC decoder is loaded whole."""
+    engine.check_size(*lr_size)
     activations = engine.estimate_memory(*lr_size)
     mm.load_models_gpu([model.core], memory_required=activations + model.decoder.model_size())
     load_flow_patcher(model.decoder, activations)

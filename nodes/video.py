@@ -44,9 +44,15 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
     """(absolute path, file name, subfolder). ``resume``: the job's settings (``video.resume.fingerprint``), to
     continue an unfinished job of this prefix with the same ones."""
     extension = EXTENSIONS[codec]
+    output = folder_paths.get_output_directory()
+    # ComfyUI refuses these too, but with a multi-line exception that reads like a bug
+    inside = os.path.abspath(os.path.join(output, os.path.dirname(os.path.normpath(filename_prefix))))
+    if os.path.commonpath((os.path.abspath(output), inside)) != os.path.abspath(output):
+        raise UserInputError(f"filename_prefix {filename_prefix!r} leads outside ComfyUI's output folder: give a "
+                             "name inside it, e.g. streamvsr/upscaled")
     try:
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory(), width * scale, height * scale)
+            filename_prefix, output, width * scale, height * scale)
     except OSError as e:  # ComfyUI lists or creates the folder: a file in the way, no permission
         raise UserInputError(f"cannot use the output folder of filename_prefix {filename_prefix!r}: "
                              f"{e.strerror or e} ({e.filename})") from None
@@ -164,6 +170,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         width, height = info.width, info.height
         if isinstance(model, FlashVSRModel):
             engine = make_flashvsr_engine(model, flashvsr_settings)
+            engine.check_size(height, width)
             advice = oom_message(engine, height, width)
         else:
             if flow_model is None:

@@ -1015,6 +1015,10 @@ def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading
     (folder / "blocked").write_bytes(b"a file where the prefix wants a folder")
     with pytest.raises(UserInputError, match="blocked"):
         run(clip, prefix="streamvsr/blocked/x")
+    for prefix in ("../escaped/x", str(tmp_path / "elsewhere" / "x"), "streamvsr/../../x"):
+        with pytest.raises(UserInputError, match="leads outside ComfyUI's output folder: give a name inside it"):
+            run(clip, prefix=prefix)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "elsewhere").exists()
     assert run.loads == []
     assert len(decode(run(clip).values[0][1])) == 2 and len(run.loads) == 1
 

@@ -420,6 +420,32 @@ def test_a_sparse_ratio_too_small_for_the_frame_size_is_one_line_before_any_work
     assert out.shape == (2, 3, 32, 32)
 
 
+def test_the_commands_find_a_sparse_ratio_too_small_for_the_input_before_loading(folder, tmp_path, caplog,
+                                                                                 monkeypatch):
+    av = pytest.importorskip("av")
+    from PIL import Image
+    from test_video import make_clip
+
+    import streamvsr.models.flashvsr as flashvsr
+    from streamvsr.cli import main
+
+    monkeypatch.setattr(flashvsr, "load_pipeline", lambda *a, **k: pytest.fail("loaded the weights"))
+    clip = make_clip(tmp_path / "in.mkv", n=2, w=8, h=8, audio=None, vcodec="ffv1")
+    assert av.open(str(clip)).streams.video[0].width == 8
+    assert main(["upscale", str(clip), str(tmp_path / "out.mkv"), "--model", str(folder), "--device", "cpu",
+                 "--sparse-ratio", "0.01"]) == 2
+    assert "sparse_ratio 0.01 leaves no attention budget at a 128x128 output (padded): use at least 0.0167" \
+        in caplog.text
+    src = tmp_path / "pngs"
+    src.mkdir()
+    Image.new("RGB", (8, 8)).save(src / "f0.png")
+    caplog.clear()
+    assert main(["frames", str(src), str(tmp_path / "out"), "--model", str(folder), "--device", "cpu",
+                 "--sparse-ratio", "0.01"]) == 2
+    assert "use at least 0.0167" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mkv", "pngs"]  # no output, no lock left
+
+
 def test_video_file_streaming_writes_every_frame(engine, tmp_path):
     av = pytest.importorskip("av")
     from test_video import decode, make_clip

@@ -372,6 +372,23 @@ def test_bad_inputs_interrupt_and_out_of_memory(monkeypatch, tmp_path, folder, w
     assert flashvsr.STREAMS.get("10") is stored
 
 
+def test_a_sparse_ratio_too_small_for_the_frames_is_refused_before_anything_loads(comfy, tmp_path, whole30):
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    mm, nodes = comfy
+    model = _load(nodes)
+    with pytest.raises(ValueError, match="sparse_ratio 0.01 leaves no attention budget .* use at least 0.0167"):
+        _upscale(nodes, model, whole30[:2, :8, :8], sparse_ratio=0.01)
+    clip = make_clip(tmp_path / "in.mp4", n=2, w=8, h=8)
+    settings = {"scale": 4, "sparse_ratio": 0.01, "local_range": 11, "kv_ratio": 3.0, "color_fix": "adain"}
+    with pytest.raises(ValueError, match="use at least 0.0167"):
+        nodes["StreamVSRVideoUpscale"].execute(model=model, video=FileVideo(clip), seed=1, steps=4, codec="h264",
+                                               scene_cut_threshold=0.0, filename_prefix="small/x",
+                                               flashvsr_settings=settings)
+    assert mm.calls["load_models_gpu"] == [] and not (tmp_path / "models" / "output" / "small").exists()
+
+
 def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
     pytest.importorskip("av")
     from test_video import make_clip

@@ -50,6 +50,12 @@ def load_engine(path, device="cpu", dtype=torch.float32, version: str | None = N
                           kv_ratio=kv_ratio, color_fix=color_fix, attention=attention)
 
 
+def check_size(h: int, w: int, **options) -> None:
+    from .engine import check_size as check
+
+    check(h, w, **options)
+
+
 def convert(source, out_path, dtype=None, version: str | None = None, **_ignored) -> Path:
     from .weights import convert_flashvsr, find_files
 
@@ -64,4 +70,4 @@ FAMILY = Family(
     size_multiple=128, dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect,
     load_engine=load_engine,
     options=("version", "scale", "sparse_ratio", "local_range", "kv_ratio", "color_fix", "attention"),
-    convert=convert, memory_options=(("kv_ratio", 2), ("sparse_ratio", 1.5)))
+    convert=convert, check_size=check_size, memory_options=(("kv_ratio", 2), ("sparse_ratio", 1.5)))

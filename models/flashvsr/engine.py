@@ -129,6 +129,12 @@ class FlashVSRState:
                    lq=LQProjState.from_dict(tensors, meta), dit=dit, decoder=TCDecoderState.from_dict(tensors, meta))
 
 
+def check_size(h: int, w: int, scale: int = 4, sparse_ratio: float = 2.0, **_options) -> None:
+    """A one-line error when these options cannot upscale LR frames of h x w: a sparse_ratio that leaves no
+    attention budget at that size. Needs no weights, so callers run it before loading them."""
+    topk_budget(sparse_ratio, *padded_size(*output_size(h, w, scale)))
+
+
 def new_state(seed: int) -> FlashVSRState:
     generator = torch.Generator("cpu")
     generator.manual_seed(int(seed))
@@ -184,6 +190,9 @@ class FlashVSREngine:
     def pending(self, state: FlashVSRState) -> int:
         return state.frame_index - state.emitted
 
+    def check_size(self, h: int, w: int) -> None:
+        check_size(h, w, self.scale, self.sparse_ratio)
+
     @torch.inference_mode()
     def push(self, state: FlashVSRState, frames: torch.Tensor,
              consume: bool = False) -> tuple[torch.Tensor, FlashVSRState]:
@@ -205,8 +214,8 @@ class FlashVSREngine:
                                  "start a new sequence to change the resolution")
         if not torch.isfinite(frames).all():
             raise UserInputError(f"a frame from {state.frame_index} on contains NaN or infinite values")
-        if state.lr_size is None:  # a sparse_ratio too small for this size, found before any work
-            topk_budget(self.sparse_ratio, *padded_size(*output_size(h, w, self.scale)))
+        if state.lr_size is None:  # found before any work (callers that can, check before loading)
+            self.check_size(h, w)
         given = state.dit
         state = replace(state, lr_size=(h, w))
         cond = self._condition(frames)
