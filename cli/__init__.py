@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="pack an official model folder into one .safetensors file")
     p.add_argument("source", type=Path, help="official model folder (or a converted file, to change its dtype)")
     p.add_argument("out", type=Path, help="the .safetensors file to write")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                   help="precision of the weights written (default: fp16 for Stream-DiffVSR; for FlashVSR each "
+                        "file's own, fp32 DiT and bf16 LQ projection, so that nothing is lost)")
     p.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
                    help="FlashVSR only: which release the folder holds (default v1.1); stored in the file")
     p.add_argument("--overwrite", action="store_true",

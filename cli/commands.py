@@ -212,7 +212,9 @@ def cmd_convert(args) -> int:
     with OutputLock(out):
         tmp = temp_path(out)
         try:
-            family.convert(args.source, tmp, dtype=PRECISIONS[args.dtype], **options)
+            if args.dtype:  # else the family's own default
+                options["dtype"] = PRECISIONS[args.dtype]
+            family.convert(args.source, tmp, **options)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

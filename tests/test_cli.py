@@ -124,6 +124,13 @@ def test_convert_then_frames(assets, tmp_path):
                      "--save", "npy", "--device", "cpu"]) == 0
     for name in ("f000.npy", "f002.npy"):
         assert np.array_equal(np.load(a / name), np.load(b / name))
+    # without --dtype a Stream-DiffVSR file is written in fp16 (half the size; the empty prompt stays fp32)
+    from safetensors import safe_open
+
+    assert main(["convert", str(ckpt), str(tmp_path / "half.safetensors")]) == 0
+    with safe_open(str(tmp_path / "half.safetensors"), "pt") as f:
+        full = {k for k in f.keys() if f.get_tensor(k).dtype != torch.float16 and f.get_tensor(k).is_floating_point()}
+    assert full == {"prompt_embeds"}
 
 
 def test_flow_and_frames_report_progress(assets, tmp_path, monkeypatch, capsys):

@@ -368,6 +368,20 @@ def test_command_line_frames_and_convert(folder, tmp_path, engine, caplog):
 
     single = tmp_path / "flashvsr.safetensors"
     assert main(["convert", str(folder), str(single), "--dtype", "fp32"]) == 0
+    # without --dtype, every tensor keeps its file's precision (fp32 DiT, bf16 LQ projection and prompt)
+    from safetensors import safe_open
+
+    from streamvsr.models.flashvsr.weights import read_flashvsr
+
+    assert main(["convert", str(folder), str(tmp_path / "kept.safetensors")]) == 0
+    source = read_flashvsr(folder, "v1.1", need_decoder=False)
+    with safe_open(str(tmp_path / "kept.safetensors"), "pt") as f:
+        assert f.metadata()["dtype"] == "as-source"
+        for part in ("dit", "lq_proj"):
+            for k, v in getattr(source, part).items():
+                assert torch.equal(f.get_tensor(f"{part}.{k}"), v) and f.get_tensor(f"{part}.{k}").dtype == v.dtype
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.startswith("dit.")} == {torch.float32}
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.startswith("lq_proj.")} == {torch.bfloat16}
     assert main(["frames", str(src), str(tmp_path / "out2"), "--model", str(single), "--save", "npy",
                  "--device", "cpu"]) == 0
     assert all(np.array_equal(np.load(a), np.load(b))

@@ -115,6 +115,21 @@ def test_repackaged_files_load(tmp_path, style, hinted, caplog):
     assert f"says {hinted}" in caplog.text  # the file name contradicts the chosen version
 
 
+@pytest.mark.parametrize("style,named", [("1038lab", "v1.1"), ("kijai", "v1"), ("official", "v1.1")])
+def test_without_a_version_a_release_named_by_its_file_loads_as_that_release(tmp_path, style, named, caplog):
+    """The command line leaves the version to the model (no --flashvsr-version): a DiT file whose name says its
+    release loads as that release, with no warning; the official name says nothing, so v1.1."""
+    from streamvsr.models.flashvsr import load_pipeline
+
+    if style == "official":
+        write_official_folder(tmp_path)
+    else:
+        write_repackaged(tmp_path, style)
+    with caplog.at_level(logging.WARNING):
+        assert load_pipeline(tmp_path).version == named
+    assert "says" not in caplog.text
+
+
 def test_a_folder_with_both_releases_dit_gives_the_chosen_one(tmp_path):
     """1038lab's folder holds the v1.1 DiT (FlashVSR1_1.safetensors) and the v1 one under kijai's name: the
     chosen version picks the file, whichever comes first in the list of known names."""

@@ -24,15 +24,24 @@ def detect(path) -> bool:
     return detect_files(path)
 
 
+def _version_or_default(path, version: str | None) -> str | None:
+    """``version``, else what a repackaged DiT's file name says (kijai's v1 file), else v1.1; None for a
+    converted file, which records its own."""
+    from .weights import DIT_VERSIONS, find_files
+
+    if version is not None:
+        return version
+    files = find_files(path)
+    return None if files.single else DIT_VERSIONS.get(files.dit.name, DEFAULT_VERSION)
+
+
 def load_pipeline(path, version: str | None = None, device="cpu", dtype=torch.float32, operations=None):
     """The FlashVSR model at ``path`` as a ``FlashVSRPipeline``. ``version`` defaults to what a converted file
     records, else v1.1."""
     from .engine import FlashVSRPipeline
-    from .weights import find_files, load_flashvsr
+    from .weights import load_flashvsr
 
-    if version is None and not find_files(path).single:
-        version = DEFAULT_VERSION
-    model = load_flashvsr(path, version, device=device, dtype=dtype, operations=operations)
+    model = load_flashvsr(path, _version_or_default(path, version), device=device, dtype=dtype, operations=operations)
     return FlashVSRPipeline(model.dit, model.lq_proj, model.tc_decoder, model.prompt.to(device), model.version,
                             model.facts)
 
@@ -57,11 +66,9 @@ def check_size(h: int, w: int, **options) -> None:
 
 
 def convert(source, out_path, dtype=None, version: str | None = None, **_ignored) -> Path:
-    from .weights import convert_flashvsr, find_files
+    from .weights import convert_flashvsr
 
-    if version is None and not find_files(source).single:
-        version = DEFAULT_VERSION
-    return convert_flashvsr(source, out_path, dtype=dtype, version=version)
+    return convert_flashvsr(source, out_path, dtype=dtype, version=_version_or_default(source, version))
 
 
 FAMILY = Family(

@@ -48,9 +48,6 @@ DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Key names a single-tensor prompt .safetensors may use (1038lab's loader takes whatever single tensor it holds).
 PROMPT_KEYS = ("prompt", "context", "posi_prompt", "prompt_emb", "embeds")
 
-# Versions implied by repackaged file names.
-NAME_VERSIONS = {"FlashVSR1_1.safetensors": "v1.1", "Wan2_1-T2V-1.1_3B_FlashVSR_fp32.safetensors": "v1.1",
-                 "Wan2_1-T2V-1_3B_FlashVSR_fp32.safetensors": "v1"}
 # sha256 prefixes of published LQ projection files -> version (v1.1 at HF revision 27561b1; no v1 digest known).
 LQ_SHA256 = {"d6d011cdaaba6a52": "v1.1"}
 FOLDER_V11 = re.compile(r"v?1[._-]1\b|1_1", re.IGNORECASE)
@@ -225,8 +222,8 @@ def _dtypes(state_dict: dict) -> str:
 
 def _version_hints(files: FlashVSRFiles, lq_sha256: str | None) -> list[tuple[str, str]]:
     hints = []
-    if files.dit.name in NAME_VERSIONS:
-        hints.append((f"file name {files.dit.name}", NAME_VERSIONS[files.dit.name]))
+    if files.dit.name in DIT_VERSIONS:
+        hints.append((f"file name {files.dit.name}", DIT_VERSIONS[files.dit.name]))
     if not files.single and FOLDER_V11.search(files.dit.parent.name):
         hints.append((f"folder name {files.dit.parent.name}", "v1.1"))
     if lq_sha256:
