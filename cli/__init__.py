@@ -17,10 +17,9 @@ import argparse
 import errno
 import logging
 import sys
-from pathlib import Path
 
 from . import commands
-from .options import add_flow_options, add_model_options, default_models_dir, memory_options
+from .options import add_flow_options, add_model_options, default_models_dir, memory_options, user_path
 
 log = logging.getLogger("streamvsr")
 
@@ -66,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("frames", help="upscale a folder of PNG frames (one sequence)")
-    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
-    p.add_argument("out_dir", type=Path, help="folder for the upscaled frames (same names)")
+    p.add_argument("in_dir", type=user_path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
+    p.add_argument("out_dir", type=user_path, help="folder for the upscaled frames (same names)")
     add_model_options(p, dtype_default="fp32", model_required=True)
     p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
                    help="png: 8-bit; png16: 16-bit; npy: float32 HxWx3 in [0,1]")
@@ -75,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_frames)
 
     p = sub.add_parser("flow", help="optical flow of consecutive PNG frames (backward-warps frame i-1 onto i)")
-    p.add_argument("in_dir", type=Path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
-    p.add_argument("out_dir", type=Path, help="folder for the flow of each frame after the first")
+    p.add_argument("in_dir", type=user_path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
+    p.add_argument("out_dir", type=user_path, help="folder for the flow of each frame after the first")
     p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
     p.add_argument("--save", choices=("npy", "png"), default="npy",
                    help="npy: float32 HxWx2 (x, y) in pixels; png: colour-wheel visualisation")
@@ -86,15 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_flow)
 
     p = sub.add_parser("upscale", help="upscale a video file, streaming it through the model")
-    p.add_argument("in_video", type=Path, help="input video file (anything FFmpeg reads)")
-    p.add_argument("out_video", type=Path, help="output file: .mp4/.mkv/.mov (h264) or .mkv (lossless)")
+    p.add_argument("in_video", type=user_path, help="input video file (anything FFmpeg reads)")
+    p.add_argument("out_video", type=user_path, help="output file: .mp4/.mkv/.mov (h264) or .mkv (lossless)")
     add_model_options(p, dtype_default="auto", model_required=False)
     commands.add_video_options(p)
     p.set_defaults(func=commands.cmd_upscale)
 
     p = sub.add_parser("convert", help="pack an official model folder into one .safetensors file")
-    p.add_argument("source", type=Path, help="official model folder (or a converted file, to change its dtype)")
-    p.add_argument("out", type=Path, help="the .safetensors file to write")
+    p.add_argument("source", type=user_path, help="official model folder (or a converted file, to change its dtype)")
+    p.add_argument("out", type=user_path, help="the .safetensors file to write")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                    help="precision of the weights written (default: fp16 for Stream-DiffVSR; for FlashVSR each "
                         "file's own, fp32 DiT and bf16 LQ projection, so that nothing is lost)")
@@ -105,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_convert)
 
     p = sub.add_parser("download", help="download the official Stream-DiffVSR and RAFT-large weights")
-    p.add_argument("--dest", help=f"folder (default: $STREAMVSR_MODELS or {default_models_dir()})")
+    p.add_argument("--dest", type=user_path, help=f"folder (default: $STREAMVSR_MODELS or {default_models_dir()})")
     p.set_defaults(func=commands.cmd_download)
     return parser
 

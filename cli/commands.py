@@ -228,7 +228,7 @@ def cmd_download(args) -> int:
     from ..models.raft.weights import download_raft
     from ..models.stream_diffvsr.hub import download_stream_diffvsr
 
-    dest = Path(args.dest) if args.dest else default_models_dir()
+    dest = args.dest or default_models_dir()
     model = download_stream_diffvsr(dest / "Stream-DiffVSR")
     raft = download_raft("raft_large", dest / "raft")
     log.info("model: %s\nflow: %s", model, raft)

@@ -19,7 +19,12 @@ FAMILY_OPTIONS = {
 
 
 def default_models_dir() -> Path:
-    return Path(os.environ.get("STREAMVSR_MODELS", Path.home() / ".cache" / "streamvsr"))
+    return Path(os.environ.get("STREAMVSR_MODELS", Path.home() / ".cache" / "streamvsr")).expanduser()
+
+
+def user_path(text: str) -> Path:
+    """An argparse type: a path with ``~`` expanded (the shell leaves it in ``--dest=~/x`` and in quotes)."""
+    return Path(text).expanduser()
 
 
 def int_range(low: int, high: int | None = None, what: str = ""):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .contract import Family
 from .shared.errors import UserInputError
+from .shared.weights import check_weights_file
 
 # Packages under models/ that define FAMILY; looked up in this order.
 FAMILY_PACKAGES = ("stream_diffvsr", "flashvsr")
@@ -43,6 +44,8 @@ def detect_family(path) -> Family:
     for family in families():
         if family.detect(path):
             return family
+    if path.is_file():  # a damaged download is told as such, not as an unknown model
+        check_weights_file(path)
     known = "; ".join(f"{f.title}" for f in families())
     raise UserInputError(f"{path} holds no model this pack knows ({known}). Give the official model folder or a "
                          "single file written by `streamvsr convert`.")

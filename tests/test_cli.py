@@ -255,11 +255,53 @@ def test_bad_model_path_is_a_clear_error(assets, tmp_path, caplog):
     assert "does not exist" in caplog.text
 
 
+def test_a_damaged_weights_file_is_named_as_such(assets, tmp_path, caplog):
+    """Not "holds no model this pack knows": a cut-short converted file or a Git LFS pointer says what it is, for
+    the model and for the flow weights alike."""
+    ckpt, raft, frames = assets
+    single = tmp_path / "m.safetensors"
+    assert main(["convert", str(ckpt), str(single), "--dtype", "fp32"]) == 0
+    data = single.read_bytes()
+    single.write_bytes(data[: len(data) - 100])
+    pointer = tmp_path / "raft.pth"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    cut = tmp_path / "raft_cut.pth"
+    cut.write_bytes(raft.read_bytes()[:5000])
+    for model, flow, message in ((single, raft, f"m.safetensors is damaged ({len(data) - 100:,} bytes): cut short"),
+                                 (ckpt, pointer, "raft.pth is a Git LFS pointer"),
+                                 (ckpt, cut, "raft_cut.pth is damaged (5,000 bytes): a PyTorch archive that is cut "
+                                             "short")):
+        caplog.clear()
+        assert main(["frames", str(frames), str(tmp_path / "out"), "--model", str(model), "--flow", str(flow)]) == 2
+        assert message in caplog.text and "weights_only" not in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tilde_in_dest_and_in_the_models_variable_is_the_home_folder(tmp_path, monkeypatch):
+    from streamvsr.models.raft import weights as raft_weights
+    from streamvsr.models.stream_diffvsr import hub
+
+    fetched = []
+    monkeypatch.setattr(hub, "download_stream_diffvsr", lambda dest: fetched.append(dest) or dest)
+    monkeypatch.setattr(raft_weights, "download_raft", lambda name, dest: fetched.append(dest) or dest / "r.pth")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["download", "--dest=~/models"]) == 0
+    monkeypatch.setenv("STREAMVSR_MODELS", "~/env")
+    assert main(["download"]) == 0
+    home = tmp_path / "home"
+    assert fetched == [home / "models" / "Stream-DiffVSR", home / "models" / "raft", home / "env" / "Stream-DiffVSR",
+                       home / "env" / "raft"]
+    assert not (tmp_path / "~").exists()
+
+
 def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_path, capsys, caplog):
     _, raft, frames = assets
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"not weights")
-    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(junk), "--flow", str(raft)]) == 2
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(other), "--flow", str(raft)]) == 2
     assert "holds no model this pack knows" in caplog.text
     caplog.clear()
     ckpt = assets[0]

@@ -242,6 +242,22 @@ def test_git_lfs_pointer(official):
         fw.read_flashvsr(folder, "v1")
 
 
+@pytest.mark.parametrize("name", ["TCDecoder.ckpt", "LQ_proj_in.ckpt", "posi_prompt.pth"])
+def test_a_cut_short_small_file_is_found_before_the_dit_is_read(official, monkeypatch, name):
+    folder, _ = official
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+    real = fw.read_state_dict
+
+    def reader(path, *args, **kwargs):
+        assert not str(path).endswith(".safetensors"), "read the DiT first"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fw, "read_state_dict", reader)
+    with pytest.raises(WeightsError, match=f"{name} is damaged .*: a PyTorch archive that is cut short; delete it"):
+        fw.read_flashvsr(folder, "v1.1")
+
+
 def test_html_page(official):
     folder, _ = official
     (folder / "LQ_proj_in.ckpt").write_text("<!DOCTYPE html>\n<html><body>Sign in</body></html>\n")

@@ -97,11 +97,17 @@ def test_wrong_file_for_component(copy):
         load_pipeline(copy)
 
 
+def _cut(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
 def test_truncated_file(copy):
     path = copy / "unet" / "diffusion_pytorch_model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match="truncated"):
+    size = path.stat().st_size
+    _cut(path)
+    with pytest.raises(WeightsError, match=f"unet.diffusion_pytorch_model.safetensors is damaged .*cut short: its "
+                                           f"tensors need {size:,} bytes; delete it and download it again"):
         load_pipeline(copy)
 
 
@@ -168,8 +174,15 @@ def _edit_json(path, **changes):
     (lambda m: (m / "text_encoder" / "model.safetensors").unlink(), "no weights in"),
     (lambda m: (m / "text_encoder" / "config.json").unlink(), "text_encoder"),
     (lambda m: (m / "vae" / "diffusion_pytorch_model.safetensors").unlink(), "no weights in"),
+    (lambda m: _cut(m / "vae" / "diffusion_pytorch_model.safetensors"), "vae.* cut short"),
+    (lambda m: _cut(m / "controlnet" / "diffusion_pytorch_model.safetensors", 0.0001),
+     "controlnet.* cut short before the end of its header"),
+    (lambda m: (m / "unet" / "diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"), "unet.* Git LFS pointer"),
+    (lambda m: (m / "text_encoder" / "model.safetensors").write_bytes(b""), "model.safetensors is empty"),
 ], ids=["no-scheduler", "scheduler-bad-json", "scheduler-not-object", "scheduler-unsupported", "no-vocab",
-        "no-text-weights", "no-text-config", "no-vae-weights"])
+        "no-text-weights", "no-text-config", "no-vae-weights", "cut-vae", "cut-controlnet-header", "lfs-unet",
+        "empty-text-weights"])
 def test_folder_small_files_are_checked_before_any_weights_load(copy, built, damage, match):
     damage(copy)
     with pytest.raises(WeightsError, match=match):

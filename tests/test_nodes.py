@@ -179,6 +179,17 @@ def test_the_flow_loaders_download_shows_progress_and_a_cancel_leaves_no_file(co
     assert [done for done, _, _ in fake_comfy.ProgressBar.updates] == [1 << 20, 2 << 20, 3 << 20]
 
 
+def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):
+    """A clone without `git lfs pull`: the loader's first look at the files (their sizes, for ComfyUI's choice of
+    precision) says so, instead of a bare MemoryError from reading "version " as a header length."""
+    _, nodes = comfy
+    unet = tmp_path / "models" / "streamvsr" / "tiny" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match="unet.diffusion_pytorch_model.safetensors is a Git LFS pointer .* `git "
+                                         "lfs pull`"):
+        _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
+
+
 def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
     from streamvsr.nodes.common import pick_precision
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..shared.errors import UserInputError, WeightsError
-from ..shared.weights import key_mismatches, load_into, read_state_dict, sha256_of, summary
+from ..shared.errors import UserInputError, WeightsError, first_line
+from ..shared.weights import check_weights_file, key_mismatches, load_into, read_state_dict, sha256_of, summary
 from .lq_proj import VERSIONS, LQProjection, check_version, lq_config_from_state_dict
 from .tc_decoder import TCDecoder, tc_config_from_state_dict
 
@@ -98,29 +98,12 @@ class FlashVSRModel:
     facts: dict
 
 
-def _sniff(path: Path) -> None:
-    """A clear error for the usual non-weights saved under a weights name."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return  # read_state_dict reports missing / unreadable files
-    text = head.lstrip().lower()
-    if text.startswith(b"version https://git-lfs"):
-        raise WeightsError(f"{path} is a Git LFS pointer ({path.stat().st_size} bytes), not the weights: the "
-                           f"repository was cloned without `git lfs pull`. Download the file itself. {HINT}")
-    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"{\"error\"")):
-        raise WeightsError(f"{path} is a web page or error message ({path.stat().st_size} bytes), not the weights; "
-                           f"use the file's download (\"resolve\") link. {HINT}")
-
-
 def _read(path: Path) -> dict:
-    _sniff(path)
     return read_state_dict(path, HINT)
 
 
 def _read_prompt(path: Path) -> torch.Tensor:
-    _sniff(path)
+    check_weights_file(path, HINT)
     if path.suffix == ".safetensors":
         tensors = _read(path)
         key = next((k for k in PROMPT_KEYS if k in tensors), None) or (next(iter(tensors)) if len(tensors) == 1
@@ -134,7 +117,7 @@ def _read_prompt(path: Path) -> torch.Tensor:
             prompt = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle raises assorted types for damaged or hostile files
             raise WeightsError(f"cannot read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: "
-                               f"{str(e)[:200]}. The file is truncated, not a prompt embedding, or holds code rather "
+                               f"{first_line(e)}. The file is truncated, not a prompt embedding, or holds code rather "
                                f"than tensors; download it again. {HINT}") from None
         if isinstance(prompt, dict) and len(prompt) == 1:
             prompt = next(iter(prompt.values()))
@@ -294,6 +277,9 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
             raise WeightsError(f"no TC decoder next to {files.dit} (looked for {', '.join(TC_FILES)}). {HINT}")
         if version is None:
             raise _version_needed(path)
+        for found in (files.dit, files.lq_proj, files.tc_decoder, files.prompt):
+            if found is not None:  # a damaged small file is found before the DiT is read
+                check_weights_file(found, HINT)
         facts["files"]["dit"] = files.dit
         dit = _strip(_read(files.dit), DIT_PREFIXES)
         merged = {k[len(LQ_PREFIX):]: v for k, v in dit.items() if k.startswith(LQ_PREFIX)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 from .runtime import is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,50 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
+def check_weights_file(path, hint: str = "") -> None:
+    """A WeightsError saying what a file named as weights really is, when it cannot hold them: a Git LFS pointer
+    (a clone without ``git lfs pull``), a saved web page, an empty or cut-short file. Reads only the first bytes
+    and a .safetensors header, so loaders check every file before the large ones load. A missing or unreadable
+    file is left to the reader to report."""
+    import json
+    import struct
+    import zipfile
+
+    path = Path(path)
+    tail = f" {hint}" if hint else ""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+            text = head.lstrip().lower()
+            if text.startswith(b"version https://git-lfs"):
+                raise WeightsError(f"{path} is a Git LFS pointer ({size} bytes), not the weights: the repository "
+                                   f"was cloned without `git lfs pull`. Download the file itself.{tail}")
+            if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"{\"error\"")):
+                raise WeightsError(f"{path} is a web page or error message ({size} bytes), not the weights; use the "
+                                   f"file's download (\"resolve\") link.{tail}")
+            damaged = f"{path} is damaged ({size:,} bytes): "
+            again = f"; delete it and download it again.{tail}"
+            if size == 0:
+                raise WeightsError(f"{path} is empty{again}")
+            if path.suffix == ".safetensors":
+                length = struct.unpack("<Q", head[:8])[0] if size >= 8 else size
+                if length > size - 8:
+                    raise WeightsError(f"{damaged}cut short before the end of its header{again}")
+                f.seek(8)
+                try:
+                    header = json.loads(f.read(length))
+                    end = max([int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"] or [0])
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    raise WeightsError(f"{damaged}not a .safetensors file{again}") from None
+                if 8 + length + end > size:
+                    raise WeightsError(f"{damaged}cut short: its tensors need {8 + length + end:,} bytes{again}")
+            elif head.startswith(b"PK") and not zipfile.is_zipfile(f):
+                raise WeightsError(f"{damaged}a PyTorch archive that is cut short{again}")
+    except OSError:
+        return
+
+
 def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a pickled state dict.
 
@@ -37,7 +81,8 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
     path = Path(path)
     tail = f" {hint}" if hint else ""
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist.{tail}")
+        raise WeightsError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'}.{tail}")
+    check_weights_file(path, hint)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -49,7 +94,7 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
         if is_out_of_memory(e):
             raise  # a good file too large for the memory left: not a reason to delete it
         raise WeightsError(
-            f"cannot read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: {str(e)[:200]}. The file is "
+            f"cannot read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: {first_line(e)}. The file is "
             f"truncated, not a weights file, or holds code rather than tensors; delete it and download it "
             f"again.{tail}") from None
     if unwrap:
@@ -119,10 +164,12 @@ def load_into(module: nn.Module, state_dict: dict, what: str, source, device="cp
 
 
 def safetensors_numel(path) -> int:
-    """Number of elements stored in a .safetensors file, read from its header only (no tensor is loaded)."""
+    """Number of elements stored in a .safetensors file, read from its header only (no tensor is loaded); a
+    WeightsError for a file that is not one (``check_weights_file``)."""
     import json
     import struct
 
+    check_weights_file(path)
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..shared.errors import WeightsError
-from ..shared.weights import load_into
+from ..shared.weights import check_weights_file, load_into
 from ..shared.weights import read_state_dict as _read
 from ..shared.weights import summary
 from . import SINGLE_FILE_FORMAT
@@ -162,6 +162,8 @@ def _load_folder(folder: Path, device, dtype, operations) -> StreamDiffVSRPipeli
     _check_scheduler(scheduler, scheduler_path)
     text_config = _read_json(folder / "text_encoder" / "config.json")
     text_weights = _component_weights(folder / "text_encoder")
+    for path in (text_weights, *weights.values()):
+        check_weights_file(path, DOWNLOAD_HINT)
     ids = _prompt_ids(folder / "tokenizer")
     # The text encoder runs first and is freed before the large components load, which lowers the peak.
     embeds = _encode_prompt(text_config, text_weights, ids)
