@@ -153,6 +153,17 @@ def out_of_memory_advice(message: str):
     raise RuntimeError(message)
 
 
+def find_in_model_folders(choice: str, folder: str) -> str:
+    """The path of a listed model (a file or a folder) under any of ``folder``'s model folders; a one-line error
+    when it is gone (deleted or renamed since the list was made)."""
+    for root in folder_paths.get_folder_paths(folder):
+        path = os.path.join(root, choice)
+        if os.path.exists(path):
+            return path
+    raise UserInputError(f"{choice} is not in any {folder} model folder "
+                         f"({', '.join(folder_paths.get_folder_paths(folder))}); press r to refresh the list")
+
+
 def download_progress():
     """A ``progress(done, total)`` for the model downloads: ComfyUI's progress bar counts the files, and Cancel
     stops the download between two files (those done are kept: the next run downloads the rest)."""

@@ -29,8 +29,8 @@ from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILE
 from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
-                     continuation_inputs, download_progress, load_flow_patcher, operations_for, out_of_memory_advice,
-                     pick_precision, tensor_to_preview, wrap)
+                     continuation_inputs, download_progress, find_in_model_folders, load_flow_patcher, operations_for,
+                     out_of_memory_advice, pick_precision, tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, redo_state
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,7 @@ def resolve_model_path(choice: str, version: str) -> str:
         from ..models.flashvsr.hub import download_flashvsr
 
         return str(download_flashvsr(version, folder_paths.get_folder_paths(FLASHVSR_FOLDER)[0], download_progress()))
-    for root in folder_paths.get_folder_paths(FLASHVSR_FOLDER):
-        path = os.path.join(root, choice)
-        if os.path.exists(path):
-            return path
-    raise UserInputError(f"{choice} is not in any {FLASHVSR_FOLDER} model folder "
-                         f"({', '.join(folder_paths.get_folder_paths(FLASHVSR_FOLDER))}); press r to refresh the list")
+    return find_in_model_folders(choice, FLASHVSR_FOLDER)
 
 
 def settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix) -> dict:

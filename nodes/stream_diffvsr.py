@@ -17,8 +17,8 @@ from ..models.shared.weights import safetensors_numel
 from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
-                     continuation_inputs, download_progress, load_flow_patcher, operations_for, out_of_memory_advice,
-                     pick_precision, tensor_to_preview, wrap)
+                     continuation_inputs, download_progress, find_in_model_folders, load_flow_patcher, operations_for,
+                     out_of_memory_advice, pick_precision, tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, redo_state
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,7 @@ def resolve_model_path(choice: str) -> str:
 
         return str(download_stream_diffvsr(os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0],
                                                         "Stream-DiffVSR"), download_progress()))
-    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
-        path = os.path.join(root, choice)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"{choice} is not in any {MODEL_FOLDER} model folder "
-                            f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))})")
+    return find_in_model_folders(choice, MODEL_FOLDER)
 
 
 def weights_params(path: str) -> int:

@@ -119,13 +119,15 @@ def test_no_import_circles():
 
 
 def test_the_rule_catches_a_model_importing_the_command_line(tmp_path, monkeypatch):
-    bad = ROOT / "models" / "shared" / "_architecture_probe.py"
-    bad.write_text("from ...cli import main\n")
-    try:
-        with pytest.raises(AssertionError, match="shared -> cli"):
-            test_layers_only_import_downwards_and_families_stay_apart()
-    finally:
-        bad.unlink()
+    # on a copy of the sources, so that a killed run leaves no probe behind in the tree
+    import shutil
+
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "models" / "shared" / "_architecture_probe.py").write_text("from ...cli import main\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="shared -> cli"):
+        test_layers_only_import_downwards_and_families_stay_apart()
 
 
 @pytest.mark.parametrize("package", ["models", "models.shared", "models.raft", "models.stream_diffvsr",

@@ -68,6 +68,7 @@ def test_plain_layers_option_builds_torch_layers_with_the_same_output(assets, tm
     assert any(isinstance(m, PackedConv2d) for m in fast.flow.modules())
     assert not any(isinstance(m, PackedConv2d) for network in (plain.pipeline, plain.flow)
                    for m in network.modules())
+    assert len(outputs[False]) == len(outputs[True]) == len(list(frames.iterdir()))
     for a, b in zip(outputs[False], outputs[True]):
         assert np.abs(a - b).max() <= 1e-4
 

@@ -241,6 +241,18 @@ def test_flex_block_structure_is_the_selection():
     assert torch.equal(bm.to_dense()[0].bool(), mask)
 
 
+def _require_compiled_flex():
+    """Skip only where plain torch.compile of flex_attention fails (no C++ compiler for Inductor, an unsupported
+    build); it does not go through our wrapper, so a bug there still fails the test below."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    x = torch.randn(1, 1, 128, D, generator=torch.Generator().manual_seed(1))
+    try:
+        torch.compile(flex_attention, dynamic=False)(x, x, x)
+    except Exception as e:  # noqa: BLE001 - whatever the toolchain raises
+        pytest.skip(f"torch.compile of flex_attention is unavailable here: {type(e).__name__}: {e}"[:300])
+
+
 def test_compiled_flex_is_not_limited_to_eight_shapes_and_never_falls_back_to_eager(monkeypatch):
     """Dynamo compiles flex_attention for at most recompile_limit shapes per process and then runs it eagerly
     (the whole score matrix); the engine's compiled flex raises the limit around its calls and, past its own
@@ -249,22 +261,19 @@ def test_compiled_flex_is_not_limited_to_eight_shapes_and_never_falls_back_to_ea
     pytest.importorskip("torch.nn.attention.flex_attention")
     import torch._dynamo
 
-    torch._dynamo.reset()
+    _require_compiled_flex()
+    torch._dynamo.reset()  # also drops the probe's graph, so the shape counts below are this test's own
     flex = A.compiled_flex_attention()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 128, D, generator=g)
     with torch._dynamo.config.patch(recompile_limit=1):  # as if other shapes had used it up
-        try:
-            for keys in (128, 256, 384):  # three key lengths: three graphs
-                k, v = torch.randn(2, 1, 2, keys, D, generator=g)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", UserWarning)  # eager flex warns that it materialises the scores
-                    got = flex(q, k, v)
-                assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
-        except (AssertionError, UserWarning):
-            raise
-        except Exception as e:  # noqa: BLE001 - no C++ compiler for Inductor here
-            pytest.skip(f"torch.compile of flex_attention unavailable on this CPU: {type(e).__name__}")
+        # No except here: the probe showed flex compiles, so any error from our wrapper is a failure.
+        for keys in (128, 256, 384):  # three key lengths: three graphs
+            k, v = torch.randn(2, 1, 2, keys, D, generator=g)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # eager flex warns that it materialises the scores
+                got = flex(q, k, v)
+            assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
         monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 3)
         k, v = torch.randn(2, 1, 2, 512, D, generator=g)
         with pytest.raises(RuntimeError, match="compiled for 3 shapes.*'gather' attention"):
@@ -294,8 +303,9 @@ def stream(kv_ratio, chunks=5, rows=2, cols=2, heads=1, check_against_reference=
                 keys = k_w.reshape(n, 128, heads, D).permute(2, 0, 1, 3)
                 vals = v_w.reshape(n, 128, heads, D).permute(2, 0, 1, 3)
             assert keys.shape[1] == attended * s
-            mask = A.block_mask(q_w.mean(1), keys.permute(1, 2, 0, 3).reshape(-1, 128, heads * D).mean(1), heads,
-                                local, 10_000)
+            # The mask from the spec's own derivation, not A.block_mask, so the whole reference is independent.
+            mask = spec_block_mask(q_w, keys.permute(1, 2, 0, 3).reshape(-1, 128, heads * D), heads, rows, cols, 3,
+                                   10_000)
             ref = dense_reference(q_w.reshape(n, 128, heads, D).permute(2, 0, 1, 3), keys, vals, mask)
             assert torch.allclose(out.double(), ref.permute(1, 2, 0, 3).reshape(n, 128, heads * D), atol=2e-5)
         counts.append((attended, new.slices))
@@ -303,13 +313,14 @@ def stream(kv_ratio, chunks=5, rows=2, cols=2, heads=1, check_against_reference=
     return counts
 
 
+# Steady state: the slices held (int(kv_ratio), but at least 2, as one chunk drops at most one slice) plus the
+# new one are attended, then the oldest is dropped.
 @pytest.mark.parametrize("kv_ratio,steady_attended", [(1.0, 3), (2.0, 3), (2.5, 3), (2.99, 3), (3.0, 4), (4.0, 5)])
 def test_kv_cache_slice_counts(kv_ratio, steady_attended):
     counts = stream(kv_ratio, chunks=6)
     kv_len = int(kv_ratio)
     assert counts[0] == (3, 3 if 3 <= kv_len else 2)
     assert counts[-1] == (steady_attended, steady_attended - 1)
-    assert steady_attended == max(3, kv_len + 1)
 
 
 def test_kv_cache_attends_before_dropping():

@@ -1,5 +1,6 @@
 """FlashVSR's Wan2.1 DiT: RoPE against the formula (spec §1.1, §1.3), config and key layout of the released
-checkpoint (spec §1.1), the fixed-timestep constants, chunked streaming and half-precision smoke runs."""
+checkpoint (spec §1.1), the fixed-timestep constants, chunked streaming and half-precision smoke runs, and the
+whole network against diffusers' Wan transformer."""
 
 import copy
 import dataclasses
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from flashvsr_helpers import one_thread
 from streamvsr.models.flashvsr import rope as R
 from streamvsr.models.flashvsr.dit import (WanDiT, dit_config_from_state_dict, timestep_sinusoid)
 from streamvsr.models.shared.errors import WeightsError
@@ -325,3 +327,143 @@ def test_constants_must_match_device(tiny):
     c = dataclasses.replace(model.prepare(prompt), device=torch.device("meta"))
     with pytest.raises(ValueError, match="prepared on meta"):
         model.forward_chunk(latents(6), None, model.new_cache(), 0, c)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parity with diffusers' Wan2.1 transformer
+# --------------------------------------------------------------------------------------------------------------
+
+def _diffusers_to_wan_names() -> tuple[dict, dict]:
+    """diffusers' module paths -> the original Wan2.1 ones (the inverse of diffusers' conversion of original
+    checkpoints): top-level modules, and modules inside a block. Inside a block diffusers names the
+    cross-attention's affine LayerNorm ``norm2`` where the original says ``norm3``; the two affine-free LayerNorms
+    hold no tensors, so no other norm needs a name."""
+    names = {
+        "patch_embedding": "patch_embedding",
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "proj_out": "head.head",
+    }
+    block = {"norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+    for d_attn, w_attn in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+        for d, w in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"), ("norm_q", "norm_q"),
+                     ("norm_k", "norm_k")):
+            block[f"{d_attn}.{d}"] = f"{w_attn}.{w}"
+    return names, block
+
+
+def wan_state_dict_from_diffusers(sd: dict) -> dict:
+    """Rename a diffusers WanTransformer3DModel state dict to the original Wan2.1 keys; unknown keys raise."""
+    names, block = _diffusers_to_wan_names()
+    out = {}
+    for key, tensor in sd.items():
+        if key == "scale_shift_table":
+            new = "head.modulation"
+        elif key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            if rest == "scale_shift_table":
+                new = f"blocks.{index}.modulation"
+            else:
+                module, leaf = rest.rsplit(".", 1)
+                new = f"blocks.{index}.{block[module]}.{leaf}"
+        else:
+            module, leaf = key.rsplit(".", 1)
+            new = f"{names[module]}.{leaf}"
+        out[new] = tensor
+    return out
+
+
+def local_token_mask(frames, rows, cols, local_range):
+    """(tokens, tokens) bool: key token inside the local_range x local_range square of 8x8-token windows that
+    starts local_range // 2 windows before the query's window on each axis, in every 2-frame slice (spec §1.4)."""
+    _, r, c = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+    wr, wc = r.reshape(-1) // 8, c.reshape(-1) // 8
+    lo_r, lo_c = wr - local_range // 2, wc - local_range // 2
+    in_r = (wr[None] >= lo_r[:, None]) & (wr[None] < lo_r[:, None] + local_range)
+    in_c = (wc[None] >= lo_c[:, None]) & (wc[None] < lo_c[:, None] + local_range)
+    return in_r & in_c
+
+
+def test_dit_matches_diffusers_wan_transformer():
+    """The whole DiT (time/text embeddings, every block's modulation, norms, self-attention with RoPE,
+    cross-attention, FFN, the head and unpatchify) against diffusers' WanTransformer3DModel with the same random
+    weights, renamed to the original keys, on CPU in float32.
+
+    Where FlashVSR differs from stock Wan by design, the comparison is arranged so both compute the same thing:
+
+    * Timestep: FlashVSR's is fixed at 1000; diffusers is given 1000. Its sinusoid is computed in float32, which
+      at t=1000 is up to 4e-5 off the float64 one of the official code (spec §1.1), enough to move the output by
+      about 3e-5; so its sinusoid module is replaced by the spec's float64 formula (cos half, then sin half).
+    * LQ conditioning: FlashVSR adds the LQ projection's tokens right after the patch embedding; diffusers has no
+      such input, so a forward hook adds the same tokens to the output of its patch embedding.
+    * Sparse attention: FlashVSR attends within a window-level selection that keeps only the tiles strictly more
+      probable than the (budget+1)-th, so with every tile a candidate the least probable one is always dropped and
+      fully dense attention is unreachable. With local_range 3 on a 2x3 grid of windows some key windows are
+      outside the local square (probability 0) and the budget is larger than the candidates, so exactly the local
+      tiles are kept; diffusers' own attention processor is given that local mask, built here from the spec.
+    * Streaming: one 4-frame chunk (two slices) starting at temporal RoPE position 0 and an empty KV cache, the
+      positions diffusers' RoPE uses. (RoPE is relative, so a constant offset of every position would not show
+      here; the absolute positions are checked against the formula above.)
+    * No image embedding (Wan2.1 T2V, as FlashVSR).
+    """
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class MaskedSelfAttention:
+        """diffusers' own processor, told the attention mask that its transformer does not pass."""
+
+        def __init__(self, mask):
+            self.inner, self.mask = WanAttnProcessor(), mask
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return self.inner(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+
+    class Float64Sinusoid(nn.Module):
+        def forward(self, t):
+            angles = t.double()[:, None] * 10000.0 ** (-torch.arange(128, dtype=torch.float64) / 128)
+            return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+    frames, rows, cols, local_range = 4, 16, 24, 3
+    with one_thread():
+        ref = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6).eval()
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            # diffusers initialises norms to 1/0 and biases to 0: random values make each of them count
+            for name, p in ref.named_parameters():
+                if "norm" in name:
+                    p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+                elif "scale_shift_table" in name:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                elif p.ndim == 1:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+        sd = wan_state_dict_from_diffusers(ref.state_dict())
+        ours = load_into(WanDiT(dit_config_from_state_dict(sd), device="meta"), sd, "FlashVSR DiT", "diffusers")
+
+        x = latents(frames, 2 * rows, 2 * cols, seed=6)
+        prompt = torch.randn(1, 12, 64, generator=g)
+        lq = 0.5 * torch.randn(1, frames * rows * cols, 256, generator=g)
+        mask = local_token_mask(frames, rows, cols, local_range)
+        assert 0 < mask.float().mean() < 1  # else every tile is a candidate and one would be dropped
+        for blk in ref.blocks:
+            blk.attn1.set_processor(MaskedSelfAttention(mask[None, None]))
+        ref.condition_embedder.timesteps_proj = Float64Sinusoid()
+        hook = ref.patch_embedding.register_forward_hook(
+            lambda module, args, out: out + lq.reshape(1, frames, rows, cols, -1).permute(0, 4, 1, 2, 3))
+        try:
+            with torch.no_grad():
+                want = ref(x, torch.tensor([1000.0]), prompt, return_dict=False)[0]
+        finally:
+            hook.remove()
+        got = ours.forward_chunk(x, lq, ours.new_cache(), 0, ours.prepare(prompt), sparse_ratio=2.0,
+                                 local_range=local_range)
+    assert got.shape == want.shape == x.shape
+    # Only float32 rounding differs (summation order, diffusers' float32 RoPE): about 2e-6 on outputs up to ~5.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

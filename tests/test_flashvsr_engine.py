@@ -7,6 +7,8 @@ official pipeline's numbers is checked outside CI against the official code (REA
 the official pipeline", FlashVSR).
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -313,17 +315,23 @@ def test_a_failed_push_leaves_the_given_state_usable(engine):
 
 
 def test_scene_cut_finishes_the_shot_and_starts_a_new_stream(engine):
-    a, b = _frames(5, seed=1), _frames(6, seed=2)
+    a, b = _frames(30, seed=1), _frames(6, seed=2)
     state = engine.new_state(7)
     out_a, state = engine.push(state, a)
+    assert state.dit is not None  # a chunk of the first shot ran: there is attention memory to drop
     cut, state = engine.reset_temporal(state)
-    assert out_a.shape[0] + cut.shape[0] == 5 and engine.pending(state) == 0
+    assert out_a.shape[0] + cut.shape[0] == 30 and engine.pending(state) == 0
+    # the second shot is not influenced by the first, but its noise continues the sequence: it equals a new
+    # sequence whose generator starts where the first shot's stopped
+    fresh = replace(engine.new_state(7), generator_state=state.generator_state.clone())
     out_b, state = engine.push(state, b)
     tail, _ = engine.flush(state)
-    alone, _ = _run(engine, b, seed=7)
-    assert torch.cat([out_b, tail]).shape[0] == 6
-    # the second shot is not influenced by the first, but its noise continues the sequence
-    assert not torch.equal(torch.cat([out_b, tail]), alone)
+    shot_b = torch.cat([out_b, tail])
+    assert shot_b.shape[0] == 6
+    alone_out, fresh = engine.push(fresh, b)
+    alone = torch.cat([alone_out, engine.flush(fresh)[0]])
+    assert torch.equal(shot_b, alone)
+    assert not torch.equal(shot_b, _run(engine, b, seed=7)[0])  # (not the first shot's noise again)
 
 
 def test_bad_inputs_and_options(engine, folder):
@@ -384,6 +392,7 @@ def test_command_line_frames_and_convert(folder, tmp_path, engine, caplog):
         assert {f.get_tensor(k).dtype for k in f.keys() if k.startswith("lq_proj.")} == {torch.bfloat16}
     assert main(["frames", str(src), str(tmp_path / "out2"), "--model", str(single), "--save", "npy",
                  "--device", "cpu"]) == 0
+    assert [p.name for p in sorted((tmp_path / "out2").iterdir())] == [p.name for p in got]
     assert all(np.array_equal(np.load(a), np.load(b))
                for a, b in zip(got, sorted((tmp_path / "out2").iterdir())))
     # the command line takes the scales the engine and the node take (1-8), not only the trained 4
@@ -397,6 +406,7 @@ def test_command_line_frames_and_convert(folder, tmp_path, engine, caplog):
     # the attention as on the loader node: gather anywhere, flex only where it is compiled (CUDA with Triton)
     assert main(["frames", str(src), str(tmp_path / "gather"), "--model", str(single), "--save", "npy",
                  "--device", "cpu", "--attention", "gather"]) == 0
+    assert [p.name for p in sorted((tmp_path / "gather").iterdir())] == [p.name for p in got]
     assert all(np.array_equal(np.load(a), np.load(b))
                for a, b in zip(got, sorted((tmp_path / "gather").iterdir())))
     assert main(["frames", str(src), str(tmp_path / "flex"), "--model", str(single), "--device", "cpu",

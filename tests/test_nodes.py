@@ -179,6 +179,15 @@ def test_the_flow_loaders_download_shows_progress_and_a_cancel_leaves_no_file(co
     assert [done for done, _, _ in fake_comfy.ProgressBar.updates] == [1 << 20, 2 << 20, 3 << 20]
 
 
+def test_a_listed_model_deleted_since_is_a_one_line_error(comfy, tmp_path):
+    from streamvsr.models.shared.errors import UserInputError
+
+    _, nodes = comfy
+    shutil.rmtree(tmp_path / "models" / "streamvsr" / "tiny")
+    with pytest.raises(UserInputError, match="tiny is not in any streamvsr model folder .*press r to refresh"):
+        _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
+
+
 def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):
     """A clone without `git lfs pull`: the loader's first look at the files (their sizes, for ComfyUI's choice of
     precision) says so, instead of a bare MemoryError from reading "version " as a header length."""
@@ -408,10 +417,13 @@ def test_sequence_mistakes_are_reported_before_the_models_load(comfy):
     assert len(mm.calls["load_models_gpu"]) == loads
 
 
-def test_two_alike_upscale_nodes_do_not_share_a_cached_result(comfy):
-    # ComfyUI adds the node id to the cache key of a not-idempotent node only (V3's unique_id does not)
+def test_the_stateful_upscale_nodes_are_marked_not_idempotent(comfy):
+    # Two alike upscale nodes each carry their own sequence, so they must not share a cached result: ComfyUI adds
+    # the node id to the cache key of a not-idempotent node only (V3's unique_id does not). Only the flag is
+    # checked here; the caching itself is ComfyUI's.
     _, nodes = comfy
-    assert nodes["StreamVSRUpscale"].define_schema().kwargs.get("not_idempotent") is True
+    for node_id in ("StreamVSRUpscale", "StreamVSRFlashVSRUpscale"):
+        assert nodes[node_id].define_schema().kwargs.get("not_idempotent") is True, node_id
 
 
 def test_cpu_layers_can_be_turned_off_for_memory(comfy):
@@ -481,7 +493,7 @@ def test_interrupt_keeps_stored_state(monkeypatch, tmp_path, assets):
 def test_a_cancel_during_the_last_frame_does_not_move_the_sequence_on(monkeypatch, tmp_path, assets):
     """The nodes after this one would not run: a sequence moved past frames that reached no one could not give
     them again (a chunk re-queued would be refused)."""
-    _, nodes = _install(monkeypatch, tmp_path, assets, interrupt_after=3)
+    mm, nodes = _install(monkeypatch, tmp_path, assets, interrupt_after=3)
     from streamvsr.nodes import stream_diffvsr as vsr
 
     model, flow = _models(nodes)
@@ -491,7 +503,11 @@ def test_a_cancel_during_the_last_frame_does_not_move_the_sequence_on(monkeypatc
     with pytest.raises(fake_comfy.Interrupted):  # check 4 passes the frames through, check 5 is the cancel...
         _upscale(nodes, model, flow, images[2:3], "31", start_frame=2)
     assert vsr.STREAMS.get("31") is stored
-    # ...so the same chunk can be queued again
+    # ...so the same chunk can be queued again, and gives what one run over the frames gives
+    mm.calls["interrupt_checks"] = -1000
+    (again, _) = _upscale(nodes, model, flow, images[2:3], "31", start_frame=2)
+    want = _reference(model, flow, images[:3], seed=5)
+    assert torch.equal(again[0], want[2])
 
 
 def test_a_chunk_whose_frames_reached_no_node_is_redone_when_queued_again(comfy, caplog):
@@ -627,8 +643,6 @@ def test_video_file_node(comfy, tmp_path):
     from test_video import decode, make_clip
 
     _, nodes = comfy
-    if "StreamVSRVideoUpscale" not in nodes:
-        pytest.skip("no video-file node")
     model, flow = _models(nodes)
     clip = make_clip(tmp_path / "in.mp4", n=3, w=32, h=24)
     node = nodes["StreamVSRVideoUpscale"]
