@@ -73,6 +73,20 @@ def test_hash_mismatch_deletes_the_file(monkeypatch, tmp_path, known_hashes):
     assert calls == []
 
 
+def test_a_checked_file_is_hashed_once_per_process_while_it_is_unchanged(monkeypatch, tmp_path):
+    from streamvsr.models.shared import weights
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x" * 1000)
+    reads = []
+    real_open = open
+    monkeypatch.setattr(weights, "open", lambda *a, **k: reads.append(a[0]) or real_open(*a, **k), raising=False)
+    assert weights.sha256_of(path) == hashlib.sha256(b"x" * 1000).hexdigest()
+    assert weights.sha256_of(path) == hashlib.sha256(b"x" * 1000).hexdigest() and len(reads) == 1
+    path.write_bytes(b"y" * 999)  # damaged since: hashed again
+    assert weights.sha256_of(path) == hashlib.sha256(b"y" * 999).hexdigest() and len(reads) == 2
+
+
 def test_offline_error_says_what_to_download(monkeypatch, tmp_path):
     fake_hub(monkeypatch, fail=OSError("[Errno -3] Temporary failure in name resolution"))
     with pytest.raises(RuntimeError) as err:

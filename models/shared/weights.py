@@ -19,12 +19,22 @@ from .runtime import is_out_of_memory
 log = logging.getLogger(__name__)
 
 
+# (device, inode, size, mtime) -> sha256 of the files hashed in this process
+_DIGESTS: dict[tuple, str] = {}
+
+
 def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The file's sha256, hashed once per process while it stays unchanged: loading a downloaded model again (a
+    ComfyUI loader run after a change of precision) would otherwise read its gigabytes once more."""
+    st = Path(path).stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def check_weights_file(path, hint: str = "") -> None:
