@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("frames", help="upscale a folder of PNG frames (one sequence)")
-    p.add_argument("in_dir", type=user_path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
+    p.add_argument("in_dir", type=user_path,
+                   help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
     p.add_argument("out_dir", type=user_path, help="folder for the upscaled frames (same names)")
     add_model_options(p, dtype_default="fp32", model_required=True)
     p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_frames)
 
     p = sub.add_parser("flow", help="optical flow of consecutive PNG frames (backward-warps frame i-1 onto i)")
-    p.add_argument("in_dir", type=user_path, help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
+    p.add_argument("in_dir", type=user_path,
+                   help="folder of PNG frames, in name order, numbers by value (f2 before f10)")
     p.add_argument("out_dir", type=user_path, help="folder for the flow of each frame after the first")
     p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
     p.add_argument("--save", choices=("npy", "png"), default="npy",
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the weights written (default: fp16 for Stream-DiffVSR; for FlashVSR each "
                         "file's own, fp32 DiT and bf16 LQ projection, so that nothing is lost)")
     p.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
-                   help="FlashVSR only: which release the folder holds (default v1.1); stored in the file")
+                   help="FlashVSR only: which release the folder holds (default: what the DiT's file "
+                        "name says, else v1.1); stored in the file")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it exists (only once the new file is complete; never the source)")
     p.set_defaults(func=commands.cmd_convert)
