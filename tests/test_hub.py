@@ -60,7 +60,9 @@ def test_downloads_only_the_needed_files_once(monkeypatch, tmp_path, known_hashe
 
 def test_hash_mismatch_deletes_the_file(monkeypatch, tmp_path, known_hashes):
     fake_hub(monkeypatch, content=lambda name: b"truncated")
-    with pytest.raises(RuntimeError, match="controlnet/diffusion_pytorch_model.safetensors is corrupt"):
+    with pytest.raises(RuntimeError, match="controlnet/diffusion_pytorch_model.safetensors as downloaded is not the "
+                                           "published file .* Download it again; if it fails the same way, the file "
+                                           "on the hub has changed: update ComfyUI-StreamVSR"):
         hub.download_stream_diffvsr(tmp_path)
     assert not (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
     # a corrupt file left from before is caught without any download

@@ -24,10 +24,17 @@ def download_command(repo: str, dest) -> str:
     return f"{'huggingface-cli' if old else 'hf'} download {repo} --local-dir {dest}"
 
 
-def check_sha256(path: Path, name: str, sha: str | None) -> None:
-    """Delete ``path`` and raise when its sha256 does not start with ``sha`` (a full digest or a prefix)."""
+def check_sha256(path: Path, name: str, sha: str | None, fresh: bool = False) -> None:
+    """Delete ``path`` and raise when its sha256 does not start with ``sha`` (a full digest or a prefix).
+    ``fresh``: the file was just downloaded (the hub client checked its size), so the repository may have
+    changed since these digests were taken: the message says what to do then."""
     if sha is not None and not sha256_of(path).startswith(sha):
         path.unlink(missing_ok=True)
+        if fresh:
+            raise DownloadError(f"{name} as downloaded is not the published file this version of ComfyUI-StreamVSR "
+                                f"knows (its sha256 does not start with {sha[:12]}); it was deleted. Download it "
+                                "again; if it fails the same way, the file on the hub has changed: update "
+                                "ComfyUI-StreamVSR, and report it if the newest version fails too.")
         raise DownloadError(f"{name} is corrupt: its sha256 does not start with {sha[:12]}; it was deleted, "
                             "download it again.")
 
@@ -64,7 +71,7 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
         except Exception as e:  # offline, DNS, HTTP and hub errors come in many types
             raise DownloadError(f"could not download {name} from https://huggingface.co/{repo} "
                                 f"({type(e).__name__}: {e}). " + manual) from None
-        check_sha256(path, name, files[name])
+        check_sha256(path, name, files[name], fresh=True)
     if progress is not None:
         progress(len(missing), len(missing))
     return dest
