@@ -531,6 +531,39 @@ def test_workflows_reference_known_nodes_and_widgets(comfy):
     assert {"fps", "audio", "images"} <= linked  # frame rate and audio from the source
 
 
+@pytest.mark.parametrize("fmt, suffix, codec, gop", [("mpegts", "ts", "libx264", 10), ("mpeg", "mpg", "mpeg1video", 12),
+                                                   ("mpegts", "m2ts", "mpeg2video", 12)])
+def test_range_reader_is_exact_where_seeking_lands_elsewhere(tmp_path, fmt, suffix, codec, gop):
+    """MPEG program and transport streams land a seek on the keyframe after the timestamp asked for, or on a frame
+    labelled with another one's timestamp: every range must still be the frames a decode from the start gives
+    (before: a wrong or missing frame, or an empty last chunk)."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    from streamvsr.video.range import frame_index, read_range
+    from streamvsr.video.reader import FrameReader
+
+    path = tmp_path / f"clip.{suffix}"
+    with av.open(str(path), "w", format=fmt) as c:
+        v = c.add_stream(codec, rate=24, options={"g": str(gop), "bf": "2"})
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        for i in range(60):
+            pixels = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
+            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+    ref = torch.stack([f for _, f, _ in FrameReader(str(path))])
+    assert frame_index(str(path)).count == len(ref) == 60
+    wrong = [start for start in range(60)
+             if not torch.equal(read_range(str(path), start, 4, to_end=start + 4 >= 60), ref[start:start + 4]
+                                if start + 4 < 60 else ref[start:])]
+    assert wrong == []
+    # a chunk far longer than what is left takes memory for what is left only
+    tail = read_range(str(path), 58, 100_000)
+    assert torch.equal(tail, ref[58:]) and tail.untyped_storage().nbytes() == ref[58:].numel() * 4
+
+
 def test_range_reader_equals_decoding_from_the_start(tmp_path):
     """video/range.py: any range, read by seeking, is what FrameReader decodes from the start (keyframes every 10
     frames with B-frames, variable frame timing, a phone video's rotation), and the last range reads to the end."""

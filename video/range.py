@@ -5,8 +5,10 @@ cheap next to decoding, and kept per file while the file is unchanged). To read 
 decoder seeks to the keyframe at or before frame ``start``'s timestamp and decodes from there, dropping the frames
 before it. Frame numbers are those of a decode from the beginning (``reader.FrameReader``), also for variable frame
 rates, and frames come out turned as the file is meant to be seen (``reader.probe_video``'s orientation, as
-``FrameReader`` applies it). Where the timestamps cannot be trusted (packets without them, or a seek that does not land where the index
-says) the range is read by decoding from the beginning instead: slower, same frames.
+``FrameReader`` applies it). A seek is trusted only where decoding starts on a keyframe of the index and gives
+exactly the timestamps the index lists from frame ``start`` on; otherwise it is tried again from further back, and
+where the timestamps cannot be trusted at all (packets without them, seeks that never land right) the range is read
+by decoding from the beginning: slower, same frames.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _lock = threading.Lock()
 class FrameIndex:
     """pts: every frame's presentation timestamp in ``time_base`` units, in order (None when the file's packets
     carry none: then only sequential reading is possible, and ``count`` comes from decoding the whole file).
+    keyframes: the timestamps of the packets the container marks as keyframes (where decoding may start).
     rate: average frame rate. width, height: frame size as displayed. orientation: ``reader.Orientation``."""
 
     count: int
@@ -43,6 +46,7 @@ class FrameIndex:
     width: int
     height: int
     orientation: object = None
+    keyframes: frozenset = frozenset()
 
 
 def _cache_key(source):
@@ -74,7 +78,7 @@ def frame_index(source) -> FrameIndex:
         rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
         time_base = Fraction(stream.time_base or Fraction(1, 90000))
         width, height, orientation = info.width, info.height, info.orientation
-        stamps, trusted = [], True
+        stamps, keyframes, trusted = [], set(), True
         for packet in container.demux(stream):
             if packet.size == 0:  # the flush packet at the end
                 continue
@@ -84,13 +88,16 @@ def frame_index(source) -> FrameIndex:
                 trusted = False
                 break
             stamps.append(int(packet.pts))
+            if packet.is_keyframe:
+                keyframes.add(int(packet.pts))
     finally:
         container.close()
     if trusted:
         # A file cut after a keyframe (a stream copy, a capture) starts with packets the decoder cannot use and
         # drops: they have no frame, and counting them would shift every later frame number.
         stamps = sorted(s for s in stamps if info.first_pts is None or s >= info.first_pts)
-        index = FrameIndex(len(stamps), tuple(stamps), time_base, rate, width, height, orientation)
+        index = FrameIndex(len(stamps), tuple(stamps), time_base, rate, width, height, orientation,
+                           frozenset(keyframes))
     else:
         index = FrameIndex(_count_by_decoding(source), None, time_base, rate, width, height, orientation)
     if key is not None:
@@ -172,40 +179,57 @@ def _empty(index: FrameIndex, channels_last: bool) -> torch.Tensor:
     return torch.empty(shape)
 
 
+# How far before a frame to seek, in seconds, on each try: MPEG program and transport streams (and some others)
+# land on the keyframe after the timestamp asked for, or on a frame labelled with another's timestamp.
+_SEEK_BACK = (0, 1, 4, 16)
+
+
 def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: bool) -> _Frames | None:
+    """The range read from a keyframe before it, or None where no seek could be trusted: decoding must begin at
+    a keyframe of the index and give, from frame ``start`` on, exactly the timestamps the index lists."""
     target = index.pts[start]
-    container, stream = _open_video(source)
-    stream.thread_type = "AUTO"
-    frames = _Frames(count, index, source, start)
-    try:
-        if start > 0:
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                return None
-            if frame.pts < target:
-                continue
-            if not frames and frame.pts != target:
-                log.info("%s: seeking to frame %d landed on another frame; decoding from the start",
-                         describe(source), start)
-                return None
-            frames.append(frame)
-            if len(frames) == count and not to_end:
-                break
-    except UserInputError:
-        raise
-    except Exception as e:  # a container that cannot seek: fall back to decoding from the start
-        log.info("%s: cannot seek (%s); decoding from the start", describe(source), e)
-        return None
-    finally:
-        container.close()
-    return frames
+    expected = index.count - start if to_end else min(count, index.count - start)
+    for back in _SEEK_BACK if start > 0 else (0,):
+        container, stream = _open_video(source)
+        stream.thread_type = "AUTO"
+        frames = _Frames(expected, index, source, start)
+        try:
+            if start > 0:
+                container.seek(max(target - int(back / index.time_base), index.pts[0]), stream=stream,
+                               backward=True, any_frame=False)
+            first = True
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    return None
+                if first and index.keyframes and frame.pts not in index.keyframes:
+                    break  # not where decoding can start: its frames or their labels cannot be trusted
+                first = False
+                if not frames and frame.pts < target:
+                    continue
+                at = start + len(frames)
+                if at < index.count and frame.pts != index.pts[at]:
+                    break  # a frame out of its place: what follows the seek cannot be trusted
+                frames.append(frame)
+                if len(frames) == count and not to_end:
+                    break
+        except UserInputError:
+            raise
+        except Exception as e:  # a container that cannot seek: fall back to decoding from the start
+            log.info("%s: cannot seek (%s); decoding from the start", describe(source), e)
+            return None
+        finally:
+            container.close()
+        if len(frames) >= expected:
+            return frames
+    log.info("%s: seeking to frame %d did not land where the frame index says; decoding from the start",
+             describe(source), start)
+    return None
 
 
 def _read_sequential(source, index: FrameIndex, start: int, count: int, to_end: bool) -> _Frames:
     container, stream = _open_video(source)
     stream.thread_type = "AUTO"
-    frames = _Frames(count, index, source, start)
+    frames = _Frames(max(min(count, index.count - start), 1), index, source, start)
     try:
         for i, frame in enumerate(container.decode(stream)):
             if i < start:
