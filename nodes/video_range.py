@@ -92,6 +92,10 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
         if not last and images.shape[0] < chunk_frames:
             raise UserInputError(f"the video ended at frame {start + images.shape[0]} although its index lists "
                                  f"{total} frames; the file may be damaged")
-        show_text(cls.hidden.unique_id, f"chunk {chunk_index + 1} of {chunks}: frames {start}-"
-                                        f"{start + images.shape[0] - 1} of {total}" + (" (last)" if last else ""))
+        text = f"chunk {chunk_index + 1} of {chunks}: frames {start}-{start + images.shape[0] - 1} of {total}" + (
+            " (last)" if last else "")
+        if index.problem:  # the frames there are can still be upscaled; the user must know some are missing
+            log.warning("StreamVSR: %s; the chunks cover the %d frames it has", index.problem, total)
+            text += f"\nwarning: {index.problem}; the chunks cover the {total} frames it has"
+        show_text(cls.hidden.unique_id, text)
         return io.NodeOutput(images.to(mm.intermediate_device()), start, last, float(index.rate), chunks, total)

@@ -1171,6 +1171,27 @@ def test_matroska_whose_video_starts_late_is_not_called_cut_off(tmp_path, audio)
         upscale_video(FakeEngine(), cut, tmp_path / "cut_out.mkv", codec="lossless")
 
 
+def test_flv_with_b_frames_is_not_called_cut_off(tmp_path):
+    """FLV's header duration is the last frame's end time, and B-frames start an H.264 video a few frames late:
+    a complete file ends on time; one cut short still counts as cut off."""
+    path = tmp_path / "b.flv"
+    with av.open(str(path), "w", format="flv") as c:
+        v = c.add_stream("libx264", rate=24, options={"g": "10", "bf": "2"})
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        for i in range(60):
+            pixels = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
+            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+    assert av.open(str(path)).start_time > 0  # (what made it look short)
+    summary = upscale_video(FakeEngine(), path, tmp_path / "out.mkv", codec="lossless")
+    assert summary["frames"] == 60 and summary["input_problem"] is None
+    with pytest.raises(InputDamagedError):
+        upscale_video(FakeEngine(), cut(path, 0.9, tmp_path / "cut.flv"), tmp_path / "cut_out.mkv",
+                      codec="lossless")
+
+
 def test_a_join_short_of_frames_publishes_nothing_and_keeps_the_work(tmp_path, monkeypatch):
     """Should joining the segments ever lose frames (as FFmpeg's NUT demuxer once made it), the job's work stays
     for a fixed version instead of being replaced by a short file."""

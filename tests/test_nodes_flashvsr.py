@@ -410,6 +410,26 @@ def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
         _run(node, video=FileVideo(clip), chunk_index=3, chunk_frames=4)
 
 
+def test_load_video_chunk_says_when_the_file_was_cut_off(comfy, tmp_path, caplog):
+    """The frames a cut-off file has are still chunked, but not silently (the video-file node refuses such a file
+    unless allow_truncated is on)."""
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    _, nodes = comfy
+    clip = make_clip(tmp_path / "whole.mkv", n=40, w=32, h=24, audio=None, vcodec="ffv1")
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) * 9 // 10])
+    node = nodes["StreamVSRLoadVideoChunk"]
+    _run(node, video=FileVideo(clip), chunk_index=0, chunk_frames=16)
+    assert "ends early" not in caplog.text
+    images, *_, total = _run(node, video=FileVideo(cut), chunk_index=0, chunk_frames=16)
+    assert images.shape[0] == 16 and total < 40
+    assert f"cut.mkv ends early: its header says" in caplog.text and f"the chunks cover the {total} frames" \
+        in caplog.text
+
+
 def test_chunk_loader_into_upscale_equals_one_run(comfy, tmp_path):
     """What the chunked workflow does: Load Video Chunk's start_frame and last_chunk wired into FlashVSR Upscale."""
     pytest.importorskip("av")

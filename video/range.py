@@ -23,7 +23,7 @@ from fractions import Fraction
 import torch
 
 from ..models.shared.errors import UserInputError
-from .reader import describe, frame_to_tensor, open_input, probe_video
+from .reader import describe, frame_to_tensor, open_input, probe_video, shortfall
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class FrameIndex:
     height: int
     orientation: object = None
     keyframes: frozenset = frozenset()
+    problem: str | None = None  # the file ends before its header says (``reader.shortfall``): it was cut off
 
 
 def _cache_key(source):
@@ -77,6 +78,7 @@ def frame_index(source) -> FrameIndex:
     try:
         rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
         time_base = Fraction(stream.time_base or Fraction(1, 90000))
+        start_time = stream.start_time
         width, height, orientation = info.width, info.height, info.orientation
         stamps, keyframes, trusted = [], set(), True
         for packet in container.demux(stream):
@@ -96,8 +98,14 @@ def frame_index(source) -> FrameIndex:
         # A file cut after a keyframe (a stream copy, a capture) starts with packets the decoder cannot use and
         # drops: they have no frame, and counting them would shift every later frame number.
         stamps = sorted(s for s in stamps if info.first_pts is None or s >= info.first_pts)
+        problem = None
+        if stamps:
+            first = start_time if start_time is not None else stamps[0]
+            end = float((stamps[-1] - first) * time_base + 1 / rate)
+            found = shortfall(info, len(stamps), end, source)
+            problem = found.message if found is not None else None
         index = FrameIndex(len(stamps), tuple(stamps), time_base, rate, width, height, orientation,
-                           frozenset(keyframes))
+                           frozenset(keyframes), problem)
     else:
         index = FrameIndex(_count_by_decoding(source), None, time_base, rate, width, height, orientation)
     if key is not None:

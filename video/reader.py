@@ -249,7 +249,11 @@ def _stream_seconds(container, stream) -> float | None:
                 seconds -= max(0.0, float(stream.start_time * stream.time_base))
             return seconds
     if container.duration and only:
-        return container.duration / 1_000_000
+        seconds = container.duration / 1_000_000
+        if "flv" in formats and container.start_time:
+            # FLV's header duration is the last frame's end time: B-frames start the video a few frames late
+            seconds -= max(0.0, container.start_time / 1_000_000)
+        return seconds
     return None
 
 
@@ -375,27 +379,7 @@ class FrameReader:
             tensor = info.orientation.apply(frame_to_tensor(frame)) if index >= self.start else None
             yield index, tensor, pts
             index += 1
-        self.problem = self._shortfall()
-
-    def _shortfall(self) -> InputProblem | None:
-        """A stream that ended cleanly but before its header says it should: a cut-off file. MP4/MOV count their
-        frames; Matroska and others only give a duration, so there the last frame may end up to 1.5 frames early
-        (variable frame rates) before it counts as cut. A header's count that the frames fall short of is only a
-        cut where they also end early: an AVI counts the empty chunks of dropped frames, which decode to nothing,
-        so its frames end on time (its duration, where the container gives none, being its count of frame slots)."""
-        info, decoded, end = self.info, self.decoded, self._end
-        frame_s = float(1 / info.rate) if info.rate else 0.04
-        name = describe(self.source)
-        if info.header_frames and decoded < info.header_frames:
-            expected = info.duration if info.duration is not None or not info.rate else info.header_frames * frame_s
-            if expected is None or end is None or end < expected - 0.5 * frame_s:
-                return InputProblem("truncated", decoded, f"{name} ends early: its header counts "
-                                    f"{info.header_frames} frames, but the data stops after frame {decoded}")
-        elif not info.header_frames and info.duration and end is not None and end < info.duration - 1.5 * frame_s:
-            return InputProblem("truncated", decoded, f"{name} ends early: its header says {info.duration:.3f} s "
-                                f"(about {round(info.duration * info.rate)} frames), but the data stops after "
-                                f"frame {decoded}, at {end:.3f} s")
-        return None
+        self.problem = shortfall(self.info, self.decoded, self._end, self.source)
 
     def close(self) -> None:
         self.container.close()
@@ -405,6 +389,27 @@ class FrameReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def shortfall(info: VideoInfo, decoded: int, end: float | None, source) -> InputProblem | None:
+    """A stream of ``decoded`` frames, the last ending ``end`` seconds after the stream's start, that ended cleanly
+    but before its header says it should: a cut-off file. MP4/MOV count their frames; Matroska and others only
+    give a duration, so there the last frame may end up to 1.5 frames early (variable frame rates) before it
+    counts as cut. A header's count that the frames fall short of is only a cut where they also end early: an AVI
+    counts the empty chunks of dropped frames, which decode to nothing, so its frames end on time (its duration,
+    where the container gives none, being its count of frame slots)."""
+    frame_s = float(1 / info.rate) if info.rate else 0.04
+    name = describe(source)
+    if info.header_frames and decoded < info.header_frames:
+        expected = info.duration if info.duration is not None or not info.rate else info.header_frames * frame_s
+        if expected is None or end is None or end < expected - 0.5 * frame_s:
+            return InputProblem("truncated", decoded, f"{name} ends early: its header counts "
+                                f"{info.header_frames} frames, but the data stops after frame {decoded}")
+    elif not info.header_frames and info.duration and end is not None and end < info.duration - 1.5 * frame_s:
+        return InputProblem("truncated", decoded, f"{name} ends early: its header says {info.duration:.3f} s "
+                            f"(about {round(info.duration * info.rate)} frames), but the data stops after "
+                            f"frame {decoded}, at {end:.3f} s")
+    return None
 
 
 def read_frames(source, start: int = 0) -> Iterator[tuple[int, torch.Tensor, int]]:
