@@ -24,7 +24,7 @@ import comfy.utils
 
 from ..models.flashvsr import load_pipeline
 from ..models.flashvsr.attention import choose_attention
-from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState
+from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState, held_back
 from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
 from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
@@ -50,7 +50,7 @@ OOM_ADVICE = (
     "the CPU (--cpu, very slow).")
 
 # Sequences carried across queue runs (see streams.py), one per FlashVSR Upscale node.
-STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState)
+STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState, pending=held_back)
 
 # Tooltips shared by the upscale node and the settings node.
 TIPS = {
@@ -311,7 +311,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         # past frames that reached no one could not give them again.
         mm.throw_exception_if_processing_interrupted()
         STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index,
-                                          redo_state(start, state, start_frame)))
+                                          redo_state(start, state, start_frame), start.frame_index + b))
         if done < out.shape[0]:
             out = out[:done].clone()  # a view would keep the whole buffer alive in ComfyUI's cache
         if done == 0:

@@ -236,5 +236,5 @@ class StreamVSRUpscale(io.ComfyNode):
         # past frames that reached no one could not give them again.
         mm.throw_exception_if_processing_interrupted()
         STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index,
-                                          redo_state(start, state, start_frame)))
+                                          redo_state(start, state, start_frame), start.frame_index + b))
         return io.NodeOutput(out, final)

@@ -32,6 +32,8 @@ class StoredStream:
     run_start: the frame the run that made it started from (``state.frame_index`` before it).
     run_start_state: the state that run started from, for a chunk that continued the stored stream (see
     ``REDO_MAX_BYTES``): queued again, that chunk is redone from it instead of refused.
+    run_end: the frame after that run's last input frame (None where not known), which the state no longer tells
+    once the run ended its sequence.
     """
 
     model_key: str
@@ -39,6 +41,7 @@ class StoredStream:
     origin: tuple | None = None
     run_start: int = 0
     run_start_state: Any = None
+    run_end: int | None = None
 
 
 # A chunk whose frames reached no node (a later node failed, or the queue was cancelled after it) can be queued again
@@ -74,20 +77,28 @@ def state_bytes(state: Any) -> int:
 
 
 class StreamStore:
-    """node id -> StoredStream, at most ``capacity`` nodes (least recently used dropped first), for the upscale
-    node called ``node_name``, whose states are ``state_type``.
+    """node id -> StoredStream, at most ``capacity`` nodes, for the upscale node called ``node_name``, whose states
+    are ``state_type``. Over capacity the least recently used stream that holds no frames back is dropped
+    (``pending(state)``: frames a state holds back), else the least recently used; a node whose stream was dropped
+    is told so when it continues it, and refused where frames were lost with it.
 
     ``version`` changes whenever a run replaces a stream in a way that a cached result of a run that depends on
     its inputs alone could no longer reproduce (see ``fingerprint``), so ComfyUI's output cache never skips a run
     whose side effect on the store is still needed.
     """
 
-    def __init__(self, node_name: str, state_type: type, capacity: int = 8):
+    def __init__(self, node_name: str, state_type: type, capacity: int = 8,
+                 pending: Callable[[Any], int] | None = None):
         self.node_name, self.state_type = node_name, state_type
         self.capacity = capacity
+        self.pending = pending
         self.version = 0
         self._streams: OrderedDict[str, StoredStream] = OrderedDict()
+        self._dropped: OrderedDict[str, int] = OrderedDict()  # node id -> frames its dropped stream held back
         self._lock = threading.Lock()
+
+    def _held(self, stream: StoredStream) -> int:
+        return self.pending(stream.state) if self.pending is not None else 0
 
     def get(self, node_id: str) -> StoredStream | None:
         with self._lock:
@@ -108,16 +119,34 @@ class StreamStore:
                                          and previous.origin != stream.origin):
                 self.version += 1
             self._streams[node_id] = stream
+            self._dropped.pop(node_id, None)
             while len(self._streams) > self.capacity:
-                dropped, _ = self._streams.popitem(last=False)
+                dropped = next((k for k, v in self._streams.items() if not self._held(v)), None)
+                dropped = dropped if dropped is not None else next(iter(self._streams))
+                held = self._held(self._streams.pop(dropped))
+                self._dropped[dropped] = held
+                while len(self._dropped) > 256:
+                    self._dropped.popitem(last=False)
                 # A cached result of that node's last run no longer stands for a stream in the store
                 self.version += 1
-                log.warning("StreamVSR: dropped the stored sequence of node %s (more than %d upscale nodes keep "
-                            "one); a continue_sequence run of it starts a new sequence", dropped, self.capacity)
+                lost = f", and with it the {held} frames it held back" if held else ""
+                log.warning("StreamVSR: dropped the stored sequence of node %s%s (more than %d %s nodes keep one)",
+                            dropped, lost, self.capacity, self.node_name)
+
+    def _dropped_reason(self, node_id: str) -> str | None:
+        """Why node ``node_id`` has no stored stream, where it had one that was dropped."""
+        with self._lock:
+            if node_id not in self._dropped:
+                return None
+            held = self._dropped[node_id]
+        lost = f" together with the {held} frames it held back for look-ahead," if held else ""
+        return (f"its stored sequence was dropped{lost} because more than {self.capacity} {self.node_name} nodes "
+                "kept one; use fewer such nodes at a time")
 
     def clear(self) -> None:
         with self._lock:
             self._streams.clear()
+            self._dropped.clear()
             self.version += 1
 
     def fingerprint(self, continue_sequence: bool):
@@ -167,7 +196,14 @@ class StreamStore:
         held = pending(stored.state) if stored is not None and pending is not None else 0
         lost = (f"; the {held} frames its last run held back for look-ahead are dropped (a run with last_chunk on "
                 "returns them)") if held else ""
-        if stored is None:
+        dropped = self._dropped_reason(node_id) if stored is None else None
+        if dropped is not None and self._dropped.get(node_id):
+            raise UserInputError(f"{self.node_name} node {node_id} cannot continue its sequence: {dropped}. Set "
+                                 "continue_sequence to restart and queue the frames again from the start")
+        if dropped is not None:
+            log.warning("StreamVSR: node %s cannot continue its sequence: %s; starting a new sequence", node_id,
+                        dropped)
+        elif stored is None:
             log.info("StreamVSR: node %s has no previous run to continue; starting a new sequence", node_id)
         elif stored.model_key != model_key:
             log.warning("StreamVSR: the model, precision, seed, steps, flow model or settings changed since the last "
@@ -187,6 +223,9 @@ class StreamStore:
         stored = self.get(node_id)
         where = f"this chunk starts at frame {start_frame}"
         if stored is None:
+            dropped = self._dropped_reason(node_id)
+            if dropped is not None:
+                raise UserInputError(f"{where}, but {dropped}: set the chunk index to 0 and queue again from there")
             raise UserInputError(f"{where}, but this node has no earlier chunk to continue (after a restart of "
                                  "ComfyUI, or a first run): set the chunk index to 0 and queue again from there")
         if stored.model_key != model_key:
@@ -199,6 +238,11 @@ class StreamStore:
             log.warning("StreamVSR: node %s upscaled the chunk at frame %d already (it is queued again, or a later "
                         "node failed); upscaling it again from the state it started from", node_id, start_frame)
             return redo
+        if previous.frame_index == 0 and stored.run_end == start_frame:
+            raise UserInputError(f"{where}, right after the last run of this node, but that run ended the sequence "
+                                 "as a last chunk does: connect Load Video Chunk's last_chunk output to this node's "
+                                 "last_chunk (left on, every chunk ends the sequence), then set the chunk index to 0 "
+                                 "to start again")
         if previous.frame_index == 0:
             raise UserInputError(f"{where}, but the last run of this node ended its sequence (it was the last "
                                  "chunk): set the chunk index to 0 to start again")

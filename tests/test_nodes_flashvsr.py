@@ -262,6 +262,10 @@ def test_chunk_errors_and_restarts(comfy, whole30, caplog):
     assert flashvsr.STREAMS.get("4") is stored  # failed runs leave the sequence as it was
     _upscale(nodes, model, whole30[8:16], "4", start_frame=8, last_chunk=True)
     with pytest.raises(ValueError, match="ended its sequence"):
+        _upscale(nodes, model, whole30[24:30], "4", start_frame=24)
+    # the next chunk after a run that ended the sequence: last_chunk left on, not wired to Load Video Chunk
+    with pytest.raises(ValueError, match="frame 16, right after the last run of this node, but that run ended the "
+                                         "sequence as a last chunk does: connect Load Video Chunk's last_chunk"):
         _upscale(nodes, model, whole30[16:24], "4", start_frame=16)
     # continue_sequence after a last chunk starts anew, and says so
     with caplog.at_level("WARNING"):
@@ -313,6 +317,34 @@ def test_state_socket_and_fingerprint(comfy, whole30):
     key = fp(continue_sequence=False)
     _upscale(nodes, model, whole30[:9], "9", last_chunk=False)
     assert fp(continue_sequence=False) != key
+
+
+def test_more_upscale_nodes_than_the_store_keeps(comfy, whole30, caplog):
+    """Over capacity, a stream holding no frames back goes first; a node whose frames went with its stream is
+    refused with the reason, not restarted as if it had never run."""
+    from streamvsr.nodes import flashvsr
+
+    _, nodes = comfy
+    model = _load(nodes)
+    capacity = flashvsr.STREAMS.capacity
+    _upscale(nodes, model, whole30[:4], "empty", last_chunk=True)  # least recently used, holds nothing back
+    for i in range(capacity):
+        _upscale(nodes, model, whole30[:4], f"held{i}", last_chunk=False)
+    assert flashvsr.STREAMS.get("empty") is None and flashvsr.STREAMS.get("held0") is not None
+    _upscale(nodes, model, whole30[:4], "one more", last_chunk=False)  # now every candidate holds frames back
+    assert flashvsr.STREAMS.get("held0") is None
+    assert "dropped the stored sequence of node held0, and with it the 4 frames it held back" in caplog.text
+    with pytest.raises(ValueError, match="cannot continue its sequence: its stored sequence was dropped together "
+                                         "with the 4 frames it held back"):
+        _upscale(nodes, model, whole30[4:8], "held0", continue_sequence=True, last_chunk=False)
+    with pytest.raises(ValueError, match="starts at frame 4, but its stored sequence was dropped together with the "
+                                         "4 frames"):
+        _upscale(nodes, model, whole30[4:8], "held0", start_frame=4, last_chunk=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a dropped stream that held nothing back: a new sequence, said plainly
+        out, _, _ = _upscale(nodes, model, whole30[4:8], "empty", continue_sequence=True)
+    assert out.shape[0] == 4 and "node empty cannot continue its sequence: its stored sequence was dropped" in \
+        caplog.text
 
 
 def test_trim_wan_vae_decode(comfy, whole30):

@@ -135,6 +135,11 @@ def check_size(h: int, w: int, scale: int = 4, sparse_ratio: float = 2.0, **_opt
     topk_budget(sparse_ratio, *padded_size(*output_size(h, w, scale)))
 
 
+def held_back(state: FlashVSRState) -> int:
+    """Frames pushed into ``state``'s sequence and not yet returned (the engine's ``pending``)."""
+    return state.frame_index - state.emitted
+
+
 def new_state(seed: int) -> FlashVSRState:
     generator = torch.Generator("cpu")
     generator.manual_seed(int(seed))
@@ -188,7 +193,7 @@ class FlashVSREngine:
         return new_state(seed)
 
     def pending(self, state: FlashVSRState) -> int:
-        return state.frame_index - state.emitted
+        return held_back(state)
 
     def check_size(self, h: int, w: int) -> None:
         check_size(h, w, self.scale, self.sparse_ratio)
