@@ -616,6 +616,61 @@ def test_range_reader_is_exact_where_seeking_lands_elsewhere(tmp_path, fmt, suff
     assert torch.equal(tail, ref[58:]) and tail.untyped_storage().nbytes() == ref[58:].numel() * 4
 
 
+def test_range_reader_decodes_a_damaged_file_as_the_reader_does(tmp_path):
+    """Frame-threaded decoding conceals damage differently from the reader's (no frame threads): chunks of a file
+    with damaged bytes must still be the frames the video-file node would upscale."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    from streamvsr.video.range import read_range
+    from streamvsr.video.reader import FrameReader
+
+    path = tmp_path / "clip.ts"
+    with av.open(str(path), "w", format="mpegts") as c:
+        v = c.add_stream("libx264", rate=24)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        for i in range(40):
+            pixels = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
+            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 400] = b"\xff" * 400
+    path.write_bytes(bytes(data))
+    ref = torch.stack([f for _, f, _ in FrameReader(str(path))])
+    got = torch.cat([read_range(str(path), s, 10, to_end=s + 10 >= len(ref)) for s in range(0, len(ref), 10)])
+    assert got.shape == ref.shape and torch.equal(got, ref)
+
+
+
+def test_range_reader_reports_a_decoding_error_in_one_line(tmp_path, monkeypatch):
+    av = pytest.importorskip("av")
+    from test_video import make_clip
+
+    from streamvsr.models.shared.errors import InputDamagedError
+    from streamvsr.video import range as video_range
+
+    clip = make_clip(tmp_path / "clip.mp4", n=6, w=32, h=24, audio=None)
+    video_range.frame_index(str(clip))
+    real = video_range.open_video
+
+    def failing(source):
+        container, stream = real(source)
+
+        def decode(*args):
+            for i, frame in enumerate(container.__class__.decode(container, *args)):
+                if i == 3:
+                    raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+                yield frame
+
+        return types.SimpleNamespace(decode=decode, seek=container.seek, close=container.close), stream
+
+    monkeypatch.setattr(video_range, "open_video", failing)
+    with pytest.raises(InputDamagedError, match=r"clip.mp4 is damaged: decoding stopped at frame 3 \(Invalid data"):
+        video_range.read_range(str(clip), 0, 6)
+
+
 def test_range_reader_equals_decoding_from_the_start(tmp_path):
     """video/range.py: any range, read by seeking, is what FrameReader decodes from the start (keyframes every 10
     frames with B-frames, variable frame timing, a phone video's rotation), and the last range reads to the end."""

@@ -22,8 +22,8 @@ from fractions import Fraction
 
 import torch
 
-from ..models.shared.errors import UserInputError
-from .reader import describe, frame_to_tensor, open_input, probe_video, shortfall
+from ..models.shared.errors import InputDamagedError, UserInputError
+from .reader import describe, frame_to_tensor, open_video, probe_video, reason, shortfall
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,6 @@ def _cache_key(source):
     return None  # in-memory videos are indexed every time
 
 
-def _open_video(source):
-    container = open_input(source)
-    if not container.streams.video:
-        container.close()
-        raise UserInputError(f"{describe(source)} has no video stream")
-    return container, container.streams.video[0]
-
-
 def frame_index(source) -> FrameIndex:
     """The frame index of the first video stream of ``source`` (a path, bytes or a binary file object)."""
     key = _cache_key(source)
@@ -74,7 +66,7 @@ def frame_index(source) -> FrameIndex:
                 _cache.move_to_end(key)
                 return _cache[key]
     info = probe_video(source)  # also reports an unreadable or damaged file in one line
-    container, stream = _open_video(source)
+    container, stream = open_video(source)
     try:
         rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
         time_base = Fraction(stream.time_base or Fraction(1, 90000))
@@ -117,7 +109,7 @@ def frame_index(source) -> FrameIndex:
 
 
 def _count_by_decoding(source) -> int:
-    container, stream = _open_video(source)
+    container, stream = open_video(source)
     try:
         return sum(1 for _ in container.decode(stream))
     finally:
@@ -198,8 +190,7 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
     target = index.pts[start]
     expected = index.count - start if to_end else min(count, index.count - start)
     for back in _SEEK_BACK if start > 0 else (0,):
-        container, stream = _open_video(source)
-        stream.thread_type = "AUTO"
+        container, stream = open_video(source)
         frames = _Frames(expected, index, source, start)
         try:
             if start > 0:
@@ -235,16 +226,23 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
 
 
 def _read_sequential(source, index: FrameIndex, start: int, count: int, to_end: bool) -> _Frames:
-    container, stream = _open_video(source)
-    stream.thread_type = "AUTO"
+    import av
+
+    container, stream = open_video(source)
     frames = _Frames(max(min(count, index.count - start), 1), index, source, start)
+    decoded = 0
     try:
-        for i, frame in enumerate(container.decode(stream)):
-            if i < start:
+        for frame in container.decode(stream):
+            decoded += 1
+            if decoded <= start:
                 continue
             frames.append(frame)
             if len(frames) == count and not to_end:
                 break
+    except (av.FFmpegError, OSError) as e:
+        raise InputDamagedError(f"{describe(source)} is damaged: decoding stopped at frame {decoded} ({reason(e)}); "
+                                "cut the video before that frame, or repair it (e.g. re-encode it with FFmpeg)",
+                                frames=decoded) from None
     finally:
         container.close()
     return frames

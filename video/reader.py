@@ -132,7 +132,8 @@ def describe(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "the input video (in memory)"
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
+    """An FFmpeg error as a phrase (its message without the errno)."""
     text = getattr(e, "strerror", None) or str(e)
     return text.rstrip(".")
 
@@ -166,10 +167,10 @@ def open_input(source):
             source.seek(0)
         return av.open(source)
     except av.FFmpegError as e:
-        raise UserInputError(f"{describe(source)} cannot be read as a video ({_reason(e)}); is it a video file, "
+        raise UserInputError(f"{describe(source)} cannot be read as a video ({reason(e)}); is it a video file, "
                              "and complete?") from None
     except OSError as e:
-        raise UserInputError(f"cannot read {describe(source)}: {_reason(e)}") from None
+        raise UserInputError(f"cannot read {describe(source)}: {reason(e)}") from None
 
 
 def reopenable(source):
@@ -267,7 +268,9 @@ def _header_frames(stream) -> int:
         return 0
 
 
-def _open_video(source):
+def open_video(source):
+    """The container and its first video stream, decoded without frame threading (see the module docstring); a
+    one-line error for a file without video."""
     container = open_input(source)
     if not container.streams.video:
         kinds = {}
@@ -290,13 +293,13 @@ def probe_video(source) -> VideoInfo:
 
     if isinstance(source, (str, os.PathLike)):
         check_input_file(source)
-    container, stream = _open_video(source)
+    container, stream = open_video(source)
     try:
         try:
             first = next(iter(container.decode(stream)), None)
         except av.FFmpegError as e:
             raise InputDamagedError(f"{describe(source)} is damaged: its first frame cannot be decoded "
-                                    f"({_reason(e)})") from None
+                                    f"({reason(e)})") from None
         if first is None:
             raise InputDamagedError(f"{describe(source)} has no video frames that can be decoded")
         orientation = _frame_orientation(first, stream)
@@ -332,7 +335,7 @@ class FrameReader:
     def __init__(self, source, start: int = 0, info: VideoInfo | None = None):
         self.info = info if info is not None else probe_video(source)
         self.source = source
-        self.container, self.stream = _open_video(source)
+        self.container, self.stream = open_video(source)
         self.start = start
         self.decoded = 0
         self.problem: InputProblem | None = None
@@ -355,7 +358,7 @@ class FrameReader:
             except (av.FFmpegError, OSError) as e:
                 of = f" of the {info.header_frames} its header counts" if info.header_frames > index else ""
                 self.problem = InputProblem("damaged", index, f"{describe(self.source)} is damaged or cut off: "
-                                            f"decoding stopped at frame {index}{of} ({_reason(e)})")
+                                            f"decoding stopped at frame {index}{of} ({reason(e)})")
                 return
             if (frame.width, frame.height) != info.stored_size:
                 self.problem = InputProblem(
