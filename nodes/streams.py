@@ -178,6 +178,10 @@ class StreamStore:
                 raise UserInputError(
                     f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
                     f"frames are {size[1]}x{size[0]}: disconnect the state input to start a new sequence")
+            if start_frame is not None and int(start_frame) != state.frame_index:
+                raise UserInputError(f"the state input ended its sequence at frame {state.frame_index}, but "
+                                     f"start_frame says this chunk starts at frame {int(start_frame)}: connect one "
+                                     "of the two, not both")
             if state.frame_index == 0:
                 # as continue_sequence does: the same frames and seed give the same result whichever way they came
                 log.info("StreamVSR: the state input ended its sequence (last chunk); node %s starts a new one",

@@ -415,6 +415,15 @@ def test_sequence_mistakes_are_reported_before_the_models_load(comfy):
     with pytest.raises(ValueError, match="another kind of upscale node.*Stream Upscale"):
         _upscale(nodes, model, flow, _frames(2), "60", state=flashvsr_state(1))
     assert len(mm.calls["load_models_gpu"]) == loads
+    # a state input and a start_frame that disagree: which one is meant cannot be guessed
+    _, state = _upscale(nodes, model, flow, _frames(2), "61")
+    loads = len(mm.calls["load_models_gpu"])
+    with pytest.raises(ValueError, match="ended its sequence at frame 2, but start_frame says this chunk starts at "
+                                         "frame 4: connect one of the two"):
+        _upscale(nodes, model, flow, _frames(2), "62", state=state, start_frame=4)
+    assert len(mm.calls["load_models_gpu"]) == loads
+    out, _ = _upscale(nodes, model, flow, _frames(3)[2:], "62", state=state, start_frame=2)
+    assert out.shape[0] == 1
 
 
 def test_the_stateful_upscale_nodes_are_marked_not_idempotent(comfy):
