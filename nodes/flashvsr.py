@@ -24,7 +24,9 @@ import comfy.utils
 
 from ..models.flashvsr import load_pipeline
 from ..models.flashvsr.attention import choose_attention
+from ..models.flashvsr.color import color_fix
 from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState, held_back
+from ..models.flashvsr.frames import condition_video, quantize_8bit
 from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
 from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
@@ -40,6 +42,7 @@ VERSIONS = ["v1.1", "v1"]
 COLOR_FIXES = ["adain", "wavelet", "none"]
 DEFAULT_SETTINGS = {"scale": 4, "sparse_ratio": 2.0, "local_range": 11, "kv_ratio": 3.0, "color_fix": "adain"}
 FRAMES_PER_PUSH = 8  # one DiT chunk's worth: each push runs at most one chunk (interrupt and progress per chunk)
+COLOR_FIX_BATCH = 8  # frames colour-corrected at a time after a Wan VAE decode (each needs its full-size reference)
 
 OOM_ADVICE = (
     "FlashVSR ran out of memory on {w}x{h} frames ({W}x{H} output). Try, in this order: kv_ratio 2 instead of 3 "
@@ -317,13 +320,20 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         if done == 0:
             log.info("FlashVSR: node %s holds all %d frames of this run back for look-ahead; they come out with "
                      "the next chunk", node_id, b)
-        return io.NodeOutput(out, final, wan_latent(latents, first, done, H, W, bool(last_chunk)))
+        # The LR frames (8 bits, as FlashVSR reads them) for the colour fix after a Wan VAE decode, which only a
+        # whole clip in one run allows
+        whole = start.frame_index == 0 and bool(last_chunk)
+        lr = quantize_8bit(frames).cpu() if whole and engine.color_fix != "none" else None
+        return io.NodeOutput(out, final, wan_latent(latents, first, done, H, W, bool(last_chunk),
+                                                    (engine.color_fix, engine.scale, lr)))
 
 
-def wan_latent(latents: list, first_frame: int, frames: int, height: int, width: int, complete: bool) -> dict:
+def wan_latent(latents: list, first_frame: int, frames: int, height: int, width: int, complete: bool,
+               color: tuple = ("none", 4, None)) -> dict:
     """This run's latents as a ComfyUI LATENT in the Wan 2.1 format: {"samples": (1, 16, T, H/8, W/8)} in the VAE's
     own scale (the DiT's normalised latents x std + mean, what core VAE Decode expects), plus what Trim Wan VAE
-    Decode needs: the run's first output frame, its frame count and the output size."""
+    Decode needs: the run's first output frame, its frame count, the output size, and for the colour fix
+    ``color`` = (method, scale, the LR frames as uint8 (n, h, w, 3), or None where the method is none)."""
     import comfy.latent_formats
 
     if latents:
@@ -333,7 +343,8 @@ def wan_latent(latents: list, first_frame: int, frames: int, height: int, width:
         samples = torch.zeros(1, 16, 0, hp // 8, wp // 8)
     return {"samples": samples.to(mm.intermediate_device()),
             "streamvsr_flashvsr": {"first_frame": int(first_frame), "frames": int(frames), "height": int(height),
-                                   "width": int(width), "complete": complete}}
+                                   "width": int(width), "complete": complete, "color_fix": color[0],
+                                   "scale": color[1], "lr_frames": color[2]}}
 
 
 class StreamVSRFlashVSRSettings(io.ComfyNode):
@@ -364,8 +375,10 @@ class StreamVSRFlashVSRTrimDecoded(io.ComfyNode):
             node_id="StreamVSRFlashVSRTrimDecoded",
             display_name="Trim Wan VAE Decode (FlashVSR)",
             category=CATEGORY,
-            description="Cuts core VAE Decode's output of FlashVSR Upscale's latent to the upscaled frames: FlashVSR "
-                        "works on sizes padded to multiples of 128 and frame counts padded for look-ahead.",
+            description="Cuts core VAE Decode's output of FlashVSR Upscale's latent to the upscaled frames (FlashVSR "
+                        "works on sizes padded to multiples of 128 and frame counts padded for look-ahead) and "
+                        "applies the upscale node's colour fix against its input frames, as the official full "
+                        "decode does.",
             inputs=[
                 io.Image.Input("images", tooltip="From VAE Decode (Wan 2.1 VAE) of FlashVSR Upscale's latent."),
                 io.Latent.Input("latent", tooltip="The latent that was decoded (FlashVSR Upscale's latent output)."),
@@ -387,4 +400,20 @@ class StreamVSRFlashVSRTrimDecoded(io.ComfyNode):
         if images.ndim != 4 or images.shape[0] < n or images.shape[1] < hh or images.shape[2] < ww:
             raise UserInputError(f"expected the VAE decode of this latent (at least {n} frames of {ww}x{hh}), got "
                                  f"images of shape {tuple(images.shape)}")
-        return io.NodeOutput(images[:n, :hh, :ww, :3])
+        images = images[:n, :hh, :ww, :3]
+        method = info.get("color_fix", "none")
+        if method == "none":
+            return io.NodeOutput(images)
+        lr = info.get("lr_frames")
+        if lr is None or lr.shape[0] != n:
+            raise UserInputError("this latent lacks the input frames the colour fix needs: upscale the clip again "
+                                 "with this version of FlashVSR Upscale")
+        out = torch.empty_like(images, device=mm.intermediate_device())
+        for i in range(0, n, COLOR_FIX_BATCH):  # one batch of full-size reference frames at a time
+            mm.throw_exception_if_processing_interrupted()
+            reference = condition_video(lr[i: i + COLOR_FIX_BATCH].float() / 255, info["scale"], channels_last=True)
+            reference = reference[0, :, :, :hh, :ww].transpose(0, 1)  # (frames, 3, H, W), the padding cut off
+            decoded = images[i: i + COLOR_FIX_BATCH].permute(0, 3, 1, 2).float().cpu() * 2 - 1
+            fixed = color_fix(decoded, reference, method).clamp(-1, 1)
+            out[i: i + fixed.shape[0]] = ((fixed + 1) / 2).permute(0, 2, 3, 1).to(out.device)
+        return io.NodeOutput(out)

@@ -348,14 +348,34 @@ def test_more_upscale_nodes_than_the_store_keeps(comfy, whole30, caplog):
 
 
 def test_trim_wan_vae_decode(comfy, whole30):
+    import numpy as np
+    from PIL import Image
+
     _, nodes = comfy
     model = _load(nodes)
-    out, _, latent = _upscale(nodes, model, _frames(5, h=24, w=40))
+    lr = _frames(5, h=24, w=40)
+    out, _, latent = _upscale(nodes, model, lr, color_fix="none")
     assert out.shape == (5, 96, 160, 3)
     t = latent["samples"].shape[2]
     decoded = torch.rand(4 * t - 3, 128, 256, 3)  # what VAE Decode makes of it: padded frames and sides
     (trimmed,) = _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded, latent=latent)
     assert torch.equal(trimmed, decoded[:5, :96, :160])
+    # With a colour fix, the official full decode's: per frame and channel, the decoded frame in [-1, 1] takes the
+    # mean and standard deviation (population, eps 1e-5) of the 8-bit LR frame upscaled with PIL's bicubic filter
+    # (spec section 1.7), clamped to [-1, 1]
+    _, _, latent = _upscale(nodes, model, lr, "8", color_fix="adain")
+    (fixed,) = _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded, latent=latent)
+    for i in range(5):
+        pixels = (lr[i].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        up = np.asarray(Image.fromarray(pixels).resize((160, 96), Image.BICUBIC), dtype=np.float32) / 255 * 2 - 1
+        ref = torch.from_numpy(up).reshape(-1, 3).double()
+        x = decoded[i, :96, :160].reshape(-1, 3).double() * 2 - 1
+        want = (x - x.mean(0)) / (x.var(0, unbiased=False) + 1e-5).sqrt() * (ref.var(0, unbiased=False) + 1e-5).sqrt()
+        want = ((want + ref.mean(0)).clamp(-1, 1) + 1) / 2
+        assert torch.allclose(fixed[i].reshape(-1, 3).double(), want, atol=1e-5), i
+    latent["streamvsr_flashvsr"]["lr_frames"] = None  # a latent from before the colour fix was kept with it
+    with pytest.raises(ValueError, match="lacks the input frames the colour fix needs"):
+        _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded, latent=latent)
     _, _, partial = _upscale(nodes, model, whole30[:26], "9", last_chunk=False)
     _, _, rest = _upscale(nodes, model, whole30[26:], "9", continue_sequence=True)
     with pytest.raises(ValueError, match="whole clip"):
