@@ -188,8 +188,11 @@ def test_whole_clip_equals_engine_with_latents_and_model_management(comfy, whole
     std = fake_comfy.Wan21.latents_std.view(1, 16, 1, 1, 1)
     mean = fake_comfy.Wan21.latents_mean.view(1, 16, 1, 1, 1)
     assert torch.allclose(samples, latents * std + mean, atol=1e-6)
-    assert latent["streamvsr_flashvsr"] == {"first_frame": 0, "frames": 6, "height": 128, "width": 128,
-                                            "complete": True}
+    info = dict(latent["streamvsr_flashvsr"])
+    lr = info.pop("lr_frames")
+    assert info == {"first_frame": 0, "frames": 6, "height": 128, "width": 128, "complete": True,
+                    "color_fix": "adain", "scale": 4}
+    assert lr.dtype == torch.uint8 and torch.equal(lr, (images * 255).round().to(torch.uint8))
     # ComfyUI was asked for room for the DiT plus the activation estimate; the decoder is loaded whole
     (core_call, decoder_call) = mm.calls["load_models_gpu"][-2:]
     assert core_call[0] == [model.core] and decoder_call[0] == [model.decoder]
