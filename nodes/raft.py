@@ -156,6 +156,7 @@ class StreamVSRFlowToImage(io.ComfyNode):
         if flow.ndim != 4 or flow.shape[0] == 0 or flow.shape[-1] != 2:
             raise ValueError(f"Flow to Image expects flows shaped (pairs, height, width, 2), got {tuple(flow.shape)}")
         flows = flow.detach().cpu().numpy()
-        peak = max_magnitude or float(np.sqrt((flows ** 2).sum(-1)).max()) or 1.0
+        # (a NaN in one field must not set the scale of every frame: flow_to_image draws it as zero motion)
+        peak = max_magnitude or float(np.nan_to_num(np.sqrt((flows ** 2).sum(-1))).max()) or 1.0
         images = np.stack([flow_to_image(f, peak) for f in flows]).astype(np.float32) / 255
         return io.NodeOutput(torch.from_numpy(images).to(mm.intermediate_device()))

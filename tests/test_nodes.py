@@ -627,6 +627,11 @@ def test_flow_nodes(comfy):
     (vis,) = _run(nodes["StreamVSRFlowToImage"], flow=right, max_magnitude=3.0)
     assert torch.equal(vis[0], vis[0, :1, :1].expand_as(vis[0]))
     assert torch.allclose(vis[1], torch.ones_like(vis[1]))
+    # the scale of a batch with a NaN somewhere is that of its finite motion
+    damaged = right.clone()
+    damaged[1, 0, 0, 0] = float("nan")
+    (vis_nan,) = _run(nodes["StreamVSRFlowToImage"], flow=damaged, max_magnitude=0.0)
+    assert torch.equal(vis_nan[0], vis[0])
     with pytest.raises(ValueError, match="at least 2"):
         _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=images[:1])
     gray = images[..., :1]
