@@ -124,8 +124,10 @@ def main() -> None:
         for n in (int(v) for v in args.frames.split(",")):
             cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--flow", args.flow,
                    "--frames", str(n), "--size", args.size, "--steps", str(args.steps), "--device", args.device]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:  # the worker's own error, not only its exit status
+                raise RuntimeError(f"the worker for {n} frames failed:\n{run.stderr[-3000:]}")
+            rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
     print(f"\nLR {args.size} -> x4, {args.steps} steps, device {args.device}\n")
     cuda = "peak_cuda_mb" in rows[0]

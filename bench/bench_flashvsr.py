@@ -95,6 +95,8 @@ def run_chunks(size: str, frames: int, device: str, dtype_name: str) -> dict:
         out_count += out.shape[0]
     t0 = time.perf_counter()
     out, state = engine.flush(state)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
     out_count += out.shape[0]
     result = {"size": size, "frames": frames, "outputs": out_count, "chunk_s": [round(t, 2) for t in times],

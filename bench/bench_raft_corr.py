@@ -86,7 +86,9 @@ def main() -> None:
                    "--updates", str(args.updates), "--corr", corr, "--h", str(h), "--w", str(w)]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:
-                rows.append((w, h, corr, None, "failed: " + run.stderr.strip().splitlines()[-1][:80]))
+                # (a worker killed for memory prints nothing)
+                last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+                rows.append((w, h, corr, None, "failed: " + last[:80]))
             else:
                 rows.append((w, h, corr, json.loads(run.stdout.strip().splitlines()[-1]), ""))
             print(rows[-1], file=sys.stderr)

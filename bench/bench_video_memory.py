@@ -156,7 +156,8 @@ def main() -> None:
             out.unlink()
     base = rows[0]["peak_rss_mb"]
     mode = "`streamvsr upscale` (frames/s include start-up)" if args.via_cli else "upscale_video loop"
-    print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.codec}, {args.steps} steps, RAFT {args.flow_iters} iterations, "
+    iters = 12 if args.via_cli else args.flow_iters  # (the command line runs RAFT's official 12)
+    print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.codec}, {args.steps} steps, RAFT {iters} iterations, "
           f"device {args.device}, {mode}\nmachine: {machine()}\n")
     cuda = "peak_cuda_mb" in rows[0]
     print("| frames | written | frames/s | time s | peak RSS MB | vs first |" + (" peak CUDA MB |" if cuda else ""))

@@ -524,9 +524,11 @@ def main() -> None:
         p.error(f"--variants: choose from {', '.join(VARIANTS)}")
     if "official" in variants and not (args.official and args.official_python):
         p.error("the official variant needs --official and --official-python")
-    # the workers run in the work folder; abspath, not resolve: a venv's python is a link that must stay one
-    args.official, args.official_python = (os.path.abspath(a) if a else a for a in (args.official,
-                                                                                      args.official_python))
+    # the workers run in the work folder, so every path given is made absolute; abspath, not resolve: a venv's
+    # python is a link that must stay one
+    args.official, args.official_python, args.model, args.flow, args.profile, args.workdir = (
+        os.path.abspath(a) if a else a
+        for a in (args.official, args.official_python, args.model, args.flow, args.profile, args.workdir))
     h, w = (int(v) for v in args.size.split("x"))
     if args.profile:  # now, not after the timed rounds
         pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -616,7 +618,8 @@ def main() -> None:
         breakdown = {v: b for v, b in breakdown.items() if b is not None}
         profiles = {v: b for v, b in profiles.items() if b is not None}
         if not variants:
-            raise SystemExit("no variant finished a round (their logs are in the work folder)")
+            raise SystemExit("no variant finished a round" + (f" (their logs are in {workdir})" if args.workdir
+                                                             else "; give --workdir to keep their logs"))
 
         reference = "official" if "official" in variants else variants[0]
         ref_out, ref_raw = np.load(results[reference][0]["out"]), np.load(results[reference][0]["raw"])

@@ -8,8 +8,8 @@
 #        bench/gpu_comfyui_check.sh prepare /path/to/ComfyUI
 #    copies ComfyUI's Python source (no models, no virtual environment, about 16 MB) to .comfy/ and puts the
 #    test-only packages the GPU machine lacks (diffusers, to write the tiny model, and what it needs) as wheels
-#    for CPython 3.12 in .whl-test/ (both ignored by git). ComfyUI's model management itself needs only torch,
-#    psutil and einops, which such machines hold.
+#    for CPython 3.12 in .whl-test/ (both ignored by git). ComfyUI's model management needs torch, psutil,
+#    einops, safetensors, tqdm, numpy, pillow and torchvision, which such machines hold.
 # 2. On the GPU machine, from the checkout's root, with .comfy and .whl-test beside it:
 #        bench/gpu_comfyui_check.sh run [OUT_DIR]
 #    writes the test's output to OUT_DIR/comfyui_gpu.log (default: $OUT, else bench/results). About a minute.
@@ -24,8 +24,10 @@ prepare() {
     [ -f "$comfy/comfy/model_management.py" ] || { echo "$comfy is not a ComfyUI checkout"; exit 2; }
     rm -rf .comfy .whl-test
     mkdir -p .comfy .whl-test
-    (cd "$comfy" && tar cf - --exclude=.git --exclude=.venv --exclude=models --exclude=input --exclude=output \
-        --exclude=custom_nodes --exclude=__pycache__ --exclude=tests --exclude=tests-unit .) | (cd .comfy && tar xf -)
+    # (anchored: comfy/ldm/models and comfy_api/input are ComfyUI's code, not its data folders)
+    (cd "$comfy" && tar cf - --exclude=./.git --exclude=./.venv --exclude=./models --exclude=./input \
+        --exclude=./output --exclude=./custom_nodes --exclude=__pycache__ --exclude=./tests --exclude=./tests-unit .) \
+        | (cd .comfy && tar xf -)
     "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl-test diffusers==0.42.1 \
         importlib_metadata==8.5.0

@@ -26,12 +26,15 @@
 # bench_vs_official --workdir: a random model already there is reused), DEADLINE (seconds: a pass still running
 # then is stopped and prints what it measured; a pass with under a minute left is skipped). On the H200 lent on
 # 2026-12-04 the first two passes, before the nchw variant and the profile joined them, took about 6 minutes (the
-# compiling about 2.5 of them); all four are estimated at 10-11 minutes, more than one device call may take. With
-# 15 minutes of device time in all (the machine's start included), two calls, the second sent as soon as the first
-# returns (a lent machine stays warm for seconds only), the short passes only if time is left:
+# compiling about 2.5 of them); all four are estimated at 10-11 minutes, more than one device call may take. The
+# device tool copies only files git does not ignore: name .whl and .official (and for the ComfyUI check .comfy and
+# .whl-test) in its `carry`. With 15 minutes of device time in all (the machine's start included), the first call
+# takes the two main passes, and the second, sent as soon as the first returns (a lent machine stays warm for
+# seconds only, and a fresh one has lost the random model in /tmp), the ComfyUI check:
 #     DEADLINE=480 SIZES_AUTOTUNE_OFF= SIZES_BF16= bench/gpu_side_by_side.sh run $OUT
-#     timeout 240 bench/gpu_comfyui_check.sh run $OUT;
-#         DEADLINE=120 SIZES_720= SIZES_1080= bench/gpu_side_by_side.sh run $OUT
+#     timeout 240 bench/gpu_comfyui_check.sh run $OUT
+# The two short passes (SIZES_720= SIZES_1080= with DEADLINE) are worth a call only on the still-warm machine
+# with several minutes left.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -63,6 +66,7 @@ worker_logs() {  # the end of each worker's log, appended to the driver's (few f
 
 run() {
     local out=${1:-${OUT:-bench/results}}
+    out=$(realpath -m "$out")  # the workers run elsewhere: a relative path would lose the profile
     local work=${WORKDIR:-/tmp/streamvsr_gpu_bench}
     local start=$SECONDS
     mkdir -p "$out" "$work"
@@ -89,8 +93,10 @@ EOF
     if [ "$official" = 1 ]; then
         [ -d .official/Stream-DiffVSR ] && ls .whl/*.whl >/dev/null || { echo "run 'prepare' first (see the header)"; exit 2; }
         # The official side gets its pinned packages first on its path; ours runs on the machine's own packages.
+        # (wheels for CPython 3.12: another Python fails here, before any pass, and says so)
         "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/official_site" \
-            .whl/*.whl
+            .whl/*.whl || { echo "the official side's wheels do not install on this Python (prepare fetched them for"\
+            "CPython 3.12); run again with VARIANTS_720=ours,nchw,compiled VARIANTS_1080=ours,nchw"; exit 2; }
         cat > "$work/official_python" <<EOF
 #!/bin/sh
 PYTHONPATH="$work/official_site\${PYTHONPATH:+:\$PYTHONPATH}" exec "$(command -v "$python")" "\$@"
