@@ -140,7 +140,7 @@ def main() -> None:
             if args.via_cli:
                 cmd = [sys.executable, "-m", "streamvsr", "upscale", str(clip), str(out), "--model", args.model,
                        "--flow", args.flow, "--steps", str(args.steps), "--device", args.device, "--dtype", "fp32",
-                       "--codec", args.codec]
+                       "--codec", args.codec, "--flow-iterations", str(args.flow_iters)]
                 _, rss, wall = run_child(cmd)
                 row = {"frames": n, "fps": n / wall, "seconds": wall}
             else:
@@ -156,8 +156,7 @@ def main() -> None:
             out.unlink()
     base = rows[0]["peak_rss_mb"]
     mode = "`streamvsr upscale` (frames/s include start-up)" if args.via_cli else "upscale_video loop"
-    iters = 12 if args.via_cli else args.flow_iters  # (the command line runs RAFT's official 12)
-    print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.codec}, {args.steps} steps, RAFT {iters} iterations, "
+    print(f"\nLR {w}x{h} -> {4 * w}x{4 * h}, {args.codec}, {args.steps} steps, RAFT {args.flow_iters} iterations, "
           f"device {args.device}, {mode}\nmachine: {machine()}\n")
     cuda = "peak_cuda_mb" in rows[0]
     print("| frames | written | frames/s | time s | peak RSS MB | vs first |" + (" peak CUDA MB |" if cuda else ""))

@@ -119,7 +119,8 @@ def cmd_flow(args) -> int:
                              "`streamvsr download`)")
     make_folder(args.out_dir.parent)
     with OutputLock(args.out_dir):
-        estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale)
+        estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale,
+                              num_flow_updates=args.flow_iterations)
         progress = Progress(len(files) - 1, "flow")
         try:
             count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite,

@@ -12,6 +12,7 @@ from pathlib import Path
 # given for the wrong model can be reported instead of silently ignored.
 FAMILY_OPTIONS = {
     "flow": "stream-diffvsr", "steps": "stream-diffvsr", "corr": "stream-diffvsr", "flow_downscale": "stream-diffvsr",
+    "flow_iterations": "stream-diffvsr",
     "compile": "stream-diffvsr", "plain_layers": "stream-diffvsr",
     "version": "flashvsr", "scale": "flashvsr", "sparse_ratio": "flashvsr", "local_range": "flashvsr",
     "kv_ratio": "flashvsr", "color_fix": "flashvsr", "attention": "flashvsr",
@@ -71,13 +72,15 @@ def seed_value(text: str) -> int:
     return value
 
 
-def add_flow_options(p: argparse.ArgumentParser, default=("auto", 1)) -> None:
+def add_flow_options(p: argparse.ArgumentParser, default=("auto", 1, 12)) -> None:
     p.add_argument("--corr", choices=("auto", "all_pairs", "on_demand"), default=default[0],
                    help="RAFT correlation: all-pairs volume (fast, O((HW)^2) memory), on-demand lookup "
                         "(bounded memory) or chosen from the frame size and the memory (default)")
     p.add_argument("--flow-downscale", type=int, choices=(1, 2, 4), default=default[1],
                    help="compute flow at 1/N resolution and upsample it (faster, less memory, "
                         "deviates from the official full-resolution flow); default 1")
+    p.add_argument("--flow-iterations", type=int_range(1, 32), default=default[2],
+                   help="RAFT's update iterations, 1-32 (default 12, the official; fewer is faster, coarser)")
 
 
 def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_required: bool) -> None:
@@ -100,7 +103,7 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
     g.add_argument("--flow", help="RAFT weights in torchvision's format (default with --download: RAFT-large)")
     g.add_argument("--steps", type=int_range(1, 50), help="denoising steps, 1-50 (default 4: the model is distilled "
                                                           "for 4)")
-    add_flow_options(g, default=(None, None))
+    add_flow_options(g, default=(None, None, None))
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks (minutes to compile per frame size, once per run; output "
                         "equal to float rounding; runs eagerly with a warning where compiling is unavailable). "

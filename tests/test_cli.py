@@ -73,6 +73,17 @@ def test_plain_layers_option_builds_torch_layers_with_the_same_output(assets, tm
         assert np.abs(a - b).max() <= 1e-4
 
 
+def test_flow_iterations_reach_the_engine_and_its_identity(assets, monkeypatch):
+    from streamvsr.models.stream_diffvsr import FAMILY
+
+    ckpt, raft, _ = assets
+    engines = {n: FAMILY.load_engine(str(ckpt), flow=str(raft), flow_iterations=n) for n in (3, 12)}
+    assert engines[3].flow.num_flow_updates == 3 and engines[12].flow.num_flow_updates == 12
+    assert engines[3].identity() != engines[12].identity()  # a resumed job cannot mix them
+    with pytest.raises(SystemExit):
+        main(["frames", "in", "out", "--model", str(ckpt), "--flow", str(raft), "--flow-iterations", "0"])
+
+
 def test_frames_png_and_png16(assets, tmp_path):
     ckpt, raft, frames = assets
     for fmt, dtype in (("png", np.uint8), ("png16", np.uint16)):
@@ -111,6 +122,14 @@ def test_flow_command_matches_torchvision(assets, tmp_path):
     got = np.load(out / "f001.npy")
     assert got.shape == (33, 45, 2) and got.dtype == np.float32
     assert np.abs(got - expected).max() <= 1e-3
+    # --flow-iterations is torchvision's num_flow_updates (the nodes' iterations)
+    assert main(["flow", str(frames), str(tmp_path / "three"), "--flow", str(raft), "--flow-iterations", "3"]) == 0
+    with torch.no_grad():
+        three = model(pad(cur, (0, 83, 0, 95), mode="replicate"), pad(prev, (0, 83, 0, 95), mode="replicate"),
+                      num_flow_updates=3)
+    three = three[-1][0, :, :33, :45].permute(1, 2, 0).numpy()
+    assert np.abs(np.load(tmp_path / "three" / "f001.npy") - three).max() <= 1e-3
+    assert np.abs(three - expected).max() > 1e-2  # (so the check above tells them apart)
     assert main(["flow", str(frames), str(tmp_path / "vis"), "--flow", str(raft), "--save", "png"]) == 0
     assert np.asarray(Image.open(tmp_path / "vis" / "f002.png")).shape == (33, 45, 3)
 

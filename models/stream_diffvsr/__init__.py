@@ -36,7 +36,7 @@ def detect(path) -> bool:
 
 def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int = 4, corr: str = "auto",
                 flow_downscale: int = 1, compile: bool = False, plain_layers: bool = False,
-                compile_mode: str | None = None):
+                compile_mode: str | None = None, flow_iterations: int = 12):
     """The official folder or a single file, plus RAFT weights ``flow``, as a ready StreamEngine (``compile``:
     the torch.compile path, see speed.py, with ``torch.compile``'s ``compile_mode``; ``plain_layers``: torch's
     layers on the CPU too, for less memory). On the CPU it also tells glibc to keep freed large blocks for reuse,
@@ -63,7 +63,8 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     # Winograd (see shared/packed.py): the same numbers up to float rounding, 1.7-2.3x faster per frame.
     operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
-    estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale)
+    estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale,
+                          num_flow_updates=flow_iterations)
     if operations is not None:  # the weight copies that do not depend on the frame size: now, not in the first frame
         prepare_packed(pipe)
         prepare_packed(estimator)
@@ -81,7 +82,8 @@ FAMILY = Family(
     name="stream-diffvsr", title="Stream-DiffVSR", scale=4,
     frame_rule="one output frame per input frame, immediately", size_multiple=4,
     dtypes=(torch.float32, torch.float16, torch.bfloat16), detect=detect, load_engine=load_engine,
-    options=("flow", "steps", "corr", "flow_downscale", "compile", "plain_layers"), convert=convert,
+    options=("flow", "steps", "corr", "flow_downscale", "flow_iterations", "compile", "plain_layers"),
+    convert=convert,
     memory_options=RAFT_MEMORY_OPTIONS)
 
 __all__ = ["FAMILY", "SINGLE_FILE_FORMAT", "detect", "load_engine"]
