@@ -1174,16 +1174,9 @@ def test_matroska_whose_video_starts_late_is_not_called_cut_off(tmp_path, audio)
 def test_flv_with_b_frames_is_not_called_cut_off(tmp_path):
     """FLV's header duration is the last frame's end time, and B-frames start an H.264 video a few frames late:
     a complete file ends on time; one cut short still counts as cut off."""
-    path = tmp_path / "b.flv"
-    with av.open(str(path), "w", format="flv") as c:
-        v = c.add_stream("libx264", rate=24, options={"g": "10", "bf": "2"})
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        for i in range(60):
-            pixels = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
-            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                c.mux(packet)
-        for packet in v.encode():
-            c.mux(packet)
+    from test_video import noise_video
+
+    path = noise_video(tmp_path / "b.flv", 60, "flv", options={"g": "10", "bf": "2"})
     assert av.open(str(path)).start_time > 0  # (what made it look short)
     summary = upscale_video(FakeEngine(), path, tmp_path / "out.mkv", codec="lossless")
     assert summary["frames"] == 60 and summary["input_problem"] is None

@@ -612,22 +612,13 @@ def test_range_reader_is_exact_where_seeking_lands_elsewhere(tmp_path, fmt, suff
     """MPEG program and transport streams land a seek on the keyframe after the timestamp asked for, or on a frame
     labelled with another one's timestamp: every range must still be the frames a decode from the start gives
     (before: a wrong or missing frame, or an empty last chunk)."""
-    av = pytest.importorskip("av")
-    import numpy as np
+    pytest.importorskip("av")
+    from test_video import noise_video
 
     from streamvsr.video.range import frame_index, read_range
     from streamvsr.video.reader import FrameReader
 
-    path = tmp_path / f"clip.{suffix}"
-    with av.open(str(path), "w", format=fmt) as c:
-        v = c.add_stream(codec, rate=24, options={"g": str(gop), "bf": "2"})
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        for i in range(60):
-            pixels = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
-            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                c.mux(packet)
-        for packet in v.encode():
-            c.mux(packet)
+    path = noise_video(tmp_path / f"clip.{suffix}", 60, fmt, codec, {"g": str(gop), "bf": "2"})
     ref = torch.stack([f for _, f, _ in FrameReader(str(path))])
     assert frame_index(str(path)).count == len(ref) == 60
     wrong = [start for start in range(60)
@@ -642,22 +633,13 @@ def test_range_reader_is_exact_where_seeking_lands_elsewhere(tmp_path, fmt, suff
 def test_range_reader_decodes_a_damaged_file_as_the_reader_does(tmp_path):
     """Frame-threaded decoding conceals damage differently from the reader's (no frame threads): chunks of a file
     with damaged bytes must still be the frames the video-file node would upscale."""
-    av = pytest.importorskip("av")
-    import numpy as np
+    pytest.importorskip("av")
+    from test_video import noise_video
 
     from streamvsr.video.range import read_range
     from streamvsr.video.reader import FrameReader
 
-    path = tmp_path / "clip.ts"
-    with av.open(str(path), "w", format="mpegts") as c:
-        v = c.add_stream("libx264", rate=24)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        for i in range(40):
-            pixels = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
-            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                c.mux(packet)
-        for packet in v.encode():
-            c.mux(packet)
+    path = noise_video(tmp_path / "clip.ts", 40, "mpegts")
     data = bytearray(path.read_bytes())
     data[len(data) // 2: len(data) // 2 + 400] = b"\xff" * 400
     path.write_bytes(bytes(data))

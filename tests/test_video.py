@@ -35,6 +35,21 @@ def _pattern(i, w, h, cut_at=None):
     return img
 
 
+def noise_video(path, n, fmt=None, codec="libx264", options=None, w=64, h=48):
+    """``n`` frames of noise (each frame large, so damage or a cut lands mid-file) in any container and codec,
+    e.g. with B-frames and a keyframe interval from ``options``."""
+    with av.open(str(path), "w", format=fmt) as c:
+        v = c.add_stream(codec, rate=24, options=options or {})
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            pixels = (np.random.default_rng(i).random((h, w, 3)) * 255).astype(np.uint8)
+            for packet in v.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+    return path
+
+
 def make_clip(path, n=12, w=32, h=24, fps=24, audio="aac", cut_at=None, pts=None, vcodec="libx264"):
     """A small clip: lossless-ish H.264 (yuv444p, CRF 0) or FFV1, optional sine-wave audio (aac or pcm)."""
     c = av.open(str(path), "w")
