@@ -153,6 +153,17 @@ def out_of_memory_advice(message: str):
     raise RuntimeError(message)
 
 
+def show_text(node_id, text: str) -> None:
+    """Text under the node in the ComfyUI frontend (and in the log)."""
+    log.info("StreamVSR: %s", text)
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # no server (tests, scripts)
+        pass
+
+
 def find_in_model_folders(choice: str, folder: str) -> str:
     """The path of a listed model (a file or a folder) under any of ``folder``'s model folders; a one-line error
     when it is gone (deleted or renamed since the list was made)."""

@@ -32,7 +32,7 @@ from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
                      continuation_inputs, download_progress, find_in_model_folders, load_flow_patcher, operations_for,
-                     out_of_memory_advice, pick_precision, tensor_to_preview, wrap)
+                     out_of_memory_advice, pick_precision, show_text, tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, redo_state
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         key = f"{model.source}|{engine.identity()}|seed={seed}"
         # A mistake in the sequence (a chunk out of order, a state of other frames) is reported before any loading.
         start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
-                                    start_frame, pending=engine.pending)
+                                    start_frame, pending=engine.pending, notify=lambda text: show_text(node_id, text))
         load_engine(engine, model, (h, w))
         # (last_chunk too: with it off, the stored stream holds frames back for the next run; on, it holds none)
         origin = batch_origin(f"{key}|last_chunk={bool(last_chunk)}", frames, state) \

@@ -18,7 +18,7 @@ from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      continuation_inputs, download_progress, find_in_model_folders, load_flow_patcher, operations_for,
-                     out_of_memory_advice, pick_precision, tensor_to_preview, wrap)
+                     out_of_memory_advice, pick_precision, show_text, tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, redo_state
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class StreamVSRUpscale(io.ComfyNode):
         engine = make_engine(model, flow_model, steps)
         # A mistake in the sequence (a chunk out of order, a state of other frames) is reported before any loading.
         start = STREAMS.start_state(node_id, key, (h, w), lambda: engine.new_state(seed), continue_sequence, state,
-                                    start_frame)
+                                    start_frame, notify=lambda text: show_text(node_id, text))
         load_engine(engine, model, flow_model, (h, w))
         origin = batch_origin(key, frames, state) if state is not None or start.frame_index == 0 else None
 

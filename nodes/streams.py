@@ -156,11 +156,12 @@ class StreamStore:
 
     def start_state(self, node_id: str, model_key: str, size: tuple[int, int], fresh: Callable[[], Any],
                     continue_sequence: bool, state: Any = None, start_frame: int | None = None,
-                    pending: Callable[[Any], int] | None = None) -> Any:
+                    pending: Callable[[Any], int] | None = None, notify: Callable[[str], None] | None = None) -> Any:
         """The state the next batch of node ``node_id`` starts from (``fresh()`` for a new sequence); logs why a
         continuation restarts. States are an engine's (``models/contract.py``): they have ``lr_size`` and
         ``frame_index`` (0 after a sequence was ended, e.g. by FlashVSR's last chunk). ``pending(state)``: frames
         a state holds back (the engine's ``pending``), named in the log when such a state is dropped.
+        ``notify(text)``: shows a warning the user must see on the node (a chunk upscaled a second time).
 
         ``start_frame`` (from a chunk loader) replaces ``continue_sequence``: 0 starts a new sequence, any other
         value continues the stored one, which must have ended at exactly that frame (else an error says which
@@ -189,7 +190,7 @@ class StreamStore:
                 return fresh()
             return state
         if start_frame is not None:
-            return self._chunk_start(node_id, model_key, size, fresh, int(start_frame))
+            return self._chunk_start(node_id, model_key, size, fresh, int(start_frame), notify)
         if not continue_sequence:
             return fresh()
         stored = self.get(node_id)
@@ -221,7 +222,7 @@ class StreamStore:
             return stored.state
         return fresh()
 
-    def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int):
+    def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int, notify=None):
         if start_frame == 0:
             return fresh()
         stored = self.get(node_id)
@@ -239,8 +240,12 @@ class StreamStore:
         if (start_frame == stored.run_start and previous.frame_index != start_frame and redo is not None
                 and redo.frame_index == start_frame and tuple(redo.lr_size) == tuple(size)):
             # (the node cannot tell a chunk queued again after a success from one whose frames were lost)
-            log.warning("StreamVSR: node %s upscaled the chunk at frame %d already (it is queued again, or a later "
-                        "node failed); upscaling it again from the state it started from", node_id, start_frame)
+            text = (f"this node upscaled the chunk at frame {start_frame} already (it is queued again, or a later "
+                    "node failed); upscaling it again from the state it started from. If its frames were saved the "
+                    "first time, Save Image now saves them a second time")
+            log.warning("StreamVSR: node %s: %s", node_id, text)
+            if notify is not None:
+                notify("warning: " + text)
             return redo
         if previous.frame_index == 0 and stored.run_end == start_frame:
             raise UserInputError(f"{where}, right after the last run of this node, but that run ended the sequence "

@@ -16,20 +16,9 @@ import comfy.model_management as mm
 
 from ..models.shared.errors import UserInputError
 from ..video.range import frame_index, read_range
-from .common import CATEGORY
+from .common import CATEGORY, show_text
 
 log = logging.getLogger(__name__)
-
-
-def show_text(node_id, text: str) -> None:
-    """Text under the node in the ComfyUI frontend (and in the log)."""
-    log.info("StreamVSR: %s", text)
-    try:
-        from server import PromptServer
-
-        PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # no server (tests, scripts)
-        pass
 
 
 class StreamVSRLoadVideoChunk(io.ComfyNode):

@@ -8,6 +8,8 @@ import asyncio
 import io
 import math
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -519,17 +521,25 @@ def test_a_cancel_during_the_last_frame_does_not_move_the_sequence_on(monkeypatc
     assert torch.equal(again[0], want[2])
 
 
-def test_a_chunk_whose_frames_reached_no_node_is_redone_when_queued_again(comfy, caplog):
+def test_a_chunk_whose_frames_reached_no_node_is_redone_when_queued_again(comfy, caplog, monkeypatch):
     _, nodes = comfy
+    shown = []  # the text under the node in the frontend
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(
+        instance=types.SimpleNamespace(send_progress_text=lambda text, node_id: shown.append((node_id, text))))
+    monkeypatch.setitem(sys.modules, "server", server)
     model, flow = _models(nodes)
     images = _frames(6)
     expected = _reference(model, flow, images, seed=5)
     _upscale(nodes, model, flow, images[:2], "36", start_frame=0)
     first, _ = _upscale(nodes, model, flow, images[2:4], "36", start_frame=2)
+    assert shown == []
     # Its result went nowhere (a later node failed): queued again, it is upscaled again from where it started...
     with caplog.at_level("WARNING"):
         again, _ = _upscale(nodes, model, flow, images[2:4], "36", start_frame=2)
     assert "upscaling it again from the state it started from" in caplog.text
+    # ...and the node says so, since a Save Image after it saves those frames a second time if it had saved them
+    assert len(shown) == 1 and shown[0][0] == "36" and "Save Image now saves them a second time" in shown[0][1]
     assert torch.equal(again, first) and torch.equal(again, expected[2:4])
     # ...and the video goes on as if it had run once (and the redone chunk can be redone again)
     assert torch.equal(_upscale(nodes, model, flow, images[2:4], "36", start_frame=2)[0], first)
