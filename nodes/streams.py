@@ -133,15 +133,16 @@ class StreamStore:
                 log.warning("StreamVSR: dropped the stored sequence of node %s%s (more than %d %s nodes keep one)",
                             dropped, lost, self.capacity, self.node_name)
 
-    def _dropped_reason(self, node_id: str) -> str | None:
-        """Why node ``node_id`` has no stored stream, where it had one that was dropped."""
+    def _dropped_reason(self, node_id: str) -> tuple[str | None, int]:
+        """Why node ``node_id`` has no stored stream, where it had one that was dropped (else None), and the
+        frames held back that went with it."""
         with self._lock:
             if node_id not in self._dropped:
-                return None
+                return None, 0
             held = self._dropped[node_id]
         lost = f" together with the {held} frames it held back for look-ahead," if held else ""
         return (f"its stored sequence was dropped{lost} because more than {self.capacity} {self.node_name} nodes "
-                "kept one; use fewer such nodes at a time")
+                "kept one; use fewer such nodes at a time"), held
 
     def clear(self) -> None:
         with self._lock:
@@ -201,8 +202,8 @@ class StreamStore:
         held = pending(stored.state) if stored is not None and pending is not None else 0
         lost = (f"; the {held} frames its last run held back for look-ahead are dropped (a run with last_chunk on "
                 "returns them)") if held else ""
-        dropped = self._dropped_reason(node_id) if stored is None else None
-        if dropped is not None and self._dropped.get(node_id):
+        dropped, frames_lost = self._dropped_reason(node_id) if stored is None else (None, 0)
+        if frames_lost:
             raise UserInputError(f"{self.node_name} node {node_id} cannot continue its sequence: {dropped}. Set "
                                  "continue_sequence to restart and queue the frames again from the start")
         if dropped is not None:
@@ -228,7 +229,7 @@ class StreamStore:
         stored = self.get(node_id)
         where = f"this chunk starts at frame {start_frame}"
         if stored is None:
-            dropped = self._dropped_reason(node_id)
+            dropped, _ = self._dropped_reason(node_id)
             if dropped is not None:
                 raise UserInputError(f"{where}, but {dropped}: set the chunk index to 0 and queue again from there")
             raise UserInputError(f"{where}, but this node has no earlier chunk to continue (after a restart of "

@@ -44,10 +44,10 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
     """(absolute path, file name, subfolder). ``resume``: the job's settings (``video.resume.fingerprint``), to
     continue an unfinished job of this prefix with the same ones."""
     extension = EXTENSIONS[codec]
-    output = folder_paths.get_output_directory()
+    output = os.path.abspath(folder_paths.get_output_directory())
     # ComfyUI refuses these too, but with a multi-line exception that reads like a bug
     inside = os.path.abspath(os.path.join(output, os.path.dirname(os.path.normpath(filename_prefix))))
-    if os.path.commonpath((os.path.abspath(output), inside)) != os.path.abspath(output):
+    if os.path.commonpath((output, inside)) != output:
         raise UserInputError(f"filename_prefix {filename_prefix!r} leads outside ComfyUI's output folder: give a "
                              "name inside it, e.g. streamvsr/upscaled")
     try:

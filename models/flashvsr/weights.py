@@ -103,7 +103,6 @@ def _read(path: Path) -> dict:
 
 
 def _read_prompt(path: Path) -> torch.Tensor:
-    check_weights_file(path, HINT)
     if path.suffix == ".safetensors":
         tensors = _read(path)
         key = next((k for k in PROMPT_KEYS if k in tensors), None) or (next(iter(tensors)) if len(tensors) == 1
@@ -113,6 +112,7 @@ def _read_prompt(path: Path) -> torch.Tensor:
                                f"(expected a single tensor or one named {' / '.join(PROMPT_KEYS)}). {HINT}")
         prompt = tensors[key]
     else:
+        check_weights_file(path, HINT)
         try:
             prompt = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle raises assorted types for damaged or hostile files

@@ -37,11 +37,11 @@ def sha256_of(path) -> str:
     return _DIGESTS[key]
 
 
-def check_weights_file(path, hint: str = "") -> None:
+def check_weights_file(path, hint: str = "") -> dict | None:
     """A WeightsError saying what a file named as weights really is, when it cannot hold them: a Git LFS pointer
     (a clone without ``git lfs pull``), a saved web page, an empty or cut-short file. Reads only the first bytes
-    and a .safetensors header, so loaders check every file before the large ones load. A missing or unreadable
-    file is left to the reader to report."""
+    and a .safetensors header (returned, parsed; None for other files), so loaders check every file before the
+    large ones load. A missing or unreadable file is left to the reader to report."""
     import json
     import struct
     import zipfile
@@ -75,10 +75,12 @@ def check_weights_file(path, hint: str = "") -> None:
                     raise WeightsError(f"{damaged}not a .safetensors file{again}") from None
                 if 8 + length + end > size:
                     raise WeightsError(f"{damaged}cut short: its tensors need {8 + length + end:,} bytes{again}")
-            elif head.startswith(b"PK") and not zipfile.is_zipfile(f):
+                return header
+            if head.startswith(b"PK") and not zipfile.is_zipfile(f):
                 raise WeightsError(f"{damaged}a PyTorch archive that is cut short{again}")
     except OSError:
-        return
+        pass
+    return None
 
 
 def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torch.Tensor]:
@@ -176,13 +178,7 @@ def load_into(module: nn.Module, state_dict: dict, what: str, source, device="cp
 def safetensors_numel(path) -> int:
     """Number of elements stored in a .safetensors file, read from its header only (no tensor is loaded); a
     WeightsError for a file that is not one (``check_weights_file``)."""
-    import json
-    import struct
-
-    check_weights_file(path)
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    header = check_weights_file(path) or {}
     total = 0
     for name, entry in header.items():
         if name != "__metadata__":
