@@ -33,7 +33,7 @@ from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
                      continuation_inputs, download_progress, find_in_model_folders, load_flow_patcher, operations_for,
                      out_of_memory_advice, pick_precision, show_text, tensor_to_preview, wrap)
-from .streams import StoredStream, StreamStore, batch_origin, redo_state
+from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,8 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         # past frames that reached no one could not give them again.
         mm.throw_exception_if_processing_interrupted()
         STREAMS.put(node_id, StoredStream(key, final, origin, start.frame_index,
-                                          redo_state(start, state, start_frame), start.frame_index + b))
+                                          redo_state(start, state, start_frame), start.frame_index + b,
+                                          chunk_video(start_frame)))
         if done < out.shape[0]:
             out = out[:done].clone()  # a view would keep the whole buffer alive in ComfyUI's cache
         if done == 0:

@@ -34,6 +34,7 @@ class StoredStream:
     ``REDO_MAX_BYTES``): queued again, that chunk is redone from it instead of refused.
     run_end: the frame after that run's last input frame (None where not known), which the state no longer tells
     once the run ended its sequence.
+    video: the identity and name of the video whose chunks the sequence upscales (``ChunkStart``), where known.
     """
 
     model_key: str
@@ -42,6 +43,32 @@ class StoredStream:
     run_start: int = 0
     run_start_state: Any = None
     run_end: int | None = None
+    video: tuple[str, str] | None = None
+
+
+class ChunkStart(int):
+    """A chunk's first frame (Load Video Chunk's start_frame) that also says which video it counts frames of:
+    ``video`` is ``range.video_identity``'s (identity, name). Stored streams are keyed by node id, and two workflows
+    opened from one template have the same node ids: queued in turn with two videos, one node's next chunk would
+    otherwise continue the other video's sequence without a word. An int everywhere else, so an INT output; a value
+    from any other node simply carries no video."""
+
+    video: tuple[str, str] | None
+
+    def __new__(cls, frame: int, video: tuple[str, str] | None = None):
+        value = super().__new__(cls, frame)
+        value.video = video
+        return value
+
+    def __getnewargs__(self):
+        # ComfyUI deep-copies a failed node's input values into its history: a copy that cannot be made kills
+        # its prompt worker (and pickle needs the same)
+        return int(self), self.video
+
+
+def chunk_video(start_frame: Any) -> tuple[str, str] | None:
+    """The (identity, name) of the video a start_frame input counts frames of, where it came from Load Video Chunk."""
+    return getattr(start_frame, "video", None)
 
 
 # A chunk whose frames reached no node (a later node failed, or the queue was cancelled after it) can be queued again
@@ -191,7 +218,8 @@ class StreamStore:
                 return fresh()
             return state
         if start_frame is not None:
-            return self._chunk_start(node_id, model_key, size, fresh, int(start_frame), notify)
+            return self._chunk_start(node_id, model_key, size, fresh, int(start_frame), notify,
+                                     chunk_video(start_frame))
         if not continue_sequence:
             return fresh()
         stored = self.get(node_id)
@@ -223,7 +251,7 @@ class StreamStore:
             return stored.state
         return fresh()
 
-    def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int, notify=None):
+    def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int, notify=None, video=None):
         if start_frame == 0:
             return fresh()
         stored = self.get(node_id)
@@ -234,6 +262,15 @@ class StreamStore:
                 raise UserInputError(f"{where}, but {dropped}: set the chunk index to 0 and queue again from there")
             raise UserInputError(f"{where}, but this node has no earlier chunk to continue (after a restart of "
                                  "ComfyUI, or a first run): set the chunk index to 0 and queue again from there")
+        if video is not None and stored.video is not None and video[0] != stored.video[0]:
+            if video[1] == stored.video[1]:
+                raise UserInputError(f"{where}, but {video[1]} changed since this node upscaled its earlier chunks: "
+                                     "set the chunk index to 0 to start it again")
+            raise UserInputError(f"{where} of {video[1]}, but this node's earlier chunks were of {stored.video[1]}: "
+                                 "a node upscales one video's chunks at a time (two workflows opened from one "
+                                 "template have the same node ids, so their upscale nodes share one sequence). Set "
+                                 "the chunk index to 0 to start this video again, and queue one video's chunks "
+                                 "after the other's")
         if stored.model_key != model_key:
             raise UserInputError(f"{where}, but the model, precision or settings changed since the earlier chunks: "
                                  "set the chunk index to 0 to start the video again with these settings")

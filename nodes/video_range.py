@@ -15,8 +15,9 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 
 from ..models.shared.errors import UserInputError
-from ..video.range import frame_index, read_range
+from ..video.range import frame_index, read_range, video_identity
 from .common import CATEGORY, show_text
+from .streams import ChunkStart
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="The chunk's frames."),
                      io.Int.Output(display_name="start_frame",
-                                   tooltip="The chunk's first frame: into the upscale node's start_frame."),
+                                   tooltip="The chunk's first frame: into the upscale node's start_frame (it "
+                                           "also tells that node which video the chunk is of)."),
                      io.Boolean.Output(display_name="last_chunk",
                                        tooltip="True for the video's last chunk: into FlashVSR Upscale's "
                                                "last_chunk."),
@@ -87,4 +89,6 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
             log.warning("StreamVSR: %s; the chunks cover the %d frames it has", index.problem, total)
             text += f"\nwarning: {index.problem}; the chunks cover the {total} frames it has"
         show_text(cls.hidden.unique_id, text)
-        return io.NodeOutput(images.to(mm.intermediate_device()), start, last, float(index.rate), chunks, total)
+        # (start_frame names the video too, so that an upscale node never continues another video's chunks)
+        return io.NodeOutput(images.to(mm.intermediate_device()), ChunkStart(start, video_identity(source)), last,
+                             float(index.rate), chunks, total)

@@ -313,6 +313,23 @@ def test_a_restart_of_reordered_mirrored_or_channel_swapped_frames_is_another_ru
     assert batch_origin("k", images.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)) == origin  # layout
 
 
+def test_a_chunk_start_is_an_int_that_survives_what_comfyui_does_with_input_values(comfy):
+    """ComfyUI deep-copies a failed node's input values into its history and sends them as JSON: Load Video
+    Chunk's start_frame must come through both as the int it is, still naming its video (a failed deepcopy kills
+    ComfyUI's prompt worker, as a real server showed)."""
+    import copy
+    import json
+    import pickle
+
+    from streamvsr.nodes.streams import ChunkStart, chunk_video
+
+    start = ChunkStart(26, ("/v/a.mp4|10|5", "a.mp4"))
+    assert start == 26 and start + 1 == 27 and json.dumps({"start_frame": [start]}) == '{"start_frame": [26]}'
+    for again in (copy.deepcopy([start])[0], copy.copy(start), pickle.loads(pickle.dumps(start))):
+        assert again == 26 and chunk_video(again) == ("/v/a.mp4|10|5", "a.mp4")
+    assert chunk_video(26) is None and chunk_video(None) is None
+
+
 def test_a_dropped_stream_invalidates_cached_restart_results(comfy, caplog):
     from streamvsr.nodes.streams import StoredStream, StreamStore
 

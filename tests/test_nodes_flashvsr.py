@@ -506,6 +506,52 @@ def test_chunk_loader_into_upscale_equals_one_run(comfy, tmp_path):
     assert torch.equal(torch.cat(parts), whole)
 
 
+def test_chunks_of_two_videos_queued_in_turn_never_share_a_sequence(comfy, tmp_path):
+    """Two workflows opened from one template have the same node ids. Queued in turn with two videos of one size
+    (A0, B0, A1), A's second chunk must not continue B's sequence (it would get B's held-back frames and attention
+    cache): it is refused, naming both files, and B goes on as if alone. A file rewritten between chunks is
+    another video too."""
+    pytest.importorskip("av")
+    import os
+
+    from test_video import make_clip
+
+    _, nodes = comfy
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    make_clip(a, n=30, w=32, h=24)
+    make_clip(b, n=30, w=32, h=24, cut_at=0)  # other frames
+    model = _load(nodes)
+    loader = nodes["StreamVSRLoadVideoChunk"]
+
+    def chunk(path, index):
+        images, start, last, *_ = _run(loader, video=FileVideo(path), chunk_index=index, chunk_frames=26)
+        return images, start, last
+
+    images, start, last = chunk(a, 0)
+    assert start == 0 and isinstance(start, int)
+    _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+    parts = []
+    images, start, last = chunk(b, 0)
+    parts.append(_upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)[0])
+    images, start, last = chunk(a, 1)
+    with pytest.raises(ValueError, match=r"frame 26 of a\.mp4, but this node's earlier chunks were of b\.mp4.*"
+                                         r"same node ids.*chunk index to 0"):
+        _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+    images, start, last = chunk(b, 1)
+    parts.append(_upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)[0])
+    (everything, *_rest) = _run(loader, video=FileVideo(b), chunk_index=0, chunk_frames=64)
+    whole, _, _ = _upscale(nodes, model, everything, "22")
+    assert torch.equal(torch.cat(parts), whole)
+
+    images, start, last = chunk(a, 0)
+    _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+    make_clip(a, n=30, w=32, h=24, cut_at=10)
+    os.utime(a, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns + 10**9))  # even where the clock is coarse
+    images, start, last = chunk(a, 1)
+    with pytest.raises(ValueError, match=r"a\.mp4 changed since this node upscaled its earlier chunks"):
+        _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+
+
 def test_video_file_node_with_flashvsr_and_settings(comfy, tmp_path):
     pytest.importorskip("av")
     from test_video import decode, make_clip

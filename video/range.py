@@ -13,6 +13,7 @@ by decoding from the beginning: slower, same frames.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -55,6 +56,24 @@ def _cache_key(source):
         st = os.stat(source)
         return os.path.realpath(source), st.st_size, st.st_mtime_ns
     return None  # in-memory videos are indexed every time
+
+
+def video_identity(source) -> tuple[str, str]:
+    """What names the video ``source`` while it stays unchanged, and a name to show for it: a file's path, size and
+    modification time (a file replaced or rewritten is another video), or a digest of an in-memory video's bytes."""
+    key = _cache_key(source)
+    if key is not None:
+        return "|".join(map(str, key)), os.path.basename(key[0])
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        digest.update(source)
+    else:
+        position = source.tell()
+        source.seek(0)
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+        source.seek(position)
+    return digest.hexdigest(), "the video"
 
 
 def frame_index(source) -> FrameIndex:
