@@ -20,11 +20,11 @@ from comfy_api.latest import InputImpl, io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..video.outputs import check_output_file, lock_path, partial_path, temp_path
+from ..video.outputs import LOCK_TAG, check_output_file, lock_path, partial_path, temp_path
 from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
-from ..video.stream import upscale_video
+from ..video.stream import clean_after_killed_run, upscale_video
 from ..video.writer import CODECS, codec_spec
 from ..models.shared.errors import UserInputError
 from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, out_of_memory_advice,
@@ -50,12 +50,17 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
     if os.path.commonpath((output, inside)) != output:
         raise UserInputError(f"filename_prefix {filename_prefix!r} leads outside ComfyUI's output folder: give a "
                              "name inside it, e.g. streamvsr/upscaled")
-    try:
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, output, width * scale, height * scale)
-    except OSError as e:  # ComfyUI lists or creates the folder: a file in the way, no permission
-        raise UserInputError(f"cannot use the output folder of filename_prefix {filename_prefix!r}: "
-                             f"{e.strerror or e} ({e.filename})") from None
+
+    def numbered_name():
+        try:
+            return folder_paths.get_save_image_path(filename_prefix, output, width * scale, height * scale)
+        except OSError as e:  # ComfyUI lists or creates the folder: a file in the way, no permission
+            raise UserInputError(f"cannot use the output folder of filename_prefix {filename_prefix!r}: "
+                                 f"{e.strerror or e} ({e.filename})") from None
+
+    folder, name, counter, subfolder, _ = numbered_name()
+    if _clean_killed_runs(folder, name, extension):
+        folder, name, counter, subfolder, _ = numbered_name()  # ComfyUI counted their files too
     if resume is not None:
         path = _unfinished_job(folder, name, extension, resume)
         if path is not None:
@@ -71,14 +76,28 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
     return os.path.join(folder, filename), filename, subfolder
 
 
+def _numbered(folder: str, name: str, extension: str, suffix: str) -> list[str]:
+    """The files named like ComfyUI's numbered outputs of this prefix (``name_00007_.mp4``, not
+    ``name_v2_00001_.mp4``) followed by ``suffix``."""
+    numbered = re.compile(rf"{re.escape(name)}_\d{{5,}}_{re.escape(extension)}{re.escape(suffix)}")
+    pattern = f"{glob_escape(name)}_*_{extension}{suffix}"
+    return [p for p in glob.glob(os.path.join(glob_escape(folder), pattern))
+            if numbered.fullmatch(os.path.basename(p))]
+
+
+def _clean_killed_runs(folder: str, name: str, extension: str) -> bool:
+    """Removes what runs of this prefix that were killed (ComfyUI closed, out of memory) left: a new run takes a
+    new number, so nothing else would. True where something was removed."""
+    cleaned = False
+    for lock in _numbered(folder, name, extension, LOCK_TAG):
+        cleaned = clean_after_killed_run(lock[: -len(LOCK_TAG)]) or cleaned
+    return cleaned
+
+
 def _unfinished_job(folder: str, name: str, extension: str, job: dict) -> str | None:
     """The output path of the newest unfinished resumable job named like ComfyUI's numbered files of this prefix
     (``name_00007_.mp4``, not ``name_v2_00001_.mp4``) whose checkpoint has ``job``'s settings, or None."""
-    numbered = re.compile(rf"{re.escape(name)}_\d{{5,}}_{re.escape(extension)}{re.escape(STATE_SUFFIX)}")
-    pattern = f"{glob_escape(name)}_*_{extension}{STATE_SUFFIX}"
-    states = [p for p in glob.glob(os.path.join(glob_escape(folder), pattern))
-              if numbered.fullmatch(os.path.basename(p))]
-    for state in sorted(states, key=os.path.getmtime, reverse=True):
+    for state in sorted(_numbered(folder, name, extension, STATE_SUFFIX), key=os.path.getmtime, reverse=True):
         path = state[: -len(STATE_SUFFIX)]
         if os.path.lexists(path):  # finished, its work files left by a crash in the last step: not continuable
             log.warning("StreamVSR: %s is finished but its resume files are still there; a new file is started "

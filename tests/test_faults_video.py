@@ -9,6 +9,7 @@ FakeEngine of test_video.py (the engine contract, no model).
 
 import hashlib
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from streamvsr.video.outputs import OutputLock, lock_path, partial_path, temp_pa
 from streamvsr.video.reader import FrameReader, probe_video
 from streamvsr.video.resume import ResumeFiles
 from streamvsr.video.stream import check_video_job, upscale_video
-from test_video import FakeEngine, decode, make_clip
+from test_video import FakeEngine, decode, expected_frames, make_clip
 
 av = pytest.importorskip("av")
 
@@ -598,12 +599,77 @@ def test_damaged_resume_file_and_other_settings_are_found_without_the_model(tmp_
     polls = []
     upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
                   should_stop=lambda: polls.append(1) or len(polls) > 3)
-    with pytest.raises(UserInputError, match="seed 42 then, 7 now.*delete it"):
+    with pytest.raises(UserInputError, match="seed 42 then, 7 now.*add --overwrite to discard it"):
         check_video_job(clip, out, seed=7, codec="lossless", resume=True)  # no engine needed
     state = ResumeFiles(out).state
     state.write_bytes(state.read_bytes()[:40])
     with pytest.raises(UserInputError, match="is damaged.*delete it"):
         check_video_job(clip, out, codec="lossless", resume=True)
+
+
+def test_a_damaged_resume_segment_is_a_one_line_error_found_before_the_work_where_it_is_cut_short(tmp_path):
+    """A segment cut short (a copy or a disk that lost its end) is found by its size before the model loads; one
+    damaged inside (same size) only when joining, but still in one line that says what to do, not a TypeError."""
+    clip = make_clip(tmp_path / "in.mp4", n=8, audio=None)
+    out = tmp_path / "out.mkv"
+    files = ResumeFiles(out)
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 5)
+    assert files.read_info()["segments"] >= 2
+    first, second = files.part(0), files.part(1)
+    good = first.read_bytes()
+    first.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserInputError, match=f"segment {first} is damaged \\({len(good) // 2} bytes, where it was "
+                                             f"written with {len(good)}\\); delete out.mkv.streamvsr-resume"):
+        check_video_job(clip, out, codec="lossless", resume=True)  # no engine needed
+    first.write_bytes(bytes(64) + good[64:])
+    with pytest.raises(UserInputError, match="segment .*part0000.nut is damaged.*delete out.mkv.streamvsr-resume"):
+        upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
+    first.write_bytes(good)
+    second.unlink()
+    with pytest.raises(UserInputError, match="needs .*part0001.nut, which is gone"):
+        check_video_job(clip, out, codec="lossless", resume=True)
+    files.state.unlink()
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
+    assert np.array_equal(np.stack(decode(out)), np.stack(expected_frames(FakeEngine(), clip)))
+
+
+class Settings(FakeEngine):
+    """An engine whose identity names its options, as the real ones do (``identity()``)."""
+
+    def __init__(self, steps=4, weights="1.5"):
+        super().__init__()
+        self.name = f"stream-diffvsr|torch.float32|steps={steps}|{weights}|flow=raft,updates=12,downscale=1,2.5"
+
+    def identity(self):
+        return self.name
+
+
+@pytest.mark.parametrize("engine, differs", [(Settings(steps=2), "steps 4 then, 2 now"),
+                                             (Settings(weights="9"), "another model or precision"),
+                                             (FakeEngine(), "another model")])
+def test_resume_with_other_settings_names_them_and_overwrite_discards_the_job(tmp_path, engine, differs):
+    """--resume --overwrite starts the job again where its settings changed (as --overwrite's help says: it
+    discards an unfinished job), also where only the model's part of them did, known once it is loaded."""
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(Settings(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    assert ResumeFiles(out).read_info()["frames"] == 3
+    with pytest.raises(UserInputError, match=f"\\({differs}\\); run with the same settings.*--overwrite"):
+        upscale_video(engine, clip, out, codec="lossless", resume=True)
+    summary = upscale_video(engine, clip, out, codec="lossless", resume=True, overwrite=True)
+    assert summary["resumed_from"] == 0 and summary["frames"] == 6 and not ResumeFiles(out).state.exists()
+    assert np.array_equal(np.stack(decode(out)), np.stack(expected_frames(engine, clip)))
+    out.unlink()
+    polls.clear()
+    upscale_video(Settings(), clip, out, codec="lossless", resume=True, checkpoint_frames=2, scene_cut_threshold=0.3,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    with pytest.raises(UserInputError, match="scene cut 0.3 then, off now"):
+        check_video_job(clip, out, codec="lossless", resume=True)
+    assert check_video_job(clip, out, codec="lossless", resume=True, overwrite=True).discard_unfinished
 
 
 def test_option_mistakes_are_one_line_errors(tmp_path):
@@ -1007,6 +1073,41 @@ def test_video_node_never_replaces_a_file_and_reports_a_cut_input(tmp_path, vide
     assert accepted.name == "accepted_00001_.mkv" and len(decode(accepted)) == e.value.frames
 
 
+def test_video_node_cleans_what_killed_runs_left_but_not_a_running_job(tmp_path, video_node):
+    """A run killed (ComfyUI closed, out of memory) leaves its lock file, its temporary file and, without a
+    checkpoint, its resume segments; the next run takes a new number, so it must remove them itself, as README
+    promises. A run still writing (its lock held), a partial result and a checkpointed job are kept."""
+    run, folder = video_node
+    clip = tmp_path / "in.mkv"
+    noise_clip(clip, n=2, w=16, h=8, codec="ffv1")
+    folder.mkdir(parents=True)
+    killed, unsaved, checkpointed, running = (folder / f"test_0000{i}_.mkv" for i in (1, 2, 3, 4))
+    stale = [lock_path(killed), temp_path(killed), lock_path(unsaved), ResumeFiles(unsaved).part(0),
+             lock_path(checkpointed), temp_path(checkpointed)]
+    kept = [partial_path(unsaved), ResumeFiles(checkpointed).state, ResumeFiles(checkpointed).part(0),
+            temp_path(running)]
+    for path in stale + kept:
+        path.write_bytes(b"process 4242 on a crashed host" if path.name.endswith("lock") else b"work")
+    holding, done = threading.Event(), threading.Event()
+
+    def writer():
+        with OutputLock(running):
+            holding.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        out = Path(run(clip).values[0][1])
+    finally:
+        done.set()
+        thread.join()
+    assert out == killed and len(decode(out)) == 2  # (the fake counter gives 1: the killed run's number is free)
+    assert [p.name for p in stale if os.path.lexists(p)] == []
+    assert all(p.read_bytes() == b"work" for p in kept)
+
+
 def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading_models(tmp_path, video_node):
     run, folder = video_node
     clip = tmp_path / "in.mkv"
@@ -1033,11 +1134,12 @@ def test_video_node_honours_rotation(tmp_path, video_node):
     assert got[0].shape == (64, 32, 3) and np.array_equal(got[0], nearest4(np.rot90(frames[0])))
 
 
-def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, video_node):
+def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, video_node, caplog):
     """Cancel arrives while a frame is computed: ComfyUI's progress hook would raise it while that frame is being
     written, past the checkpoint; the node leaves it to the poll before the next frame, which checkpoints."""
     import fake_comfy
 
+    caplog.set_level(logging.INFO)
     run, folder = video_node
     clip = tmp_path / "in.mkv"
     frames = noise_clip(clip, n=6, w=16, h=8, codec="ffv1")
@@ -1053,11 +1155,35 @@ def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, vide
         run(clip, resume=True)
     job = ResumeFiles(folder / "test_00001_.mkv")
     assert job.read_info()["frames"] == 3  # frames 0-2 were done and written: none is redone
+    assert "stopped after 3 frames of" in caplog.text and "resume on to continue" in caplog.text
     run.engines[0] = Identity
     out = Path(run(clip, resume=True).values[0][1])
     assert out.name == "test_00001_.mkv" and not job.state.exists()
     got = decode(out)
     assert len(got) == 6 and all(np.array_equal(g, nearest4(f)) for g, f in zip(got, frames))
+
+
+def test_video_node_cancel_without_resume_says_where_the_frames_done_are(tmp_path, video_node, caplog):
+    """ComfyUI shows a Cancel as an interruption only: the frames kept under the partial name are named in the log
+    (the command line prints them from the summary, which a raised Cancel never returns)."""
+    import fake_comfy
+
+    run, folder = video_node
+    clip = tmp_path / "in.mkv"
+    noise_clip(clip, n=6, w=16, h=8, codec="ffv1")
+
+    class CancelledDuringFrame3(Identity):
+        def step(self, frame, state):
+            if state.frame_index == 2:
+                run.mm.interrupt_current_processing()
+            return super().step(frame, state)
+
+    run.engines[0] = CancelledDuringFrame3
+    with pytest.raises(fake_comfy.Interrupted):
+        run(clip)
+    partial = folder / "test_00001_.streamvsr-partial.mkv"
+    assert len(decode(partial)) == 3 and not (folder / "test_00001_.mkv").exists()
+    assert f"stopped after 3 frames: they are in {partial}" in caplog.text
 
 
 def test_video_node_cancel_between_its_check_and_the_progress_hook_still_checkpoints(tmp_path, video_node,

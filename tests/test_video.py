@@ -549,7 +549,7 @@ def test_resume_refuses_other_settings(tmp_path):
     polls = []
     upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True,
                   should_stop=lambda: polls.append(1) or len(polls) > 2)
-    with pytest.raises(ValueError, match="delete it"):
+    with pytest.raises(ValueError, match="seed 42 then, 7 now.*add --overwrite to discard it"):
         upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, seed=7)
 
 
@@ -635,21 +635,23 @@ def test_resume_refuses_another_model_precision_or_flow(tiny, tmp_path):
     upscale_video(StreamEngine(pipe, flow, steps=1), clip, out, codec="lossless", resume=True,
                   should_stop=lambda: polls.append(1) or len(polls) > 1)
     assert ResumeFiles(out).state.exists()
-    with pytest.raises(ValueError, match="delete it"):
+    with pytest.raises(ValueError, match="\\(another model or precision\\).*add --overwrite"):
         upscale_video(StreamEngine(pipe, flow, steps=1, compute_dtype=torch.bfloat16), clip, out,
                       codec="lossless", resume=True)
     other = load_pipeline(ckpt)
     with torch.no_grad():
         next(other.parameters()).add_(0.01)
-    with pytest.raises(ValueError, match="delete it"):
+    with pytest.raises(ValueError, match="\\(another model or precision\\)"):
         upscale_video(StreamEngine(other, flow, steps=1), clip, out, codec="lossless", resume=True)
+    with pytest.raises(ValueError, match="\\(steps 1 then, 2 now\\)"):
+        upscale_video(StreamEngine(pipe, flow, steps=2), clip, out, codec="lossless", resume=True)
     # The flow guides every frame after the first: another flow model, flow resolution or update count splices two
     # renderings as surely as another model.
     other_flow = load_raft(raft, num_flow_updates=1)
     with torch.no_grad():
         next(other_flow.parameters()).add_(0.01)
     for changed in (other_flow, load_raft(raft, num_flow_updates=1, downscale=2), load_raft(raft, num_flow_updates=2)):
-        with pytest.raises(ValueError, match="flow model"):
+        with pytest.raises(ValueError, match="\\(another flow model or flow option\\)"):
             upscale_video(StreamEngine(pipe, changed, steps=1), clip, out, codec="lossless", resume=True)
     # the correlation mode gives the same flow (up to rounding) and is the advice for running out of memory
     same_flow = load_raft(raft, num_flow_updates=1, corr="on_demand")

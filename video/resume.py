@@ -22,6 +22,7 @@ RESUME_VERSION = 4
 
 
 STATE_SUFFIX = ".streamvsr-resume.safetensors"  # a job's checkpoint: its output's name with this added
+PART_TAG = ".streamvsr-part"  # a job's segments: its output's name with this, a number and .nut added
 
 
 class ResumeFiles:
@@ -34,14 +35,14 @@ class ResumeFiles:
     def part(self, index: int) -> Path:
         # NUT keeps every timestamp exactly in the input's time base (MP4 would round a segment's start to the
         # millisecond through its edit list) and carries any codec.
-        return self.out.with_name(f"{self.out.name}.streamvsr-part{index:04d}.nut")
+        return self.out.with_name(f"{self.out.name}{PART_TAG}{index:04d}.nut")
 
     def parts_on_disk(self) -> list[Path]:
         """This job's segments that are on the disk, in order; exactly the names ``part`` makes (a prefix would also
         take other files: another output's partial result ``OUT.streamvsr-partial.EXT``, a user's file)."""
-        name = re.compile(re.escape(self.out.name) + r"\.streamvsr-part(\d{4,})\.nut")
+        name = re.compile(re.escape(self.out.name + PART_TAG) + r"(\d{4,})\.nut")
         found = []
-        for p in self.out.parent.glob(f"{glob_escape(self.out.name)}.streamvsr-part*.nut"):
+        for p in self.out.parent.glob(f"{glob_escape(self.out.name)}{PART_TAG}*.nut"):
             match = name.fullmatch(p.name)
             if match:
                 found.append((int(match.group(1)), p))
@@ -74,6 +75,26 @@ class ResumeFiles:
             raise UserInputError(f"the resume file {self.state} is damaged ({type(e).__name__}: {e}); delete it "
                                  "to start over (its finished segments are then redone)") from None
         return info
+
+    def check_segments(self, info: dict) -> None:
+        """That the segments the checkpoint ``info`` counts are there, as long as they were (where it recorded
+        that) and readable: a damaged one is found before the rest of the job is done, not when joining."""
+        import av
+
+        sizes = info.get("segment_bytes") or [None] * info["segments"]
+        for i, size in zip(range(info["segments"]), sizes):
+            part = self.part(i)
+            if not part.exists():
+                raise UserInputError(f"the resume state {self.state} needs {part}, which is gone; delete the state "
+                                     "file to start over")
+            try:
+                if size is not None and part.stat().st_size != size:
+                    raise ValueError(f"{part.stat().st_size} bytes, where it was written with {size}")
+                with av.open(str(part)) as segment:
+                    if not segment.streams.video:
+                        raise ValueError("no video stream")
+            except Exception as e:  # any kind of damage means the same to the user
+                raise _damaged(part, e) from None
 
     def load(self, engine):
         """``(info, engine state, scene thumbnail or None)`` of the last checkpoint, or None when there is none."""
@@ -143,9 +164,11 @@ def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
     for key, value in now.items():
         if saved.get(key) != value:
             if key == "model":
-                diffs.append("another model, precision, flow model or model option")
+                diffs.append(_model_change(saved.get(key), value))
             elif key == "crf":
                 diffs.append(f"crf {_crf(saved.get(key))} then, {_crf(value)} now")
+            elif key == "scene_cut":
+                diffs.append(f"scene cut {saved.get(key) or 'off'} then, {value or 'off'} now")
             else:
                 diffs.append(f"{names.get(key, key)} {saved.get(key)!r} then, {value!r} now")
     return "; ".join(diffs) or None
@@ -153,6 +176,30 @@ def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
 
 def _crf(value) -> str:
     return "the default" if value is None else str(value)
+
+
+_OPTION_NAMES = {"steps": "steps", "scale": "scale", "sparse": "sparse ratio", "local": "local range",
+                 "kv": "kv ratio", "color": "color fix"}
+
+
+def _model_change(saved, now: str) -> str:
+    """What differs between two engine identities (``identity()``: "family|...|name=value|..."), naming the options
+    that changed; weights and precision are one checksum and a dtype, so they are named together."""
+    old, new = str(saved).split("|"), now.split("|")
+    if len(old) != len(new) or old[0] != new[0]:
+        return "another model"
+    named, other = [], False
+    for a, b in zip(old, new):
+        key, _, before = a.partition("=")
+        if a == b:
+            continue
+        if key in _OPTION_NAMES and b.startswith(key + "="):
+            named.append(f"{_OPTION_NAMES[key]} {before} then, {b.partition('=')[2]} now")
+        elif key == "flow":
+            named.append("another flow model or flow option")
+        else:
+            other = True
+    return "; ".join(named + (["another model or precision"] if other else []))
 
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
@@ -174,19 +221,12 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
                 v_out.codec_context.framerate = rate
             audio = AudioCopy(audio_from, sink, out_path.suffix) if audio_from is not None else None
             for part in parts:
-                with av.open(str(part)) as seg:
-                    for packet in seg.demux(seg.streams.video[0]):
-                        if packet.size == 0:  # the demuxer's end-of-stream marker
-                            continue
-                        if packet.dts is None:
-                            # FFmpeg's NUT demuxer leaves it unset in some segments (every packet of one of 7
-                            # H.264 frames); segments have no B-frames, so decoding order is display order
-                            packet.dts = packet.pts
-                        if audio is not None:
-                            audio.mux_until(float(packet.pts * packet.time_base))
-                        packet.stream = v_out
-                        sink.mux(packet)
-                        frames += 1
+                for packet in _segment_packets(part):
+                    if audio is not None:
+                        audio.mux_until(float(packet.pts * packet.time_base))
+                    packet.stream = v_out
+                    sink.mux(packet)
+                    frames += 1
             if audio is not None:
                 audio.finish(audio_until)
         finally:
@@ -194,3 +234,30 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
                 audio.close()
             sink.close()
     return frames
+
+
+def _segment_packets(part: Path):
+    """The video packets of a segment, each with its timestamps; a damaged segment (its size is checked on
+    resume, not its bytes: reading them all would cost minutes for a long job) is a one-line error."""
+    import av
+
+    try:
+        with av.open(str(part)) as segment:
+            for packet in segment.demux(segment.streams.video[0]):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                if packet.pts is None:
+                    raise ValueError("a frame without a timestamp")
+                if packet.dts is None:
+                    # FFmpeg's NUT demuxer leaves it unset in some segments (every packet of one of 7 H.264
+                    # frames); segments have no B-frames, so decoding order is display order
+                    packet.dts = packet.pts
+                yield packet
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise _damaged(part, e) from None
+
+
+def _damaged(part: Path, why) -> UserInputError:
+    state = part.name.rsplit(PART_TAG, 1)[0] + STATE_SUFFIX
+    return UserInputError(f"the resume segment {part} is damaged ({why}); delete {state} to start over (its "
+                          "finished segments are then redone)")

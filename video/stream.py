@@ -52,7 +52,7 @@ from typing import Callable
 
 import torch
 
-from ..models.shared.errors import InputDamagedError, UserInputError
+from ..models.shared.errors import InputDamagedError, OutputBusyError, UserInputError
 from .audio import check_audio
 from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, sync_file,
                       temp_path)
@@ -140,6 +140,22 @@ class VideoJob:
     discard_unfinished: bool   # an unfinished resumable job of this output is to be thrown away (overwrite)
 
 
+def clean_after_killed_run(out_path) -> bool:
+    """Removes the work files that a killed run to ``out_path`` left (its lock file, temporary file and, where it
+    made no checkpoint, its resume segments), unless a run holds the output's lock now: then False. A checkpointed
+    job, a partial result and the output itself stay. (A run to the same output does this itself; this is for a
+    caller that moves on to another name, as the video node does.)"""
+    out, files = Path(out_path), ResumeFiles(out_path)
+    try:
+        with OutputLock(out):
+            remove_stale([temp_path(out), files.state_tmp])
+            if not files.state.exists():
+                remove_stale(files.parts_on_disk(), "left by a resumable run without a checkpoint")
+    except OutputBusyError:
+        return False
+    return True
+
+
 def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf: int | None = None,
                     scene_cut_threshold: float | None = None, resume: bool = False,
                     overwrite: bool = False) -> VideoJob:
@@ -174,12 +190,16 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
         if not overwrite:
             raise UserInputError(f"{out} has an unfinished resumable job next to it ({saved['frames']} frames done, "
                                  f"{files.state.name}): add --resume to continue it, or --overwrite to discard it")
-    elif saved is not None:
+    discard = saved is not None and not resume
+    if saved is not None and resume:
         differs = fingerprint_mismatch(saved["fingerprint"], base)
-        if differs:
+        if differs and not overwrite:
             raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the "
-                                 "same settings to continue it, or delete it to start over")
-    return VideoJob(source, out, info, files if resume else None, base, saved is not None and not resume)
+                                 "same settings to continue it, or add --overwrite to discard it and start over")
+        discard = bool(differs)
+    if saved is not None and resume and not discard:
+        files.check_segments(saved)
+    return VideoJob(source, out, info, files if resume else None, base, discard)
 
 
 def _whole(value) -> bool:
@@ -215,7 +235,7 @@ def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264"
         afterwards.
     preview(hr): called with each output frame (1, 3, H, W) (on the engine's device), e.g. for a UI preview.
     overwrite: replace an existing output (only once the new one is complete), or discard an unfinished
-        resumable job of this output when not resuming.
+        resumable job of this output when not resuming, or when resuming one made with other settings.
     allow_truncated: a cut-off or damaged input is not an error: the frames that could be decoded go to the
         output, and the summary's ``input_problem`` says what was wrong. (A change of frame size always is.)
 
@@ -260,12 +280,16 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     problem: dict | None = None  # where the input broke: {"kind", "message"} (see reader.InputProblem)
     if files is not None:
         loaded = files.load(engine)
+        differs = fingerprint_mismatch(loaded[0]["fingerprint"], fp) if loaded is not None else None
+        if differs and overwrite:  # (the model's part of the settings can only be compared now)
+            files.remove()
+            log.info("discarded the unfinished resumable job of %s (%s; overwrite)", out_path, differs)
+            loaded = None
+        elif differs:
+            raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the "
+                                 "same settings to continue it, or add --overwrite to discard it and start over")
         if loaded is not None:
             saved, saved_state, thumbnail = loaded
-            differs = fingerprint_mismatch(saved["fingerprint"], fp)
-            if differs:
-                raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with "
-                                     "the same settings to continue it, or delete it to start over")
             state, segments = saved_state, int(saved["segments"])
             consumed, written = int(saved["consumed"]), int(saved["frames"])
             held_pts.extend(int(p) for p in saved["held_pts"])
@@ -280,10 +304,6 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         keep = {files.part(i) for i in range(segments)}
         remove_stale([p for p in files.parts_on_disk() if p not in keep],
                      "written after the last checkpoint (redone now)")
-        missing = [p for p in sorted(keep) if not p.exists()]
-        if missing:
-            raise UserInputError(f"the resume state {files.state} needs {missing[0]}, which is gone; delete the "
-                                 "state file to start over")
     summary["resumed_from"] = written
 
     tags = color_tags(source) if codec != "lossless" else {}
@@ -297,7 +317,10 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     def checkpoint(segment_count: int, ckpt_state, counts: dict, thumb, done: bool) -> None:
         if segment_count:  # the segments a checkpoint counts reach the disk before it does (the earlier ones did)
             sync_file(files.part(segment_count - 1))
-        files.save(ckpt_state, {**counts, "segments": segment_count, "complete": done, "fingerprint": fp}, thumb)
+        # (their sizes, so that a resume finds a segment cut short before it redoes the rest, not when joining)
+        sizes = [files.part(i).stat().st_size for i in range(segment_count)]
+        files.save(ckpt_state, {**counts, "segments": segment_count, "segment_bytes": sizes, "complete": done,
+                                "fingerprint": fp}, thumb)
 
     stop_error: BaseException | None = None
     start_written = written
@@ -439,6 +462,13 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         publish(tmp, out_path, overwrite=overwrite)
         files.remove()
     if stop_error is not None:
+        # The caller (ComfyUI's Cancel) only sees the exception: what was kept must be said here
+        if files is not None:
+            log.warning("stopped after %d frames of %s; its resume files keep them: run it again with the same "
+                        "settings and resume on to continue", written, out_path)
+        elif summary["path"] is not None:
+            log.warning("stopped after %d frames: they are in %s (%s was not written)", written, summary["path"],
+                        out_path)
         raise stop_error
     if summary["interrupted"] and files is not None:  # (the command line says it in its own words)
         log.debug("stopped after %d frames; run again with resume to continue", written)
