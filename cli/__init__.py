@@ -19,7 +19,7 @@ import logging
 import sys
 
 from . import commands
-from .options import add_flow_options, add_model_options, default_models_dir, memory_options, user_path
+from .options import add_flow_options, add_model_options, default_models_dir, memory_options, user_path, video_path
 
 log = logging.getLogger("streamvsr")
 
@@ -58,6 +58,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+class _OncePerRecord(logging.Filter):
+    """Passes only records that no logger on their way up has handled already. huggingface_hub gives its logger a
+    handler of its own and still lets records propagate, so the root handler would print each warning twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if any(record.levelno >= handler.level for handler in logger.handlers):
+                return False
+            logger = logger.parent if logger.propagate else None
+        return True
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Messages as plain lines on stderr, each once. Only the handler made here is filtered: one a host program
+    (or pytest) put on the root logger is left as it is."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    for handler in root.handlers:
+        if handler not in before:
+            handler.addFilter(_OncePerRecord())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="streamvsr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -87,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_flow)
 
     p = sub.add_parser("upscale", help="upscale a video file, streaming it through the model")
-    p.add_argument("in_video", type=user_path, help="input video file (anything FFmpeg reads)")
-    p.add_argument("out_video", type=user_path, help="output file: .mp4/.mkv/.mov (h264) or .mkv (lossless)")
+    p.add_argument("in_video", type=video_path("in"),
+                   help="input video file on this machine, in any format FFmpeg reads (not a URL)")
+    p.add_argument("out_video", type=video_path("out"),
+                   help="output file: .mp4/.mkv/.mov (h264) or .mkv (lossless)")
     add_model_options(p, dtype_default="auto", model_required=False)
     commands.add_video_options(p)
     p.set_defaults(func=commands.cmd_upscale)
@@ -119,7 +145,7 @@ def main(argv=None) -> int:
     keep_freed_memory()  # for the tensors to come
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except StreamVSRError as e:

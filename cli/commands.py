@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -72,6 +74,29 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, self.previous)
 
 
+@contextlib.contextmanager
+def _removed_if_failed(folder):
+    """The folders of ``folder``'s path (itself included) that do not exist yet are removed again, where still
+    empty, when the block fails: a run that fails to load its model, or stops before its first output, leaves no
+    trace. Enter it outside the output's lock, whose file is in the folder until the lock is released."""
+    missing = []
+    path = Path(os.path.abspath(folder))
+    while not os.path.lexists(path) and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    try:
+        yield
+    except BaseException:
+        for path in missing:  # the deepest first
+            try:
+                path.rmdir()
+            except FileNotFoundError:  # never made (a folder the job itself creates) or removed meanwhile
+                continue
+            except OSError:  # not empty: outputs kept for the user, or files of another run
+                break
+        raise
+
+
 def cmd_frames(args) -> int:
     from ..models.shared.runtime import Progress
     from ..video.frames import check_folder_outputs, check_frames, list_pngs, output_name, upscale_folder
@@ -85,15 +110,16 @@ def cmd_frames(args) -> int:
                          args.overwrite)
     plan = plan_engine(args)
     plan.check_size(height, width)
-    make_folder(args.out_dir.parent)
-    with OutputLock(args.out_dir):
-        engine = plan.load()
-        progress = Progress(len(files), "frames")
-        try:
-            written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
-                                     progress=progress.update, overwrite=args.overwrite)
-        finally:
-            progress.close()
+    with _removed_if_failed(args.out_dir):
+        make_folder(args.out_dir.parent)
+        with OutputLock(args.out_dir):
+            engine = plan.load()
+            progress = Progress(len(files), "frames")
+            try:
+                written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
+                                         progress=progress.update, overwrite=args.overwrite)
+            finally:
+                progress.close()
     scale = int(engine.scale)
     log.info("wrote %d frames (%s, %dx%d) to %s", written, args.save, width * scale, height * scale, args.out_dir)
     return 0
@@ -117,16 +143,17 @@ def cmd_flow(args) -> int:
     if not Path(args.flow).expanduser().is_file():
         raise UserInputError(f"the flow weights {args.flow} do not exist (give torchvision's RAFT file, e.g. from "
                              "`streamvsr download`)")
-    make_folder(args.out_dir.parent)
-    with OutputLock(args.out_dir):
-        estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale,
-                              num_flow_updates=args.flow_iterations)
-        progress = Progress(len(files) - 1, "flow")
-        try:
-            count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite,
-                                progress=progress.update)
-        finally:
-            progress.close()
+    with _removed_if_failed(args.out_dir):
+        make_folder(args.out_dir.parent)
+        with OutputLock(args.out_dir):
+            estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale,
+                                  num_flow_updates=args.flow_iterations)
+            progress = Progress(len(files) - 1, "flow")
+            try:
+                count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite,
+                                    progress=progress.update)
+            finally:
+                progress.close()
     log.info("wrote %d flow fields (%s, %dx%d; one per frame from %s on) to %s", count, args.save, width, height,
              files[1].name, args.out_dir)
     return 0
@@ -147,27 +174,28 @@ def cmd_upscale(args) -> int:
     info = job.info
     plan = plan_engine(args)
     plan.check_size(info.height, info.width)
-    make_folder(job.out.parent)
-    with OutputLock(job.out):
-        if not info.orientation.identity:
-            log.info("%s is shown %s: upscaling it as shown (%dx%d)", args.in_video, info.orientation.describe(),
-                     info.width, info.height)
-        engine = plan.load()
-        bar = Progress(None, "upscale")
+    with _removed_if_failed(job.out.parent):
+        make_folder(job.out.parent)
+        with OutputLock(job.out):
+            if not info.orientation.identity:
+                log.info("%s is shown %s: upscaling it as shown (%dx%d)", args.in_video, info.orientation.describe(),
+                         info.width, info.height)
+            engine = plan.load()
+            bar = Progress(None, "upscale")
 
-        def progress(done, total):
-            bar.total = total or None
-            bar.update(done)
+            def progress(done, total):
+                bar.total = total or None
+                bar.update(done)
 
-        with _GracefulStop() as stop:
-            try:
-                summary = upscale_video(engine, args.in_video, args.out_video, seed=args.seed, codec=args.codec,
-                                        crf=args.crf, scene_cut_threshold=args.scene_cut, resume=args.resume,
-                                        checkpoint_seconds=args.checkpoint_every or 60.0, progress=progress,
-                                        should_stop=stop, overwrite=args.overwrite,
-                                        allow_truncated=args.allow_truncated)
-            finally:
-                bar.close()
+            with _GracefulStop() as stop:
+                try:
+                    summary = upscale_video(engine, args.in_video, args.out_video, seed=args.seed, codec=args.codec,
+                                            crf=args.crf, scene_cut_threshold=args.scene_cut, resume=args.resume,
+                                            checkpoint_seconds=args.checkpoint_every or 60.0, progress=progress,
+                                            should_stop=stop, overwrite=args.overwrite,
+                                            allow_truncated=args.allow_truncated)
+                finally:
+                    bar.close()
     w, h = summary["size"]
     if summary["interrupted"]:
         if args.resume:
@@ -209,18 +237,19 @@ def cmd_convert(args) -> int:
     sources = [source, *(p for p in (source.rglob("*") if source.is_dir() else source.parent.iterdir())
                          if p.is_file())]
     check_output_file(out, sources, overwrite=args.overwrite)
-    make_folder(out.parent)
-    with OutputLock(out):
-        tmp = temp_path(out)
-        try:
-            if args.dtype:  # else the family's own default
-                options["dtype"] = PRECISIONS[args.dtype]
-            family.convert(args.source, tmp, **options)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # (where it cannot move the result into place, publish keeps it and says where: maybe this very name)
-        publish(tmp, out, overwrite=args.overwrite)
+    with _removed_if_failed(out.parent):
+        make_folder(out.parent)
+        with OutputLock(out):
+            tmp = temp_path(out)
+            try:
+                if args.dtype:  # else the family's own default
+                    options["dtype"] = PRECISIONS[args.dtype]
+                family.convert(args.source, tmp, **options)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            # (where it cannot move the result into place, publish keeps it and says where: maybe this very name)
+            publish(tmp, out, overwrite=args.overwrite)
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return 0
 

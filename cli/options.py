@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def default_models_dir() -> Path:
 def user_path(text: str) -> Path:
     """An argparse type: a path with ``~`` expanded (the shell leaves it in ``--dest=~/x`` and in quotes)."""
     return Path(text).expanduser()
+
+
+# scheme:// with a scheme of two letters or more, so that a Windows drive (C:/...) is still a path
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def video_path(direction: str):
+    """An argparse type for the video file read (``direction`` "in") or written ("out"): a local path, as
+    ``user_path``. A URL is refused whole: the resume, lock, partial-file and same-file checks all work on files, and
+    a path would turn ``http://`` into ``http:/``."""
+
+    def parse(text: str) -> Path:
+        if _URL.match(text):
+            what = "a local video file to read: download it first, e.g. `ffmpeg -i URL -c copy in.mkv`" \
+                if direction == "in" else "a local file to write: upload the finished file afterwards"
+            raise argparse.ArgumentTypeError(f"{text} is a URL; give {what}")
+        return user_path(text)
+
+    return parse
 
 
 def int_range(low: int, high: int | None = None, what: str = ""):
@@ -95,12 +115,17 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
                          help="use the official Stream-DiffVSR weights (and RAFT-large) from $STREAMVSR_MODELS "
                               "(default ~/.cache/streamvsr), downloading them first if they are not there")
     p.add_argument("--seed", type=seed_value, default=42, help="noise seed (the official scripts use 42)")
+    why = ": the reference output; auto is faster on a GPU" if dtype_default == "fp32" else ""
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default=dtype_default,
-                   help="compute precision; auto: bf16 (or fp16) on CUDA, fp32 elsewhere")
+                   help=f"compute precision (default {dtype_default}{why}); auto: bf16 (or fp16) on CUDA, fp32 "
+                        "elsewhere")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
 
     g = p.add_argument_group("Stream-DiffVSR")
-    g.add_argument("--flow", help="RAFT weights in torchvision's format (default with --download: RAFT-large)")
+    # Only a command that has --download can fetch RAFT-large itself.
+    g.add_argument("--flow", help="RAFT weights in torchvision's format, e.g. RAFT-large from `streamvsr download` "
+                                  + ("(needed)" if model_required else "(needed, except with --download, which "
+                                                                       "brings RAFT-large)"))
     g.add_argument("--steps", type=int_range(1, 50), help="denoising steps, 1-50 (default 4: the model is distilled "
                                                           "for 4)")
     add_flow_options(g, default=(None, None, None))

@@ -1,5 +1,7 @@
 """The command line end to end on tiny checkpoints: frames, flow and convert."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -390,3 +392,31 @@ def test_out_of_memory_advice_names_the_options_of_the_model_run(assets, tmp_pat
     assert memory_options(Namespace(command="flow")) == ["--corr on_demand", "--flow-downscale 2"]
     assert memory_options(Namespace(command="frames", model=str(tmp_path / "gone"))) == []
     assert memory_options(Namespace(command="convert")) == []
+
+
+def test_each_command_help_describes_its_own_options(capsys):
+    """`frames` has no --download and computes in fp32 by default; `upscale` has both and defaults to auto."""
+
+    def help_of(command):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        # each option's entry: its line and the indented lines of help after it
+        entries = re.split(r"\n(?=  -)", capsys.readouterr().out)
+        return {option: " ".join(next(e for e in entries if e.lstrip().startswith(option)).split()) for option in
+                ("--flow FLOW", "--dtype {")}
+
+    frames, upscale = help_of("frames"), help_of("upscale")
+    assert "--download" not in frames["--flow FLOW"] and "(needed)" in frames["--flow FLOW"]
+    assert "except with --download" in upscale["--flow FLOW"]
+    assert "default fp32" in frames["--dtype {"] and "default auto" in upscale["--dtype {"]
+
+
+def test_a_file_that_is_not_weights_as_flow_says_so_without_torchs_advice(assets, tmp_path, caplog):
+    """A video given as --flow: torch's refusal advises `weights_only=False`, which must not reach the user."""
+    ckpt, _, frames = assets
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41" + bytes(range(256)) * 16)
+    assert main(["frames", str(frames), str(tmp_path / "out"), "--model", str(ckpt), "--flow", str(video),
+                 "--device", "cpu"]) == 2
+    assert f"cannot read {video} (4,128 bytes): not a PyTorch weights file" in caplog.text
+    assert "weights_only" not in caplog.text and "RAFT" in caplog.text

@@ -149,6 +149,8 @@ def test_cuda_without_a_gpu_is_found_before_the_model(media, model, tmp_path, ca
     ("frames IN OUT --model M --kv-ratio nan", "out of range"),
     ("frames IN OUT --model M --scale 9", "out of range"),
     ("upscale IN OUT --codec h265", "invalid choice"),
+    ("upscale http://example.invalid/a.mp4 OUT", "http://example.invalid/a.mp4 is a URL; give a local video file"),
+    ("upscale IN rtmp://example.invalid/live", "rtmp://example.invalid/live is a URL; give a local file to write"),
 ])
 def test_bad_option_values_are_one_line(args, fragment, capsys, model):
     with pytest.raises(SystemExit) as e:
@@ -156,6 +158,42 @@ def test_bad_option_values_are_one_line(args, fragment, capsys, model):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
     assert model.loads == []
+
+
+@pytest.mark.parametrize("command", ["upscale", "frames"])
+def test_a_model_that_fails_to_load_leaves_no_new_folders(command, media, model, tmp_path, caplog):
+    from streamvsr.models.shared.errors import WeightsError
+
+    def broken():
+        raise WeightsError("the weights are damaged")
+
+    model.make = broken
+    source, name = (media / "in.mp4", "o.mp4") if command == "upscale" else (media / "frames", "out")
+    code = main([command, str(source), str(tmp_path / "new" / "sub" / name), "--model", str(model.path)])
+    one_line_error(caplog, code, "the weights are damaged")
+    assert model.loads, "the load was not reached"
+    assert not (tmp_path / "new").exists()
+    # a folder that was there before the run stays, even when empty
+    (tmp_path / "kept").mkdir()
+    caplog.clear()
+    assert main([command, str(source), str(tmp_path / "kept" / name), "--model", str(model.path)]) == 2
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_the_command_line_prints_a_library_warning_once():
+    """huggingface_hub's logger has a handler of its own and propagates to the root handler as well: offline
+    ``--download`` printed every retry warning twice."""
+    code = ("import sys, logging; sys.path.insert(0, sys.argv[1]); import conftest; from streamvsr.cli import "
+            "commands, main; from huggingface_hub.utils import logging as hub_logging\n"
+            "def download(args):\n"
+            "    hub_logging.get_logger('huggingface_hub.utils._http').warning('retrying in 1s')\n"
+            "    logging.getLogger('streamvsr').info('finished')\n"
+            "commands.cmd_download = download\n"
+            "sys.exit(main(['download']))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("retrying in 1s") == 1 and result.stderr.count("finished") == 1, result.stderr
 
 
 def test_mistakes_found_with_the_model_are_one_line(media, model, tmp_path, caplog):

@@ -106,9 +106,9 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
         if is_out_of_memory(e):
             raise  # a good file too large for the memory left: not a reason to delete it
         raise WeightsError(
-            f"cannot read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: {first_line(e)}. The file is "
-            f"truncated, not a weights file, or holds code rather than tensors; delete it and download it "
-            f"again.{tail}") from None
+            f"cannot read {path} ({path.stat().st_size:,} bytes): {_load_reason(e)}. It is not a weights file, or "
+            f"it is cut short or damaged, or it holds code rather than tensors: give the weights file, and if this "
+            f"is it, delete it and download it again.{tail}") from None
     if unwrap:
         for key in ("state_dict", "model"):
             if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
@@ -122,6 +122,18 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
     if unwrap and state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict
+
+
+def _load_reason(error: Exception) -> str:
+    """The reader's reason in one line. torch's refusal of a pickle under ``weights_only`` opens with advice to load
+    it with ``weights_only=False``, which would run the code of a file that is not known to be weights: only the
+    unpickler's own reason is kept."""
+    text = str(error)
+    if "weights_only" in text:
+        _, found, after = text.partition("WeightsUnpickler error:")
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "") if found else ""
+        return f"not a PyTorch weights file ({reason})" if reason else "not a PyTorch weights file"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def summary(keys, limit: int = 8) -> str:
