@@ -635,6 +635,25 @@ def test_a_damaged_resume_segment_is_a_one_line_error_found_before_the_work_wher
     assert np.array_equal(np.stack(decode(out)), np.stack(expected_frames(FakeEngine(), clip)))
 
 
+def test_a_checkpoint_that_cannot_be_written_is_the_systems_error_naming_the_file(tmp_path):
+    """safetensors reports a full disk or a file-size limit in its own exception type, without the file: it comes
+    out as the OSError it is (the command line prints those in one line, with advice), naming the checkpoint."""
+    import errno
+
+    clip = make_clip(tmp_path / "in.mp4", n=4, audio=None)
+    out = tmp_path / "out.mkv"
+
+    class Blocked(FakeEngine):
+        def step(self, frame, state):
+            if state.frame_index == 0:  # (after the run cleared its old work files)
+                ResumeFiles(out).state_tmp.mkdir()  # in the checkpoint's way, as a full disk would be
+            return super().step(frame, state)
+
+    with pytest.raises(OSError) as e:
+        upscale_video(Blocked(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
+    assert e.value.errno == errno.EISDIR and e.value.filename == str(ResumeFiles(out).state_tmp)
+
+
 class Settings(FakeEngine):
     """An engine whose identity names its options, as the real ones do (``identity()``)."""
 

@@ -66,6 +66,22 @@ def test_single_file_round_trip(checkpoint, tmp_path, dtype):
     assert load_pipeline(out, dtype=torch.float16).unet.conv_in.weight.dtype == torch.float16
 
 
+def test_a_conversion_that_fails_leaves_no_part_file(checkpoint, tmp_path, monkeypatch):
+    """The converted file is written under OUT.part first: a failure (a full disk, the move refused) must not leave
+    it behind; it is as large as the model."""
+    import os
+
+    from streamvsr.models.stream_diffvsr import loader
+
+    def refuse(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loader.os, "replace", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        convert_to_single_file(checkpoint, tmp_path / "out.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
 def test_known_leftover_is_tolerated(copy, caplog):
     path = copy / "unet" / "diffusion_pytorch_model.safetensors"
     sd = load_file(str(path))

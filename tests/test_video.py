@@ -543,6 +543,32 @@ def test_resume_takes_the_default_crf_spelled_out_as_the_same_job(tmp_path):
     assert summary["resumed_from"] == 3 and len(decode(out)) == 6
 
 
+def test_an_anamorphic_input_keeps_its_display_aspect_in_h264_and_the_lossless_output_says_how(tmp_path, caplog):
+    """DVD and DV sources store wide pictures in narrow pixels (sample aspect 4:3 here): H.264 output carries
+    it (players show 16:9); the lossless .mkv cannot with PyAV, which is said with the command that fixes it."""
+    clip = tmp_path / "dvd.mp4"
+    with av.open(str(clip), "w") as c:
+        v = c.add_stream("libx264", rate=24)
+        v.width, v.height, v.pix_fmt = 16, 12, "yuv420p"
+        v.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.full((12, 16, 3), 40 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in v.encode(frame):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+    for name, resume in (("out.mp4", False), ("resumed.mp4", True)):
+        upscale_video(FakeEngine(), clip, tmp_path / name, resume=resume, checkpoint_frames=1)
+        with av.open(str(tmp_path / name)) as c:
+            assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
+    assert "not square" not in caplog.text
+    upscale_video(FakeEngine(), clip, tmp_path / "out.mkv", codec="lossless")
+    assert "pixels are not square (sample aspect 4/3): the lossless out.mkv will not say so, and players show it " \
+           "64x48 instead of 85x48" in caplog.text
+    assert "mkvpropedit OUT --edit track:v1 --set display-width=85 --set display-height=48" in caplog.text
+
+
 def test_resume_refuses_other_settings(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
     out = tmp_path / "out.mkv"

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..models.shared.errors import UserInputError
+from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
 from .outputs import sync_file, sync_folder
 from .writer import CODECS
@@ -114,14 +115,12 @@ class ResumeFiles:
         return info, state, tensors.get("scene_thumbnail")
 
     def save(self, state, info: dict, thumbnail: torch.Tensor | None) -> None:
-        from safetensors.torch import save_file
-
         tensors, meta = state.to("cpu").to_dict()
         if thumbnail is not None:
             tensors["scene_thumbnail"] = thumbnail.contiguous()
         meta = {**meta, "streamvsr_resume": json.dumps(info)}
         tmp = self.state_tmp
-        save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
         sync_file(tmp)
         os.replace(tmp, self.state)  # atomic: a crash leaves the previous checkpoint intact
         sync_folder(self.state.parent)

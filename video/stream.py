@@ -47,6 +47,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -270,6 +271,14 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         encoded = (size[0] + size[0] % 2, size[1] + size[1] % 2)
         log.info("the output frames are %dx%d; H.264 in 4:2:0 needs even sides, so the file is %dx%d (the last "
                  "column or row repeated; the lossless codec keeps the size)", *size, *encoded)
+    sar = Fraction(info.sample_aspect_ratio) if info.sample_aspect_ratio else Fraction(1)
+    if codec == "lossless" and sar != 1:
+        # FFV1 keeps it only in a frame's side data and Matroska in the stream's header, neither of which PyAV
+        # writes (H.264 keeps it in its own bitstream): said, with the one command that sets it afterwards
+        log.warning("the input's pixels are not square (sample aspect %s): the lossless %s will not say so, and "
+                    "players show it %dx%d instead of %dx%d. Use codec h264, or afterwards: mkvpropedit OUT --edit "
+                    "track:v1 --set display-width=%d --set display-height=%d", sar, out_path.name, *size,
+                    round(size[0] * sar), size[1], round(size[0] * sar), size[1])
     fp = {**job.base, "model": engine.identity()}
     summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": encoded,
                "path": str(out_path), "resumed_from": 0, "interrupted": False, "input_problem": None}

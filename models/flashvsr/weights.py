@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..shared.errors import UserInputError, WeightsError, first_line
-from ..shared.weights import check_weights_file, key_mismatches, load_into, read_state_dict, sha256_of, summary
+from ..shared.weights import (check_weights_file, key_mismatches, load_into, read_state_dict, save_safetensors,
+                              sha256_of, summary)
 from .lq_proj import VERSIONS, LQProjection, check_version, lq_config_from_state_dict
 from .tc_decoder import TCDecoder, tc_config_from_state_dict
 
@@ -393,8 +394,6 @@ def convert_flashvsr(folder, out_path, dtype=None, version: str | None = None, v
     has one. The file is written under a temporary name and renamed into place, so an interrupted conversion
     leaves no partial output.
     """
-    from safetensors.torch import save_file
-
     weights = read_flashvsr(folder, version, need_decoder=False, verify_version=verify_version)
     out_path = Path(out_path).expanduser()
     if out_path.suffix != ".safetensors":
@@ -418,7 +417,7 @@ def convert_flashvsr(folder, out_path, dtype=None, version: str | None = None, v
     # One name per output, not per process: a conversion killed half-way leaves GBs that the next one replaces.
     tmp = out_path.with_name(out_path.name + ".part")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)

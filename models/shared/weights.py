@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -134,6 +136,21 @@ def _load_reason(error: Exception) -> str:
         reason = next((line.strip() for line in after.splitlines() if line.strip()), "") if found else ""
         return f"not a PyTorch weights file ({reason})" if reason else "not a PyTorch weights file"
     return f"{type(error).__name__}: {first_line(error)}"
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, with a failure of the system (a full disk, a file-size limit) raised as
+    the OSError it is, naming the file: safetensors reports it in its own type, which callers cannot tell from a
+    bug and which loses the file's name."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if isinstance(e, OSError) or code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def summary(keys, limit: int = 8) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..shared.errors import WeightsError
-from ..shared.weights import check_weights_file, load_into
+from ..shared.weights import check_weights_file, load_into, save_safetensors
 from ..shared.weights import read_state_dict as _read
 from ..shared.weights import summary
 from . import SINGLE_FILE_FORMAT
@@ -232,8 +232,6 @@ def convert_to_single_file(source, out_path, dtype: torch.dtype = torch.float16)
 
     The empty-prompt embedding is stored precomputed in float32, so the 1.4 GB text encoder is not needed.
     """
-    from safetensors.torch import save_file
-
     pipe = load_pipeline(source, device="cpu", dtype=torch.float32)
     tensors = {}
     for name in COMPONENTS:
@@ -248,6 +246,9 @@ def convert_to_single_file(source, out_path, dtype: torch.dtype = torch.float16)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".part")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out_path)
+    try:
+        save_safetensors(tensors, tmp, metadata=meta)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (a full disk leaves GBs)
     return out_path
