@@ -276,7 +276,10 @@ def test_compiled_flex_is_not_limited_to_eight_shapes_and_never_falls_back_to_ea
             assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
         monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 3)
         k, v = torch.randn(2, 1, 2, 512, D, generator=g)
-        with pytest.raises(RuntimeError, match="compiled for 3 shapes.*'gather' attention"):
+        from streamvsr.models.shared.errors import SessionLimitError
+
+        # one line for the command line (StreamVSRError), not a traceback
+        with pytest.raises(SessionLimitError, match="compiled for 3 shapes.*'gather' attention"):
             flex(q, k, v)
     torch._dynamo.reset()
 

@@ -253,6 +253,46 @@ def test_forget_packed_drops_copies_after_a_change_pytorch_does_not_count(kind):
     assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["linear", "gated", "conv", "winograd", "upsampled"])
+def test_a_cast_there_and_back_drops_the_copies_and_a_move_that_changes_nothing_keeps_them(kind):
+    """``.half().float()`` swaps the weights' data for rounded values under the same Parameter, often at the old
+    address and with the old version (no key can tell): the copies must go. ``.to`` the device they are on
+    replaces nothing, and a rebuild of every copy on each ComfyUI load would cost seconds."""
+    layer, x, call, reference = _kept_copy_case(kind)
+    with torch.inference_mode():
+        call(x)
+    held = [getattr(layer, slot) for slot in layer.COPIES]
+    assert any(h is not None for h in held)
+    layer.to("cpu", torch.float32)
+    assert all(getattr(layer, slot) is h for slot, h in zip(layer.COPIES, held))
+    layer.half().float()
+    assert all(getattr(layer, slot) is None for slot in layer.COPIES)
+    with torch.inference_mode():
+        expected, got = reference(layer.weight, layer.bias), call(x)
+    assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+def test_a_network_with_packed_copies_and_operators_deep_copies_and_pickles():
+    """Like a plain network (a third-party node may copy a model): the copies (oneDNN tensors, which cannot be
+    copied) and the compile-operator handle (it names the original layer) are left out, and the copy computes the
+    same."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    ops = packed_operations()
+    net = nn.Sequential(ops.Conv2d(128, 128, 3, padding=1), nn.Flatten(2), ops.Linear(256, 16))
+    x = torch.randn(1, 128, 16, 16)
+    assert packed.prepare_packed(net) >= 2 and packed.as_operators(net) == 2
+    with torch.inference_mode():
+        want = net(x)
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert twin[0]._operator is None and twin[0]._winograd is None and twin[2]._packed is None
+        with torch.inference_mode():
+            assert torch.equal(twin(x), want)
+    assert net[0]._operator is not None and net[0]._winograd is not None  # the original keeps its own
+
+
 class _CastFlags:
     comfy_cast_weights = False
     weight_function = []

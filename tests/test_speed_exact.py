@@ -249,6 +249,39 @@ def test_out_of_memory_in_a_compiled_network_is_not_a_compiler_failure(monkeypat
     assert not call.failed and eager_calls == [] and "eagerly" not in caplog.text
 
 
+def test_a_network_compiled_for_many_frame_sizes_keeps_compiling_and_says_when_it_no_longer_can(monkeypatch,
+                                                                                                  caplog):
+    """Dynamo compiles a function for 8 shapes by default, then runs it eagerly without a word (RAFT's two
+    encoders share their code: four frame sizes). CompiledCall keeps RECOMPILE_LIMIT; past that, Dynamo runs the
+    code eagerly for every shape, which is said once. (Both limits are lowered here to be reached.)"""
+    from streamvsr.models.stream_diffvsr import speed
+
+    pytest.importorskip("torch._inductor")
+    _require_inductor()
+    if not speed.recompile_limit_hit():
+        pytest.skip("this PyTorch cannot report the recompile limit")
+    compiled_runs = []
+
+    def scale(x):
+        compiled_runs.append(torch.compiler.is_compiling())
+        return x * 2 + 1
+
+    monkeypatch.setattr(speed, "RECOMPILE_LIMIT", 3)
+    call = speed.CompiledCall(scale, "test net")
+    # (Dynamo's own limit below ours; its config is a module of its own, which monkeypatch would leave broken)
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING"):
+        for n in (3, 5, 7):
+            assert torch.equal(call(torch.ones(n)), torch.ones(n) * 3)
+        assert compiled_runs == [True] * 3 and not call.failed  # 3 sizes, where Dynamo alone would compile 1
+        compiled_runs.clear()
+        assert "compiled for as many" not in caplog.text
+        for n in (9, 3):
+            assert torch.equal(call(torch.ones(n)), torch.ones(n) * 3)
+        assert compiled_runs[-2:] == [False, False] and call.failed  # eager from the 4th size on, and said once
+        assert "the test net has been compiled for as many frame sizes as this session keeps (3); it runs " \
+               "eagerly from now on" in caplog.text and caplog.text.count("compiled for as many") == 1
+
+
 def test_compile_on_the_cpu_is_flagged_at_load(checkpoint, raft_path, caplog):
     from streamvsr.models.stream_diffvsr import load_engine
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..shared.errors import UserInputError, first_line
-from ..shared.runtime import concrete_device, is_out_of_memory
+from ..shared.errors import SessionLimitError, UserInputError, first_line
+from ..shared.runtime import concrete_device, is_out_of_memory, recompile_limit, recompile_limit_hit
 
 log = logging.getLogger(__name__)
 
@@ -273,14 +273,14 @@ def compiled_flex_attention():
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def run(*args, **kwargs):
-        limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
         try:
-            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            with recompile_limit(FLEX_RECOMPILE_LIMIT):
                 return compiled(*args, **kwargs)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            raise RuntimeError(f"FlexAttention has been compiled for {limit} shapes in this process (each frame size "
-                               "and kv_ratio takes two or three); restart it, or use the 'gather' attention, which "
-                               "needs no compiling") from None
+        except recompile_limit_hit():
+            limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            raise SessionLimitError(f"FlexAttention has been compiled for {limit} shapes in this process (each frame "
+                                    "size and kv_ratio takes two or three); restart it, or use the 'gather' "
+                                    "attention, which needs no compiling") from None
         except Exception as e:  # noqa: BLE001 - the compiler's (Triton, Inductor); the gather path tells input errors
             if is_out_of_memory(e):
                 raise

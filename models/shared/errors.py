@@ -47,6 +47,10 @@ class PrecisionError(StreamVSRError, RuntimeError):
     """The model's arithmetic left the range of its precision: its output holds inf or NaN."""
 
 
+class SessionLimitError(StreamVSRError, RuntimeError):
+    """This process reached a limit of its own (e.g. how many shapes it compiles); restarting it clears it."""
+
+
 class InputDamagedError(UserInputError):
     """The input ends early or cannot be decoded past some point.
 

@@ -226,7 +226,35 @@ def _check_available() -> None:
         _AVAILABLE[0] = _ops_available()
 
 
-class PackedConv2d(nn.Conv2d):
+class _DerivedCopies:
+    """What both packed layers do with their weight copies (``COPIES``), which are derived data: drop them when
+    moving or casting the layer replaces its weights (``Module._apply``: ``.to``, ``.half``, ``.float``; the new
+    tensor can get the freed address of the old one, with the same version, which no key can tell apart), and leave
+    them out of copies and pickles (oneDNN's reordered tensors cannot be copied), together with the operator
+    handle, which names this layer and not its copy."""
+
+    COPIES: tuple = ()
+
+    def _weights_now(self) -> tuple:
+        return tuple(None if t is None else (t.data_ptr(), t.dtype, t.device)
+                     for t in (self.weight, getattr(self, "bias", None)))
+
+    def _apply(self, fn, *args, **kwargs):
+        before = self._weights_now()  # (the old tensors live until replaced: no address is reused meanwhile)
+        result = super()._apply(fn, *args, **kwargs)
+        if self._weights_now() != before:
+            for slot in self.COPIES:
+                setattr(self, slot, None)
+        return result
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for slot in (*self.COPIES, "_operator"):
+            state.pop(slot, None)
+        return state
+
+
+class PackedConv2d(_DerivedCopies, nn.Conv2d):
     """``nn.Conv2d`` that runs channels-last through oneDNN on the CPU, with its weight reordered once for small
     inputs, or as Winograd F(4x4, 3x3) where that pays (see the module docstring)."""
 
@@ -351,7 +379,7 @@ class PackedConv2d(nn.Conv2d):
         return out.view(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(_DerivedCopies, nn.Linear):
     """``nn.Linear`` that runs through oneDNN on the CPU with its weight reordered once (see the module
     docstring)."""
 

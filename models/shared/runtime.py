@@ -47,6 +47,28 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(_M_MMAP_MAX, 0))
 
 
+def recompile_limit(at_least: int):
+    """A context in which torch.compile keeps at least ``at_least`` graphs per function and beyond that raises
+    (``recompile_limit_hit``) instead of running the function eagerly without a word: Dynamo's default is 8 per code
+    object in the process, which a few frame sizes use up (networks of one class share their code)."""
+    import contextlib
+
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if not (hasattr(config, "recompile_limit") and hasattr(config, "fail_on_recompile_limit_hit")):
+        return contextlib.nullcontext()  # an older PyTorch: its silent eager run stays possible
+    return config.patch(recompile_limit=max(at_least, config.recompile_limit), fail_on_recompile_limit_hit=True)
+
+
+def recompile_limit_hit() -> tuple[type, ...]:
+    """The exception ``recompile_limit`` raises where this PyTorch has it (else nothing to catch)."""
+    import torch._dynamo
+
+    found = getattr(getattr(torch._dynamo, "exc", None), "FailOnRecompileLimitHit", None)
+    return (found,) if found is not None else ()
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA, then MPS, then CPU) or an explicit device that must exist."""
     if name == "auto":

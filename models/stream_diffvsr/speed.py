@@ -21,7 +21,7 @@ from torch import nn
 
 from ..shared.errors import first_line
 from ..shared.packed import as_operators
-from ..shared.runtime import is_out_of_memory
+from ..shared.runtime import is_out_of_memory, recompile_limit, recompile_limit_hit
 
 # ---------------------------------------------------------------------------------------------- compiled path
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 _COMPILED = "_streamvsr_compiled"
 # torch.compile modes that capture CUDA graphs on a GPU
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# graphs kept per compiled function (Dynamo's default, 8 per code object, is used up by four frame sizes of RAFT's
+# two feature encoders, which share their code)
+RECOMPILE_LIMIT = 64
 
 
 def _own_device_outputs(out):
@@ -71,9 +74,16 @@ class CompiledCall:
         try:
             if self.compiled is None:
                 self.compiled = torch.compile(self.eager, dynamic=False, mode=self.mode)
-            out = self.compiled(*args, **kwargs)
+            with recompile_limit(RECOMPILE_LIMIT):
+                out = self.compiled(*args, **kwargs)
             if self.mode in CUDA_GRAPH_MODES:
                 out = _own_device_outputs(out)
+        except recompile_limit_hit():
+            # (Dynamo then runs this code eagerly for every shape, the compiled ones too)
+            self.failed = True
+            log.warning("the %s has been compiled for as many frame sizes as this session keeps (%d); it runs "
+                        "eagerly from now on (a restart compiles it again)", self.label, len(self.seen))
+            return self.eager(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any failure of the compiler; the eager run below tells real errors
             if is_out_of_memory(e):
                 raise  # the frame's own failure (handled by the caller), not the compiler's
