@@ -262,15 +262,16 @@ class StreamStore:
                 raise UserInputError(f"{where}, but {dropped}: set the chunk index to 0 and queue again from there")
             raise UserInputError(f"{where}, but this node has no earlier chunk to continue (after a restart of "
                                  "ComfyUI, or a first run): set the chunk index to 0 and queue again from there")
-        if video is not None and stored.video is not None and video[0] != stored.video[0]:
-            if video[1] == stored.video[1]:
+        if video is not None and (stored.video is None or video[0] != stored.video[0]):
+            if stored.video is not None and video[1] == stored.video[1]:
                 raise UserInputError(f"{where}, but {video[1]} changed since this node upscaled its earlier chunks: "
                                      "set the chunk index to 0 to start it again")
-            raise UserInputError(f"{where} of {video[1]}, but this node's earlier chunks were of {stored.video[1]}: "
-                                 "a node upscales one video's chunks at a time (two workflows opened from one "
-                                 "template have the same node ids, so their upscale nodes share one sequence). Set "
-                                 "the chunk index to 0 to start this video again, and queue one video's chunks "
-                                 "after the other's")
+            earlier = (f"this node's earlier chunks were of {stored.video[1]}" if stored.video is not None else
+                       "this node's last run upscaled frames that were no chunk of it")
+            raise UserInputError(f"{where} of {video[1]}, but {earlier}: a node upscales one video's chunks at a "
+                                 "time (two workflows opened from one template have the same node ids, so their "
+                                 "upscale nodes share one sequence). Set the chunk index to 0 to start this video "
+                                 "again, and queue one video's chunks after the other's")
         if stored.model_key != model_key:
             raise UserInputError(f"{where}, but the model, precision or settings changed since the earlier chunks: "
                                  "set the chunk index to 0 to start the video again with these settings")

@@ -550,6 +550,11 @@ def test_chunks_of_two_videos_queued_in_turn_never_share_a_sequence(comfy, tmp_p
     images, start, last = chunk(a, 1)
     with pytest.raises(ValueError, match=r"a\.mp4 changed since this node upscaled its earlier chunks"):
         _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+    # a sequence that a whole-clip run left (another workflow, same node id) is no earlier chunk either
+    _upscale(nodes, model, everything[:26], "21", last_chunk=False)
+    with pytest.raises(ValueError, match=r"frame 26 of a\.mp4, but this node's last run upscaled frames that were "
+                                         r"no chunk of it"):
+        _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
 
 
 def test_video_file_node_with_flashvsr_and_settings(comfy, tmp_path):
