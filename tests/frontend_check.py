@@ -145,7 +145,7 @@ SPECS = {
                   {"key": "parts", "type": "GetVideoComponents", "col": 2},
                   {"key": "up", "type": "StreamVSRFlashVSRUpscale", "col": 3, "widgets": {"seed": 42}},
                   {"key": "decode", "type": "VAEDecode", "col": 4},
-                  {"key": "trim", "type": "StreamVSRFlashVSRTrimDecoded", "col": 4},
+                  {"key": "trim", "type": "StreamVSRFlashVSRTrimDecoded", "col": 4, "size": [300, 80]},
                   {"key": "create", "type": "CreateVideo", "col": 5},
                   {"key": "save", "type": "SaveVideo", "col": 6, "widgets": {"filename_prefix": "flashvsr/wan_vae"},
                    "size": [360, 420]}],

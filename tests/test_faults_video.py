@@ -252,6 +252,21 @@ def test_frames_into_a_folder_leave_other_jobs_work_files_alone(tmp_path):
     assert video_in_progress.exists()
 
 
+def test_a_frames_run_stopped_by_ctrl_c_says_how_many_frames_it_wrote(tmp_path, caplog):
+    files = png_folder(tmp_path / "in", n=4)
+
+    class StoppedAtTheThird(FakeEngine):
+        def step(self, frame, state):
+            if state.frame_index == 2:
+                raise KeyboardInterrupt
+            return super().step(frame, state)
+
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StoppedAtTheThird(), files, tmp_path / "out", save="png")
+    assert f"stopped: 2 of 4 frames were written to {tmp_path / 'out'}, each complete" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [files[0].name, files[1].name]
+
+
 def test_an_output_through_a_folder_not_yet_there_is_still_the_input(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
     monkeypatch.chdir(tmp_path)
@@ -605,6 +620,138 @@ def test_damaged_resume_file_and_other_settings_are_found_without_the_model(tmp_
     state.write_bytes(state.read_bytes()[:40])
     with pytest.raises(UserInputError, match="is damaged.*delete it"):
         check_video_job(clip, out, codec="lossless", resume=True)
+
+
+def gop_clip(path, fmt, codec, n=24, w=32, h=24, options=None):
+    """Smooth moving content (so that encoders make P- and B-frames, unlike noise) with a keyframe every 5
+    frames and B-frames where the codec has them."""
+    from test_video import _pattern
+
+    with av.open(str(path), "w", format=fmt) as c:
+        v = c.add_stream(codec, rate=24, options={"g": "5", **(options or {})})
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            for packet in v.encode(av.VideoFrame.from_ndarray(_pattern(i, w, h), format="rgb24")):
+                c.mux(packet)
+        for packet in v.encode():
+            c.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("name, fmt, codec, options", [
+    ("gop.mp4", "mp4", "libx264", {"bf": "2"}), ("gop.mkv", "matroska", "libx264", {"bf": "2"}),
+    ("gop.avi", "avi", "mpeg4", None), ("gop.mpg", "mpeg", "mpeg2video", {"bf": "2"}),
+    ("gop.ts", "mpegts", "libx264", {"bf": "2"}), ("vfr.mp4", None, None, None), ("phone.mkv", None, None, None)])
+def test_a_resumed_job_seeks_to_its_frame_and_reads_what_a_decode_from_the_start_reads(tmp_path, name, fmt, codec,
+                                                                                       options):
+    """A resumed job no longer decodes the input up to where it stopped (minutes for a long video): it seeks. From
+    any frame, the frames, their numbers and their timestamps are those of a decode from the beginning, or the
+    seek is not used (MPEG transport streams land elsewhere for early frames)."""
+    from streamvsr.video.range import seek_to
+
+    path = tmp_path / name
+    if name == "vfr.mp4":
+        make_clip(path, n=12, audio=None, pts=[0, 1, 3, 4, 8, 9, 10, 15, 16, 17, 20, 21])
+    elif name == "phone.mkv":
+        if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+            pytest.skip("this PyAV cannot write a display matrix")
+        noise_clip(path, n=8, w=16, h=8, codec="ffv1", rotation=90)
+    else:
+        gop_clip(path, fmt, codec, options=options)
+    with FrameReader(str(path)) as reader:
+        whole = list(reader)
+    began = []
+    for start in range(1, len(whole)):
+        seeked = seek_to(str(path), start)
+        began.append(None if seeked is None else seeked.began)
+        with FrameReader(str(path), start=start, seeked=seeked) as reader:
+            got = [(i, f, pts) for i, f, pts in reader if i >= start]
+        assert [(i, pts) for i, _, pts in got] == [(i, pts) for i, _, pts in whole[start:]], start
+        assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(got, whole[start:])), start
+        assert seeked is None or seeked.began <= start
+    if name in ("gop.mp4", "gop.mkv", "gop.avi"):  # (vfr.mp4 has one keyframe, phone.mkv one cluster)
+        assert max(b for b in began if b is not None) >= len(whole) - 6, began  # it does seek
+
+
+def test_an_intra_stream_with_timestamps_out_of_file_order_is_read_in_file_order_everywhere(tmp_path):
+    """A decoder that does not reorder (MJPEG) gives frames in file order, so where the file's timestamps are out of
+    order, frame numbers are those of the file order, not of the sorted timestamps: neither a resume nor a chunk
+    may seek by the sorted ones (the 5th frame by timestamp is not the 5th frame)."""
+    from streamvsr.video.range import frame_index, read_range, seek_to
+    from test_video import _pattern
+
+    time_base, order = Fraction(1, 1000), [0, 40, 80, 120, 320, 160, 200, 240, 280, 360, 400, 440]
+    path = tmp_path / "shuffled.mkv"
+    with av.open(str(path), "w", format="matroska") as c:
+        v = c.add_stream("mjpeg", rate=25)
+        v.width, v.height, v.pix_fmt = 32, 24, "yuvj420p"
+        v.codec_context.time_base = v.time_base = time_base
+        packets = []
+        for i in range(len(order)):
+            frame = av.VideoFrame.from_ndarray(_pattern(i, 32, 24), format="rgb24").reformat(format="yuvj420p")
+            frame.pts, frame.time_base = 40 * i, time_base
+            packets += list(v.encode(frame))
+        packets += list(v.encode())
+        for k, packet in enumerate(packets):
+            packet.pts, packet.dts = order[k] + 100, 40 * k + 60
+            c.mux(packet)
+    with FrameReader(str(path)) as reader:
+        whole = list(reader)
+    assert [pts for _, _, pts in whole][3:6] == [220, 420, 421]  # file order, the later ones nudged
+    assert frame_index(str(path)).pts is None
+    for start in (2, 5, 8):
+        assert seek_to(str(path), start) is None
+        assert torch.equal(read_range(str(path), start, 3), torch.stack([f for _, f, _ in whole[start:start + 3]]))
+
+
+def test_a_resumed_read_ends_where_a_read_from_the_beginning_ends(tmp_path):
+    """An AVI gives packet durations only after a seek: a resumed read must not use them where a read from the
+    beginning has none, or the two disagree on whether the file was cut off (with a millisecond time base the
+    AVI claims 1000 frames a second, and a frame without a duration lasted as long as the one before it)."""
+    from streamvsr.video.range import seek_to
+
+    time_base = Fraction(1, 1000)
+    for name, stamps in (("steady.avi", [40 * i for i in range(16)]),
+                         ("uneven.avi", [0, 40, 80, 200, 240, 250, 260, 400, 440, 480, 520, 530, 540, 700, 740, 780])):
+        path = tmp_path / name
+        with av.open(str(path), "w") as c:
+            v = c.add_stream("mjpeg", rate=25)
+            v.width, v.height, v.pix_fmt = 32, 24, "yuvj420p"
+            v.codec_context.time_base = v.time_base = time_base
+            for i, pts in enumerate(stamps):
+                frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 15 * i, np.uint8), format="rgb24")
+                frame = frame.reformat(format="yuvj420p")
+                frame.pts, frame.time_base = pts, time_base
+                for packet in v.encode(frame):
+                    c.mux(packet)
+            for packet in v.encode():
+                c.mux(packet)
+        with FrameReader(str(path)) as reader:
+            whole = list(reader)
+            assert len(whole) == 16 and reader.problem is None, name  # complete: not "ends early"
+            end = reader._end
+        for start in (1, 5, 15):
+            seeked = seek_to(str(path), start)
+            assert seeked is not None
+            with FrameReader(str(path), start=start, seeked=seeked) as reader:
+                assert [(i, pts) for i, _, pts in reader] == [(i, pts) for i, _, pts in whole[start:]]
+                assert reader.problem is None and reader._end == end, (name, start)
+
+
+def test_a_resumed_job_that_seeks_equals_one_that_ran_through(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    clip = gop_clip(tmp_path / "in.mp4", "mp4", "libx264", n=30, options={"bf": "2"})
+    whole = tmp_path / "whole.mkv"
+    upscale_video(FakeEngine(), clip, whole, codec="lossless")
+    for stop_after in (4, 13, 22):
+        out = tmp_path / f"out{stop_after}.mkv"
+        polls = []
+        upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=3,
+                      should_stop=lambda: polls.append(1) or len(polls) > stop_after)
+        summary = upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
+        assert summary["resumed_from"] == stop_after and summary["frames"] == 30
+        assert np.array_equal(np.stack(decode(out)), np.stack(decode(whole)))
+    assert "cannot be seeked exactly" not in caplog.text
 
 
 def test_a_damaged_resume_segment_is_a_one_line_error_found_before_the_work_where_it_is_cut_short(tmp_path):

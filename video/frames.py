@@ -291,23 +291,29 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                     progress(written)
 
         size = None
-        for path in files:
-            try:
-                frame = read_frame(path)
-                if size is not None and tuple(frame.shape[-2:]) != size:
-                    raise UserInputError(f"{path.name} is {frame.shape[-1]}x{frame.shape[-2]}, the frames before it "
-                                         f"{size[1]}x{size[0]}: all frames of a sequence must have one size")
-            except UserInputError as e:
-                # The frames before this one are good: finish those the engine still holds, then report.
-                out, state = engine.flush(state)
+        try:
+            for path in files:
+                try:
+                    frame = read_frame(path)
+                    if size is not None and tuple(frame.shape[-2:]) != size:
+                        raise UserInputError(f"{path.name} is {frame.shape[-1]}x{frame.shape[-2]}, the frames "
+                                             f"before it {size[1]}x{size[0]}: all frames of a sequence must have "
+                                             "one size")
+                except UserInputError as e:
+                    # The frames before this one are good: finish those the engine still holds, then report.
+                    out, state = engine.flush(state)
+                    emit(out)
+                    raise UserInputError(f"{e}; {written} of {len(files)} frames were written to {out_dir}") \
+                        from None
+                size = tuple(frame.shape[-2:])
+                stems.append(path.stem)
+                out, state = engine.push(state, frame[None])
                 emit(out)
-                raise UserInputError(f"{e}; {written} of {len(files)} frames were written to {out_dir}") from None
-            size = tuple(frame.shape[-2:])
-            stems.append(path.stem)
-            out, state = engine.push(state, frame[None])
+            out, state = engine.flush(state)
             emit(out)
-        out, state = engine.flush(state)
-        emit(out)
+        except KeyboardInterrupt:  # (Ctrl-C: the command line says only that it was interrupted)
+            log.warning("stopped: %d of %d frames were written to %s, each complete", written, len(files), out_dir)
+            raise
     return written
 
 

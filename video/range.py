@@ -13,13 +13,16 @@ by decoding from the beginning: slower, same frames.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import logging
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Iterator
 
 import torch
 
@@ -49,6 +52,7 @@ class FrameIndex:
     orientation: object = None
     keyframes: frozenset = frozenset()
     problem: str | None = None  # the file ends before its header says (``reader.shortfall``): it was cut off
+    durations: bool = True  # whether its packets, demuxed from the start, tell how long each frame lasts
 
 
 def _cache_key(source):
@@ -91,7 +95,7 @@ def frame_index(source) -> FrameIndex:
         time_base = Fraction(stream.time_base or Fraction(1, 90000))
         start_time = stream.start_time
         width, height, orientation = info.width, info.height, info.orientation
-        stamps, keyframes, trusted = [], set(), True
+        stamps, keyframes, trusted, durations = [], set(), True, False
         for packet in container.demux(stream):
             if packet.size == 0:  # the flush packet at the end
                 continue
@@ -101,8 +105,13 @@ def frame_index(source) -> FrameIndex:
                 trusted = False
                 break
             stamps.append(int(packet.pts))
+            durations = durations or bool(packet.duration)
             if packet.is_keyframe:
                 keyframes.add(int(packet.pts))
+        # A decoder that does not reorder gives the frames in file order: where their timestamps do not increase
+        # in that order, the frame numbers of a decode from the beginning are not those of the sorted timestamps.
+        if trusted and not getattr(stream.codec_context.codec, "reorder", True):
+            trusted = all(a < b for a, b in zip(stamps, stamps[1:]))
     finally:
         container.close()
     if trusted:
@@ -116,7 +125,7 @@ def frame_index(source) -> FrameIndex:
             found = shortfall(info, len(stamps), end, source)
             problem = found.message if found is not None else None
         index = FrameIndex(len(stamps), tuple(stamps), time_base, rate, width, height, orientation,
-                           frozenset(keyframes), problem)
+                           frozenset(keyframes), problem, durations)
     else:
         index = FrameIndex(_count_by_decoding(source), None, time_base, rate, width, height, orientation)
     if key is not None:
@@ -239,6 +248,57 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
             container.close()
         if len(frames) >= expected:
             return frames
+    log.info("%s: seeking to frame %d did not land where the frame index says; decoding from the start",
+             describe(source), start)
+    return None
+
+
+@dataclass
+class Seeked:
+    """A decoder that ``seek_to`` positioned: ``frames`` yields the decoded frames from frame ``start`` on."""
+
+    container: object
+    stream: object
+    frames: Iterator
+    start: int
+    first_pts: int  # the first frame's timestamp: where a decode from the beginning starts the stream's clock
+    previous_pts: int  # the timestamp of the frame before frame ``start``
+    durations: bool  # whether a decode from the beginning gets frame durations (AVI gives them after a seek only)
+    began: int  # the frame (a keyframe) where decoding began
+
+
+def seek_to(source, start: int) -> Seeked | None:
+    """A decoder at frame ``start`` of ``source`` (a resumed job goes on from there), or None where decoding must
+    begin at the start of the file. A seek is trusted as ``read_range`` trusts one: decoding begins on a keyframe of
+    the index, and every frame from there up to frame ``start`` has the index's timestamp; from a keyframe on, the
+    decoder gives the frames that a decode from the beginning gives. Only where the index's timestamps strictly
+    increase: a decode from the beginning nudges a repeated one, and each later one after it."""
+    import av
+
+    index = frame_index(source)
+    pts = index.pts
+    if start <= 0 or pts is None or start >= index.count or any(b <= a for a, b in zip(pts, pts[1:])):
+        return None
+    target = pts[start]
+    for back in _SEEK_BACK:
+        container, stream = open_video(source)
+        try:
+            container.seek(max(target - int(back / index.time_base), pts[0]), stream=stream, backward=True,
+                           any_frame=False)
+            frames = container.decode(stream)
+            frame = next(frames, None)
+            if frame is not None and frame.pts is not None and (not index.keyframes or frame.pts in index.keyframes):
+                began = at = bisect.bisect_left(pts, frame.pts)
+                while at < start and frame is not None and frame.pts == pts[at]:
+                    frame, at = next(frames, None), at + 1
+                if frame is not None and at == start and frame.pts == target:
+                    return Seeked(container, stream, itertools.chain([frame], frames), start, pts[0],
+                                  pts[start - 1], index.durations, began)
+        except (av.FFmpegError, OSError) as e:  # the decode from the beginning reports it, where it matters
+            container.close()
+            log.info("%s: cannot seek (%s); decoding from the start", describe(source), reason(e))
+            return None
+        container.close()
     log.info("%s: seeking to frame %d did not land where the frame index says; decoding from the start",
              describe(source), start)
     return None

@@ -326,16 +326,18 @@ class FrameReader:
     Iterating yields ``(index, frame, pts)``: ``frame`` is (3, h, w) float32 RGB in [0, 1] on the CPU, turned as
     the file asks to be shown, ``pts`` the presentation time in ``info.time_base`` units (made up from the frame
     rate if the file has none, and nudged to stay strictly increasing, which encoders require). Frames before
-    ``start`` are decoded but not converted (for resuming).
+    ``start`` are decoded but not converted (for resuming), unless ``seeked`` (``range.seek_to``) is a decoder
+    already at frame ``start``: then they are not decoded at all.
 
     Iteration ends at the end of the stream, at a decoder error, or where the frame size changes; ``problem`` then
     tells which (None for a complete stream, also when the caller stopped early).
     """
 
-    def __init__(self, source, start: int = 0, info: VideoInfo | None = None):
+    def __init__(self, source, start: int = 0, info: VideoInfo | None = None, seeked=None):
         self.info = info if info is not None else probe_video(source)
         self.source = source
-        self.container, self.stream = open_video(source)
+        self.seeked = seeked
+        self.container, self.stream = (seeked.container, seeked.stream) if seeked is not None else open_video(source)
         self.start = start
         self.decoded = 0
         self.problem: InputProblem | None = None
@@ -350,6 +352,11 @@ class FrameReader:
         last = None
         frames = self.container.decode(self.stream)
         index = 0
+        previous, durations = None, True  # the last frame's own timestamp; whether to take frame durations
+        if self.seeked is not None:
+            frames, index = self.seeked.frames, self.seeked.start
+            start_pts = self.seeked.first_pts if start_pts is None else start_pts
+            previous, durations = self.seeked.previous_pts, self.seeked.durations
         while True:
             try:
                 frame = next(frames)
@@ -369,8 +376,13 @@ class FrameReader:
             if frame.pts is not None:
                 if start_pts is None:
                     start_pts = frame.pts
-                length = frame.duration if getattr(frame, "duration", None) else step
+                # Without a duration a frame lasts as long as the one before it did, or a nominal frame at least (an
+                # AVI with a millisecond time base claims 1000 frames a second; it gives packet durations only after
+                # a seek, which a resumed read must then ignore to end where a read from the beginning ends)
+                gap = frame.pts - previous if previous is not None else 0
+                length = frame.duration if durations and getattr(frame, "duration", None) else max(step, gap)
                 self._end = float((frame.pts - start_pts + length) * info.time_base)
+                previous = frame.pts
             pts = frame.pts if frame.pts is not None else round(index * step)
             if last is not None and pts <= last:
                 pts = last + 1

@@ -57,6 +57,7 @@ from ..models.shared.errors import InputDamagedError, OutputBusyError, UserInput
 from .audio import check_audio
 from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, sync_file,
                       temp_path)
+from .range import seek_to
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable
 from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments
 from .scenecut import SceneCutDetector
@@ -307,9 +308,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             last_time[0] = float(saved.get("end_time") or 0.0)
             if detector is not None:
                 detector.previous = thumbnail
-            # (said, since the progress stays put meanwhile: decoding a long input up to there takes minutes)
-            log.info("resuming %s after %d frames (the input is decoded up to frame %d first)", out_path, written,
-                     consumed)
+            log.info("resuming %s after %d frames", out_path, written)
         keep = {files.part(i) for i in range(segments)}
         remove_stale([p for p in files.parts_on_disk() if p not in keep],
                      "written after the last checkpoint (redone now)")
@@ -361,7 +360,11 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                         detector.previous if detector is not None else None, final))
 
         last_checkpoint, since_checkpoint = time.monotonic(), 0
-        reader = FrameReader(source, start=consumed, info=info)
+        seeked = seek_to(source, consumed) if consumed else None
+        if consumed and seeked is None:
+            # (said, since the progress stays put meanwhile: decoding a long input up to there takes minutes)
+            log.info("the input cannot be seeked exactly: it is decoded up to frame %d first", consumed)
+        reader = FrameReader(source, start=consumed, info=info, seeked=seeked)
         try:
             for index, lr, pts in reader:
                 if should_stop is not None:  # (also while a resumed job decodes its way back, which takes minutes)
