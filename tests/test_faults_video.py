@@ -708,7 +708,7 @@ def test_a_resumed_read_ends_where_a_read_from_the_beginning_ends(tmp_path):
     """An AVI gives packet durations only after a seek: a resumed read must not use them where a read from the
     beginning has none, or the two disagree on whether the file was cut off (with a millisecond time base the
     AVI claims 1000 frames a second, and a frame without a duration lasted as long as the one before it)."""
-    from streamvsr.video.range import seek_to
+    from streamvsr.video.range import frame_index, seek_to
 
     time_base = Fraction(1, 1000)
     for name, stamps in (("steady.avi", [40 * i for i in range(16)]),
@@ -730,6 +730,7 @@ def test_a_resumed_read_ends_where_a_read_from_the_beginning_ends(tmp_path):
             whole = list(reader)
             assert len(whole) == 16 and reader.problem is None, name  # complete: not "ends early"
             end = reader._end
+        assert frame_index(str(path)).problem is None, name  # nor in Load Video Chunk's warning
         for start in (1, 5, 15):
             seeked = seek_to(str(path), start)
             assert seeked is not None

@@ -121,7 +121,9 @@ def frame_index(source) -> FrameIndex:
         problem = None
         if stamps:
             first = start_time if start_time is not None else stamps[0]
-            end = float((stamps[-1] - first) * time_base + 1 / rate)
+            # the last frame lasting as the reader has it without durations (``FrameReader``)
+            gap = (stamps[-1] - stamps[-2]) * time_base if len(stamps) > 1 else 0
+            end = float((stamps[-1] - first) * time_base + max(1 / rate, gap))
             found = shortfall(info, len(stamps), end, source)
             problem = found.message if found is not None else None
         index = FrameIndex(len(stamps), tuple(stamps), time_base, rate, width, height, orientation,
