@@ -7,6 +7,7 @@ same guarantees in the ComfyUI video node. Every media file is generated here an
 FakeEngine of test_video.py (the engine contract, no model).
 """
 
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -186,27 +187,34 @@ def test_unfinished_resume_job_is_not_silently_discarded(tmp_path):
     with pytest.raises(UserInputError, match="add --resume to continue it, or --overwrite"):
         upscale_video(FakeEngine(), clip, out, codec="lossless")
     # while another run continues it, that is what a second run is told
-    holding, release = threading.Event(), threading.Event()
-
-    def other_run():
-        with OutputLock(out):
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        holding.wait(10)
+    with locked_elsewhere(out):
         for resume in (False, True):
             with pytest.raises(OutputBusyError, match="is being written by another"):
                 check_video_job(clip, out, codec="lossless", resume=resume)
-    finally:
-        release.set()
-        thread.join()
     assert ResumeFiles(out).state.exists()
     upscale_video(FakeEngine(), clip, out, codec="lossless", overwrite=True)  # discards it, on request
     assert not ResumeFiles(out).state.exists() and not ResumeFiles(out).parts_on_disk()
     assert len(decode(out)) == 6
+
+
+@contextlib.contextmanager
+def locked_elsewhere(target):
+    """While the block runs, ``target``'s output lock is held by another thread (another job of this program)."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with OutputLock(target):
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        yield
+    finally:
+        release.set()
+        thread.join()
 
 
 def png_folder(folder, n=3, size=(12, 8), seed=0):
@@ -1255,21 +1263,8 @@ def test_video_node_cleans_what_killed_runs_left_but_not_a_running_job(tmp_path,
             temp_path(running)]
     for path in stale + kept:
         path.write_bytes(b"process 4242 on a crashed host" if path.name.endswith("lock") else b"work")
-    holding, done = threading.Event(), threading.Event()
-
-    def writer():
-        with OutputLock(running):
-            holding.set()
-            done.wait(60)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
-        assert holding.wait(10)
+    with locked_elsewhere(running):
         out = Path(run(clip).values[0][1])
-    finally:
-        done.set()
-        thread.join()
     assert out == killed and len(decode(out)) == 2  # (the fake counter gives 1: the killed run's number is free)
     assert [p.name for p in stale if os.path.lexists(p)] == []
     assert all(p.read_bytes() == b"work" for p in kept)
