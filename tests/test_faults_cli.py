@@ -222,7 +222,7 @@ def test_cut_input_exits_2_with_frames_and_place(media, model, tmp_path, caplog)
     for extra in ([], ["--resume"]):
         caplog.clear()
         code = main(["upscale", str(media / "cut.mp4"), str(out), "--model", str(model.path)] + extra)
-        one_line_error(caplog, code, "is damaged or cut off: decoding stopped at frame")
+        one_line_error(caplog, code, "ends early: it is cut off inside frame 4")
         assert "were upscaled into" in caplog.text and not out.exists()
         assert len(decode(partial_path(out))) > 0
         assert not ResumeFiles(out).state.exists()

@@ -510,7 +510,7 @@ def test_truncated_input_is_reported_with_the_frames_kept(tmp_path, kind, resume
         upscale_video(FakeEngine(), broken, out, resume=resume, checkpoint_frames=2)
     assert 0 < e.value.frames < 6
     message = str(e.value)
-    assert f"after frame {e.value.frames}" in message or f"stopped at frame {e.value.frames}" in message
+    assert any(f"{where} frame {e.value.frames}" in message for where in ("after", "stopped at", "cut off inside"))
     assert f"{out} was not written" in message and "--allow-truncated" in message
     assert not out.exists() and e.value.path == partial_path(out)
     assert len(decode(partial_path(out))) == e.value.frames
@@ -630,14 +630,14 @@ def test_damaged_resume_file_and_other_settings_are_found_without_the_model(tmp_
         check_video_job(clip, out, codec="lossless", resume=True)
 
 
-def gop_clip(path, fmt, codec, n=24, w=32, h=24, options=None):
+def gop_clip(path, fmt, codec, n=24, w=32, h=24, options=None, pix_fmt="yuv420p", container_options=None):
     """Smooth moving content (so that encoders make P- and B-frames, unlike noise) with a keyframe every 5
     frames and B-frames where the codec has them."""
     from test_video import _pattern
 
-    with av.open(str(path), "w", format=fmt) as c:
+    with av.open(str(path), "w", format=fmt, options=container_options or {}) as c:
         v = c.add_stream(codec, rate=24, options={"g": "5", **(options or {})})
-        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        v.width, v.height, v.pix_fmt = w, h, pix_fmt
         for i in range(n):
             for packet in v.encode(av.VideoFrame.from_ndarray(_pattern(i, w, h), format="rgb24")):
                 c.mux(packet)
@@ -745,6 +745,34 @@ def test_a_resumed_read_ends_where_a_read_from_the_beginning_ends(tmp_path):
             with FrameReader(str(path), start=start, seeked=seeked) as reader:
                 assert [(i, pts) for i, _, pts in reader] == [(i, pts) for i, _, pts in whole[start:]]
                 assert reader.problem is None and reader._end == end, (name, start)
+
+
+@pytest.mark.parametrize("name", ["camera.avi", "camera.mov"])
+def test_a_file_cut_inside_its_last_frame_ends_before_it_whatever_the_reader(tmp_path, name):
+    """MJPEG (old cameras) conceals a frame cut short with whatever its buffer held, the frame decoded before it:
+    garbage, and garbage that depends on where decoding began. The demuxer marks that last packet corrupt: every
+    reader stops before it, and says the file is cut off (an AVI said nothing at all)."""
+    from streamvsr.video.range import frame_index, read_range, seek_to
+
+    whole = gop_clip(tmp_path / f"whole.{name}", None, "mjpeg", n=20, w=64, h=48, pix_fmt="yuvj420p",
+                     container_options={"movflags": "faststart"} if name.endswith(".mov") else None)
+    with FrameReader(str(whole)) as reader:
+        frames = list(reader)
+    cut_file = cut(whole, 0.93, tmp_path / name)
+    with FrameReader(str(cut_file)) as reader:
+        got = list(reader)
+        problem = reader.problem
+    n = len(got)
+    assert 10 < n < 20 and problem is not None and problem.kind == "truncated"
+    assert problem.message == f"{cut_file} ends early: it is cut off inside frame {n}"
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(got, frames))
+    index = frame_index(str(cut_file))
+    assert index.count == n and index.problem == problem.message
+    assert torch.equal(read_range(str(cut_file), n - 3, 10, to_end=True), torch.stack([f for _, f, _ in got[-3:]]))
+    for start in range(1, n):
+        with FrameReader(str(cut_file), start=start, seeked=seek_to(str(cut_file), start)) as reader:
+            assert [(i, pts) for i, _, pts in reader] == [(i, pts) for i, _, pts in got[start:]]
+            assert reader.problem == problem
 
 
 def test_a_resumed_job_that_seeks_equals_one_that_ran_through(tmp_path, caplog):

@@ -709,20 +709,15 @@ def test_range_reader_reports_a_decoding_error_in_one_line(tmp_path, monkeypatch
 
     clip = make_clip(tmp_path / "clip.mp4", n=6, w=32, h=24, audio=None)
     video_range.frame_index(str(clip))
-    real = video_range.open_video
+    real = video_range.VideoFrames
 
-    def failing(source):
-        container, stream = real(source)
+    def failing(container, stream):
+        for i, frame in enumerate(real(container, stream)):
+            if i == 3:
+                raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+            yield frame
 
-        def decode(*args):
-            for i, frame in enumerate(container.__class__.decode(container, *args)):
-                if i == 3:
-                    raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
-                yield frame
-
-        return types.SimpleNamespace(decode=decode, seek=container.seek, close=container.close), stream
-
-    monkeypatch.setattr(video_range, "open_video", failing)
+    monkeypatch.setattr(video_range, "VideoFrames", failing)
     with pytest.raises(InputDamagedError, match=r"clip.mp4 is damaged: decoding stopped at frame 3 \(Invalid data"):
         video_range.read_range(str(clip), 0, 6)
 

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import itertools
 import logging
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator
 
 import torch
 
 from ..models.shared.errors import InputDamagedError, UserInputError
-from .reader import describe, frame_to_tensor, open_video, probe_video, reason, shortfall
+from .reader import (VideoFrames, cut_inside, describe, frame_to_tensor, open_video, probe_video, reason,
+                     shortfall)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def frame_index(source) -> FrameIndex:
         time_base = Fraction(stream.time_base or Fraction(1, 90000))
         start_time = stream.start_time
         width, height, orientation = info.width, info.height, info.orientation
-        stamps, keyframes, trusted, durations = [], set(), True, False
+        stamps, keyframes, trusted, durations, cut = [], set(), True, False, False
         for packet in container.demux(stream):
             if packet.size == 0:  # the flush packet at the end
                 continue
@@ -106,20 +105,23 @@ def frame_index(source) -> FrameIndex:
                 break
             stamps.append(int(packet.pts))
             durations = durations or bool(packet.duration)
+            cut = bool(getattr(packet, "is_corrupt", False))  # the last packet's says the file ends inside it
             if packet.is_keyframe:
                 keyframes.add(int(packet.pts))
         # A decoder that does not reorder gives the frames in file order: where their timestamps do not increase
         # in that order, the frame numbers of a decode from the beginning are not those of the sorted timestamps.
         if trusted and not getattr(stream.codec_context.codec, "reorder", True):
             trusted = all(a < b for a, b in zip(stamps, stamps[1:]))
+        if trusted and cut:  # not decoded (``reader.VideoFrames``)
+            keyframes.discard(stamps.pop())
     finally:
         container.close()
     if trusted:
         # A file cut after a keyframe (a stream copy, a capture) starts with packets the decoder cannot use and
         # drops: they have no frame, and counting them would shift every later frame number.
         stamps = sorted(s for s in stamps if info.first_pts is None or s >= info.first_pts)
-        problem = None
-        if stamps:
+        problem = cut_inside(source, len(stamps)) if cut else None
+        if stamps and not cut:
             first = start_time if start_time is not None else stamps[0]
             # the last frame lasting as the reader has it without durations (``FrameReader``)
             gap = (stamps[-1] - stamps[-2]) * time_base if len(stamps) > 1 else 0
@@ -141,7 +143,7 @@ def frame_index(source) -> FrameIndex:
 def _count_by_decoding(source) -> int:
     container, stream = open_video(source)
     try:
-        return sum(1 for _ in container.decode(stream))
+        return sum(1 for _ in VideoFrames(container, stream))
     finally:
         container.close()
 
@@ -227,7 +229,7 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
                 container.seek(max(target - int(back / index.time_base), index.pts[0]), stream=stream,
                                backward=True, any_frame=False)
             first = True
-            for frame in container.decode(stream):
+            for frame in VideoFrames(container, stream):
                 if frame.pts is None:
                     return None
                 if first and index.keyframes and frame.pts not in index.keyframes:
@@ -257,11 +259,12 @@ def _read_seeking(source, index: FrameIndex, start: int, count: int, to_end: boo
 
 @dataclass
 class Seeked:
-    """A decoder that ``seek_to`` positioned: ``frames`` yields the decoded frames from frame ``start`` on."""
+    """A decoder that ``seek_to`` positioned at frame ``start``."""
 
     container: object
     stream: object
-    frames: Iterator
+    decoder: VideoFrames  # the frames after ``first``
+    first: object  # frame ``start``, decoded
     start: int
     first_pts: int  # the first frame's timestamp: where a decode from the beginning starts the stream's clock
     previous_pts: int  # the timestamp of the frame before frame ``start``
@@ -287,15 +290,15 @@ def seek_to(source, start: int) -> Seeked | None:
         try:
             container.seek(max(target - int(back / index.time_base), pts[0]), stream=stream, backward=True,
                            any_frame=False)
-            frames = container.decode(stream)
+            frames = VideoFrames(container, stream)
             frame = next(frames, None)
             if frame is not None and frame.pts is not None and (not index.keyframes or frame.pts in index.keyframes):
                 began = at = bisect.bisect_left(pts, frame.pts)
                 while at < start and frame is not None and frame.pts == pts[at]:
                     frame, at = next(frames, None), at + 1
                 if frame is not None and at == start and frame.pts == target:
-                    return Seeked(container, stream, itertools.chain([frame], frames), start, pts[0],
-                                  pts[start - 1], index.durations, began)
+                    return Seeked(container, stream, frames, frame, start, pts[0], pts[start - 1],
+                                  index.durations, began)
         except (av.FFmpegError, OSError) as e:  # the decode from the beginning reports it, where it matters
             container.close()
             log.info("%s: cannot seek (%s); decoding from the start", describe(source), reason(e))
@@ -313,7 +316,7 @@ def _read_sequential(source, index: FrameIndex, start: int, count: int, to_end: 
     frames = _Frames(max(min(count, index.count - start), 1), index, source, start)
     decoded = 0
     try:
-        for frame in container.decode(stream):
+        for frame in VideoFrames(container, stream):
             decoded += 1
             if decoded <= start:
                 continue

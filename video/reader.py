@@ -10,6 +10,7 @@ to upscaling, so nothing is lost. Whether the file ends where its header says is
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -320,6 +321,47 @@ def probe_video(source) -> VideoInfo:
         container.close()
 
 
+class VideoFrames:
+    """The decoded frames of ``stream``, as ``container.decode`` gives them, except for a last packet that the
+    demuxer marks corrupt (the file ends inside it): that one is not decoded, and ``cut`` says so. A decoder fills
+    what is missing from whatever its buffers hold (MJPEG: the frame decoded before it), so that frame would be
+    partly garbage, and garbage that depends on where decoding began."""
+
+    def __init__(self, container, stream):
+        self.cut = False
+        self._frames = self._decode(container.demux(stream))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._frames)
+
+    def _decode(self, packets):
+        held = None
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except BaseException:  # a demuxer error: the packet before it decodes first, as it did unheld
+                if held is not None:
+                    yield from held.decode()
+                raise
+            if held is not None:
+                if packet.size == 0 and held.size and getattr(held, "is_corrupt", False):
+                    self.cut = True  # the flush packet follows: ``held`` was the last with data
+                else:
+                    yield from held.decode()
+            held = packet
+        if held is not None:
+            yield from held.decode()
+
+
+def cut_inside(source, frame: int) -> str:
+    return f"{describe(source)} ends early: it is cut off inside frame {frame}"
+
+
 class FrameReader:
     """Decodes the first video stream of a file one frame at a time.
 
@@ -350,11 +392,12 @@ class FrameReader:
         step = 1 / (info.rate * info.time_base)
         start_pts = self.stream.start_time
         last = None
-        frames = self.container.decode(self.stream)
+        decoder = frames = VideoFrames(self.container, self.stream)
         index = 0
         previous, durations = None, True  # the last frame's own timestamp; whether to take frame durations
         if self.seeked is not None:
-            frames, index = self.seeked.frames, self.seeked.start
+            decoder, index = self.seeked.decoder, self.seeked.start
+            frames = itertools.chain([self.seeked.first], decoder)
             start_pts = self.seeked.first_pts if start_pts is None else start_pts
             previous, durations = self.seeked.previous_pts, self.seeked.durations
         while True:
@@ -394,7 +437,10 @@ class FrameReader:
             tensor = info.orientation.apply(frame_to_tensor(frame)) if index >= self.start else None
             yield index, tensor, pts
             index += 1
-        self.problem = shortfall(self.info, self.decoded, self._end, self.source)
+        if decoder.cut:
+            self.problem = InputProblem("truncated", index, cut_inside(self.source, index))
+        else:
+            self.problem = shortfall(self.info, self.decoded, self._end, self.source)
 
     def close(self) -> None:
         self.container.close()
