@@ -407,8 +407,10 @@ class StreamVSRFlashVSRTrimDecoded(io.ComfyNode):
             return io.NodeOutput(images)
         lr = info.get("lr_frames")
         if lr is None or lr.shape[0] != n:
-            raise UserInputError("this latent lacks the input frames the colour fix needs: upscale the clip again "
-                                 "with this version of FlashVSR Upscale")
+            raise UserInputError("this latent lacks the input frames its colour fix needs, which only a run that "
+                                 "upscales the whole clip at once keeps (this clip took several runs, or an older "
+                                 "version made it): upscale it in one run (restart, last_chunk on), or set FlashVSR "
+                                 "Settings' color_fix to none")
         out = torch.empty_like(images, device=mm.intermediate_device())
         for i in range(0, n, COLOR_FIX_BATCH):  # one batch of full-size reference frames at a time
             mm.throw_exception_if_processing_interrupted()

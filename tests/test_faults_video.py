@@ -1345,7 +1345,7 @@ def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, vide
         run(clip, resume=True)
     job = ResumeFiles(folder / "test_00001_.mkv")
     assert job.read_info()["frames"] == 3  # frames 0-2 were done and written: none is redone
-    assert "stopped after 3 frames of" in caplog.text and "resume on to continue" in caplog.text
+    assert "stopped after writing 3 frames of" in caplog.text and "resume on to continue" in caplog.text
     run.engines[0] = Identity
     out = Path(run(clip, resume=True).values[0][1])
     assert out.name == "test_00001_.mkv" and not job.state.exists()

@@ -377,8 +377,15 @@ def test_trim_wan_vae_decode(comfy, whole30):
         want = ((want + ref.mean(0)).clamp(-1, 1) + 1) / 2
         assert torch.allclose(fixed[i].reshape(-1, 3).double(), want, atol=1e-5), i
     latent["streamvsr_flashvsr"]["lr_frames"] = None  # a latent from before the colour fix was kept with it
-    with pytest.raises(ValueError, match="lacks the input frames the colour fix needs"):
+    with pytest.raises(ValueError, match="lacks the input frames its colour fix needs.*older version"):
         _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded, latent=latent)
+    # A clip whose first run held all its frames back: its latents are whole, but the frames stayed with that run
+    _, _, held = _upscale(nodes, model, lr[:3], "11", color_fix="adain", last_chunk=False)
+    assert held["samples"].shape[2] == 0
+    _, _, whole = _upscale(nodes, model, lr[3:], "11", color_fix="adain", continue_sequence=True)
+    assert torch.equal(whole["samples"], latent["samples"])
+    with pytest.raises(ValueError, match="several runs.*upscale it in one run.*color_fix to none"):
+        _run(nodes["StreamVSRFlashVSRTrimDecoded"], images=decoded, latent=whole)
     _, _, partial = _upscale(nodes, model, whole30[:26], "9", last_chunk=False)
     _, _, rest = _upscale(nodes, model, whole30[26:], "9", continue_sequence=True)
     with pytest.raises(ValueError, match="whole clip"):

@@ -476,8 +476,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     if stop_error is not None:
         # The caller (ComfyUI's Cancel) only sees the exception: what was kept must be said here
         if files is not None:
-            log.warning("stopped after %d frames of %s; its resume files keep them: run it again with the same "
-                        "settings and resume on to continue", written, out_path)
+            log.warning("stopped after writing %d frames of %s; its resume files keep the work done: run it again "
+                        "with the same settings and resume on to continue", written, out_path)
         elif summary["path"] is not None:
             log.warning("stopped after %d frames: they are in %s (%s was not written)", written, summary["path"],
                         out_path)
