@@ -204,7 +204,8 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
             log.warning("FlashVSR: %s was converted as %s; using %s (the version widget says %s)", model,
                         pipe.version, pipe.version, version)
         core = torch.nn.ModuleDict({"dit": pipe.dit, "lq_proj": pipe.lq_proj})
-        result = FlashVSRModel(pipeline=pipe, core=wrap(core), decoder=wrap(pipe.tc_decoder), source=model,
+        result = FlashVSRModel(pipeline=pipe, core=wrap(core), decoder=wrap(pipe.tc_decoder),
+                               source=os.path.realpath(path),  # (as Stream-DiffVSR's: the entry does not matter)
                                compute_dtype=compute_dtype, attention=attention)
         log.info("FlashVSR: loaded %s (%s, weights %s, compute %s, %s attention)", model, pipe.version,
                  weight_dtype, compute_dtype, attention)

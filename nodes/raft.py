@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import folder_paths
 import numpy as np
@@ -68,11 +69,13 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
         device = mm.get_torch_device()
         # RAFT is small (20 MB): fp32 weights (flow is computed in fp32), always loaded whole (load_flow_patcher).
         operations = operations_for(torch.float32, torch.float32, device, cpu_layers=True)
-        estimator = load_raft(resolve_flow_path(model), operations=operations, device=mm.unet_offload_device(),
+        path = resolve_flow_path(model)
+        estimator = load_raft(path, operations=operations, device=mm.unet_offload_device(),
                               num_flow_updates=iterations, corr=correlation,
                               downscale={"full": 1, "half": 2, "quarter": 4}[resolution])
         prepare_packed(estimator)  # the CPU layers' weight copies, if any: made now rather than in the first frame
-        estimator.streamvsr_source = model  # names it in a sequence's settings (a continuation needs the same)
+        # names it in a sequence's settings (a continuation needs the same file, whichever list entry gave it)
+        estimator.streamvsr_source = os.path.realpath(path)
         return io.NodeOutput(wrap(estimator))
 
 
@@ -94,7 +97,8 @@ class StreamVSREstimateFlow(io.ComfyNode):
 
     @classmethod
     def execute(cls, flow_model, images) -> io.NodeOutput:
-        frames = as_rgb(images, "Estimate Optical Flow")
+        # clamped as Stream Upscale clamps its frames, so that this is the flow the upscale uses
+        frames = as_rgb(images, "Estimate Optical Flow").clamp(0, 1)
         if frames.shape[0] < 2:
             raise UserInputError(f"Estimate Optical Flow needs at least 2 frames, got {frames.shape[0]}")
         n, h, w, _ = frames.shape

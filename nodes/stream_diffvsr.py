@@ -161,7 +161,9 @@ class StreamVSRLoadModel(io.ComfyNode):
         operations = operations_for(weight_dtype, compute_dtype, device, cpu_layers=bool(cpu_layers))
         pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=weight_dtype, operations=operations)
         prepare_packed(pipe)  # the CPU layers' weight copies: made now rather than in the first frame
-        pipe.streamvsr_source = model
+        # where the weights are, not the list's name for them: a "(download) …" entry and the folder it made are
+        # the same model, and a sequence started with one continues with the other
+        pipe.streamvsr_source = os.path.realpath(path)
         pipe.streamvsr_compute_dtype = compute_dtype
         pipe.streamvsr_compile = bool(compile)
         log.info("StreamVSR: loaded %s (weights %s, compute %s)", model, weight_dtype, compute_dtype)

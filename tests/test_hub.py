@@ -98,6 +98,55 @@ def test_offline_error_says_what_to_download(monkeypatch, tmp_path):
     assert str(tmp_path / "sr") in message
     for folder in ("unet/", "controlnet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/", "model_index.json"):
         assert folder in message
+    assert "in controlnet/, text_encoder/, unet/, vae/: config.json and the .safetensors weights; scheduler/: " \
+           "scheduler_config.json;" in message  # (the scheduler has no weights)
+
+
+@pytest.mark.parametrize("errno_name, says", [("ENOSPC", "the disk is full"), ("EACCES", "no permission")])
+def test_a_download_that_cannot_be_stored_says_so_not_offline(monkeypatch, tmp_path, errno_name, says):
+    import errno
+    import os
+
+    from streamvsr.models.raft import weights as raft_weights
+
+    code = getattr(errno, errno_name)
+    fake_hub(monkeypatch, fail=OSError(code, os.strerror(code)))
+    with pytest.raises(RuntimeError) as err:
+        hub.download_stream_diffvsr(tmp_path / "sr")
+    assert f"{says}" in str(err.value) and str(tmp_path / "sr") in str(err.value)
+    assert "online" not in str(err.value) and "by hand" not in str(err.value)
+
+    class Response:
+        headers = {"Content-Length": "4"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, size):
+            raise OSError(code, os.strerror(code))  # writing or reading: either way this machine's failure
+
+    monkeypatch.setattr(raft_weights.urllib.request, "urlopen", lambda url, timeout=None: Response())
+    with pytest.raises(RuntimeError) as err:
+        raft_weights.download_raft("raft_small", tmp_path / "raft", progress=False)
+    assert says in str(err.value) and "Offline" not in str(err.value)
+    assert list((tmp_path / "raft").iterdir()) == []
+
+
+def test_a_stopped_download_leaves_no_folder_that_lists_as_a_model(monkeypatch, tmp_path, known_hashes):
+    """The loader lists a folder by its model_index.json, so that file comes last."""
+    calls = fake_hub(monkeypatch)
+
+    def stop_after_three(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hub.download_stream_diffvsr(tmp_path / "S", stop_after_three)
+    assert len(calls) == 3 and not (tmp_path / "S" / "model_index.json").exists()
+    assert list(hub.HUB_FILES)[-1] == "model_index.json"
 
 
 def test_pinned_hashes_are_the_spec_values():
@@ -137,7 +186,8 @@ def test_the_download_command_offered_exists_in_the_installed_client(monkeypatch
         return installed
 
     monkeypatch.setattr(importlib.metadata, "version", version)
-    expected = f"`{command} download Jamichsu/Stream-DiffVSR --local-dir {tmp_path}`"
+    # only the files the pipeline reads (the repository holds more)
+    expected = f"`{command} download Jamichsu/Stream-DiffVSR {' '.join(hub.HUB_FILES)} --local-dir {tmp_path}`"
     assert expected in hub.manual_instructions(tmp_path)
     assert f"`{command} download JunhaoZhuang/FlashVSR-v1.1 --local-dir" in flashvsr_hub.manual_instructions(
         "v1.1", tmp_path)

@@ -155,6 +155,24 @@ def test_a_download_in_a_loader_shows_progress_and_stops_on_cancel(comfy, monkey
     assert fake_comfy.ProgressBar.updates == [(0, 3, False), (1, 3, False)]
 
 
+def test_a_download_entry_and_the_folder_it_made_are_one_model_for_a_sequence(comfy, monkeypatch, tmp_path):
+    """The list names the same weights twice once downloaded: "(download) …" and the folder. A sequence started
+    with one continues with the other (it was refused as another model, or restarted with a seam)."""
+    from streamvsr.models.stream_diffvsr import hub
+    from streamvsr.nodes import stream_diffvsr as node
+
+    _, nodes = comfy
+    folder = tmp_path / "models" / "streamvsr" / "tiny"
+    monkeypatch.setattr(hub, "download_stream_diffvsr", lambda dest, progress=None: folder)  # all there already
+    (by_entry,) = _run(nodes["StreamVSRLoadModel"], model=node.DOWNLOAD_MODEL, precision="auto")
+    by_folder, flow = _models(nodes)
+    images = _frames(4)
+    first, _ = _upscale(nodes, by_entry, flow, images[:2], "31", start_frame=0)
+    second, _ = _upscale(nodes, by_folder, flow, images[2:], "31", start_frame=2)
+    whole, _ = _upscale(nodes, by_folder, flow, images, "32")
+    assert torch.equal(torch.cat([first, second]), whole)
+
+
 def test_the_flow_loaders_download_shows_progress_and_a_cancel_leaves_no_file(comfy, monkeypatch, tmp_path):
     import hashlib
 
@@ -665,6 +683,11 @@ def test_flow_nodes(comfy):
     (g,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray)
     (g3,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray.expand(-1, -1, -1, 3).clone())
     assert torch.allclose(g, g3, atol=1e-5)
+    # values outside [0, 1] (a bicubic upscale's overshoot) are clamped, as Stream Upscale clamps its frames
+    overshoot = images * 1.6 - 0.3
+    (over,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=overshoot)
+    (clamped,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=overshoot.clamp(0, 1))
+    assert torch.equal(over, clamped)
 
 
 def _refused_before_the_models_load(comfy, video, match):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..shared.errors import DownloadError, UserInputError, WeightsError
+from ..shared.hub import local_failure
 from ..shared.weights import key_mismatches, read_state_dict, sha256_of
 from .estimator import FlowEstimator
 from .network import RAFT
@@ -102,6 +103,9 @@ def download_raft(name: str, dest_dir, progress=True) -> Path:
                     log.info("%s: %d%%", filename, 10 * reported)
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
+        local = None if isinstance(e, urllib.error.URLError) else local_failure(e, dest_dir)
+        if local is not None:
+            raise DownloadError(f"could not save {url}: {local}") from None
         raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? {manual}") from None
     except BaseException:  # stopped (Cancel, Ctrl-C): no half file left behind
         part.unlink(missing_ok=True)

@@ -11,9 +11,10 @@ from .weights import sha256_of
 log = logging.getLogger(__name__)
 
 
-def download_command(repo: str, dest) -> str:
-    """The hub client's own command that fetches ``repo`` into ``dest``: ``hf`` since huggingface_hub 0.34 (its
-    later releases no longer install ``huggingface-cli``), the old name where an older client is installed."""
+def download_command(repo: str, dest, files=()) -> str:
+    """The hub client's own command that fetches ``files`` of ``repo`` (all of it where none are given) into
+    ``dest``: ``hf`` since huggingface_hub 0.34 (its later releases no longer install ``huggingface-cli``), the old
+    name where an older client is installed."""
     try:
         from importlib.metadata import version
 
@@ -21,7 +22,25 @@ def download_command(repo: str, dest) -> str:
         old = (major, minor) < (0, 34)
     except Exception:  # noqa: BLE001 - not installed or an unusual version string: the current name
         old = False
-    return f"{'huggingface-cli' if old else 'hf'} download {repo} --local-dir {dest}"
+    names = "".join(f" {name}" for name in files)
+    return f"{'huggingface-cli' if old else 'hf'} download {repo}{names} --local-dir {dest}"
+
+
+# A download that failed on this machine's side: no network would not help
+_LOCAL = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is used up", "EFBIG": "the file is too large for "
+          "this file system", "EACCES": "no permission to write there", "EPERM": "no permission to write there",
+          "EROFS": "the file system is read-only"}
+
+
+def local_failure(error: BaseException, dest) -> str | None:
+    """What to do where ``error`` is this machine's failure to store a download in ``dest`` (a full disk, no
+    permission), else None."""
+    import errno
+
+    codes = {getattr(errno, name): why for name, why in _LOCAL.items() if hasattr(errno, name)}
+    if isinstance(error, OSError) and error.errno in codes:
+        return f"{codes[error.errno]} ({dest}): free space there or choose another folder, then download again"
+    return None
 
 
 def check_sha256(path: Path, name: str, sha: str | None, fresh: bool = False) -> None:
@@ -69,6 +88,9 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
         try:
             path = Path(hf_hub_download(repo, name, local_dir=str(dest)))
         except Exception as e:  # offline, DNS, HTTP and hub errors come in many types
+            local = local_failure(e, dest)
+            if local is not None:
+                raise DownloadError(f"could not save {name} of https://huggingface.co/{repo}: {local}") from None
             raise DownloadError(f"could not download {name} from https://huggingface.co/{repo} "
                                 f"({type(e).__name__}: {e}). " + manual) from None
         check_sha256(path, name, files[name], fresh=True)

@@ -17,7 +17,6 @@ HUB_URL = f"https://huggingface.co/{HUB_REPO}"
 # The files StreamDiffVSRPipeline reads (about 4.1 GB in all; the repository holds more); sha256 where the spec
 # records it (§1.4, §1.5). The hub client checks the size of every file it downloads against the server's.
 HUB_FILES = {
-    "model_index.json": None,
     "scheduler/scheduler_config.json": None,
     "unet/config.json": None,
     "unet/diffusion_pytorch_model.safetensors": None,
@@ -32,15 +31,19 @@ HUB_FILES = {
     "tokenizer/merges.txt": None,
     "tokenizer/special_tokens_map.json": None,
     "tokenizer/tokenizer_config.json": None,
+    # Last: a folder is listed as a model by it, so a download stopped half-way does not pass for a model
+    "model_index.json": None,
 }
 
 
 def manual_instructions(dest: Path) -> str:
     folders = sorted({name.split("/")[0] + "/" for name in HUB_FILES if "/" in name})
+    weighted = ", ".join(f for f in folders if f not in ("scheduler/", "tokenizer/"))
     return (f"Download these files from {HUB_URL}/tree/main by hand, keeping the folder layout, into {dest}: "
-            f"model_index.json and the folders {', '.join(folders)} (in each: config.json and the .safetensors "
-            "weights; tokenizer/: vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json). "
-            f"Or run `{download_command(HUB_REPO, dest)}` on a machine that is online.")
+            f"model_index.json; in {weighted}: config.json and the .safetensors weights; scheduler/: "
+            "scheduler_config.json; tokenizer/: vocab.json, merges.txt, special_tokens_map.json, "
+            f"tokenizer_config.json. Or run `{download_command(HUB_REPO, dest, list(HUB_FILES))}` on a machine "
+            "that is online.")
 
 
 def download_stream_diffvsr(dest_dir, progress=None) -> Path:

@@ -42,7 +42,8 @@ HUB_REPO = "Jamichsu/Stream-DiffVSR"
 DOWNLOAD_HINT = (
     f"Download the official checkpoint from the Hugging Face repository {HUB_REPO} (all folders: unet, "
     "controlnet, vae, text_encoder, tokenizer, scheduler and model_index.json), e.g. with "
-    "`streamvsr download`, or convert it to one file with `streamvsr convert`.")
+    "`streamvsr download` or, in ComfyUI, the loader's '(download) …' entry (both finish a download that stopped), "
+    "or convert it to one file with `streamvsr convert`.")
 SINGLE_FILE_VERSION = "1"
 COMPONENTS = ("unet", "controlnet", "vae")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
