@@ -59,16 +59,22 @@ class Parser(argparse.ArgumentParser):
 
 
 class _OncePerRecord(logging.Filter):
-    """Passes only records that no logger on their way up has handled already. huggingface_hub gives its logger a
-    handler of its own and still lets records propagate, so the root handler would print each warning twice."""
+    """Passes only records that no logger on their way up has printed already. huggingface_hub gives its logger a
+    handler to the console of its own and still lets records propagate, so the root handler would print each
+    warning twice. (A library's NullHandler or a log file prints nothing here.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         logger = logging.getLogger(record.name)
         while logger is not None and logger is not logging.root:
-            if any(record.levelno >= handler.level for handler in logger.handlers):
+            if any(_prints(handler) and record.levelno >= handler.level for handler in logger.handlers):
                 return False
             logger = logger.parent if logger.propagate else None
         return True
+
+
+def _prints(handler: logging.Handler) -> bool:
+    return (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and getattr(handler, "stream", None) in (sys.stderr, sys.stdout))
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -66,6 +66,11 @@ class ChunkStart(int):
         return int(self), self.video
 
 
+def same_file(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether two video identities (``range.video_identity``) name one file, perhaps changed between them."""
+    return "|" in a[0] and a[0].rsplit("|", 2)[0] == b[0].rsplit("|", 2)[0]
+
+
 def chunk_video(start_frame: Any) -> tuple[str, str] | None:
     """The (identity, name) of the video a start_frame input counts frames of, where it came from Load Video Chunk."""
     return getattr(start_frame, "video", None)
@@ -263,12 +268,16 @@ class StreamStore:
             raise UserInputError(f"{where}, but this node has no earlier chunk to continue (after a restart of "
                                  "ComfyUI, or a first run): set the chunk index to 0 and queue again from there")
         if video is not None and (stored.video is None or video[0] != stored.video[0]):
-            if stored.video is not None and video[1] == stored.video[1]:
+            if stored.video is not None and same_file(video, stored.video):
                 raise UserInputError(f"{where}, but {video[1]} changed since this node upscaled its earlier chunks: "
                                      "set the chunk index to 0 to start it again")
-            earlier = (f"this node's earlier chunks were of {stored.video[1]}" if stored.video is not None else
+            name, other = video[1], stored.video[1] if stored.video is not None else None
+            if name == other:  # two files of one name (their paths, then), or two videos in memory
+                name = video[0].rsplit("|", 2)[0] if "|" in video[0] else "this video"
+                other = stored.video[0].rsplit("|", 2)[0] if "|" in stored.video[0] else "another video"
+            earlier = (f"this node's earlier chunks were of {other}" if other is not None else
                        "this node's last run upscaled frames that were no chunk of it")
-            raise UserInputError(f"{where} of {video[1]}, but {earlier}: a node upscales one video's chunks at a "
+            raise UserInputError(f"{where} of {name}, but {earlier}: a node upscales one video's chunks at a "
                                  "time (two workflows opened from one template have the same node ids, so their "
                                  "upscale nodes share one sequence). Set the chunk index to 0 to start this video "
                                  "again, and queue one video's chunks after the other's")

@@ -26,7 +26,7 @@ from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import clean_after_killed_run, upscale_video
 from ..video.writer import CODECS, codec_spec
-from ..models.shared.errors import UserInputError
+from ..models.shared.errors import StreamVSRError, UserInputError
 from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, out_of_memory_advice,
                      tensor_to_preview)
 from .flashvsr import FlashVSRModel, oom_message
@@ -90,7 +90,10 @@ def _clean_killed_runs(folder: str, name: str, extension: str) -> bool:
     new number, so nothing else would. True where something was removed."""
     cleaned = False
     for lock in _numbered(folder, name, extension, LOCK_TAG):
-        cleaned = clean_after_killed_run(lock[: -len(LOCK_TAG)]) or cleaned
+        try:
+            cleaned = clean_after_killed_run(lock[: -len(LOCK_TAG)]) or cleaned
+        except (StreamVSRError, OSError) as e:  # (another user's files): this run takes another number anyway
+            log.info("StreamVSR: left %s as it is: %s", lock, e)
     return cleaned
 
 

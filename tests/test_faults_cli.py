@@ -182,11 +182,14 @@ def test_a_model_that_fails_to_load_leaves_no_new_folders(command, media, model,
 
 def test_the_command_line_prints_a_library_warning_once():
     """huggingface_hub's logger has a handler of its own and propagates to the root handler as well: offline
-    ``--download`` printed every retry warning twice."""
+    ``--download`` printed every retry warning twice. A library's NullHandler prints nothing: its warnings must
+    still show."""
     code = ("import sys, logging; sys.path.insert(0, sys.argv[1]); import conftest; from streamvsr.cli import "
             "commands, main; from huggingface_hub.utils import logging as hub_logging\n"
             "def download(args):\n"
             "    hub_logging.get_logger('huggingface_hub.utils._http').warning('retrying in 1s')\n"
+            "    logging.getLogger('urllib3').addHandler(logging.NullHandler())  # as libraries are told to\n"
+            "    logging.getLogger('urllib3.connectionpool').warning('connection pool is full')\n"
             "    logging.getLogger('streamvsr').info('finished')\n"
             "commands.cmd_download = download\n"
             "sys.exit(main(['download']))")
@@ -194,6 +197,7 @@ def test_the_command_line_prints_a_library_warning_once():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("retrying in 1s") == 1 and result.stderr.count("finished") == 1, result.stderr
+    assert result.stderr.count("connection pool is full") == 1, result.stderr  # a NullHandler prints nothing
 
 
 def test_mistakes_found_with_the_model_are_one_line(media, model, tmp_path, caplog):

@@ -669,6 +669,7 @@ def test_a_resumed_job_seeks_to_its_frame_and_reads_what_a_decode_from_the_start
     with FrameReader(str(path)) as reader:
         whole = list(reader)
     began = []
+    assert seek_to(str(tmp_path / "gone.mp4"), 3) is None  # (moved away after the checks: decoded as before)
     for start in range(1, len(whole)):
         seeked = seek_to(str(path), start)
         began.append(None if seeked is None else seeked.began)
@@ -807,6 +808,7 @@ def test_a_damaged_resume_segment_is_a_one_line_error_found_before_the_work_wher
     with pytest.raises(UserInputError, match=f"segment {first} is damaged \\({len(good) // 2} bytes, where it was "
                                              f"written with {len(good)}\\); delete out.mkv.streamvsr-resume"):
         check_video_job(clip, out, codec="lossless", resume=True)  # no engine needed
+    assert check_video_job(clip, out, codec="lossless", resume=True, overwrite=True).discard_unfinished
     first.write_bytes(bytes(64) + good[64:])
     with pytest.raises(UserInputError, match="segment .*part0000.nut is damaged.*delete out.mkv.streamvsr-resume"):
         upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
@@ -1296,6 +1298,10 @@ def test_video_node_cleans_what_killed_runs_left_but_not_a_running_job(tmp_path,
     assert out == killed and len(decode(out)) == 2  # (the fake counter gives 1: the killed run's number is free)
     assert [p.name for p in stale if os.path.lexists(p)] == []
     assert all(p.read_bytes() == b"work" for p in kept)
+    # what cannot be cleaned (another user's lock file: here one that cannot be opened) only costs its number
+    lock_path(folder / "test_00005_.mkv").mkdir()
+    assert Path(run(clip).values[0][1]).name == "test_00006_.mkv"  # 2-4 hold a partial, a job, a temporary file
+    assert lock_path(folder / "test_00005_.mkv").is_dir()
 
 
 def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading_models(tmp_path, video_node):

@@ -8,6 +8,7 @@ reader, never from earlier node output.
 import asyncio
 import json
 import shutil
+import re
 import types
 
 import pytest
@@ -556,6 +557,16 @@ def test_chunks_of_two_videos_queued_in_turn_never_share_a_sequence(comfy, tmp_p
     os.utime(a, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns + 10**9))  # even where the clock is coarse
     images, start, last = chunk(a, 1)
     with pytest.raises(ValueError, match=r"a\.mp4 changed since this node upscaled its earlier chunks"):
+        _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+    # another file of the same name is another video, named by its path
+    other = tmp_path / "elsewhere" / "a.mp4"
+    other.parent.mkdir()
+    make_clip(other, n=30, w=32, h=24, cut_at=0)
+    images, start, last = chunk(a, 0)
+    _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
+    images, start, last = chunk(other, 1)
+    with pytest.raises(ValueError, match=f"frame 26 of {re.escape(os.path.realpath(other))}, but this node's "
+                                         f"earlier chunks were of {re.escape(os.path.realpath(a))}"):
         _upscale(nodes, model, images, "21", start_frame=start, last_chunk=last)
     # a sequence that a whole-clip run left (another workflow, same node id) is no earlier chunk either
     _upscale(nodes, model, everything[:26], "21", last_chunk=False)

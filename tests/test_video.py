@@ -570,7 +570,8 @@ def test_an_anamorphic_input_keeps_its_display_aspect_in_h264_and_the_lossless_o
     upscale_video(FakeEngine(), clip, tmp_path / "out.mkv", codec="lossless")
     assert "pixels are not square (sample aspect 4/3): the lossless out.mkv will not say so, and players show it " \
            "64x48 instead of 85x48" in caplog.text
-    assert "mkvpropedit OUT --edit track:v1 --set display-width=85 --set display-height=48" in caplog.text
+    assert f'mkvpropedit "{tmp_path / "out.mkv"}" --edit track:v1 --set display-width=85 --set display-height=48' \
+        in caplog.text
 
 
 def test_resume_refuses_other_settings(tmp_path):

@@ -278,35 +278,45 @@ def seek_to(source, start: int) -> Seeked | None:
     the index, and every frame from there up to frame ``start`` has the index's timestamp; from a keyframe on, the
     decoder gives the frames that a decode from the beginning gives. Only where the index's timestamps strictly
     increase: a decode from the beginning nudges a repeated one, and each later one after it."""
-    import av
-
-    index = frame_index(source)
-    pts = index.pts
-    if start <= 0 or pts is None or start >= index.count or any(b <= a for a, b in zip(pts, pts[1:])):
-        return None
-    target = pts[start]
-    for back in _SEEK_BACK:
-        container, stream = open_video(source)
-        try:
-            container.seek(max(target - int(back / index.time_base), pts[0]), stream=stream, backward=True,
-                           any_frame=False)
-            frames = VideoFrames(container, stream)
-            frame = next(frames, None)
-            if frame is not None and frame.pts is not None and (not index.keyframes or frame.pts in index.keyframes):
-                began = at = bisect.bisect_left(pts, frame.pts)
-                while at < start and frame is not None and frame.pts == pts[at]:
-                    frame, at = next(frames, None), at + 1
-                if frame is not None and at == start and frame.pts == target:
-                    return Seeked(container, stream, frames, frame, start, pts[0], pts[start - 1],
-                                  index.durations, began)
-        except (av.FFmpegError, OSError) as e:  # the decode from the beginning reports it, where it matters
-            container.close()
-            log.info("%s: cannot seek (%s); decoding from the start", describe(source), reason(e))
+    try:
+        index = frame_index(source)
+        pts = index.pts
+        if start <= 0 or pts is None or start >= index.count or any(b <= a for a, b in zip(pts, pts[1:])):
             return None
-        container.close()
+        for back in _SEEK_BACK:
+            found = _seek_once(source, index, start, back)
+            if found is not None:
+                return found
+    except Exception as e:  # noqa: BLE001 - the decode from the beginning reports what matters, in its words
+        log.info("%s: cannot seek (%s); decoding from the start", describe(source), reason(e))
+        return None
     log.info("%s: seeking to frame %d did not land where the frame index says; decoding from the start",
              describe(source), start)
     return None
+
+
+def _seek_once(source, index: FrameIndex, start: int, back: float) -> Seeked | None:
+    pts = index.pts
+    target = pts[start]
+    container, stream = open_video(source)
+    try:
+        container.seek(max(target - int(back / index.time_base), pts[0]), stream=stream, backward=True,
+                       any_frame=False)
+        frames = VideoFrames(container, stream)
+        frame = next(frames, None)
+        if frame is not None and frame.pts is not None and (not index.keyframes or frame.pts in index.keyframes):
+            began = at = bisect.bisect_left(pts, frame.pts)
+            while at < start and frame is not None and frame.pts == pts[at]:
+                frame, at = next(frames, None), at + 1
+            if frame is not None and at == start and frame.pts == target:
+                seeked = Seeked(container, stream, frames, frame, start, pts[0], pts[start - 1], index.durations,
+                                began)
+                container = None  # the caller's now
+                return seeked
+        return None
+    finally:
+        if container is not None:
+            container.close()
 
 
 def _read_sequential(source, index: FrameIndex, start: int, count: int, to_end: bool) -> _Frames:

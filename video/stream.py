@@ -200,7 +200,13 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
                                  "same settings to continue it, or add --overwrite to discard it and start over")
         discard = bool(differs)
     if saved is not None and resume and not discard:
-        files.check_segments(saved)
+        try:
+            files.check_segments(saved)
+        except UserInputError as e:
+            if not overwrite:
+                raise
+            log.info("discarding the unfinished job of %s (overwrite): %s", out, e)
+            discard = True
     return VideoJob(source, out, info, files if resume else None, base, discard)
 
 
@@ -277,9 +283,9 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         # FFV1 keeps it only in a frame's side data and Matroska in the stream's header, neither of which PyAV
         # writes (H.264 keeps it in its own bitstream): said, with the one command that sets it afterwards
         log.warning("the input's pixels are not square (sample aspect %s): the lossless %s will not say so, and "
-                    "players show it %dx%d instead of %dx%d. Use codec h264, or afterwards: mkvpropedit OUT --edit "
-                    "track:v1 --set display-width=%d --set display-height=%d", sar, out_path.name, *size,
-                    round(size[0] * sar), size[1], round(size[0] * sar), size[1])
+                    "players show it %dx%d instead of %dx%d. Use codec h264, or afterwards: mkvpropedit \"%s\" "
+                    "--edit track:v1 --set display-width=%d --set display-height=%d", sar, out_path.name, *size,
+                    round(size[0] * sar), size[1], out_path, round(size[0] * sar), size[1])
     fp = {**job.base, "model": engine.identity()}
     summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": encoded,
                "path": str(out_path), "resumed_from": 0, "interrupted": False, "input_problem": None}
@@ -334,6 +340,10 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     start_written = written
     stopped = False
     if not complete:
+        seeked = seek_to(source, consumed) if consumed else None
+        if consumed and seeked is None:
+            # (said, since the progress stays put meanwhile: decoding a long input up to there takes minutes)
+            log.info("the input cannot be seeked exactly: it is decoded up to frame %d first", consumed)
         writer = WriterThread(make_writer, checkpoint if files is not None else None, segments)
         if files is None:
             # Opening the output up front fails early on unwritable paths, and a file exists even for 0 frames.
@@ -360,12 +370,9 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                         detector.previous if detector is not None else None, final))
 
         last_checkpoint, since_checkpoint = time.monotonic(), 0
-        seeked = seek_to(source, consumed) if consumed else None
-        if consumed and seeked is None:
-            # (said, since the progress stays put meanwhile: decoding a long input up to there takes minutes)
-            log.info("the input cannot be seeked exactly: it is decoded up to frame %d first", consumed)
-        reader = FrameReader(source, start=consumed, info=info, seeked=seeked)
+        reader = None
         try:
+            reader = FrameReader(source, start=consumed, info=info, seeked=seeked)
             for index, lr, pts in reader:
                 if should_stop is not None:  # (also while a resumed job decodes its way back, which takes minutes)
                     try:
@@ -435,7 +442,10 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     remove_stale([tmp], "an empty output of a failed run")
             raise
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
+            elif seeked is not None:
+                seeked.container.close()
         complete = not stopped
     summary["frames"] = written
     summary["processed"] = written - start_written
