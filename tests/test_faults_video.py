@@ -1257,6 +1257,18 @@ def video_node(tmp_path, monkeypatch):
     return run, tmp_path / "comfy" / "output" / "streamvsr"
 
 
+def cancelled_during(run, index):
+    """An Identity engine during whose frame ``index`` the Cancel button is pressed."""
+
+    class Cancelled(Identity):
+        def step(self, frame, state):
+            if state.frame_index == index:
+                run.mm.interrupt_current_processing()
+            return super().step(frame, state)
+
+    return Cancelled
+
+
 def test_video_node_never_replaces_a_file_and_reports_a_cut_input(tmp_path, video_node):
     run, folder = video_node
     clip = tmp_path / "in.mkv"
@@ -1340,13 +1352,7 @@ def test_video_node_cancel_mid_frame_checkpoints_every_frame_done(tmp_path, vide
     clip = tmp_path / "in.mkv"
     frames = noise_clip(clip, n=6, w=16, h=8, codec="ffv1")
 
-    class CancelledDuringFrame3(Identity):
-        def step(self, frame, state):
-            if state.frame_index == 2:
-                run.mm.interrupt_current_processing()  # the Cancel button, pressed while this frame runs
-            return super().step(frame, state)
-
-    run.engines[0] = CancelledDuringFrame3
+    run.engines[0] = cancelled_during(run, 2)
     with pytest.raises(fake_comfy.Interrupted):
         run(clip, resume=True)
     job = ResumeFiles(folder / "test_00001_.mkv")
@@ -1368,13 +1374,7 @@ def test_video_node_cancel_without_resume_says_where_the_frames_done_are(tmp_pat
     clip = tmp_path / "in.mkv"
     noise_clip(clip, n=6, w=16, h=8, codec="ffv1")
 
-    class CancelledDuringFrame3(Identity):
-        def step(self, frame, state):
-            if state.frame_index == 2:
-                run.mm.interrupt_current_processing()
-            return super().step(frame, state)
-
-    run.engines[0] = CancelledDuringFrame3
+    run.engines[0] = cancelled_during(run, 2)
     with pytest.raises(fake_comfy.Interrupted):
         run(clip)
     partial = folder / "test_00001_.streamvsr-partial.mkv"
@@ -1422,13 +1422,7 @@ def test_video_node_resumes_only_its_own_job(tmp_path, video_node):
     frames_a = noise_clip(first, n=5, w=16, h=8, codec="ffv1")
     noise_clip(second, n=4, w=16, h=8, codec="ffv1")
 
-    class StopsAtFrame2(Identity):
-        def step(self, frame, state):
-            if state.frame_index == 2:
-                run.mm.interrupt_current_processing()
-            return super().step(frame, state)
-
-    run.engines[0] = StopsAtFrame2
+    run.engines[0] = cancelled_during(run, 2)
     for prefix in ("streamvsr/test_v2", "streamvsr/test"):
         with pytest.raises(fake_comfy.Interrupted):
             run(first, prefix=prefix, resume=True)
