@@ -411,7 +411,7 @@ class StreamVSRFlashVSRTrimDecoded(io.ComfyNode):
             raise UserInputError("this latent lacks the input frames its colour fix needs, which only a run that "
                                  "upscales the whole clip at once keeps (this clip took several runs, or an older "
                                  "version made it): upscale it in one run (restart, last_chunk on), or set FlashVSR "
-                                 "Settings' color_fix to none")
+                                 "Upscale's color_fix to none")
         out = torch.empty_like(images, device=mm.intermediate_device())
         for i in range(0, n, COLOR_FIX_BATCH):  # one batch of full-size reference frames at a time
             mm.throw_exception_if_processing_interrupted()

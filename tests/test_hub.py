@@ -133,6 +133,14 @@ def test_a_download_that_cannot_be_stored_says_so_not_offline(monkeypatch, tmp_p
         raft_weights.download_raft("raft_small", tmp_path / "raft", progress=False)
     assert says in str(err.value) and "Offline" not in str(err.value)
     assert list((tmp_path / "raft").iterdir()) == []
+    # FlashVSR's prompt embedding, fetched from GitHub (the same urllib)
+    from streamvsr.models.flashvsr import hub as flashvsr_hub
+
+    (tmp_path / "flash").mkdir()
+    with pytest.raises(RuntimeError) as err:
+        flashvsr_hub.download_prompt(tmp_path / "flash")
+    assert says in str(err.value) and "by hand" not in str(err.value)
+    assert list((tmp_path / "flash").iterdir()) == []
 
 
 def test_a_stopped_download_leaves_no_folder_that_lists_as_a_model(monkeypatch, tmp_path, known_hashes):

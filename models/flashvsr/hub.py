@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from ..shared.errors import DownloadError
-from ..shared.hub import download_command, download_files
+from ..shared.hub import download_command, download_files, local_failure
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ def download_prompt(dest: Path, url: str = PROMPT_URL, timeout: float = 60.0) ->
                 f.write(block)
     except Exception as e:  # offline, DNS, HTTP errors come in many types
         tmp.unlink(missing_ok=True)
+        local = None if isinstance(e, urllib.error.URLError) else local_failure(e, dest)
+        if local is not None:
+            raise DownloadError(f"could not save {PROMPT}: {local}") from None
         raise DownloadError(f"could not download {PROMPT} ({type(e).__name__}: {e}). {manual}") from None
     if not git_blob_id(tmp).startswith(PROMPT_GIT_BLOB):
         tmp.unlink(missing_ok=True)
