@@ -392,14 +392,15 @@ class FrameReader:
         step = 1 / (info.rate * info.time_base)
         start_pts = self.stream.start_time
         last = None
-        decoder = frames = VideoFrames(self.container, self.stream)
-        index = 0
         previous, durations = None, True  # the last frame's own timestamp; whether to take frame durations
         if self.seeked is not None:
             decoder, index = self.seeked.decoder, self.seeked.start
             frames = itertools.chain([self.seeked.first], decoder)
             start_pts = self.seeked.first_pts if start_pts is None else start_pts
             previous, durations = self.seeked.previous_pts, self.seeked.durations
+        else:
+            decoder = frames = VideoFrames(self.container, self.stream)
+            index = 0
         while True:
             try:
                 frame = next(frames)
