@@ -266,7 +266,9 @@ class StreamStore:
             if dropped is not None:
                 raise UserInputError(f"{where}, but {dropped}: set the chunk index to 0 and queue again from there")
             raise UserInputError(f"{where}, but this node has no earlier chunk to continue (after a restart of "
-                                 "ComfyUI, or a first run): set the chunk index to 0 and queue again from there")
+                                 "ComfyUI, or a first run): set the chunk index to 0 and queue again from there. "
+                                 "(Where ComfyUI's setting 'Widget control mode' is 'before', the index moves on "
+                                 "before each run, so chunk 0 never runs: set it to 'after')")
         if video is not None and (stored.video is None or video[0] != stored.video[0]):
             if stored.video is not None and same_file(video, stored.video):
                 raise UserInputError(f"{where}, but {video[1]} changed since this node upscaled its earlier chunks: "

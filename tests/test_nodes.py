@@ -447,7 +447,7 @@ def test_sequence_mistakes_are_reported_before_the_models_load(comfy):
     mm, nodes = comfy
     model, flow = _models(nodes)
     loads = len(mm.calls["load_models_gpu"])
-    with pytest.raises(ValueError, match="no earlier chunk.*chunk index to 0"):
+    with pytest.raises(ValueError, match="no earlier chunk.*chunk index to 0.*'Widget control mode' is 'before'"):
         _upscale(nodes, model, flow, _frames(2), "60", start_frame=8)
     with pytest.raises(ValueError, match="another kind of upscale node.*Stream Upscale"):
         _upscale(nodes, model, flow, _frames(2), "60", state=flashvsr_state(1))
