@@ -194,20 +194,25 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
                                  f"{files.state.name}): add --resume to continue it, or --overwrite to discard it")
     discard = saved is not None and not resume
     if saved is not None and resume:
-        differs = fingerprint_mismatch(saved["fingerprint"], base)
-        if differs and not overwrite:
-            raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the "
-                                 "same settings to continue it, or add --overwrite to discard it and start over")
-        discard = bool(differs)
-    if saved is not None and resume and not discard:
-        try:
-            files.check_segments(saved)
-        except UserInputError as e:
-            if not overwrite:
-                raise
-            log.info("discarding the unfinished job of %s (overwrite): %s", out, e)
-            discard = True
+        discard = _other_settings(files, fingerprint_mismatch(saved["fingerprint"], base), overwrite)
+        if not discard:
+            try:
+                files.check_segments(saved)
+            except UserInputError as e:
+                if not overwrite:
+                    raise
+                log.info("discarding the unfinished job of %s (overwrite): %s", out, e)
+                discard = True
     return VideoJob(source, out, info, files if resume else None, base, discard)
+
+
+def _other_settings(files: ResumeFiles, differs: str | None, overwrite: bool) -> bool:
+    """Whether a checkpoint whose settings ``differs`` (None: the same) is to be discarded: with ``overwrite``;
+    without it, that is an error."""
+    if differs and not overwrite:
+        raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the same "
+                             "settings to continue it, or add --overwrite to discard it and start over")
+    return bool(differs)
 
 
 def _whole(value) -> bool:
@@ -282,10 +287,11 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     if codec == "lossless" and sar != 1:
         # FFV1 keeps it only in a frame's side data and Matroska in the stream's header, neither of which PyAV
         # writes (H.264 keeps it in its own bitstream): said, with the one command that sets it afterwards
+        shown = round(size[0] * sar)
         log.warning("the input's pixels are not square (sample aspect %s): the lossless %s will not say so, and "
                     "players show it %dx%d instead of %dx%d. Use codec h264, or afterwards: mkvpropedit \"%s\" "
                     "--edit track:v1 --set display-width=%d --set display-height=%d", sar, out_path.name, *size,
-                    round(size[0] * sar), size[1], out_path, round(size[0] * sar), size[1])
+                    shown, size[1], out_path, shown, size[1])
     fp = {**job.base, "model": engine.identity()}
     summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": encoded,
                "path": str(out_path), "resumed_from": 0, "interrupted": False, "input_problem": None}
@@ -296,14 +302,12 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     problem: dict | None = None  # where the input broke: {"kind", "message"} (see reader.InputProblem)
     if files is not None:
         loaded = files.load(engine)
+        # (the model's part of the settings can only be compared now)
         differs = fingerprint_mismatch(loaded[0]["fingerprint"], fp) if loaded is not None else None
-        if differs and overwrite:  # (the model's part of the settings can only be compared now)
+        if _other_settings(files, differs, overwrite):
             files.remove()
             log.info("discarded the unfinished resumable job of %s (%s; overwrite)", out_path, differs)
             loaded = None
-        elif differs:
-            raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the "
-                                 "same settings to continue it, or add --overwrite to discard it and start over")
         if loaded is not None:
             saved, saved_state, thumbnail = loaded
             state, segments = saved_state, int(saved["segments"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def download_prompt(dest: Path, url: str = PROMPT_URL, timeout: float = 60.0) ->
                 f.write(block)
     except Exception as e:  # offline, DNS, HTTP errors come in many types
         tmp.unlink(missing_ok=True)
-        local = None if isinstance(e, urllib.error.URLError) else local_failure(e, dest)
+        local = local_failure(e, dest)
         if local is not None:
             raise DownloadError(f"could not save {PROMPT}: {local}") from None
         raise DownloadError(f"could not download {PROMPT} ({type(e).__name__}: {e}). {manual}") from None

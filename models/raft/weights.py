@@ -103,7 +103,7 @@ def download_raft(name: str, dest_dir, progress=True) -> Path:
                     log.info("%s: %d%%", filename, 10 * reported)
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
-        local = None if isinstance(e, urllib.error.URLError) else local_failure(e, dest_dir)
+        local = local_failure(e, dest_dir)  # (None for a network error: a URLError has no errno)
         if local is not None:
             raise DownloadError(f"could not save {url}: {local}") from None
         raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? {manual}") from None
