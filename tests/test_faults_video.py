@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -819,6 +820,58 @@ def test_a_damaged_resume_segment_is_a_one_line_error_found_before_the_work_wher
     files.state.unlink()
     upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
     assert np.array_equal(np.stack(decode(out)), np.stack(expected_frames(FakeEngine(), clip)))
+
+
+UNREADABLE = textwrap.dedent("""
+    import importlib.util, os, sys
+    spec = importlib.util.spec_from_file_location("streamvsr", sys.argv[1] + "/__init__.py",
+                                                  submodule_search_locations=[sys.argv[1]])
+    module = importlib.util.module_from_spec(spec); sys.modules["streamvsr"] = module; spec.loader.exec_module(module)
+    from streamvsr.models.shared.errors import StreamVSRError
+    from streamvsr.models.shared.weights import read_state_dict
+    from streamvsr.video.resume import ResumeFiles
+    files = ResumeFiles(sys.argv[3])
+    for attempt in (lambda: read_state_dict(sys.argv[2], hint="Download it from X."), files.read_info,
+                    lambda: (os.chmod(files.state, 0o600), files.check_segments(files.read_info()))):
+        try:
+            attempt()
+            print("read")
+        except StreamVSRError as e:
+            print(e)
+""")
+
+
+def test_files_without_read_permission_are_said_so_not_called_damaged(tmp_path):
+    """safetensors reports any failure to open a file as "No such file", and FFmpeg's permission error looked like
+    damage: the advice for either (delete it, download it or redo the work) would cost the user hours. A file the
+    user may not read is said to be that. Root reads anything, so as root the check drops that privilege."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2)}, str(weights))
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    out = tmp_path / "out.mkv"
+    files = ResumeFiles(out)
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    for path in (weights, files.state, files.part(0)):
+        path.chmod(0)
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root, and setpriv (util-linux) is not there to give up root's right to read")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    result = subprocess.run([*prefix, sys.executable, "-c", UNREADABLE, str(ROOT), str(weights), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"cannot read {weights} (Permission denied; give the user that runs this read access to it)",
+        f"cannot read {files.state} (Permission denied; give the user that runs this read access to it); the "
+        "finished work is kept for when it can be read",
+        f"cannot read {files.part(0)} (Permission denied; give the user that runs this read access to it); the "
+        "finished work is kept for when it can be read"], result.stdout
 
 
 def test_a_checkpoint_that_cannot_be_written_is_the_systems_error_naming_the_file(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.shared.errors import UserInputError
+from ..models.shared.errors import UserInputError, cannot_read
 from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
 from .outputs import sync_file, sync_folder
@@ -60,6 +60,7 @@ class ResumeFiles:
 
         if not self.state.exists():
             return None
+        _check_readable(self.state)
         try:
             with safe_open(str(self.state), "pt") as f:
                 meta = f.metadata() or {}
@@ -88,6 +89,7 @@ class ResumeFiles:
             if not part.exists():
                 raise UserInputError(f"the resume state {self.state} needs {part}, which is gone; delete the state "
                                      "file to start over")
+            _check_readable(part)
             try:
                 if size is not None and part.stat().st_size != size:
                     raise ValueError(f"{part.stat().st_size} bytes, where it was written with {size}")
@@ -254,6 +256,13 @@ def _segment_packets(part: Path):
                 yield packet
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise _damaged(part, e) from None
+
+
+def _check_readable(path: Path) -> None:
+    # Not "damaged", whose advice is to delete the finished work.
+    refusal = cannot_read(path)
+    if refusal:
+        raise UserInputError(f"{refusal}; the finished work is kept for when it can be read")
 
 
 def _damaged(part: Path, why) -> UserInputError:

@@ -7,6 +7,28 @@ escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+
+
+def cannot_read(path) -> str | None:
+    """Why the file ``path`` cannot be opened for reading, in the system's words and with what to do about a
+    permission; None when it can be, or is not there or is a folder (each caller says that in its own words).
+    Checked before a library opens the file: safetensors reports every failure to open as "No such file", and
+    the rest would be taken for a damaged file, which the advice for those would have the user delete."""
+    if not os.path.lexists(path) or os.path.isdir(path):
+        return None
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if e.errno in (errno.EACCES, errno.EPERM):
+            why += "; give the user that runs this read access to it"
+        return f"cannot read {path} ({why})"
+
 
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of ``error``'s message (its type's name when it has none), at most ``limit`` characters:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import WeightsError, first_line
+from .errors import WeightsError, cannot_read, first_line
 from .runtime import is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,16 @@ def check_weights_file(path, hint: str = "") -> dict | None:
     """A WeightsError saying what a file named as weights really is, when it cannot hold them: a Git LFS pointer
     (a clone without ``git lfs pull``), a saved web page, an empty or cut-short file. Reads only the first bytes
     and a .safetensors header (returned, parsed; None for other files), so loaders check every file before the
-    large ones load. A missing or unreadable file is left to the reader to report."""
+    large ones load. A file that cannot be opened (no permission) is a WeightsError in the system's words; a missing
+    one is left to the reader to report."""
     import json
     import struct
     import zipfile
 
     path = Path(path)
+    refusal = cannot_read(path)
+    if refusal:
+        raise WeightsError(refusal)
     tail = f" {hint}" if hint else ""
     try:
         size = path.stat().st_size
