@@ -29,6 +29,8 @@ def test_pyproject_dependencies_are_the_requirements():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert sorted(project["dependencies"]) == sorted(_requirements())
     assert project["scripts"]["streamvsr"] == "streamvsr.cli:main"
+    # setuptools warns about the table form ({text = ...}) and stops building it after 2027-02-18
+    assert isinstance(project["license"], str)
 
 
 def test_comfy_registry_metadata():
