@@ -236,10 +236,11 @@ def plan_engine(args) -> EnginePlan:
         raise UserInputError("give --model PATH, or --download to fetch the official Stream-DiffVSR weights")
     else:
         family = detect_family(args.model)
+    # Another family's option first: it says the user meant another model, which needs no flow.
+    options = family_options(args, family)
     if family.name == "stream-diffvsr" and not download and flow is None:  # before any folder is made
         raise UserInputError("Stream-DiffVSR needs optical flow: give --flow PATH (torchvision RAFT weights, "
                              "e.g. from `streamvsr download`)")
-    options = family_options(args, family)
     if getattr(family, "dtypes", None) and dtype not in family.dtypes:
         raise UserInputError(f"{family.title} does not run in {args.dtype}")
     return EnginePlan(family, options, device, dtype, None if download else args.model, download)

@@ -41,9 +41,12 @@ def detect_family(path) -> Family:
     path = Path(path).expanduser()
     if not path.exists():
         raise UserInputError(f"model {path} does not exist")
-    for family in families():
-        if family.detect(path):
-            return family
+    found = [family for family in families() if family.detect(path)]
+    if len(found) > 1:
+        raise UserInputError(f"{path} holds the files of {' and '.join(f.title for f in found)}: give the folder "
+                             "or file of one model")
+    if found:
+        return found[0]
     if path.is_file():  # a damaged download is told as such, not as an unknown model
         check_weights_file(path)
     known = "; ".join(f"{f.title}" for f in families())

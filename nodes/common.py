@@ -175,6 +175,48 @@ def find_in_model_folders(choice: str, folder: str) -> str:
                          f"({', '.join(folder_paths.get_folder_paths(folder))}); press r to refresh the list")
 
 
+LOADERS = {"stream-diffvsr": "Load Stream-DiffVSR Model", "flashvsr": "Load FlashVSR Model"}
+
+
+def other_family(path: str, family: str, root: str | None = None):
+    """The other model family that ``path`` is (part of), or None: the model lists hold any .safetensors file, and
+    another family's model is better refused by name than by a missing key. With ``root`` (the model folder that
+    ``path`` is listed under) the folders between them count too, as a hub folder's component files are part of
+    it; the folders above the root do not (ComfyUI's models folder has unet/ and controlnet/ folders too)."""
+    from ..models.registry import families
+
+    others = [f for f in families() if f.name != family]
+    candidates = [path]
+    if root is not None:
+        parts = os.path.relpath(path, root).replace("\\", "/").split("/")[:-1]
+        candidates += [os.path.join(root, *parts[:i]) for i in range(1, len(parts) + 1)]
+    return next((f for f in others for c in candidates if f.detect(c)), None)
+
+
+def check_family(path: str, family: str) -> None:
+    """A one-line error when the model at ``path`` is not of ``family`` but of another that this pack loads."""
+    from ..models.registry import family_by_name
+
+    if family_by_name(family).detect(path):
+        return
+    other = other_family(path, family)
+    if other is not None:
+        raise UserInputError(f"{path} is a {other.title} model: load it with {LOADERS[other.name]}")
+
+
+def listed_models(folder: str, family: str) -> list[str]:
+    """``folder``'s file list (``/``-separated) without another family's models and their files."""
+    listed = []
+    for root in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(root):
+            continue
+        for name in folder_paths.get_filename_list(folder):
+            path = os.path.join(root, name)
+            if os.path.exists(path) and other_family(path, family, root) is None:
+                listed.append(name.replace("\\", "/"))
+    return sorted(set(listed))
+
+
 def download_progress():
     """A ``progress(done, total)`` for the model downloads: ComfyUI's progress bar counts the files, and Cancel
     stops the download between two files (those done are kept: the next run downloads the rest)."""

@@ -31,8 +31,9 @@ from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILE
 from ..models.shared.errors import UserInputError
 from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
-                     continuation_inputs, download_progress, find_in_model_folders, load_flow_patcher, operations_for,
-                     out_of_memory_advice, pick_precision, show_text, tensor_to_preview, wrap)
+                     check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
+                     load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, show_text,
+                     tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class FlashVSRModel:
 def model_choices() -> list[str]:
     """Folders holding a FlashVSR DiT (official or repackaged), DiT files at the top level, and other single
     .safetensors files (converted with `streamvsr convert`, or a DiT with the LQ projection merged in)."""
-    names = [n.replace("\\", "/") for n in folder_paths.get_filename_list(FLASHVSR_FOLDER)]
+    names = listed_models(FLASHVSR_FOLDER, "flashvsr")
     components = set(LQ_FILES) | set(TC_FILES) | {p.split("/")[-1] for p in PROMPT_FILES}
     folders = {"/".join(n.split("/")[:-1]) for n in names if n.split("/")[-1] in DIT_FILES and "/" in n}
     choices = set(folders)
@@ -194,6 +195,7 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
         device = mm.get_torch_device()
         attention = choose_attention(attention, device)  # before a download of GBs
         path = resolve_model_path(model, version)
+        check_family(path, "flashvsr")
         files = find_files(path, version)
         params = safetensors_numel(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
         weight_dtype, compute_dtype = pick_precision(precision, device, params)

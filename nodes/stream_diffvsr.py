@@ -17,8 +17,9 @@ from ..models.shared.weights import safetensors_numel
 from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
-                     continuation_inputs, download_progress, find_in_model_folders, load_flow_patcher, operations_for,
-                     out_of_memory_advice, pick_precision, show_text, tensor_to_preview, wrap)
+                     check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
+                     load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, show_text,
+                     tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def model_choices() -> list[str]:
     """Official hub folders (found by their model_index.json) and single .safetensors files."""
     components = {"unet", "controlnet", "vae", "text_encoder"}
     choices = set()
-    for name in folder_paths.get_filename_list(MODEL_FOLDER):
-        parts = name.replace("\\", "/").split("/")
+    for name in listed_models(MODEL_FOLDER, "stream-diffvsr"):
+        parts = name.split("/")
         if parts[0] == "raft":  # the flow folder lies inside ours
             continue
         if parts[-1] == "model_index.json" and len(parts) > 1:
@@ -154,6 +155,7 @@ class StreamVSRLoadModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, precision, compile=False, cpu_layers=True) -> io.NodeOutput:
         path = resolve_model_path(model)
+        check_family(path, "stream-diffvsr")
         device = mm.get_torch_device()
         weight_dtype, compute_dtype = pick_precision(precision, device, weights_params(path))
         # Weights go to the offload device; ComfyUI moves them (whole or layer by layer) when Stream Upscale asks.

@@ -183,7 +183,7 @@ def test_unknown_lq_file_loaded_as_v1_1_warns(official, caplog):
     folder, _ = official
     with caplog.at_level(logging.WARNING):
         fw.read_flashvsr(folder, "v1.1")
-    assert "not the published v1.1 LQ projection" in caplog.text
+    assert "is not the published v1.1 file" in caplog.text
 
 
 # --- damaged and foreign files --------------------------------------------------------------------------------
@@ -427,7 +427,9 @@ def test_detect(official, tmp_path):
     folder, sd = official
     assert fw.detect(folder)
     assert fw.detect(folder / "diffusion_pytorch_model_streaming_dmd.safetensors")
-    assert not fw.detect(folder / "LQ_proj_in.ckpt")
+    # another component named as the model is its folder's model (`find_files` takes it so), in the CLI too
+    assert fw.detect(folder / "LQ_proj_in.ckpt") and fw.detect(folder / "TCDecoder.ckpt")
+    assert fw.find_files(folder / "TCDecoder.ckpt").dit == folder / "diffusion_pytorch_model_streaming_dmd.safetensors"
     out = fw.convert_flashvsr(folder, tmp_path / "single" / "model.safetensors", version="v1")
     assert fw.detect(out) and fw.detect(out.parent)
     assert fw.find_files(out.parent).single
@@ -437,9 +439,93 @@ def test_detect(official, tmp_path):
 
     save_file({"conv_in.weight": torch.zeros(2)}, str(other / "diffusion_pytorch_model.safetensors"))
     (other / "junk.safetensors").write_text("not a safetensors file")
+    (other / "TCDecoder.ckpt").write_bytes(b"")  # a name alone, with no FlashVSR model beside it
     assert not fw.detect(other) and not fw.detect(other / "junk.safetensors")
+    assert not fw.detect(other / "TCDecoder.ckpt")
     assert not fw.detect(other / "diffusion_pytorch_model.safetensors")
     assert not fw.detect(tmp_path / "missing")
     for style in ("1038lab", "kijai"):
         write_repackaged(tmp_path / style, style)
         assert fw.detect(tmp_path / style)
+
+
+def test_convert_asks_for_a_version_the_files_do_not_state_and_needs_every_component(official, tmp_path, caplog):
+    """The converted file records its version for good, and the official names are the same for v1 and v1.1 (the
+    v1 download folder is called just FlashVSR): the user says it where the files do not. A file that no node can
+    use (no TC decoder) is not written."""
+    from streamvsr.models.flashvsr import convert
+
+    folder, _ = official
+    with pytest.raises(UserInputError, match="does not say which FlashVSR release.*give --flashvsr-version v1 or "
+                                             "v1.1"):
+        convert(folder, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+    named = folder.rename(folder.with_name("FlashVSR-v1.1"))  # (the v1.1 download folder's name)
+    assert fw.read_flashvsr(convert(named, tmp_path / "b.safetensors")).version == "v1.1"
+    # its LQ file is not the published v1.1 one: the converted file still says so when it loads
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fw.read_flashvsr(tmp_path / "b.safetensors")
+    assert "is not the published v1.1 file" in caplog.text
+    (named / "TCDecoder.ckpt").unlink()
+    with pytest.raises(WeightsError, match="no TC decoder next to"):
+        convert(named, tmp_path / "c.safetensors", version="v1")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_converted_file_is_readable_by_other_users_as_the_umask_allows(official, tmp_path):
+    """safetensors writes through a private temporary file (mode 0600): a model converted by one user would be
+    unreadable to a ComfyUI that runs as another (a service, a container)."""
+    import stat
+
+    if os.name != "posix":
+        pytest.skip("file modes are POSIX")
+    folder, _ = official
+    old = os.umask(0o022)
+    try:
+        out = fw.convert_flashvsr(folder, tmp_path / "m.safetensors", version="v1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_the_official_checkouts_layout_finds_the_prompt_beside_the_release_folder(tmp_path):
+    """The official scripts read the release cloned into examples/WanVSR/ and the prompt from the folder beside
+    it, examples/WanVSR/prompt_tensor/."""
+    checkout = tmp_path / "examples" / "WanVSR"
+    sd = write_official_folder(checkout / "FlashVSR-v1.1")
+    (checkout / "prompt_tensor").mkdir()
+    (checkout / "FlashVSR-v1.1" / "posi_prompt.pth").rename(checkout / "prompt_tensor" / "posi_prompt.pth")
+    assert torch.equal(fw.read_flashvsr(checkout / "FlashVSR-v1.1", "v1.1").prompt, sd["prompt"])
+
+
+def test_which_model_a_path_holds_when_it_is_not_plain(official, tmp_path, caplog):
+    """Two converted files and no DiT: which one is meant. A folder with both families' files: which one is
+    meant. A FlashVSR option given with a Stream-DiffVSR model: the option is wrong (the user meant FlashVSR),
+    not the missing flow."""
+    from PIL import Image
+
+    from streamvsr.cli import main
+    from streamvsr.models.registry import detect_family
+
+    folder, _ = official
+    for name in ("a", "b"):
+        fw.convert_flashvsr(folder, tmp_path / "two" / f"{name}.safetensors", version="v1")
+    with pytest.raises(UserInputError, match=r"holds 2 converted FlashVSR files \(a.safetensors, b.safetensors\): "
+                                             r"give one of them$"):
+        fw.find_files(tmp_path / "two")
+    (folder / "model_index.json").write_text("{}")  # Stream-DiffVSR's hub files too
+    with pytest.raises(UserInputError, match="holds the files of Stream-DiffVSR and FlashVSR: give the folder or "
+                                             "file of one model"):
+        detect_family(folder)
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / "model_index.json").write_text("{}")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.new("RGB", (8, 8)).save(frames / "f0.png")
+    for option in (["--flashvsr-version", "v1"], ["--scale", "2"]):
+        caplog.clear()
+        assert main(["frames", str(frames), str(tmp_path / "out"), "--model", str(sd), *option]) == 2
+        assert f"{option[0]} is a FlashVSR option, but {sd} is a Stream-DiffVSR model" in caplog.text
+        assert "needs optical flow" not in caplog.text

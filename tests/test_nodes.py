@@ -117,6 +117,12 @@ def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_
     (yaml_dir / "raft" / "not_a_model.safetensors").write_bytes(b"")
     (yaml_dir / "single.safetensors").write_bytes(b"")
     (yaml_dir / "notes.txt").write_text("not a model")
+    # FlashVSR's models put in the wrong folder are not listed: its official folder, its converted file
+    from safetensors.torch import save_file
+
+    (yaml_dir / "FlashVSR-v1.1").mkdir()
+    save_file({"x": torch.zeros(1)}, str(yaml_dir / "FlashVSR-v1.1" / "diffusion_pytorch_model_streaming_dmd.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(yaml_dir / "flashvsr.safetensors"), metadata={"format": "streamvsr/flashvsr"})
     fake_comfy.install(monkeypatch, tmp_path / "models")
     # what extra_model_paths.yaml registers before any custom node is imported
     sys.modules["folder_paths"].folder_names_and_paths["streamvsr"] = ([str(yaml_dir)], set())
@@ -130,6 +136,12 @@ def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_
     options = next(i for i in nodes["StreamVSRLoadModel"].define_schema().inputs if i.id == "model").kwargs["options"]
     # the official folder by name, single files; not the component files nor anything in the RAFT folder
     assert options == ["from_yaml", "single.safetensors", "(download) Jamichsu/Stream-DiffVSR"]
+    # one picked anyway (a workflow from elsewhere) is refused by name, before its size is looked at
+    from streamvsr.models.shared.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="flashvsr.safetensors is a FlashVSR model: load it with Load FlashVSR "
+                                             "Model$"):
+        nodes["StreamVSRLoadModel"].execute(model="flashvsr.safetensors", precision="auto")
     flow_options = next(i for i in nodes["StreamVSRLoadFlowModel"].define_schema().inputs
                         if i.id == "model").kwargs["options"]
     assert flow_options == ["(download) raft_large", "(download) raft_small"]

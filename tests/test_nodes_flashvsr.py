@@ -18,6 +18,7 @@ import fake_comfy
 from fake_comfy import FileVideo
 from flashvsr_helpers import one_thread, write_official_folder
 from streamvsr.models.shared.errors import UserInputError
+from streamvsr.models.stream_diffvsr import SINGLE_FILE_FORMAT as SDVSR_FORMAT
 
 FLASH_NODES = {"StreamVSRLoadFlashVSR", "StreamVSRFlashVSRUpscale", "StreamVSRFlashVSRSettings",
                "StreamVSRFlashVSRTrimDecoded", "StreamVSRLoadVideoChunk", "StreamVSRVideoUpscale"}
@@ -132,6 +133,11 @@ def test_model_list_folders_files_and_extra_paths(monkeypatch, tmp_path, folder)
     (elsewhere / "loose").mkdir()
     save_file({"x": torch.zeros(1)}, str(elsewhere / "loose" / "Wan2.1_VAE.safetensors"))  # a VAE: not listed
     save_file({"x": torch.zeros(1)}, str(elsewhere / "loose" / "merged_dit.safetensors"))
+    # Stream-DiffVSR's models put in the wrong folder: its hub folder's files and its single file are not listed
+    (elsewhere / "sdvsr" / "unet").mkdir(parents=True)
+    (elsewhere / "sdvsr" / "model_index.json").write_text("{}")
+    save_file({"conv_in.weight": torch.zeros(1)}, str(elsewhere / "sdvsr" / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(elsewhere / "sdvsr.safetensors"), metadata={"format": SDVSR_FORMAT})
     fake_comfy.install(monkeypatch, tmp_path / "models")
     sys.modules["folder_paths"].folder_names_and_paths["flashvsr"] = ([str(elsewhere)], set())  # from the yaml
     import streamvsr
@@ -144,6 +150,13 @@ def test_model_list_folders_files_and_extra_paths(monkeypatch, tmp_path, folder)
                    if i.id == "model").kwargs["options"]
     assert options == ["FlashVSR-v1.1", "converted.safetensors", "kijai", "loose/merged_dit.safetensors",
                        "(download) FlashVSR, the version below"]
+    # one picked anyway (a workflow from elsewhere) is refused by name, not by its keys
+    with pytest.raises(UserInputError, match=r"sdvsr.safetensors is a Stream-DiffVSR model: load it with Load "
+                                             r"Stream-DiffVSR Model$"):
+        _run(nodes["StreamVSRLoadFlashVSR"], model="sdvsr.safetensors", version="v1.1", precision="auto")
+    sd_options = next(i for i in nodes["StreamVSRLoadModel"].define_schema().inputs
+                      if i.id == "model").kwargs["options"]
+    assert sd_options == ["(download) Jamichsu/Stream-DiffVSR"]  # (models/streamvsr is empty)
 
 
 def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_path, caplog):

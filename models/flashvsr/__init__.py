@@ -66,9 +66,19 @@ def check_size(h: int, w: int, **options) -> None:
 
 
 def convert(source, out_path, dtype=None, version: str | None = None, **_ignored) -> Path:
-    from .weights import convert_flashvsr
+    """No default version here: the converted file records it for good, so where the files do not say (the
+    official names are the same for both releases) the user must."""
+    from ..shared.errors import UserInputError
+    from .weights import convert_flashvsr, find_files, stated_version
 
-    return convert_flashvsr(source, out_path, dtype=dtype, version=_version_or_default(source, version))
+    if version is None:
+        files = find_files(source)
+        version = None if files.single else stated_version(files)
+        if version is None and not files.single:
+            raise UserInputError(f"{source} does not say which FlashVSR release it holds (v1 and v1.1 files have the "
+                                 "same names and keys): give --flashvsr-version v1 or v1.1, which the converted "
+                                 "file records")
+    return convert_flashvsr(source, out_path, dtype=dtype, version=version)
 
 
 FAMILY = Family(

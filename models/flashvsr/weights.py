@@ -43,7 +43,10 @@ DIT_VERSIONS = {"FlashVSR1_1.safetensors": "v1.1", "Wan2_1-T2V-1.1_3B_FlashVSR_f
                 "Wan2_1-T2V-1_3B_FlashVSR_fp32.safetensors": "v1"}
 LQ_FILES = ("LQ_proj_in.ckpt", "LQ_proj_in.safetensors", "Wan2_1_FlashVSR_LQ_proj_model_bf16.safetensors")
 TC_FILES = ("TCDecoder.ckpt", "TCDecoder.safetensors", "Wan2_1_FlashVSR_TCDecoder_fp32.safetensors")
-PROMPT_FILES = ("posi_prompt.pth", "Prompt.safetensors", "prompt_tensor/posi_prompt.pth")
+# The last one is the official checkout's layout: the release folder is cloned into examples/WanVSR/, beside the
+# prompt's folder.
+PROMPT_FILES = ("posi_prompt.pth", "Prompt.safetensors", "prompt_tensor/posi_prompt.pth",
+                "../prompt_tensor/posi_prompt.pth")
 LQ_PREFIX = "LQ_proj_in."
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Key names a single-tensor prompt .safetensors may use (1038lab's loader takes whatever single tensor it holds).
@@ -156,7 +159,7 @@ def find_files(path, version: str | None = None) -> FlashVSRFiles:
     if path.is_file():
         if _is_converted(path):
             return FlashVSRFiles(path, path, path, path, single=True)
-        if path.name in LQ_FILES + TC_FILES + PROMPT_FILES:
+        if _is_component(path):
             return find_files(path.parent, version)  # another component of the folder was picked
         folder = path.parent
         dit = path
@@ -167,11 +170,27 @@ def find_files(path, version: str | None = None) -> FlashVSRFiles:
         converted = sorted(p for p in folder.glob("*.safetensors") if _is_converted(p))
         if dit is None and len(converted) == 1:
             return FlashVSRFiles(converted[0], converted[0], converted[0], converted[0], single=True)
+        if dit is None and converted:
+            raise UserInputError(f"{folder} holds {len(converted)} converted FlashVSR files "
+                                 f"({', '.join(p.name for p in converted)}): give one of them")
         if dit is None:
             raise WeightsError(f"no FlashVSR DiT in {folder} (looked for {', '.join(DIT_FILES)}). {HINT}")
     else:
         raise WeightsError(f"{path} does not exist. {HINT}")
     return FlashVSRFiles(dit, _first(folder, LQ_FILES), _first(folder, TC_FILES), _first(folder, PROMPT_FILES))
+
+
+def _is_component(path: Path) -> bool:
+    return path.name in LQ_FILES + TC_FILES + tuple(Path(p).name for p in PROMPT_FILES)
+
+
+def stated_version(files: FlashVSRFiles) -> str | None:
+    """The version the files themselves say (a repackaged DiT's name, a folder named for v1.1, the hash of the
+    published v1.1 LQ projection), or None where they are silent: the official file names are the same for both."""
+    hints = {version for _, version in _version_hints(files, None)}
+    if not hints and files.lq_proj is not None and files.lq_proj.suffix == ".ckpt":
+        hints = {version for _, version in _version_hints(files, sha256_of(files.lq_proj))}
+    return hints.pop() if len(hints) == 1 else None
 
 
 def _strip(state_dict: dict, prefixes) -> dict:
@@ -268,6 +287,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
             log.warning("FlashVSR: %s was converted as %s but is being loaded as %s", files.dit, recorded, version)
         facts["files"] = {name: files.dit for name in ("dit", "lq_proj", "tc_decoder", "prompt")}
         lq_sha256 = meta.get("lq_sha256") or None
+        lq_source = meta.get("lq_source")
         tc = tc or None
     else:
         # A missing file or version is reported before the DiT (gigabytes) is read
@@ -286,7 +306,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
         merged = {k[len(LQ_PREFIX):]: v for k, v in dit.items() if k.startswith(LQ_PREFIX)}
         if merged:
             dit = {k: v for k, v in dit.items() if not k.startswith(LQ_PREFIX)}
-            lq, lq_sha256 = merged, None
+            lq, lq_sha256, lq_source = merged, None, None
             facts["files"]["lq_proj"] = files.dit
         else:
             if files.lq_proj is None:
@@ -294,6 +314,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
             lq = _strip(_read(files.lq_proj), (LQ_PREFIX,))
             facts["files"]["lq_proj"] = files.lq_proj
             lq_sha256 = sha256_of(files.lq_proj) if verify_version else None
+            lq_source = files.lq_proj.name
         tc = None
         if files.tc_decoder is not None:
             tc = _read(files.tc_decoder)
@@ -348,11 +369,13 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
         if hinted != version:
             log.warning("FlashVSR: loading %s as %s, but its %s says %s; v1 and v1.1 weights with the wrong "
                         "LQ-projection arithmetic give ghosting", path, version, source, hinted)
-    if version == "v1.1" and lq_sha256 and files.lq_proj.name == "LQ_proj_in.ckpt" and not any(
+    # (only the official file's hash is known; a converted file records its source's name and hash)
+    if version == "v1.1" and lq_sha256 and lq_source == "LQ_proj_in.ckpt" and not any(
             lq_sha256.startswith(p) for p, v in LQ_SHA256.items() if v == "v1.1"):
-        log.warning("FlashVSR: %s is not the published v1.1 LQ projection (sha256 %s...); if it is the v1 file, "
-                    "load the model as v1", files.lq_proj, lq_sha256[:16])
-    facts.update(version_hints=hints, lq_sha256=lq_sha256, dit=dict(dit_module.config), lq_proj=lq_config,
+        log.warning("FlashVSR: the LQ projection of %s is not the published v1.1 file (sha256 %s...); if it is "
+                    "the v1 file, give version v1", path, lq_sha256[:16])
+    facts.update(version_hints=hints, lq_sha256=lq_sha256, lq_source=lq_source, dit=dict(dit_module.config),
+                 lq_proj=lq_config,
                  tc_decoder=tc_config,
                  dtypes={"dit": _dtypes(dit), "lq_proj": _dtypes(lq), "tc_decoder": _dtypes(tc) if tc else None,
                          "prompt": str(prompt.dtype).replace("torch.", "")})
@@ -390,11 +413,11 @@ def load_flashvsr(path, version: str | None = None, device="cpu", dtype=torch.bf
 def convert_flashvsr(folder, out_path, dtype=None, version: str | None = None, verify_version: bool = True) -> Path:
     """Check the FlashVSR model at ``folder`` and write it as one ``.safetensors`` at ``out_path``.
 
-    Floating tensors are cast to ``dtype`` (None keeps each file's own); the TC decoder is included when the folder
-    has one. The file is written under a temporary name and renamed into place, so an interrupted conversion
-    leaves no partial output.
+    Floating tensors are cast to ``dtype`` (None keeps each file's own); the folder must have every component,
+    the TC decoder included (no node runs without it). The file is written under a temporary name and renamed into
+    place, so an interrupted conversion leaves no partial output.
     """
-    weights = read_flashvsr(folder, version, need_decoder=False, verify_version=verify_version)
+    weights = read_flashvsr(folder, version, verify_version=verify_version)
     out_path = Path(out_path).expanduser()
     if out_path.suffix != ".safetensors":
         raise UserInputError(f"the converted FlashVSR file must end in .safetensors, got {out_path}")
@@ -407,12 +430,13 @@ def convert_flashvsr(folder, out_path, dtype=None, version: str | None = None, v
     # Pickled files may hold views of one storage, which safetensors refuses to write: the smaller components
     # are copied.
     tensors.update({f"lq_proj.{k}": cast(v).clone() for k, v in weights.lq_proj.items()})
-    tensors.update({f"tc_decoder.{k}": cast(v).clone() for k, v in (weights.tc_decoder or {}).items()})
+    tensors.update({f"tc_decoder.{k}": cast(v).clone() for k, v in weights.tc_decoder.items()})
     tensors["prompt"] = cast(weights.prompt).clone()
     meta = {"format": FORMAT, "version": weights.version,
             "dtype": str(dtype).replace("torch.", "") if dtype is not None else "as-source"}
-    if weights.facts.get("lq_sha256"):
-        meta["lq_sha256"] = weights.facts["lq_sha256"]
+    for key in ("lq_sha256", "lq_source"):
+        if weights.facts.get(key):
+            meta[key] = weights.facts[key]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # One name per output, not per process: a conversion killed half-way leaves GBs that the next one replaces.
     tmp = out_path.with_name(out_path.name + ".part")
@@ -426,7 +450,8 @@ def convert_flashvsr(folder, out_path, dtype=None, version: str | None = None, v
 
 def detect(path) -> bool:
     """Whether ``path`` holds FlashVSR weights: a folder with a FlashVSR DiT or LQ projection file, a converted
-    file, a known DiT file name, or a DiT ``.safetensors`` with the LQ projection merged in. Reads names and
+    file, a known DiT file name, another component of such a folder, or a DiT ``.safetensors`` with the LQ
+    projection merged in. Reads names and
     safetensors headers only; never raises."""
     try:
         path = Path(path).expanduser()
@@ -437,6 +462,8 @@ def detect(path) -> bool:
             return False
         if path.name in DIT_FILES:
             return True
+        if _is_component(path):
+            return detect(path.parent)
         if path.suffix != ".safetensors":
             return False
         meta, keys = _safetensors_header(path)

@@ -155,6 +155,20 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
         if isinstance(e, OSError) or code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    if os.name == "posix":
+        # safetensors writes through a private temporary file, so the result would be the writer's alone: a
+        # converted model used by ComfyUI running as another user (a service, a container) could not be read.
+        os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (changing it, even back at once, races other threads)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def summary(keys, limit: int = 8) -> str:
