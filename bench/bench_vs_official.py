@@ -32,7 +32,8 @@ official inference.py loads them); the official pipeline, which runs only in flo
 ``torch.autocast`` in that precision, so its RAFT computes in it too. Each round is timed between
 ``torch.cuda.synchronize()`` calls and reports the peak of ``torch.cuda.max_memory_allocated`` beside the RSS.
 ``--breakdown`` times each network call with CUDA events, ``--profile`` each kernel with torch.profiler (one more
-pass each, outside the timed rounds).
+pass each, outside the timed rounds). Each worker hands its cached GPU memory back after every answer: the variants
+run interleaved, and what each keeps cached would not fit an 80 GB GPU together.
 The initial noise is drawn in float32 on the CPU on both sides, then cast and moved (the official draws it in the
 pipeline's dtype on the device, which would make the outputs incomparable). ``bench/gpu_side_by_side.sh`` runs
 this on a lent GPU machine.
@@ -241,6 +242,11 @@ def _serve(run) -> None:
         request = json.loads(line)
         answer = run(request)
         answer["peak_rss_mb"] = _peak_rss_mb()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            # The variants run interleaved, each in a process of its own: the memory one keeps cached between its
+            # rounds (near 30 GB after cuDNN's autotuning) would leave the next too little on an 80 GB GPU.
+            torch.cuda.empty_cache()
         print(json.dumps(answer), file=out, flush=True)
 
 
@@ -573,18 +579,20 @@ def main() -> None:
             log.info("answer of %s: %s", v, json.dumps(answer))
             return answer
 
-        for v in variants:  # started one after another: each loads 2.7 GB
-            log.info("starting %s ...", v)
-            try:
-                workers[v] = Worker(v, args.official_python if v == "official" else sys.executable, args, workdir)
-                alive.append(v)
-            except (WorkerDied, OSError) as e:
-                failed[v] = str(e)
         results = {v: [] for v in variants}
         breakdown, profiles, stopped = {}, {}, False
-        # `timeout` (a device call's deadline) stops the run with SIGTERM: the tables of what was done still print
+        # `timeout` (a device call's deadline) stops the run with SIGTERM, also while the workers start: the tables
+        # of what was done still print
         previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
         try:
+            for v in variants:  # started one after another: each loads 2.7 GB
+                log.info("starting %s ...", v)
+                try:
+                    workers[v] = Worker(v, args.official_python if v == "official" else sys.executable, args,
+                                        workdir)
+                    alive.append(v)
+                except (WorkerDied, OSError) as e:
+                    failed[v] = str(e)
             for r in range(args.rounds):
                 for v in list(alive):
                     out, raw = workdir / f"{v}_{r}_out.npy", workdir / f"{v}_{r}_raw.npy"

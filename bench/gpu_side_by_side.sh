@@ -6,13 +6,14 @@
 #
 # 1. Where there is a network (this checkout's root), once:
 #        bench/gpu_side_by_side.sh prepare /path/to/jamichss/Stream-DiffVSR
-#    puts the official code's pinned packages as wheels for CPython 3.12 in .whl/ (about 15 MB) and a copy of the
-#    checkout in .official/ (both ignored by git). The GPU machine is expected to hold torch, torchvision, numpy,
+#    puts the official code's pinned packages as wheels for CPython 3.12 in .whl-official/ (about 15 MB) and a copy
+#    of the checkout in .official/ (both ignored by git; .whl/ is left to other uses). The GPU machine is expected to hold torch, torchvision, numpy,
 #    pillow, safetensors, einops, accelerate, matplotlib and the rest of what both sides import.
-# 2. On the GPU machine, from the checkout's root, with .whl and .official beside it:
+# 2. On the GPU machine, from the checkout's root, with .whl-official and .official beside it:
 #        bench/gpu_side_by_side.sh run [OUT_DIR]
-#    writes the tables (720.md, 1080.md, 720-autotune-off.md, 720-bf16.md), the logs (*.log) and the profiles
-#    (profile_*/) to OUT_DIR (default: $OUT, else bench/results).
+#    writes every pass's tables to OUT_DIR/tables.md, a log per pass (720.log, 1080.log, 720-autotune-off.log,
+#    720-bf16.log) and the profile (profile_720.tgz) to OUT_DIR (default: $OUT, else bench/results): at most seven
+#    files, as a lent machine gives back eight.
 #
 # Sizes: the official pipeline needs LR sides that are multiples of 8, so "720p" is LR 184x320 -> 736x1280 and
 # "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run has
@@ -24,17 +25,18 @@
 # COMPILE_MODE, CUDNN_BENCHMARK (ours / both / none), BREAKDOWN (bench_vs_official --breakdown on the two sizes)
 # and PROFILE (--profile on the 720 pass, packed as OUT_DIR/profile_720.tgz; both on unless set empty), WORKDIR (a
 # bench_vs_official --workdir: a random model already there is reused), DEADLINE (seconds: a pass still running
-# then is stopped and prints what it measured; a pass with under a minute left is skipped). On the H200 lent on
-# 2026-12-04 the first two passes, before the nchw variant and the profile joined them, took about 6 minutes (the
-# compiling about 2.5 of them); all four are estimated at 10-11 minutes, more than one device call may take. The
-# device tool copies only files git does not ignore: name .whl and .official (and for the ComfyUI check .comfy and
-# .whl-test) in its `carry`. With 15 minutes of device time in all (the machine's start included), the first call
-# takes the two main passes, and the second, sent as soon as the first returns (a lent machine stays warm for
-# seconds only, and a fresh one has lost the random model in /tmp), the ComfyUI check:
-#     DEADLINE=480 SIZES_AUTOTUNE_OFF= SIZES_BF16= bench/gpu_side_by_side.sh run $OUT
-#     timeout 240 bench/gpu_comfyui_check.sh run $OUT
+# then is stopped and prints what it measured; a pass with less time left than it needs to start, 150 s for the
+# two main passes and 90 s for the short ones, is skipped). On the H200 lent on 2026-12-04 the first two passes,
+# before the nchw variant and the profile joined them, took about 6 minutes (the compiling about 2.5 of them); all
+# four are estimated at 10-11 minutes, more than one device call may take. The device tool copies only files git
+# does not ignore: name .whl-official and .official (and for the ComfyUI check .comfy and .whl-test) in its
+# `carry`. With 15 minutes of device time in all, the machine's start (1-2 minutes) included, and a machine that
+# goes back after seconds of idling, both checks go in one call of at most 590 s, the short one first:
+#     timeout 150 bench/gpu_comfyui_check.sh run $OUT; DEADLINE=$((575 - SECONDS)) SIZES_AUTOTUNE_OFF= \
+#         SIZES_BF16= bench/gpu_side_by_side.sh run $OUT
 # The two short passes (SIZES_720= SIZES_1080= with DEADLINE) are worth a call only on the still-warm machine
-# with several minutes left.
+# with several minutes left. Each worker hands its cached GPU memory back after every answer, so the variants,
+# interleaved in processes of their own, fit an 80 GB GPU (cuDNN's autotuning peaks near 30 GB per variant).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,17 +46,24 @@ python=${PYTHON:-python3}
 prepare() {
     local checkout=${1:?give the path of a jamichss/Stream-DiffVSR checkout}
     [ -f "$checkout/pipeline/stream_diffvsr_pipeline.py" ] || { echo "$checkout is not a Stream-DiffVSR checkout"; exit 2; }
-    rm -rf .official .whl
-    mkdir -p .official .whl
+    rm -rf .official .whl-official
+    mkdir -p .official .whl-official
     cp -r "$checkout" .official/Stream-DiffVSR
     rm -rf .official/Stream-DiffVSR/.git
     # The official code's pins (diffusers 0.27.2 needs a huggingface_hub from before 0.26, and transformers 4.37.2
     # a tokenizers before 0.19); the GPU machine's newer versions of these stay untouched, see run().
     "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl diffusers==0.27.2 transformers==4.37.2 tokenizers==0.15.2 huggingface_hub==0.25.2 \
+        -d .whl-official diffusers==0.27.2 transformers==4.37.2 tokenizers==0.15.2 huggingface_hub==0.25.2 \
         importlib_metadata==8.5.0
-    du -sh .whl .official
+    du -sh .whl-official .official
+    # what the device call carries (these, and the ComfyUI check's) must stay under its 64 MiB
+    local mib
+    mib=$(du -scm .whl-official .official | tail -n 1 | cut -f1)
+    if [ "$mib" -gt 40 ]; then
+        echo "the copies take ${mib} MiB: a device call carries 64 MiB in all; copy a checkout without weights"
+        exit 2
+    fi
 }
 
 worker_logs() {  # the end of each worker's log, appended to the driver's (few files come back from a lent machine)
@@ -91,11 +100,11 @@ EOF
     local common=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-4}" --rounds "${ROUNDS:-3}"
                   --workdir "$work")
     if [ "$official" = 1 ]; then
-        [ -d .official/Stream-DiffVSR ] && ls .whl/*.whl >/dev/null || { echo "run 'prepare' first (see the header)"; exit 2; }
+        [ -d .official/Stream-DiffVSR ] && ls .whl-official/*.whl >/dev/null || { echo "run 'prepare' first (see the header)"; exit 2; }
         # The official side gets its pinned packages first on its path; ours runs on the machine's own packages.
         # (wheels for CPython 3.12: another Python fails here, before any pass, and says so)
         "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/official_site" \
-            .whl/*.whl || { echo "the official side's wheels do not install on this Python (prepare fetched them for"\
+            .whl-official/*.whl || { echo "the official side's wheels do not install on this Python (prepare fetched them for"\
             "CPython 3.12); run again with VARIANTS_720=ours,nchw,compiled VARIANTS_1080=ours,nchw"; exit 2; }
         cat > "$work/official_python" <<EOF
 #!/bin/sh
@@ -107,7 +116,8 @@ EOF
     fi
     [ -n "${COMPILE_MODE:-}" ] && common+=(--compile-mode "$COMPILE_MODE")
     [ -n "${CUDNN_BENCHMARK:-}" ] && common+=(--cudnn-benchmark "$CUDNN_BENCHMARK")
-    local status=0 limit
+    local status=0 limit need
+    : > "$out/tables.md"
     for pass in "${passes[@]}"; do
         IFS='|' read -r name size variants extra <<< "$pass"
         [ -n "$size" ] || continue  # an empty SIZES_* skips that pass
@@ -126,15 +136,18 @@ EOF
         fi
         if [ -n "${DEADLINE:-}" ]; then
             limit=$((DEADLINE - (SECONDS - start)))
-            if [ "$limit" -lt 60 ]; then
+            need=150
+            case "$extra" in off|bf16) need=90 ;; esac  # (the workers' start alone takes most of a minute)
+            if [ "$limit" -lt "$need" ]; then
                 echo "pass $name skipped: ${limit} s left of DEADLINE=$DEADLINE"
                 continue
             fi
             stop=(timeout --preserve-status -s TERM "$limit")  # the driver then prints what it measured
         fi
+        # one file of tables for every pass: only so many files come back from a lent machine
+        echo "## pass $name" | tee -a "$out/tables.md"
         PYTHONUNBUFFERED=1 ${stop[@]+"${stop[@]}"} "$python" bench/bench_vs_official.py "${args[@]}" --size "$size" \
-            --variants "$variants" > "$out/$name.md" 2> "$out/$name.log" || status=$?
-        cat "$out/$name.md"
+            --variants "$variants" 2> "$out/$name.log" | tee -a "$out/tables.md" || status=$?
         worker_logs "$work" >> "$out/$name.log"
         if [ -d "$out/profile_$name" ]; then  # one file: only so many come back from a lent machine
             tar -C "$out" -czf "$out/profile_$name.tgz" "profile_$name" && rm -rf "$out/profile_$name"
@@ -146,5 +159,5 @@ EOF
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,34p' "$0"; exit 2 ;;
+    *) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac
