@@ -22,7 +22,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..models.flashvsr import load_pipeline
+from ..models.flashvsr import DEFAULT_VERSION, load_pipeline
 from ..models.flashvsr.attention import choose_attention
 from ..models.flashvsr.color import color_fix
 from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState, held_back
@@ -39,7 +39,7 @@ from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_
 log = logging.getLogger(__name__)
 
 DOWNLOAD = "(download) FlashVSR, the version below"
-VERSIONS = ["v1.1", "v1"]
+VERSIONS = ["auto", "v1.1", "v1"]
 COLOR_FIXES = ["adain", "wavelet", "none"]
 DEFAULT_SETTINGS = {"scale": 4, "sparse_ratio": 2.0, "local_range": 11, "kv_ratio": 3.0, "color_fix": "adain"}
 FRAMES_PER_PUSH = 8  # one DiT chunk's worth: each push runs at most one chunk (interrupt and progress per chunk)
@@ -170,12 +170,14 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
                 io.Combo.Input("model", options=model_choices(),
                                tooltip="A folder in models/flashvsr with the DiT, LQ projection, TC decoder and "
                                        "prompt files, or a single converted .safetensors. '(download) …' fetches "
-                                       "the version chosen below from Hugging Face (about 6.4 GB) into "
+                                       "the version chosen below (auto: v1.1) from Hugging Face (about 6.4 GB) into "
                                        "models/flashvsr/FlashVSR-v1.1 or models/flashvsr/FlashVSR."),
-                io.Combo.Input("version", options=VERSIONS, default="v1.1",
+                io.Combo.Input("version", options=VERSIONS, default="auto",
                                tooltip="Which release the files are: v1 and v1.1 files look alike but need "
-                                       "different arithmetic; the wrong choice gives ghosting. A known file hash "
-                                       "or name that contradicts the choice gives a warning in the log. A "
+                                       "different arithmetic; the wrong choice gives ghosting. auto: what the "
+                                       "files say (a repackaged DiT's file name such as kijai's v1 file, a folder "
+                                       "named for v1.1, the published v1.1 LQ file's hash), else v1.1. A known "
+                                       "file hash or name that contradicts a choice gives a warning in the log. A "
                                        "converted file uses the version recorded in it."),
                 io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",
                                tooltip="Weight and compute precision. auto follows ComfyUI: bf16 on GPUs that "
@@ -194,15 +196,16 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
     def execute(cls, model, version, precision, attention="auto") -> io.NodeOutput:
         device = mm.get_torch_device()
         attention = choose_attention(attention, device)  # before a download of GBs
-        path = resolve_model_path(model, version)
+        chosen = None if version == "auto" else version
+        path = resolve_model_path(model, chosen or DEFAULT_VERSION)
         check_family(path, "flashvsr")
-        files = find_files(path, version)
+        files = find_files(path, chosen)
         params = safetensors_numel(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
         weight_dtype, compute_dtype = pick_precision(precision, device, params)
         # Weights go to the offload device; FlashVSR Upscale asks ComfyUI to move them (whole or layer by layer).
-        pipe = load_pipeline(path, None if files.single else version, device=mm.unet_offload_device(),
+        pipe = load_pipeline(path, None if files.single else chosen, device=mm.unet_offload_device(),
                              dtype=weight_dtype, operations=operations_for(weight_dtype, compute_dtype, device))
-        if files.single and pipe.version != version:
+        if files.single and chosen and pipe.version != chosen:
             log.warning("FlashVSR: %s was converted as %s; using %s (the version widget says %s)", model,
                         pipe.version, pipe.version, version)
         core = torch.nn.ModuleDict({"dit": pipe.dit, "lq_proj": pipe.lq_proj})

@@ -182,6 +182,20 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
     with caplog.at_level("WARNING"):
         assert _load(nodes, model="one.safetensors").pipeline.version == "v1"
     assert "converted as v1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # auto, the widget's default: the record, and nothing to warn about
+        assert _load(nodes, model="one.safetensors", version="auto").pipeline.version == "v1"
+    assert "converted as" not in caplog.text
+    # auto takes what the files say: kijai's v1 DiT by its name, the folder named for v1.1
+    from flashvsr_helpers import write_repackaged
+
+    write_repackaged(tmp_path / "models" / "flashvsr" / "kijai", "kijai")
+    with caplog.at_level("WARNING"):
+        assert _load(nodes, model="kijai", version="auto").pipeline.version == "v1"
+        assert _load(nodes, version="auto").pipeline.version == "v1.1"
+    assert "says" not in caplog.text
+    default = next(i for i in nodes["StreamVSRLoadFlashVSR"].define_schema().inputs if i.id == "version")
+    assert default.kwargs["default"] == "auto"
     with pytest.raises(ValueError, match="not in any flashvsr model folder"):
         _load(nodes, model="gone")
 

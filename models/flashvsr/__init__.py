@@ -25,19 +25,19 @@ def detect(path) -> bool:
 
 
 def _version_or_default(path, version: str | None) -> str | None:
-    """``version``, else what a repackaged DiT's file name says (kijai's v1 file), else v1.1; None for a
-    converted file, which records its own."""
-    from .weights import DIT_VERSIONS, find_files
+    """``version``, else what the files say (``weights.stated_version``: kijai's v1 file by its name, a folder
+    named for v1.1, the published v1.1 LQ file), else v1.1; None for a converted file, which records its own."""
+    from .weights import find_files, stated_version
 
     if version is not None:
         return version
     files = find_files(path)
-    return None if files.single else DIT_VERSIONS.get(files.dit.name, DEFAULT_VERSION)
+    return None if files.single else stated_version(files) or DEFAULT_VERSION
 
 
 def load_pipeline(path, version: str | None = None, device="cpu", dtype=torch.float32, operations=None):
     """The FlashVSR model at ``path`` as a ``FlashVSRPipeline``. ``version`` defaults to what a converted file
-    records, else v1.1."""
+    records, else what the files say, else v1.1."""
     from .engine import FlashVSRPipeline
     from .weights import load_flashvsr
 
