@@ -473,9 +473,11 @@ def test_convert_asks_for_a_version_the_files_do_not_state_and_needs_every_compo
     assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_a_converted_file_is_readable_by_other_users_as_the_umask_allows(official, tmp_path):
+def test_a_converted_file_is_readable_by_other_users_as_the_umask_allows(official, tmp_path, monkeypatch):
     """safetensors writes through a private temporary file (mode 0600): a model converted by one user would be
-    unreadable to a ComfyUI that runs as another (a service, a container)."""
+    unreadable to a ComfyUI that runs as another (a service, a container). A drive without file modes (exFAT, a
+    network share) refuses the change, and the conversion is still written."""
+    import errno
     import stat
 
     if os.name != "posix":
@@ -487,6 +489,12 @@ def test_a_converted_file_is_readable_by_other_users_as_the_umask_allows(officia
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+    def refused(path, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", refused)
+    assert fw.read_flashvsr(fw.convert_flashvsr(folder, tmp_path / "fat.safetensors", version="v1")).version == "v1"
 
 
 def test_the_official_checkouts_layout_finds_the_prompt_beside_the_release_folder(tmp_path):

@@ -158,7 +158,10 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     if os.name == "posix":
         # safetensors writes through a private temporary file, so the result would be the writer's alone: a
         # converted model used by ComfyUI running as another user (a service, a container) could not be read.
-        os.chmod(path, 0o666 & ~_umask())
+        try:
+            os.chmod(path, 0o666 & ~_umask())
+        except OSError:  # a file system without modes (exFAT, a network share) refuses, and needs none
+            pass
 
 
 def _umask() -> int:
