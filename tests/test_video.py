@@ -273,6 +273,62 @@ def test_re_encoded_audio_keeps_its_start(tmp_path):
     assert audio_start(out) == pytest.approx(0.5, abs=0.07)
 
 
+def recording_clip(path, start=600.0, n=12, fps=24, audio_lead=0.25):
+    """An MPEG transport stream as a recorder writes one: its clock stands at ``start`` s when it begins, the
+    audio ``audio_lead`` s before the video."""
+    c = av.open(str(path), "w", format="mpegts")
+    v = c.add_stream("libx264", rate=fps, options={"crf": "0", "bframes": "0"})
+    v.width, v.height, v.pix_fmt = 32, 24, "yuv444p"
+    v.codec_context.time_base = Fraction(1, fps)
+    a = c.add_stream("mp2", rate=16000)
+    a.layout = "mono"
+    t = np.arange(int(16000 * (n / fps + audio_lead))) / 16000
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)[None]
+    for k in range(0, samples.shape[1] - 1152, 1152):
+        fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + 1152]), format="s16", layout="mono")
+        fr.sample_rate, fr.pts = 16000, round((start - audio_lead) * 16000) + k
+        for p in a.encode(fr):
+            c.mux(p)
+    for i in range(n):
+        frame = av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")
+        frame.pts, frame.time_base = round(start * fps) + i, Fraction(1, fps)
+        for p in v.encode(frame):
+            c.mux(p)
+    for stream in (v, a):
+        for p in stream.encode():
+            c.mux(p)
+    c.close()
+    return path
+
+
+@pytest.mark.parametrize("suffix,resume", [(".mp4", False), (".mkv", False), (".mkv", True)])
+def test_a_recording_whose_clock_starts_late_starts_at_zero_keeping_the_audio_lead(tmp_path, suffix, resume):
+    """A transport stream starts wherever the recorder's clock stood (here 600 s): kept as it was, the output
+    opened on ten minutes of nothing. It starts at 0, the audio still a quarter second before the video."""
+    def starts(path):  # (container's duration; first video frame's and first audio frame's times)
+        with av.open(str(path)) as c:
+            duration = c.duration / 1e6
+            video = next(c.decode(video=0))
+        with av.open(str(path)) as c:
+            audio = next(c.decode(audio=0))
+        return duration, float(video.pts * video.time_base), float(audio.pts * audio.time_base)
+
+    clip = recording_clip(tmp_path / "rec.ts")
+    duration, video, audio = starts(clip)
+    assert video == pytest.approx(600, abs=0.01) and audio == pytest.approx(599.75, abs=0.05)  # (the encoder's delay)
+    out = tmp_path / f"out{suffix}"
+    if resume:  # joined from segments, which keep the input's clock
+        polls = []
+        upscale_video(FakeEngine(), clip, out, resume=True, checkpoint_frames=4,
+                      should_stop=lambda: polls.append(1) or len(polls) > 6)
+        assert not out.exists()
+    upscale_video(FakeEngine(), clip, out, resume=resume)
+    out_duration, out_video, out_audio = starts(out)
+    assert out_duration == pytest.approx(duration, abs=0.05) and out_duration < 1
+    assert out_audio == pytest.approx(0, abs=0.002) and out_video == pytest.approx(video - audio, abs=0.002)
+    assert len(decode(out)) == 12
+
+
 def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
     """ADPCM (QuickTime) cannot go into Matroska at all: re-encoded to AAC, with and without resume (where the
     audio joins at the end, after every frame is done)."""

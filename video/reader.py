@@ -116,6 +116,7 @@ class VideoInfo:
     sample_aspect_ratio: Fraction | None = None  # of the displayed frame
     stored_size: tuple[int, int] = (0, 0)        # (width, height) as decoded, before the orientation
     first_pts: int | None = None  # the first decoded frame's timestamp (packets before it decode to nothing)
+    origin_us: int = 0  # where the output's clock starts: the video's and audio's earliest start, if after 0
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,14 @@ def open_video(source):
     return container, stream
 
 
+def _origin_us(streams) -> int:
+    """Microseconds before the earliest start of ``streams``, when they start after 0: an MPEG transport stream
+    (a broadcast or camcorder recording) starts wherever its clock stood, minutes or hours in, and an output that
+    kept that would open on as long a stretch of nothing. The gaps between the streams are kept."""
+    starts = [Fraction(s.start_time) * s.time_base for s in streams if s.start_time is not None and s.time_base]
+    return max(0, math.floor(min(starts) * 1_000_000)) if starts else 0
+
+
 def probe_video(source) -> VideoInfo:
     """What ``FrameReader`` will deliver: size as displayed, timing, frame count, orientation. The first frame is
     decoded, so an unreadable, audio-only or undecodable input is reported here (one-line errors), before any
@@ -316,7 +325,8 @@ def probe_video(source) -> VideoInfo:
         width, height = orientation.size(*stored)
         return VideoInfo(width, height, Fraction(rate), Fraction(stream.time_base or Fraction(1, 90000)),
                          int(frames), len(container.streams.audio), header, duration, orientation,
-                         Fraction(sar) if sar else None, stored, first.pts)
+                         Fraction(sar) if sar else None, stored, first.pts,
+                         _origin_us([stream, *container.streams.audio]))
     finally:
         container.close()
 

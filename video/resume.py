@@ -14,7 +14,7 @@ from ..models.shared.errors import UserInputError, cannot_read
 from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
 from .outputs import sync_file, sync_folder
-from .writer import CODECS
+from .writer import CODECS, clock_start
 
 # Bumped whenever the checkpoint's content changes meaning: an old checkpoint is then refused, not misread.
 # 3: frames are turned upright by the input's display matrix (older segments of a rotated input were not).
@@ -204,15 +204,16 @@ def _model_change(saved, now: str) -> str:
 
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
-                  audio_until: float | None = None, rate: Fraction | None = None) -> int:
+                  audio_until: float | None = None, rate: Fraction | None = None, origin_us: int = 0) -> int:
     """Remux video-only segments into one file (no re-encoding) and add the audio of ``audio_from`` (up to
-    ``audio_until`` seconds, all of it if None); ``rate``: the frame rate to declare. Returns the frames joined."""
+    ``audio_until`` seconds, all of it if None); ``rate``: the frame rate to declare; ``origin_us``: see
+    ``writer.clock_start`` (segments keep the input's clock). Returns the frames joined."""
     import av
 
     frames = 0
     with av.open(str(parts[0])) as first:
         template = first.streams.video[0]
-        sink = av.open(str(out_path), "w")
+        sink = av.open(str(out_path), "w", options=clock_start(origin_us))
         audio = None
         try:
             v_out = sink.add_stream_from_template(template)

@@ -330,7 +330,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         path = files.part(segment) if files is not None else tmp
         return VideoWriter(path, size[0], size[1], info.rate, info.time_base, codec=codec, crf=crf,
                            audio_from=None if files is not None else source, b_frames=files is None,
-                           sample_aspect_ratio=info.sample_aspect_ratio, color_tags=tags)
+                           sample_aspect_ratio=info.sample_aspect_ratio, color_tags=tags,
+                           origin_us=0 if files is not None else info.origin_us)
 
     def checkpoint(segment_count: int, ckpt_state, counts: dict, thumb, done: bool) -> None:
         if segment_count:  # the segments a checkpoint counts reach the disk before it does (the earlier ones did)
@@ -475,7 +476,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             raise UserInputError(f"{describe(source)} has no frames to upscale")
         until = last_time[0] if problem is not None and last_time[0] else None
         summary["frames"] = join_segments(parts, tmp, audio_from=source, time_base=info.time_base,
-                                          audio_until=until, rate=info.rate)
+                                          audio_until=until, rate=info.rate, origin_us=info.origin_us)
         if summary["frames"] != written:  # a bug: the work files stay, for a fixed version to join them
             remove_stale([tmp], "an incomplete join")
             raise RuntimeError(f"joining the resume segments of {out_path} gave {summary['frames']} frames instead "

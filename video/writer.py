@@ -35,6 +35,14 @@ CODECS = {
 }
 
 
+def clock_start(origin_us: int) -> dict:
+    """The muxer options that make an output's clock start at ``origin_us`` of its input's (``VideoInfo``): the
+    muxer shifts every stream's timestamps alike, and everything before it keeps the input's clock."""
+    if origin_us <= 0:
+        return {}
+    return {"output_ts_offset": f"-{origin_us // 1_000_000}.{origin_us % 1_000_000:06d}"}
+
+
 class VideoWriter:
     """Encodes RGB frames into a video file as they come.
 
@@ -46,7 +54,7 @@ class VideoWriter:
 
     def __init__(self, path, width: int, height: int, rate: Fraction, time_base: Fraction, codec: str = "h264",
                  crf: int | None = None, audio_from=None, b_frames: bool = True, sample_aspect_ratio=None,
-                 color_tags: dict | None = None):
+                 color_tags: dict | None = None, origin_us: int = 0):
         import av
 
         spec = codec_spec(codec, path)
@@ -60,7 +68,7 @@ class VideoWriter:
             options["x264-params"] = ":".join(params)
         self.pad = (height % 2, width % 2) if spec.pix_fmt == "yuv420p" else (0, 0)
         self.yuv = spec.pix_fmt.startswith("yuv")
-        self.container = av.open(str(self.path), "w")
+        self.container = av.open(str(self.path), "w", options=clock_start(origin_us))
         try:
             stream = self.container.add_stream(spec.encoder, rate=rate, options=options)
             stream.width, stream.height = width + self.pad[1], height + self.pad[0]
