@@ -18,6 +18,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
 python=${PYTHON:-python3}
+. bench/carry_size.sh
 
 prepare() {
     local comfy=${1:?give the path of a ComfyUI checkout}
@@ -32,6 +33,7 @@ prepare() {
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl-test diffusers==0.42.1 \
         importlib_metadata==8.5.0
     du -sh .comfy .whl-test
+    check_carry_size
 }
 
 run() {

@@ -6,9 +6,10 @@
 #
 # 1. Where there is a network (this checkout's root), once:
 #        bench/gpu_side_by_side.sh prepare /path/to/jamichss/Stream-DiffVSR
-#    puts the official code's pinned packages as wheels for CPython 3.12 in .whl-official/ (about 15 MB) and a copy
-#    of the checkout in .official/ (both ignored by git; .whl/ is left to other uses). The GPU machine is expected to hold torch, torchvision, numpy,
-#    pillow, safetensors, einops, accelerate, matplotlib and the rest of what both sides import.
+#    puts the official code's pinned packages as wheels for CPython 3.12 in .whl-official/ (about 15 MB) and a
+#    copy of the checkout in .official/ (both ignored by git; .whl/ is left to other uses). The GPU machine is
+#    expected to hold torch, torchvision, numpy, pillow, safetensors, einops, accelerate, matplotlib and the rest of
+#    what both sides import.
 # 2. On the GPU machine, from the checkout's root, with .whl-official and .official beside it:
 #        bench/gpu_side_by_side.sh run [OUT_DIR]
 #    writes every pass's tables to OUT_DIR/tables.md, a log per pass (720.log, 1080.log, 720-autotune-off.log,
@@ -32,7 +33,7 @@
 # does not ignore: name .whl-official and .official (and for the ComfyUI check .comfy and .whl-test) in its
 # `carry`. With 15 minutes of device time in all, the machine's start (1-2 minutes) included, and a machine that
 # goes back after seconds of idling, both checks go in one call of at most 590 s, the short one first:
-#     timeout 150 bench/gpu_comfyui_check.sh run $OUT; DEADLINE=$((575 - SECONDS)) SIZES_AUTOTUNE_OFF= \
+#     timeout 150 bench/gpu_comfyui_check.sh run $OUT; DEADLINE=$((560 - SECONDS)) SIZES_AUTOTUNE_OFF= \
 #         SIZES_BF16= bench/gpu_side_by_side.sh run $OUT
 # The two short passes (SIZES_720= SIZES_1080= with DEADLINE) are worth a call only on the still-warm machine
 # with several minutes left. Each worker hands its cached GPU memory back after every answer, so the variants,
@@ -42,6 +43,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
 python=${PYTHON:-python3}
+. bench/carry_size.sh
 
 prepare() {
     local checkout=${1:?give the path of a jamichss/Stream-DiffVSR checkout}
@@ -57,13 +59,7 @@ prepare() {
         -d .whl-official diffusers==0.27.2 transformers==4.37.2 tokenizers==0.15.2 huggingface_hub==0.25.2 \
         importlib_metadata==8.5.0
     du -sh .whl-official .official
-    # what the device call carries (these, and the ComfyUI check's) must stay under its 64 MiB
-    local mib
-    mib=$(du -scm .whl-official .official | tail -n 1 | cut -f1)
-    if [ "$mib" -gt 40 ]; then
-        echo "the copies take ${mib} MiB: a device call carries 64 MiB in all; copy a checkout without weights"
-        exit 2
-    fi
+    check_carry_size
 }
 
 worker_logs() {  # the end of each worker's log, appended to the driver's (few files come back from a lent machine)
@@ -100,12 +96,14 @@ EOF
     local common=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-fp16}" --frames "${FRAMES:-4}" --rounds "${ROUNDS:-3}"
                   --workdir "$work")
     if [ "$official" = 1 ]; then
-        [ -d .official/Stream-DiffVSR ] && ls .whl-official/*.whl >/dev/null || { echo "run 'prepare' first (see the header)"; exit 2; }
+        [ -d .official/Stream-DiffVSR ] && ls .whl-official/*.whl >/dev/null \
+            || { echo "run 'prepare' first (see the header)"; exit 2; }
         # The official side gets its pinned packages first on its path; ours runs on the machine's own packages.
         # (wheels for CPython 3.12: another Python fails here, before any pass, and says so)
         "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/official_site" \
-            .whl-official/*.whl || { echo "the official side's wheels do not install on this Python (prepare fetched them for"\
-            "CPython 3.12); run again with VARIANTS_720=ours,nchw,compiled VARIANTS_1080=ours,nchw"; exit 2; }
+            .whl-official/*.whl || { echo "the official side's wheels do not install on this Python (prepare"\
+            "fetched them for CPython 3.12); run again with VARIANTS_720=ours,nchw,compiled VARIANTS_1080=ours,nchw"
+            exit 2; }
         cat > "$work/official_python" <<EOF
 #!/bin/sh
 PYTHONPATH="$work/official_site\${PYTHONPATH:+:\$PYTHONPATH}" exec "$(command -v "$python")" "\$@"

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the weights written (default: fp16 for Stream-DiffVSR; for FlashVSR each "
                         "file's own, fp32 DiT and bf16 LQ projection, so that nothing is lost)")
     p.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
-                   help="FlashVSR only: which release the folder holds (default: what the DiT's file "
-                        "name says, else v1.1); stored in the file")
+                   help="FlashVSR only: which release the folder holds, stored in the file (default: what the "
+                        "files say: a repackaged DiT's name, the published v1.1 LQ file's hash, a folder named for "
+                        "v1.1; where they say nothing, this option is needed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it exists (only once the new file is complete; never the source)")
     p.set_defaults(func=commands.cmd_convert)

@@ -178,11 +178,13 @@ def find_in_model_folders(choice: str, folder: str) -> str:
 LOADERS = {"stream-diffvsr": "Load Stream-DiffVSR Model", "flashvsr": "Load FlashVSR Model"}
 
 
-def other_family(path: str, family: str, root: str | None = None):
+def other_family(path: str, family: str, root: str | None = None, seen: dict | None = None):
     """The other model family that ``path`` is (part of), or None: the model lists hold any .safetensors file, and
     another family's model is better refused by name than by a missing key. With ``root`` (the model folder that
     ``path`` is listed under) the folders between them count too, as a hub folder's component files are part of
-    it; the folders above the root do not (ComfyUI's models folder has unet/ and controlnet/ folders too)."""
+    it; the folders above the root do not (ComfyUI's models folder has unet/ and controlnet/ folders too).
+    ``seen``: what was found for each folder, kept across the calls of one listing (each folder's files would
+    otherwise have it look at the folder again, reading its files' headers each time)."""
     from ..models.registry import families
 
     others = [f for f in families() if f.name != family]
@@ -190,7 +192,13 @@ def other_family(path: str, family: str, root: str | None = None):
     if root is not None:
         parts = os.path.relpath(path, root).replace("\\", "/").split("/")[:-1]
         candidates += [os.path.join(root, *parts[:i]) for i in range(1, len(parts) + 1)]
-    return next((f for f in others for c in candidates if f.detect(c)), None)
+    seen = {} if seen is None else seen
+    for candidate in candidates:
+        if candidate not in seen:
+            seen[candidate] = next((f for f in others if f.detect(candidate)), None)
+        if seen[candidate] is not None:
+            return seen[candidate]
+    return None
 
 
 def check_family(path: str, family: str) -> None:
@@ -206,13 +214,13 @@ def check_family(path: str, family: str) -> None:
 
 def listed_models(folder: str, family: str) -> list[str]:
     """``folder``'s file list (``/``-separated) without another family's models and their files."""
-    listed = []
+    listed, seen = [], {}
     for root in folder_paths.get_folder_paths(folder):
         if not os.path.isdir(root):
             continue
         for name in folder_paths.get_filename_list(folder):
             path = os.path.join(root, name)
-            if os.path.exists(path) and other_family(path, family, root) is None:
+            if os.path.exists(path) and other_family(path, family, root, seen) is None:
                 listed.append(name.replace("\\", "/"))
     return sorted(set(listed))
 

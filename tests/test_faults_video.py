@@ -827,12 +827,14 @@ UNREADABLE = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("streamvsr", sys.argv[1] + "/__init__.py",
                                                   submodule_search_locations=[sys.argv[1]])
     module = importlib.util.module_from_spec(spec); sys.modules["streamvsr"] = module; spec.loader.exec_module(module)
+    from streamvsr.models.flashvsr import load_pipeline
     from streamvsr.models.shared.errors import StreamVSRError
     from streamvsr.models.shared.weights import read_state_dict
     from streamvsr.video.resume import ResumeFiles
     files = ResumeFiles(sys.argv[3])
     for attempt in (lambda: read_state_dict(sys.argv[2], hint="Download it from X."), files.read_info,
-                    lambda: (os.chmod(files.state, 0o600), files.check_segments(files.read_info()))):
+                    lambda: (os.chmod(files.state, 0o600), files.check_segments(files.read_info())),
+                    lambda: load_pipeline(sys.argv[4])):  # (the version taken from what the files say)
         try:
             attempt()
             print("read")
@@ -855,15 +857,25 @@ def test_files_without_read_permission_are_said_so_not_called_damaged(tmp_path):
     polls = []
     upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
                   should_stop=lambda: polls.append(1) or len(polls) > 3)
-    for path in (weights, files.state, files.part(0)):
+    from flashvsr_helpers import write_official_folder
+
+    flashvsr = tmp_path / "FlashVSR"
+    write_official_folder(flashvsr)
+    lq = flashvsr / "LQ_proj_in.ckpt"
+    for path in (weights, files.state, files.part(0), lq):
         path.chmod(0)
     prefix = []
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root, and setpriv (util-linux) is not there to give up root's right to read")
-        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
-    result = subprocess.run([*prefix, sys.executable, "-c", UNREADABLE, str(ROOT), str(weights), str(out)],
-                            capture_output=True, text=True, timeout=300)
+        # (the inherited and ambient sets too: older container runtimes would hand the right back on exec)
+        prefix = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set",
+                  "-dac_override,-dac_read_search"]
+    if subprocess.run([*prefix, sys.executable, "-c", f"open({str(weights)!r}, 'rb')"],
+                      capture_output=True).returncode == 0:
+        pytest.skip("this process cannot give up the right to read any file (a container without CAP_SETPCAP)")
+    result = subprocess.run([*prefix, sys.executable, "-c", UNREADABLE, str(ROOT), str(weights), str(out),
+                             str(flashvsr)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines == [
@@ -871,7 +883,8 @@ def test_files_without_read_permission_are_said_so_not_called_damaged(tmp_path):
         f"cannot read {files.state} (Permission denied; give the user that runs this read access to it); the "
         "finished work is kept for when it can be read",
         f"cannot read {files.part(0)} (Permission denied; give the user that runs this read access to it); the "
-        "finished work is kept for when it can be read"], result.stdout
+        "finished work is kept for when it can be read",
+        f"cannot read {lq} (Permission denied; give the user that runs this read access to it)"], result.stdout
 
 
 def test_a_checkpoint_that_cannot_be_written_is_the_systems_error_naming_the_file(tmp_path):

@@ -537,3 +537,18 @@ def test_which_model_a_path_holds_when_it_is_not_plain(official, tmp_path, caplo
         assert main(["frames", str(frames), str(tmp_path / "out"), "--model", str(sd), *option]) == 2
         assert f"{option[0]} is a FlashVSR option, but {sd} is a Stream-DiffVSR model" in caplog.text
         assert "needs optical flow" not in caplog.text
+
+
+def test_what_the_files_say_ranks_a_files_name_and_hash_above_a_folders_name(tmp_path):
+    """A folder's name is the user's and the weakest sign: kijai's v1 DiT in a folder named after Wan 2.1 (whose
+    "2.1-1.3B" once read as "v1.1") or after v1.1 is still v1."""
+    from streamvsr.models.flashvsr import _version_or_default
+
+    names = ("FlashVSR-v1.1", "FlashVSR_v1_1", "FlashVSR1_1", "v1.1", "Wan2.1-1.3B_FlashVSR", "wan2_1_1_3b",
+             "FlashVSR", "v1.10")
+    assert [bool(fw.FOLDER_V11.search(n)) for n in names] == [True] * 4 + [False] * 4
+    for folder in ("Wan2.1-1.3B_FlashVSR", "FlashVSR-v1.1"):
+        write_repackaged(tmp_path / folder, "kijai")
+        assert _version_or_default(tmp_path / folder, None) == "v1"
+    write_official_folder(tmp_path / "FlashVSR_v1_1")
+    assert _version_or_default(tmp_path / "FlashVSR_v1_1", None) == "v1.1"

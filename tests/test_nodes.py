@@ -121,7 +121,8 @@ def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_
     from safetensors.torch import save_file
 
     (yaml_dir / "FlashVSR-v1.1").mkdir()
-    save_file({"x": torch.zeros(1)}, str(yaml_dir / "FlashVSR-v1.1" / "diffusion_pytorch_model_streaming_dmd.safetensors"))
+    dit = yaml_dir / "FlashVSR-v1.1" / "diffusion_pytorch_model_streaming_dmd.safetensors"
+    save_file({"x": torch.zeros(1)}, str(dit))
     save_file({"x": torch.zeros(1)}, str(yaml_dir / "flashvsr.safetensors"), metadata={"format": "streamvsr/flashvsr"})
     fake_comfy.install(monkeypatch, tmp_path / "models")
     # what extra_model_paths.yaml registers before any custom node is imported

@@ -136,7 +136,8 @@ def test_model_list_folders_files_and_extra_paths(monkeypatch, tmp_path, folder)
     # Stream-DiffVSR's models put in the wrong folder: its hub folder's files and its single file are not listed
     (elsewhere / "sdvsr" / "unet").mkdir(parents=True)
     (elsewhere / "sdvsr" / "model_index.json").write_text("{}")
-    save_file({"conv_in.weight": torch.zeros(1)}, str(elsewhere / "sdvsr" / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet = elsewhere / "sdvsr" / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(1)}, str(unet))
     save_file({"x": torch.zeros(1)}, str(elsewhere / "sdvsr.safetensors"), metadata={"format": SDVSR_FORMAT})
     fake_comfy.install(monkeypatch, tmp_path / "models")
     sys.modules["folder_paths"].folder_names_and_paths["flashvsr"] = ([str(elsewhere)], set())  # from the yaml

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..shared.errors import UserInputError, WeightsError, first_line
+from ..shared.errors import UserInputError, WeightsError, cannot_read, first_line
 from ..shared.weights import (check_weights_file, key_mismatches, load_into, read_state_dict, save_safetensors,
                               sha256_of, summary)
 from .lq_proj import VERSIONS, LQProjection, check_version, lq_config_from_state_dict
@@ -54,7 +54,8 @@ PROMPT_KEYS = ("prompt", "context", "posi_prompt", "prompt_emb", "embeds")
 
 # sha256 prefixes of published LQ projection files -> version (v1.1 at HF revision 27561b1; no v1 digest known).
 LQ_SHA256 = {"d6d011cdaaba6a52": "v1.1"}
-FOLDER_V11 = re.compile(r"v?1[._-]1\b|1_1", re.IGNORECASE)
+# "v1.1", "FlashVSR1_1", not the "2.1-1.3B" or "2_1_1_3b" of Wan's names
+FOLDER_V11 = re.compile(r"(?<![0-9._])v?1[._-]1(?![0-9]|[._-][0-9])", re.IGNORECASE)
 
 HINT = ("FlashVSR weights: https://huggingface.co/JunhaoZhuang/FlashVSR-v1.1 (v1.1) or "
         "https://huggingface.co/JunhaoZhuang/FlashVSR (v1) - diffusion_pytorch_model_streaming_dmd.safetensors, "
@@ -185,12 +186,19 @@ def _is_component(path: Path) -> bool:
 
 
 def stated_version(files: FlashVSRFiles) -> str | None:
-    """The version the files themselves say (a repackaged DiT's name, a folder named for v1.1, the hash of the
-    published v1.1 LQ projection), or None where they are silent: the official file names are the same for both."""
-    hints = {version for _, version in _version_hints(files, None)}
-    if not hints and files.lq_proj is not None and files.lq_proj.suffix == ".ckpt":
-        hints = {version for _, version in _version_hints(files, sha256_of(files.lq_proj))}
-    return hints.pop() if len(hints) == 1 else None
+    """The version the files themselves say, or None where they are silent (the official file names are the same
+    for both): a repackaged DiT's name, else the hash of the published v1.1 LQ projection, else a folder named for
+    v1.1, the weakest sign (a user names folders)."""
+    if files.dit.name in DIT_VERSIONS:
+        return DIT_VERSIONS[files.dit.name]
+    if files.lq_proj is not None and files.lq_proj.suffix == ".ckpt" and not cannot_read(files.lq_proj):
+        # (an unreadable file is said so by read_flashvsr, in its words)
+        known = [v for prefix, v in LQ_SHA256.items() if sha256_of(files.lq_proj).startswith(prefix)]
+        if known:
+            return known[0]
+    if not files.single and FOLDER_V11.search(files.dit.parent.name):
+        return "v1.1"
+    return None
 
 
 def _strip(state_dict: dict, prefixes) -> dict:

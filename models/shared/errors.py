@@ -25,7 +25,9 @@ def cannot_read(path) -> str | None:
         return None
     except OSError as e:
         why = e.strerror or type(e).__name__
-        if e.errno in (errno.EACCES, errno.EPERM):
+        if getattr(e, "winerror", None) in (32, 33):  # Windows: another program holds it open, or a part of it
+            why += "; close the program that has it open (a download, a virus scanner) and run again"
+        elif e.errno in (errno.EACCES, errno.EPERM):
             why += "; give the user that runs this read access to it"
         return f"cannot read {path} ({why})"
 

@@ -169,7 +169,7 @@ def _umask() -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
+        mask = os.umask(0o077)  # (for the moment it is in force, the stricter is the safe one)
         os.umask(mask)
         return mask
 
