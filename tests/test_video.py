@@ -329,6 +329,93 @@ def test_a_recording_whose_clock_starts_late_starts_at_zero_keeping_the_audio_le
     assert len(decode(out)) == 12
 
 
+def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True):
+    """A Matroska file as a film comes: a title, two audio tracks with languages and titles (the second not the
+    default), French subtitles; ``color``: the video's colour tags."""
+    c = av.open(str(path), "w")
+    c.metadata["title"] = "My movie"
+    v = c.add_stream("libx264", rate=24, options={"crf": "0"})
+    v.width, v.height, v.pix_fmt = 32, 24, pix_fmt
+    v.codec_context.time_base = Fraction(1, 24)
+    for name, value in (color or {}).items():
+        setattr(v.codec_context, name, value)
+    tracks = []
+    for language, title in (("eng", "English"), ("ger", "Deutsch commentary")):
+        a = c.add_stream("aac", rate=16000)
+        a.layout = "mono"
+        a.metadata.update(language=language, title=title)
+        tracks.append(a)
+    tracks[0].disposition, tracks[1].disposition = 1, 0  # (1: the track played by default)
+    sub = None
+    if subtitles:
+        srt = path.with_suffix(".srt")
+        srt.write_text("1\n00:00:00,000 --> 00:00:00,200\nBonjour\n")
+        srt_in = av.open(str(srt))
+        sub = c.add_stream_from_template(srt_in.streams[0])
+        sub.metadata["language"] = "fre"
+    for i in range(n):
+        frame = av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24").reformat(format=pix_fmt)
+        frame.pts, frame.time_base = i, Fraction(1, 24)
+        for p in v.encode(frame):
+            c.mux(p)
+    for p in v.encode():
+        c.mux(p)
+    for a in tracks:
+        wave = (0.3 * np.sin(np.arange(16000 * n // 24) / 5)).astype(np.float32)[None]
+        for k in range(0, wave.shape[1], 1024):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k:k + 1024]), format="fltp", layout="mono")
+            fr.sample_rate, fr.pts = 16000, k
+            for p in a.encode(fr):
+                c.mux(p)
+        for p in a.encode():
+            c.mux(p)
+    if sub is not None:
+        for p in srt_in.demux():
+            if p.dts is not None:
+                p.stream = sub
+                c.mux(p)
+        srt_in.close()
+    c.close()
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_the_labels_of_a_film_and_its_audio_tracks_are_kept_and_its_subtitles_said_to_be_dropped(tmp_path, suffix,
+                                                                                                 caplog):
+    """Dubbed tracks without their languages and titles cannot be told apart, and subtitles that vanish without a
+    word are easy to miss."""
+    clip = labelled_clip(tmp_path / "film.mkv")
+    out = tmp_path / f"out{suffix}"
+    with caplog.at_level(logging.WARNING):
+        upscale_video(FakeEngine(), clip, out)
+    assert "the input's subtitle stream 3 (srt, fre) is not copied" in caplog.text
+    with av.open(str(out)) as c:
+        assert c.metadata.get("title") == "My movie"
+        assert [s.metadata.get("language") for s in c.streams.audio] == ["eng", "ger"]
+        if suffix == ".mkv":
+            assert [s.metadata.get("title") for s in c.streams.audio] == ["English", "Deutsch commentary"]
+        assert [bool(s.disposition & 1) for s in c.streams.audio] == [True, False]  # (1: default)
+        assert not c.streams.subtitles
+
+
+def test_hdr_and_deep_input_are_said_and_the_lossless_output_keeps_the_colour_tags(tmp_path, caplog):
+    """The output is 8-bit and not tone-mapped: said. Its RGB values mean what the input's did (BT.2020, PQ), and
+    the lossless output now says so too (it was left untagged, shown as BT.709)."""
+    clip = labelled_clip(tmp_path / "hdr.mkv", pix_fmt="yuv420p10le", subtitles=False,
+                         color={"color_primaries": 9, "color_trc": 16, "colorspace": 9})
+    out = tmp_path / "out.mkv"
+    with caplog.at_level(logging.WARNING):
+        upscale_video(FakeEngine(), clip, out, codec="lossless")
+    assert "the input is HDR (PQ)" in caplog.text and "the input has 10 bits per sample" in caplog.text
+    with av.open(str(out)) as c:
+        ctx = c.streams.video[0].codec_context
+        assert (ctx.color_primaries, ctx.color_trc) == (9, 16)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        upscale_video(FakeEngine(), make_clip(tmp_path / "sdr.mp4", n=3, audio=None), tmp_path / "sdr.mkv")
+    assert "HDR" not in caplog.text and "bits per sample" not in caplog.text and "not copied" not in caplog.text
+
+
 def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
     """ADPCM (QuickTime) cannot go into Matroska at all: re-encoded to AAC, with and without resume (where the
     audio joins at the end, after every frame is done)."""

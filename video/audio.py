@@ -1,4 +1,5 @@
-"""Copying a file's audio streams into an output container, interleaved with its video by time."""
+"""Copying a file's audio streams into an output container, interleaved with its video by time, with the labels of
+the file and its streams (title, language); saying what else it holds that the output does not keep."""
 
 from __future__ import annotations
 
@@ -78,12 +79,49 @@ def check_audio(source, out_suffix: str) -> None:
         container.close()
 
 
+# Tags the muxer writes itself or that describe the input's encoding, not its content
+_TECHNICAL_TAGS = {"duration", "encoder", "major_brand", "minor_version", "compatible_brands", "handler_name",
+                   "vendor_id", "bps", "number_of_frames", "number_of_bytes", "_statistics_tags",
+                   "_statistics_writing_app", "_statistics_writing_date_utc"}
+
+
+def _labels(metadata) -> dict:
+    """The tags of ``metadata`` that say what the content is (title, language, artist, comment, ...)."""
+    return {k: v for k, v in dict(metadata or {}).items()
+            if k.lower().split("-")[0] not in _TECHNICAL_TAGS and v is not None}
+
+
+def not_kept(source) -> list[str]:
+    """One line for each stream of ``source`` that an output does not carry (it takes the first video stream and
+    every audio stream): subtitles, a cover picture, data and timecode tracks, other video streams."""
+    container = open_input(source)
+    try:
+        video = container.streams.video[0] if container.streams.video else None
+        lines = []
+        for s in container.streams:
+            if s is video or s.type == "audio":
+                continue
+            codec = getattr(s.codec_context, "name", None) if s.codec_context is not None else None
+            language = dict(s.metadata or {}).get("language")
+            what = ", ".join(x for x in (codec, language) if x and x != "und")
+            lines.append(f"the input's {s.type} stream {s.index}{f' ({what})' if what else ''} is not copied: "
+                         "outputs hold the video and its audio")
+        return lines
+    finally:
+        container.close()
+
+
 class AudioCopy:
-    """Copies the audio streams of ``source`` into ``sink``, interleaved with the video by time."""
+    """Copies the audio streams of ``source`` into ``sink``, interleaved with the video by time, and the labels
+    (title, language, ...) of the file, its first video stream and its audio streams, to the output's video stream
+    that ``sink`` holds already and the audio streams added here."""
 
     def __init__(self, source, sink, out_suffix: str):
         self.container = open_input(source)
         try:
+            sink.metadata.update(_labels(self.container.metadata))
+            if self.container.streams.video and sink.streams.video:
+                sink.streams.video[0].metadata.update(_labels(self.container.streams.video[0].metadata))
             self._add_streams(sink, out_suffix)
         except BaseException:
             self.container.close()
@@ -109,7 +147,10 @@ class AudioCopy:
                 out.layout, out.bit_rate = settings["layout"], settings["bit_rate"]
                 self.map[a.index] = ("encode", out)
             else:
-                self.map[a.index] = ("copy", sink.add_stream_from_template(a))
+                out = sink.add_stream_from_template(a)
+                self.map[a.index] = ("copy", out)
+            out.metadata.update(_labels(a.metadata))
+            out.disposition = a.disposition  # (which track plays by default, a commentary, ...)
         self.packets = self.container.demux(self.streams) if self.streams else iter(())
         self.pending = None
         self.position = "the start"

@@ -6,11 +6,14 @@ time, a few frames late, for FlashVSR); a writer thread encodes and muxes them. 
 ``QUEUE_FRAMES`` frames, and x264's look-ahead is capped at ``X264_LOOKAHEAD`` frames, so at any time only a
 fixed number of frames is alive however long the video is. Nothing is kept per frame.
 
-Timing: output frames keep the input frames' timestamps (same time base), so frame rate and variable frame
-timing survive. Audio: every audio stream is copied packet for packet; only where the output container cannot
-hold the codec (e.g. PCM in MP4) is it re-encoded to AAC. Colour: the input is decoded to RGB with the matrix
-it is tagged with (untagged: BT.709 from 720 lines up, BT.601 below, as players assume); H.264 output is
-encoded and tagged as BT.709 limited range, the convention for HD and 4K video.
+Timing: output frames keep the input frames' timestamps (same time base; the clock starts at the earliest video
+or audio start), so frame rate and variable frame timing survive. Audio: every audio stream is copied packet for
+packet, with its title, language and default flag; only where the output container cannot hold the codec (e.g. PCM
+in MP4) is it re-encoded to AAC. The file's title and other labels are kept; its other streams (subtitles, a
+cover picture, data) are not, and a warning says so. Colour: the input is decoded to RGB with the matrix it is
+tagged with (untagged: BT.709 from 720 lines up, BT.601 below, as players assume); H.264 output is encoded and
+tagged as BT.709 limited range, the convention for HD and 4K video; both codecs keep the input's primaries and
+transfer tags. HDR input and samples deeper than 8 bits are said in a warning (the output is 8-bit, not tone-mapped).
 
 Scene cuts (optional): ``SceneCutDetector`` compares consecutive LR frames; at a cut the temporal guidance is
 dropped (``engine.reset_temporal``), so the first frame of the new shot is upscaled like a first frame instead of
@@ -54,14 +57,14 @@ from typing import Callable
 import torch
 
 from ..models.shared.errors import InputDamagedError, OutputBusyError, UserInputError
-from .audio import check_audio
+from .audio import check_audio, not_kept
 from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, sync_file,
                       temp_path)
 from .range import seek_to
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable
 from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments
 from .scenecut import SceneCutDetector
-from .writer import VideoWriter, check_crf, codec_spec, color_tags, to_rgb24
+from .writer import VideoWriter, check_crf, codec_spec, color_tags, depth_notes, to_rgb24
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +295,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     "players show it %dx%d instead of %dx%d. Use codec h264, or afterwards: mkvpropedit \"%s\" "
                     "--edit track:v1 --set display-width=%d --set display-height=%d", sar, out_path.name, *size,
                     shown, size[1], out_path, shown, size[1])
+    for note in not_kept(source) + depth_notes(source):
+        log.warning(note)
     fp = {**job.base, "model": engine.identity()}
     summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": encoded,
                "path": str(out_path), "resumed_from": 0, "interrupted": False, "input_problem": None}
@@ -324,7 +329,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                      "written after the last checkpoint (redone now)")
     summary["resumed_from"] = written
 
-    tags = color_tags(source) if codec != "lossless" else {}
+    tags = color_tags(source)
 
     def make_writer(segment: int) -> VideoWriter:
         path = files.part(segment) if files is not None else tmp

@@ -77,9 +77,11 @@ class VideoWriter:
             stream.time_base = time_base
             if sample_aspect_ratio:
                 stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
-            if self.yuv:
-                # BT.709 matrix, limited range; primaries/transfer kept from the source when it has them.
-                tags = {"colorspace": 1, "color_range": 1, "color_primaries": 1, "color_trc": 1}
+            # BT.709 matrix, limited range for YUV (RGB has no matrix); primaries/transfer kept from the source
+            # when it has them, so that its RGB values keep their meaning.
+            tags = {"colorspace": 1, "color_range": 1, "color_primaries": 1, "color_trc": 1} if self.yuv else \
+                {"colorspace": 0}
+            if self.yuv or color_tags:
                 tags.update(color_tags or {})
                 for name, value in tags.items():
                     try:
@@ -166,6 +168,30 @@ def check_crf(crf, codec: str) -> None:
         raise UserInputError(f"crf sets H.264 quality; codec {codec!r} has no such setting (leave crf out)")
     if isinstance(crf, bool) or not hasattr(crf, "__index__") or not 0 <= crf <= 51:
         raise UserInputError(f"crf must be a whole number from 0 to 51 (x264's range; lower is better), got {crf!r}")
+
+
+# Transfer characteristics (ISO/IEC 23091-2) of HDR video
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
+
+
+def depth_notes(source) -> list[str]:
+    """What an output loses of the input's picture beyond its size: HDR, which nothing here tone-maps, and samples
+    deeper than the 8 bits of every output codec."""
+    try:
+        with open_input(source) as c:
+            ctx = c.streams.video[0].codec_context
+            transfer = getattr(ctx, "color_trc", 2)
+            bits = max((comp.bits for comp in ctx.format.components), default=8) if ctx.format else 8
+    except Exception:  # notes only; the reader reports an input it cannot use
+        return []
+    notes = []
+    if transfer in HDR_TRANSFERS:
+        notes.append(f"the input is HDR ({HDR_TRANSFERS[transfer]}): the models were trained on SDR video and "
+                     "nothing here tone-maps, so the output (tagged as the input) may look off; tone-map it to SDR "
+                     "first for the best result")
+    if bits > 8:
+        notes.append(f"the input has {bits} bits per sample; the output has 8 (banding may show in smooth areas)")
+    return notes
 
 
 def color_tags(source) -> dict:
