@@ -379,23 +379,35 @@ def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True):
     return path
 
 
-@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
-def test_the_labels_of_a_film_and_its_audio_tracks_are_kept_and_its_subtitles_said_to_be_dropped(tmp_path, suffix,
-                                                                                                 caplog):
+@pytest.mark.parametrize("suffix,resume", [(".mkv", False), (".mp4", False), (".mkv", True)])
+def test_the_labels_of_a_film_and_its_tracks_are_kept_and_its_subtitles_where_the_output_holds_them(tmp_path, suffix,
+                                                                                                  resume, caplog):
     """Dubbed tracks without their languages and titles cannot be told apart, and subtitles that vanish without a
-    word are easy to miss."""
+    word are easy to miss: Matroska holds them as they are, MP4 not (a warning says so)."""
     clip = labelled_clip(tmp_path / "film.mkv")
     out = tmp_path / f"out{suffix}"
     with caplog.at_level(logging.WARNING):
-        upscale_video(FakeEngine(), clip, out)
-    assert "the input's subtitle stream 3 (srt, fre) is not copied" in caplog.text
+        if resume:  # (joined from segments: the audio and subtitles are added then)
+            polls = []
+            upscale_video(FakeEngine(), clip, out, resume=True, checkpoint_frames=2,
+                          should_stop=lambda: polls.append(1) or len(polls) > 3)
+        upscale_video(FakeEngine(), clip, out, resume=resume)
     with av.open(str(out)) as c:
         assert c.metadata.get("title") == "My movie"
         assert [s.metadata.get("language") for s in c.streams.audio] == ["eng", "ger"]
         if suffix == ".mkv":
             assert [s.metadata.get("title") for s in c.streams.audio] == ["English", "Deutsch commentary"]
         assert [bool(s.disposition & 1) for s in c.streams.audio] == [True, False]  # (1: default)
-        assert not c.streams.subtitles
+        subtitles = [s.metadata.get("language") for s in c.streams.subtitles]
+    if suffix == ".mkv":  # Matroska holds SubRip as it is
+        assert subtitles == ["fre"] and "not copied" not in caplog.text
+        with av.open(str(out)) as c:
+            cue = next(p for p in c.demux(c.streams.subtitles[0]) if p.size)
+        assert bytes(cue).decode().strip() == "Bonjour" and float(cue.pts * cue.time_base) == pytest.approx(0)
+    else:
+        assert subtitles == []
+        assert ("the input's subtitle stream 3 (srt, fre) is not copied: .mp4 cannot hold srt subtitles; a .mkv "
+                "output can") in caplog.text
 
 
 def test_hdr_and_deep_input_are_said_and_the_lossless_output_keeps_the_colour_tags(tmp_path, caplog):

@@ -1,10 +1,12 @@
-"""Copying a file's audio streams into an output container, interleaved with its video by time, with the labels of
-the file and its streams (title, language); saying what else it holds that the output does not keep."""
+"""Copying a file's audio and subtitle streams into an output container, interleaved with its video by time, with
+the labels of the file and its streams (title, language); saying what else it holds that the output does not keep."""
 
 from __future__ import annotations
 
 import logging
 from fractions import Fraction
+
+import io
 
 from ..models.shared.errors import UserInputError
 from .reader import open_input
@@ -91,30 +93,56 @@ def _labels(metadata) -> dict:
             if k.lower().split("-")[0] not in _TECHNICAL_TAGS and v is not None}
 
 
-def not_kept(source) -> list[str]:
-    """One line for each stream of ``source`` that an output does not carry (it takes the first video stream and
-    every audio stream): subtitles, a cover picture, data and timecode tracks, other video streams."""
+_MUXERS = {".mkv": "matroska", ".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
+
+
+def _carries(out_suffix: str) -> set:
+    """The codecs an output of this kind can hold (asked of FFmpeg's muxer, writing nothing)."""
+    import av
+
+    fmt = _MUXERS.get(out_suffix.lower())
+    if fmt is None:
+        return set()
+    with av.open(io.BytesIO(), "w", format=fmt) as probe:
+        return set(probe.supported_codecs)
+
+
+def _subtitles(container, carried: set) -> list:
+    """The subtitle streams of ``container`` that an output holding ``carried`` codecs takes as they are."""
+    return [s for s in container.streams.subtitles if s.codec_context is not None and s.codec_context.name in carried]
+
+
+def not_kept(source, out_suffix: str) -> list[str]:
+    """One line for each stream of ``source`` that an output of this kind does not carry (it takes the first video
+    stream, every audio stream, the subtitles it can hold as they are): a cover picture, data and timecode tracks,
+    other video streams, subtitles of a kind it cannot hold."""
+    carried = _carries(out_suffix)
     container = open_input(source)
     try:
         video = container.streams.video[0] if container.streams.video else None
+        kept = {s.index for s in _subtitles(container, carried)}
         lines = []
         for s in container.streams:
-            if s is video or s.type == "audio":
+            if s is video or s.type == "audio" or s.index in kept:
                 continue
             codec = getattr(s.codec_context, "name", None) if s.codec_context is not None else None
             language = dict(s.metadata or {}).get("language")
             what = ", ".join(x for x in (codec, language) if x and x != "und")
-            lines.append(f"the input's {s.type} stream {s.index}{f' ({what})' if what else ''} is not copied: "
-                         "outputs hold the video and its audio")
+            why = "outputs hold the video, its audio and subtitles"
+            if s.type == "subtitle":
+                why = f"{out_suffix} cannot hold {codec or 'these'} subtitles" + (
+                    "; a .mkv output can" if codec in _carries(".mkv") else "")
+            lines.append(f"the input's {s.type} stream {s.index}{f' ({what})' if what else ''} is not copied: {why}")
         return lines
     finally:
         container.close()
 
 
 class AudioCopy:
-    """Copies the audio streams of ``source`` into ``sink``, interleaved with the video by time, and the labels
-    (title, language, ...) of the file, its first video stream and its audio streams, to the output's video stream
-    that ``sink`` holds already and the audio streams added here."""
+    """Copies the audio streams of ``source`` into ``sink``, and the subtitle streams that ``sink`` can hold as they
+    are, interleaved with the video by time, and the labels (title, language, ...) of the file, its first video
+    stream and the streams copied, to the output's video stream that ``sink`` holds already and the streams added
+    here."""
 
     def __init__(self, source, sink, out_suffix: str):
         self.container = open_input(source)
@@ -128,14 +156,18 @@ class AudioCopy:
             raise
 
     def _add_streams(self, sink, out_suffix: str) -> None:
-        self.streams = list(self.container.streams.audio)
+        subtitles = _subtitles(self.container, set(sink.supported_codecs))
+        self.streams = list(self.container.streams.audio) + subtitles
         self.sink = sink
         self.map = {}
         mp4 = _is_mp4(out_suffix)
         for a in self.streams:
-            # Matroska takes nearly anything; what a container cannot hold at all (ADPCM in Matroska) is
+            # Matroska takes nearly any audio; what a container cannot hold at all (ADPCM in Matroska) is
             # re-encoded too, rather than failing once the video is done
-            if (mp4 and a.codec_context.name not in MP4_AUDIO) or a.codec_context.name not in sink.supported_codecs:
+            if a.type == "subtitle":
+                out = sink.add_stream_from_template(a)
+                self.map[a.index] = ("copy", out)
+            elif (mp4 and a.codec_context.name not in MP4_AUDIO) or a.codec_context.name not in sink.supported_codecs:
                 log.info("audio stream %d (%s) cannot go into %s as it is: re-encoding to AAC",
                          a.index, a.codec_context.name, out_suffix)
                 settings = _aac_settings(a.codec_context)
@@ -182,6 +214,8 @@ class AudioCopy:
             self.position = f"{start:.3f} s"
             mode, out = self.map[packet.stream.index]
             if mode == "copy":
+                if packet.dts is None and packet.stream.type == "subtitle":
+                    packet.dts = packet.pts  # (a subtitle is shown when it is decoded)
                 if packet.dts is None:
                     continue
                 packet.stream = out

@@ -9,8 +9,9 @@ fixed number of frames is alive however long the video is. Nothing is kept per f
 Timing: output frames keep the input frames' timestamps (same time base; the clock starts at the earliest video
 or audio start), so frame rate and variable frame timing survive. Audio: every audio stream is copied packet for
 packet, with its title, language and default flag; only where the output container cannot hold the codec (e.g. PCM
-in MP4) is it re-encoded to AAC. The file's title and other labels are kept; its other streams (subtitles, a
-cover picture, data) are not, and a warning says so. Colour: the input is decoded to RGB with the matrix it is
+in MP4) is it re-encoded to AAC. Subtitles are copied where the output container holds them as they are (any
+kind in Matroska). The file's title and other labels are kept; its other streams (a cover picture, data) are not,
+and a warning says so. Colour: the input is decoded to RGB with the matrix it is
 tagged with (untagged: BT.709 from 720 lines up, BT.601 below, as players assume); H.264 output is encoded and
 tagged as BT.709 limited range, the convention for HD and 4K video; both codecs keep the input's primaries and
 transfer tags. HDR input and samples deeper than 8 bits are said in a warning (the output is 8-bit, not tone-mapped).
@@ -295,7 +296,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     "players show it %dx%d instead of %dx%d. Use codec h264, or afterwards: mkvpropedit \"%s\" "
                     "--edit track:v1 --set display-width=%d --set display-height=%d", sar, out_path.name, *size,
                     shown, size[1], out_path, shown, size[1])
-    for note in not_kept(source) + depth_notes(source):
+    for note in not_kept(source, out_path.suffix) + depth_notes(source):
         log.warning(note)
     fp = {**job.base, "model": engine.identity()}
     summary = {"frames": 0, "processed": 0, "scene_cuts": 0, "fps": float(info.rate), "size": encoded,
