@@ -329,11 +329,15 @@ def test_a_recording_whose_clock_starts_late_starts_at_zero_keeping_the_audio_le
     assert len(decode(out)) == 12
 
 
-def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True):
-    """A Matroska file as a film comes: a title, two audio tracks with languages and titles (the second not the
-    default), French subtitles; ``color``: the video's colour tags."""
+def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True, start=0):
+    """A Matroska file as a film comes: a title, two chapters, two audio tracks with languages and titles (the
+    second not the default), French subtitles; ``color``: the video's colour tags; ``start``: the second its clock
+    starts at."""
     c = av.open(str(path), "w")
     c.metadata["title"] = "My movie"
+    c.set_chapters([{"id": i + 1, "start": 1000 * start + a, "end": 1000 * start + b,
+                     "time_base": Fraction(1, 1000), "metadata": {"title": title}}
+                    for i, (a, b, title) in enumerate(((0, 100, "Intro"), (100, 250, "Main")))])
     v = c.add_stream("libx264", rate=24, options={"crf": "0"})
     v.width, v.height, v.pix_fmt = 32, 24, pix_fmt
     v.codec_context.time_base = Fraction(1, 24)
@@ -349,13 +353,14 @@ def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True):
     sub = None
     if subtitles:
         srt = path.with_suffix(".srt")
-        srt.write_text("1\n00:00:00,000 --> 00:00:00,200\nBonjour\n")
+        minutes = f"00:{start // 60:02d}:{start % 60:02d}"
+        srt.write_text(f"1\n{minutes},000 --> {minutes},200\nBonjour\n")
         srt_in = av.open(str(srt))
         sub = c.add_stream_from_template(srt_in.streams[0])
         sub.metadata["language"] = "fre"
     for i in range(n):
         frame = av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24").reformat(format=pix_fmt)
-        frame.pts, frame.time_base = i, Fraction(1, 24)
+        frame.pts, frame.time_base = 24 * start + i, Fraction(1, 24)
         for p in v.encode(frame):
             c.mux(p)
     for p in v.encode():
@@ -364,7 +369,7 @@ def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True):
         wave = (0.3 * np.sin(np.arange(16000 * n // 24) / 5)).astype(np.float32)[None]
         for k in range(0, wave.shape[1], 1024):
             fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k:k + 1024]), format="fltp", layout="mono")
-            fr.sample_rate, fr.pts = 16000, k
+            fr.sample_rate, fr.pts = 16000, 16000 * start + k
             for p in a.encode(fr):
                 c.mux(p)
         for p in a.encode():
@@ -379,12 +384,14 @@ def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True):
     return path
 
 
-@pytest.mark.parametrize("suffix,resume", [(".mkv", False), (".mp4", False), (".mkv", True)])
+@pytest.mark.parametrize("suffix,resume,start", [(".mkv", False, 0), (".mp4", False, 0), (".mkv", True, 0),
+                                                 (".mkv", False, 600)])
 def test_the_labels_of_a_film_and_its_tracks_are_kept_and_its_subtitles_where_the_output_holds_them(tmp_path, suffix,
-                                                                                                  resume, caplog):
+                                                                                                  resume, start,
+                                                                                                  caplog):
     """Dubbed tracks without their languages and titles cannot be told apart, and subtitles that vanish without a
     word are easy to miss: Matroska holds them as they are, MP4 not (a warning says so)."""
-    clip = labelled_clip(tmp_path / "film.mkv")
+    clip = labelled_clip(tmp_path / "film.mkv", start=start)  # (600: chapters move with the clock's start)
     out = tmp_path / f"out{suffix}"
     with caplog.at_level(logging.WARNING):
         if resume:  # (joined from segments: the audio and subtitles are added then)
@@ -399,6 +406,9 @@ def test_the_labels_of_a_film_and_its_tracks_are_kept_and_its_subtitles_where_th
             assert [s.metadata.get("title") for s in c.streams.audio] == ["English", "Deutsch commentary"]
         assert [bool(s.disposition & 1) for s in c.streams.audio] == [True, False]  # (1: default)
         subtitles = [s.metadata.get("language") for s in c.streams.subtitles]
+        chapters = [(ch["metadata"].get("title"), float(ch["start"] * ch["time_base"]),
+                     float(ch["end"] * ch["time_base"])) for ch in c.chapters()]
+    assert chapters == [("Intro", 0.0, 0.1), ("Main", 0.1, 0.25)]
     if suffix == ".mkv":  # Matroska holds SubRip as it is
         assert subtitles == ["fre"] and "not copied" not in caplog.text
         with av.open(str(out)) as c:

@@ -142,15 +142,16 @@ class AudioCopy:
     """Copies the audio streams of ``source`` into ``sink``, and the subtitle streams that ``sink`` can hold as they
     are, interleaved with the video by time, and the labels (title, language, ...) of the file, its first video
     stream and the streams copied, to the output's video stream that ``sink`` holds already and the streams added
-    here."""
+    here, and the chapters (``origin_us``: where the output's clock starts, ``writer.clock_start``)."""
 
-    def __init__(self, source, sink, out_suffix: str):
+    def __init__(self, source, sink, out_suffix: str, origin_us: int = 0):
         self.container = open_input(source)
         try:
             sink.metadata.update(_labels(self.container.metadata))
             if self.container.streams.video and sink.streams.video:
                 sink.streams.video[0].metadata.update(_labels(self.container.streams.video[0].metadata))
             self._add_streams(sink, out_suffix)
+            self._copy_chapters(sink, origin_us)
         except BaseException:
             self.container.close()
             raise
@@ -187,6 +188,17 @@ class AudioCopy:
         self.pending = None
         self.position = "the start"
         self.samples: dict[int, int] = {}  # re-encoded stream -> its next frame's timestamp, in samples
+
+    def _copy_chapters(self, sink, origin_us: int) -> None:
+        chapters = []
+        for chapter in self.container.chapters():
+            shift = round(Fraction(origin_us, 1_000_000) / chapter["time_base"])  # (the muxer does not shift them)
+            start, end = chapter["start"] - shift, chapter["end"] - shift
+            if end > 0:
+                chapters.append({**chapter, "start": max(start, 0), "end": end,
+                                 "metadata": _labels(chapter.get("metadata"))})
+        if chapters:
+            sink.set_chapters(chapters)
 
     def mux_until(self, seconds: float | None) -> None:
         """Mux audio packets that start before ``seconds`` (all of them if None)."""

@@ -221,7 +221,7 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
                 v_out.time_base = time_base
             if rate is not None:  # (Matroska declares 1/time_base of the segments otherwise, e.g. 12288 fps)
                 v_out.codec_context.framerate = rate
-            audio = AudioCopy(audio_from, sink, out_path.suffix) if audio_from is not None else None
+            audio = AudioCopy(audio_from, sink, out_path.suffix, origin_us) if audio_from is not None else None
             for part in parts:
                 for packet in _segment_packets(part):
                     if audio is not None:

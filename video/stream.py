@@ -10,7 +10,7 @@ Timing: output frames keep the input frames' timestamps (same time base; the clo
 or audio start), so frame rate and variable frame timing survive. Audio: every audio stream is copied packet for
 packet, with its title, language and default flag; only where the output container cannot hold the codec (e.g. PCM
 in MP4) is it re-encoded to AAC. Subtitles are copied where the output container holds them as they are (any
-kind in Matroska). The file's title and other labels are kept; its other streams (a cover picture, data) are not,
+kind in Matroska). The file's title, other labels and chapters are kept; its other streams (a cover picture, data) are not,
 and a warning says so. Colour: the input is decoded to RGB with the matrix it is
 tagged with (untagged: BT.709 from 720 lines up, BT.601 below, as players assume); H.264 output is encoded and
 tagged as BT.709 limited range, the convention for HD and 4K video; both codecs keep the input's primaries and

@@ -90,8 +90,8 @@ class VideoWriter:
                         pass
             self.stream = stream
             # Every stream must exist before the first packet is muxed (that writes the header).
-            self.audio = AudioCopy(audio_from, self.container, self.path.suffix) if audio_from is not None \
-                else None
+            self.audio = AudioCopy(audio_from, self.container, self.path.suffix, origin_us) \
+                if audio_from is not None else None
         except BaseException:
             self.container.close()
             raise
