@@ -6,15 +6,15 @@ time, a few frames late, for FlashVSR); a writer thread encodes and muxes them. 
 ``QUEUE_FRAMES`` frames, and x264's look-ahead is capped at ``X264_LOOKAHEAD`` frames, so at any time only a
 fixed number of frames is alive however long the video is. Nothing is kept per frame.
 
-Timing: output frames keep the input frames' timestamps (same time base; the clock starts at the earliest video
-or audio start), so frame rate and variable frame timing survive. Audio: every audio stream is copied packet for
+Timing: output frames keep the input frames' timestamps (same time base; the clock starts at the earliest video or
+audio start), so frame rate and variable frame timing survive. Audio: every audio stream is copied packet for
 packet, with its title, language and default flag; only where the output container cannot hold the codec (e.g. PCM
-in MP4) is it re-encoded to AAC. Subtitles are copied where the output container holds them as they are (any
-kind in Matroska). The file's title, other labels and chapters are kept; its other streams (a cover picture, data) are not,
-and a warning says so. Colour: the input is decoded to RGB with the matrix it is
-tagged with (untagged: BT.709 from 720 lines up, BT.601 below, as players assume); H.264 output is encoded and
-tagged as BT.709 limited range, the convention for HD and 4K video; both codecs keep the input's primaries and
-transfer tags. HDR input and samples deeper than 8 bits are said in a warning (the output is 8-bit, not tone-mapped).
+in MP4) is it re-encoded to AAC. Subtitles are copied where the output container holds them as they are (any kind in
+Matroska). The file's title, other labels and chapters are kept; its other streams (a cover picture, data) are not,
+and a warning says so. Colour: the input is decoded to RGB with the matrix it is tagged with (untagged: BT.709 from
+720 lines up, BT.601 below, as players assume); H.264 output is encoded and tagged as BT.709 limited range, the
+convention for HD and 4K video; both codecs keep the input's primaries and transfer tags. HDR input and samples
+deeper than 8 bits are said in a warning (the output is 8-bit, not tone-mapped).
 
 Scene cuts (optional): ``SceneCutDetector`` compares consecutive LR frames; at a cut the temporal guidance is
 dropped (``engine.reset_temporal``), so the first frame of the new shot is upscaled like a first frame instead of
