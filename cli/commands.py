@@ -99,13 +99,16 @@ def _removed_if_failed(folder):
 
 def cmd_frames(args) -> int:
     from ..models.shared.runtime import Progress
-    from ..video.frames import check_folder_outputs, check_frames, list_pngs, output_name, upscale_folder
+    from ..video.frames import (check_folder_outputs, check_frames, list_pngs, output_name, png_bit_depth,
+                                upscale_folder)
     from ..video.outputs import OutputLock, make_folder
 
     # Every input and output mistake is found before the model loads; the lock makes a second run into the same
     # folder fail at once rather than after loading.
     files = list_pngs(args.in_dir)
     width, height = check_frames(files)
+    if args.save == "png" and png_bit_depth(files[0]) == 16:
+        log.warning("the frames are 16-bit PNGs; --save png writes 8 bits (--save png16 keeps 16)")
     check_folder_outputs({args.in_dir}, args.out_dir, files, [output_name(p.stem, args.save) for p in files],
                          args.overwrite)
     plan = plan_engine(args)

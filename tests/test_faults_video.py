@@ -276,6 +276,87 @@ def test_a_frames_run_stopped_by_ctrl_c_says_how_many_frames_it_wrote(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [files[0].name, files[1].name]
 
 
+def test_a_stopped_overwrite_says_which_outputs_are_still_an_earlier_runs_and_flow_says_what_it_wrote(tmp_path,
+                                                                                                        caplog):
+    """--overwrite replaces each output as it is written: a run stopped half-way leaves the folder half old, half
+    new, which the message says. A run stopped before its first frame says so, and `flow` says what it wrote."""
+    files = png_folder(tmp_path / "in", n=5)
+    out = tmp_path / "out"
+    upscale_folder(FakeEngine(), files, out, save="npy")
+
+    class StoppedAt(FakeEngine):
+        def __init__(self, at):
+            super().__init__()
+            self.at = at
+
+        def step(self, frame, state):
+            if state.frame_index == self.at:
+                raise KeyboardInterrupt
+            return super().step(frame, state)
+
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StoppedAt(2), files, out, save="npy", seed=7, overwrite=True)
+    assert (f"stopped: 2 of 5 frames were written to {out}, each complete; 3 after them (f002.npy to f004.npy) are "
+            "still those of an earlier run") in caplog.text
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StoppedAt(0), files, tmp_path / "none", save="npy")
+    assert "stopped: no frame was written" in caplog.text
+
+    def flow(current, previous):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return torch.zeros(1, 2, *current.shape[-2:])
+
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        flow_folder(flow, files, tmp_path / "flow")
+    assert f"stopped: 2 of 4 flow fields were written to {tmp_path / 'flow'}, each complete" in caplog.text
+
+
+def test_a_sequence_folder_as_it_comes_from_other_machines(tmp_path, caplog):
+    """A frame behind a link whose file is gone was left out, joining its neighbours; a Mac's ._ copies were
+    frames; a work file of a stopped run and other image files were left out without a word; an EXIF orientation
+    outside 1-8 counted as turned; an animated PNG gave its first picture; transparency was dropped unsaid."""
+    from PIL import Image
+
+    from streamvsr.video.frames import list_pngs
+
+    folder = tmp_path / "in"
+    files = png_folder(folder, n=4)
+    (folder / "._f000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    (folder / "f001.streamvsr-tmp.png").write_bytes(b"half")
+    (folder / "f009.jpg").write_bytes(b"")
+    moved = tmp_path / "gone.png"
+    files[2].rename(moved)
+    files[2].symlink_to(moved)
+    moved.unlink()
+    with caplog.at_level(logging.WARNING):
+        listed = list_pngs(folder)
+    assert [p.name for p in listed] == ["f000.png", "f001.png", "f002.png", "f003.png"]
+    assert "left out f001.streamvsr-tmp.png: the work file of a run that did not finish" in caplog.text
+    assert "also holds 1 .jpg file: only the .png files are frames" in caplog.text
+    with pytest.raises(UserInputError, match="f002.png is not a readable image \\(a link to a file that is gone\\)"):
+        check_frames(listed)
+    files[2].unlink()
+    img = Image.open(files[0])
+    exif = img.getexif()
+    exif[0x0112] = 9  # not an orientation: shown as stored
+    img.save(files[1], exif=exif)
+    assert check_frames(list_pngs(folder)) == (12, 8)
+    frames = [Image.new("RGB", (12, 8), c) for c in ("red", "blue")]
+    frames[0].save(files[3], save_all=True, append_images=frames[1:])
+    with pytest.raises(UserInputError, match="f003.png is not a readable image \\(it is animated, 2 pictures"):
+        check_frames(list_pngs(folder))
+    Image.new("RGBA", (12, 8)).save(files[3])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_frames(list_pngs(folder))
+    assert "f003.png has transparency: only its colours are upscaled" in caplog.text
+
+
 def test_an_output_through_a_folder_not_yet_there_is_still_the_input(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
     monkeypatch.chdir(tmp_path)

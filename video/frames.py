@@ -49,7 +49,7 @@ def write_png16(path: Path, rgb: np.ndarray) -> None:
                 + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
-def _png_bit_depth(path: Path) -> int | None:
+def png_bit_depth(path: Path) -> int | None:
     """The bit depth in a PNG's header, or None for anything that is not a PNG."""
     with open(path, "rb") as f:
         head = f.read(26)
@@ -113,7 +113,7 @@ def read_frame(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             orientation = _orientation(img)
-            if _png_bit_depth(path) == 16:
+            if png_bit_depth(path) == 16:
                 arr = _read_png16(path)
             elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img, dtype=np.float32) / 65535.0
@@ -166,21 +166,48 @@ def frame_order(path: Path) -> tuple:
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", path.name))], path.name
 
 
+# Other image files a sequence may sit beside: said when left out, since the frame count would silently shrink
+_OTHER_IMAGES = {".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".exr", ".dpx", ".tga", ".gif"}
+
+
 def list_pngs(in_dir: Path) -> list[Path]:
-    """The PNG frames of ``in_dir`` in natural name order (``frame_order``)."""
+    """The PNG frames of ``in_dir`` in natural name order (``frame_order``). Hidden files (a Mac's ``._`` copies
+    of each file on a foreign drive) and this pack's work files are left out, the latter and other image files
+    with a warning; a link to a file that is gone is kept, for ``check_frames`` to report (left out, it would join
+    the frames on either side of the gap)."""
     in_dir = Path(in_dir)
     if not in_dir.exists():
         raise UserInputError(f"{in_dir} does not exist")
     if not in_dir.is_dir():
         raise UserInputError(f"{in_dir} is not a folder")
+    files, work, others = [], [], {}
     try:
-        files = sorted((p for p in in_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file()
-                        and TMP_TAG not in p.name), key=frame_order)
+        for p in in_dir.iterdir():
+            if p.name.startswith("."):
+                continue
+            suffix = p.suffix.lower()
+            if suffix != ".png":
+                if suffix in _OTHER_IMAGES:
+                    others[suffix] = others.get(suffix, 0) + 1
+            elif TMP_TAG in p.name:
+                work.append(p.name)
+            elif p.is_file() or p.is_symlink():
+                files.append(p)
     except OSError as e:
         raise UserInputError(f"cannot list {in_dir}: {_reason(e)}") from None
     if not files:
-        raise UserInputError(f"no .png files in {in_dir}")
-    return files
+        raise UserInputError(f"no .png files in {in_dir}" + (
+            f" (it holds {_counts(others)}: convert them to PNG)" if others else ""))
+    if work:
+        log.warning("left out %s: the work file%s of a run that did not finish", ", ".join(sorted(work)),
+                    "s" if len(work) > 1 else "")
+    if others:
+        log.warning("%s also holds %s: only the .png files are frames", in_dir, _counts(others))
+    return sorted(files, key=frame_order)
+
+
+def _counts(by_suffix: dict) -> str:
+    return ", ".join(f"{n} {suffix} file{'s' if n > 1 else ''}" for suffix, n in sorted(by_suffix.items()))
 
 
 def check_frames(files: list[Path]) -> tuple[int, int]:
@@ -189,15 +216,21 @@ def check_frames(files: list[Path]) -> tuple[int, int]:
     read of the files, not a decode."""
     from PIL import Image
 
-    size, first = None, None
+    size, first, alpha = None, None, None
     for path in files:
         try:
+            if not path.exists():
+                raise FileNotFoundError(2, "a link to a file that is gone" if path.is_symlink() else "it is gone")
             if not os.access(path, os.R_OK):
                 raise PermissionError(13, "permission denied")
             with Image.open(path) as img:
                 img.verify()  # must come first on a freshly opened image
             with Image.open(path) as img:
-                this = img.size if _orientation(img) < 5 else img.size[::-1]  # 5-8 swap the sides
+                this = img.size[::-1] if _orientation(img) in (5, 6, 7, 8) else img.size  # 5-8 swap the sides
+                if getattr(img, "n_frames", 1) > 1:
+                    raise ValueError(f"it is animated, {img.n_frames} pictures in one file: give each as a file")
+                if alpha is None and ("A" in img.mode or "transparency" in img.info):
+                    alpha = path
         except _image_errors() as e:
             raise UserInputError(f"{path} is not a readable image ({_reason(e)}); fix or remove it") from None
         if size is None:
@@ -205,6 +238,8 @@ def check_frames(files: list[Path]) -> tuple[int, int]:
         elif this != size:
             raise UserInputError(f"all frames of a sequence must have one size: {first.name} is "
                                  f"{size[0]}x{size[1]}, {path.name} is {this[0]}x{this[1]}")
+    if alpha is not None:
+        log.warning("%s has transparency: only its colours are upscaled, and the outputs have none", alpha.name)
     return size
 
 
@@ -278,9 +313,17 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
     make_folder(out_dir.parent)
     with OutputLock(out_dir):
         _prepare(out_dir, names)
+        earlier = {name for name in names if (out_dir / name).exists()}  # (replaced, with overwrite)
         state = engine.new_state(seed)
         stems: deque[str] = deque()
         written = 0
+
+        def done(how: str = "") -> str:
+            # A run that stops replaced only the outputs it wrote: the folder then mixes two runs, said here.
+            kept = [name for name in names[written:] if name in earlier]
+            mixed = f"; {len(kept)} after them ({_span(kept)}) are still those of an earlier run" if kept else ""
+            return (f"{written} of {len(files)} frames were written to {out_dir}{how}" if written else
+                    "no frame was written") + mixed
 
         def emit(frames: torch.Tensor) -> None:
             nonlocal written
@@ -303,8 +346,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                     # The frames before this one are good: finish those the engine still holds, then report.
                     out, state = engine.flush(state)
                     emit(out)
-                    raise UserInputError(f"{e}; {written} of {len(files)} frames were written to {out_dir}") \
-                        from None
+                    raise UserInputError(f"{e}; {done()}") from None
                 size = tuple(frame.shape[-2:])
                 stems.append(path.stem)
                 out, state = engine.push(state, frame[None])
@@ -312,9 +354,13 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
             out, state = engine.flush(state)
             emit(out)
         except KeyboardInterrupt:  # (Ctrl-C: the command line says only that it was interrupted)
-            log.warning("stopped: %d of %d frames were written to %s, each complete", written, len(files), out_dir)
+            log.warning("stopped: %s", done(", each complete"))
             raise
     return written
+
+
+def _span(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
 
 
 def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], files: list[Path], out_dir: Path,
@@ -341,33 +387,38 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     count = 0
     with OutputLock(out_dir):
         _prepare(out_dir, names)
-        for path in files:
-            try:
-                current = read_frame(path)[None] * 2 - 1
-                if previous is not None and previous.shape != current.shape:
-                    raise UserInputError(f"{path.name} is {tuple(current.shape[-2:])}, the previous frame "
-                                         f"{tuple(previous.shape[-2:])}: all frames must have the same size")
-            except UserInputError as e:
-                raise UserInputError(f"{e}; {count} of {len(files) - 1} flow fields were written to {out_dir}") \
-                    from None
-            if previous is not None:
-                flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
-                target = out_dir / output_name(path.stem, save)
-                tmp = temp_path(target)
+        try:
+            for path in files:
                 try:
-                    if save == "npy":
-                        np.save(tmp, flow)
-                    else:
-                        from PIL import Image
+                    current = read_frame(path)[None] * 2 - 1
+                    if previous is not None and previous.shape != current.shape:
+                        raise UserInputError(f"{path.name} is {tuple(current.shape[-2:])}, the previous frame "
+                                             f"{tuple(previous.shape[-2:])}: all frames must have the same size")
+                except UserInputError as e:
+                    raise UserInputError(f"{e}; {count} of {len(files) - 1} flow fields were written to "
+                                         f"{out_dir}") from None
+                if previous is not None:
+                    flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+                    target = out_dir / output_name(path.stem, save)
+                    tmp = temp_path(target)
+                    try:
+                        if save == "npy":
+                            np.save(tmp, flow)
+                        else:
+                            from PIL import Image
 
-                        Image.fromarray(flow_to_image(flow)).save(tmp)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                publish(tmp, target, overwrite=overwrite)
-                count += 1
-                log.debug("flow %s", path.name)
-                if progress is not None:
-                    progress(count)
-            previous = current
+                            Image.fromarray(flow_to_image(flow)).save(tmp)
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)
+                        raise
+                    publish(tmp, target, overwrite=overwrite)
+                    count += 1
+                    log.debug("flow %s", path.name)
+                    if progress is not None:
+                        progress(count)
+                previous = current
+        except KeyboardInterrupt:  # (as upscale_folder: the command line says only that it was interrupted)
+            log.warning("stopped: %d of %d flow fields were written to %s, each complete", count, len(files) - 1,
+                        out_dir)
+            raise
     return count
