@@ -166,8 +166,13 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as e:  # (torch's OutOfMemoryError is a RuntimeError)
         if args.debug or not is_out_of_memory(e):
             raise
-        steps = "; ".join(["--dtype fp16 or bf16 on a GPU", *memory_options(args), "smaller frames",
-                           "--device cpu as a last resort"])
+        if _ran_on_cpu(args):  # (no GPU advice; the CPU's own savings)
+            bf16 = [] if getattr(args, "dtype", None) in ("bf16", None) else ["--dtype bf16"]
+            steps = memory_options(args, cpu=True) + bf16 + ["smaller frames"]
+        else:
+            steps = ["--dtype fp16 or bf16 on a GPU", *memory_options(args), "smaller frames",
+                     "--device cpu as a last resort"]
+        steps = "; ".join(steps)
         log.error("error: out of memory (%s). Try, in this order: %s. What was finished is kept (frames as files, "
                   "a video as its partial file or --resume checkpoint)", first_line(e), steps)
         return 2
@@ -179,6 +184,15 @@ def main(argv=None) -> int:
         advice = f": {_ENVIRONMENT_ADVICE[e.errno]}" if e.errno in _ENVIRONMENT_ADVICE else ""
         log.error("error: %s%s%s", e.strerror or e, where, advice)
         return 2
+
+
+def _ran_on_cpu(args) -> bool:
+    from ..models.shared.runtime import pick_device
+
+    try:
+        return pick_device(getattr(args, "device", None) or "auto").type == "cpu"
+    except Exception:  # noqa: BLE001 - advice after an error: never a second error instead of it
+        return False
 
 
 if __name__ == "__main__":

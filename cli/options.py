@@ -247,9 +247,10 @@ def plan_engine(args) -> EnginePlan:
     return EnginePlan(family, options, device, dtype, None if download else args.model, download)
 
 
-def memory_options(args) -> list[str]:
+def memory_options(args, cpu: bool = False) -> list[str]:
     """The options that lower the memory of what ``args`` run, the most useful first, as typed (for the
-    out-of-memory advice; none for a command without a model, or a model that cannot be recognised)."""
+    out-of-memory advice; none for a command without a model, or a model that cannot be recognised). ``cpu``: it
+    ran on the CPU, where Stream-DiffVSR's CPU layers (fp32) take about twice the memory of plain ones."""
     from ..models.raft import MEMORY_OPTIONS as RAFT_MEMORY_OPTIONS
     from ..models.registry import detect_family, family_by_name
 
@@ -262,9 +263,12 @@ def memory_options(args) -> list[str]:
         except Exception:  # noqa: BLE001 - advice after an error: never a second error instead of it
             return []
         options = family.memory_options
+        if cpu and family.name == "stream-diffvsr" and getattr(args, "dtype", "fp32") in ("auto", "fp32") \
+                and not getattr(args, "plain_layers", None):
+            options = (("plain_layers", None), *options)
     else:
         return []
-    return [f"--{name.replace('_', '-')} {value}" for name, value in options]
+    return [f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}") for name, value in options]
 
 
 def engine_from_args(args):

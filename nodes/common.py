@@ -65,12 +65,13 @@ SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def pick_precision(precision: str, device: torch.device, params: int = 0) -> tuple[torch.dtype, torch.dtype]:
-    """(weight dtype, compute dtype). auto asks ComfyUI, so --fp32-unet/--bf16-unet and --cpu are honoured."""
-    if mm.is_device_cpu(device):
-        if precision in ("fp16", "bf16"):
-            log.warning("StreamVSR: %s was asked for but the model runs on the CPU; using fp32", precision)
-        return torch.float32, torch.float32
+    """(weight dtype, compute dtype). auto asks ComfyUI, so --fp32-unet/--bf16-unet and --cpu are honoured (on a
+    CPU: fp32 unless such a flag says otherwise); a precision chosen on the node is used as chosen, as on the
+    command line."""
     if precision in PRECISIONS:
+        if precision == "fp16" and mm.is_device_cpu(device):
+            log.warning("StreamVSR: fp16 on the CPU computes slowly (few CPUs have fp16 arithmetic): bf16 takes the "
+                        "same memory and is fast on CPUs with bf16 arithmetic, fp32 everywhere")
         return PRECISIONS[precision], PRECISIONS[precision]
     # bf16 first: same speed as fp16 where it exists, without fp16's overflow risk in attention.
     weight = mm.unet_dtype(device=device, model_params=params, supported_dtypes=SUPPORTED_DTYPES)

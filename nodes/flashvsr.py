@@ -52,6 +52,12 @@ OOM_ADVICE = (
     "programs using the GPU; start ComfyUI with --lowvram, then --novram (weights streamed layer by layer); "
     "upscale smaller frames or use a smaller scale (memory grows with the output size); as a last resort run on "
     "the CPU (--cpu, very slow).")
+OOM_ADVICE_CPU = (
+    "FlashVSR ran out of memory on {w}x{h} frames ({W}x{H} output). Try, in this order: kv_ratio 2 instead of 3 "
+    "(keeps 2 latent slices of attention memory instead of 3); sparse_ratio 1.5 instead of 2 (fewer key blocks "
+    "per query); precision bf16 on Load FlashVSR Model (half the weights and activations; fast on CPUs with bf16 "
+    "arithmetic); upscale smaller frames or use a smaller scale (memory grows with the output size); close other "
+    "programs.")
 
 # Sequences carried across queue runs (see streams.py), one per FlashVSR Upscale node.
 STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState, pending=held_back)
@@ -154,7 +160,8 @@ def load_engine(engine: FlashVSREngine, model: FlashVSRModel, lr_size: tuple[int
 
 
 def oom_message(engine, h: int, w: int) -> str:
-    return OOM_ADVICE.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
+    advice = OOM_ADVICE_CPU if mm.is_device_cpu(mm.get_torch_device()) else OOM_ADVICE
+    return advice.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
 
 
 class StreamVSRLoadFlashVSR(io.ComfyNode):
@@ -181,7 +188,9 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
                                        "converted file uses the version recorded in it."),
                 io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",
                                tooltip="Weight and compute precision. auto follows ComfyUI: bf16 on GPUs that "
-                                       "support it, else fp16; fp32 on the CPU. fp32 needs twice the memory."),
+                                       "support it, else fp16; fp32 on the CPU. A choice is used as made, on the "
+                                       "CPU too (bf16 is fast on CPUs with bf16 arithmetic, fp16 slow on most). "
+                                       "fp32 needs twice the memory."),
                 io.Combo.Input("attention", options=["auto", "gather", "flex"], default="auto",
                                tooltip="How the sparse attention is computed (same result): gather runs "
                                        "PyTorch attention on the selected blocks (any device); flex uses "

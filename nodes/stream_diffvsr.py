@@ -30,6 +30,18 @@ OOM_LADDER = (
     "upscale smaller frames (the output is 4x the input on each side, so memory grows with the output size); "
     "close other programs using the GPU; start ComfyUI with --lowvram, then --novram; "
     "as a last resort run on the CPU (--cpu, slow).")
+OOM_LADDER_CPU = (
+    "Stream-DiffVSR ran out of memory on a {w}x{h} frame ({W}x{H} output). "
+    "Try, in this order: turn cpu_layers off on Load Stream-DiffVSR Model (about half the memory, slower); set Load "
+    "RAFT Flow Model's resolution to 'half'; precision bf16 on Load Stream-DiffVSR Model (half the weights; fast on "
+    "CPUs with bf16 arithmetic); upscale smaller frames (the output is 4x the input on each side, so memory grows "
+    "with the output size); close other programs.")
+
+
+def oom_ladder(w: int, h: int, scale: int = 4) -> str:
+    """What to change when a {w}x{h} frame ran out of memory, for the device ComfyUI runs on."""
+    ladder = OOM_LADDER_CPU if mm.is_device_cpu(mm.get_torch_device()) else OOM_LADDER
+    return ladder.format(w=w, h=h, W=scale * w, H=scale * h)
 
 # Module level because V3 node classes are stateless clones (see streams.py).
 STREAMS = StreamStore("Stream Upscale", StreamState)
@@ -134,7 +146,9 @@ class StreamVSRLoadModel(io.ComfyNode):
                                        "official weights (about 4 GB) into models/streamvsr/Stream-DiffVSR."),
                 io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",
                                tooltip="Weight and compute precision. auto follows ComfyUI (bf16/fp16 on "
-                                       "recent GPUs, fp32 on the CPU). Flow and warping always stay fp32."),
+                                       "recent GPUs, fp32 on the CPU). A choice is used as made, on the CPU too "
+                                       "(bf16 is fast on CPUs with bf16 arithmetic, fp16 slow on most). Flow and "
+                                       "warping always stay fp32."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the networks: minutes of compiling for the first frames "
                                          "of each frame size (kept while the model stays loaded); output equal "
@@ -230,7 +244,7 @@ class StreamVSRUpscale(io.ComfyNode):
         current = start.to(model.load_device)
         for i in range(b):
             mm.throw_exception_if_processing_interrupted()
-            with out_of_memory_advice(OOM_LADDER.format(w=w, h=h, W=4 * w, H=4 * h)):
+            with out_of_memory_advice(oom_ladder(w, h)):
                 hr, current = engine.push(current, frames[i].permute(2, 0, 1))
             out[i] = hr[0].permute(1, 2, 0).to(out.device)
             bar.update_absolute(i + 1, b, ("JPEG", tensor_to_preview(hr), 512))

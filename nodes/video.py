@@ -32,7 +32,7 @@ from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowMode
 from .flashvsr import FlashVSRModel, oom_message
 from .flashvsr import load_engine as load_flashvsr_engine
 from .flashvsr import make_engine as make_flashvsr_engine
-from .stream_diffvsr import OOM_LADDER, load_engine, make_engine
+from .stream_diffvsr import load_engine, make_engine, oom_ladder
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             if flow_model is None:
                 raise UserInputError("Stream-DiffVSR needs a flow model: connect Load RAFT Flow Model to flow_model")
             engine = make_engine(model, flow_model, steps)
-            advice = OOM_LADDER.format(w=width, h=height, W=engine.scale * width, H=engine.scale * height)
+            advice = oom_ladder(width, height, engine.scale)
         job = fingerprint(source, seed, codec, None, scene_cut_threshold or None, (width, height), engine) \
             if resume else None  # what an unfinished job must have been started with to be continued
         out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale)

@@ -159,8 +159,20 @@ def install(monkeypatch, models_dir, interrupt_after=None):
     mm.should_use_bf16 = lambda *a, **k: False
     mm.should_use_fp16 = lambda *a, **k: False
     mm.soft_empty_cache = lambda *a, **k: None
-    mm.unet_dtype = lambda device=None, model_params=0, supported_dtypes=(), weight_dtype=None: supported_dtypes[0]
-    mm.unet_manual_cast = lambda weight_dtype, device, supported_dtypes=(): None
+    def unet_dtype(device=None, model_params=0, supported_dtypes=(), weight_dtype=None):
+        # as ComfyUI's: a --fp32-unet/--bf16-unet/... flag first (mm.unet_flag here), then fp32 on a CPU
+        if mm.unet_flag is not None:
+            return mm.unet_flag
+        return torch.float32 if device is not None and torch.device(device).type == "cpu" else supported_dtypes[0]
+
+    def unet_manual_cast(weight_dtype, device, supported_dtypes=()):
+        # a CPU computes in fp32 whatever the weights (ComfyUI's should_use_fp16/bf16 say no there)
+        on_cpu = device is not None and torch.device(device).type == "cpu"
+        return torch.float32 if on_cpu and weight_dtype != torch.float32 else None
+
+    mm.unet_flag = None
+    mm.unet_dtype = unet_dtype
+    mm.unet_manual_cast = unet_manual_cast
     mm.OOM_EXCEPTION = torch.cuda.OutOfMemoryError
     mm.InterruptProcessingException = Interrupted
 

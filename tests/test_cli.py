@@ -257,6 +257,10 @@ def test_the_cpu_running_out_of_memory_is_one_line_too(assets, tmp_path, caplog,
         else:
             assert main(args) == code
             assert "error: out of memory (" in caplog.text and "Try, in this order" in caplog.text
+            # the CPU's own savings first; no GPU advice, nor the CPU as a last resort to a run already there
+            assert ("Try, in this order: --plain-layers; --corr on_demand; --flow-downscale 2; --dtype bf16; smaller "
+                    "frames.") in caplog.text
+            assert "GPU" not in caplog.text and "--device cpu" not in caplog.text
 
 
 def test_a_tilde_in_the_flow_path_is_the_home_folder(assets, tmp_path, monkeypatch):
@@ -392,6 +396,12 @@ def test_out_of_memory_advice_names_the_options_of_the_model_run(assets, tmp_pat
     assert memory_options(Namespace(command="flow")) == ["--corr on_demand", "--flow-downscale 2"]
     assert memory_options(Namespace(command="frames", model=str(tmp_path / "gone"))) == []
     assert memory_options(Namespace(command="convert")) == []
+    # on the CPU, Stream-DiffVSR's plain layers take about half the memory of its CPU layers (fp32 only)
+    assert memory_options(Namespace(command="frames", model=str(ckpt), dtype="fp32"), cpu=True) == [
+        "--plain-layers", "--corr on_demand", "--flow-downscale 2"]
+    assert memory_options(Namespace(command="frames", model=str(ckpt), dtype="bf16"), cpu=True)[0] == "--corr on_demand"
+    assert memory_options(Namespace(command="upscale", model=str(flash), download=False), cpu=True) == [
+        "--kv-ratio 2", "--sparse-ratio 1.5"]
 
 
 def test_each_command_help_describes_its_own_options(capsys):

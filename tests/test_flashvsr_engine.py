@@ -365,8 +365,11 @@ def test_command_line_frames_and_convert(folder, tmp_path, engine, caplog):
     src.mkdir()
     for i, f in enumerate(frames):
         Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(src / f"f{i:03d}.png")
-    assert main(["frames", str(src), str(tmp_path / "out"), "--model", str(folder), "--save", "npy",
-                 "--device", "cpu"]) == 0
+    with caplog.at_level("INFO"):
+        assert main(["frames", str(src), str(tmp_path / "out"), "--model", str(folder), "--save", "npy",
+                     "--device", "cpu"]) == 0
+    # what ran is said, as the node says it (the version taken from the folder's name here)
+    assert f"loaded FlashVSR v1.1 from {folder} (torch.float32, cpu, gather attention)" in caplog.text
     got = sorted((tmp_path / "out").iterdir())
     assert [p.name for p in got] == [f"f{i:03d}.npy" for i in range(23)]
     pngs = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255).permute(2, 0, 1)

@@ -232,7 +232,7 @@ def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):
         _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
 
 
-def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
+def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy, caplog):
     from streamvsr.nodes.common import pick_precision
 
     mm, nodes = comfy
@@ -242,13 +242,26 @@ def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
     assert model.model.dtype == torch.float32  # auto on the CPU
     assert not hasattr(model.model, "text_encoder")  # only the prompt embedding is kept
     assert model.model.prompt_embeds.shape[:2] == (1, 77)
+    # On the CPU a precision chosen on the node is used (it was turned into fp32, said only in the console), and
+    # auto asks ComfyUI there too: --bf16-unet stores bf16 weights, computed in fp32 as ComfyUI does on a CPU
+    cpu = torch.device("cpu")
+    assert pick_precision("bf16", cpu) == (torch.bfloat16, torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        assert pick_precision("fp16", cpu) == (torch.float16, torch.float16)
+    assert "fp16 on the CPU computes slowly" in caplog.text
+    mm.unet_flag = torch.bfloat16
+    assert pick_precision("auto", cpu) == (torch.bfloat16, torch.float32)
+    mm.unet_flag = None
+    (bf16,) = _run(nodes["StreamVSRLoadModel"], model="tiny", precision="bf16")
+    assert bf16.model.dtype == torch.bfloat16
+    out, _ = _upscale(nodes, bf16, flow, _frames(2), seed=42)
+    assert torch.isfinite(out).all()
     # On a GPU, auto is ComfyUI's choice among bf16/fp16/fp32, and the compute dtype its manual-cast choice.
     gpu = torch.device("cuda")
     assert pick_precision("auto", gpu) == (torch.bfloat16, torch.bfloat16)
     mm.unet_manual_cast = lambda weight, device, supported=(): torch.float32
     assert pick_precision("auto", gpu) == (torch.bfloat16, torch.float32)
     assert pick_precision("fp16", gpu) == (torch.float16, torch.float16)
-    assert pick_precision("bf16", torch.device("cpu")) == (torch.float32, torch.float32)
 
 
 def test_upscale_shapes_state_progress_and_model_management(comfy):
@@ -660,10 +673,19 @@ def test_out_of_memory_retries_with_on_demand_correlation(comfy):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     raft.forward = always_oom
-    with pytest.raises(RuntimeError, match="ran out of memory.*--lowvram"):
+    with pytest.raises(RuntimeError, match="ran out of memory.*turn cpu_layers off") as e:
         _upscale(nodes, model, flow, images)
+    assert "GPU" not in str(e.value) and "--cpu" not in str(e.value)  # (it runs on the CPU: its own advice)
     assert mm.calls["unload_all_models"] == 1  # as ComfyUI does after its own out-of-memory errors
     del raft.forward
+    from streamvsr.nodes.stream_diffvsr import oom_ladder
+
+    cpu = mm.get_torch_device
+    mm.get_torch_device = lambda: torch.device("cuda")
+    try:
+        assert "--lowvram" in oom_ladder(45, 33) and "cpu_layers" not in oom_ladder(45, 33)
+    finally:
+        mm.get_torch_device = cpu
 
 
 def test_flow_nodes(comfy):

@@ -201,6 +201,18 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
         _load(nodes, model="gone")
 
 
+def test_out_of_memory_advice_fits_the_device(comfy, monkeypatch):
+    """On a CPU-only ComfyUI the advice is the CPU's: no GPU steps, and not the CPU as the last resort."""
+    from streamvsr.nodes.flashvsr import oom_message
+
+    mm, _ = comfy
+    engine = types.SimpleNamespace(scale=4)
+    cpu = oom_message(engine, 32, 48)
+    assert "192x128 output" in cpu and "precision bf16" in cpu and "GPU" not in cpu and "--cpu" not in cpu
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))
+    assert "--lowvram" in oom_message(engine, 32, 48)
+
+
 def test_whole_clip_equals_engine_with_latents_and_model_management(comfy, whole30):
     mm, nodes = comfy
     model = _load(nodes)
@@ -458,7 +470,7 @@ def test_bad_inputs_interrupt_and_out_of_memory(monkeypatch, tmp_path, folder, w
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(FlashVSREngine, "push", out_of_memory)
-    with pytest.raises(RuntimeError, match="kv_ratio 2.*sparse_ratio 1.5.*bf16.*--lowvram"):
+    with pytest.raises(RuntimeError, match="kv_ratio 2.*sparse_ratio 1.5.*bf16.*close other programs.$"):
         _upscale(nodes, model, whole30[8:16], "10", continue_sequence=True)
     assert flashvsr.STREAMS.get("10") is stored
 

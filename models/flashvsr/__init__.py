@@ -9,6 +9,7 @@ repackaged files and our single file, ``engine`` the streaming inference.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ import torch
 from ..contract import Family
 
 DEFAULT_VERSION = "v1.1"
+
+log = logging.getLogger(__name__)
 
 
 def detect(path) -> bool:
@@ -54,9 +57,10 @@ def load_engine(path, device="cpu", dtype=torch.float32, version: str | None = N
     from .engine import FlashVSREngine
 
     attention = choose_attention(attention, device)
-    return FlashVSREngine(load_pipeline(path, version, device=device, dtype=dtype), device=device,
-                          compute_dtype=dtype, scale=scale, sparse_ratio=sparse_ratio, local_range=local_range,
-                          kv_ratio=kv_ratio, color_fix=color_fix, attention=attention)
+    pipeline = load_pipeline(path, version, device=device, dtype=dtype)
+    log.info("loaded FlashVSR %s from %s (%s, %s, %s attention)", pipeline.version, path, dtype, device, attention)
+    return FlashVSREngine(pipeline, device=device, compute_dtype=dtype, scale=scale, sparse_ratio=sparse_ratio,
+                          local_range=local_range, kv_ratio=kv_ratio, color_fix=color_fix, attention=attention)
 
 
 def check_size(h: int, w: int, **options) -> None:
