@@ -420,6 +420,17 @@ def test_the_labels_of_a_film_and_its_tracks_are_kept_and_its_subtitles_where_th
                 "output can") in caplog.text
 
 
+def test_only_labels_of_the_content_are_copied():
+    """Not what describes the input's encoding (its statistics, encoder) nor the picture's turn or transparency: an
+    old file's "rotate" tag on the upright output would have players turn it a second time."""
+    from streamvsr.video.audio import _labels
+
+    tags = {"language": "eng", "title": "Main", "DURATION-eng": "00:00:01.000", "ENCODER": "Lavf", "rotate": "90",
+            "alpha_mode": "1", "_STATISTICS_TAGS": "BPS", "timecode": "01:00:00:00", "creation_time": "2020-01-01"}
+    assert _labels(tags) == {"language": "eng", "title": "Main", "timecode": "01:00:00:00",
+                             "creation_time": "2020-01-01"}
+
+
 def test_hdr_and_deep_input_are_said_and_the_lossless_output_keeps_the_colour_tags(tmp_path, caplog):
     """The output is 8-bit and not tone-mapped: said. Its RGB values mean what the input's did (BT.2020, PQ), and
     the lossless output now says so too (it was left untagged, shown as BT.709)."""

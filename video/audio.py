@@ -81,10 +81,11 @@ def check_audio(source, out_suffix: str) -> None:
         container.close()
 
 
-# Tags the muxer writes itself or that describe the input's encoding, not its content
+# Tags the muxer writes itself or that describe the input's encoding, not its content; and the picture's turn and
+# transparency, which the output's frames (upright, opaque) no longer have
 _TECHNICAL_TAGS = {"duration", "encoder", "major_brand", "minor_version", "compatible_brands", "handler_name",
                    "vendor_id", "bps", "number_of_frames", "number_of_bytes", "_statistics_tags",
-                   "_statistics_writing_app", "_statistics_writing_date_utc"}
+                   "_statistics_writing_app", "_statistics_writing_date_utc", "rotate", "alpha_mode"}
 
 
 def _labels(metadata) -> dict:
