@@ -167,7 +167,9 @@ def main(argv=None) -> int:
         if args.debug or not is_out_of_memory(e):
             raise
         if _ran_on_cpu(args):  # (no GPU advice; the CPU's own savings)
-            bf16 = [] if getattr(args, "dtype", None) in ("bf16", None) else ["--dtype bf16"]
+            # (bf16 halves what fp32 takes; fp16 takes as little, and convert writes what --dtype says)
+            bf16 = ["--dtype bf16"] if args.command in ("frames", "upscale") and args.dtype in ("auto", "fp32") \
+                else []
             steps = memory_options(args, cpu=True) + bf16 + ["smaller frames"]
         else:
             steps = ["--dtype fp16 or bf16 on a GPU", *memory_options(args), "smaller frames",

@@ -18,7 +18,7 @@ import comfy.utils
 from ..models.shared.errors import UserInputError
 from ..models.shared.image import to_rgb
 from ..models.shared.packed import packed_operations
-from ..models.shared.runtime import PRECISIONS, is_out_of_memory
+from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,10 @@ SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 def pick_precision(precision: str, device: torch.device, params: int = 0) -> tuple[torch.dtype, torch.dtype]:
     """(weight dtype, compute dtype). auto asks ComfyUI, so --fp32-unet/--bf16-unet and --cpu are honoured (on a
     CPU: fp32 unless such a flag says otherwise); a precision chosen on the node is used as chosen, as on the
-    command line."""
+    command line, except fp16 on a CPU, which is refused: it would look like a hang."""
     if precision in PRECISIONS:
         if precision == "fp16" and mm.is_device_cpu(device):
-            log.warning("StreamVSR: fp16 on the CPU computes slowly (few CPUs have fp16 arithmetic): bf16 takes the "
-                        "same memory and is fast on CPUs with bf16 arithmetic, fp32 everywhere")
+            raise UserInputError(FP16_ON_CPU + ": choose bf16 (the same memory) or auto on the loader")
         return PRECISIONS[precision], PRECISIONS[precision]
     # bf16 first: same speed as fp16 where it exists, without fp16's overflow risk in attention.
     weight = mm.unet_dtype(device=device, model_params=params, supported_dtypes=SUPPORTED_DTYPES)
@@ -91,11 +90,17 @@ def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype, device
     # disable_weight_init (equal dtypes) or manual_cast layers skip random init and take part in ComfyUI's
     # low-VRAM partial loading (weights cast to the input's device and dtype on the fly).
     ops = comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=device, disable_fast_fp8=True)
-    if cpu_layers and device.type == "cpu" and weight_dtype == compute_dtype == torch.float32:
+    if uses_cpu_layers(weight_dtype, compute_dtype, device, cpu_layers):
         # A CPU-only ComfyUI: the same CPU layers as the command line (reordered weights, Winograd), mixed under
         # ComfyUI's classes so that its cast path still runs wherever it casts or patches weights.
         return packed_operations(base=ops)
     return ops
+
+
+def uses_cpu_layers(weight_dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device,
+                    cpu_layers: bool) -> bool:
+    """Whether ``operations_for`` gives the CPU layers: asked for, on a CPU, in fp32."""
+    return cpu_layers and device.type == "cpu" and weight_dtype == compute_dtype == torch.float32
 
 
 def load_flow_patcher(flow_patcher, memory_required: int = 0):

@@ -52,12 +52,6 @@ OOM_ADVICE = (
     "programs using the GPU; start ComfyUI with --lowvram, then --novram (weights streamed layer by layer); "
     "upscale smaller frames or use a smaller scale (memory grows with the output size); as a last resort run on "
     "the CPU (--cpu, very slow).")
-OOM_ADVICE_CPU = (
-    "FlashVSR ran out of memory on {w}x{h} frames ({W}x{H} output). Try, in this order: kv_ratio 2 instead of 3 "
-    "(keeps 2 latent slices of attention memory instead of 3); sparse_ratio 1.5 instead of 2 (fewer key blocks "
-    "per query); precision bf16 on Load FlashVSR Model (half the weights and activations; fast on CPUs with bf16 "
-    "arithmetic); upscale smaller frames or use a smaller scale (memory grows with the output size); close other "
-    "programs.")
 
 # Sequences carried across queue runs (see streams.py), one per FlashVSR Upscale node.
 STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState, pending=held_back)
@@ -160,8 +154,18 @@ def load_engine(engine: FlashVSREngine, model: FlashVSRModel, lr_size: tuple[int
 
 
 def oom_message(engine, h: int, w: int) -> str:
-    advice = OOM_ADVICE_CPU if mm.is_device_cpu(mm.get_torch_device()) else OOM_ADVICE
-    return advice.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
+    """What to change: for the device ComfyUI runs on, and on a CPU only what the engine does not do already."""
+    if not mm.is_device_cpu(mm.get_torch_device()):
+        return OOM_ADVICE.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
+    steps = [f"kv_ratio {k} instead of {engine.kv_ratio:g}" for k in (2,) if engine.kv_ratio > k]
+    steps += [f"sparse_ratio {r} instead of {engine.sparse_ratio:g}" for r in (1.5,) if engine.sparse_ratio > r]
+    if engine.compute_dtype == torch.float32:
+        steps.append("precision bf16 on Load FlashVSR Model (half the weights and activations; fast on CPUs with "
+                     "bf16 arithmetic)")
+    steps += ["upscale smaller frames or use a smaller scale (memory grows with the output size)",
+              "close other programs"]
+    return (f"FlashVSR ran out of memory on {w}x{h} frames ({w * engine.scale}x{h * engine.scale} output). Try, in "
+            f"this order: {'; '.join(steps)}.")
 
 
 class StreamVSRLoadFlashVSR(io.ComfyNode):
@@ -189,8 +193,8 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
                 io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",
                                tooltip="Weight and compute precision. auto follows ComfyUI: bf16 on GPUs that "
                                        "support it, else fp16; fp32 on the CPU. A choice is used as made, on the "
-                                       "CPU too (bf16 is fast on CPUs with bf16 arithmetic, fp16 slow on most). "
-                                       "fp32 needs twice the memory."),
+                                       "CPU too (bf16 is fast on CPUs with bf16 arithmetic; fp16, hundreds of "
+                                       "times slower there, is refused). fp32 needs twice the memory."),
                 io.Combo.Input("attention", options=["auto", "gather", "flex"], default="auto",
                                tooltip="How the sparse attention is computed (same result): gather runs "
                                        "PyTorch attention on the selected blocks (any device); flex uses "

@@ -19,7 +19,7 @@ from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
                      load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, show_text,
-                     tensor_to_preview, wrap)
+                     tensor_to_preview, uses_cpu_layers, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
 log = logging.getLogger(__name__)
@@ -30,18 +30,24 @@ OOM_LADDER = (
     "upscale smaller frames (the output is 4x the input on each side, so memory grows with the output size); "
     "close other programs using the GPU; start ComfyUI with --lowvram, then --novram; "
     "as a last resort run on the CPU (--cpu, slow).")
-OOM_LADDER_CPU = (
-    "Stream-DiffVSR ran out of memory on a {w}x{h} frame ({W}x{H} output). "
-    "Try, in this order: turn cpu_layers off on Load Stream-DiffVSR Model (about half the memory, slower); set Load "
-    "RAFT Flow Model's resolution to 'half'; precision bf16 on Load Stream-DiffVSR Model (half the weights; fast on "
-    "CPUs with bf16 arithmetic); upscale smaller frames (the output is 4x the input on each side, so memory grows "
-    "with the output size); close other programs.")
 
 
-def oom_ladder(w: int, h: int, scale: int = 4) -> str:
-    """What to change when a {w}x{h} frame ran out of memory, for the device ComfyUI runs on."""
-    ladder = OOM_LADDER_CPU if mm.is_device_cpu(mm.get_torch_device()) else OOM_LADDER
-    return ladder.format(w=w, h=h, W=scale * w, H=scale * h)
+def oom_ladder(model_patcher, w: int, h: int, scale: int = 4) -> str:
+    """What to change when a {w}x{h} frame ran out of memory: for the device ComfyUI runs on, and on a CPU only
+    what the loaded model does not do already."""
+    if not mm.is_device_cpu(mm.get_torch_device()):
+        return OOM_LADDER.format(w=w, h=h, W=scale * w, H=scale * h)
+    pipe = model_patcher.model
+    steps = (["turn cpu_layers off on Load Stream-DiffVSR Model (about half the memory, slower)"]
+             if getattr(pipe, "streamvsr_cpu_layers", False) else [])
+    steps.append("set Load RAFT Flow Model's resolution to 'half'")
+    if compute_dtype_of(pipe) == torch.float32:
+        steps.append("precision bf16 on Load Stream-DiffVSR Model (half the weights; fast on CPUs with bf16 "
+                     "arithmetic)")
+    steps += ["upscale smaller frames (the output is 4x the input on each side, so memory grows with the output "
+              "size)", "close other programs"]
+    return (f"Stream-DiffVSR ran out of memory on a {w}x{h} frame ({scale * w}x{scale * h} output). Try, in this "
+            f"order: {'; '.join(steps)}.")
 
 # Module level because V3 node classes are stateless clones (see streams.py).
 STREAMS = StreamStore("Stream Upscale", StreamState)
@@ -147,8 +153,8 @@ class StreamVSRLoadModel(io.ComfyNode):
                 io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",
                                tooltip="Weight and compute precision. auto follows ComfyUI (bf16/fp16 on "
                                        "recent GPUs, fp32 on the CPU). A choice is used as made, on the CPU too "
-                                       "(bf16 is fast on CPUs with bf16 arithmetic, fp16 slow on most). Flow and "
-                                       "warping always stay fp32."),
+                                       "(bf16 is fast on CPUs with bf16 arithmetic; fp16, hundreds of times "
+                                       "slower there, is refused). Flow and warping always stay fp32."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the networks: minutes of compiling for the first frames "
                                          "of each frame size (kept while the model stays loaded); output equal "
@@ -175,6 +181,7 @@ class StreamVSRLoadModel(io.ComfyNode):
         # Weights go to the offload device; ComfyUI moves them (whole or layer by layer) when Stream Upscale asks.
         # The text encoder runs once on the CPU inside load_pipeline and is dropped: only its output is kept.
         operations = operations_for(weight_dtype, compute_dtype, device, cpu_layers=bool(cpu_layers))
+        packed = uses_cpu_layers(weight_dtype, compute_dtype, device, bool(cpu_layers))
         pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=weight_dtype, operations=operations)
         prepare_packed(pipe)  # the CPU layers' weight copies: made now rather than in the first frame
         # where the weights are, not the list's name for them: a "(download) …" entry and the folder it made are
@@ -182,6 +189,7 @@ class StreamVSRLoadModel(io.ComfyNode):
         pipe.streamvsr_source = os.path.realpath(path)
         pipe.streamvsr_compute_dtype = compute_dtype
         pipe.streamvsr_compile = bool(compile)
+        pipe.streamvsr_cpu_layers = packed
         log.info("StreamVSR: loaded %s (weights %s, compute %s)", model, weight_dtype, compute_dtype)
         return io.NodeOutput(wrap(pipe))
 
@@ -244,7 +252,7 @@ class StreamVSRUpscale(io.ComfyNode):
         current = start.to(model.load_device)
         for i in range(b):
             mm.throw_exception_if_processing_interrupted()
-            with out_of_memory_advice(oom_ladder(w, h)):
+            with out_of_memory_advice(oom_ladder(model, w, h)):
                 hr, current = engine.push(current, frames[i].permute(2, 0, 1))
             out[i] = hr[0].permute(1, 2, 0).to(out.device)
             bar.update_absolute(i + 1, b, ("JPEG", tensor_to_preview(hr), 512))

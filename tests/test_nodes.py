@@ -232,7 +232,7 @@ def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):
         _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
 
 
-def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy, caplog):
+def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
     from streamvsr.nodes.common import pick_precision
 
     mm, nodes = comfy
@@ -246,9 +246,9 @@ def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy, c
     # auto asks ComfyUI there too: --bf16-unet stores bf16 weights, computed in fp32 as ComfyUI does on a CPU
     cpu = torch.device("cpu")
     assert pick_precision("bf16", cpu) == (torch.bfloat16, torch.bfloat16)
-    with caplog.at_level("WARNING"):
-        assert pick_precision("fp16", cpu) == (torch.float16, torch.float16)
-    assert "fp16 on the CPU computes slowly" in caplog.text
+    # fp16 is refused there: it computes hundreds of times slower, which would look like a hang
+    with pytest.raises(ValueError, match="fp16 on the CPU computes hundreds of times slower.*choose bf16"):
+        pick_precision("fp16", cpu)
     mm.unet_flag = torch.bfloat16
     assert pick_precision("auto", cpu) == (torch.bfloat16, torch.float32)
     mm.unet_flag = None
@@ -256,6 +256,12 @@ def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy, c
     assert bf16.model.dtype == torch.bfloat16
     out, _ = _upscale(nodes, bf16, flow, _frames(2), seed=42)
     assert torch.isfinite(out).all()
+    from streamvsr.nodes.stream_diffvsr import oom_ladder
+
+    # out-of-memory advice names only what this model does not do already (no CPU layers in bf16, bf16 itself)
+    advice = oom_ladder(bf16, 45, 33)
+    assert "cpu_layers" not in advice and "bf16" not in advice and "resolution to 'half'" in advice
+    assert "turn cpu_layers off" in oom_ladder(model, 45, 33) and "precision bf16" in oom_ladder(model, 45, 33)
     # On a GPU, auto is ComfyUI's choice among bf16/fp16/fp32, and the compute dtype its manual-cast choice.
     gpu = torch.device("cuda")
     assert pick_precision("auto", gpu) == (torch.bfloat16, torch.bfloat16)
@@ -683,7 +689,7 @@ def test_out_of_memory_retries_with_on_demand_correlation(comfy):
     cpu = mm.get_torch_device
     mm.get_torch_device = lambda: torch.device("cuda")
     try:
-        assert "--lowvram" in oom_ladder(45, 33) and "cpu_layers" not in oom_ladder(45, 33)
+        assert "--lowvram" in oom_ladder(model, 45, 33) and "cpu_layers" not in oom_ladder(model, 45, 33)
     finally:
         mm.get_torch_device = cpu
 

@@ -206,9 +206,16 @@ def test_out_of_memory_advice_fits_the_device(comfy, monkeypatch):
     from streamvsr.nodes.flashvsr import oom_message
 
     mm, _ = comfy
-    engine = types.SimpleNamespace(scale=4)
+    engine = types.SimpleNamespace(scale=4, kv_ratio=3.0, sparse_ratio=2.0, compute_dtype=torch.float32)
     cpu = oom_message(engine, 32, 48)
-    assert "192x128 output" in cpu and "precision bf16" in cpu and "GPU" not in cpu and "--cpu" not in cpu
+    assert cpu == ("FlashVSR ran out of memory on 48x32 frames (192x128 output). Try, in this order: kv_ratio 2 "
+                   "instead of 3; sparse_ratio 1.5 instead of 2; precision bf16 on Load FlashVSR Model (half the "
+                   "weights and activations; fast on CPUs with bf16 arithmetic); upscale smaller frames or use a "
+                   "smaller scale (memory grows with the output size); close other programs.")
+    # only what the engine does not do already
+    done = oom_message(types.SimpleNamespace(scale=4, kv_ratio=2.0, sparse_ratio=1.5, compute_dtype=torch.bfloat16),
+                       32, 48)
+    assert "kv_ratio" not in done and "sparse_ratio" not in done and "bf16" not in done
     monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))
     assert "--lowvram" in oom_message(engine, 32, 48)
 

@@ -329,10 +329,10 @@ def test_a_recording_whose_clock_starts_late_starts_at_zero_keeping_the_audio_le
     assert len(decode(out)) == 12
 
 
-def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True, start=0):
+def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True, start=0, cues=None):
     """A Matroska file as a film comes: a title, two chapters, two audio tracks with languages and titles (the
     second not the default), French subtitles; ``color``: the video's colour tags; ``start``: the second its clock
-    starts at."""
+    starts at; ``cues``: the subtitles' (from, to) seconds (default: the first 0.2 s)."""
     c = av.open(str(path), "w")
     c.metadata["title"] = "My movie"
     c.set_chapters([{"id": i + 1, "start": 1000 * start + a, "end": 1000 * start + b,
@@ -353,8 +353,12 @@ def labelled_clip(path, n=6, pix_fmt="yuv420p", color=None, subtitles=True, star
     sub = None
     if subtitles:
         srt = path.with_suffix(".srt")
-        minutes = f"00:{start // 60:02d}:{start % 60:02d}"
-        srt.write_text(f"1\n{minutes},000 --> {minutes},200\nBonjour\n")
+        def stamp(t):
+            ms = round(t * 1000)
+            return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+        srt.write_text("\n".join(f"{i + 1}\n{stamp(a)} --> {stamp(b)}\nBonjour\n"
+                                 for i, (a, b) in enumerate(cues or [(start, start + 0.2)])))
         srt_in = av.open(str(srt))
         sub = c.add_stream_from_template(srt_in.streams[0])
         sub.metadata["language"] = "fre"
@@ -418,6 +422,27 @@ def test_the_labels_of_a_film_and_its_tracks_are_kept_and_its_subtitles_where_th
         assert subtitles == []
         assert ("the input's subtitle stream 3 (srt, fre) is not copied: .mp4 cannot hold srt subtitles; a .mkv "
                 "output can") in caplog.text
+        # QuickTime keeps the chapters' names in a text track, which reads as a data stream: the chapters are
+        # copied, so it is not one to warn about
+        from streamvsr.video.audio import not_kept
+
+        assert not_kept(out, ".mkv") == []
+
+
+def test_subtitles_from_before_the_output_clocks_start_are_cut_to_it_not_moving_the_rest(tmp_path):
+    """A broadcast's subtitles may begin before its first picture: left as they were, their timestamps went below
+    0 and the muxer moved every stream 2 s later (the chapters not)."""
+    clip = labelled_clip(tmp_path / "rec.mkv", start=600, cues=[(598.0, 599.5), (599.8, 600.2)])
+    out = tmp_path / "out.mkv"
+    upscale_video(FakeEngine(), clip, out)
+    with av.open(str(out)) as c:
+        video = next(c.decode(video=0))
+        cues = [(float(p.pts * p.time_base), float(p.duration * p.time_base))
+                for p in c.demux(c.streams.subtitles[0]) if p.size]
+        chapters = [float(ch["start"] * ch["time_base"]) for ch in c.chapters()]
+    assert float(video.pts * video.time_base) == pytest.approx(0, abs=0.002)
+    assert cues == [(0.0, pytest.approx(0.2, abs=0.002))]  # the first left out, the second from 600.0 s on
+    assert chapters == [0.0, 0.1]
 
 
 def test_only_labels_of_the_content_are_copied():

@@ -85,16 +85,17 @@ def check_audio(source, out_suffix: str) -> None:
 # transparency, which the output's frames (upright, opaque) no longer have
 _TECHNICAL_TAGS = {"duration", "encoder", "major_brand", "minor_version", "compatible_brands", "handler_name",
                    "vendor_id", "bps", "number_of_frames", "number_of_bytes", "_statistics_tags",
-                   "_statistics_writing_app", "_statistics_writing_date_utc", "rotate", "alpha_mode"}
+                   "_statistics_writing_app", "_statistics_writing_date_utc", "rotate", "alpha_mode",
+                   "encoder_settings"}
 
 
 def _labels(metadata) -> dict:
     """The tags of ``metadata`` that say what the content is (title, language, artist, comment, ...)."""
     return {k: v for k, v in dict(metadata or {}).items()
-            if k.lower().split("-")[0] not in _TECHNICAL_TAGS and v is not None}
+            if k.lower() not in _TECHNICAL_TAGS and k.lower().split("-")[0] not in _TECHNICAL_TAGS and v is not None}
 
 
-_MUXERS = {".mkv": "matroska", ".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
+_MUXERS = {".mkv": "matroska", ".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".nut": "nut"}
 
 
 def _carries(out_suffix: str) -> set:
@@ -113,6 +114,10 @@ def _subtitles(container, carried: set) -> list:
     return [s for s in container.streams.subtitles if s.codec_context is not None and s.codec_context.name in carried]
 
 
+def _chapters(container) -> list:
+    return container.chapters() if hasattr(container, "chapters") else []  # (PyAV 16 on)
+
+
 def not_kept(source, out_suffix: str) -> list[str]:
     """One line for each stream of ``source`` that an output of this kind does not carry (it takes the first video
     stream, every audio stream, the subtitles it can hold as they are): a cover picture, data and timecode tracks,
@@ -122,11 +127,14 @@ def not_kept(source, out_suffix: str) -> list[str]:
     try:
         video = container.streams.video[0] if container.streams.video else None
         kept = {s.index for s in _subtitles(container, carried)}
+        chapters = bool(_chapters(container))
         lines = []
         for s in container.streams:
             if s is video or s.type == "audio" or s.index in kept:
                 continue
             codec = getattr(s.codec_context, "name", None) if s.codec_context is not None else None
+            if s.type == "data" and codec is None and chapters:
+                continue  # (QuickTime keeps the chapters' names in a text track; the chapters are copied)
             language = dict(s.metadata or {}).get("language")
             what = ", ".join(x for x in (codec, language) if x and x != "und")
             why = "outputs hold the video, its audio and subtitles"
@@ -146,6 +154,7 @@ class AudioCopy:
     here, and the chapters (``origin_us``: where the output's clock starts, ``writer.clock_start``)."""
 
     def __init__(self, source, sink, out_suffix: str, origin_us: int = 0):
+        self.origin_us = origin_us
         self.container = open_input(source)
         try:
             sink.metadata.update(_labels(self.container.metadata))
@@ -184,7 +193,10 @@ class AudioCopy:
                 out = sink.add_stream_from_template(a)
                 self.map[a.index] = ("copy", out)
             out.metadata.update(_labels(a.metadata))
-            out.disposition = a.disposition  # (which track plays by default, a commentary, ...)
+            try:  # which track plays by default, a commentary, ... (PyAV before 16 takes a plain number)
+                out.disposition = int(a.disposition)
+            except (AttributeError, TypeError, ValueError):
+                pass
         self.packets = self.container.demux(self.streams) if self.streams else iter(())
         self.pending = None
         self.position = "the start"
@@ -192,14 +204,32 @@ class AudioCopy:
 
     def _copy_chapters(self, sink, origin_us: int) -> None:
         chapters = []
-        for chapter in self.container.chapters():
+        for chapter in _chapters(self.container):
             shift = round(Fraction(origin_us, 1_000_000) / chapter["time_base"])  # (the muxer does not shift them)
             start, end = chapter["start"] - shift, chapter["end"] - shift
             if end > 0:
                 chapters.append({**chapter, "start": max(start, 0), "end": end,
                                  "metadata": _labels(chapter.get("metadata"))})
-        if chapters:
+        if chapters and hasattr(sink, "set_chapters"):
             sink.set_chapters(chapters)
+
+    def _fit_subtitle(self, packet) -> bool:
+        """A subtitle packet made to lie inside the output's time: one that ends before the output's clock starts
+        is left out, one that begins before is shortened to begin there (the muxer would move every stream
+        instead, to keep timestamps from going below 0). False: leave it out."""
+        tb = packet.time_base
+        if packet.pts is None or not tb:
+            return False
+        origin = round(Fraction(self.origin_us, 1_000_000) / tb)
+        duration = packet.duration or 0
+        if packet.pts < origin:
+            if packet.pts + duration <= origin:
+                return False
+            duration -= origin - packet.pts
+            packet.pts = origin
+        packet.duration = duration
+        packet.dts = packet.pts  # (a subtitle is shown when it is decoded)
+        return True
 
     def mux_until(self, seconds: float | None) -> None:
         """Mux audio packets that start before ``seconds`` (all of them if None)."""
@@ -227,8 +257,8 @@ class AudioCopy:
             self.position = f"{start:.3f} s"
             mode, out = self.map[packet.stream.index]
             if mode == "copy":
-                if packet.dts is None and packet.stream.type == "subtitle":
-                    packet.dts = packet.pts  # (a subtitle is shown when it is decoded)
+                if packet.stream.type == "subtitle" and not self._fit_subtitle(packet):
+                    continue
                 if packet.dts is None:
                     continue
                 packet.stream = out
@@ -254,6 +284,7 @@ class AudioCopy:
         self.samples[index] += frame.samples
 
     def finish(self, until: float | None) -> None:
+        """Mux the rest, up to ``until`` seconds (an output cut short) or all of it (None), and flush."""
         try:
             self.mux_until(until)
             for mode, out in self.map.values():

@@ -5,6 +5,7 @@ Used by the command line and by the engines' callers; the ComfyUI nodes use Comf
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -12,6 +13,8 @@ import time
 import torch
 
 from .errors import PrecisionError, UserInputError
+
+log = logging.getLogger(__name__)
 
 # The one precision table: option value -> dtype.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -93,9 +96,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+FP16_ON_CPU = ("fp16 on the CPU computes hundreds of times slower than bf16 or fp32 (few CPUs have fp16 "
+               "arithmetic; a convolution took 10 s in fp16 against 6 ms in bf16 on a 2-core EPYC)")
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA GPUs that compute in it (``has_native_bf16``), else fp16 on CUDA, fp32 elsewhere."""
+    """``auto``: bf16 on CUDA GPUs that compute in it (``has_native_bf16``), else fp16 on CUDA, fp32 elsewhere.
+    fp16 on a CPU is taken, with a warning (a parity check may want it; a user most likely not)."""
     if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            log.warning("%s; --dtype bf16 takes the same memory", FP16_ON_CPU)
         return PRECISIONS[name]
     if device.type == "cuda":
         return torch.bfloat16 if has_native_bf16(device) else torch.float16
