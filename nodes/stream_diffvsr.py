@@ -37,11 +37,11 @@ def oom_ladder(model_patcher, w: int, h: int, scale: int = 4) -> str:
     what the loaded model does not do already."""
     if not mm.is_device_cpu(mm.get_torch_device()):
         return OOM_LADDER.format(w=w, h=h, W=scale * w, H=scale * h)
-    pipe = model_patcher.model
+    pipe = getattr(model_patcher, "model", None)  # (advice, made before the run: never an error of its own)
     steps = (["turn cpu_layers off on Load Stream-DiffVSR Model (about half the memory, slower)"]
              if getattr(pipe, "streamvsr_cpu_layers", False) else [])
     steps.append("set Load RAFT Flow Model's resolution to 'half'")
-    if compute_dtype_of(pipe) == torch.float32:
+    if getattr(pipe, "streamvsr_compute_dtype", torch.float32) == torch.float32:
         steps.append("precision bf16 on Load Stream-DiffVSR Model (half the weights; fast on CPUs with bf16 "
                      "arithmetic)")
     steps += ["upscale smaller frames (the output is 4x the input on each side, so memory grows with the output "
