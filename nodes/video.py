@@ -133,7 +133,8 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             category=CATEGORY,
             description="Upscales a whole video straight from its file to a new file in the output folder with "
                         "Stream-DiffVSR or FlashVSR, streaming: memory stays flat however long the video is. "
-                        "Audio, frame rate and timestamps are kept. Outputs a VIDEO for the core video nodes.",
+                        "Audio, the subtitles the container holds, chapters, labels, frame rate and timestamps "
+                        "(starting at 0) are kept. Outputs a VIDEO for the core video nodes.",
             inputs=[
                 io.MultiType.Input("model", types=[VSRModel, FlashVSRModelType],
                                    tooltip="From Load Stream-DiffVSR Model (then connect flow_model) or Load "

@@ -205,9 +205,9 @@ def _model_change(saved, now: str) -> str:
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
                   audio_until: float | None = None, rate: Fraction | None = None, origin_us: int = 0) -> int:
-    """Remux video-only segments into one file (no re-encoding) and add the audio of ``audio_from`` (up to
-    ``audio_until`` seconds, all of it if None); ``rate``: the frame rate to declare; ``origin_us``: see
-    ``writer.clock_start`` (segments keep the input's clock). Returns the frames joined."""
+    """Remux video-only segments into one file (no re-encoding) and add what ``audio.AudioCopy`` copies of
+    ``audio_from`` (its audio up to ``audio_until`` seconds, all of it if None); ``rate``: the frame rate to declare;
+    ``origin_us``: see ``writer.clock_start`` (segments keep the input's clock). Returns the frames joined."""
     import av
 
     frames = 0

@@ -9,12 +9,13 @@ fixed number of frames is alive however long the video is. Nothing is kept per f
 Timing: output frames keep the input frames' timestamps (same time base; the clock starts at the earliest video or
 audio start), so frame rate and variable frame timing survive. Audio: every audio stream is copied packet for
 packet, with its title, language and default flag; only where the output container cannot hold the codec (e.g. PCM
-in MP4) is it re-encoded to AAC. Subtitles are copied where the output container holds them as they are (any kind in
-Matroska). The file's title, other labels and chapters are kept; its other streams (a cover picture, data) are not,
-and a warning says so. Colour: the input is decoded to RGB with the matrix it is tagged with (untagged: BT.709 from
-720 lines up, BT.601 below, as players assume); H.264 output is encoded and tagged as BT.709 limited range, the
-convention for HD and 4K video; both codecs keep the input's primaries and transfer tags. HDR input and samples
-deeper than 8 bits are said in a warning (the output is 8-bit, not tone-mapped).
+in MP4) is it re-encoded to AAC. Subtitles are copied where the output container holds them as they are (SubRip,
+ASS, WebVTT, PGS, DVD and DVB subtitles in Matroska; MP4's text and DVD subtitles in MP4). The file's title, other
+labels and chapters are kept; its other streams (a cover picture, data) are not, and a warning says so. Colour: the
+input is decoded to RGB with the matrix it is tagged with (untagged: BT.709 from 720 lines up, BT.601 below, as
+players assume); H.264 output is encoded and tagged as BT.709 limited range, the convention for HD and 4K video;
+both codecs keep the input's primaries and transfer tags. HDR input and samples deeper than 8 bits are said in a
+warning (the output is 8-bit, not tone-mapped).
 
 Scene cuts (optional): ``SceneCutDetector`` compares consecutive LR frames; at a cut the temporal guidance is
 dropped (``engine.reset_temporal``), so the first frame of the new shot is upscaled like a first frame instead of
@@ -31,15 +32,15 @@ stops early (a decoder error, fewer frames than the header promises, or a change
 before it are finished and kept, and ``InputDamagedError`` says how many and where the input broke;
 ``allow_truncated`` instead accepts a cut-off or damaged input and writes what could be decoded to the output.
 
-Resume (optional, ``resume=True``): the video is written as segments ``OUT.streamvsr-partNNNN.nut`` (OUT with
-its extension; video only, each a complete file) and, at every checkpoint, the engine state and the count of
-frames written go to ``OUT.streamvsr-resume.safetensors`` (with the timestamps of frames the engine still
-holds). A checkpoint closes the current segment first, so the state always matches what is on disk, also after a
-crash or power loss (work since the last checkpoint is redone). When all frames are done, the segments are
-joined (under the temporary name) without re-encoding, the audio is added from the input, and once the joined
-file holds every frame it is moved to OUT and the work files are deleted. H.264 segments are encoded without
-B-frames so that their timestamps can be joined as they are (files get a few percent larger at the same CRF).
-"""
+Resume (optional, ``resume=True``): the video is written as segments ``OUT.streamvsr-partNNNN.nut`` (OUT with its
+extension; video only, each a complete file) and, at every checkpoint, the engine state and the count of frames
+written go to ``OUT.streamvsr-resume.safetensors`` (with the timestamps of frames the engine still holds). A
+checkpoint closes the current segment first, so the state always matches what is on disk, also after a crash or
+power loss (work since the last checkpoint is redone). When all frames are done, the segments are joined (under the
+temporary name) without re-encoding, the audio, subtitles, chapters and labels are added from the input, and once
+the joined file holds every frame it is moved to OUT and the work files are deleted. H.264 segments are encoded
+without B-frames so that their timestamps can be joined as they are (files get a few percent larger at the same
+CRF). """
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Encoding RGB frames into a video file as they come: codecs, colour tags, odd sizes, audio from the source."""
+"""Encoding RGB frames into a video file as they come: codecs, colour tags, odd sizes, and from the source its audio,
+subtitles, chapters and labels (``audio.AudioCopy``)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class VideoWriter:
 
     ``write(rgb, pts)`` takes an H x W x 3 uint8 array and the frame's pts in ``time_base`` units. Odd sizes
     (FlashVSR at scale 1 or 3 makes them) are padded by one replicated row/column for yuv420p. ``audio_from``: a
-    file whose audio streams are copied in, interleaved by time. ``b_frames=False`` makes every packet's dts equal
+    file whose audio streams (and what else ``audio.AudioCopy`` copies) are copied in, interleaved by time. ``b_frames=False`` makes every packet's dts equal
     its pts (needed to join segments).
     """
 

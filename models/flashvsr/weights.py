@@ -11,9 +11,10 @@ entries) and ``posi_prompt.pth`` (a pickled (1, L, 4096) prompt embedding, shipp
 projection merged in under ``LQ_proj_in.``. ``convert_flashvsr`` writes our own single ``.safetensors``
 (``dit.*``, ``lq_proj.*``, ``tc_decoder.*``, ``prompt``; metadata ``format``, ``version``, ``dtype``).
 
-v1 and v1.1 files have the same keys and shapes but need different LQ-projection arithmetic, so the version is the
-caller's choice; file names, the folder name and the sha256 of the published v1.1 LQ file only produce a warning
-when they contradict it. Pickles are opened with ``weights_only=True`` only.
+v1 and v1.1 files have the same keys and shapes but need different LQ-projection arithmetic. With no version given,
+``stated_version`` takes it from a repackaged DiT's name, the sha256 of the published v1.1 LQ file or a folder named
+for v1.1; against an explicit choice they only produce a warning. Pickles are opened with ``weights_only=True``
+only.
 """
 
 from __future__ import annotations
