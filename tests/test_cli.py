@@ -430,3 +430,18 @@ def test_a_file_that_is_not_weights_as_flow_says_so_without_torchs_advice(assets
                  "--device", "cpu"]) == 2
     assert f"cannot read {video} (4,128 bytes): not a PyTorch weights file" in caplog.text
     assert "weights_only" not in caplog.text and "RAFT" in caplog.text
+
+
+def test_16_bit_frames_saved_as_8_bit_pngs_are_said_before_the_model_loads(tmp_path, caplog):
+    """--save png writes 8 bits: with 16-bit frames in, the warning names png16 (said before the model loads, so
+    a missing model does not hide it)."""
+    from streamvsr.video.frames import write_png16
+
+    frames = tmp_path / "in"
+    frames.mkdir()
+    write_png16(frames / "f0.png", np.full((8, 12, 3), 40000, np.uint16))
+    code = main(["frames", str(frames), str(tmp_path / "out"), "--model", str(tmp_path / "missing")])
+    assert code == 2 and "the frames are 16-bit PNGs; --save png writes 8 bits (--save png16 keeps 16)" in caplog.text
+    caplog.clear()
+    main(["frames", str(frames), str(tmp_path / "out"), "--model", str(tmp_path / "missing"), "--save", "png16"])
+    assert "16-bit PNGs" not in caplog.text
