@@ -157,8 +157,11 @@ def oom_message(engine, h: int, w: int) -> str:
     """What to change: for the device ComfyUI runs on, and on a CPU only what the engine does not do already."""
     if not mm.is_device_cpu(mm.get_torch_device()):
         return OOM_ADVICE.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
-    steps = [f"kv_ratio {k} instead of {engine.kv_ratio:g}" for k in (2,) if engine.kv_ratio > k]
-    steps += [f"sparse_ratio {r} instead of {engine.sparse_ratio:g}" for r in (1.5,) if engine.sparse_ratio > r]
+    steps = []
+    if engine.kv_ratio > 2:
+        steps.append(f"kv_ratio 2 instead of {engine.kv_ratio:g}")
+    if engine.sparse_ratio > 1.5:
+        steps.append(f"sparse_ratio 1.5 instead of {engine.sparse_ratio:g}")
     if engine.compute_dtype == torch.float32:
         steps.append("precision bf16 on Load FlashVSR Model (half the weights and activations; fast on CPUs with "
                      "bf16 arithmetic)")

@@ -384,8 +384,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
         log.warning("FlashVSR: the LQ projection of %s is not the published v1.1 file (sha256 %s...); if it is "
                     "the v1 file, give version v1", path, lq_sha256[:16])
     facts.update(version_hints=hints, lq_sha256=lq_sha256, lq_source=lq_source, dit=dict(dit_module.config),
-                 lq_proj=lq_config,
-                 tc_decoder=tc_config,
+                 lq_proj=lq_config, tc_decoder=tc_config,
                  dtypes={"dit": _dtypes(dit), "lq_proj": _dtypes(lq), "tc_decoder": _dtypes(tc) if tc else None,
                          "prompt": str(prompt.dtype).replace("torch.", "")})
     return FlashVSRWeights(dit=dit, lq_proj=lq, tc_decoder=tc, prompt=prompt, version=version, facts=facts)
@@ -460,8 +459,7 @@ def convert_flashvsr(folder, out_path, dtype=None, version: str | None = None, v
 def detect(path) -> bool:
     """Whether ``path`` holds FlashVSR weights: a folder with a FlashVSR DiT or LQ projection file, a converted
     file, a known DiT file name, another component of such a folder, or a DiT ``.safetensors`` with the LQ
-    projection merged in. Reads names and
-    safetensors headers only; never raises."""
+    projection merged in. Reads names and safetensors headers only; never raises."""
     try:
         path = Path(path).expanduser()
         if path.is_dir():
