@@ -40,7 +40,8 @@ power loss (work since the last checkpoint is redone). When all frames are done,
 temporary name) without re-encoding, the audio, subtitles, chapters and labels are added from the input, and once
 the joined file holds every frame it is moved to OUT and the work files are deleted. H.264 segments are encoded
 without B-frames so that their timestamps can be joined as they are (files get a few percent larger at the same
-CRF). """
+CRF).
+"""
 
 from __future__ import annotations
 

@@ -49,8 +49,8 @@ class VideoWriter:
 
     ``write(rgb, pts)`` takes an H x W x 3 uint8 array and the frame's pts in ``time_base`` units. Odd sizes
     (FlashVSR at scale 1 or 3 makes them) are padded by one replicated row/column for yuv420p. ``audio_from``: a
-    file whose audio streams (and what else ``audio.AudioCopy`` copies) are copied in, interleaved by time. ``b_frames=False`` makes every packet's dts equal
-    its pts (needed to join segments).
+    file whose audio streams (and what else ``audio.AudioCopy`` copies) are copied in, interleaved by time.
+    ``b_frames=False`` makes every packet's dts equal its pts (needed to join segments).
     """
 
     def __init__(self, path, width: int, height: int, rate: Fraction, time_base: Fraction, codec: str = "h264",
