@@ -343,3 +343,20 @@ def test_kv_cache_keeps_post_rope_keys_and_means():
     assert torch.equal(cache.k_mean, k_w[4:].mean(1))
     with pytest.raises(ValueError, match="slices of 4 windows"):
         A.attend_streaming(q_w[:9], k_w[:9], v_w[:9], 2, cache, A.local_window_mask(3, 3, 3), 100, 1.0)
+
+
+def test_the_block_mask_compiles_with_inductor():
+    """The GPU compiles FlexAttention with Triton, which no test here can run; Inductor's CPU template compiles the
+    same block mask. Handed the full tiles' list as the partial tiles' too, it generated code that did not compile:
+    a block mask that a compiler cannot take is found here, not on a lent GPU."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    heads, nq, nk, blk, d = 2, 3, 4, 128, 64
+    q, k, v = (torch.randn(heads, n, blk, d) for n in (nq, nk, nk))
+    mask = torch.rand(heads, nq, nk) > 0.5
+    mask[:, 0] = False  # a query block with no key block: zeros
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex warns that it is unfused
+        eager = A.flex_block_sparse_attention(q, k, v, mask)
+    got = A.flex_block_sparse_attention(q, k, v, mask, compiled=A.compiled_flex_attention())
+    assert (got - eager).abs().max() < 1e-5

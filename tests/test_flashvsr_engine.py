@@ -236,7 +236,9 @@ def test_compiled_flex_reports_compiler_failures_and_passes_out_of_memory(monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_flex_equals_gather_on_a_gpu(folder, dtype):
     """What 'auto' picks on CUDA (FlexAttention compiled by Triton) against the gather attention, which the CPU
-    tests check against the official arithmetic: the same frames up to float rounding."""
+    tests check against the official arithmetic: the same frames up to float rounding. In bf16 a tiny random model
+    carries any change of rounding to about 0.1 over 30 frames (measured on the CPU: bf16 gather against fp32
+    gather), so there flex must be as close to the fp32 gather as the bf16 gather is."""
     from streamvsr.models.flashvsr import attention as A
 
     reason = A.flex_unavailable("cuda")
@@ -249,8 +251,13 @@ def test_compiled_flex_equals_gather_on_a_gpu(folder, dtype):
     assert flex.attention == "flex"  # it compiled: no fallback
     b, _ = _run(gather, frames)
     assert a.shape == b.shape == (30, 3, 256, 256)
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    assert (a - b).abs().max() <= tolerance, (a - b).abs().max()
+    if dtype == torch.float32:
+        assert (a - b).abs().max() <= 1e-4, (a - b).abs().max()
+        return
+    reference, _ = _run(load_engine(folder, device="cuda", dtype=torch.float32, attention="gather"), frames)
+    flex_error, gather_error = (a.float() - reference).abs(), (b.float() - reference).abs()
+    assert flex_error.mean() <= 1.5 * gather_error.mean() + 1e-3, (flex_error.mean(), gather_error.mean())
+    assert flex_error.max() <= 1.5 * gather_error.max() + 1e-2, (flex_error.max(), gather_error.max())
 
 
 def test_attention_auto_takes_flex_only_where_it_can_run(monkeypatch, caplog):

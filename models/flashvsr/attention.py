@@ -305,13 +305,16 @@ def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     counts = m.sum(-1).to(torch.int32)
     indices = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     empty = torch.zeros_like(counts)
+    # No tile is partial: their list is never read, but must be a tensor of its own (given the full tiles' list,
+    # Inductor's CPU template generated code that did not compile)
+    no_partial = torch.zeros_like(indices)
 
     # Every selected tile is a full tile, which compiled kernels compute without calling mask_mod; eager flex
     # ignores the block structure and only applies mask_mod, so it has to carry the selection too.
     def selected(b, h, q_idx, kv_idx):
         return mask[h, q_idx // blk, kv_idx // blk]
 
-    block_mask = BlockMask.from_kv_blocks(empty, indices, counts, indices, BLOCK_SIZE=blk, mask_mod=selected,
+    block_mask = BlockMask.from_kv_blocks(empty, no_partial, counts, indices, BLOCK_SIZE=blk, mask_mod=selected,
                                           seq_lengths=(nq * blk, nk * blk))
     fn = compiled or flex_attention
     out = fn(q.reshape(1, heads, nq * blk, d), k.reshape(1, heads, nk * blk, d), v.reshape(1, heads, nk * blk, d),
