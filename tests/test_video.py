@@ -445,6 +445,23 @@ def test_subtitles_from_before_the_output_clocks_start_are_cut_to_it_not_moving_
     assert chapters == [0.0, 0.1]
 
 
+def test_an_output_cut_short_has_the_chapters_of_what_it_holds(tmp_path):
+    """Chapters are set once the end is known: a run stopped after two frames keeps its frames as a partial file,
+    whose chapters end with them (they ran to the input's end before)."""
+    from streamvsr.video.outputs import partial_path
+
+    clip = labelled_clip(tmp_path / "film.mkv", subtitles=False)
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, should_stop=lambda: polls.append(1) or len(polls) > 2)
+    with av.open(str(partial_path(out))) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    with av.open(str(partial_path(out))) as c:
+        chapters = [(ch["metadata"].get("title"), float(ch["start"] * ch["time_base"]),
+                     float(ch["end"] * ch["time_base"])) for ch in c.chapters()]
+    assert frames == 2 and chapters == [("Intro", 0.0, pytest.approx(2 / 24, abs=1e-3))]
+
+
 def test_only_labels_of_the_content_are_copied():
     """Not what describes the input's encoding (its statistics, encoder) nor the picture's turn or transparency: an
     old file's "rotate" tag on the upright output would have players turn it a second time."""

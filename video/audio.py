@@ -7,6 +7,7 @@ import logging
 from fractions import Fraction
 
 import io
+import math
 
 from ..models.shared.errors import UserInputError
 from .reader import open_input
@@ -161,7 +162,6 @@ class AudioCopy:
             if self.container.streams.video and sink.streams.video:
                 sink.streams.video[0].metadata.update(_labels(self.container.streams.video[0].metadata))
             self._add_streams(sink, out_suffix)
-            self._copy_chapters(sink, origin_us)
         except BaseException:
             self.container.close()
             raise
@@ -202,16 +202,21 @@ class AudioCopy:
         self.position = "the start"
         self.samples: dict[int, int] = {}  # re-encoded stream -> its next frame's timestamp, in samples
 
-    def _copy_chapters(self, sink, origin_us: int) -> None:
+    def _copy_chapters(self, until: float | None) -> None:
+        """The input's chapters, moved with the output clock's start (the muxer does not shift them) and, in an
+        output cut short at ``until`` seconds, cut there. Set at the end, which both Matroska and MP4 take: only
+        then is the end known."""
         chapters = []
         for chapter in _chapters(self.container):
-            shift = round(Fraction(origin_us, 1_000_000) / chapter["time_base"])  # (the muxer does not shift them)
-            start, end = chapter["start"] - shift, chapter["end"] - shift
-            if end > 0:
+            tb = chapter["time_base"]
+            end = chapter["end"] if until is None else min(chapter["end"], math.ceil(Fraction(until) / tb))
+            shift = round(Fraction(self.origin_us, 1_000_000) / tb)
+            start, end = chapter["start"] - shift, end - shift
+            if end > max(start, 0):
                 chapters.append({**chapter, "start": max(start, 0), "end": end,
                                  "metadata": _labels(chapter.get("metadata"))})
-        if chapters and hasattr(sink, "set_chapters"):
-            sink.set_chapters(chapters)
+        if chapters and hasattr(self.sink, "set_chapters"):
+            self.sink.set_chapters(chapters)
 
     def _fit_subtitle(self, packet) -> bool:
         """A subtitle packet made to lie inside the output's time: one that ends before the output's clock starts
@@ -287,6 +292,7 @@ class AudioCopy:
         """Mux the rest, up to ``until`` seconds (an output cut short) or all of it (None), and flush."""
         try:
             self.mux_until(until)
+            self._copy_chapters(until)
             for mode, out in self.map.values():
                 if mode == "encode":
                     self.sink.mux(out.encode(None))
