@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, dtype_default="fp32", model_required=True)
     p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
                    help="png: 8-bit; png16: 16-bit; npy: float32 HxWx3 in [0,1]")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs already in OUT_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs already in OUT_DIR, or discard an unfinished --resume job of OUT_DIR")
+    commands.add_resume_options(p, "keep a checkpoint (OUT_DIR.streamvsr-resume.safetensors next to OUT_DIR)")
     p.set_defaults(func=commands.cmd_frames)
 
     p = sub.add_parser("flow", help="optical flow of consecutive PNG frames (backward-warps frame i-1 onto i)")

@@ -24,11 +24,7 @@ def add_video_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scene-cut", type=float_range(0, 1), metavar="T",
                    help="reset the temporal guidance where the mean absolute difference of consecutive input "
                         "frames (in [0,1], at 64 px) exceeds T; 0.3 is a good start. Off by default (0 = off)")
-    p.add_argument("--resume", action="store_true",
-                   help="write resumably (segments + OUT.streamvsr-resume.safetensors next to OUT) and continue "
-                        "an interrupted job; the same command again picks up where it stopped")
-    p.add_argument("--checkpoint-every", type=float_range(0, low_open=True), metavar="SECONDS",
-                   help="with --resume: seconds between checkpoints (default 60)")
+    add_resume_options(p, "write resumably (segments + OUT.streamvsr-resume.safetensors next to OUT)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it exists (only once the new file is complete), or discard an unfinished "
                         "--resume job of OUT")
@@ -36,6 +32,20 @@ def add_video_options(p: argparse.ArgumentParser) -> None:
                    help="accept a cut-off or damaged input: write the frames that can be decoded to OUT and exit 0 "
                         "with a warning (without it: an error, and those frames go to OUT's .streamvsr-partial "
                         "file)")
+
+
+def add_resume_options(p: argparse.ArgumentParser, how: str) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help=f"{how} and continue an interrupted job; the same command again picks up where it stopped")
+    p.add_argument("--checkpoint-every", type=float_range(0, low_open=True), metavar="SECONDS",
+                   help="with --resume: seconds between checkpoints (default 60)")
+
+
+def check_resume_options(args) -> None:
+    from ..models.shared.errors import UserInputError
+
+    if args.checkpoint_every is not None and not args.resume:
+        raise UserInputError("--checkpoint-every only applies with --resume")
 
 
 def crf_value(text: str) -> int:
@@ -99,18 +109,17 @@ def _removed_if_failed(folder):
 
 def cmd_frames(args) -> int:
     from ..models.shared.runtime import Progress
-    from ..video.frames import (check_folder_outputs, check_frames, list_pngs, output_name, png_bit_depth,
-                                upscale_folder)
+    from ..video.frames import check_folder_job, check_frames, list_pngs, png_bit_depth, upscale_folder
     from ..video.outputs import OutputLock, make_folder
 
     # Every input and output mistake is found before the model loads; the lock makes a second run into the same
     # folder fail at once rather than after loading.
+    check_resume_options(args)
     files = list_pngs(args.in_dir)
     width, height = check_frames(files)
     if args.save == "png" and png_bit_depth(files[0]) == 16:
         log.warning("the frames are 16-bit PNGs; --save png writes 8 bits (--save png16 keeps 16)")
-    check_folder_outputs({args.in_dir}, args.out_dir, files, [output_name(p.stem, args.save) for p in files],
-                         args.overwrite)
+    check_folder_job(files, args.out_dir, seed=args.seed, save=args.save, resume=args.resume, overwrite=args.overwrite)
     plan = plan_engine(args)
     plan.check_size(height, width)
     with _removed_if_failed(args.out_dir):
@@ -120,7 +129,8 @@ def cmd_frames(args) -> int:
             progress = Progress(len(files), "frames")
             try:
                 written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
-                                         progress=progress.update, overwrite=args.overwrite)
+                                         progress=progress.update, overwrite=args.overwrite, resume=args.resume,
+                                         checkpoint_seconds=args.checkpoint_every or 60.0)
             finally:
                 progress.close()
     scale = int(engine.scale)
@@ -164,13 +174,11 @@ def cmd_flow(args) -> int:
 
 def cmd_upscale(args) -> int:
     """Returns 0 when the whole video was written, 130 after a Ctrl-C stop."""
-    from ..models.shared.errors import UserInputError
     from ..models.shared.runtime import Progress
     from ..video.outputs import OutputLock, make_folder
     from ..video.stream import check_video_job, upscale_video
 
-    if args.checkpoint_every is not None and not args.resume:
-        raise UserInputError("--checkpoint-every only applies with --resume")
+    check_resume_options(args)
     # Inputs, outputs and options first, then the model: a mistake is reported before any weights load.
     job = check_video_job(args.in_video, args.out_video, seed=args.seed, codec=args.codec, crf=args.crf,
                           scene_cut_threshold=args.scene_cut, resume=args.resume, overwrite=args.overwrite)

@@ -1,5 +1,6 @@
 """The command line end to end on tiny checkpoints: frames, flow and convert."""
 
+import logging
 import re
 
 import numpy as np
@@ -47,6 +48,40 @@ def test_frames_npy_matches_engine(assets, tmp_path):
     for path, saved in zip(sorted(frames.iterdir()), arrays):
         hr, state = engine.step(read_frame(path), state)
         assert np.array_equal(hr[0].permute(1, 2, 0).numpy(), saved)
+
+
+def test_frames_resume_continues_a_stopped_run_with_the_real_engine_state(assets, tmp_path, monkeypatch, caplog):
+    """`frames --resume` stopped by Ctrl-C (exit 130) writes a checkpoint of the Stream-DiffVSR state (its noise
+    generator, the previous output and upscale); the same command continues it to the outputs of one run."""
+    from streamvsr.models.stream_diffvsr.engine import StreamEngine
+
+    ckpt, raft, frames = assets
+    common = ["--model", str(ckpt), "--flow", str(raft), "--save", "npy", "--device", "cpu"]
+    assert main(["frames", str(frames), str(tmp_path / "whole"), *common]) == 0
+    assert main(["frames", str(frames), str(tmp_path / "o"), *common, "--checkpoint-every", "5"]) == 2
+    assert "--checkpoint-every only applies with --resume" in caplog.text
+    push, pushes = StreamEngine.push, []
+
+    def stopped_at_the_third(self, state, frames, consume=False):
+        pushes.append(1)
+        if len(pushes) == 3:
+            raise KeyboardInterrupt
+        return push(self, state, frames, consume)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(StreamEngine, "push", stopped_at_the_third)
+        assert main(["frames", str(frames), str(out), *common, "--resume"]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["f000.npy", "f001.npy"]
+    assert main(["frames", str(frames), str(out), *common]) == 2
+    assert "has an unfinished resumable job (2 frames done" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["frames", str(frames), str(out), *common, "--resume"]) == 0
+    assert f"resuming {out} after 2 frames" in caplog.text
+    for name in ("f000.npy", "f001.npy", "f002.npy"):
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "whole" / name)), name
+    assert not (tmp_path / "out.streamvsr-resume.safetensors").exists()
 
 
 def test_plain_layers_option_builds_torch_layers_with_the_same_output(assets, tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ from PIL import Image
 
 from streamvsr.models.shared.errors import (InputDamagedError, OutputBusyError, OutputExistsError,
                                             OutputMoveError, UserInputError)
-from streamvsr.video.frames import check_frames, flow_folder, list_pngs, read_frame, upscale_folder, write_png16
+from streamvsr.video.frames import (check_folder_job, check_frames, flow_folder, list_pngs, read_frame, upscale_folder,
+                                    write_png16)
 from streamvsr.video.outputs import OutputLock, lock_path, partial_path, temp_path
 from streamvsr.video.reader import FrameReader, probe_video
 from streamvsr.video.resume import ResumeFiles
@@ -313,6 +314,126 @@ def test_a_stopped_overwrite_says_which_outputs_are_still_an_earlier_runs_and_fl
     with pytest.raises(KeyboardInterrupt):
         flow_folder(flow, files, tmp_path / "flow")
     assert f"stopped: 2 of 4 flow fields were written to {tmp_path / 'flow'}, each complete" in caplog.text
+
+
+class StopsAt(FakeEngine):
+    """Ctrl-C while the engine steps frame ``at`` (of the whole sequence), or ``error`` raised there."""
+
+    def __init__(self, at, error=KeyboardInterrupt):
+        super().__init__()
+        self.at, self.error = at, error
+
+    def step(self, frame, state):
+        if state.frame_index == self.at:
+            raise self.error
+        return super().step(frame, state)
+
+
+def npy_outputs(folder):
+    return {p.name: np.load(p) for p in sorted(Path(folder).glob("*.npy"))}
+
+
+def test_a_frames_job_with_resume_continues_after_a_stop_as_if_it_ran_through(tmp_path, caplog):
+    """A hard Ctrl-C mid-frame checkpoints the frames before it (a state is never changed by later steps), and the
+    same job again continues there: the same outputs as one run, no frame upscaled twice, no work files left."""
+    files = png_folder(tmp_path / "in", n=6)
+    upscale_folder(FakeEngine(), files, tmp_path / "whole", save="npy", seed=3)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(4), files, out, save="npy", seed=3, resume=True)
+    assert f"stopped: 4 of 6 frames were written to {out}, each complete; run the same command again" in caplog.text
+    state_file = ResumeFiles(out).state
+    assert state_file.exists() and ResumeFiles(out).read_info()["consumed"] == 4
+    engine = FakeEngine()
+    assert upscale_folder(engine, files, out, save="npy", seed=3, resume=True) == 6
+    assert [index for index, _, _ in engine.calls] == [4, 5]
+    whole, got = npy_outputs(tmp_path / "whole"), npy_outputs(out)
+    assert list(got) == list(whole) and all(np.array_equal(got[k], whole[k]) for k in whole)
+    assert not state_file.exists() and not os.path.exists(ResumeFiles(out).state_tmp)
+
+
+def test_a_killed_frames_job_continues_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A run killed outright saves nothing at the end: the next one continues from the last periodic
+    checkpoint, redoing (and replacing) the outputs written after it."""
+    import streamvsr.video.frames as frames_module
+
+    files = png_folder(tmp_path / "in", n=7)
+    upscale_folder(FakeEngine(), files, tmp_path / "whole", save="npy")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(frames_module, "_checkpoint_after_failure", lambda save: None)  # killed: no last checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            upscale_folder(StopsAt(5), files, out, save="npy", resume=True, checkpoint_frames=2)
+    assert ResumeFiles(out).read_info()["frames"] == 4 and len(npy_outputs(out)) == 5
+    engine = FakeEngine()
+    upscale_folder(engine, files, out, save="npy", resume=True)
+    assert [index for index, _, _ in engine.calls] == [4, 5, 6]
+    whole, got = npy_outputs(tmp_path / "whole"), npy_outputs(out)
+    assert list(got) == list(whole) and all(np.array_equal(got[k], whole[k]) for k in whole)
+
+
+def test_an_unfinished_frames_job_is_continued_only_as_the_same_job(tmp_path):
+    """Without --resume it is neither continued nor discarded unasked; other settings, other frames before the
+    checkpoint or finished outputs gone are one line each (before the model loads), and --overwrite discards it.
+    Frames added after the ones it read (a sequence still being rendered) are continued."""
+    files = png_folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(2), files, out, save="npy", resume=True)
+    state_file = ResumeFiles(out).state
+    with pytest.raises(UserInputError, match=f"{out} has an unfinished resumable job \\(2 frames done, "
+                                             f"{state_file.name} next to it\\): add --resume"):
+        check_folder_job(files, out, save="npy")
+    with pytest.raises(UserInputError, match="other settings \\(seed 42 then, 7 now; format 'npy' then, 'png' now"):
+        check_folder_job(files, out, seed=7, save="png", resume=True)
+    shutil.copy2(files[1], tmp_path / "kept.png")
+    written = files[1].stat().st_mtime_ns
+    shutil.copy(files[0], files[1])  # another frame of the same size, written a second later
+    os.utime(files[1], ns=(written + 10**9, written + 10**9))
+    assert files[1].stat().st_size == (tmp_path / "kept.png").stat().st_size
+    with pytest.raises(UserInputError, match="the 2 frames it read are not those files now"):
+        check_folder_job(files, out, save="npy", resume=True)
+    with pytest.raises(UserInputError, match="the 2 frames it read are not those files now"):
+        check_folder_job(files[:1], out, save="npy", resume=True)
+    shutil.copy2(tmp_path / "kept.png", files[1])  # the frame as it was
+    (out / "f001.npy").unlink()
+    with pytest.raises(UserInputError, match="counts 2 finished frames, but .*f001.npy are gone; put them back"):
+        check_folder_job(files, out, save="npy", resume=True)
+    assert state_file.exists()
+    np.save(out / "f001.npy", np.zeros(1))
+    for name in ("f004.png", "f005.png"):  # two more frames rendered meanwhile
+        shutil.copy(files[0], tmp_path / "in" / name)
+    files = list_pngs(tmp_path / "in")
+    engine = FakeEngine()
+    assert upscale_folder(engine, files, out, save="npy", resume=True) == 6
+    assert [index for index, _, _ in engine.calls] == [2, 3, 4, 5]
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(3), files, out, save="npy", resume=True, overwrite=True)
+    engine = FakeEngine()
+    upscale_folder(engine, files, out, save="npy", seed=9, resume=True, overwrite=True)  # other seed: discarded
+    assert [index for index, _, _ in engine.calls] == list(range(6)) and not state_file.exists()
+    expected = FakeEngine()
+    upscale_folder(expected, files, tmp_path / "seed9", save="npy", seed=9)
+    assert all(np.array_equal(a, b) for a, b in zip(npy_outputs(out).values(),
+                                                     npy_outputs(tmp_path / "seed9").values()))
+
+
+def test_a_frames_job_that_fails_keeps_a_checkpoint_and_one_that_cannot_save_it_reports_the_failure(tmp_path,
+                                                                                                    monkeypatch,
+                                                                                                    caplog):
+    files = png_folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="engine failure"):
+        upscale_folder(StopsAt(3, RuntimeError("engine failure")), files, out, save="npy", resume=True)
+    assert ResumeFiles(out).read_info()["frames"] == 3
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ResumeFiles, "save", full)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(1), files, tmp_path / "other", save="npy", resume=True)
+    assert "could not save the resume checkpoint (OSError: [Errno 28] No space left on device)" in caplog.text
 
 
 def test_a_sequence_folder_as_it_comes_from_other_machines(tmp_path, caplog):

@@ -529,6 +529,45 @@ def test_video_resume_with_held_frames_equals_one_run(engine, tmp_path):
     assert len(decode(out)) == 30
 
 
+def test_frames_resume_with_held_frames_equals_one_run(engine, tmp_path):
+    """A `frames` job stopped mid-chunk keeps the frames the engine holds in its checkpoint, and continues them."""
+    from PIL import Image
+
+    from streamvsr.video.frames import upscale_folder
+    from streamvsr.video.resume import ResumeFiles
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, frame in enumerate(_frames(30)):
+        Image.fromarray((frame.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(folder / f"{i:02d}.png")
+    files = sorted(folder.iterdir())
+    upscale_folder(engine, files, tmp_path / "whole", save="npy")
+
+    class StopsAtPush:
+        def __init__(self, at):
+            self.pushes, self.at = 0, at
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def push(self, state, frames, consume=False):
+            self.pushes += 1
+            if self.pushes > self.at:
+                raise KeyboardInterrupt
+            return engine.push(state, frames, consume)
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAtPush(27), files, out, save="npy", resume=True)
+    info = ResumeFiles(out).read_info()
+    assert (info["consumed"], info["frames"]) == (27, 21)  # 6 frames held in the checkpointed state
+    resumed = StopsAtPush(30)
+    assert upscale_folder(resumed, files, out, save="npy", resume=True) == 30
+    assert resumed.pushes == 3
+    for name in [f"{i:02d}.npy" for i in range(30)]:
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "whole" / name)), name
+
+
 def _live_kv_bytes() -> int:
     """Bytes of every attention cache block alive in the process (shared storage counted once)."""
     import gc

@@ -5,7 +5,8 @@ orientation), writing PNG/16-bit PNG/npy, and the folder jobs of ``streamvsr fra
 The same guarantees as for video files (``outputs``): the whole input folder is checked before any work
 (``check_frames``, ``check_folder_outputs``: every file an undamaged image, one size, outputs that neither are nor
 replace the inputs), each output file is written under a temporary name and renamed when complete, existing
-outputs are replaced only with ``overwrite``, and a lock refuses a second run into the same folder.
+outputs are replaced only with ``overwrite``, and a lock refuses a second run into the same folder. With
+``resume``, a checkpoint next to the output folder lets a stopped ``frames`` job continue where it stopped.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import logging
 import os
 import re
 import struct
+import time
 import zlib
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +28,7 @@ import torch
 from ..models.shared.errors import OutputExistsError, UserInputError
 from .outputs import (TMP_TAG, OutputLock, check_folder_creatable, make_folder, publish, remove_stale, same_file,
                       temp_path)
+from .resume import ResumeFiles, fingerprint_mismatch, folder_fingerprint, other_settings
 
 log = logging.getLogger(__name__)
 
@@ -297,45 +301,149 @@ def _prepare(out_dir: Path, names: list[str]) -> None:
     remove_stale([temp_path(out_dir / name) for name in names])
 
 
+@dataclass
+class FolderJob:
+    """A checked ``frames`` job (``check_folder_job``): what can be known before the model is loaded."""
+
+    names: list[str]             # the output files, one per input frame
+    files: ResumeFiles | None    # the checkpoint's files (with resume)
+    saved: dict | None           # the checkpoint to continue, if any (with resume)
+    discard_unfinished: bool     # an unfinished resumable job of this folder is to be thrown away (overwrite)
+
+
+def check_folder_job(files: list[Path], out_dir: Path, seed: int = 42, save: str = "png", resume: bool = False,
+                     overwrite: bool = False) -> FolderJob:
+    """Every check of a ``frames`` job that needs no model, each failure a one-line error: the format, the outputs
+    (``check_folder_outputs``) and an unfinished resumable job of ``out_dir`` (its checkpoint
+    ``OUT_DIR.streamvsr-resume.safetensors`` next to the folder): continued with ``resume`` where its settings and
+    the frames it read are this job's, and where the outputs it finished are there; discarded with ``overwrite``;
+    else an error. Nothing is written."""
+    if save not in SAVE_FORMATS:
+        raise UserInputError(f"save must be one of {', '.join(SAVE_FORMATS)}, got {save!r}")
+    out_dir, files = Path(out_dir), [Path(p) for p in files]
+    names = [output_name(p.stem, save) for p in files]
+    checkpoint = ResumeFiles(out_dir)
+    saved = checkpoint.read_info()
+    if saved is not None:
+        with OutputLock(out_dir):  # a run writing this job right now is what to report, not its checkpoint
+            pass
+    if saved is not None and not resume and not overwrite:
+        raise UserInputError(f"{out_dir} has an unfinished resumable job ({saved['frames']} frames done, "
+                             f"{checkpoint.state.name} next to it): add --resume to continue it, or --overwrite to "
+                             "discard it")
+    discard = saved is not None and not resume
+    if saved is not None and resume:
+        read = files[:saved["consumed"]]
+        base = folder_fingerprint(files[0].parent, [p.name for p in read], [_stamp(p) for p in read], seed, save,
+                                  (0, 0))
+        del base["size"]  # (that of the frames it read, which are compared)
+        if len(read) < saved["consumed"]:
+            base["frames_read"]["count"] = saved["consumed"]  # (fewer frames now: never equal)
+        discard = other_settings(checkpoint, fingerprint_mismatch(saved["fingerprint"], base), overwrite)
+        gone = [name for name in names[:saved["frames"]] if not os.path.lexists(out_dir / name)]
+        if gone and not discard:
+            if not overwrite:
+                raise UserInputError(f"{checkpoint.state} counts {saved['frames']} finished frames, but "
+                                     f"{out_dir / gone[0]}{f' and {len(gone) - 1} more' if len(gone) > 1 else ''} "
+                                     "are gone; put them back to continue, or add --overwrite to discard the job and "
+                                     "start over")
+            discard = True
+    continued = saved is not None and resume and not discard
+    # A continued job replaces the outputs it wrote after its last checkpoint (they are redone).
+    check_folder_outputs({p.parent for p in files}, out_dir, files, names, overwrite or continued)
+    return FolderJob(names, checkpoint if resume else None, saved if continued else None, discard)
+
+
+def _stamp(path: Path) -> str:
+    """What tells a frame file from another under its name: its size and modification time."""
+    try:
+        st = path.stat()
+    except OSError:  # (a frame that cannot be read stops the job when it comes)
+        return "?"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, save: str = "png",
-                   progress: Callable[[int], None] | None = None, overwrite: bool = False) -> int:
+                   progress: Callable[[int], None] | None = None, overwrite: bool = False, resume: bool = False,
+                   checkpoint_seconds: float = 60.0, checkpoint_frames: int | None = None) -> int:
     """Upscale ``files`` (one sequence, in order) into ``out_dir``, one output per input with the same stem.
     Frames are written as the engine finishes them, each complete or not at all. Returns the number written.
 
     A frame that cannot be read, or has another size, stops the run: the frames before it are finished and the
-    error says how many were written."""
-    if save not in SAVE_FORMATS:
-        raise UserInputError(f"save must be one of {', '.join(SAVE_FORMATS)}, got {save!r}")
+    error says how many were written.
+
+    resume: keep a checkpoint (the engine state after the frames read so far) next to ``out_dir``, every
+    ``checkpoint_seconds`` (or ``checkpoint_frames`` frames) and when the run stops for any reason, and continue
+    from it (see ``check_folder_job``); removed once every frame is written. Since a state is never changed by
+    later steps, a hard stop mid-frame still checkpoints the frames before it."""
     out_dir = Path(out_dir)
     files = [Path(p) for p in files]
-    names = [output_name(p.stem, save) for p in files]
-    check_folder_outputs({p.parent for p in files}, out_dir, files, names, overwrite)
+    job = check_folder_job(files, out_dir, seed, save, resume, overwrite)
+    names, checkpoint = job.names, job.files
     make_folder(out_dir.parent)
     with OutputLock(out_dir):
         _prepare(out_dir, names)
-        earlier = {name for name in names if (out_dir / name).exists()}  # (replaced, with overwrite)
-        state = engine.new_state(seed)
-        stems: deque[str] = deque()
-        written = 0
+        if job.discard_unfinished:
+            ResumeFiles(out_dir).remove()
+            log.info("discarded the unfinished resumable job of %s (overwrite)", out_dir)
+        state, consumed, written, stamps = engine.new_state(seed), 0, 0, []
+        saved = None
+        if checkpoint is not None:
+            checkpoint.state_tmp.unlink(missing_ok=True)
+            saved = checkpoint.load(engine) if job.saved is not None else None
+        size = None
+        if saved is not None:
+            info, state, _ = saved
+            consumed, written = info["consumed"], info["frames"]
+            size = tuple(info["fingerprint"]["size"])[::-1]
+            stamps = [_stamp(p) for p in files[:consumed]]
+            # (the model's part of the settings can only be compared now)
+            differs = fingerprint_mismatch(info["fingerprint"], {"model": engine.identity()})
+            if other_settings(checkpoint, differs, overwrite):
+                checkpoint.remove()
+                log.info("discarded the unfinished resumable job of %s (%s; overwrite)", out_dir, differs)
+                state, consumed, written, stamps, size, saved = engine.new_state(seed), 0, 0, [], None, None
+            else:
+                log.info("resuming %s after %d frames", out_dir, written)
+        # the outputs that a stop would leave from an earlier run (see done); a continued job's are its own
+        earlier = set() if saved is not None else {name for name in names if (out_dir / name).exists()}
+        stems: deque[str] = deque(p.stem for p in files[written:consumed])  # pushed, not yet returned
+        # the last point where the state, the frames read and the outputs written agree: what a checkpoint saves
+        safe = (state, consumed, written)
+        saved_at = (consumed, written) if saved is not None else (0, 0)
+        last_time, since = time.monotonic(), 0
+        if progress is not None and written:
+            progress(written)
+
+        def save_checkpoint() -> None:
+            nonlocal saved_at
+            ckpt_state, ckpt_consumed, ckpt_written = safe
+            if checkpoint is None or (ckpt_consumed, ckpt_written) == saved_at:
+                return
+            fp = folder_fingerprint(files[0].parent, [p.name for p in files[:ckpt_consumed]], stamps[:ckpt_consumed],
+                                    seed, save, (size[1], size[0]), engine)
+            checkpoint.save(ckpt_state, {"fingerprint": fp, "consumed": ckpt_consumed, "frames": ckpt_written,
+                                         "segments": 0, "held_pts": [], "complete": False, "scene_cuts": 0}, None)
+            saved_at = (ckpt_consumed, ckpt_written)
 
         def done(how: str = "") -> str:
             # A run that stops replaced only the outputs it wrote: the folder then mixes two runs, said here.
             kept = [name for name in names[written:] if name in earlier]
             mixed = f"; {len(kept)} after them ({_span(kept)}) are still those of an earlier run" if kept else ""
+            again = "; run the same command again to continue" if checkpoint is not None and saved_at[0] else ""
             return (f"{written} of {len(files)} frames were written to {out_dir}{how}" if written else
-                    "no frame was written") + mixed
+                    "no frame was written") + mixed + again
 
         def emit(frames: torch.Tensor) -> None:
             nonlocal written
             for hr in frames:
-                save_frame(hr[None], out_dir / stems.popleft(), save, overwrite=overwrite)
+                save_frame(hr[None], out_dir / stems.popleft(), save, overwrite=overwrite or saved is not None)
                 written += 1
                 if progress is not None:
                     progress(written)
 
-        size = None
         try:
-            for path in files:
+            for path in files[consumed:]:
                 try:
                     frame = read_frame(path)
                     if size is not None and tuple(frame.shape[-2:]) != size:
@@ -343,20 +451,46 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                                              f"before it {size[1]}x{size[0]}: all frames of a sequence must have "
                                              "one size")
                 except UserInputError as e:
-                    # The frames before this one are good: finish those the engine still holds, then report.
+                    # The frames before this one are good: keep where they stand, finish those the engine still
+                    # holds, then report.
+                    _checkpoint_after_failure(save_checkpoint)
                     out, state = engine.flush(state)
                     emit(out)
                     raise UserInputError(f"{e}; {done()}") from None
                 size = tuple(frame.shape[-2:])
                 stems.append(path.stem)
+                stamps.append(_stamp(path))
                 out, state = engine.push(state, frame[None])
+                consumed += 1
                 emit(out)
+                safe = (state, consumed, written)
+                since += 1
+                if checkpoint is not None and ((checkpoint_frames and since >= checkpoint_frames) or (
+                        not checkpoint_frames and time.monotonic() - last_time >= checkpoint_seconds)):
+                    save_checkpoint()
+                    last_time, since = time.monotonic(), 0
             out, state = engine.flush(state)
             emit(out)
         except KeyboardInterrupt:  # (Ctrl-C: the command line says only that it was interrupted)
+            _checkpoint_after_failure(save_checkpoint)
             log.warning("stopped: %s", done(", each complete"))
             raise
+        except BaseException:
+            _checkpoint_after_failure(save_checkpoint)
+            raise
+        if checkpoint is not None:
+            checkpoint.remove()
     return written
+
+
+def _checkpoint_after_failure(save: Callable[[], None]) -> None:
+    """Checkpoint a job that is stopping: where that fails too (a full disk), the reason it stopped is the error
+    to report, and this one a warning."""
+    try:
+        save()
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not save the resume checkpoint (%s: %s); the next run continues from the one before",
+                    type(e).__name__, e)
 
 
 def _span(names: list[str]) -> str:

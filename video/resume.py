@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -157,14 +158,32 @@ def fingerprint(source, seed, codec, crf, scene_cut_threshold, size: tuple[int, 
     return job
 
 
+def folder_fingerprint(in_dir, names: list[str], stamps: list[str], seed, save: str, size: tuple[int, int],
+                       engine=None) -> dict:
+    """``fingerprint`` of a ``frames`` job that has read the frames ``names`` of ``in_dir`` (``stamps``: each
+    one's size and modification time): only those. Frames after them may change or be added, so that a sequence still being rendered,
+    or a bad frame that stopped the job and was fixed, is continued."""
+    digest = hashlib.sha256()
+    for name, stamp in zip(names, stamps):
+        digest.update(f"{name}\0{stamp}\0".encode("utf-8", "surrogateescape"))
+    job = {"input": os.path.abspath(in_dir), "frames_read": {"count": len(names), "sha256": digest.hexdigest()},
+           "size": list(size), "seed": int(seed), "save": save, "version": RESUME_VERSION}
+    if engine is not None:
+        job["model"] = engine.identity()
+    return job
+
+
 def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
     """None when ``saved`` continues ``now`` (only the keys of ``now`` are compared), else what differs."""
     names = {"input": "input", "input_bytes": "input size", "size": "frame size", "seed": "seed", "codec": "codec",
-             "scene_cut": "scene cut", "version": "resume format", "model": "model/settings"}
+             "scene_cut": "scene cut", "version": "resume format", "model": "model/settings", "save": "format"}
     diffs = []
     for key, value in now.items():
         if saved.get(key) != value:
-            if key == "model":
+            if key == "frames_read":
+                diffs.append(f"the {value['count']} frames it read are not those files now (renamed, changed, added "
+                             "between them or removed)")
+            elif key == "model":
                 diffs.append(_model_change(saved.get(key), value))
             elif key == "crf":
                 diffs.append(f"crf {_crf(saved.get(key))} then, {_crf(value)} now")
@@ -173,6 +192,15 @@ def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
             else:
                 diffs.append(f"{names.get(key, key)} {saved.get(key)!r} then, {value!r} now")
     return "; ".join(diffs) or None
+
+
+def other_settings(files: ResumeFiles, differs: str | None, overwrite: bool) -> bool:
+    """Whether a checkpoint whose settings ``differs`` (None: the same) is to be discarded: with ``overwrite``;
+    without it, that is an error."""
+    if differs and not overwrite:
+        raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the same "
+                             "settings to continue it, or add --overwrite to discard it and start over")
+    return bool(differs)
 
 
 def _crf(value) -> str:

@@ -65,7 +65,7 @@ from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, 
                       temp_path)
 from .range import seek_to
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable
-from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments
+from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments, other_settings
 from .scenecut import SceneCutDetector
 from .writer import VideoWriter, check_crf, codec_spec, color_tags, depth_notes, to_rgb24
 
@@ -200,7 +200,7 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
                                  f"{files.state.name}): add --resume to continue it, or --overwrite to discard it")
     discard = saved is not None and not resume
     if saved is not None and resume:
-        discard = _other_settings(files, fingerprint_mismatch(saved["fingerprint"], base), overwrite)
+        discard = other_settings(files, fingerprint_mismatch(saved["fingerprint"], base), overwrite)
         if not discard:
             try:
                 files.check_segments(saved)
@@ -210,15 +210,6 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
                 log.info("discarding the unfinished job of %s (overwrite): %s", out, e)
                 discard = True
     return VideoJob(source, out, info, files if resume else None, base, discard)
-
-
-def _other_settings(files: ResumeFiles, differs: str | None, overwrite: bool) -> bool:
-    """Whether a checkpoint whose settings ``differs`` (None: the same) is to be discarded: with ``overwrite``;
-    without it, that is an error."""
-    if differs and not overwrite:
-        raise UserInputError(f"{files.state} belongs to a job with other settings ({differs}); run with the same "
-                             "settings to continue it, or add --overwrite to discard it and start over")
-    return bool(differs)
 
 
 def _whole(value) -> bool:
@@ -312,7 +303,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         loaded = files.load(engine)
         # (the model's part of the settings can only be compared now)
         differs = fingerprint_mismatch(loaded[0]["fingerprint"], fp) if loaded is not None else None
-        if _other_settings(files, differs, overwrite):
+        if other_settings(files, differs, overwrite):
             files.remove()
             log.info("discarded the unfinished resumable job of %s (%s; overwrite)", out_path, differs)
             loaded = None
