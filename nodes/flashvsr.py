@@ -54,7 +54,8 @@ OOM_ADVICE = (
     "the CPU (--cpu, very slow).")
 
 # Sequences carried across queue runs (see streams.py), one per FlashVSR Upscale node.
-STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState, pending=held_back)
+STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState, pending=held_back,
+                      settings="model, precision, seed or FlashVSR settings")
 
 # Tooltips shared by the upscale node and the settings node.
 TIPS = {

@@ -50,7 +50,7 @@ def oom_ladder(model_patcher, w: int, h: int, scale: int = 4) -> str:
             f"order: {'; '.join(steps)}.")
 
 # Module level because V3 node classes are stateless clones (see streams.py).
-STREAMS = StreamStore("Stream Upscale", StreamState)
+STREAMS = StreamStore("Stream Upscale", StreamState, settings="model, precision, seed, steps, flow model or settings")
 
 
 def compute_dtype_of(pipe) -> torch.dtype:

@@ -51,19 +51,21 @@ class ChunkStart(int):
     ``video`` is ``range.video_identity``'s (identity, name). Stored streams are keyed by node id, and two workflows
     opened from one template have the same node ids: queued in turn with two videos, one node's next chunk would
     otherwise continue the other video's sequence without a word. An int everywhere else, so an INT output; a value
-    from any other node simply carries no video."""
+    from any other node simply carries no video. ``chunk_frames``: the loader's chunk length, for naming the chunk
+    index to queue next."""
 
     video: tuple[str, str] | None
+    chunk_frames: int | None
 
-    def __new__(cls, frame: int, video: tuple[str, str] | None = None):
+    def __new__(cls, frame: int, video: tuple[str, str] | None = None, chunk_frames: int | None = None):
         value = super().__new__(cls, frame)
-        value.video = video
+        value.video, value.chunk_frames = video, chunk_frames
         return value
 
     def __getnewargs__(self):
         # ComfyUI deep-copies a failed node's input values into its history: a copy that cannot be made kills
         # its prompt worker (and pickle needs the same)
-        return int(self), self.video
+        return int(self), self.video, self.chunk_frames
 
 
 def same_file(a: tuple[str, str], b: tuple[str, str]) -> bool:
@@ -120,8 +122,9 @@ class StreamStore:
     """
 
     def __init__(self, node_name: str, state_type: type, capacity: int = 8,
-                 pending: Callable[[Any], int] | None = None):
+                 pending: Callable[[Any], int] | None = None, settings: str = "model, precision, seed or settings"):
         self.node_name, self.state_type = node_name, state_type
+        self.settings = settings  # what model_key covers, as the messages name it
         self.capacity = capacity
         self.pending = pending
         self.version = 0
@@ -143,12 +146,14 @@ class StreamStore:
             stream = dataclasses.replace(stream, run_start_state=None)
         with self._lock:
             previous = self._streams.pop(node_id, None)
-            # A continuation of the stored stream always moves it on. A run that its inputs decide only
-            # invalidates cached results when it replaces a stream that another such run made: re-queueing the
-            # same run (or a workflow that hands one node's state to another) must still be served from the
-            # cache, and a run after a continuation was already re-run.
-            if stream.origin is None or (previous is not None and previous.origin is not None
-                                         and previous.origin != stream.origin):
+            # A cached result stands for the stream that its run left, so it is invalidated when a stream that
+            # a run of decided inputs made (a restart, a state handed on) is replaced by another: by a run of
+            # other inputs, or by a continuation. Not by a continuation of a continuation (a cached restart result
+            # of this node is older than the first continuation, which moved the version on already), nor by the
+            # same run again: so a chunk queued again, a workflow that hands one node's state to another and the
+            # other upscale nodes of the workflow are served from the cache, and not upscaled (and saved) again
+            # on every queue run while one node walks through a video.
+            if previous is not None and previous.origin is not None and previous.origin != stream.origin:
                 self.version += 1
             self._streams[node_id] = stream
             self._dropped.pop(node_id, None)
@@ -205,9 +210,9 @@ class StreamStore:
                                      f"connect the state output of a {self.node_name} node, or disconnect it")
             made_with = state_key(state)
             if made_with is not None and made_with != model_key:
-                raise UserInputError(f"the state input was made with another model, precision, seed, steps or "
-                                     f"setting than this {self.node_name} node has: give both nodes the same ones, "
-                                     "or disconnect the state input to start a new sequence")
+                raise UserInputError(f"the state input was made with another {self.settings.replace(' or ', ', ')} "
+                                     f"than this {self.node_name} node has: give both nodes the same ones, or "
+                                     "disconnect the state input to start a new sequence")
             if state.lr_size is not None and tuple(state.lr_size) != tuple(size):
                 raise UserInputError(
                     f"the state input belongs to frames of {state.lr_size[1]}x{state.lr_size[0]} but these "
@@ -224,7 +229,7 @@ class StreamStore:
             return state
         if start_frame is not None:
             return self._chunk_start(node_id, model_key, size, fresh, int(start_frame), notify,
-                                     chunk_video(start_frame))
+                                     chunk_video(start_frame), getattr(start_frame, "chunk_frames", None))
         if not continue_sequence:
             return fresh()
         stored = self.get(node_id)
@@ -232,9 +237,6 @@ class StreamStore:
             log.warning("StreamVSR: the last run of node %s ended its sequence (last chunk); starting a new "
                         "sequence", node_id)
             return fresh()
-        held = pending(stored.state) if stored is not None and pending is not None else 0
-        lost = (f"; the {held} frames its last run held back for look-ahead are dropped (a run with last_chunk on "
-                "returns them)") if held else ""
         dropped, frames_lost = self._dropped_reason(node_id) if stored is None else (None, 0)
         if frames_lost:
             raise UserInputError(f"{self.node_name} node {node_id} cannot continue its sequence: {dropped}. Set "
@@ -242,21 +244,30 @@ class StreamStore:
         if dropped is not None:
             log.warning("StreamVSR: node %s cannot continue its sequence: %s; starting a new sequence", node_id,
                         dropped)
-        elif stored is None:
+            return fresh()
+        if stored is None:
             log.info("StreamVSR: node %s has no previous run to continue; starting a new sequence", node_id)
-        elif stored.model_key != model_key:
-            log.warning("StreamVSR: the model, precision, seed, steps, flow model or settings changed since the last "
-                        "run of node %s; starting a new sequence%s", node_id, lost)
+            return fresh()
+        if stored.model_key != model_key:
+            changed = f"the {self.settings} changed"
         elif stored.state.lr_size is not None and tuple(stored.state.lr_size) != tuple(size):
-            log.warning("StreamVSR: the frame size changed from %dx%d to %dx%d since the last run of node %s; "
-                        "starting a new sequence%s", stored.state.lr_size[1], stored.state.lr_size[0], size[1],
-                        size[0], node_id, lost)
+            changed = (f"the frame size changed from {stored.state.lr_size[1]}x{stored.state.lr_size[0]} to "
+                       f"{size[1]}x{size[0]}")
         else:
             log.info("StreamVSR: node %s continues its sequence at frame %d", node_id, stored.state.frame_index)
             return stored.state
+        held = pending(stored.state) if pending is not None else 0
+        if held:
+            # (a restart would drop them unseen: the user decides)
+            raise UserInputError(f"{self.node_name} node {node_id} cannot continue its sequence: {changed} since "
+                                 f"its last run, which holds back its last {held} frames for look-ahead. To have "
+                                 "them, queue the rest of the video with the earlier settings and last_chunk on; to "
+                                 "start a new sequence without them, set continue_sequence to restart")
+        log.warning("StreamVSR: %s since the last run of node %s; starting a new sequence", changed, node_id)
         return fresh()
 
-    def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int, notify=None, video=None):
+    def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int, notify=None, video=None,
+                     chunk_frames=None):
         if start_frame == 0:
             return fresh()
         stored = self.get(node_id)
@@ -314,14 +325,24 @@ class StreamStore:
                                  f"frame {previous.frame_index}, but its frames were not kept (a later node failed "
                                  "or the queue was cancelled after it), and the state it started from was too large "
                                  f"to keep (over {REDO_MAX_BYTES >> 30} GB). To have them, set the chunk index to 0 "
-                                 "and start the video again; to go on without them, queue the chunk that starts at "
-                                 f"frame {previous.frame_index}")
+                                 "and start the video again; to go on without them, queue "
+                                 f"{_next_chunk(previous.frame_index, chunk_frames)}")
         if previous.frame_index != start_frame:
             raise UserInputError(f"{where}, but this node's sequence ended at frame {previous.frame_index}: queue "
-                                 f"the chunk that starts at frame {previous.frame_index} next (chunks must follow "
-                                 "each other without gaps or repeats), or set the chunk index to 0 to start again")
+                                 f"{_next_chunk(previous.frame_index, chunk_frames)} next (chunks must follow each "
+                                 "other without gaps or repeats), or set the chunk index to 0 to start again")
         log.info("StreamVSR: node %s continues its sequence at frame %d", node_id, start_frame)
         return previous
+
+
+def _next_chunk(frame: int, chunk_frames: int | None) -> str:
+    """The chunk of Load Video Chunk that starts at ``frame``, named as that node's widgets can set it."""
+    if not chunk_frames:  # (a start_frame from another node)
+        return f"the chunk that starts at frame {frame}"
+    if frame % chunk_frames == 0:
+        return f"chunk index {frame // chunk_frames} (the chunk that starts at frame {frame})"
+    return (f"the chunk that starts at frame {frame}, where no chunk of {chunk_frames} frames starts (chunk_frames "
+            "changed since the earlier chunks: set it back)")
 
 
 def batch_origin(key: str, images: torch.Tensor, state: Any = None) -> tuple:

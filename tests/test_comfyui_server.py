@@ -264,6 +264,29 @@ def _saved_frames(base, outputs):
     return [np.asarray(Image.open(base / "output" / f["subfolder"] / f["filename"])) for f in files]
 
 
+def test_a_chunk_queued_again_unchanged_is_served_from_the_cache(server):
+    """While a node walks through a video chunk by chunk, its runs after the first continuation move no cache
+    version on: the same chunk queued again runs no node and saves no frame twice (it used to upscale the chunk
+    again and save its frames a second time, and so did every other upscale node of the workflow)."""
+    url, base = server
+    info = _get(url, "/object_info")
+    workflow = load_workflow("streamvsr_long_video_chunks.json")
+    video, chunk = _node_id(workflow, "LoadVideo"), _node_id(workflow, "StreamVSRLoadVideoChunk")
+    upscale = _node_id(workflow, "StreamVSRUpscale")
+
+    def run(index):
+        entry = queue_prompt(url, to_api(workflow, info, {video: {"file": "long.mp4"},
+                                                           chunk: {"chunk_index": index, "chunk_frames": 8}}))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        return {n for kind, m in entry["status"]["messages"] if kind == "execution_cached" for n in m["nodes"]}
+
+    for index in range(3):
+        run(index)
+    saved = sorted((base / "output").rglob("*.png"))
+    assert str(upscale) in run(2)
+    assert sorted((base / "output").rglob("*.png")) == saved
+
+
 @pytest.mark.parametrize("name", ["streamvsr_long_video_chunks.json", "flashvsr_long_video_chunks.json"])
 def test_two_queue_runs_equal_one(server, name):
     """The chunked workflow queued twice (chunk_index 0 then 1, as 'increment' does) equals one run over the whole

@@ -349,6 +349,45 @@ def test_fingerprint_never_serves_a_stale_result(comfy):
     assert vsr.STREAMS.get("40").state.frame_index == 1
 
 
+def test_a_node_walking_through_chunks_leaves_cached_results_valid(comfy):
+    """Once a node's chunks continue one another, its next chunk moves no cache version on: the same chunk queued
+    again is served from ComfyUI's cache (not upscaled and saved a second time), and so are the workflow's other
+    upscale nodes (they used to run again on every queue run). The first chunk after a restart's stream does."""
+    from streamvsr.nodes import stream_diffvsr as vsr
+
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    fp = nodes["StreamVSRUpscale"].fingerprint_inputs
+    images = _frames(6)
+    _upscale(nodes, model, flow, images[:2], "75")  # another node, a restart run
+    _upscale(nodes, model, flow, images[:2], "76", start_frame=0)
+    first = fp(continue_sequence=False)
+    _upscale(nodes, model, flow, images[2:4], "76", start_frame=2)
+    key = fp(continue_sequence=False)
+    assert key != first  # a cached result of the first chunk stands for a stream no longer stored
+    _upscale(nodes, model, flow, images[4:], "76", start_frame=4)
+    assert fp(continue_sequence=False) == key
+    assert vsr.STREAMS.get("76").state.frame_index == 6
+
+
+def test_a_chunk_out_of_order_is_told_which_chunk_index_to_queue(comfy):
+    """Load Video Chunk's start_frame says its chunk length: the error names the index to set, or, where chunk_frames
+    changed since the earlier chunks so that no chunk starts where the sequence ended, says so (it used to ask for
+    a chunk that could not be queued)."""
+    from streamvsr.nodes.streams import ChunkStart
+
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    images = _frames(3)
+    _upscale(nodes, model, flow, images[:2], "77", start_frame=ChunkStart(0, None, 2))
+    with pytest.raises(ValueError, match="sequence ended at frame 2: queue chunk index 1 \\(the chunk that starts at "
+                                         "frame 2\\) next"):
+        _upscale(nodes, model, flow, images[:2], "77", start_frame=ChunkStart(4, None, 2))
+    with pytest.raises(ValueError, match="queue the chunk that starts at frame 2, where no chunk of 3 frames starts "
+                                         "\\(chunk_frames changed since the earlier chunks: set it back\\) next"):
+        _upscale(nodes, model, flow, images[:3], "77", start_frame=ChunkStart(3, None, 3))
+
+
 def test_a_restart_of_reordered_mirrored_or_channel_swapped_frames_is_another_run(comfy):
     """ComfyUI's LRU/RAM caches keep earlier results: a restart run of frames that only sums alike (reversed,
     mirrored, R and B swapped) must count as another run, or a cached result would stand for the wrong stream."""
@@ -373,10 +412,10 @@ def test_a_chunk_start_is_an_int_that_survives_what_comfyui_does_with_input_valu
 
     from streamvsr.nodes.streams import ChunkStart, chunk_video
 
-    start = ChunkStart(26, ("/v/a.mp4|10|5", "a.mp4"))
+    start = ChunkStart(26, ("/v/a.mp4|10|5", "a.mp4"), 13)
     assert start == 26 and start + 1 == 27 and json.dumps({"start_frame": [start]}) == '{"start_frame": [26]}'
     for again in (copy.deepcopy([start])[0], copy.copy(start), pickle.loads(pickle.dumps(start))):
-        assert again == 26 and chunk_video(again) == ("/v/a.mp4|10|5", "a.mp4")
+        assert again == 26 and chunk_video(again) == ("/v/a.mp4|10|5", "a.mp4") and again.chunk_frames == 13
     assert chunk_video(26) is None and chunk_video(None) is None
 
 

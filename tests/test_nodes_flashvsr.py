@@ -322,13 +322,21 @@ def test_chunk_errors_and_restarts(comfy, whole30, caplog):
     with caplog.at_level("WARNING"):
         out, state, _ = _upscale(nodes, model, whole30[:3], "4", continue_sequence=True)
     assert "ended its sequence" in caplog.text and out.shape[0] == 3
-    # another seed when continuing: a new sequence (logged), not an error
+    # another seed or frame size when continuing a run that holds frames back: a restart would drop them unseen,
+    # so the user decides (it used to be a console warning); without frames held back, a new sequence, logged (as
+    # test_nodes.py checks)
     _upscale(nodes, model, whole30[:3], "5", last_chunk=False)
-    caplog.clear()
-    with caplog.at_level("WARNING"):
+    with pytest.raises(ValueError, match="FlashVSR Upscale node 5 cannot continue its sequence: the model, precision, "
+                                         "seed or FlashVSR settings changed since its last run, which holds back its "
+                                         "last 3 frames for look-ahead. To have them, queue the rest of the video "
+                                         "with the earlier settings and last_chunk on; .* set continue_sequence to "
+                                         "restart"):
         _upscale(nodes, model, whole30[3:6], "5", seed=1, continue_sequence=True)
-    assert "changed" in caplog.text and "the 3 frames its last run held back for look-ahead are dropped" in \
-        caplog.text
+    with pytest.raises(ValueError, match="the frame size changed from 32x32 to 32x24 since its last run, which "
+                                         "holds back its last 3 frames"):
+        _upscale(nodes, model, whole30[3:6, :24], "5", continue_sequence=True)
+    out, _, _ = _upscale(nodes, model, whole30[3:6], "5", seed=1, continue_sequence=False)
+    assert out.shape[0] == 3
 
 
 def test_returned_frames_own_their_memory_and_flex_is_refused_before_a_download(comfy, whole30, monkeypatch):
@@ -513,6 +521,7 @@ def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
     for index in range(3):
         images, start, last, fps, chunks, total = _run(node, video=FileVideo(clip), chunk_index=index, chunk_frames=4)
         assert (start, last, chunks, total) == (4 * index, index == 2, 3, 10) and fps == 24.0
+        assert start.chunk_frames == 4  # (for naming the chunk index to queue next)
         got.append(images)
     assert [g.shape[0] for g in got] == [4, 4, 2]
     assert torch.equal(torch.cat(got), expected)
