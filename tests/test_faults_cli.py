@@ -229,10 +229,15 @@ def test_cut_input_exits_2_with_frames_and_place(media, model, tmp_path, caplog)
         one_line_error(caplog, code, "ends early: it is cut off inside frame 4")
         assert "were upscaled into" in caplog.text and not out.exists()
         assert len(decode(partial_path(out))) > 0
-        assert not ResumeFiles(out).state.exists()
+        # with --resume the finished job stays, for accepting the input without upscaling it all again
+        assert ResumeFiles(out).state.exists() == bool(extra)
     caplog.clear()
-    assert main(["upscale", str(media / "cut.mp4"), str(out), "--model", str(model.path), "--allow-truncated"]) == 0
-    assert "warning:" in caplog.text and 0 < len(decode(out)) < 6
+    assert main(["upscale", str(media / "cut.mp4"), str(out), "--model", str(model.path), "--allow-truncated"]) == 2
+    assert "has an unfinished resumable job" in caplog.text  # not discarded unasked
+    caplog.clear()
+    assert main(["upscale", str(media / "cut.mp4"), str(out), "--model", str(model.path), "--allow-truncated",
+                 "--resume"]) == 0
+    assert "warning:" in caplog.text and 0 < len(decode(out)) < 6 and not ResumeFiles(out).state.exists()
 
 
 def test_damaged_resume_file_and_other_settings_are_one_line_before_the_model(media, model, tmp_path, caplog):

@@ -335,7 +335,8 @@ def npy_outputs(folder):
 
 def test_a_frames_job_with_resume_continues_after_a_stop_as_if_it_ran_through(tmp_path, caplog):
     """A hard Ctrl-C mid-frame checkpoints the frames before it (a state is never changed by later steps), and the
-    same job again continues there: the same outputs as one run, no frame upscaled twice, no work files left."""
+    same job again continues there, also with its frames' folder moved: the same outputs as one run, no frame
+    upscaled twice, no work files left."""
     files = png_folder(tmp_path / "in", n=6)
     upscale_folder(FakeEngine(), files, tmp_path / "whole", save="npy", seed=3)
     out = tmp_path / "out"
@@ -344,6 +345,8 @@ def test_a_frames_job_with_resume_continues_after_a_stop_as_if_it_ran_through(tm
     assert f"stopped: 4 of 6 frames were written to {out}, each complete; run the same command again" in caplog.text
     state_file = ResumeFiles(out).state
     assert state_file.exists() and ResumeFiles(out).read_info()["consumed"] == 4
+    (tmp_path / "in").rename(tmp_path / "moved")  # the same frames, told by their names, sizes and times
+    files = list_pngs(tmp_path / "moved")
     engine = FakeEngine()
     assert upscale_folder(engine, files, out, save="npy", seed=3, resume=True) == 6
     assert [index for index, _, _ in engine.calls] == [4, 5]
@@ -717,11 +720,19 @@ def test_truncated_input_is_reported_with_the_frames_kept(tmp_path, kind, resume
     assert f"{out} was not written" in message and "--allow-truncated" in message
     assert not out.exists() and e.value.path == partial_path(out)
     assert len(decode(partial_path(out))) == e.value.frames
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([clip.name, broken.name, partial_path(out).name])
+    # with resume the finished job stays, so accepting the input as the message suggests upscales nothing again
+    # (it used to be deleted, and the whole video redone)
+    job = [ResumeFiles(out).state.name, *(p.name for p in ResumeFiles(out).parts_on_disk())] if resume else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([clip.name, broken.name, partial_path(out).name, *job])
+    assert ("with resume on: the job's resume files are kept" in message) == resume
     # accepted on request: the decodable frames go to the output, and the summary says what was wrong
-    summary = upscale_video(FakeEngine(), broken, out, resume=resume, allow_truncated=True)
+    engine = FakeEngine()
+    summary = upscale_video(engine, broken, out, resume=resume, allow_truncated=True)
     assert summary["frames"] == e.value.frames and summary["input_problem"]
     assert len(decode(out)) == e.value.frames
+    assert (engine.calls == []) == resume
+    assert np.array_equal(np.stack(decode(out)), np.stack(decode(partial_path(out))))
+    assert not ResumeFiles(out).state.exists() and not ResumeFiles(out).parts_on_disk()
 
 
 def test_threaded_decoding_would_have_hidden_the_cut(tmp_path):

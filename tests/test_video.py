@@ -462,6 +462,31 @@ def test_an_output_cut_short_has_the_chapters_of_what_it_holds(tmp_path):
     assert frames == 2 and chapters == [("Intro", 0.0, pytest.approx(2 / 24, abs=1e-3))]
 
 
+def test_a_resumed_output_cut_short_ends_its_last_subtitle_with_it(tmp_path, monkeypatch):
+    """Joining the segments of an input that broke (accepted): a cue running past the last frame ends with it (it
+    ran on, and players showed the file as long as the cue)."""
+    import streamvsr.video.reader as reader
+
+    clip = labelled_clip(tmp_path / "film.mkv", n=24, cues=[(0.1, 0.9)])
+    whole = reader.FrameReader.__iter__
+
+    def breaks_at_6(self):
+        for item in whole(self):
+            if item[0] == 6:
+                self.problem = reader.InputProblem("damaged", 6, "film.mkv is damaged: decoding stopped at frame 6")
+                return
+            yield item
+
+    monkeypatch.setattr(reader.FrameReader, "__iter__", breaks_at_6)
+    out = tmp_path / "out.mkv"
+    assert upscale_video(FakeEngine(), clip, out, resume=True, allow_truncated=True)["frames"] == 6
+    with av.open(str(out)) as c:
+        cues = [(float(p.pts * p.time_base), float((p.pts + p.duration) * p.time_base))
+                for p in c.demux(c.streams.subtitles[0]) if p.size]
+        duration = c.duration / 1e6
+    assert cues == [(pytest.approx(0.1), pytest.approx(0.25, abs=0.002))] and duration < 0.5  # (was 0.9)
+
+
 def test_only_labels_of_the_content_are_copied():
     """Not what describes the input's encoding (its statistics, encoder) nor the picture's turn or transparency: an
     old file's "rotate" tag on the upright output would have players turn it a second time."""
@@ -800,6 +825,33 @@ def test_resume_refuses_other_settings(tmp_path):
                   should_stop=lambda: polls.append(1) or len(polls) > 2)
     with pytest.raises(ValueError, match="seed 42 then, 7 now.*add --overwrite to discard it"):
         upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, seed=7)
+
+
+def test_resume_tells_the_input_by_its_content_not_its_path(tmp_path):
+    """Another video of the same size in the input's place is refused (only its path and size were compared, and
+    the output mixed two videos); the same file moved to another folder continues (it was refused, and the only
+    way offered, --overwrite, threw the work away)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    clip = make_clip(folder / "in.mkv", n=6, audio=None, vcodec="ffv1")
+    other = make_clip(tmp_path / "other.mkv", n=6, audio=None, vcodec="ffv1", cut_at=3)
+    assert other.stat().st_size == clip.stat().st_size and other.read_bytes() != clip.read_bytes()
+    upscale_video(FakeEngine(), clip, tmp_path / "whole.mkv", codec="lossless")
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    kept = clip.read_bytes()
+    clip.write_bytes(other.read_bytes())
+    with pytest.raises(ValueError, match="other settings \\(the input is another file of the same size\\)"):
+        upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
+    clip.write_bytes(kept)
+    moved = tmp_path / "renamed"
+    folder.rename(moved)
+    engine = FakeEngine()
+    summary = upscale_video(engine, moved / "in.mkv", out, codec="lossless", resume=True)
+    assert summary["resumed_from"] == 3 and [c[0] for c in engine.calls] == [3, 4, 5]
+    assert all(np.array_equal(a, b) for a, b in zip(decode(out), decode(tmp_path / "whole.mkv")))
 
 
 def _peak_rss(frames, work, leak=""):

@@ -152,10 +152,12 @@ class AudioCopy:
     """Copies the audio streams of ``source`` into ``sink``, and the subtitle streams that ``sink`` can hold as they
     are, interleaved with the video by time, and the labels (title, language, ...) of the file, its first video
     stream and the streams copied, to the output's video stream that ``sink`` holds already and the streams added
-    here, and the chapters (``origin_us``: where the output's clock starts, ``writer.clock_start``)."""
+    here, and the chapters (``origin_us``: where the output's clock starts, ``writer.clock_start``). ``end``: where
+    the output ends, in seconds of the input's clock, where that is known before the streams are copied (joining
+    the segments of an output cut short): a subtitle then ends there too."""
 
-    def __init__(self, source, sink, out_suffix: str, origin_us: int = 0):
-        self.origin_us = origin_us
+    def __init__(self, source, sink, out_suffix: str, origin_us: int = 0, end: float | None = None):
+        self.origin_us, self.end = origin_us, end
         self.container = open_input(source)
         try:
             sink.metadata.update(_labels(self.container.metadata))
@@ -221,7 +223,8 @@ class AudioCopy:
     def _fit_subtitle(self, packet) -> bool:
         """A subtitle packet made to lie inside the output's time: one that ends before the output's clock starts
         is left out, one that begins before is shortened to begin there (the muxer would move every stream
-        instead, to keep timestamps from going below 0). False: leave it out."""
+        instead, to keep timestamps from going below 0), and, where the output's end is known, one that runs past
+        it ends there (a player would show the file that much longer). False: leave it out."""
         tb = packet.time_base
         if packet.pts is None or not tb:
             return False
@@ -232,6 +235,11 @@ class AudioCopy:
                 return False
             duration -= origin - packet.pts
             packet.pts = origin
+        if self.end is not None and duration:
+            end = math.ceil(Fraction(self.end) / tb)
+            if packet.pts >= end:
+                return False
+            duration = min(duration, end - packet.pts)
         packet.duration = duration
         packet.dts = packet.pts  # (a subtitle is shown when it is decoded)
         return True

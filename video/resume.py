@@ -146,7 +146,8 @@ def fingerprint(source, seed, codec, crf, scene_cut_threshold, size: tuple[int, 
     the model is loaded, the engine's identity (model, precision, options). Without ``engine`` it is the part
     that can be checked before loading the model."""
     if isinstance(source, (str, os.PathLike)):
-        src = {"input": os.path.abspath(source), "input_bytes": os.path.getsize(source)}
+        src = {"input": os.path.abspath(source), "input_bytes": os.path.getsize(source),
+               "input_sample": _sample(source)}
     else:
         src = {"input": None, "input_bytes": None}
     if crf is not None and str(int(crf)) == CODECS[codec].options.get("crf"):
@@ -161,8 +162,8 @@ def fingerprint(source, seed, codec, crf, scene_cut_threshold, size: tuple[int, 
 def folder_fingerprint(in_dir, names: list[str], stamps: list[str], seed, save: str, size: tuple[int, int],
                        engine=None) -> dict:
     """``fingerprint`` of a ``frames`` job that has read the frames ``names`` of ``in_dir`` (``stamps``: each
-    one's size and modification time): only those. Frames after them may change or be added, so that a sequence still being rendered,
-    or a bad frame that stopped the job and was fixed, is continued."""
+    one's size and modification time): only those. Frames after them may change or be added, so that a sequence
+    still being rendered, or a bad frame that stopped the job and was fixed, is continued."""
     digest = hashlib.sha256()
     for name, stamp in zip(names, stamps):
         digest.update(f"{name}\0{stamp}\0".encode("utf-8", "surrogateescape"))
@@ -173,14 +174,40 @@ def folder_fingerprint(in_dir, names: list[str], stamps: list[str], seed, save: 
     return job
 
 
+# Bytes read from each end of an input video to tell it from another file of its size.
+SAMPLE_BYTES = 1 << 20
+
+
+def _sample(path) -> str:
+    """A digest of the first and last ``SAMPLE_BYTES`` of a file: what tells it from another file of its size (a
+    video exported again, or another take) without reading gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLE_BYTES))
+        end = os.fstat(f.fileno()).st_size
+        f.seek(max(f.tell(), end - SAMPLE_BYTES))
+        digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
-    """None when ``saved`` continues ``now`` (only the keys of ``now`` are compared), else what differs."""
+    """None when ``saved`` continues ``now`` (only the keys of ``now`` are compared), else what differs. An input
+    told by its content (a video's size and sample, a folder's frames) may have moved: its path is then not
+    compared. A checkpoint without a sample (of an earlier release) is compared by the input's path and size."""
     names = {"input": "input", "input_bytes": "input size", "size": "frame size", "seed": "seed", "codec": "codec",
              "scene_cut": "scene cut", "version": "resume format", "model": "model/settings", "save": "format"}
+    same_content = (("input_sample" in now and saved.get("input_sample") == now["input_sample"]
+                     and saved.get("input_bytes") == now.get("input_bytes"))
+                    or ("frames_read" in now and saved.get("frames_read") == now["frames_read"]))
     diffs = []
     for key, value in now.items():
+        if (key == "input" and same_content) or (key == "input_sample" and "input_sample" not in saved):
+            continue
         if saved.get(key) != value:
-            if key == "frames_read":
+            if key == "input_sample":
+                if saved.get("input_bytes") == now.get("input_bytes"):  # (else the size says it)
+                    diffs.append("the input is another file of the same size")
+            elif key == "frames_read":
                 diffs.append(f"the {value['count']} frames it read are not those files now (renamed, changed, added "
                              "between them or removed)")
             elif key == "model":
@@ -249,7 +276,8 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
                 v_out.time_base = time_base
             if rate is not None:  # (Matroska declares 1/time_base of the segments otherwise, e.g. 12288 fps)
                 v_out.codec_context.framerate = rate
-            audio = AudioCopy(audio_from, sink, out_path.suffix, origin_us) if audio_from is not None else None
+            audio = AudioCopy(audio_from, sink, out_path.suffix, origin_us, end=audio_until) \
+                if audio_from is not None else None
             for part in parts:
                 for packet in _segment_packets(part):
                     if audio is not None:

@@ -481,10 +481,11 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             raise RuntimeError(f"joining the resume segments of {out_path} gave {summary['frames']} frames instead "
                                f"of {written}; the segments and {files.state.name} were kept")
         if problem is not None and not accept:
+            # The finished job stays (checkpoint and segments): accepting the input, as the error suggests, then
+            # joins them again instead of upscaling the whole video anew.
             kept = keep_partial(tmp, out_path)
-            files.remove()
-            raise InputDamagedError(_broken(problem, summary["frames"], kept, out_path), frames=summary["frames"],
-                                    path=kept)
+            raise InputDamagedError(_broken(problem, summary["frames"], kept, out_path, resumable=True),
+                                    frames=summary["frames"], path=kept)
         publish(tmp, out_path, overwrite=overwrite)
         files.remove()
     if stop_error is not None:
@@ -501,8 +502,9 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     return summary
 
 
-def _broken(problem: dict, frames: int, kept, out_path) -> str:
-    """The one-line report of an input that broke: what broke, what was kept where, what to do."""
+def _broken(problem: dict, frames: int, kept, out_path, resumable: bool = False) -> str:
+    """The one-line report of an input that broke: what broke, what was kept where, what to do (``resumable``: the
+    job's resume files are kept)."""
     if frames == 1:
         where = f"the frame before it was upscaled into {kept}"
     elif frames:
@@ -512,4 +514,6 @@ def _broken(problem: dict, frames: int, kept, out_path) -> str:
     text = f"{problem['message']}. {out_path} was not written; {where}"
     if problem["kind"] != "size":
         text += ". To accept the input as it is: --allow-truncated (command line) or allow_truncated (the node)"
+        if resumable:
+            text += ", with resume on: the job's resume files are kept, so that only joins them again"
     return text
