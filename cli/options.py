@@ -21,11 +21,18 @@ FAMILY_OPTIONS = {
 
 
 def default_models_dir() -> Path:
-    return Path(os.environ.get("STREAMVSR_MODELS", Path.home() / ".cache" / "streamvsr")).expanduser()
+    """$STREAMVSR_MODELS, or ~/.cache/streamvsr where it is unset or empty (``STREAMVSR_MODELS=`` would otherwise
+    be the current folder, and every other folder a run starts in would download the models again); absolute, so
+    that it names the same folder wherever it is printed or used."""
+    return Path(os.environ.get("STREAMVSR_MODELS") or Path.home() / ".cache" / "streamvsr").expanduser().absolute()
 
 
 def user_path(text: str) -> Path:
-    """An argparse type: a path with ``~`` expanded (the shell leaves it in ``--dest=~/x`` and in quotes)."""
+    """An argparse type: a path with ``~`` expanded (the shell leaves it in ``--dest=~/x`` and in quotes). An
+    empty one is refused: Path("") is the current folder, which the user did not name (an unset variable in
+    ``--dest "$DIR"``)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder (\".\" for the current folder)")
     return Path(text).expanduser()
 
 

@@ -334,6 +334,19 @@ def test_missing_files_are_named(official):
         fw.read_flashvsr(empty, "v1")
 
 
+def test_every_missing_file_of_a_folder_is_named_in_one_error(official, monkeypatch):
+    """A download that stopped half-way lacks several files: one run names them all (before the DiT is read)."""
+    folder, _ = official
+    for name in ("posi_prompt.pth", "TCDecoder.ckpt", "LQ_proj_in.ckpt"):
+        (folder / name).unlink()
+    read = []
+    monkeypatch.setattr(fw, "_read", lambda path: read.append(path))
+    with pytest.raises(WeightsError, match="no prompt embedding and no TC decoder and no LQ projection next to .*"
+                                           "posi_prompt.pth.*TCDecoder.ckpt.*LQ_proj_in.ckpt.*'\\(download\\) …'"):
+        fw.read_flashvsr(folder, "v1.1")
+    assert read == []
+
+
 def test_a_missing_file_or_version_is_found_before_the_dit_is_read(official, monkeypatch):
     folder, _ = official
     read = []

@@ -58,21 +58,81 @@ def test_downloads_only_the_needed_files_once(monkeypatch, tmp_path, known_hashe
     assert [c[1] for c in calls] == ["unet/config.json"]
 
 
-def test_hash_mismatch_deletes_the_file(monkeypatch, tmp_path, known_hashes):
+def test_a_download_that_does_not_match_is_deleted(monkeypatch, tmp_path, known_hashes):
     fake_hub(monkeypatch, content=lambda name: b"truncated")
     with pytest.raises(RuntimeError, match="controlnet/diffusion_pytorch_model.safetensors as downloaded is not the "
                                            "published file .* Download it again; if it fails the same way, the file "
                                            "on the hub has changed: update ComfyUI-StreamVSR"):
         hub.download_stream_diffvsr(tmp_path)
     assert not (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
-    # a corrupt file left from before is caught without any download
+
+
+def hub_settings(monkeypatch, **constants):
+    """What huggingface_hub read from HF_ENDPOINT and HF_HUB_OFFLINE (its constants module)."""
+    monkeypatch.setitem(sys.modules, "huggingface_hub.constants", types.SimpleNamespace(**constants))
+
+
+def test_files_that_differ_are_all_named_and_kept_until_a_verified_download_replaces_them(monkeypatch, tmp_path,
+                                                                                          known_hashes):
+    """A file whose sha256 is not the published one may be the user's only copy: a download that fails, is
+    refused (offline) or stopped leaves it as it was; every such file is named, by its path on disk, at once."""
     fake_hub(monkeypatch)
     hub.download_stream_diffvsr(tmp_path)
-    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"bad")
-    calls = fake_hub(monkeypatch, fail=AssertionError("no network expected"))
-    with pytest.raises(RuntimeError, match="corrupt"):
+    mine = {tmp_path / name: f"mine {name}".encode() for name, sha in known_hashes.items() if sha is not None}
+    assert len(mine) == 2
+    for path, data in mine.items():
+        path.write_bytes(data)
+
+    def unchanged():
+        assert {path: path.read_bytes() for path in mine} == mine
+        assert not list(tmp_path.rglob("*.mismatch*"))
+
+    calls = fake_hub(monkeypatch, fail=OSError("[Errno -3] Temporary failure in name resolution"))
+    with pytest.raises(RuntimeError) as err:
         hub.download_stream_diffvsr(tmp_path)
-    assert calls == []
+    assert all(str(path) in str(err.value) for path in mine) and len(calls) == 1
+    unchanged()
+    hub_settings(monkeypatch, HF_HUB_OFFLINE=True, ENDPOINT="https://huggingface.co")
+    calls = fake_hub(monkeypatch, fail=AssertionError("no download expected"))
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set: unset it to download") as err:
+        hub.download_stream_diffvsr(tmp_path)
+    assert all(str(path) in str(err.value) for path in mine) and calls == []
+    unchanged()
+    hub_settings(monkeypatch, HF_HUB_OFFLINE=False, ENDPOINT="https://huggingface.co")
+    fake_hub(monkeypatch, content=lambda name: b"truncated")  # the replacement is no better
+    with pytest.raises(RuntimeError, match="as downloaded is not the published file"):
+        hub.download_stream_diffvsr(tmp_path)
+    unchanged()
+    fake_hub(monkeypatch, fail=KeyboardInterrupt())  # Cancel while it downloads
+    with pytest.raises(KeyboardInterrupt):
+        hub.download_stream_diffvsr(tmp_path)
+    unchanged()
+    # online: replaced by the verified files; a NAME.mismatch the user had is not touched
+    older = next(iter(mine)).with_name(next(iter(mine)).name + ".mismatch")
+    older.write_bytes(b"older")
+    calls = fake_hub(monkeypatch)
+    hub.download_stream_diffvsr(tmp_path)
+    assert sorted(tmp_path / name for _, name in calls) == sorted(mine)
+    assert all(path.read_bytes() == path.relative_to(tmp_path).as_posix().encode() for path in mine)
+    assert list(tmp_path.rglob("*.mismatch*")) == [older] and older.read_bytes() == b"older"
+
+
+def test_raft_file_that_differs_is_kept_until_a_verified_download_replaces_it(monkeypatch, tmp_path):
+    from streamvsr.models.raft import weights as raft_weights
+
+    published = tmp_path / "published.pth"
+    published.write_bytes(b"raft weights")
+    prefix = hashlib.sha256(b"raft weights").hexdigest()[:8]
+    target = tmp_path / "raft" / f"raft_fake-{prefix}.pth"
+    target.parent.mkdir()
+    target.write_bytes(b"mine")
+    nowhere = (tmp_path / "nowhere.pth").as_uri()  # fails like a dead network
+    monkeypatch.setitem(raft_weights.RAFT_WEIGHTS, "raft_fake", (nowhere, target.name, prefix))
+    with pytest.raises(RuntimeError) as err:
+        raft_weights.download_raft("raft_fake", target.parent)
+    assert f"{target} was kept as it was" in str(err.value) and target.read_bytes() == b"mine"
+    monkeypatch.setitem(raft_weights.RAFT_WEIGHTS, "raft_fake", (published.as_uri(), target.name, prefix))
+    assert raft_weights.download_raft("raft_fake", target.parent).read_bytes() == b"raft weights"
 
 
 def test_a_checked_file_is_hashed_once_per_process_while_it_is_unchanged(monkeypatch, tmp_path):
@@ -199,3 +259,135 @@ def test_the_download_command_offered_exists_in_the_installed_client(monkeypatch
     assert expected in hub.manual_instructions(tmp_path)
     assert f"`{command} download JunhaoZhuang/FlashVSR-v1.1 --local-dir" in flashvsr_hub.manual_instructions(
         "v1.1", tmp_path)
+
+
+def test_commands_to_paste_keep_a_path_with_spaces_one_argument(monkeypatch, tmp_path):
+    import shlex
+
+    from streamvsr.models.shared import hub as shared_hub
+
+    dest = tmp_path / "my models" / "ü"
+    command = shared_hub.download_command("Jamichsu/Stream-DiffVSR", dest, ["unet/config.json"])
+    assert shlex.split(command)[-4:] == ["Jamichsu/Stream-DiffVSR", "unet/config.json", "--local-dir", str(dest)]
+    assert f" --local-dir '{dest}'` on a machine" in hub.manual_instructions(dest)
+    monkeypatch.setattr(shared_hub.os, "name", "nt")
+    windows = shared_hub.shell_command(["hf", "download", "r", "--local-dir", r"C:\Users\John Smith\models"])
+    monkeypatch.undo()
+    assert windows == r'hf download r --local-dir "C:\Users\John Smith\models"'
+
+
+def test_a_mirror_set_with_hf_endpoint_is_where_the_files_are_said_to_be(monkeypatch, tmp_path):
+    from streamvsr.models.flashvsr import hub as flashvsr_hub
+
+    hub_settings(monkeypatch, HF_HUB_OFFLINE=False, ENDPOINT="https://hf-mirror.example/")
+    fake_hub(monkeypatch, fail=OSError("[Errno 111] Connection refused"))
+    with pytest.raises(RuntimeError) as err:
+        hub.download_stream_diffvsr(tmp_path)
+    assert "from https://hf-mirror.example/Jamichsu/Stream-DiffVSR (" in str(err.value)
+    assert "https://hf-mirror.example/Jamichsu/Stream-DiffVSR/tree/main" in str(err.value)
+    assert "huggingface.co" not in str(err.value)
+    assert "https://hf-mirror.example/JunhaoZhuang/FlashVSR-v1.1/tree/main" in flashvsr_hub.manual_instructions(
+        "v1.1", tmp_path)
+
+
+@pytest.mark.parametrize("errno_name", ["ENOTDIR", "EEXIST", "EISDIR"])
+def test_something_in_the_way_is_a_local_problem_naming_the_path(monkeypatch, tmp_path, errno_name):
+    import errno
+    import os
+
+    code = getattr(errno, errno_name)
+    (tmp_path / "afile").write_bytes(b"")  # e.g. HF_HOME naming a file
+    fake_hub(monkeypatch, fail=OSError(code, os.strerror(code), str(tmp_path / "afile" / "token")))
+    with pytest.raises(RuntimeError) as err:
+        hub.download_stream_diffvsr(tmp_path / "sr")
+    in_the_way = tmp_path / "afile" if errno_name == "ENOTDIR" else tmp_path / "afile" / "token"
+    assert f"({in_the_way}): move it away or choose another folder" in str(err.value)
+    assert "by hand" not in str(err.value) and "online" not in str(err.value)
+
+
+def test_flashvsr_fetches_its_dit_last_after_the_prompt(monkeypatch, tmp_path):
+    """The loader lists any folder holding a DiT: a download stopped before the end must not hold one."""
+    from streamvsr.models.flashvsr import hub as flashvsr_hub
+
+    calls = fake_hub(monkeypatch)
+    dit = "diffusion_pytorch_model_streaming_dmd.safetensors"
+    for version, files in flashvsr_hub.FILES.items():
+        monkeypatch.setitem(flashvsr_hub.FILES, version, dict.fromkeys(files))  # (the fake content has no hash)
+    monkeypatch.setattr(flashvsr_hub, "download_prompt", lambda dest: calls.append(("github", "posi_prompt.pth")))
+
+    def stop_before_the_last(done, total):
+        if done == total - 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        flashvsr_hub.download_flashvsr("v1.1", tmp_path, stop_before_the_last)
+    assert not (tmp_path / "FlashVSR-v1.1" / dit).exists()
+    flashvsr_hub.download_flashvsr("v1.1", tmp_path)
+    assert [name for _, name in calls] == ["LQ_proj_in.ckpt", "TCDecoder.ckpt", "posi_prompt.pth", dit]
+    calls.clear()
+    flashvsr_hub.download_flashvsr("v1.1", tmp_path)  # complete: the prompt is still checked
+    assert calls == [("github", "posi_prompt.pth")]
+
+
+def test_a_prompt_file_of_the_users_is_kept_not_replaced(monkeypatch, tmp_path):
+    from streamvsr.models.flashvsr import hub as flashvsr_hub
+    from streamvsr.models.shared.errors import DownloadError
+
+    served = tmp_path / "served.pth"
+    served.write_bytes(b"served prompt")
+    monkeypatch.setattr(flashvsr_hub, "PROMPT_GIT_BLOB", flashvsr_hub.git_blob_id(served))  # as if official
+    dest = tmp_path / "FlashVSR-v1.1"
+    dest.mkdir()
+    (dest / "posi_prompt.pth").write_bytes(b"my own prompt")
+    with pytest.raises(DownloadError, match=f"{dest / 'posi_prompt.pth'} is not the official posi_prompt.pth.*kept"):
+        flashvsr_hub.download_prompt(dest, url=served.as_uri())
+    assert (dest / "posi_prompt.pth").read_bytes() == b"my own prompt"
+    (dest / "posi_prompt.pth").unlink()
+    assert flashvsr_hub.download_prompt(dest, url=served.as_uri()).read_bytes() == b"served prompt"
+
+
+def test_an_empty_models_variable_or_dest_is_not_the_current_folder(monkeypatch, tmp_path):
+    import argparse
+
+    from streamvsr.cli import main
+    from streamvsr.cli.options import default_models_dir, user_path
+    from streamvsr.models.raft import weights as raft_weights
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STREAMVSR_MODELS", "")
+    assert default_models_dir() == tmp_path / "home" / ".cache" / "streamvsr"
+    monkeypatch.setenv("STREAMVSR_MODELS", "rel")
+    assert default_models_dir() == tmp_path / "rel"  # absolute: the same folder wherever it is used
+    with pytest.raises(argparse.ArgumentTypeError, match="an empty path"):
+        user_path("")
+    fetched = []
+    monkeypatch.setattr(hub, "download_stream_diffvsr", lambda dest: fetched.append(dest) or dest)
+    monkeypatch.setattr(raft_weights, "download_raft", lambda name, dest: fetched.append(dest) or dest / "r.pth")
+    with pytest.raises(SystemExit) as exit_:
+        main(["download", "--dest", ""])
+    assert exit_.value.code == 2 and fetched == []
+    monkeypatch.setenv("STREAMVSR_MODELS", "")
+    assert main(["download"]) == 0
+    assert fetched == [tmp_path / "home" / ".cache" / "streamvsr" / "Stream-DiffVSR",
+                       tmp_path / "home" / ".cache" / "streamvsr" / "raft"]
+
+
+def test_the_loader_hint_offers_a_command_for_the_folder_given():
+    from streamvsr.models.stream_diffvsr.loader import DOWNLOAD_HINT
+
+    # `streamvsr download` alone fills $STREAMVSR_MODELS/Stream-DiffVSR, not the folder that failed to load
+    assert "`streamvsr download`" not in DOWNLOAD_HINT
+    assert "--local-dir FOLDER" in DOWNLOAD_HINT and "`streamvsr download --dest PARENT` where FOLDER is " \
+        "PARENT/Stream-DiffVSR" in DOWNLOAD_HINT
+
+
+def test_the_hub_client_required_writes_real_files_into_local_dir():
+    """Before 0.23, hf_hub_download(local_dir=...) left links into ~/.cache there, which a copy breaks."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("requirements.txt", "pyproject.toml"):
+        found = re.search(r"huggingface_hub>=(\d+)\.(\d+)", (root / name).read_text())
+        assert found and (int(found[1]), int(found[2])) >= (0, 23), name

@@ -267,6 +267,34 @@ def _split_converted(path: Path) -> tuple[dict, dict, dict, torch.Tensor, dict]:
     return parts["dit."], parts["lq_proj."], parts["tc_decoder."], prompt, meta
 
 
+def _holds_lq_proj(dit: Path) -> bool | None:
+    """Whether the DiT file carries the LQ projection (some ports merge it in), from its header alone; None where
+    that cannot be told without reading the file."""
+    if dit.suffix != ".safetensors":
+        return None
+    try:
+        keys = _safetensors_header(dit)[1]
+    except Exception:  # noqa: BLE001 - damaged: reading it says so, with the advice for that
+        return None
+    return any(k.startswith(LQ_PREFIX) or any(k.startswith(p + LQ_PREFIX) for p in DIT_PREFIXES) for k in keys)
+
+
+def _check_complete(files: FlashVSRFiles, need_decoder: bool) -> None:
+    """Raise naming every component file missing beside the DiT, all in one error (a download that stopped
+    half-way lacks several): one run tells the user all there is to fetch."""
+    missing = []
+    if files.prompt is None:
+        missing.append(("prompt embedding", PROMPT_FILES))
+    if need_decoder and files.tc_decoder is None:
+        missing.append(("TC decoder", TC_FILES))
+    if files.lq_proj is None and _holds_lq_proj(files.dit) is False:
+        missing.append(("LQ projection", LQ_FILES))
+    if missing:
+        raise WeightsError(f"no {' and no '.join(what for what, _ in missing)} next to {files.dit} (looked for "
+                           f"{'; '.join(', '.join(names) for _, names in missing)}). A download that stopped: the "
+                           f"ComfyUI loader's '(download) …' entry finishes it. {HINT}")
+
+
 def _version_needed(path) -> UserInputError:
     return UserInputError(f"say which FlashVSR version {path} holds ({' or '.join(VERSIONS)}): v1 and v1.1 "
                           f"files have the same keys but need different LQ-projection arithmetic")
@@ -300,11 +328,7 @@ def read_flashvsr(path, version: str | None = None, *, need_decoder: bool = True
         tc = tc or None
     else:
         # A missing file or version is reported before the DiT (gigabytes) is read
-        if files.prompt is None:
-            raise WeightsError(f"no prompt embedding next to {files.dit} (looked for {', '.join(PROMPT_FILES)}). "
-                               f"{HINT}")
-        if need_decoder and files.tc_decoder is None:
-            raise WeightsError(f"no TC decoder next to {files.dit} (looked for {', '.join(TC_FILES)}). {HINT}")
+        _check_complete(files, need_decoder)
         if version is None:
             raise _version_needed(path)
         for found in (files.dit, files.lq_proj, files.tc_decoder, files.prompt):

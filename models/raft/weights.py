@@ -64,27 +64,30 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
 def download_raft(name: str, dest_dir, progress=True) -> Path:
     """Download torchvision's RAFT weights ``name`` ("raft_large" or "raft_small") into ``dest_dir`` and return
     the path; a verified copy already there is reused. The file is written as ``.part`` and renamed only after
-    its sha256 prefix matched; a download that fails or is stopped leaves nothing behind. Offline, the error says
-    where to download the file by hand. ``progress``: True logs every 10 %; a callable gets ``(bytes done, total
-    bytes)`` after each block (total 0 when the server does not say) and may raise to stop."""
+    its sha256 prefix matched; a download that fails or is stopped leaves nothing behind. A file there that is not
+    the published one is kept until a verified download replaces it (the user's, never lost to an offline
+    download). Offline, the error says where to download the file by hand. ``progress``: True logs every 10 %; a
+    callable gets ``(bytes done, total bytes)`` after each block (total 0 when the server does not say) and may
+    raise to stop."""
     if name not in RAFT_WEIGHTS:
         raise UserInputError(f"unknown RAFT weights {name!r} (use one of {sorted(RAFT_WEIGHTS)})")
     url, filename, prefix = RAFT_WEIGHTS[name]
-    dest_dir = Path(dest_dir)
+    dest_dir = Path(dest_dir).absolute()  # every message names the file where it is on disk
     target = dest_dir / filename
+    kept = ""  # appended to an error: the file that differs is still there
     if target.is_file():
-        if not sha256_of(target).startswith(prefix):
-            # As the hub downloads do: a damaged file is not left to fail every later run the same way
-            target.unlink(missing_ok=True)
-            raise DownloadError(f"{target} was corrupt or not the published file (its sha256 does not start with "
-                                f"{prefix}); it was deleted: download it again.")
-        return target
+        if sha256_of(target).startswith(prefix):
+            return target
+        # As the hub downloads do: downloaded again, and replaced only once the download is verified
+        log.warning("%s is not the published file (its sha256 does not start with %s): downloading it again",
+                    target, prefix)
+        kept = f" {target} was kept as it was, though its sha256 does not start with {prefix}."
     manual = (f"Download {url} by hand (browser, curl -LO or wget) and put it at {target} "
-              f"(its sha256 starts with {prefix}).")
+              f"(its sha256 starts with {prefix}).{kept}")
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DownloadError(f"cannot create {dest_dir}: {e}") from None
+        raise DownloadError(f"cannot create {dest_dir}: {local_failure(e, dest_dir) or e}") from None
     part = target.with_name(target.name + ".part")
     log.info("downloading %s to %s", url, target)
     digest = hashlib.sha256()
@@ -105,7 +108,7 @@ def download_raft(name: str, dest_dir, progress=True) -> Path:
         part.unlink(missing_ok=True)
         local = local_failure(e, dest_dir)  # (None for a network error: a URLError has no errno)
         if local is not None:
-            raise DownloadError(f"could not save {url}: {local}") from None
+            raise DownloadError(f"could not save {url}: {local}.{kept}") from None
         raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? {manual}") from None
     except BaseException:  # stopped (Cancel, Ctrl-C): no half file left behind
         part.unlink(missing_ok=True)

@@ -3,12 +3,50 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .errors import DownloadError
 from .weights import sha256_of
 
 log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def _hub_constants():
+    """huggingface_hub's settings as read from the environment (HF_ENDPOINT, HF_HUB_OFFLINE), or None where it
+    is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module("huggingface_hub.constants")
+    except ImportError:
+        return None
+
+
+def hub_url(repo: str) -> str:
+    """``repo``'s page on the hub the client talks to: a mirror set with HF_ENDPOINT is where the user can reach
+    the files by hand too."""
+    endpoint = getattr(_hub_constants(), "ENDPOINT", None) or DEFAULT_ENDPOINT
+    return f"{endpoint.rstrip('/')}/{repo}"
+
+
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE is set (the client then refuses every download and blames the connection)."""
+    return bool(getattr(_hub_constants(), "HF_HUB_OFFLINE", False))
+
+
+def shell_command(args) -> str:
+    """``args`` as one command line that the user's shell reads back as the same words (a path with a space or
+    an umlaut stays one argument)."""
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.list2cmdline([str(a) for a in args])
+    import shlex
+
+    return shlex.join(str(a) for a in args)
 
 
 def download_command(repo: str, dest, files=()) -> str:
@@ -22,78 +60,158 @@ def download_command(repo: str, dest, files=()) -> str:
         old = (major, minor) < (0, 34)
     except Exception:  # noqa: BLE001 - not installed or an unusual version string: the current name
         old = False
-    names = "".join(f" {name}" for name in files)
-    return f"{'huggingface-cli' if old else 'hf'} download {repo}{names} --local-dir {dest}"
+    return shell_command(["huggingface-cli" if old else "hf", "download", repo, *files, "--local-dir", dest])
 
 
 # A download that failed on this machine's side: no network would not help
 _LOCAL = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is used up", "EFBIG": "the file is too large for "
           "this file system", "EACCES": "no permission to write there", "EPERM": "no permission to write there",
           "EROFS": "the file system is read-only"}
+# ... or something in the way of the files (a file named like a folder, HF_HOME pointing at a file)
+_IN_THE_WAY = {"ENOTDIR": "a file stands where a folder is needed", "EEXIST": "a file or folder of that name is "
+               "in the way", "EISDIR": "a folder stands where a file is needed"}
 
 
 def local_failure(error: BaseException, dest) -> str | None:
     """What to do where ``error`` is this machine's failure to store a download in ``dest`` (a full disk, no
-    permission), else None."""
+    permission, a file in the way), else None. The path named is the one the system refused, where it says."""
     import errno
 
-    codes = {getattr(errno, name): why for name, why in _LOCAL.items() if hasattr(errno, name)}
-    if isinstance(error, OSError) and error.errno in codes:
-        return f"{codes[error.errno]} ({dest}): free space there or choose another folder, then download again"
+    if not isinstance(error, OSError):
+        return None
+    where = error.filename or dest
+    if error.errno == errno.ENOTDIR and error.filename:  # name the file in the way, not the path below it
+        where = next((p for p in (Path(where), *Path(where).parents) if p.exists() and not p.is_dir()), where)
+    for table, advice in ((_LOCAL, "free space there or choose another folder"),
+                          (_IN_THE_WAY, "move it away or choose another folder")):
+        codes = {getattr(errno, name): why for name, why in table.items() if hasattr(errno, name)}
+        if error.errno in codes:
+            return f"{codes[error.errno]} ({where}): {advice}, then download again"
     return None
 
 
-def check_sha256(path: Path, name: str, sha: str | None, fresh: bool = False) -> None:
-    """Delete ``path`` and raise when its sha256 does not start with ``sha`` (a full digest or a prefix).
-    ``fresh``: the file was just downloaded (the hub client checked its size), so the repository may have
-    changed since these digests were taken: the message says what to do then."""
+def check_sha256(path: Path, sha: str | None) -> None:
+    """Delete the file ``path`` just downloaded and raise when its sha256 does not start with ``sha`` (a full
+    digest or a prefix). The hub client checked its size, so the repository may have changed since these
+    digests were taken: the message says what to do then."""
     if sha is not None and not sha256_of(path).startswith(sha):
         path.unlink(missing_ok=True)
-        if fresh:
-            raise DownloadError(f"{name} as downloaded is not the published file this version of ComfyUI-StreamVSR "
-                                f"knows (its sha256 does not start with {sha[:12]}); it was deleted. Download it "
-                                "again; if it fails the same way, the file on the hub has changed: update "
-                                "ComfyUI-StreamVSR, and report it if the newest version fails too.")
-        raise DownloadError(f"{name} is corrupt: its sha256 does not start with {sha[:12]}; it was deleted, "
-                            "download it again.")
+        raise DownloadError(f"{path} as downloaded is not the published file this version of ComfyUI-StreamVSR "
+                            f"knows (its sha256 does not start with {sha[:12]}); it was deleted. Download it "
+                            "again; if it fails the same way, the file on the hub has changed: update "
+                            "ComfyUI-StreamVSR, and report it if the newest version fails too.")
 
 
-def download_files(repo: str, files: dict[str, str | None], dest, manual: str, progress=None) -> Path:
+def mismatching(dest: Path, files: dict[str, str | None]) -> list[str]:
+    """The names of ``files`` already in ``dest`` whose sha256 is known and differs: all of them, so that one
+    message names every file that will be replaced."""
+    return [name for name, sha in files.items()
+            if sha is not None and (dest / name).is_file() and not sha256_of(dest / name).startswith(sha)]
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to a free ``NAME.mismatch`` beside it and return that: the user's file is kept until a
+    verified download has taken its place."""
+    aside, n = path.with_name(path.name + ".mismatch"), 1
+    while aside.exists():  # one kept from an earlier run is not overwritten either
+        n += 1
+        aside = path.with_name(f"{path.name}.mismatch{n}")
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        raise DownloadError(f"cannot move {path} aside to replace it ({e.strerror or e}): move or delete it, then "
+                            "download again") from None
+    return aside
+
+
+def put_back(aside: Path, path: Path) -> None:
+    """Undo ``set_aside`` after a failed or stopped download (nothing of the download is left at ``path``)."""
+    if not path.exists():
+        try:
+            os.replace(aside, path)
+        except OSError:  # the error being raised names where the file is
+            log.warning("could not move %s back to %s", aside, path)
+
+
+def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Path:
+    try:
+        return Path(hf_hub_download(repo, name, local_dir=str(dest)))
+    except Exception as e:  # offline, DNS, HTTP and hub errors come in many types
+        local = local_failure(e, dest)
+        if local is not None:
+            raise DownloadError(f"could not save {name} of {hub_url(repo)}: {local}") from None
+        raise DownloadError(f"could not download {name} from {hub_url(repo)} ({type(e).__name__}: {e}). "
+                            + manual) from None
+
+
+def download_files(repo: str, files: dict[str, str | None], dest, manual: str, progress=None,
+                   before_last=None) -> Path:
     """Fetch ``files`` (name in the repository -> sha256 or prefix, or None) of ``repo`` into ``dest``.
 
-    Files already there are kept (and hash-checked where the hash is known), so an interrupted download resumes
-    where it stopped; the hub client also resumes a partly downloaded file and checks sizes against the server.
+    Files already there are kept, so an interrupted download resumes where it stopped; the hub client also resumes
+    a partly downloaded file and checks sizes against the server. A file there whose known hash differs is
+    downloaded again; the file is kept (as NAME.mismatch while its replacement downloads, put back if that fails or
+    is stopped) until a verified download has replaced it: a user's file is never lost to a failed download.
     ``manual`` is appended to every error: how to get the files by hand. ``progress(done, total)``: called before
     the first missing file and after each one (files, not bytes); it may raise to stop between files.
+    ``before_last()``: run once every other file is in place, before the last of ``files`` is fetched (or at the
+    end where it is there already): a file from elsewhere that must be in place before the folder counts as a model.
     """
-    dest = Path(dest)
-    for name, sha in files.items():
-        if (dest / name).is_file():
-            check_sha256(dest / name, name, sha)
-    missing = [name for name in files if not (dest / name).is_file()]
+    dest = Path(dest).absolute()  # every message names the files where they are on disk
+    wrong = mismatching(dest, files)
+    if wrong:
+        log.warning("not the published files (their sha256 differs), to be replaced by a verified download: %s",
+                    ", ".join(str(dest / name) for name in wrong))
+    missing = [name for name in files if name in wrong or not (dest / name).is_file()]
     if not missing:
+        if before_last is not None:
+            before_last()
         return dest
+
+    replaced: set[str] = set()
+
+    def kept() -> str:  # appended to an error: the files that differ are still there, as they were
+        left = [str(dest / name) for name in wrong if name not in replaced and (dest / name).is_file()]
+        return f" Kept as they were, though their sha256 is not the published one: {', '.join(left)}." if left \
+            else ""
+
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise DownloadError("downloading needs huggingface_hub (pip install huggingface_hub). " + manual) from None
+        raise DownloadError("downloading needs huggingface_hub (pip install huggingface_hub). " + manual
+                            + kept()) from None
+    if offline_mode():
+        raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {len(missing)} files of {repo} into "
+                            f"{dest}. " + manual + kept())
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DownloadError(f"cannot create {dest}: {e}") from None
+        raise DownloadError(f"cannot create {dest}: {local_failure(e, dest) or e}") from None
     log.info("downloading %d files of %s into %s", len(missing), repo, dest)
     for done, name in enumerate(missing):
         if progress is not None:
             progress(done, len(missing))
+        if before_last is not None and name == list(files)[-1]:
+            before_last, run = None, before_last
+            run()
+        path = dest / name
+        aside = set_aside(path) if name in wrong else None
         try:
-            path = Path(hf_hub_download(repo, name, local_dir=str(dest)))
-        except Exception as e:  # offline, DNS, HTTP and hub errors come in many types
-            local = local_failure(e, dest)
-            if local is not None:
-                raise DownloadError(f"could not save {name} of https://huggingface.co/{repo}: {local}") from None
-            raise DownloadError(f"could not download {name} from https://huggingface.co/{repo} "
-                                f"({type(e).__name__}: {e}). " + manual) from None
-        check_sha256(path, name, files[name], fresh=True)
+            check_sha256(_fetch(hf_hub_download, repo, name, dest, manual), files[name])
+        except DownloadError as e:
+            if aside is not None:
+                put_back(aside, path)
+            raise DownloadError(str(e) + kept()) from None
+        except BaseException:  # stopped (Cancel, Ctrl-C)
+            if aside is not None:
+                put_back(aside, path)
+            raise
+        if aside is not None:
+            aside.unlink(missing_ok=True)
+            replaced.add(name)
+            log.info("replaced %s (not the published file) with the verified download", path)
+    if before_last is not None:
+        before_last()
     if progress is not None:
         progress(len(missing), len(missing))
     return dest

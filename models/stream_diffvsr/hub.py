@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..shared.hub import download_command, download_files
+from ..shared.hub import download_command, download_files, hub_url
 
 log = logging.getLogger(__name__)
 
 HUB_REPO = "Jamichsu/Stream-DiffVSR"
-HUB_URL = f"https://huggingface.co/{HUB_REPO}"
 # The files StreamDiffVSRPipeline reads (about 4.1 GB in all; the repository holds more); sha256 where the spec
 # records it (§1.4, §1.5). The hub client checks the size of every file it downloads against the server's.
 HUB_FILES = {
@@ -39,8 +38,8 @@ HUB_FILES = {
 def manual_instructions(dest: Path) -> str:
     folders = sorted({name.split("/")[0] + "/" for name in HUB_FILES if "/" in name})
     weighted = ", ".join(f for f in folders if f not in ("scheduler/", "tokenizer/"))
-    return (f"Download these files from {HUB_URL}/tree/main by hand, keeping the folder layout, into {dest}: "
-            f"model_index.json; in {weighted}: config.json and the .safetensors weights; scheduler/: "
+    return (f"Download these files from {hub_url(HUB_REPO)}/tree/main by hand, keeping the folder layout, into "
+            f"{dest}: model_index.json; in {weighted}: config.json and the .safetensors weights; scheduler/: "
             "scheduler_config.json; tokenizer/: vocab.json, merges.txt, special_tokens_map.json, "
             f"tokenizer_config.json. Or run `{download_command(HUB_REPO, dest, list(HUB_FILES))}` on a machine "
             "that is online.")

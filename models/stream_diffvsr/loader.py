@@ -39,11 +39,14 @@ from .unet import UNet
 log = logging.getLogger(__name__)
 
 HUB_REPO = "Jamichsu/Stream-DiffVSR"
+# The errors that show it do not all know the folder: the commands name it as FOLDER. `streamvsr download` only
+# fills DEST/Stream-DiffVSR, so it is offered for a folder of that name only.
 DOWNLOAD_HINT = (
     f"Download the official checkpoint from the Hugging Face repository {HUB_REPO} (all folders: unet, "
-    "controlnet, vae, text_encoder, tokenizer, scheduler and model_index.json), e.g. with "
-    "`streamvsr download` or, in ComfyUI, the loader's '(download) …' entry (both finish a download that stopped), "
-    "or convert it to one file with `streamvsr convert`.")
+    "controlnet, vae, text_encoder, tokenizer, scheduler and model_index.json) into the model's folder FOLDER, "
+    f"e.g. with `hf download {HUB_REPO} --local-dir FOLDER` (the whole repository), or `streamvsr download --dest "
+    "PARENT` where FOLDER is PARENT/Stream-DiffVSR, or, in ComfyUI, the loader's '(download) …' entry for its own "
+    "folder (each finishes a download that stopped there), or convert it to one file with `streamvsr convert`.")
 SINGLE_FILE_VERSION = "1"
 COMPONENTS = ("unet", "controlnet", "vae")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
