@@ -423,6 +423,14 @@ def test_a_file_too_large_for_the_memory_left_is_not_called_damaged(official, mo
     monkeypatch.setattr(safetensors.torch, "load_file", no_memory)
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         read_state_dict(folder / "diffusion_pytorch_model_streaming_dmd.safetensors")
+    # the same on Windows and a Mac, whose allocators say it in other words (it was "delete it and download again")
+    for words in ("[enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: not enough memory: you tried to "
+                  "allocate 5726623744 bytes.",
+                  "MPS backend out of memory (MPS allocated: 17.50 GB, other allocations: 1.20 GB, max allowed: "
+                  "18.13 GB). Tried to allocate 1.00 GB on private pool."):
+        monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(words)))
+        with pytest.raises(RuntimeError, match=words[:20].replace("[", "\\[")):
+            read_state_dict(folder / "diffusion_pytorch_model_streaming_dmd.safetensors")
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):
         read_state_dict(folder / "diffusion_pytorch_model_streaming_dmd.safetensors")

@@ -125,11 +125,16 @@ def has_native_bf16(device) -> bool:
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+# What PyTorch's allocators say in the plain RuntimeError they raise: the CPU's on Linux and macOS, the CPU's on
+# Windows, and Apple's MPS (PyTorch 2.14 still raises these).
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "DefaultCPUAllocator: not enough memory", "MPS backend out of memory")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says that memory ran out: a device's ``OUT_OF_MEMORY``, Python's ``MemoryError``, or
-    PyTorch's CPU allocator, which raises a plain RuntimeError (known by its message; PyTorch 2.14 still does)."""
+    an allocator's plain RuntimeError (known by its message)."""
     return isinstance(error, (OUT_OF_MEMORY, MemoryError)) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+        isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS))
 
 
 def concrete_device(device) -> torch.device:

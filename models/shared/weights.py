@@ -154,7 +154,10 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
         code = re.search(r"os error (\d+)", str(e))
         if isinstance(e, OSError) or code is None:
             raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        number = int(code.group(1))
+        if os.name == "nt":  # Rust's code there is the Windows one, from which Python finds the errno
+            raise OSError(None, str(e), str(path), number) from None
+        raise OSError(number, os.strerror(number), str(path)) from None
     if os.name == "posix":
         # safetensors writes through a private temporary file, so the result would be the writer's alone: a
         # converted model used by ComfyUI running as another user (a service, a container) could not be read.
