@@ -358,18 +358,29 @@ def test_a_frames_job_with_resume_continues_after_a_stop_as_if_it_ran_through(tm
 def test_a_killed_frames_job_continues_from_its_last_checkpoint(tmp_path, monkeypatch):
     """A run killed outright saves nothing at the end: the next one continues from the last periodic
     checkpoint, redoing (and replacing) the outputs written after it."""
-    import streamvsr.video.frames as frames_module
-
     files = png_folder(tmp_path / "in", n=7)
     upscale_folder(FakeEngine(), files, tmp_path / "whole", save="npy")
     out = tmp_path / "out"
+    killed, save = [], ResumeFiles.save
+
+    class KilledAt(StopsAt):
+        def step(self, frame, state):
+            if state.frame_index == self.at:
+                killed.append(1)
+            return super().step(frame, state)
+
     with monkeypatch.context() as m:
-        m.setattr(frames_module, "_checkpoint_after_failure", lambda save: None)  # killed: no last checkpoint
+        m.setattr(ResumeFiles, "save", lambda *a, **k: None if killed else save(*a, **k))  # (dead: saves nothing)
         with pytest.raises(KeyboardInterrupt):
-            upscale_folder(StopsAt(5), files, out, save="npy", resume=True, checkpoint_frames=2)
+            upscale_folder(KilledAt(5), files, out, save="npy", resume=True, checkpoint_frames=2)
     assert ResumeFiles(out).read_info()["frames"] == 4 and len(npy_outputs(out)) == 5
+    # the output it wrote after its last checkpoint cannot be told from a file put there since: said, and replaced
+    # only when asked
+    with pytest.raises(OutputExistsError, match="already has f004.npy of the frames after the 4 that "
+                                                "out.streamvsr-resume.safetensors counts: .* add --overwrite"):
+        upscale_folder(FakeEngine(), files, out, save="npy", resume=True)
     engine = FakeEngine()
-    upscale_folder(engine, files, out, save="npy", resume=True)
+    upscale_folder(engine, files, out, save="npy", resume=True, overwrite=True)
     assert [index for index, _, _ in engine.calls] == [4, 5, 6]
     whole, got = npy_outputs(tmp_path / "whole"), npy_outputs(out)
     assert list(got) == list(whole) and all(np.array_equal(got[k], whole[k]) for k in whole)
@@ -436,7 +447,35 @@ def test_a_frames_job_that_fails_keeps_a_checkpoint_and_one_that_cannot_save_it_
     monkeypatch.setattr(ResumeFiles, "save", full)
     with pytest.raises(KeyboardInterrupt):
         upscale_folder(StopsAt(1), files, tmp_path / "other", save="npy", resume=True)
-    assert "could not save the resume checkpoint (OSError: [Errno 28] No space left on device)" in caplog.text
+    assert (f"could not save the resume checkpoint {ResumeFiles(tmp_path / 'other').state} (OSError: [Errno 28] No "
+            "space left on device); there is none yet, so the next run starts over") in caplog.text
+    # a periodic checkpoint that cannot be saved does not stop the run: said once
+    caplog.clear()
+    assert upscale_folder(FakeEngine(), files, tmp_path / "goes_on", save="npy", resume=True,
+                          checkpoint_frames=1) == 4
+    assert caplog.text.count("could not save the resume checkpoint") == 1 and ", going on;" in caplog.text
+
+
+def test_a_continued_frames_job_replaces_no_file_it_did_not_write_and_takes_dot_as_its_folder(tmp_path,
+                                                                                                monkeypatch):
+    """Frames added after a stop whose outputs exist already (another's files) are not replaced without
+    --overwrite (a continued job replaced every output past its checkpoint). An output folder given as "." has its
+    checkpoint next to it (it was a traceback: a path without a name)."""
+    files = png_folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(2), files, Path("."), save="npy", resume=True)
+    assert ResumeFiles(out).state.exists()
+    np.save(out / "f005.npy", np.zeros(1))  # someone else's
+    shutil.copy(files[0], tmp_path / "in" / "f005.png")
+    with pytest.raises(OutputExistsError, match="already has f005.npy of the frames after the 2 that"):
+        upscale_folder(FakeEngine(), list_pngs(tmp_path / "in"), Path("."), save="npy", resume=True)
+    assert np.load(out / "f005.npy").shape == (1,)
+    (tmp_path / "in" / "f005.png").unlink()
+    assert upscale_folder(FakeEngine(), files, Path("."), save="npy", resume=True) == 4
+    assert not ResumeFiles(out).state.exists()
 
 
 def test_a_sequence_folder_as_it_comes_from_other_machines(tmp_path, caplog):
@@ -765,15 +804,18 @@ def _two_sizes(tmp_path):
     return clip
 
 
-def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path):
+@pytest.mark.parametrize("resume", [False, True])
+def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path, resume):
     clip = _two_sizes(tmp_path)
     out = tmp_path / "out.mkv"
     engine = FakeEngine()
     with pytest.raises(InputDamagedError, match="changes its frame size at frame 3, from 32x24 to 48x32") as e:
-        upscale_video(engine, clip, out, codec="lossless", allow_truncated=True)  # not acceptable even so
+        upscale_video(engine, clip, out, codec="lossless", allow_truncated=True, resume=resume)  # not acceptable
     assert "--allow-truncated" not in str(e.value)
     assert len(engine.calls) == 3 and not out.exists()
     assert len(decode(partial_path(out))) == 3
+    # a resumable job's files are kept only where the input can be accepted: here they would never be of use
+    assert not ResumeFiles(out).state.exists() and not ResumeFiles(out).parts_on_disk()
 
 
 @pytest.mark.parametrize("start,count,to_end", [(0, 6, True), (2, 2, False), (3, 3, True)])

@@ -529,7 +529,7 @@ def test_video_resume_with_held_frames_equals_one_run(engine, tmp_path):
     assert len(decode(out)) == 30
 
 
-def test_frames_resume_with_held_frames_equals_one_run(engine, tmp_path):
+def test_frames_resume_with_held_frames_equals_one_run(engine, tmp_path, monkeypatch):
     """A `frames` job stopped mid-chunk keeps the frames the engine holds in its checkpoint, and continues them."""
     from PIL import Image
 
@@ -564,6 +564,26 @@ def test_frames_resume_with_held_frames_equals_one_run(engine, tmp_path):
     resumed = StopsAtPush(30)
     assert upscale_folder(resumed, files, out, save="npy", resume=True) == 30
     assert resumed.pushes == 3
+    for name in [f"{i:02d}.npy" for i in range(30)]:
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "whole" / name)), name
+    # a stop mid-way through a burst (the first 21 frames come out at once): the checkpoint is the state before
+    # that push, and the outputs already written of the burst are its own, replaced by the next run
+    import streamvsr.video.frames as frames_module
+
+    out, saved = tmp_path / "burst", frames_module.save_frame
+
+    def stopped_at_the_sixth(hr, stem, fmt, overwrite=True):
+        if stem.name == "05":
+            raise KeyboardInterrupt
+        return saved(hr, stem, fmt, overwrite)
+
+    monkeypatch.setattr(frames_module, "save_frame", stopped_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(engine, files, out, save="npy", resume=True)
+    monkeypatch.undo()
+    info = ResumeFiles(out).read_info()
+    assert (info["consumed"], info["frames"], info["after"]) == (24, 0, [f"{i:02d}.npy" for i in range(5)])
+    assert upscale_folder(engine, files, out, save="npy", resume=True) == 30
     for name in [f"{i:02d}.npy" for i in range(30)]:
         assert np.array_equal(np.load(out / name), np.load(tmp_path / "whole" / name)), name
 

@@ -309,6 +309,14 @@ class FolderJob:
     files: ResumeFiles | None    # the checkpoint's files (with resume)
     saved: dict | None           # the checkpoint to continue, if any (with resume)
     discard_unfinished: bool     # an unfinished resumable job of this folder is to be thrown away (overwrite)
+    redone: frozenset = frozenset()  # outputs a continued job wrote after its checkpoint's point: replaced
+
+
+def folder_checkpoint(out_dir) -> ResumeFiles:
+    """The checkpoint files of a ``frames`` job into ``out_dir``: next to the folder, named after it (an output
+    folder named "." or ".." has its real name; one at a file system's root keeps them inside it)."""
+    folder = Path(os.path.abspath(out_dir))
+    return ResumeFiles(folder if folder.name else folder / "streamvsr-frames")
 
 
 def check_folder_job(files: list[Path], out_dir: Path, seed: int = 42, save: str = "png", resume: bool = False,
@@ -322,7 +330,7 @@ def check_folder_job(files: list[Path], out_dir: Path, seed: int = 42, save: str
         raise UserInputError(f"save must be one of {', '.join(SAVE_FORMATS)}, got {save!r}")
     out_dir, files = Path(out_dir), [Path(p) for p in files]
     names = [output_name(p.stem, save) for p in files]
-    checkpoint = ResumeFiles(out_dir)
+    checkpoint = folder_checkpoint(out_dir)
     saved = checkpoint.read_info()
     if saved is not None:
         with OutputLock(out_dir):  # a run writing this job right now is what to report, not its checkpoint
@@ -349,9 +357,21 @@ def check_folder_job(files: list[Path], out_dir: Path, seed: int = 42, save: str
                                      "start over")
             discard = True
     continued = saved is not None and resume and not discard
-    # A continued job replaces the outputs it wrote after its last checkpoint (they are redone).
     check_folder_outputs({p.parent for p in files}, out_dir, files, names, overwrite or continued)
-    return FolderJob(names, checkpoint if resume else None, saved if continued else None, discard)
+    redone = frozenset(saved.get("after", ())) if continued else frozenset()
+    if continued and not overwrite:
+        # Past the frames it counts, a continued job replaces only the outputs its checkpoint says it wrote (at
+        # a stop mid-way through a burst of frames): any other is not known to be its own (one it wrote after
+        # its last checkpoint before it was killed, or a file put there since)
+        others = [name for name in names[saved["frames"]:] if name not in redone
+                  and os.path.lexists(out_dir / name)]
+        if others:
+            more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+            raise OutputExistsError(f"{out_dir} already has {others[0]}{more} of the frames after the "
+                                    f"{saved['frames']} that {checkpoint.state.name} counts: written by this job "
+                                    "after its last checkpoint before it was killed, or another's; add --overwrite "
+                                    "to let it replace them")
+    return FolderJob(names, checkpoint if resume else None, saved if continued else None, discard, redone)
 
 
 def _stamp(path: Path) -> str:
@@ -384,13 +404,14 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
     with OutputLock(out_dir):
         _prepare(out_dir, names)
         if job.discard_unfinished:
-            ResumeFiles(out_dir).remove()
+            folder_checkpoint(out_dir).remove()
             log.info("discarded the unfinished resumable job of %s (overwrite)", out_dir)
+        # (a checkpoint being written when a run was stopped a second time)
+        remove_stale([folder_checkpoint(out_dir).state_tmp])
         state, consumed, written, stamps = engine.new_state(seed), 0, 0, []
         saved = None
-        if checkpoint is not None:
-            checkpoint.state_tmp.unlink(missing_ok=True)
-            saved = checkpoint.load(engine) if job.saved is not None else None
+        if checkpoint is not None and job.saved is not None:
+            saved = checkpoint.load(engine)
         size = None
         if saved is not None:
             info, state, _ = saved
@@ -410,21 +431,41 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
         stems: deque[str] = deque(p.stem for p in files[written:consumed])  # pushed, not yet returned
         # the last point where the state, the frames read and the outputs written agree: what a checkpoint saves
         safe = (state, consumed, written)
-        saved_at = (consumed, written) if saved is not None else (0, 0)
-        last_time, since = time.monotonic(), 0
+        saved_at = (consumed, written, len(job.redone)) if saved is not None else (0, 0, 0)
+        replaceable = job.redone if saved is not None else frozenset()
+        last_time, since, warned = time.monotonic(), 0, False
         if progress is not None and written:
             progress(written)
 
         def save_checkpoint() -> None:
             nonlocal saved_at
             ckpt_state, ckpt_consumed, ckpt_written = safe
-            if checkpoint is None or (ckpt_consumed, ckpt_written) == saved_at:
+            # the outputs written past that point (a stop mid-way through a burst of frames, or the frames held
+            # back, finished when a frame could not be read): the next run redoes them, replacing them
+            after = names[ckpt_written:written]
+            if checkpoint is None or (ckpt_consumed, ckpt_written, len(after)) == saved_at:
                 return
             fp = folder_fingerprint(files[0].parent, [p.name for p in files[:ckpt_consumed]], stamps[:ckpt_consumed],
                                     seed, save, (size[1], size[0]), engine)
             checkpoint.save(ckpt_state, {"fingerprint": fp, "consumed": ckpt_consumed, "frames": ckpt_written,
-                                         "segments": 0, "held_pts": [], "complete": False, "scene_cuts": 0}, None)
-            saved_at = (ckpt_consumed, ckpt_written)
+                                         "after": after, "segments": 0, "held_pts": [], "complete": False,
+                                         "scene_cuts": 0}, None)
+            saved_at = (ckpt_consumed, ckpt_written, len(after))
+
+        def try_checkpoint(stopping: bool) -> None:
+            # Where a checkpoint cannot be saved (a full disk, a folder without write permission), the reason the
+            # run stops is the error to report, and a run that goes on is not stopped by it: a warning says what
+            # a stop would lose.
+            nonlocal warned
+            try:
+                save_checkpoint()
+            except Exception as e:  # noqa: BLE001
+                if stopping or not warned:
+                    fallback = ("the next run continues from the one before" if saved_at[0] else
+                                "there is none yet, so the next run starts over")
+                    log.warning("could not save the resume checkpoint %s (%s: %s)%s; %s", checkpoint.state,
+                                type(e).__name__, e, "" if stopping else ", going on", fallback)
+                    warned = True
 
         def done(how: str = "") -> str:
             # A run that stops replaced only the outputs it wrote: the folder then mixes two runs, said here.
@@ -437,7 +478,9 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
         def emit(frames: torch.Tensor) -> None:
             nonlocal written
             for hr in frames:
-                save_frame(hr[None], out_dir / stems.popleft(), save, overwrite=overwrite or saved is not None)
+                stem = stems.popleft()
+                save_frame(hr[None], out_dir / stem, save,
+                           overwrite=overwrite or output_name(stem, save) in replaceable)
                 written += 1
                 if progress is not None:
                     progress(written)
@@ -453,9 +496,10 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 except UserInputError as e:
                     # The frames before this one are good: keep where they stand, finish those the engine still
                     # holds, then report.
-                    _checkpoint_after_failure(save_checkpoint)
+                    try_checkpoint(True)
                     out, state = engine.flush(state)
                     emit(out)
+                    try_checkpoint(True)  # (the outputs just finished are redone by the next run)
                     raise UserInputError(f"{e}; {done()}") from None
                 size = tuple(frame.shape[-2:])
                 stems.append(path.stem)
@@ -467,30 +511,20 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 since += 1
                 if checkpoint is not None and ((checkpoint_frames and since >= checkpoint_frames) or (
                         not checkpoint_frames and time.monotonic() - last_time >= checkpoint_seconds)):
-                    save_checkpoint()
+                    try_checkpoint(False)
                     last_time, since = time.monotonic(), 0
             out, state = engine.flush(state)
             emit(out)
         except KeyboardInterrupt:  # (Ctrl-C: the command line says only that it was interrupted)
-            _checkpoint_after_failure(save_checkpoint)
+            try_checkpoint(True)
             log.warning("stopped: %s", done(", each complete"))
             raise
         except BaseException:
-            _checkpoint_after_failure(save_checkpoint)
+            try_checkpoint(True)
             raise
         if checkpoint is not None:
             checkpoint.remove()
     return written
-
-
-def _checkpoint_after_failure(save: Callable[[], None]) -> None:
-    """Checkpoint a job that is stopping: where that fails too (a full disk), the reason it stopped is the error
-    to report, and this one a warning."""
-    try:
-        save()
-    except Exception as e:  # noqa: BLE001
-        log.warning("could not save the resume checkpoint (%s: %s); the next run continues from the one before",
-                    type(e).__name__, e)
 
 
 def _span(names: list[str]) -> str:

@@ -481,10 +481,14 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             raise RuntimeError(f"joining the resume segments of {out_path} gave {summary['frames']} frames instead "
                                f"of {written}; the segments and {files.state.name} were kept")
         if problem is not None and not accept:
-            # The finished job stays (checkpoint and segments): accepting the input, as the error suggests, then
-            # joins them again instead of upscaling the whole video anew.
+            # The finished job stays (checkpoint and segments) where the input can be accepted as the error
+            # suggests, which then joins them again instead of upscaling the whole video anew; a change of frame
+            # size cannot be accepted, so those files would never be of use.
             kept = keep_partial(tmp, out_path)
-            raise InputDamagedError(_broken(problem, summary["frames"], kept, out_path, resumable=True),
+            acceptable = problem["kind"] != "size"
+            if not acceptable:
+                files.remove()
+            raise InputDamagedError(_broken(problem, summary["frames"], kept, out_path, resumable=acceptable),
                                     frames=summary["frames"], path=kept)
         publish(tmp, out_path, overwrite=overwrite)
         files.remove()
