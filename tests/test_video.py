@@ -10,6 +10,7 @@ import logging
 import shutil
 from dataclasses import replace
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -852,6 +853,22 @@ def test_resume_tells_the_input_by_its_content_not_its_path(tmp_path):
     summary = upscale_video(engine, moved / "in.mkv", out, codec="lossless", resume=True)
     assert summary["resumed_from"] == 3 and [c[0] for c in engine.calls] == [3, 4, 5]
     assert all(np.array_equal(a, b) for a, b in zip(decode(out), decode(tmp_path / "whole.mkv")))
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_names_with_a_colon_are_files_not_protocols(tmp_path, monkeypatch, resume):
+    """FFmpeg read a relative name with a colon ("take2:out.mp4", a time of day, a Mac's name with a "/") as a
+    protocol: the input was "not a video" and an output failed after all the work was done."""
+    monkeypatch.chdir(tmp_path)
+    make_clip(tmp_path / "v1:clip.mkv", n=4, audio="pcm", vcodec="ffv1")
+    if resume:
+        polls = []
+        upscale_video(FakeEngine(), Path("v1:clip.mkv"), Path("take2:out.mkv"), codec="lossless", resume=True,
+                      checkpoint_frames=1, should_stop=lambda: polls.append(1) or len(polls) > 2)
+    summary = upscale_video(FakeEngine(), Path("v1:clip.mkv"), Path("take2:out.mkv"), codec="lossless",
+                            resume=resume)
+    assert summary["frames"] == 4 and summary["resumed_from"] == (2 if resume else 0)
+    assert len(decode(tmp_path / "take2:out.mkv")) == 4 and audio_info(tmp_path / "take2:out.mkv") is not None
 
 
 def _peak_rss(frames, work, leak=""):

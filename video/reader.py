@@ -155,6 +155,12 @@ def check_input_file(path) -> None:
         raise UserInputError(f"{path} is empty (0 bytes)")
 
 
+def ffmpeg_path(path) -> str:
+    """``path`` as FFmpeg must be given it: absolute, since it reads a relative name with a colon in its first part
+    ("take2:out.mp4", "12:30.mp4", a Mac's name with a "/" in it) as a protocol and fails ("Protocol not found")."""
+    return os.path.abspath(path)
+
+
 def open_input(source):
     """``source``: a path, bytes (the whole file), or a binary file object (read from its start). A file that
     FFmpeg cannot open is a one-line error."""
@@ -162,7 +168,7 @@ def open_input(source):
 
     try:
         if isinstance(source, (str, os.PathLike)):
-            return av.open(str(source))
+            return av.open(ffmpeg_path(source))
         if isinstance(source, (bytes, bytearray, memoryview)):
             return av.open(io.BytesIO(source))
         if hasattr(source, "seek"):

@@ -14,6 +14,7 @@ import torch
 from ..models.shared.errors import UserInputError, cannot_read
 from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
+from .reader import ffmpeg_path
 from .outputs import sync_file, sync_folder
 from .writer import CODECS, clock_start
 
@@ -94,7 +95,7 @@ class ResumeFiles:
             try:
                 if size is not None and part.stat().st_size != size:
                     raise ValueError(f"{part.stat().st_size} bytes, where it was written with {size}")
-                with av.open(str(part)) as segment:
+                with av.open(ffmpeg_path(part)) as segment:
                     if not segment.streams.video:
                         raise ValueError("no video stream")
             except Exception as e:  # any kind of damage means the same to the user
@@ -266,9 +267,9 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
     import av
 
     frames = 0
-    with av.open(str(parts[0])) as first:
+    with av.open(ffmpeg_path(parts[0])) as first:
         template = first.streams.video[0]
-        sink = av.open(str(out_path), "w", options=clock_start(origin_us))
+        sink = av.open(ffmpeg_path(out_path), "w", options=clock_start(origin_us))
         audio = None
         try:
             v_out = sink.add_stream_from_template(template)
@@ -300,7 +301,7 @@ def _segment_packets(part: Path):
     import av
 
     try:
-        with av.open(str(part)) as segment:
+        with av.open(ffmpeg_path(part)) as segment:
             for packet in segment.demux(segment.streams.video[0]):
                 if packet.size == 0:  # the demuxer's end-of-stream marker
                     continue

@@ -12,7 +12,7 @@ import torch
 
 from ..models.shared.errors import UserInputError
 from .audio import AudioCopy
-from .reader import open_input
+from .reader import ffmpeg_path, open_input
 
 # x264 buffers about this many frames (+1); medium's default of 40 would make memory grow over the first 41
 # frames, and at 4K that is ~0.5 GB.
@@ -69,7 +69,7 @@ class VideoWriter:
             options["x264-params"] = ":".join(params)
         self.pad = (height % 2, width % 2) if spec.pix_fmt == "yuv420p" else (0, 0)
         self.yuv = spec.pix_fmt.startswith("yuv")
-        self.container = av.open(str(self.path), "w", options=clock_start(origin_us))
+        self.container = av.open(ffmpeg_path(self.path), "w", options=clock_start(origin_us))
         try:
             stream = self.container.add_stream(spec.encoder, rate=rate, options=options)
             stream.width, stream.height = width + self.pad[1], height + self.pad[0]
