@@ -47,7 +47,11 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
     output = os.path.abspath(folder_paths.get_output_directory())
     # ComfyUI refuses these too, but with a multi-line exception that reads like a bug
     inside = os.path.abspath(os.path.join(output, os.path.dirname(os.path.normpath(filename_prefix))))
-    if os.path.commonpath((output, inside)) != output:
+    try:
+        same_tree = os.path.commonpath((output, inside)) == output
+    except ValueError:  # on Windows: another drive or a network share ("Paths don't have the same drive")
+        same_tree = False
+    if not same_tree:
         raise UserInputError(f"filename_prefix {filename_prefix!r} leads outside ComfyUI's output folder: give a "
                              "name inside it, e.g. streamvsr/upscaled")
 

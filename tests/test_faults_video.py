@@ -1653,6 +1653,23 @@ def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading
     assert len(decode(run(clip).values[0][1])) == 2 and len(run.loads) == 1
 
 
+def test_a_prefix_on_another_windows_drive_is_the_same_one_line_error(video_node, monkeypatch):
+    """Windows paths on two drives have no common path: Python raises ValueError, which reached the user raw."""
+    import ntpath
+    import types
+
+    import folder_paths
+
+    from streamvsr.nodes import video as video_nodes
+
+    windows_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    windows_os.path = ntpath
+    monkeypatch.setattr(video_nodes, "os", windows_os)
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: "C:\\ComfyUI\\output")
+    with pytest.raises(UserInputError, match="leads outside ComfyUI's output folder"):
+        video_nodes._output_path("D:\\renders\\upscaled", "h264", 64, 64, None)
+
+
 @pytest.mark.skipif(not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
                     reason="this PyAV cannot write a display matrix")
 def test_video_node_honours_rotation(tmp_path, video_node):
