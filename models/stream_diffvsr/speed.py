@@ -34,6 +34,9 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # graphs kept per compiled function (Dynamo's default, 8 per code object, is used up by four frame sizes of RAFT's
 # two feature encoders, which share their code)
 RECOMPILE_LIMIT = 64
+# Why torch.compile failed in this process, once it has: a missing C++ compiler or Triton fails every network the
+# same way, each after tracing it (minutes for the real ones), so the others are not tried again.
+_COMPILER_FAILURE: str | None = None
 
 
 def _own_device_outputs(out):
@@ -55,7 +58,7 @@ class CompiledCall:
 
     Shapes are static: each new set of input shapes (a new frame size) compiles once, and the time that took is
     logged and added to ``seconds``. If compilation is unavailable or fails, the call runs eagerly and one
-    warning line says why; from then on this network runs eagerly.
+    warning line says why; from then on every network runs eagerly, for the rest of the session.
     """
 
     def __init__(self, fn, label: str, mode: str | None = None):
@@ -66,7 +69,8 @@ class CompiledCall:
         self.seconds = 0.0
 
     def __call__(self, *args, **kwargs):
-        if self.failed:
+        global _COMPILER_FAILURE
+        if self.failed or _COMPILER_FAILURE is not None:
             return self.eager(*args, **kwargs)
         key = _shape_key(args, kwargs)
         first = key not in self.seen
@@ -89,8 +93,9 @@ class CompiledCall:
                 raise  # the frame's own failure (handled by the caller), not the compiler's
             out = self.eager(*args, **kwargs)  # an error of the inputs themselves raises here, as without compile
             self.failed = True
-            log.warning("torch.compile of the %s is unavailable (%s: %s); running it eagerly", self.label,
-                        type(e).__name__, first_line(e))
+            _COMPILER_FAILURE = f"{type(e).__name__}: {first_line(e)}"
+            log.warning("torch.compile is unavailable (it failed on the %s: %s); running the networks eagerly for "
+                        "the rest of this session", self.label, _COMPILER_FAILURE)
             return out
         if first:
             self.seen.add(key)
