@@ -8,6 +8,7 @@ FakeEngine of test_video.py (the engine contract, no model).
 """
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import logging
@@ -1531,6 +1532,33 @@ def test_a_killed_run_leaves_nothing_that_blocks_the_next(tmp_path, resume):
     assert summary["frames"] == 6 and len(decode(out)) == 6
     assert summary["resumed_from"] == (2 if resume else 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"]
+
+
+@pytest.mark.parametrize("code,busy", [(errno.EACCES, True), (errno.EINVAL, False)])
+def test_windows_locking_tells_a_lock_held_from_a_file_system_without_locks(tmp_path, monkeypatch, caplog, code,
+                                                                         busy):
+    """msvcrt says a lock held by another with EACCES; any other error is a drive without byte locks, which was
+    taken as "being written by another run" on every run."""
+    import types
+
+    from streamvsr.video import outputs
+
+    msvcrt = types.ModuleType("msvcrt")
+    msvcrt.LK_NBLCK = 2
+
+    def locking(fd, mode, count):
+        raise OSError(code, os.strerror(code))
+
+    msvcrt.locking = locking
+    monkeypatch.setitem(sys.modules, "msvcrt", msvcrt)
+    monkeypatch.setattr(outputs.os, "name", "nt")
+    fd = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        assert outputs._try_lock(fd, tmp_path / "lock") is not busy
+    finally:
+        os.close(fd)
+        monkeypatch.undo()
+    assert ("cannot lock" in caplog.text) is not busy
 
 
 def test_lock_is_reentrant_in_one_thread_only(tmp_path):

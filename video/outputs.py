@@ -357,8 +357,12 @@ def _try_lock(fd: int, path) -> bool:
         os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
+        except OSError as e:
+            # Held by another: EACCES (EDEADLOCK after retries). Anything else is a file system without byte
+            # locks (some cloud drives and mounts), which would otherwise refuse every run as "busy".
+            if e.errno in (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)):
+                return False
+            return _without_lock(path, e)
         return True
     import fcntl
 
@@ -368,10 +372,14 @@ def _try_lock(fd: int, path) -> bool:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
         if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            log.warning("cannot lock %s on this file system (%s): a second run to the same output would not be "
-                        "stopped", path, e.strerror)
-            return True
+            return _without_lock(path, e)
         raise
+    return True
+
+
+def _without_lock(path, error: OSError) -> bool:
+    log.warning("cannot lock %s on this file system (%s): a second run to the same output would not be stopped",
+                path, error.strerror or error)
     return True
 
 
