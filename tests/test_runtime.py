@@ -91,3 +91,17 @@ def test_fp16_on_the_cpu_is_taken_with_a_warning_that_it_is_very_slow(caplog):
     with caplog.at_level("WARNING"):
         assert pick_dtype("fp16", torch.device("cpu")) == torch.float16
     assert "fp16 on the CPU computes hundreds of times slower" in caplog.text and "--dtype bf16" in caplog.text
+
+
+def test_memory_without_proc_is_what_psutil_says(monkeypatch, tmp_path):
+    """Windows has neither /proc nor sysconf, and macOS no count of available pages: both got a fixed 8 GiB, which
+    sized RAFT's correlation volume as if 8 GiB were free on any machine."""
+    import types
+
+    from streamvsr.models.shared import runtime
+
+    monkeypatch.setattr(runtime, "MEMINFO", str(tmp_path / "no-proc"))
+    monkeypatch.setattr(runtime, "_cgroup_memory", lambda: (None, 0))
+    psutil = types.SimpleNamespace(virtual_memory=lambda: types.SimpleNamespace(total=24 << 30, available=5 << 30))
+    monkeypatch.setitem(sys.modules, "psutil", psutil)
+    assert runtime.device_memory("cpu") == 24 << 30 and runtime.available_memory("cpu") == 5 << 30

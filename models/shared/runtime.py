@@ -174,14 +174,25 @@ def device_memory(device) -> int:
     return int(min(total, limit)) if limit is not None else int(total)
 
 
+MEMINFO = "/proc/meminfo"
+
+
 def _system_memory(field: str, pages: str) -> int:
-    """``field`` of /proc/meminfo in bytes, else sysconf's count of ``pages`` (8 GiB if neither is there)."""
+    """``field`` (MemTotal or MemAvailable) of /proc/meminfo in bytes; else (Windows, macOS) what psutil says,
+    which ComfyUI installs; else sysconf's count of ``pages``; else 8 GiB."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
+        pass
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        return int(memory.total if field == "MemTotal" else memory.available)
+    except Exception:  # noqa: BLE001 - not installed, or a system it does not know
         pass
     try:
         return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
