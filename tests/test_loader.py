@@ -246,3 +246,27 @@ def test_single_file_metadata_is_checked_before_any_weights_load(single, tmp_pat
     with pytest.raises(WeightsError, match=match):
         load_pipeline(damaged)
     assert built == []
+
+
+@pytest.mark.parametrize("system,code,expected", [("posix", 28, 28), ("nt", 112, None)])
+def test_a_full_disk_while_writing_weights_is_the_os_error_it_is(tmp_path, monkeypatch, system, code, expected):
+    """safetensors reports a failed write in its own type with the system's number in the text: an errno on POSIX,
+    a Windows error code on Windows (112: disk full), which was read as errno 112, "Host is down" on Linux."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from streamvsr.models.shared import weights
+
+    def full(*args, **kwargs):
+        raise SafetensorError(f"Error while serializing: I/O error: There is not enough space on the disk. (os "
+                              f'error {code}) at path "{tmp_path / ".tmpX"}"')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(weights.os, "name", system)
+    try:
+        with pytest.raises(OSError) as e:
+            weights.save_safetensors({"x": torch.zeros(1)}, tmp_path / "out.safetensors")
+    finally:
+        monkeypatch.undo()
+    assert e.value.filename == str(tmp_path / "out.safetensors") and e.value.errno == expected
+    assert expected is not None or "not enough space" in e.value.strerror  # (Windows maps 112 to ENOSPC itself)
