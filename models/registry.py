@@ -47,8 +47,31 @@ def detect_family(path) -> Family:
                              "or file of one model")
     if found:
         return found[0]
-    if path.is_file():  # a damaged download is told as such, not as an unknown model
-        check_weights_file(path)
+    if path.is_file():
+        # one file of a model folder (model_index.json, unet/...safetensors): the folder is what is meant
+        for folder in list(path.parents)[:2]:
+            owner = next((f for f in families() if f.detect(folder)), None)
+            if owner is not None:
+                raise UserInputError(f"{path} is one file of the {owner.title} model in {folder}: give that folder "
+                                     "as the model")
+        if _is_raft(path):
+            raise UserInputError(f"{path} holds RAFT optical flow weights: give it as the flow model (--flow), and "
+                                 "the upscaling model's folder or file as the model")
+        check_weights_file(path)  # a damaged download is told as such, not as an unknown model
     known = "; ".join(f"{f.title}" for f in families())
     raise UserInputError(f"{path} holds no model this pack knows ({known}). Give the official model folder or a "
                          "single file written by `streamvsr convert`.")
+
+
+def _is_raft(path: Path) -> bool:
+    """Whether ``path`` is torchvision's RAFT weights, a flow model given where an upscaler is asked for. Reads
+    the names only (a memory map of the archive); never raises."""
+    if path.suffix not in (".pth", ".pt"):
+        return False
+    try:
+        import torch
+
+        keys = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True).keys()
+    except Exception:  # noqa: BLE001 - not that, or not readable: the usual message follows
+        return False
+    return any(k.startswith("feature_encoder.") for k in keys) and any(k.startswith("update_block.") for k in keys)

@@ -364,8 +364,16 @@ def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_
     save_file({"x": torch.zeros(2)}, str(other))
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(other), "--flow", str(raft)]) == 2
     assert "holds no model this pack knows" in caplog.text
-    caplog.clear()
+    # a file of a model folder, or the flow weights, given as the model: said what it is and what to give
     ckpt = assets[0]
+    for part in (ckpt / "model_index.json", ckpt / "unet" / "diffusion_pytorch_model.safetensors"):
+        caplog.clear()
+        assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(part), "--flow", str(raft)]) == 2
+        assert f"{part} is one file of the Stream-DiffVSR model in {ckpt}: give that folder" in caplog.text
+    caplog.clear()
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(raft), "--flow", str(raft)]) == 2
+    assert f"{raft} holds RAFT optical flow weights: give it as the flow model (--flow)" in caplog.text
+    caplog.clear()
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft),
                  "--sparse-ratio", "1.5"]) == 2
     assert "--sparse-ratio is a FlashVSR option" in caplog.text and "Traceback" not in caplog.text
