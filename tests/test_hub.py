@@ -1,6 +1,8 @@
 """The official-checkpoint download, with a stand-in for huggingface_hub (no network)."""
 
 import hashlib
+import os
+import shutil
 import sys
 import types
 
@@ -391,3 +393,62 @@ def test_the_hub_client_required_writes_real_files_into_local_dir():
     for name in ("requirements.txt", "pyproject.toml"):
         found = re.search(r"huggingface_hub>=(\d+)\.(\d+)", (root / name).read_text())
         assert found and (int(found[1]), int(found[2])) >= (0, 23), name
+
+
+def test_a_model_in_the_hugging_face_cache_is_taken_from_there_also_offline(monkeypatch, tmp_path, known_hashes):
+    """Fetched before by the official code (diffusers' from_pretrained) or another tool, the model is in the Hugging
+    Face cache: the download takes it from there, as second names of the same data, instead of 4 GB again (offline,
+    it said that the files were not in the local cache)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf"
+    repo = cache / "models--Jamichsu--Stream-DiffVSR"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    for name in hub.HUB_FILES:
+        blob = repo / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(name.encode())
+        link = repo / "snapshots" / "0123abcd" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("nothing to download")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    dest = hub.download_stream_diffvsr(tmp_path / "models")
+    for name in hub.HUB_FILES:
+        assert (dest / name).read_bytes() == name.encode() and not (dest / name).is_symlink()
+        assert (dest / name).stat().st_ino == (repo / "snapshots" / "0123abcd" / name).stat().st_ino
+    # a cached file that is not the published one is not taken: offline, that one is what is missing
+    shutil.rmtree(dest)
+    pinned = next(name for name, sha in known_hashes.items() if sha is not None)
+    (repo / "snapshots" / "0123abcd" / pinned).unlink()
+    (repo / "snapshots" / "0123abcd" / pinned).write_bytes(b"another revision")
+    with pytest.raises(RuntimeError, match=f"HF_HUB_OFFLINE is set: unset it to download {pinned} of "):
+        hub.download_stream_diffvsr(tmp_path / "models")
+
+
+def test_raft_fetched_before_by_torchvision_is_taken_from_torchs_cache(monkeypatch, tmp_path):
+    import torch
+
+    from streamvsr.models.raft import weights as raft_weights
+
+    data = b"raft weights"
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    name = f"raft_fake-{prefix}.pth"
+    cached = tmp_path / "torch" / "checkpoints" / name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    monkeypatch.setitem(raft_weights.RAFT_WEIGHTS, "raft_fake", ((tmp_path / "nowhere").as_uri(), name, prefix))
+    got = raft_weights.download_raft("raft_fake", tmp_path / "raft")
+    assert got.read_bytes() == data and got.stat().st_ino == cached.stat().st_ino
+    cached.write_bytes(b"another file")  # not the published one: not taken (here: offline, an error)
+    got.unlink()
+    with pytest.raises(RuntimeError, match="could not download"):
+        raft_weights.download_raft("raft_fake", tmp_path / "raft")

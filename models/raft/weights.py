@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -61,6 +62,27 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
     return FlowEstimator(model, num_flow_updates=num_flow_updates, corr=corr, downscale=downscale)
 
 
+def _from_torch_cache(filename: str, prefix: str, part: Path, target: Path) -> bool:
+    """Put the published ``filename`` at ``target`` from torch's download cache, where torchvision fetched it
+    before (``raft_large(weights=...)``): a second name of the same data where the cache is on the same drive, else
+    a copy. False where the cache has no verified copy."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    try:
+        if not cached.is_file() or not sha256_of(cached).startswith(prefix):
+            return False
+        try:
+            os.link(cached, part)
+        except OSError:  # another drive, or a file system without hard links
+            shutil.copyfile(cached, part)
+        os.replace(part, target)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        log.warning("could not take %s from torch's download cache (%s): downloading it", cached, e.strerror or e)
+        return False
+    log.info("took %s from torch's download cache (%s)", target, cached)
+    return True
+
+
 def download_raft(name: str, dest_dir, progress=True) -> Path:
     """Download torchvision's RAFT weights ``name`` ("raft_large" or "raft_small") into ``dest_dir`` and return
     the path; a verified copy already there is reused. The file is written as ``.part`` and renamed only after
@@ -89,6 +111,8 @@ def download_raft(name: str, dest_dir, progress=True) -> Path:
     except OSError as e:
         raise DownloadError(f"cannot create {dest_dir}: {local_failure(e, dest_dir) or e}") from None
     part = target.with_name(target.name + ".part")
+    if _from_torch_cache(filename, prefix, part, target):
+        return target
     log.info("downloading %s to %s", url, target)
     digest = hashlib.sha256()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from .errors import DownloadError
@@ -144,6 +145,41 @@ def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Pa
                             + manual) from None
 
 
+def _from_cache(repo: str, name: str, path: Path, sha: str | None) -> bool:
+    """Put ``name`` of ``repo`` at ``path`` from the Hugging Face cache, where the user has it already (the
+    official code or another tool fetched it with ``from_pretrained``): a second name of the same data where the
+    cache is on the same drive, else a copy; only a file whose sha256 is the published one, where that is known.
+    False where the cache has no such file."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, name)
+    except Exception:  # noqa: BLE001 - an older client, or a cache it cannot read: download instead
+        return False
+    if not isinstance(cached, str) or not os.path.isfile(cached):
+        return False
+    if sha is not None and not sha256_of(Path(cached)).startswith(sha):
+        log.info("the Hugging Face cache's %s of %s is not the published file: downloading it", name, repo)
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(os.path.realpath(cached), tmp)
+        except OSError:  # another drive, or a file system without hard links
+            shutil.copyfile(cached, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DownloadError(f"could not take {name} from the Hugging Face cache ({cached}): "
+                            f"{local_failure(e, path.parent) or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("took %s from the Hugging Face cache (%s)", path, cached)
+    return True
+
+
 def download_files(repo: str, files: dict[str, str | None], dest, manual: str, progress=None,
                    before_last=None) -> Path:
     """Fetch ``files`` (name in the repository -> sha256 or prefix, or None) of ``repo`` into ``dest``.
@@ -180,9 +216,7 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
     except ImportError:
         raise DownloadError("downloading needs huggingface_hub (pip install huggingface_hub). " + manual
                             + kept()) from None
-    if offline_mode():
-        raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {len(missing)} files of {repo} into "
-                            f"{dest}. " + manual + kept())
+    offline = offline_mode()
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -197,7 +231,11 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
         path = dest / name
         aside = set_aside(path) if name in wrong else None
         try:
-            check_sha256(_fetch(hf_hub_download, repo, name, dest, manual), files[name])
+            if not _from_cache(repo, name, path, files[name]):
+                if offline:
+                    raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {name} of {repo} into {dest} "
+                                        "(it is not in the Hugging Face cache either). " + manual)
+                check_sha256(_fetch(hf_hub_download, repo, name, dest, manual), files[name])
         except DownloadError as e:
             if aside is not None:
                 put_back(aside, path)
