@@ -375,13 +375,25 @@ def test_an_empty_models_variable_or_dest_is_not_the_current_folder(monkeypatch,
                        tmp_path / "home" / ".cache" / "streamvsr" / "raft"]
 
 
-def test_the_loader_hint_offers_a_command_for_the_folder_given():
-    from streamvsr.models.stream_diffvsr.loader import DOWNLOAD_HINT
+def test_the_loader_hint_offers_commands_for_the_folder_given(tmp_path):
+    """`streamvsr download` fills DEST/Stream-DiffVSR, and the ComfyUI entry its models folder's: offered for such
+    a folder only, and the hub client's command names the real folder (the hint said FOLDER and PARENT, which
+    pasted, downloaded 4 GB into ./FOLDER)."""
+    import shlex
 
-    # `streamvsr download` alone fills $STREAMVSR_MODELS/Stream-DiffVSR, not the folder that failed to load
-    assert "`streamvsr download`" not in DOWNLOAD_HINT
-    assert "--local-dir FOLDER" in DOWNLOAD_HINT and "`streamvsr download --dest PARENT` where FOLDER is " \
-        "PARENT/Stream-DiffVSR" in DOWNLOAD_HINT
+    from streamvsr.models.stream_diffvsr.loader import WeightsError, load_pipeline
+
+    for name, ours in (("my models", False), ("Stream-DiffVSR", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        with pytest.raises(WeightsError) as e:
+            load_pipeline(folder)
+        text = str(e.value)
+        assert f"has no unet/ folder" in text and "FOLDER" not in text and "PARENT" not in text
+        commands = [shlex.split(c) for c in text.split("`")[1::2]]
+        assert ["hf", "download", "Jamichsu/Stream-DiffVSR", "--local-dir", str(folder)] in commands
+        assert (["streamvsr", "download", "--dest", str(tmp_path)] in commands) == ours
+        assert ("'(download) …' entry" in text) == ours
 
 
 def test_the_hub_client_required_writes_real_files_into_local_dir():
@@ -452,3 +464,40 @@ def test_raft_fetched_before_by_torchvision_is_taken_from_torchs_cache(monkeypat
     got.unlink()
     with pytest.raises(RuntimeError, match="could not download"):
         raft_weights.download_raft("raft_fake", tmp_path / "raft")
+
+
+def test_a_file_set_aside_by_a_killed_or_stopped_download_is_put_back(monkeypatch, tmp_path, known_hashes, caplog):
+    """Killed mid-download (a closed terminal), a run left the user's file as NAME.mismatch, never named again;
+    stopped while the new file was being checked, it left the unchecked download in its place."""
+    from streamvsr.models.shared import hub as shared_hub
+
+    fake_hub(monkeypatch)
+    hub.download_stream_diffvsr(tmp_path)
+    pinned = tmp_path / next(name for name, sha in known_hashes.items() if sha is not None)
+    pinned.with_name(pinned.name + ".mismatch").write_bytes(b"mine")  # as a killed run leaves it
+    pinned.unlink()
+    fake_hub(monkeypatch, fail=OSError("[Errno -3] Temporary failure in name resolution"))
+    with pytest.raises(RuntimeError, match=f"Kept as they were, though their sha256 is not the published one: "
+                                           f"{pinned}"):
+        hub.download_stream_diffvsr(tmp_path)
+    assert pinned.read_bytes() == b"mine" and not list(tmp_path.rglob("*.mismatch*"))
+
+    def stopped(path, sha):
+        raise KeyboardInterrupt  # while the fresh download is being checked
+
+    monkeypatch.setattr(shared_hub, "check_sha256", stopped)
+    fake_hub(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        hub.download_stream_diffvsr(tmp_path)
+    assert pinned.read_bytes() == b"mine" and not list(tmp_path.rglob("*.mismatch*"))
+    monkeypatch.undo()
+    # a verified copy in place and an earlier file set aside beside it (two downloads at once): said, kept
+    fake_hub(monkeypatch)
+    monkeypatch.setattr(hub, "HUB_FILES", known_hashes)
+    pinned.unlink()
+    pinned.with_name(pinned.name + ".mismatch").write_bytes(b"mine")
+    hub.download_stream_diffvsr(tmp_path)  # puts it back, then replaces it with a verified download
+    pinned.with_name(pinned.name + ".mismatch").write_bytes(b"mine")
+    with caplog.at_level("WARNING"):
+        hub.download_stream_diffvsr(tmp_path)
+    assert f"{pinned}.mismatch is an earlier" in caplog.text and pinned.with_name(pinned.name + ".mismatch").exists()

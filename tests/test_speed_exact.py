@@ -236,6 +236,27 @@ def test_compile_unavailable_falls_back_to_eager_with_a_warning(checkpoint, raft
     assert all((a - b).abs().max() <= 1e-4 for a, b in zip(got, reference[0]))
 
 
+def test_the_compiler_failure_said_is_its_cause_not_dynamos_wrapper(monkeypatch, caplog):
+    """Dynamo's BackendCompilerFailed says only "backend='inductor' raised:" on its first line."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from streamvsr.models.stream_diffvsr import speed
+
+    def compile_without_a_compiler(fn, dynamic=None, mode=None):
+        def run(x):
+            try:
+                raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+            except RuntimeError as e:
+                raise BackendCompilerFailed(lambda: None, e, None) from e
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_compiler)
+    monkeypatch.setattr(speed, "_COMPILER_FAILURE", None)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(speed.CompiledCall(lambda x: x, "UNet")(torch.ones(2)), torch.ones(2))
+    assert "(it failed on the UNet: RuntimeError: InvalidCxxCompiler: No working C++ compiler found)" in caplog.text
+
+
 def test_out_of_memory_in_a_compiled_network_is_not_a_compiler_failure(monkeypatch, caplog):
     """Out of memory is the frame's failure, for the engine's own handling: it is raised as it is, and the network
     stays compiled (no eager rerun holding the failed attempt's memory)."""
@@ -254,6 +275,24 @@ def test_out_of_memory_in_a_compiled_network_is_not_a_compiler_failure(monkeypat
     with caplog.at_level("WARNING"), pytest.raises(OUT_OF_MEMORY):
         call(torch.ones(2))
     assert not call.failed and eager_calls == [] and "eagerly" not in caplog.text
+    # as Inductor raises it when memory runs out while it generates code (max-autotune's benchmarks on a nearly
+    # full GPU): wrapped in its own error, it turned compiling off for the session as "unavailable"
+    from torch._inductor.exc import InductorError
+
+    def wrapping_compile(fn, dynamic=None, mode=None):
+        def run(x):
+            try:
+                raise OUT_OF_MEMORY("CUDA out of memory (simulated)")
+            except OUT_OF_MEMORY as e:
+                raise InductorError(e, None) from e
+        return run
+
+    monkeypatch.setattr(torch, "compile", wrapping_compile)
+    monkeypatch.setattr(speed, "_COMPILER_FAILURE", None)
+    call = speed.CompiledCall(lambda x: eager_calls.append(x) or x, "test net")
+    with caplog.at_level("WARNING"), pytest.raises(InductorError):
+        call(torch.ones(2))
+    assert not call.failed and eager_calls == [] and speed._COMPILER_FAILURE is None
 
 
 def test_a_network_compiled_for_many_frame_sizes_keeps_compiling_and_says_when_it_no_longer_can(monkeypatch,

@@ -125,13 +125,41 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
-def put_back(aside: Path, path: Path) -> None:
-    """Undo ``set_aside`` after a failed or stopped download (nothing of the download is left at ``path``)."""
+def put_back(aside: Path, path: Path) -> Path:
+    """Undo ``set_aside`` after a failed or stopped download, and return where the user's file is now: at
+    ``path``, unless a verified copy is there (another download put it there meanwhile) or it cannot be moved."""
     if not path.exists():
         try:
             os.replace(aside, path)
+            return path
         except OSError:  # the error being raised names where the file is
             log.warning("could not move %s back to %s", aside, path)
+    return aside
+
+
+def _set_aside_before(path: Path) -> list[Path]:
+    """The ``NAME.mismatch``, ``NAME.mismatch2``, ... beside ``path``, oldest first."""
+    found = []
+    for p in path.parent.glob(path.name.translate({ord(c): f"[{c}]" for c in "*?["}) + ".mismatch*"):
+        number = p.name[len(path.name) + len(".mismatch"):]
+        if number == "" or number.isdigit():
+            found.append((int(number or 1), p))
+    return [p for _, p in sorted(found)]
+
+
+def restore_set_aside(dest: Path, files) -> None:
+    """The files a download that was killed (a closed terminal, a restarted ComfyUI) left set aside: put back where
+    their name is free, so that they are checked and kept like any other file there; where a verified copy took
+    their name meanwhile, named once, for the user to delete."""
+    for name in files:
+        path = dest / name
+        for aside in reversed(_set_aside_before(path)):  # the latest first
+            if not path.exists():
+                os.replace(aside, path)
+                log.info("put back %s, set aside by a download that did not finish", path)
+            else:
+                log.warning("%s is an earlier %s (not the published file) that a download set aside; %s is the "
+                            "published one: delete %s where it is not needed", aside, name, path, aside.name)
 
 
 def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Path:
@@ -194,6 +222,7 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
     end where it is there already): a file from elsewhere that must be in place before the folder counts as a model.
     """
     dest = Path(dest).absolute()  # every message names the files where they are on disk
+    restore_set_aside(dest, files)
     wrong = mismatching(dest, files)
     if wrong:
         log.warning("not the published files (their sha256 differs), to be replaced by a verified download: %s",
@@ -205,9 +234,10 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
         return dest
 
     replaced: set[str] = set()
+    where: dict[str, Path] = {}  # a file set aside that could not go back (another download took its name)
 
     def kept() -> str:  # appended to an error: the files that differ are still there, as they were
-        left = [str(dest / name) for name in wrong if name not in replaced and (dest / name).is_file()]
+        left = [str(where.get(name, dest / name)) for name in wrong if name not in replaced]
         return f" Kept as they were, though their sha256 is not the published one: {', '.join(left)}." if left \
             else ""
 
@@ -238,10 +268,11 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
                 check_sha256(_fetch(hf_hub_download, repo, name, dest, manual), files[name])
         except DownloadError as e:
             if aside is not None:
-                put_back(aside, path)
+                where[name] = put_back(aside, path)
             raise DownloadError(str(e) + kept()) from None
-        except BaseException:  # stopped (Cancel, Ctrl-C)
+        except BaseException:  # stopped (Cancel, Ctrl-C), maybe with an unverified download in place already
             if aside is not None:
+                path.unlink(missing_ok=True)
                 put_back(aside, path)
             raise
         if aside is not None:

@@ -132,9 +132,16 @@ _OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "DefaultCPUAllocator: not enoug
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says that memory ran out: a device's ``OUT_OF_MEMORY``, Python's ``MemoryError``, or
-    an allocator's plain RuntimeError (known by its message)."""
-    return isinstance(error, (OUT_OF_MEMORY, MemoryError)) or (
-        isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS))
+    an allocator's plain RuntimeError (known by its message); also wrapped in another error, as the compiler wraps
+    what fails while it generates code (``inner_exception``, or the error's cause)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (OUT_OF_MEMORY, MemoryError)) or (
+                isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS)):
+            return True
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return False
 
 
 def concrete_device(device) -> torch.device:

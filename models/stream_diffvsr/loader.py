@@ -39,14 +39,25 @@ from .unet import UNet
 log = logging.getLogger(__name__)
 
 HUB_REPO = "Jamichsu/Stream-DiffVSR"
-# The errors that show it do not all know the folder: the commands name it as FOLDER. `streamvsr download` only
-# fills DEST/Stream-DiffVSR, so it is offered for a folder of that name only.
 DOWNLOAD_HINT = (
     f"Download the official checkpoint from the Hugging Face repository {HUB_REPO} (all folders: unet, "
-    "controlnet, vae, text_encoder, tokenizer, scheduler and model_index.json) into the model's folder FOLDER, "
-    f"e.g. with `hf download {HUB_REPO} --local-dir FOLDER` (the whole repository), or `streamvsr download --dest "
-    "PARENT` where FOLDER is PARENT/Stream-DiffVSR, or, in ComfyUI, the loader's '(download) …' entry for its own "
-    "folder (each finishes a download that stopped there), or convert it to one file with `streamvsr convert`.")
+    "controlnet, vae, text_encoder, tokenizer, scheduler and model_index.json) into the model's folder, or convert "
+    "it to one file with `streamvsr convert`.")
+# The folder the ComfyUI loader's "(download) …" entry and `streamvsr download` fill (in their models folder)
+DOWNLOAD_FOLDER = "Stream-DiffVSR"
+
+
+def download_commands(folder: Path) -> str:
+    """The commands that finish a download of ``folder``: the hub client's for any folder, and this pack's own
+    where ``folder`` is the one they fill (they fill no other)."""
+    from ..shared.hub import shell_command
+
+    folder = Path(os.path.abspath(folder))
+    text = f"E.g. `{shell_command(['hf', 'download', HUB_REPO, '--local-dir', folder])}` (the whole repository)"
+    if folder.name == DOWNLOAD_FOLDER:
+        text += (f", or `{shell_command(['streamvsr', 'download', '--dest', folder.parent])}`, or, where it is "
+                 "ComfyUI's models/streamvsr/Stream-DiffVSR, the loader's '(download) …' entry")
+    return text + " finishes a download that stopped there."
 SINGLE_FILE_VERSION = "1"
 COMPONENTS = ("unet", "controlnet", "vae")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -222,7 +233,10 @@ def load_pipeline(path, device="cpu", dtype: torch.dtype = torch.float32, operat
     """
     path = Path(os.fspath(path)).expanduser()
     if path.is_dir():
-        pipe = _load_folder(path, device, dtype, operations)
+        try:
+            pipe = _load_folder(path, device, dtype, operations)
+        except WeightsError as e:  # (the commands need the folder, which the inner errors do not all know)
+            raise WeightsError(f"{e} {download_commands(path)}") from None
     elif path.is_file():
         pipe = _load_single_file(path, device, dtype, operations)
     else:

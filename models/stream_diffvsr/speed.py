@@ -46,6 +46,19 @@ def _own_device_outputs(out):
         lambda t: t.clone() if torch.is_tensor(t) and t.device.type != "cpu" else t, out)
 
 
+def _reason(error: BaseException) -> str:
+    """The innermost cause of a compiler failure, in one line: Dynamo's own first line is only "backend='inductor'
+    raised:", which says nothing about why (a missing C++ compiler, a missing Triton)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "inner_exception", None) or error.__cause__
+        if inner is None:
+            break
+        error = inner
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
 def _shape_key(args, kwargs) -> tuple:
     """What a static-shape graph is specialised to: each tensor's shape, strides, dtype and device."""
     flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
@@ -93,7 +106,7 @@ class CompiledCall:
                 raise  # the frame's own failure (handled by the caller), not the compiler's
             out = self.eager(*args, **kwargs)  # an error of the inputs themselves raises here, as without compile
             self.failed = True
-            _COMPILER_FAILURE = f"{type(e).__name__}: {first_line(e)}"
+            _COMPILER_FAILURE = _reason(e)
             log.warning("torch.compile is unavailable (it failed on the %s: %s); running the networks eagerly for "
                         "the rest of this session", self.label, _COMPILER_FAILURE)
             return out
