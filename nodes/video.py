@@ -27,8 +27,8 @@ from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_m
 from ..video.stream import clean_after_killed_run, upscale_video
 from ..video.writer import CODECS, codec_spec
 from ..models.shared.errors import StreamVSRError, UserInputError
-from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, out_of_memory_advice,
-                     tensor_to_preview)
+from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, check_not_cropped,
+                     out_of_memory_advice, tensor_to_preview, whole_file)
 from .flashvsr import FlashVSRModel, oom_message
 from .flashvsr import load_engine as load_flashvsr_engine
 from .flashvsr import make_engine as make_flashvsr_engine
@@ -186,7 +186,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             # Ignoring them would quietly change the result (e.g. a chosen x2 scale), as the CLI refuses too
             raise UserInputError("flashvsr_settings only apply to FlashVSR, but the model is Stream-DiffVSR: "
                                  "disconnect FlashVSR Settings, or connect a FlashVSR model")
-        source = video.get_stream_source()
+        source = whole_file(video, "Stream Upscale Video File")
         if resume and not isinstance(source, (str, os.PathLike)):
             raise ValueError("resume needs a video backed by a file (e.g. from Load Video); this VIDEO lives in "
                              "memory. Turn resume off, or save the video first and load it with Load Video.")
@@ -195,6 +195,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         readable = reopenable(source)  # (a path as it is; a file object's bytes, read once)
         info = probe_video(readable)
         width, height = info.width, info.height
+        check_not_cropped(video, width, height, "Stream Upscale Video File")
         if isinstance(model, FlashVSRModel):
             engine = make_flashvsr_engine(model, flashvsr_settings)
             engine.check_size(height, width)

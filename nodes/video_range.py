@@ -16,7 +16,7 @@ import comfy.model_management as mm
 
 from ..models.shared.errors import UserInputError
 from ..video.range import frame_index, read_range, video_identity
-from .common import CATEGORY, show_text
+from .common import CATEGORY, check_not_cropped, show_text, whole_file
 from .streams import ChunkStart
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
 
     @classmethod
     def execute(cls, video, chunk_index, chunk_frames) -> io.NodeOutput:
-        source = video.get_stream_source()
+        source = whole_file(video, "Load Video Chunk")
         index = frame_index(source)
         total = index.count
         if total == 0:
@@ -80,6 +80,7 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
         images = read_range(source, start, chunk_frames, channels_last=True, to_end=last)
         if images.shape[0] == 0:
             raise UserInputError(f"could not decode frames from {start} on (the video reports {total} frames)")
+        check_not_cropped(video, images.shape[2], images.shape[1], "Load Video Chunk")
         if not last and images.shape[0] < chunk_frames:
             raise UserInputError(f"the video ended at frame {start + images.shape[0]} although its index lists "
                                  f"{total} frames; the file may be damaged")
@@ -90,5 +91,6 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
             text += f"\nwarning: {index.problem}; the chunks cover the {total} frames it has"
         show_text(cls.hidden.unique_id, text)
         # (start_frame names the video too, so that an upscale node never continues another video's chunks)
-        return io.NodeOutput(images.to(mm.intermediate_device()), ChunkStart(start, video_identity(source), chunk_frames), last,
-                             float(index.rate), chunks, total)
+        return io.NodeOutput(images.to(mm.intermediate_device()),
+                             ChunkStart(start, video_identity(source), chunk_frames), last, float(index.rate), chunks,
+                             total)

@@ -1681,6 +1681,44 @@ def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading
     assert len(decode(run(clip).values[0][1])) == 2 and len(run.loads) == 1
 
 
+def test_a_trimmed_or_cropped_video_is_refused_not_upscaled_whole(tmp_path, video_node):
+    """Newer ComfyUI's Trim Video / Video Slice and Crop Video hand on the whole file with a window attached: both
+    video nodes read the file itself, so they upscaled all of it (hours on frames not asked for, another video)."""
+    import fake_comfy
+
+    from streamvsr.nodes.video_range import StreamVSRLoadVideoChunk
+
+    run, _ = video_node
+    clip = tmp_path / "in.mkv"
+    noise_clip(clip, n=4, w=16, h=8, codec="ffv1")
+
+    class Trimmed(fake_comfy.FileVideo):
+        def get_active_trim_window(self):
+            return 0.5, 0.25
+
+    class Cropped(fake_comfy.FileVideo):
+        def get_active_trim_window(self):
+            return 0.0, 0.0
+
+        def get_dimensions(self):
+            return 8, 8
+
+    module = importlib.import_module("streamvsr.nodes.video")
+    for video, says in ((Trimmed(clip), "a trimmed view of one \\(0.25 s from 0.5 s\\)"),
+                        (Cropped(clip), "a 8x8 view of a 16x8 one \\(cropped\\)")):
+        with pytest.raises(UserInputError, match=f"Stream Upscale Video File upscales whole video files, and this "
+                                                 f"VIDEO is {says}: save it first"):
+            module.StreamVSRVideoUpscale.execute(model=object(), flow_model=object(), video=video, seed=1, steps=1,
+                                                 codec="lossless", scene_cut_threshold=0.0,
+                                                 filename_prefix="streamvsr/t")
+        with pytest.raises(UserInputError, match=f"Load Video Chunk upscales whole video files, and this VIDEO is "
+                                                 f"{says}"):
+            StreamVSRLoadVideoChunk.execute(video=video, chunk_index=0, chunk_frames=2)
+    assert run.loads == []
+    # a VIDEO of the whole file, untrimmed (0, 0) and as large as its file, is taken
+    assert len(decode(run(clip).values[0][1])) == 4
+
+
 def test_a_prefix_on_another_windows_drive_is_the_same_one_line_error(video_node, monkeypatch):
     """Windows paths on two drives have no common path: Python raises ValueError, which reached the user raw."""
     import ntpath
