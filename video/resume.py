@@ -14,8 +14,8 @@ import torch
 from ..models.shared.errors import UserInputError, cannot_read
 from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
-from .reader import ffmpeg_path
 from .outputs import sync_file, sync_folder
+from .reader import ffmpeg_path
 from .writer import CODECS, clock_start
 
 # Bumped whenever the checkpoint's content changes meaning: an old checkpoint is then refused, not misread.

@@ -140,7 +140,7 @@ def is_out_of_memory(error: BaseException) -> bool:
         if isinstance(error, (OUT_OF_MEMORY, MemoryError)) or (
                 isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS)):
             return True
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+        error = getattr(error, "inner_exception", None) or error.__cause__  # (not __context__: an error of its own)
     return False
 
 
