@@ -805,6 +805,23 @@ def _two_sizes(tmp_path):
     return clip
 
 
+def test_a_video_copied_over_with_its_size_and_time_kept_is_another_video(tmp_path):
+    """`cp -p` of another take of the same size over the input kept its path, size and time, which named it: the
+    chunk loader's index served the old file's frames and an upscale node continued the old video's sequence."""
+    from streamvsr.video.range import read_range, video_identity
+
+    clip = make_clip(tmp_path / "take.mkv", n=6, audio=None, vcodec="ffv1")
+    other = make_clip(tmp_path / "other.mkv", n=6, audio=None, vcodec="ffv1", cut_at=3)
+    assert other.stat().st_size == clip.stat().st_size
+    before, first = video_identity(clip), read_range(clip, 0, 6)
+    st = os.stat(clip)
+    shutil.copyfile(other, clip)
+    os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert video_identity(clip) != before
+    again = read_range(clip, 0, 6)
+    assert torch.equal(again, read_range(other, 0, 6)) and not torch.equal(again, first)
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path, resume):
     clip = _two_sizes(tmp_path)

@@ -25,8 +25,8 @@ from fractions import Fraction
 import torch
 
 from ..models.shared.errors import InputDamagedError, UserInputError
-from .reader import (VideoFrames, cut_inside, describe, frame_to_tensor, open_video, probe_video, reason,
-                     shortfall)
+from .reader import (VideoFrames, content_sample, cut_inside, describe, frame_to_tensor, open_video, probe_video,
+                     reason, shortfall)
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,15 @@ class FrameIndex:
 def _cache_key(source):
     if isinstance(source, (str, os.PathLike)):
         st = os.stat(source)
-        return os.path.realpath(source), st.st_size, st.st_mtime_ns
+        # (the sample: a file copied over it with its size and time kept is another video too)
+        return os.path.realpath(source), st.st_size, f"{st.st_mtime_ns}:{content_sample(source)[:16]}"
     return None  # in-memory videos are indexed every time
 
 
 def video_identity(source) -> tuple[str, str]:
-    """What names the video ``source`` while it stays unchanged, and a name to show for it: a file's path, size and
-    modification time (a file replaced or rewritten is another video), or a digest of an in-memory video's bytes."""
+    """What names the video ``source`` while it stays unchanged, and a name to show for it: a file's path, size,
+    modification time and a sample of its content (a file replaced or rewritten is another video), or a digest of
+    an in-memory video's bytes."""
     key = _cache_key(source)
     if key is not None:
         return "|".join(map(str, key)), os.path.basename(key[0])

@@ -9,6 +9,7 @@ to upscaling, so nothing is lost. Whether the file ends where its header says is
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
@@ -153,6 +154,22 @@ def check_input_file(path) -> None:
         raise UserInputError(f"{path} cannot be read: permission denied")
     if path.is_file() and path.stat().st_size == 0:
         raise UserInputError(f"{path} is empty (0 bytes)")
+
+
+# Bytes read from each end of a video file to tell it from another file of its size.
+SAMPLE_BYTES = 1 << 20
+
+
+def content_sample(path) -> str:
+    """A digest of the first and last ``SAMPLE_BYTES`` of a file: what tells it from another file of its size (a
+    video exported again, another take, one copied over it with its time kept) without reading gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLE_BYTES))
+        end = os.fstat(f.fileno()).st_size
+        f.seek(max(f.tell(), end - SAMPLE_BYTES))
+        digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def ffmpeg_path(path) -> str:

@@ -15,7 +15,7 @@ from ..models.shared.errors import UserInputError, cannot_read
 from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
 from .outputs import sync_file, sync_folder
-from .reader import ffmpeg_path
+from .reader import content_sample, ffmpeg_path
 from .writer import CODECS, clock_start
 
 # Bumped whenever the checkpoint's content changes meaning: an old checkpoint is then refused, not misread.
@@ -148,7 +148,7 @@ def fingerprint(source, seed, codec, crf, scene_cut_threshold, size: tuple[int, 
     that can be checked before loading the model."""
     if isinstance(source, (str, os.PathLike)):
         src = {"input": os.path.abspath(source), "input_bytes": os.path.getsize(source),
-               "input_sample": _sample(source)}
+               "input_sample": content_sample(source)}
     else:
         src = {"input": None, "input_bytes": None}
     if crf is not None and str(int(crf)) == CODECS[codec].options.get("crf"):
@@ -173,22 +173,6 @@ def folder_fingerprint(in_dir, names: list[str], stamps: list[str], seed, save: 
     if engine is not None:
         job["model"] = engine.identity()
     return job
-
-
-# Bytes read from each end of an input video to tell it from another file of its size.
-SAMPLE_BYTES = 1 << 20
-
-
-def _sample(path) -> str:
-    """A digest of the first and last ``SAMPLE_BYTES`` of a file: what tells it from another file of its size (a
-    video exported again, or another take) without reading gigabytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(SAMPLE_BYTES))
-        end = os.fstat(f.fileno()).st_size
-        f.seek(max(f.tell(), end - SAMPLE_BYTES))
-        digest.update(f.read(SAMPLE_BYTES))
-    return digest.hexdigest()
 
 
 def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
