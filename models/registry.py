@@ -48,8 +48,8 @@ def detect_family(path) -> Family:
     if found:
         return found[0]
     if path.is_file():
-        # one file of a model folder (model_index.json, unet/...safetensors): the folder is what is meant
-        for folder in list(path.parents)[:2]:
+        # one file of a model folder in the diffusers layout (model_index.json, unet/...): the folder is meant
+        for folder in _folders_of_part(path):
             owner = next((f for f in families() if f.detect(folder)), None)
             if owner is not None:
                 raise UserInputError(f"{path} is one file of the {owner.title} model in {folder}: give that folder "
@@ -61,6 +61,19 @@ def detect_family(path) -> Family:
     known = "; ".join(f"{f.title}" for f in families())
     raise UserInputError(f"{path} holds no model this pack knows ({known}). Give the official model folder or a "
                          "single file written by `streamvsr convert`.")
+
+
+# The subfolders of a model in the diffusers layout (a pipeline's components)
+_COMPONENT_FOLDERS = {"unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler"}
+
+
+def _folders_of_part(path: Path) -> list[Path]:
+    """The model folder ``path`` would be a part of in the diffusers layout: its own folder for model_index.json,
+    the one above for a file in a component's subfolder; none for any other file (a video next to a model is not
+    a part of it)."""
+    if path.name == "model_index.json":
+        return [path.parent]
+    return [path.parent.parent] if path.parent.name in _COMPONENT_FOLDERS else []
 
 
 def _is_raft(path: Path) -> bool:

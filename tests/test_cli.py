@@ -232,6 +232,30 @@ def test_a_missing_flow_is_found_before_any_folder_is_made(assets, tmp_path, cap
     assert "needs optical flow: give --flow PATH" in caplog.text and not (tmp_path / "new").exists()
 
 
+def test_a_wrong_flow_file_is_found_before_the_model_loads(assets, tmp_path, caplog, monkeypatch):
+    """A Git LFS pointer or the model's own file given as --flow was found after the 4 GB model had loaded."""
+    ckpt, _, frames = assets
+    loaded = []
+    monkeypatch.setattr("streamvsr.models.stream_diffvsr.loader.load_pipeline", lambda *a, **k: loaded.append(a))
+    pointer = tmp_path / "raft.pth"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 21108000\n")
+    unet = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
+    for flow, says in ((pointer, "is a Git LFS pointer"), (unet, "missing")):
+        caplog.clear()
+        assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(flow),
+                     "--device", "cpu"]) == 2
+        assert says in caplog.text and loaded == []
+    # a video (or anything else) in a model's folder is not called a part of it
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "model")
+    (tmp_path / "model" / "clip.mp4").write_bytes(b"\x00" * 64)
+    caplog.clear()
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(tmp_path / "model" / "clip.mp4"),
+                 "--flow", str(pointer)]) == 2
+    assert "one file of" not in caplog.text and "holds no model this pack knows" in caplog.text
+
+
 def test_seeds_read_as_written():
     import argparse
 

@@ -62,9 +62,10 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights and run wide 3x3 convolutions as
     # Winograd (see shared/packed.py): the same numbers up to float rounding, 1.7-2.3x faster per frame.
     operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None
-    pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
+    # RAFT first: 20 MB, so a wrong or damaged flow file is reported before gigabytes of the model are read
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale,
                           num_flow_updates=flow_iterations)
+    pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
     if operations is not None:  # the weight copies that do not depend on the frame size: now, not in the first frame
         prepare_packed(pipe)
         prepare_packed(estimator)
