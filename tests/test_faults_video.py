@@ -35,7 +35,7 @@ from streamvsr.video.outputs import OutputLock, lock_path, partial_path, temp_pa
 from streamvsr.video.reader import FrameReader, probe_video
 from streamvsr.video.resume import ResumeFiles
 from streamvsr.video.stream import check_video_job, upscale_video
-from test_video import FakeEngine, decode, expected_frames, make_clip
+from test_video import FakeEngine, decode, expected_frames, input_breaks_at, make_clip
 
 av = pytest.importorskip("av")
 
@@ -678,21 +678,11 @@ def test_checkpoints_and_results_reach_the_disk_before_what_counts_on_them(tmp_p
 def test_audio_of_a_cut_input_stays_cut_when_a_finished_resumable_job_is_joined_later(tmp_path, monkeypatch):
     """A cut-off input, accepted: the audio ends with the last frame. That must hold too when the run that
     finished the frames died while joining them, and a later run only joins."""
-    import streamvsr.video.reader as reader
     import streamvsr.video.stream as stream
     from test_video import audio_info
 
     clip = make_clip(tmp_path / "in.mkv", n=24, fps=24, audio="aac")  # 1 s of video and of audio
-    whole_iter = reader.FrameReader.__iter__
-
-    def breaks_at_12(self):  # as a decoder error half-way would
-        for item in whole_iter(self):
-            if item[0] == 12:
-                self.problem = reader.InputProblem("damaged", 12, "in.mkv is damaged: decoding stopped at frame 12")
-                return
-            yield item
-
-    monkeypatch.setattr(reader.FrameReader, "__iter__", breaks_at_12)
+    input_breaks_at(monkeypatch, 12)
     clean = tmp_path / "clean.mkv"
     upscale_video(FakeEngine(), clip, clean, resume=True, allow_truncated=True, checkpoint_frames=4)
     out = tmp_path / "out.mkv"

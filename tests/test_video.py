@@ -162,6 +162,24 @@ def expected_frames(engine, clip, seed=42):
     return out
 
 
+def input_breaks_at(monkeypatch, frame: int) -> None:
+    """Every input read from here on breaks at ``frame``, as a decoder error half-way would: the frames before it
+    come, then the reader reports the damage."""
+    from streamvsr.video import reader
+
+    whole = reader.FrameReader.__iter__
+
+    def broken(self):
+        for item in whole(self):
+            if item[0] == frame:
+                self.problem = reader.InputProblem("damaged", frame, f"the input is damaged: decoding stopped at "
+                                                                     f"frame {frame}")
+                return
+            yield item
+
+    monkeypatch.setattr(reader.FrameReader, "__iter__", broken)
+
+
 def decode(path):
     with av.open(str(path)) as c:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -466,19 +484,8 @@ def test_an_output_cut_short_has_the_chapters_of_what_it_holds(tmp_path):
 def test_a_resumed_output_cut_short_ends_its_last_subtitle_with_it(tmp_path, monkeypatch):
     """Joining the segments of an input that broke (accepted): a cue running past the last frame ends with it (it
     ran on, and players showed the file as long as the cue)."""
-    import streamvsr.video.reader as reader
-
     clip = labelled_clip(tmp_path / "film.mkv", n=24, cues=[(0.1, 0.9)])
-    whole = reader.FrameReader.__iter__
-
-    def breaks_at_6(self):
-        for item in whole(self):
-            if item[0] == 6:
-                self.problem = reader.InputProblem("damaged", 6, "film.mkv is damaged: decoding stopped at frame 6")
-                return
-            yield item
-
-    monkeypatch.setattr(reader.FrameReader, "__iter__", breaks_at_6)
+    input_breaks_at(monkeypatch, 6)
     out = tmp_path / "out.mkv"
     assert upscale_video(FakeEngine(), clip, out, resume=True, allow_truncated=True)["frames"] == 6
     with av.open(str(out)) as c:
