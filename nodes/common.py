@@ -159,7 +159,7 @@ def out_of_memory_advice(message: str):
     raise RuntimeError(message)
 
 
-def whole_file(video, node: str):
+def whole_file(video, node: str, reads: str = "upscales whole video files"):
     """What a VIDEO input reads (``get_stream_source()``: a path or a file object), refused where the VIDEO is a
     trimmed view of it (newer ComfyUI's Trim Video / Video Slice keep the whole file behind the VIDEO): upscaling
     the whole file would spend hours on frames not asked for, and give another video."""
@@ -167,12 +167,12 @@ def whole_file(video, node: str):
     start, duration = window() if callable(window) else (0, 0)
     if start or duration:
         span = f"{duration:g} s from {start:g} s" if duration else f"from {start:g} s on"
-        raise UserInputError(f"{node} upscales whole video files, and this VIDEO is a trimmed view of one ({span}): "
-                             "save it first (Save Video) and load that file, or upscale the whole file")
+        raise UserInputError(f"{node} {reads}, and this VIDEO is a trimmed view of one ({span}): save it first "
+                             "(Save Video) and load that file, or upscale the whole file")
     return video.get_stream_source()
 
 
-def check_not_cropped(video, width: int, height: int, node: str) -> None:
+def check_not_cropped(video, width: int, height: int, node: str, reads: str = "upscales whole video files") -> None:
     """Refuse a VIDEO whose size is not its file's ``width`` x ``height`` (turned as shown or not): a cropped view
     (newer ComfyUI's Crop Video keeps the whole file behind it), which the file's frames would not be."""
     try:
@@ -180,9 +180,8 @@ def check_not_cropped(video, width: int, height: int, node: str) -> None:
     except Exception:  # noqa: BLE001 - a VIDEO that cannot say: its file is what it is
         return
     if size not in ((width, height), (height, width)):
-        raise UserInputError(f"{node} upscales whole video files, and this VIDEO is a {size[0]}x{size[1]} view of a "
-                             f"{width}x{height} one (cropped): save it first (Save Video) and load that file, or "
-                             "upscale the whole file")
+        raise UserInputError(f"{node} {reads}, and this VIDEO is a {size[0]}x{size[1]} view of a {width}x{height} "
+                             "one (cropped): save it first (Save Video) and load that file, or upscale the whole file")
 
 
 def show_text(node_id, text: str) -> None:

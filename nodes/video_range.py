@@ -21,6 +21,8 @@ from .streams import ChunkStart
 
 log = logging.getLogger(__name__)
 
+READS = "reads the chunks of whole video files"  # (for its refusal of a trimmed or cropped VIDEO)
+
 
 class StreamVSRLoadVideoChunk(io.ComfyNode):
     @classmethod
@@ -62,7 +64,7 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
 
     @classmethod
     def execute(cls, video, chunk_index, chunk_frames) -> io.NodeOutput:
-        source = whole_file(video, "Load Video Chunk")
+        source = whole_file(video, "Load Video Chunk", READS)
         index = frame_index(source)
         total = index.count
         if total == 0:
@@ -80,7 +82,7 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
         images = read_range(source, start, chunk_frames, channels_last=True, to_end=last)
         if images.shape[0] == 0:
             raise UserInputError(f"could not decode frames from {start} on (the video reports {total} frames)")
-        check_not_cropped(video, images.shape[2], images.shape[1], "Load Video Chunk")
+        check_not_cropped(video, images.shape[2], images.shape[1], "Load Video Chunk", READS)
         if not last and images.shape[0] < chunk_frames:
             raise UserInputError(f"the video ended at frame {start + images.shape[0]} although its index lists "
                                  f"{total} frames; the file may be damaged")

@@ -1718,8 +1718,8 @@ def test_a_trimmed_or_cropped_video_is_refused_not_upscaled_whole(tmp_path, vide
             module.StreamVSRVideoUpscale.execute(model=object(), flow_model=object(), video=video, seed=1, steps=1,
                                                  codec="lossless", scene_cut_threshold=0.0,
                                                  filename_prefix="streamvsr/t")
-        with pytest.raises(UserInputError, match=f"Load Video Chunk upscales whole video files, and this VIDEO is "
-                                                 f"{says}"):
+        with pytest.raises(UserInputError, match=f"Load Video Chunk reads the chunks of whole video files, and this "
+                                                 f"VIDEO is {says}"):
             StreamVSRLoadVideoChunk.execute(video=video, chunk_index=0, chunk_frames=2)
     assert run.loads == []
     # a VIDEO of the whole file, untrimmed (0, 0) and as large as its file, is taken

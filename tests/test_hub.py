@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -419,7 +420,10 @@ def test_a_model_in_the_hugging_face_cache_is_taken_from_there_also_offline(monk
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0123abcd")
     for name in hub.HUB_FILES:
-        blob = repo / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+        # the hub names a Git LFS file's blob by its sha256, any other by its git blob id (40 digits)
+        lfs = name.endswith(".safetensors")
+        digest = hashlib.sha256(name.encode()) if lfs else hashlib.sha1(name.encode())
+        blob = repo / "blobs" / digest.hexdigest()
         blob.parent.mkdir(exist_ok=True)
         blob.write_bytes(name.encode())
         link = repo / "snapshots" / "0123abcd" / name
@@ -435,7 +439,34 @@ def test_a_model_in_the_hugging_face_cache_is_taken_from_there_also_offline(monk
     dest = hub.download_stream_diffvsr(tmp_path / "models")
     for name in hub.HUB_FILES:
         assert (dest / name).read_bytes() == name.encode() and not (dest / name).is_symlink()
-        assert (dest / name).stat().st_ino == (repo / "snapshots" / "0123abcd" / name).stat().st_ino
+        # weights as second names of the cache's data; small files copied, since the hub client, run on this folder
+        # later as an error suggests, copies them from its cache over ours (which fails where both are one file)
+        linked = (dest / name).stat().st_ino == (repo / "snapshots" / "0123abcd" / name).stat().st_ino
+        assert linked == name.endswith(".safetensors"), name
+    assert not list(dest.rglob(".*.streamvsr-part"))
+    # a cache it cannot read is no obstacle: the file is downloaded instead (it was a traceback)
+    import streamvsr.models.shared.hub as shared_hub
+
+    shutil.rmtree(dest)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(shared_hub.shutil, "copyfile", lambda *a, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")))
+    fetched = []
+
+    def network(repo_id, filename, local_dir=None, **kwargs):
+        fetched.append(filename)
+        (Path(local_dir) / filename).parent.mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / filename).write_bytes(filename.encode())
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", network)
+    hub.download_stream_diffvsr(tmp_path / "models")
+    assert sorted(fetched) == sorted(n for n in hub.HUB_FILES if not n.endswith(".safetensors"))
+    monkeypatch.undo()
+    monkeypatch.setattr(hub, "HUB_FILES", known_hashes)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     # a cached file that is not the published one is not taken: offline, that one is what is missing
     shutil.rmtree(dest)
     pinned = next(name for name, sha in known_hashes.items() if sha is not None)

@@ -160,16 +160,29 @@ def check_input_file(path) -> None:
 SAMPLE_BYTES = 1 << 20
 
 
+# (path, inode, size, modification and change times) -> content_sample, for the files sampled in this process
+_SAMPLES: dict[tuple, str] = {}
+
+
 def content_sample(path) -> str:
     """A digest of the first and last ``SAMPLE_BYTES`` of a file: what tells it from another file of its size (a
-    video exported again, another take, one copied over it with its time kept) without reading gigabytes."""
+    video exported again, another take, one copied over it with its time kept) without reading gigabytes. Read
+    once per version of the file in a process: writing into a file or putting another in its place changes its
+    change time or its inode, which no one can set back."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _SAMPLES:
+        return _SAMPLES[key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         digest.update(f.read(SAMPLE_BYTES))
         end = os.fstat(f.fileno()).st_size
         f.seek(max(f.tell(), end - SAMPLE_BYTES))
         digest.update(f.read(SAMPLE_BYTES))
-    return digest.hexdigest()
+    if len(_SAMPLES) > 256:
+        _SAMPLES.clear()
+    _SAMPLES[key] = digest.hexdigest()
+    return _SAMPLES[key]
 
 
 def ffmpeg_path(path) -> str:

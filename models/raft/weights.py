@@ -79,6 +79,9 @@ def _from_torch_cache(filename: str, prefix: str, part: Path, target: Path) -> b
         part.unlink(missing_ok=True)
         log.warning("could not take %s from torch's download cache (%s): downloading it", cached, e.strerror or e)
         return False
+    except BaseException:  # stopped (Cancel, Ctrl-C): nothing left behind, as for a download
+        part.unlink(missing_ok=True)
+        raise
     log.info("took %s from torch's download cache (%s)", target, cached)
     return True
 

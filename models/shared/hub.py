@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from .weights import sha256_of
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+# A file being taken from the Hugging Face cache: ".NAME" + this, beside NAME
+PART_TAG = ".streamvsr-part"
+# The cache's blob of a Git LFS file is named by its sha256
+_LFS_BLOB = re.compile(r"[0-9a-f]{64}")
 
 
 def _hub_constants():
@@ -175,9 +180,11 @@ def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Pa
 
 def _from_cache(repo: str, name: str, path: Path, sha: str | None) -> bool:
     """Put ``name`` of ``repo`` at ``path`` from the Hugging Face cache, where the user has it already (the
-    official code or another tool fetched it with ``from_pretrained``): a second name of the same data where the
-    cache is on the same drive, else a copy; only a file whose sha256 is the published one, where that is known.
-    False where the cache has no such file."""
+    official code or another tool fetched it with ``from_pretrained``): the cache's newest copy, only the published
+    file where its sha256 is known. A large file stored by its sha256 (Git LFS) becomes a second name of the same
+    data where the cache is on the same drive; any other is copied (the hub client, run later on this folder as the
+    errors suggest, copies such a file from its cache over ours, which fails where both are one file). False where
+    the cache has no such file, or it cannot be read or put there (then it is downloaded, which says what fails)."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -186,21 +193,26 @@ def _from_cache(repo: str, name: str, path: Path, sha: str | None) -> bool:
         return False
     if not isinstance(cached, str) or not os.path.isfile(cached):
         return False
-    if sha is not None and not sha256_of(Path(cached)).startswith(sha):
-        log.info("the Hugging Face cache's %s of %s is not the published file: downloading it", name, repo)
-        return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f".{path.name}{PART_TAG}")
     try:
+        if sha is not None and not sha256_of(Path(cached)).startswith(sha):
+            log.info("the Hugging Face cache's %s of %s is not the published file: downloading it", name, repo)
+            return False
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # (left by a run that was killed)
+        blob = os.path.realpath(cached)
         try:
-            os.link(os.path.realpath(cached), tmp)
-        except OSError:  # another drive, or a file system without hard links
+            if not _LFS_BLOB.fullmatch(os.path.basename(blob)):
+                raise OSError("copied, not linked")
+            os.link(blob, tmp)
+        except OSError:  # a small file, another drive, or a file system without hard links
             shutil.copyfile(cached, tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DownloadError(f"could not take {name} from the Hugging Face cache ({cached}): "
-                            f"{local_failure(e, path.parent) or e}") from None
+        log.warning("could not take %s from the Hugging Face cache (%s: %s): downloading it", name, cached,
+                    e.strerror or e)
+        return False
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
