@@ -160,11 +160,14 @@ def restore_set_aside(dest: Path, files) -> None:
         path = dest / name
         for aside in reversed(_set_aside_before(path)):  # the latest first
             if not path.exists():
-                os.replace(aside, path)
-                log.info("put back %s, set aside by a download that did not finish", path)
-            else:
-                log.warning("%s is an earlier %s (not the published file) that a download set aside; %s is the "
-                            "published one: delete %s where it is not needed", aside, name, path, aside.name)
+                try:
+                    os.replace(aside, path)
+                    log.info("put back %s, set aside by a download that did not finish", path)
+                    continue
+                except OSError as e:
+                    log.warning("could not put back %s (%s)", aside, e.strerror or e)
+            log.warning("%s is an earlier %s (not the published file) that a download set aside, and %s is there "
+                        "now: delete %s where it is not needed", aside, name, path, aside.name)
 
 
 def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Path:
