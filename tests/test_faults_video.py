@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -810,6 +811,32 @@ def test_a_video_copied_over_with_its_size_and_time_kept_is_another_video(tmp_pa
     assert video_identity(clip) != before
     again = read_range(clip, 0, 6)
     assert torch.equal(again, read_range(other, 0, 6)) and not torch.equal(again, first)
+
+
+@pytest.mark.parametrize("edit", [{"segments": 10**30}, {"segments": -1}, {"complete": "false"},
+                                  {"consumed": 10**12, "frames": 10**12 + 1}, {"held_pts": ["x"]},
+                                  {"held_pts": [1.5e300]}, {"end_time": "x"}, {"input_problem": 5},
+                                  {"segment_bytes": 5}, {"frames": -2}, {"after": [[1]]}])
+def test_a_resume_file_edited_or_damaged_is_a_one_line_error(tmp_path, edit):
+    """Read as they were, such files hung a run (a billion segments to look for), gave a short video and success,
+    or a traceback after all the work."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    clip = make_clip(tmp_path / "in.mkv", n=6, audio=None, vcodec="ffv1")
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    state = ResumeFiles(out).state
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+    info = {**json.loads(meta["streamvsr_resume"]), **edit}
+    save_file(load_file(str(state)), str(state), metadata={**meta, "streamvsr_resume": json.dumps(info)})
+    engine = FakeEngine()
+    with pytest.raises(UserInputError, match="the resume file .* is damaged .*; delete it to start over"):
+        upscale_video(engine, clip, out, codec="lossless", resume=True)
+    assert engine.calls == []
 
 
 @pytest.mark.parametrize("resume", [False, True])

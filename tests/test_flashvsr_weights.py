@@ -224,9 +224,10 @@ def test_pickled_code_is_refused_and_not_run(official, tmp_path, name, how):
     else:
         with open(folder / name, "wb") as f:
             pickle.dump(evil, f, protocol=2)
-    with pytest.raises(WeightsError, match=name):
+    with pytest.raises(WeightsError, match=name) as e:
         fw.read_flashvsr(folder, "v1")
     assert not marker.exists()
+    assert "weights_only" not in str(e.value)  # (torch's advice to load it with weights_only=False would run it)
     if how == "pickle":  # the payload is live: an unrestricted unpickler runs it
         with open(folder / name, "rb") as f:
             pickle.load(f)

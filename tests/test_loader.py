@@ -150,6 +150,16 @@ def test_unsupported_config_value(copy):
         load_pipeline(copy)
 
 
+@pytest.mark.parametrize("edit", [{"block_out_channels": 5}, {"attention_head_dim": 0}, {"in_channels": -4}])
+def test_a_damaged_config_value_is_a_weights_error_not_a_traceback(checkpoint, tmp_path, edit):
+    dst = tmp_path / "model"
+    shutil.copytree(checkpoint, dst)
+    cfg_path = dst / "unet" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **edit}))
+    with pytest.raises(WeightsError, match="unet config from .* is not supported"):
+        load_pipeline(dst)
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         load_pipeline(tmp_path / "nothing")

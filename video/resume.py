@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 from fractions import Fraction
@@ -71,10 +73,7 @@ class ResumeFiles:
                                    "scene_cuts") if k not in info]
             if missing:
                 raise KeyError(", ".join(missing))
-            if not isinstance(info["fingerprint"], dict) or not isinstance(info["held_pts"], list):
-                raise TypeError("unexpected content")
-            for key in ("segments", "consumed", "frames", "scene_cuts"):
-                info[key] = int(info[key])
+            _check_info(info)
         except Exception as e:  # any kind of damage means the same to the user
             raise UserInputError(f"the resume file {self.state} is damaged ({type(e).__name__}: {e}); delete it "
                                  "to start over (its finished segments are then redone)") from None
@@ -85,7 +84,7 @@ class ResumeFiles:
         that) and readable: a damaged one is found before the rest of the job is done, not when joining."""
         import av
 
-        sizes = info.get("segment_bytes") or [None] * info["segments"]
+        sizes = info.get("segment_bytes") or itertools.repeat(None)  # (none recorded by an earlier release)
         for i, size in zip(range(info["segments"]), sizes):
             part = self.part(i)
             if not part.exists():
@@ -136,6 +135,42 @@ class ResumeFiles:
         self.state_tmp.unlink(missing_ok=True)
         for p in self.parts_on_disk():
             p.unlink(missing_ok=True)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_info(info: dict) -> None:
+    """Raise where a checkpoint's description is not what a run writes (a file damaged, or edited by hand): every
+    count a whole number in its range, every list of its kind. Read as it was, such a file hung a run (a billion
+    segments to look for) or gave a short video and success."""
+    fingerprint, size = info["fingerprint"], info["fingerprint"].get("size") if isinstance(info["fingerprint"],
+                                                                                         dict) else None
+    if not isinstance(fingerprint, dict) or not (isinstance(size, list) and len(size) == 2
+                                                 and all(_whole(v) and v > 0 for v in size)):
+        raise ValueError("its settings are not readable")
+    counts = [info[key] for key in ("segments", "consumed", "frames", "scene_cuts")]
+    if not all(_whole(v) and v >= 0 for v in counts) or info["frames"] > info["consumed"]:
+        raise ValueError(f"its counts do not add up ({', '.join(map(str, counts))})")
+    if not isinstance(info["complete"], bool):
+        raise ValueError("it does not say whether the job is complete")
+    if not isinstance(info["held_pts"], list) or not all(_whole(v) and abs(v) < 2**62 for v in info["held_pts"]):
+        raise ValueError("its timestamps are not whole numbers")
+    lengths = info.get("segment_bytes")
+    if lengths is not None and not (isinstance(lengths, list) and len(lengths) == info["segments"]
+                                    and all(_whole(v) and v >= 0 for v in lengths)):
+        raise ValueError("its segment sizes do not match its segments")
+    after = info.get("after", [])
+    if not (isinstance(after, list) and all(isinstance(v, str) for v in after)):
+        raise ValueError("its list of outputs is not readable")
+    end = info.get("end_time")
+    if end is not None and not (isinstance(end, (int, float)) and not isinstance(end, bool) and math.isfinite(end)):
+        raise ValueError("its end time is not a number")
+    problem = info.get("input_problem")
+    if problem is not None and not (isinstance(problem, dict) and isinstance(problem.get("kind"), str)
+                                    and isinstance(problem.get("message"), str)):
+        raise ValueError("its note on the input is not readable")
 
 
 def glob_escape(text: str) -> str:

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..shared.errors import UserInputError, WeightsError, cannot_read, first_line
-from ..shared.weights import (check_weights_file, key_mismatches, load_into, read_state_dict, save_safetensors,
-                              sha256_of, summary)
+from ..shared.weights import (check_weights_file, key_mismatches, load_into, load_reason, read_state_dict,
+                              save_safetensors, sha256_of, summary)
 from .lq_proj import VERSIONS, LQProjection, check_version, lq_config_from_state_dict
 from .tc_decoder import TCDecoder, tc_config_from_state_dict
 
@@ -122,9 +122,9 @@ def _read_prompt(path: Path) -> torch.Tensor:
         try:
             prompt = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle raises assorted types for damaged or hostile files
-            raise WeightsError(f"cannot read {path} ({path.stat().st_size:,} bytes): {type(e).__name__}: "
-                               f"{first_line(e)}. The file is truncated, not a prompt embedding, or holds code rather "
-                               f"than tensors; download it again. {HINT}") from None
+            raise WeightsError(f"cannot read {path} ({path.stat().st_size:,} bytes): {load_reason(e)}. The file is "
+                               "truncated, not a prompt embedding, or holds code rather than tensors; download it "
+                               f"again. {HINT}") from None
         if isinstance(prompt, dict) and len(prompt) == 1:
             prompt = next(iter(prompt.values()))
     if not torch.is_tensor(prompt) or not prompt.is_floating_point() or prompt.ndim not in (2, 3) or (

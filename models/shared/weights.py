@@ -112,7 +112,7 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
         if is_out_of_memory(e):
             raise  # a good file too large for the memory left: not a reason to delete it
         raise WeightsError(
-            f"cannot read {path} ({path.stat().st_size:,} bytes): {_load_reason(e)}. It is not a weights file, or "
+            f"cannot read {path} ({path.stat().st_size:,} bytes): {load_reason(e)}. It is not a weights file, or "
             f"it is cut short or damaged, or it holds code rather than tensors: give the weights file, and if this "
             f"is it, delete it and download it again.{tail}") from None
     if unwrap:
@@ -130,7 +130,7 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
     return state_dict
 
 
-def _load_reason(error: Exception) -> str:
+def load_reason(error: Exception) -> str:
     """The reader's reason in one line. torch's refusal of a pickle under ``weights_only`` opens with advice to load
     it with ``weights_only=False``, which would run the code of a file that is not known to be weights: only the
     unpickler's own reason is kept."""

@@ -135,8 +135,9 @@ def build_component(cls, config: dict, state_dict: dict, component: str, source,
     operations = operations or nn
     try:
         module = cls(config, operations=operations, device="meta", dtype=dtype)
-    except ValueError as e:
-        raise WeightsError(f"{component} config from {source} is not supported: {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:  # (a damaged or edited config.json)
+        raise WeightsError(f"{component} config from {source} is not supported ({type(e).__name__}: {e}); "
+                           f"{DOWNLOAD_HINT}") from None
     return load_into(module, state_dict, component, source, device, dtype, KNOWN_LEFTOVERS[component],
                      f"Is this the right file for this component? {DOWNLOAD_HINT}")
 
