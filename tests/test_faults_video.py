@@ -839,6 +839,34 @@ def test_a_resume_file_edited_or_damaged_is_a_one_line_error(tmp_path, edit):
     assert engine.calls == []
 
 
+@pytest.mark.parametrize("damage", ["shape", "nan", "generator"])
+def test_a_resume_files_state_that_cannot_be_its_frames_is_refused_before_the_work(tmp_path, damage):
+    """A previous frame of another size failed mid-frame with a traceback; one of NaN gave garbage and success."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    clip = make_clip(tmp_path / "in.mkv", n=6, audio=None, vcodec="ffv1")
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    state = ResumeFiles(out).state
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(state))
+    if damage == "shape":
+        tensors["prev_output"] = torch.zeros(1, 3, 2, 2)
+    elif damage == "nan":
+        tensors["prev_upscaled"] = torch.full_like(tensors["prev_upscaled"], float("nan"))
+    else:
+        tensors["generator_state"] = tensors["generator_state"][:10].clone()
+    save_file(tensors, str(state), metadata=meta)
+    engine = FakeEngine()
+    with pytest.raises(UserInputError, match="is damaged or does not fit this model"):
+        upscale_video(engine, clip, out, codec="lossless", resume=True)
+    assert engine.calls == []
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_frame_size_change_mid_video_stops_with_a_labelled_partial(tmp_path, resume):
     clip = _two_sizes(tmp_path)

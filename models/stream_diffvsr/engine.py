@@ -81,11 +81,25 @@ class StreamState:
 
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "StreamState":
+        """The state ``to_dict`` wrote; a ValueError where the tensors are not what a state of its frames holds (a
+        resume file damaged or edited: found here, not mid-frame, and not as frames of NaN)."""
         info = json.loads(meta["streamvsr_state"])
-        return cls(seed=int(info["seed"]), frame_index=int(info["frame_index"]),
-                   generator_state=tensors["generator_state"].clone(),
-                   prev_output=tensors.get("prev_output"), prev_upscaled=tensors.get("prev_upscaled"),
-                   lr_size=tuple(info["lr_size"]) if info["lr_size"] else None)
+        state = cls(seed=int(info["seed"]), frame_index=int(info["frame_index"]),
+                    generator_state=tensors["generator_state"].clone(),
+                    prev_output=tensors.get("prev_output"), prev_upscaled=tensors.get("prev_upscaled"),
+                    lr_size=tuple(info["lr_size"]) if info["lr_size"] else None)
+        torch.Generator("cpu").set_state(state.generator_state)  # (raises for anything else)
+        if (state.prev_output is None) != (state.prev_upscaled is None):
+            raise ValueError("it holds half of the previous frame")
+        if state.prev_output is not None:
+            if state.lr_size is None:
+                raise ValueError("it holds a previous frame without its size")
+            h, w = state.lr_size
+            size = (1, 3, (h + (-h) % LR_MULTIPLE) * SCALE, (w + (-w) % LR_MULTIPLE) * SCALE)
+            for t in (state.prev_output, state.prev_upscaled):
+                if tuple(t.shape) != size or not t.is_floating_point() or not torch.isfinite(t).all():
+                    raise ValueError(f"its previous frame is not a finite {size[3]}x{size[2]} picture")
+        return state
 
 
 def new_state(seed: int) -> StreamState:
