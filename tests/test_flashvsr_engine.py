@@ -159,6 +159,12 @@ def test_the_state_survives_a_round_trip_through_a_resume_file(engine, whole30, 
     rest, restored = engine.push(restored, frames[27:])
     tail, _ = engine.flush(restored)
     assert torch.equal(torch.cat([first, rest, tail]), whole)
+    # damaged or edited: refused when read, not mid-chunk or as frames of NaN
+    cache = next(k for k in tensors if k.endswith(".k"))
+    for broken in ({**tensors, cache: torch.full_like(tensors[cache], float("nan"))},
+                   {**tensors, "generator_state": tensors["generator_state"][:7].clone()}):
+        with pytest.raises((ValueError, RuntimeError)):
+            engine.state_from_dict(broken, meta)
 
 
 def test_a_restored_state_is_on_the_engine_device(engine, whole30, monkeypatch):

@@ -268,8 +268,14 @@ class FlashVSREngine:
 
     def state_from_dict(self, tensors: dict, meta: dict) -> FlashVSRState:
         # On the engine's device: push and flush take the state as it is (its KV caches are concatenated with
-        # the next chunk's)
-        return FlashVSRState.from_dict(tensors, meta).to(self.device)
+        # the next chunk's). A resume file damaged or edited is found here, not as a failure mid-chunk or as
+        # frames of NaN: a generator state, and every value finite.
+        state = FlashVSRState.from_dict(tensors, meta)
+        torch.Generator("cpu").set_state(state.generator_state)
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"{', '.join(sorted(bad)[:3])} hold values that are not finite")
+        return state.to(self.device)
 
     def estimate_memory(self, h: int, w: int) -> int:
         """Rough peak bytes beyond the weights for LR frames of h x w: KV caches, the first chunk's activations
