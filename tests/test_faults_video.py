@@ -839,6 +839,28 @@ def test_a_resume_file_edited_or_damaged_is_a_one_line_error(tmp_path, edit):
     assert engine.calls == []
 
 
+def test_a_job_resumed_with_another_model_family_is_told_as_such_and_overwrite_discards_it(tmp_path):
+    """Its state was read first, by the other model: "damaged", and --overwrite could not discard it."""
+    clip = make_clip(tmp_path / "in.mkv", n=6, audio=None, vcodec="ffv1")
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+
+    class OtherFamily(FakeEngine):
+        def identity(self):
+            return "flashvsr|v1.1|torch.float32|scale=4"
+
+        def state_from_dict(self, tensors, meta):
+            raise KeyError("dit")
+
+    with pytest.raises(UserInputError, match="belongs to a job with other settings \\(another model\\)"):
+        upscale_video(OtherFamily(), clip, out, codec="lossless", resume=True)
+    engine = OtherFamily()
+    assert upscale_video(engine, clip, out, codec="lossless", resume=True, overwrite=True)["frames"] == 6
+    assert engine.calls[0][0] == 0  # started over
+
+
 @pytest.mark.parametrize("damage", ["shape", "nan", "generator"])
 def test_a_resume_files_state_that_cannot_be_its_frames_is_refused_before_the_work(tmp_path, damage):
     """A previous frame of another size failed mid-frame with a traceback; one of NaN gave garbage and success."""

@@ -532,3 +532,67 @@ def test_a_file_set_aside_by_a_killed_or_stopped_download_is_put_back(monkeypatc
     with caplog.at_level("WARNING"):
         hub.download_stream_diffvsr(tmp_path)
     assert f"{pinned}.mismatch is an earlier" in caplog.text and pinned.with_name(pinned.name + ".mismatch").exists()
+
+
+def test_a_set_aside_file_that_cannot_go_back_is_said_as_the_users_and_cache_weights_without_links_are_linked(
+        monkeypatch, tmp_path, caplog):
+    """A failed put-back advised deleting the user's only copy ("... is there now: delete it"); a cache without
+    links (Windows without developer mode) keeps weights under their own names, which were copied (4 GB again)."""
+    import huggingface_hub
+
+    from streamvsr.models.shared import hub as shared_hub
+
+    path = tmp_path / "posi_prompt.pth"
+    aside = tmp_path / "posi_prompt.pth.mismatch"
+    aside.write_bytes(b"mine")
+    replace = os.replace
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shared_hub.os, "replace", refused)
+    with caplog.at_level("WARNING"):
+        shared_hub.restore_set_aside(tmp_path, ["posi_prompt.pth"])
+    monkeypatch.setattr(shared_hub.os, "replace", replace)
+    assert "is your posi_prompt.pth" in caplog.text and "rename it to posi_prompt.pth by hand" in caplog.text
+    assert "delete" not in caplog.text and aside.read_bytes() == b"mine" and not path.exists()
+    cached = tmp_path / "hf" / "snapshots" / "0123" / "unet" / "diffusion_pytorch_model.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")  # a regular file under its own name: no link to a blob named by its sha256
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(cached))
+    target = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert shared_hub._from_cache("r/r", "unet/diffusion_pytorch_model.safetensors", target, None)
+    assert target.stat().st_ino == cached.stat().st_ino
+
+
+def test_hub_refusals_are_one_line_and_say_what_to_check(monkeypatch, tmp_path):
+    """The hub client's HTTP errors run over several lines with request ids; a 401 or a gated repository is a
+    token or terms matter, not a connection one."""
+    class GatedRepoError(Exception):
+        pass
+
+    fake_hub(monkeypatch, fail=GatedRepoError("401 Client Error. (Request ID: abc-123)\n\nCannot access gated repo for "
+                                              "url https://huggingface.co/x.\nAccess restricted"))
+    with pytest.raises(RuntimeError) as e:
+        hub.download_stream_diffvsr(tmp_path)
+    assert "\n" not in str(e.value) and "check your token (HF_TOKEN" in str(e.value)
+
+
+def test_flashvsr_offline_asks_nothing_of_github_and_a_set_aside_weight_is_named(monkeypatch, tmp_path):
+    from streamvsr.models.flashvsr import hub as flashvsr_hub
+    from streamvsr.models.stream_diffvsr.loader import WeightsError, _component_weights
+
+    hub_settings(monkeypatch, HF_HUB_OFFLINE=True, ENDPOINT="https://huggingface.co")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("offline: no request")
+
+    monkeypatch.setattr(flashvsr_hub.urllib.request, "urlopen", no_network)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set: unset it to download posi_prompt.pth, or "):
+        flashvsr_hub.download_prompt(tmp_path)
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "diffusion_pytorch_model.safetensors.mismatch").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="diffusion_pytorch_model.safetensors.mismatch was set aside by a download "
+                                           "that stopped"):
+        _component_weights(vae)

@@ -156,7 +156,7 @@ def test_a_damaged_config_value_is_a_weights_error_not_a_traceback(checkpoint, t
     shutil.copytree(checkpoint, dst)
     cfg_path = dst / "unet" / "config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **edit}))
-    with pytest.raises(WeightsError, match="unet config from .* is not supported"):
+    with pytest.raises(WeightsError, match="the unet config that comes with .* is not supported"):
         load_pipeline(dst)
 
 

@@ -168,10 +168,10 @@ def content_sample(path) -> str:
     """A digest of the first and last ``SAMPLE_BYTES`` of a file: what tells it from another file of its size (a
     video exported again, another take, one copied over it with its time kept) without reading gigabytes. Read
     once per version of the file in a process: writing into a file or putting another in its place changes its
-    change time or its inode, which no one can set back."""
+    change time or its inode, which no one can set back (on POSIX systems; on Windows it is read every time)."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key in _SAMPLES:
+    if key in _SAMPLES and os.name != "nt":  # (on Windows st_ctime is the creation time, kept by a rewrite)
         return _SAMPLES[key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:

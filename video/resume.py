@@ -101,12 +101,17 @@ class ResumeFiles:
                 raise _damaged(part, e) from None
 
     def load(self, engine):
-        """``(info, engine state, scene thumbnail or None)`` of the last checkpoint, or None when there is none."""
+        """``(info, engine state, scene thumbnail or None)`` of the last checkpoint, or None when there is none; the
+        state None where the checkpoint is of another model or model settings (for the caller to say so)."""
         from safetensors import safe_open
 
         info = self.read_info()
         if info is None:
             return None
+        if info["fingerprint"].get("model", engine.identity()) != engine.identity():
+            # another model's state would not fit this one: the callers say what changed (and discard the job
+            # with overwrite), as for any other setting
+            return info, None, None
         try:
             with safe_open(str(self.state), "pt") as f:
                 meta = f.metadata()
@@ -150,9 +155,9 @@ def _check_info(info: dict) -> None:
     if not isinstance(fingerprint, dict) or not (isinstance(size, list) and len(size) == 2
                                                  and all(_whole(v) and v > 0 for v in size)):
         raise ValueError("its settings are not readable")
-    counts = [info[key] for key in ("segments", "consumed", "frames", "scene_cuts")]
-    if not all(_whole(v) and v >= 0 for v in counts) or info["frames"] > info["consumed"]:
-        raise ValueError(f"its counts do not add up ({', '.join(map(str, counts))})")
+    counts = {key: info[key] for key in ("segments", "consumed", "frames", "scene_cuts")}
+    if not all(_whole(v) and v >= 0 for v in counts.values()) or info["frames"] > info["consumed"]:
+        raise ValueError(f"its counts do not add up ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     if not isinstance(info["complete"], bool):
         raise ValueError("it does not say whether the job is complete")
     if not isinstance(info["held_pts"], list) or not all(_whole(v) and abs(v) < 2**62 for v in info["held_pts"]):

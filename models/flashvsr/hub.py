@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from ..shared.errors import DownloadError
-from ..shared.hub import download_command, download_files, hub_url, local_failure
+from ..shared.hub import download_command, download_files, hub_url, local_failure, offline_mode
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ def download_prompt(dest: Path, url: str = PROMPT_URL, timeout: float = 60.0) ->
             return path
         raise DownloadError(f"{path} is not the official {PROMPT} (its git blob id does not start with "
                             f"{PROMPT_GIT_BLOB}); it was kept: move it away to download the official one")
+    if offline_mode():  # (the client's setting: this download goes around the client, and would wait for GitHub)
+        raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {PROMPT}, or {manual[0].lower()}"
+                            f"{manual[1:]}")
     tmp = dest / f".{PROMPT}.{os.getpid()}.part"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:

@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # A file being taken from the Hugging Face cache: ".NAME" + this, beside NAME
 PART_TAG = ".streamvsr-part"
-# The cache's blob of a Git LFS file is named by its sha256
+# The cache's blob of a Git LFS file is named by its sha256; weights are always such files
 _LFS_BLOB = re.compile(r"[0-9a-f]{64}")
+WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pth", ".pt")
 
 
 def _hub_constants():
@@ -163,9 +164,10 @@ def restore_set_aside(dest: Path, files) -> None:
                 try:
                     os.replace(aside, path)
                     log.info("put back %s, set aside by a download that did not finish", path)
-                    continue
                 except OSError as e:
-                    log.warning("could not put back %s (%s)", aside, e.strerror or e)
+                    log.warning("%s is your %s, set aside by a download that did not finish, and it could not be "
+                                "renamed back (%s): rename it to %s by hand", aside, name, e.strerror or e, path.name)
+                continue
             log.warning("%s is an earlier %s (not the published file) that a download set aside, and %s is there "
                         "now: delete %s where it is not needed", aside, name, path, aside.name)
 
@@ -177,7 +179,13 @@ def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Pa
         local = local_failure(e, dest)
         if local is not None:
             raise DownloadError(f"could not save {name} of {hub_url(repo)}: {local}") from None
-        raise DownloadError(f"could not download {name} from {hub_url(repo)} ({type(e).__name__}: {e}). "
+        # (the hub client's messages run over several lines, with request ids)
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        access = (" The hub refused access: check your token (HF_TOKEN, or `hf auth login`), and that you accepted the "
+                  "repository's terms on its page." if "Gated" in type(e).__name__ or " 401 " in f" {reason} "
+                  or " 403 " in f" {reason} " else "")
+        raise DownloadError(f"could not download {name} from {hub_url(repo)} ({type(e).__name__}: {reason}).{access} "
                             + manual) from None
 
 
@@ -205,7 +213,8 @@ def _from_cache(repo: str, name: str, path: Path, sha: str | None) -> bool:
         tmp.unlink(missing_ok=True)  # (left by a run that was killed)
         blob = os.path.realpath(cached)
         try:
-            if not _LFS_BLOB.fullmatch(os.path.basename(blob)):
+            # (a cache without links, as on Windows without developer mode, keeps the file under its own name)
+            if not (sha is not None or _LFS_BLOB.fullmatch(os.path.basename(blob)) or name.endswith(WEIGHTS)):
                 raise OSError("copied, not linked")
             os.link(blob, tmp)
         except OSError:  # a small file, another drive, or a file system without hard links
@@ -279,7 +288,7 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
             if not _from_cache(repo, name, path, files[name]):
                 if offline:
                     raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {name} of {repo} into {dest} "
-                                        "(it is not in the Hugging Face cache either). " + manual)
+                                        "(the Hugging Face cache has no published copy of it either). " + manual)
                 check_sha256(_fetch(hf_hub_download, repo, name, dest, manual), files[name])
         except DownloadError as e:
             if aside is not None:

@@ -126,7 +126,10 @@ def _component_weights(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             return folder / name
-    raise WeightsError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES)}). {DOWNLOAD_HINT}")
+    aside = sorted(folder.glob("*.mismatch*")) if folder.is_dir() else []
+    note = (f" {aside[0]} was set aside by a download that stopped (it is not the published file): pick the "
+            "loader's '(download) …' again, which puts it back and replaces it, or rename it back." if aside else "")
+    raise WeightsError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES)}).{note} {DOWNLOAD_HINT}")
 
 
 def build_component(cls, config: dict, state_dict: dict, component: str, source, device, dtype,
@@ -136,8 +139,8 @@ def build_component(cls, config: dict, state_dict: dict, component: str, source,
     try:
         module = cls(config, operations=operations, device="meta", dtype=dtype)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:  # (a damaged or edited config.json)
-        raise WeightsError(f"{component} config from {source} is not supported ({type(e).__name__}: {e}); "
-                           f"{DOWNLOAD_HINT}") from None
+        raise WeightsError(f"the {component} config that comes with {source} is not supported ({type(e).__name__}: "
+                           f"{e}). {DOWNLOAD_HINT}") from None
     return load_into(module, state_dict, component, source, device, dtype, KNOWN_LEFTOVERS[component],
                      f"Is this the right file for this component? {DOWNLOAD_HINT}")
 
