@@ -813,6 +813,26 @@ def test_a_video_copied_over_with_its_size_and_time_kept_is_another_video(tmp_pa
     assert torch.equal(again, read_range(other, 0, 6)) and not torch.equal(again, first)
 
 
+def stopped_job(tmp_path):
+    """A resumable job of a 6-frame clip stopped after 3 frames: (input, output)."""
+    clip = make_clip(tmp_path / "in.mkv", n=6, audio=None, vcodec="ffv1")
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
+                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    return clip, out
+
+
+def checkpoint_contents(state):
+    """(tensors, metadata) of a resume file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(state)), meta
+
+
 @pytest.mark.parametrize("edit", [{"segments": 10**30}, {"segments": -1}, {"complete": "false"},
                                   {"consumed": 10**12, "frames": 10**12 + 1}, {"held_pts": ["x"]},
                                   {"held_pts": [1.5e300]}, {"end_time": "x"}, {"input_problem": 5},
@@ -820,19 +840,13 @@ def test_a_video_copied_over_with_its_size_and_time_kept_is_another_video(tmp_pa
 def test_a_resume_file_edited_or_damaged_is_a_one_line_error(tmp_path, edit):
     """Read as they were, such files hung a run (a billion segments to look for), gave a short video and success,
     or a traceback after all the work."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    clip = make_clip(tmp_path / "in.mkv", n=6, audio=None, vcodec="ffv1")
-    out = tmp_path / "out.mkv"
-    polls = []
-    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
-                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    clip, out = stopped_job(tmp_path)
     state = ResumeFiles(out).state
-    with safe_open(str(state), "pt") as f:
-        meta = f.metadata()
+    tensors, meta = checkpoint_contents(state)
     info = {**json.loads(meta["streamvsr_resume"]), **edit}
-    save_file(load_file(str(state)), str(state), metadata={**meta, "streamvsr_resume": json.dumps(info)})
+    save_file(tensors, str(state), metadata={**meta, "streamvsr_resume": json.dumps(info)})
     engine = FakeEngine()
     with pytest.raises(UserInputError, match="the resume file .* is damaged .*; delete it to start over"):
         upscale_video(engine, clip, out, codec="lossless", resume=True)
@@ -841,11 +855,7 @@ def test_a_resume_file_edited_or_damaged_is_a_one_line_error(tmp_path, edit):
 
 def test_a_job_resumed_with_another_model_family_is_told_as_such_and_overwrite_discards_it(tmp_path):
     """Its state was read first, by the other model: "damaged", and --overwrite could not discard it."""
-    clip = make_clip(tmp_path / "in.mkv", n=6, audio=None, vcodec="ffv1")
-    out = tmp_path / "out.mkv"
-    polls = []
-    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
-                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    clip, out = stopped_job(tmp_path)
 
     class OtherFamily(FakeEngine):
         def identity(self):
@@ -864,18 +874,11 @@ def test_a_job_resumed_with_another_model_family_is_told_as_such_and_overwrite_d
 @pytest.mark.parametrize("damage", ["shape", "nan", "generator"])
 def test_a_resume_files_state_that_cannot_be_its_frames_is_refused_before_the_work(tmp_path, damage):
     """A previous frame of another size failed mid-frame with a traceback; one of NaN gave garbage and success."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    clip = make_clip(tmp_path / "in.mkv", n=6, audio=None, vcodec="ffv1")
-    out = tmp_path / "out.mkv"
-    polls = []
-    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=1,
-                  should_stop=lambda: polls.append(1) or len(polls) > 3)
+    clip, out = stopped_job(tmp_path)
     state = ResumeFiles(out).state
-    with safe_open(str(state), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(state))
+    tensors, meta = checkpoint_contents(state)
     if damage == "shape":
         tensors["prev_output"] = torch.zeros(1, 3, 2, 2)
     elif damage == "nan":
