@@ -210,7 +210,7 @@ class StreamStore:
                                      f"connect the state output of a {self.node_name} node, or disconnect it")
             made_with = state_key(state)
             if made_with is not None and made_with != model_key:
-                raise UserInputError(f"the state input was made with another {self.settings.replace(' or ', ', ')} "
+                raise UserInputError(f"the state input was made with another {self.settings} "
                                      f"than this {self.node_name} node has: give both nodes the same ones, or "
                                      "disconnect the state input to start a new sequence")
             if state.lr_size is not None and tuple(state.lr_size) != tuple(size):
