@@ -403,11 +403,12 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
     make_folder(out_dir.parent)
     with OutputLock(out_dir):
         _prepare(out_dir, names)
+        work_files = checkpoint or folder_checkpoint(out_dir)
         if job.discard_unfinished:
-            folder_checkpoint(out_dir).remove()
+            work_files.remove()
             log.info("discarded the unfinished resumable job of %s (overwrite)", out_dir)
         # (a checkpoint being written when a run was stopped a second time)
-        remove_stale([folder_checkpoint(out_dir).state_tmp])
+        remove_stale([work_files.state_tmp])
         state, consumed, written, stamps = engine.new_state(seed), 0, 0, []
         saved = None
         if checkpoint is not None and job.saved is not None:
