@@ -388,6 +388,22 @@ def test_a_killed_frames_job_continues_from_its_last_checkpoint(tmp_path, monkey
     assert list(got) == list(whole) and all(np.array_equal(got[k], whole[k]) for k in whole)
 
 
+def test_a_continued_overwrite_job_stopped_again_names_the_outputs_still_from_an_earlier_run(tmp_path, caplog):
+    """--resume --overwrite over an earlier run's outputs, stopped twice: each stop says which outputs past the
+    frames written are still the earlier run's (the folder mixes two runs)."""
+    files = png_folder(tmp_path / "in", n=6)
+    out = tmp_path / "out"
+    upscale_folder(FakeEngine(), files, out, save="npy", seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(2), files, out, save="npy", resume=True, overwrite=True)
+    assert "4 after them (f002.npy to f005.npy) are still those of an earlier run" in caplog.text
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(4), files, out, save="npy", resume=True, overwrite=True)
+    assert ("stopped: 4 of 6 frames were written to " in caplog.text
+            and "; 2 after them (f004.npy to f005.npy) are still those of an earlier run" in caplog.text)
+
+
 def test_an_unfinished_frames_job_is_continued_only_as_the_same_job(tmp_path):
     """Without --resume it is neither continued nor discarded unasked; other settings, other frames before the
     checkpoint or finished outputs gone are one line each (before the model loads), and --overwrite discards it.

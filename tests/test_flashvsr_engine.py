@@ -589,6 +589,10 @@ def test_frames_resume_with_held_frames_equals_one_run(engine, tmp_path, monkeyp
     monkeypatch.undo()
     info = ResumeFiles(out).read_info()
     assert (info["consumed"], info["frames"], info["after"]) == (24, 0, [f"{i:02d}.npy" for i in range(5)])
+    # a continued run stopped before it writes them again still counts them as the job's own
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAtPush(0), files, out, save="npy", resume=True)
+    assert ResumeFiles(out).read_info()["after"] == [f"{i:02d}.npy" for i in range(5)]
     assert upscale_folder(engine, files, out, save="npy", resume=True) == 30
     for name in [f"{i:02d}.npy" for i in range(30)]:
         assert np.array_equal(np.load(out / name), np.load(tmp_path / "whole" / name)), name

@@ -427,13 +427,14 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 state, consumed, written, stamps, size, saved = engine.new_state(seed), 0, 0, [], None, None
             else:
                 log.info("resuming %s after %d frames", out_dir, written)
-        # the outputs that a stop would leave from an earlier run (see done); a continued job's are its own
-        earlier = set() if saved is not None else {name for name in names if (out_dir / name).exists()}
+        replaceable = job.redone if saved is not None else frozenset()
+        # the outputs that a stop would leave from an earlier run (see done); those a continued job wrote past its
+        # checkpoint are its own
+        earlier = {name for name in names[written:] if name not in replaceable and (out_dir / name).exists()}
         stems: deque[str] = deque(p.stem for p in files[written:consumed])  # pushed, not yet returned
         # the last point where the state, the frames read and the outputs written agree: what a checkpoint saves
         safe = (state, consumed, written)
         saved_at = (consumed, written, len(job.redone)) if saved is not None else (0, 0, 0)
-        replaceable = job.redone if saved is not None else frozenset()
         last_time, since, warned = time.monotonic(), 0, False
         if progress is not None and written:
             progress(written)
@@ -442,8 +443,10 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
             nonlocal saved_at
             ckpt_state, ckpt_consumed, ckpt_written = safe
             # the outputs written past that point (a stop mid-way through a burst of frames, or the frames held
-            # back, finished when a frame could not be read): the next run redoes them, replacing them
-            after = names[ckpt_written:written]
+            # back, finished when a frame could not be read), by this run or by the one it continues and not yet
+            # written again: the next run redoes them, replacing them
+            after = [name for i, name in enumerate(names[ckpt_written:], ckpt_written)
+                     if i < written or (name in replaceable and os.path.lexists(out_dir / name))]
             if checkpoint is None or (ckpt_consumed, ckpt_written, len(after)) == saved_at:
                 return
             fp = folder_fingerprint(files[0].parent, [p.name for p in files[:ckpt_consumed]], stamps[:ckpt_consumed],
