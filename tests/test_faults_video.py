@@ -450,6 +450,22 @@ def test_an_unfinished_frames_job_is_continued_only_as_the_same_job(tmp_path):
                                                      npy_outputs(tmp_path / "seed9").values()))
 
 
+def test_a_damaged_frames_checkpoint_is_discarded_by_overwrite_as_its_message_says(tmp_path):
+    files = png_folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(2), files, out, save="npy", resume=True)
+    state = ResumeFiles(out).state
+    state.write_bytes(state.read_bytes()[:40])
+    for resume in (True, False):
+        with pytest.raises(UserInputError, match=f"the resume file {state} is damaged .*; add --overwrite to "
+                                                 "discard the job and start over$"):
+            upscale_folder(FakeEngine(), files, out, save="npy", resume=resume)
+    engine = FakeEngine()
+    assert upscale_folder(engine, files, out, save="npy", resume=True, overwrite=True) == 4
+    assert [index for index, _, _ in engine.calls] == list(range(4)) and not state.exists()
+
+
 def test_a_frames_job_that_fails_keeps_a_checkpoint_and_one_that_cannot_save_it_reports_the_failure(tmp_path,
                                                                                                     monkeypatch,
                                                                                                     caplog):
@@ -864,7 +880,7 @@ def test_a_resume_file_edited_or_damaged_is_a_one_line_error(tmp_path, edit):
     info = {**json.loads(meta["streamvsr_resume"]), **edit}
     save_file(tensors, str(state), metadata={**meta, "streamvsr_resume": json.dumps(info)})
     engine = FakeEngine()
-    with pytest.raises(UserInputError, match="the resume file .* is damaged .*; delete it to start over"):
+    with pytest.raises(UserInputError, match="the resume file .* is damaged .*; add --overwrite to discard the job"):
         upscale_video(engine, clip, out, codec="lossless", resume=True)
     assert engine.calls == []
 
@@ -986,8 +1002,12 @@ def test_damaged_resume_file_and_other_settings_are_found_without_the_model(tmp_
         check_video_job(clip, out, seed=7, codec="lossless", resume=True)  # no engine needed
     state = ResumeFiles(out).state
     state.write_bytes(state.read_bytes()[:40])
-    with pytest.raises(UserInputError, match="is damaged.*delete it"):
+    with pytest.raises(UserInputError, match="is damaged.*; add --overwrite to discard the job and start over"):
         check_video_job(clip, out, codec="lossless", resume=True)
+    # as the message says: the job starts over
+    engine = FakeEngine()
+    assert upscale_video(engine, clip, out, codec="lossless", resume=True, overwrite=True)["frames"] == 6
+    assert [index for index, _, _ in engine.calls] == list(range(6)) and not state.exists()
 
 
 def gop_clip(path, fmt, codec, n=24, w=32, h=24, options=None, pix_fmt="yuv420p", container_options=None):

@@ -850,3 +850,12 @@ def test_a_finished_outputs_leftover_resume_files_are_not_continued(tmp_path, ca
     with caplog.at_level("WARNING"):
         assert _unfinished_job(str(tmp_path), "out", ".mp4", job) is None
     assert "is finished but its resume files are still there" in caplog.text
+    # a damaged checkpoint cannot be continued either: said without the command line's advice
+    out.unlink()
+    state = ResumeFiles(out).state
+    state.write_bytes(state.read_bytes()[:40])
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _unfinished_job(str(tmp_path), "out", ".mp4", job) is None
+    assert f"the resume file {state} is damaged" in caplog.text and "a new file is started" in caplog.text
+    assert "--overwrite" not in caplog.text

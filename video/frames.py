@@ -331,15 +331,15 @@ def check_folder_job(files: list[Path], out_dir: Path, seed: int = 42, save: str
     out_dir, files = Path(out_dir), [Path(p) for p in files]
     names = [output_name(p.stem, save) for p in files]
     checkpoint = folder_checkpoint(out_dir)
-    saved = checkpoint.read_info()
-    if saved is not None:
+    saved, damaged = checkpoint.read_info_or_discard(overwrite)
+    if saved is not None or damaged:
         with OutputLock(out_dir):  # a run writing this job right now is what to report, not its checkpoint
             pass
     if saved is not None and not resume and not overwrite:
         raise UserInputError(f"{out_dir} has an unfinished resumable job ({saved['frames']} frames done, "
                              f"{checkpoint.state.name} next to it): add --resume to continue it, or --overwrite to "
                              "discard it")
-    discard = saved is not None and not resume
+    discard = damaged or (saved is not None and not resume)
     if saved is not None and resume:
         read = files[:saved["consumed"]]
         base = folder_fingerprint(files[0].parent, [p.name for p in read], [_stamp(p) for p in read], seed, save,

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import logging
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -25,9 +26,19 @@ from .writer import CODECS, clock_start
 # 4: Stream-DiffVSR's identity names its flow model (a checkpoint of 3 cannot tell which flow made it).
 RESUME_VERSION = 4
 
+log = logging.getLogger(__name__)
+
 
 STATE_SUFFIX = ".streamvsr-resume.safetensors"  # a job's checkpoint: its output's name with this added
 PART_TAG = ".streamvsr-part"  # a job's segments: its output's name with this, a number and .nut added
+
+
+class DamagedCheckpoint(UserInputError):
+    """A resume file that cannot be read as a run writes it; ``problem`` says so without advice."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; add --overwrite to discard the job and start over")
+        self.problem = problem
 
 
 class ResumeFiles:
@@ -75,9 +86,19 @@ class ResumeFiles:
                 raise KeyError(", ".join(missing))
             _check_info(info)
         except Exception as e:  # any kind of damage means the same to the user
-            raise UserInputError(f"the resume file {self.state} is damaged ({type(e).__name__}: {e}); delete it "
-                                 "to start over (its finished segments are then redone)") from None
+            raise DamagedCheckpoint(f"the resume file {self.state} is damaged ({type(e).__name__}: {e})") from None
         return info
+
+    def read_info_or_discard(self, overwrite: bool) -> tuple[dict | None, bool]:
+        """``(read_info(), False)``, or ``(None, True)`` where the checkpoint is damaged and ``overwrite`` discards
+        the job (the work it counts cannot be continued without it)."""
+        try:
+            return self.read_info(), False
+        except DamagedCheckpoint as e:
+            if not overwrite:
+                raise
+            log.info("discarding the unfinished job (overwrite): %s", e.problem)
+            return None, True
 
     def check_segments(self, info: dict) -> None:
         """That the segments the checkpoint ``info`` counts are there, as long as they were (where it recorded

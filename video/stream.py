@@ -190,15 +190,15 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
     check_output_file(out, [in_path] if is_path else [], overwrite=overwrite,
                       work_files=[files.state, files.state_tmp, *files.parts_on_disk()])
     base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
-    saved = files.read_info()
-    if saved is not None:
+    saved, damaged = files.read_info_or_discard(overwrite)
+    if saved is not None or damaged:
         with OutputLock(out):  # a run writing this job right now is what to report, not its checkpoint
             pass
     if saved is not None and not resume:
         if not overwrite:
             raise UserInputError(f"{out} has an unfinished resumable job next to it ({saved['frames']} frames done, "
                                  f"{files.state.name}): add --resume to continue it, or --overwrite to discard it")
-    discard = saved is not None and not resume
+    discard = damaged or (saved is not None and not resume)
     if saved is not None and resume:
         discard = other_settings(files, fingerprint_mismatch(saved["fingerprint"], base), overwrite)
         if not discard:
