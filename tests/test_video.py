@@ -464,6 +464,19 @@ def test_subtitles_from_before_the_output_clocks_start_are_cut_to_it_not_moving_
     assert chapters == [0.0, 0.1]
 
 
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_the_track_titles_of_an_mp4_input_are_kept(tmp_path, suffix):
+    """FFmpeg reads an MP4 track's title as the tag "name", which no muxer writes back as a title."""
+    clip = labelled_clip(tmp_path / "film.mp4", subtitles=False)
+    with av.open(str(clip)) as c:  # (what the reader hands over)
+        assert [s.metadata.get("name") for s in c.streams.audio] == ["English", "Deutsch commentary"]
+    out = tmp_path / f"out{suffix}"
+    upscale_video(FakeEngine(), clip, out)
+    with av.open(str(out)) as c:
+        titles = [s.metadata.get("title" if suffix == ".mkv" else "name") for s in c.streams.audio]
+    assert titles == ["English", "Deutsch commentary"]
+
+
 def test_an_output_cut_short_has_the_chapters_of_what_it_holds(tmp_path):
     """Chapters are set once the end is known: a run stopped after two frames keeps its frames as a partial file,
     whose chapters end with them (they ran to the input's end before)."""

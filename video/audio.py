@@ -92,8 +92,12 @@ _TECHNICAL_TAGS = {"duration", "encoder", "major_brand", "minor_version", "compa
 
 def _labels(metadata) -> dict:
     """The tags of ``metadata`` that say what the content is (title, language, artist, comment, ...)."""
-    return {k: v for k, v in dict(metadata or {}).items()
-            if k.lower() not in _TECHNICAL_TAGS and k.lower().split("-")[0] not in _TECHNICAL_TAGS and v is not None}
+    labels = {k: v for k, v in dict(metadata or {}).items()
+              if k.lower() not in _TECHNICAL_TAGS and k.lower().split("-")[0] not in _TECHNICAL_TAGS and v is not None}
+    if "name" in labels and "title" not in labels:
+        # FFmpeg reads an MP4 track's title as "name", and its MP4 and Matroska muxers write only "title" as one
+        labels["title"] = labels.pop("name")
+    return labels
 
 
 _MUXERS = {".mkv": "matroska", ".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".nut": "nut"}
