@@ -2048,3 +2048,25 @@ def test_a_join_short_of_frames_publishes_nothing_and_keeps_the_work(tmp_path, m
     monkeypatch.undo()
     summary = upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
     assert summary["resumed_from"] == 6 and len(decode(out)) == 6
+
+
+def test_an_interlaced_input_is_said_once_per_job(tmp_path, caplog):
+    """Broadcast, DVD and camcorder video flagged as fields is upscaled as whole frames, combing and all: the
+    user is told to deinterlace it first, once per job (a chunked read indexes the file once); progressive
+    video is not mentioned."""
+    from streamvsr.video.range import frame_index
+
+    interlaced = gop_clip(tmp_path / "tv.mkv", "matroska", "libx264", n=6, w=32, h=32,
+                          options={"x264-params": "tff=1", "flags": "+ildct+ilme"})
+    progressive = gop_clip(tmp_path / "web.mkv", "matroska", "libx264", n=6, w=32, h=32)
+    for clip in (interlaced, progressive):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            upscale_video(FakeEngine(), clip, tmp_path / f"out_{clip.stem}.mkv", codec="lossless")
+            frame_index(clip)
+            frame_index(clip)
+        said = [r.getMessage() for r in caplog.records if "interlaced" in r.getMessage()]
+        if clip == interlaced:
+            assert len(said) == 2 and said[0].startswith(f"{clip} is interlaced") and "deinterlace it first" in said[0]
+        else:
+            assert said == []

@@ -26,7 +26,7 @@ import torch
 
 from ..models.shared.errors import InputDamagedError, UserInputError
 from .reader import (VideoFrames, content_sample, cut_inside, describe, frame_to_tensor, open_video, probe_video,
-                     reason, shortfall)
+                     reason, shortfall, warn_if_interlaced)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def frame_index(source) -> FrameIndex:
                 _cache.move_to_end(key)
                 return _cache[key]
     info = probe_video(source)  # also reports an unreadable or damaged file in one line
+    warn_if_interlaced(info, source)  # (once per file: the index is kept)
     container, stream = open_video(source)
     try:
         rate = Fraction(stream.average_rate or stream.guessed_rate or 25)

@@ -118,6 +118,7 @@ class VideoInfo:
     stored_size: tuple[int, int] = (0, 0)        # (width, height) as decoded, before the orientation
     first_pts: int | None = None  # the first decoded frame's timestamp (packets before it decode to nothing)
     origin_us: int = 0  # where the output's clock starts: the video's and audio's earliest start, if after 0
+    interlaced: bool = False  # the first frame is flagged as two fields (broadcast, DVD, camcorders)
 
 
 @dataclass(frozen=True)
@@ -362,9 +363,18 @@ def probe_video(source) -> VideoInfo:
         return VideoInfo(width, height, Fraction(rate), Fraction(stream.time_base or Fraction(1, 90000)),
                          int(frames), len(container.streams.audio), header, duration, orientation,
                          Fraction(sar) if sar else None, stored, first.pts,
-                         _origin_us([stream, *container.streams.audio]))
+                         _origin_us([stream, *container.streams.audio]), bool(first.interlaced_frame))
     finally:
         container.close()
+
+
+def warn_if_interlaced(info: VideoInfo, source) -> None:
+    """Interlaced video is upscaled as whole frames (the models know no fields): said once per job, since
+    moving edges then come out combed, four times larger."""
+    if info.interlaced:
+        log.warning("%s is interlaced (its frames are flagged as two fields): it is upscaled as whole frames, which "
+                    "enlarges any combing on motion; for a clean result deinterlace it first (e.g. ffmpeg -i IN -vf "
+                    "bwdif OUT)", describe(source))
 
 
 class VideoFrames:

@@ -64,7 +64,7 @@ from .audio import check_audio, not_kept
 from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, sync_file,
                       temp_path)
 from .range import seek_to
-from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable
+from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable, warn_if_interlaced
 from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments, other_settings
 from .scenecut import SceneCutDetector
 from .writer import VideoWriter, check_crf, codec_spec, color_tags, depth_notes, to_rgb24
@@ -270,6 +270,7 @@ def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264"
 def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoint_seconds, checkpoint_frames,
          progress, should_stop, preview, overwrite, allow_truncated) -> dict:
     source, out_path, info, files = job.source, job.out, job.info, job.files
+    warn_if_interlaced(info, source)
     tmp = temp_path(out_path)
     detector = SceneCutDetector(scene_cut_threshold) if scene_cut_threshold else None
     scale = int(engine.scale)
