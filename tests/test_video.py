@@ -252,6 +252,29 @@ def test_variable_frame_timing_and_pcm_audio(tmp_path):
     assert video_times(mkv) == pytest.approx(video_times(clip), abs=1e-3)
 
 
+@pytest.mark.parametrize("suffix, codec", [(".mp4", "h264"), (".mov", "h264"), (".mkv", "h264"), (".mkv", "lossless")])
+def test_a_variable_rate_output_lasts_as_long_as_its_frames(tmp_path, suffix, codec):
+    """MP4 and MOV state a track's length from its decoding times, which B-frames delay by the first gaps: a
+    clip ending on a long still (a screen recording) was stated 0.54 s long with frames until 0.83 s, and
+    players that trust the length stop early. The length is the last frame's time plus one frame at the nominal
+    rate, whatever the container."""
+    pts = [0, 1, 2, 5, 6, 10, 11, 20]
+    clip = make_clip(tmp_path / "in.mkv", n=8, audio=None, pts=pts, vcodec="ffv1")
+    out = tmp_path / f"out{suffix}"
+    upscale_video(FakeEngine(), clip, out, codec=codec)
+    assert video_times(out) == pytest.approx([p / 24 for p in pts], abs=1e-3)
+    with av.open(str(out)) as c:
+        v = c.streams.video[0]
+        assert c.duration / 1e6 == pytest.approx(21 / 24, abs=2e-3)
+        if v.duration is not None:
+            assert float(v.duration * v.time_base) == pytest.approx(21 / 24, abs=2e-3)
+    # at a constant rate nothing changes: as long as its frames, no longer
+    clip = make_clip(tmp_path / "cfr.mkv", n=8, audio=None, vcodec="ffv1")
+    upscale_video(FakeEngine(), clip, out, codec=codec, overwrite=True)
+    with av.open(str(out)) as c:
+        assert c.duration / 1e6 == pytest.approx(8 / 24, abs=2e-3)
+
+
 def clip_with_tone(path, frames, acodec, samples, start=0, vcodec="ffv1", rate=16000):
     """``frames`` video frames (24 fps, 32x24) and a mono 440 Hz tone of ``samples`` samples at ``rate`` in
     ``acodec`` that starts ``start`` samples after the video."""

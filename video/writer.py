@@ -99,6 +99,12 @@ class VideoWriter:
         self.frame_seconds = float(1 / rate) if rate else 0.0
         self.last_time = 0.0
         self.frames = 0
+        # MP4 and MOV state a track's length as its decoding times' span plus the last packet's duration, which
+        # falls short of the frames' times where B-frames delay the decoding times by unequal gaps (variable frame
+        # rate): the last packet is held back, to be given the duration that makes up for it
+        self.dts_span = self.container.format.name.split(",")[0] in ("mov", "mp4")
+        self.held = None
+        self.first, self.pts_end = None, None  # (first dts, first pts), latest pts + duration
 
     def write(self, rgb: np.ndarray, pts: int) -> None:
         import av
@@ -120,12 +126,31 @@ class VideoWriter:
                 # Audio up to the video already written keeps the muxer's interleaving buffer short.
                 self.last_time = max(self.last_time, float(packet.pts * packet.time_base))
                 self.audio.mux_until(self.last_time)
-            self.container.mux(packet)
+            if not self.dts_span or packet.pts is None or packet.dts is None:
+                self.container.mux(packet)
+                continue
+            if self.first is None:
+                self.first = (packet.dts, packet.pts)
+            # (the encoder leaves durations out: a frame of the nominal rate, as the muxer would take)
+            end = packet.pts + (packet.duration or round(self.frame_seconds / packet.time_base))
+            self.pts_end = end if self.pts_end is None else max(self.pts_end, end)
+            if self.held is not None:
+                self.container.mux(self.held)
+            self.held = packet
+
+    def _mux_last(self) -> None:
+        packet, self.held = self.held, None
+        if packet is None:
+            return
+        first_dts, first_pts = self.first
+        packet.duration = max(packet.duration or 0, (self.pts_end - first_pts) - (packet.dts - first_dts))
+        self.container.mux(packet)
 
     def close(self, complete: bool = True) -> None:
         """Flush and finish the file. ``complete=False`` (an interrupted run) cuts the audio at the video's end."""
         try:
             self._mux_video(self.stream.encode(None))
+            self._mux_last()
             if self.audio is not None:
                 self.audio.finish(None if complete else self.last_time + self.frame_seconds)
         finally:
