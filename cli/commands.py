@@ -10,7 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .options import default_models_dir, float_range, plan_engine
+from .options import check_flow_file, default_models_dir, float_range, plan_engine
 
 log = logging.getLogger("streamvsr")
 
@@ -149,13 +149,11 @@ def cmd_flow(args) -> int:
     if len(files) < 2:
         raise UserInputError(f"optical flow needs at least two frames, and {args.in_dir} has one ({files[0].name}): "
                              "there is no flow to write")
-    width, height = check_frames(files)
+    width, height = check_frames(files, "the flow is estimated from its colours alone")
     check_folder_outputs({args.in_dir}, args.out_dir, files[1:], [output_name(p.stem, args.save) for p in files[1:]],
                          args.overwrite)
     device = pick_device(args.device)
-    if not Path(args.flow).expanduser().is_file():
-        raise UserInputError(f"the flow weights {args.flow} do not exist (give torchvision's RAFT file, e.g. from "
-                             "`streamvsr download`)")
+    check_flow_file(args.flow)
     with _removed_if_failed(args.out_dir):
         make_folder(args.out_dir.parent)
         with OutputLock(args.out_dir):

@@ -221,6 +221,16 @@ class EnginePlan:
         return self.family.load_engine(model, device=self.device, dtype=self.dtype, **options)
 
 
+def check_flow_file(flow) -> None:
+    """A one-line error where ``flow`` (the --flow option) is not a file."""
+    from ..models.shared.errors import UserInputError
+
+    path = Path(flow).expanduser()
+    if not path.is_file():
+        raise UserInputError(f"the flow weights {flow} {'are a folder' if path.is_dir() else 'do not exist'}; "
+                             "give torchvision's RAFT file (e.g. from `streamvsr download`)")
+
+
 def plan_engine(args) -> EnginePlan:
     """Every model-side mistake that can be found without loading weights, each a one-line error: a device that
     does not exist, no model, a model that is not recognised, an option the model does not take, a missing flow
@@ -233,10 +243,7 @@ def plan_engine(args) -> EnginePlan:
     dtype = pick_dtype(args.dtype, device)
     flow = getattr(args, "flow", None)
     if flow is not None:
-        path = Path(flow).expanduser()
-        if not path.is_file():
-            raise UserInputError(f"the flow weights {flow} {'are a folder' if path.is_dir() else 'do not exist'}; "
-                                 "give torchvision's RAFT file (e.g. from `streamvsr download`)")
+        check_flow_file(flow)
     download = bool(getattr(args, "download", False))
     if download:
         family = family_by_name("stream-diffvsr")  # what --download fetches

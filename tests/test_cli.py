@@ -200,6 +200,19 @@ def test_flow_and_frames_report_progress(assets, tmp_path, monkeypatch, capsys):
     assert "frames: 3/3 frames" in capsys.readouterr().err
 
 
+def test_flow_of_frames_with_transparency_does_not_speak_of_upscaling(assets, tmp_path, caplog):
+    from PIL import Image
+
+    _, raft, frames = assets
+    rgba = tmp_path / "rgba"
+    rgba.mkdir()
+    for p in sorted(frames.glob("*.png")):
+        Image.open(p).convert("RGBA").save(rgba / p.name)
+    assert main(["flow", str(rgba), str(tmp_path / "f"), "--flow", str(raft)]) == 0
+    assert "has transparency: the flow is estimated from its colours alone" in caplog.text
+    assert "upscaled" not in caplog.text
+
+
 def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, monkeypatch):
     from streamvsr.models.stream_diffvsr import loader
 

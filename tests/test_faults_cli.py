@@ -115,6 +115,7 @@ EARLY_MISTAKES = [
     ("flow {m}/one {t}/out --flow {m}/raft.pth", "at least two frames"),
     ("flow {m}/frames {m}/frames --flow {m}/raft.pth", "is the input folder"),
     ("flow {m}/frames {t}/out --flow {m}/missing.pth", "do not exist"),
+    ("flow {m}/frames {t}/out --flow {m}/frames", "are a folder; give torchvision's RAFT file"),
     ("flow {m}/frames {t}/out --flow {m}/raft.pth --device gpu0", "unknown device"),
 ]
 

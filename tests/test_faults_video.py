@@ -315,7 +315,30 @@ def test_a_stopped_overwrite_says_which_outputs_are_still_an_earlier_runs_and_fl
     calls = []
     with pytest.raises(KeyboardInterrupt):
         flow_folder(flow, files, tmp_path / "flow")
-    assert f"stopped: 2 of 4 flow fields were written to {tmp_path / 'flow'}, each complete" in caplog.text
+    assert f"stopped: 2 of 4 flow fields were written to {tmp_path / 'flow'}, each complete\n" in caplog.text
+    # over a finished run's, with --overwrite: the two it did not reach are still the earlier run's
+    assert flow_folder(lambda a, b: torch.ones(1, 2, *a.shape[-2:]), files, tmp_path / "again") == 4
+    calls = []
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        flow_folder(flow, files, tmp_path / "again", overwrite=True)
+    assert (f"stopped: 2 of 4 flow fields were written to {tmp_path / 'again'}, each complete; 2 after them "
+            "(f003.npy to f004.npy) are still those of an earlier run") in caplog.text
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_any_work(tmp_path):
+    """It was found only when the first output computed for it was put in place, with an error that asked whether
+    the file was open in another program."""
+    files = png_folder(tmp_path / "in", n=3)
+    for out in (tmp_path / "frames", tmp_path / "flow"):
+        (out / "f002.npy").mkdir(parents=True)
+    engine = FakeEngine()
+    with pytest.raises(UserInputError, match="f002.npy is a folder, where an output file of that name is to go"):
+        upscale_folder(engine, files, tmp_path / "frames", save="npy", overwrite=True)
+    assert engine.calls == [] and sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["f002.npy"]
+    with pytest.raises(UserInputError, match="f002.npy is a folder"):
+        flow_folder(lambda a, b: torch.zeros(1, 2, *a.shape[-2:]), files, tmp_path / "flow", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "flow").iterdir()) == ["f002.npy"]
 
 
 class StopsAt(FakeEngine):

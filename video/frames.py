@@ -214,10 +214,11 @@ def _counts(by_suffix: dict) -> str:
     return ", ".join(f"{n} {suffix} file{'s' if n > 1 else ''}" for suffix, n in sorted(by_suffix.items()))
 
 
-def check_frames(files: list[Path]) -> tuple[int, int]:
+def check_frames(files: list[Path], alpha_note: str = "only its colours are upscaled, and the outputs have none"
+                 ) -> tuple[int, int]:
     """Check, before any work, that every file is an undamaged image and that all have one size; returns that
     (width, height). Only headers are parsed and chunk checksums verified (no pixels decoded), so this costs a
-    read of the files, not a decode."""
+    read of the files, not a decode. ``alpha_note``: what the job does with a frame's transparency, said once."""
     from PIL import Image
 
     size, first, alpha = None, None, None
@@ -243,7 +244,7 @@ def check_frames(files: list[Path]) -> tuple[int, int]:
             raise UserInputError(f"all frames of a sequence must have one size: {first.name} is "
                                  f"{size[0]}x{size[1]}, {path.name} is {this[0]}x{this[1]}")
     if alpha is not None:
-        log.warning("%s has transparency: only its colours are upscaled, and the outputs have none", alpha.name)
+        log.warning("%s has transparency: %s", alpha.name, alpha_note)
     return size
 
 
@@ -287,6 +288,9 @@ def check_folder_outputs(in_dirs, out_dir: Path, inputs: list[Path], names: list
         if match is not None:
             raise UserInputError(f"the output {target} is the input frame {match} (the same file through a link); "
                                  "choose another output folder")
+        if target.is_dir():  # (it would be found only when the output computed for it is put in place)
+            raise UserInputError(f"{target} is a folder, where an output file of that name is to go: move it away "
+                                 "or choose another output folder")
         existing.append(target)
     if existing and not overwrite:
         more = f" and {len(existing) - 1} more of this run's outputs" if len(existing) > 1 else ""
@@ -472,9 +476,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                     warned = True
 
         def done(how: str = "") -> str:
-            # A run that stops replaced only the outputs it wrote: the folder then mixes two runs, said here.
-            kept = [name for name in names[written:] if name in earlier]
-            mixed = f"; {len(kept)} after them ({_span(kept)}) are still those of an earlier run" if kept else ""
+            mixed = _still_earlier(names[written:], earlier)
             again = "; run the same command again to continue" if checkpoint is not None and saved_at[0] else ""
             return (f"{written} of {len(files)} frames were written to {out_dir}{how}" if written else
                     "no frame was written") + mixed + again
@@ -535,6 +537,13 @@ def _span(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
 
 
+def _still_earlier(left: list[str], earlier: set) -> str:
+    """A run that stops replaced only the outputs it wrote: where ``left`` (those it did not write) has outputs of
+    an earlier run (``earlier``), the folder mixes two runs, said in a clause to add."""
+    kept = [name for name in left if name in earlier]
+    return f"; {len(kept)} after them ({_span(kept)}) are still those of an earlier run" if kept else ""
+
+
 def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], files: list[Path], out_dir: Path,
                 save: str = "npy", overwrite: bool = False, progress: Callable[[int], None] | None = None) -> int:
     """For each consecutive pair of ``files``, write the flow that backward-warps frame i-1 onto frame i, i.e.
@@ -559,6 +568,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     count = 0
     with OutputLock(out_dir):
         _prepare(out_dir, names)
+        earlier = {name for name in names if (out_dir / name).exists()}  # (see _still_earlier)
         try:
             for path in files:
                 try:
@@ -568,7 +578,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                                              f"{tuple(previous.shape[-2:])}: all frames must have the same size")
                 except UserInputError as e:
                     raise UserInputError(f"{e}; {count} of {len(files) - 1} flow fields were written to "
-                                         f"{out_dir}") from None
+                                         f"{out_dir}{_still_earlier(names[count:], earlier)}") from None
                 if previous is not None:
                     flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
                     target = out_dir / output_name(path.stem, save)
@@ -590,7 +600,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         progress(count)
                 previous = current
         except KeyboardInterrupt:  # (as upscale_folder: the command line says only that it was interrupted)
-            log.warning("stopped: %d of %d flow fields were written to %s, each complete", count, len(files) - 1,
-                        out_dir)
+            log.warning("stopped: %d of %d flow fields were written to %s, each complete%s", count, len(files) - 1,
+                        out_dir, _still_earlier(names[count:], earlier))
             raise
     return count
