@@ -13,7 +13,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..models.raft.visualise import flow_to_image
+from ..models.raft.visualise import flow_to_image, largest_speed
 from ..models.raft.weights import load_raft
 from ..models.shared.errors import UserInputError
 from ..models.shared.packed import prepare_packed
@@ -160,7 +160,6 @@ class StreamVSRFlowToImage(io.ComfyNode):
         if flow.ndim != 4 or flow.shape[0] == 0 or flow.shape[-1] != 2:
             raise ValueError(f"Flow to Image expects flows shaped (pairs, height, width, 2), got {tuple(flow.shape)}")
         flows = flow.detach().cpu().numpy()
-        # (a NaN in one field must not set the scale of every frame: flow_to_image draws it as zero motion)
-        peak = max_magnitude or float(np.nan_to_num(np.sqrt((flows ** 2).sum(-1))).max()) or 1.0
+        peak = max_magnitude or largest_speed(flows) or 1.0
         images = np.stack([flow_to_image(f, peak) for f in flows]).astype(np.float32) / 255
         return io.NodeOutput(torch.from_numpy(images).to(mm.intermediate_device()))

@@ -757,6 +757,18 @@ def test_flow_nodes(comfy):
     damaged[1, 0, 0, 0] = float("nan")
     (vis_nan,) = _run(nodes["StreamVSRFlowToImage"], flow=damaged, max_magnitude=0.0)
     assert torch.equal(vis_nan[0], vis[0])
+    damaged[1, 0, 0, 0] = float("inf")  # (nor with an infinite one: every other pixel came out white)
+    (vis_inf,) = _run(nodes["StreamVSRFlowToImage"], flow=damaged, max_magnitude=0.0)
+    assert torch.equal(vis_inf[0], vis[0])
+    # the batch's fastest pixel is drawn at full saturation, as torchvision draws it, not darkened as beyond the
+    # scale (a float32 peak differed from flow_to_image's in its last bit)
+    from torchvision.utils import flow_to_image as tv_flow_to_image
+
+    fast = torch.zeros(2, 1, 2, 2)
+    fast[0, 0, 0] = torch.tensor([-15.9377, -10.5794])
+    (vis_fast,) = _run(nodes["StreamVSRFlowToImage"], flow=fast, max_magnitude=0.0)
+    expected = tv_flow_to_image(fast[0].permute(2, 0, 1)).permute(1, 2, 0)
+    assert (vis_fast[0] * 255).round().to(torch.uint8).tolist()[0][0] == expected[0, 0].tolist() == [0, 92, 255]
     with pytest.raises(ValueError, match="at least 2"):
         _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=images[:1])
     gray = images[..., :1]

@@ -28,6 +28,23 @@ def _colour_wheel() -> np.ndarray:
     return np.concatenate(rows) / 255.0
 
 
+def _components(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of ``flow`` (... x 2) in float64, NaN as no motion."""
+    return np.nan_to_num(flow[..., 0].astype(np.float64)), np.nan_to_num(flow[..., 1].astype(np.float64))
+
+
+def _finite_max(magnitude: np.ndarray) -> float:
+    finite = magnitude[np.isfinite(magnitude)]  # (one infinite speed would make every other one white)
+    return float(finite.max()) if finite.size else 0.0
+
+
+def largest_speed(flows) -> float:
+    """The largest finite speed in ``flows`` (... x 2), as ``flow_to_image`` computes it: the scale of a batch
+    drawn alike (a float32 peak differs in its last bit and darkens the fastest pixel as if beyond it)."""
+    u, v = _components(np.asarray(flows, dtype=np.float32))
+    return _finite_max(np.sqrt(u * u + v * v))
+
+
 def flow_to_image(flow, max_magnitude: float | None = None) -> np.ndarray:
     """Colour-wheel visualisation (Middlebury, Baker et al.) of an H x W x 2 or 2 x H x W flow -> uint8 H x W x 3.
 
@@ -42,11 +59,9 @@ def flow_to_image(flow, max_magnitude: float | None = None) -> np.ndarray:
         flow = flow.transpose(1, 2, 0)
     if flow.ndim != 3 or flow.shape[-1] != 2:
         raise ValueError(f"flow must be H x W x 2 or 2 x H x W, got {flow.shape}")
-    u, v = flow[..., 0].astype(np.float64), flow[..., 1].astype(np.float64)
-    u = np.nan_to_num(u)
-    v = np.nan_to_num(v)
+    u, v = _components(flow)
     magnitude = np.sqrt(u * u + v * v)
-    scale = float(max_magnitude) if max_magnitude else float(magnitude.max())
+    scale = float(max_magnitude) if max_magnitude else _finite_max(magnitude)
     scale = max(scale, np.finfo(np.float32).eps)
     radius = magnitude / scale
     wheel = _colour_wheel()
