@@ -346,6 +346,11 @@ def test_every_missing_file_of_a_folder_is_named_in_one_error(official, monkeypa
                                            "posi_prompt.pth.*TCDecoder.ckpt.*LQ_proj_in.ckpt.*'\\(download\\) …'"):
         fw.read_flashvsr(folder, "v1.1")
     assert read == []
+    # one that a stopped download set aside is named: the user may be looking for it
+    (folder / "LQ_proj_in.ckpt.mismatch").write_bytes(b"mine")
+    with pytest.raises(WeightsError, match="no prompt embedding .*/LQ_proj_in.ckpt.mismatch was set aside by a "
+                                           "download that stopped"):
+        fw.read_flashvsr(folder, "v1.1")
 
 
 def test_a_missing_file_or_version_is_found_before_the_dit_is_read(official, monkeypatch):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..shared.errors import UserInputError, WeightsError, cannot_read, first_line
+from ..shared.hub import set_aside_note
 from ..shared.weights import (check_weights_file, key_mismatches, load_into, load_reason, read_state_dict,
                               save_safetensors, sha256_of, summary)
 from .lq_proj import VERSIONS, LQProjection, check_version, lq_config_from_state_dict
@@ -290,9 +291,10 @@ def _check_complete(files: FlashVSRFiles, need_decoder: bool) -> None:
     if files.lq_proj is None and _holds_lq_proj(files.dit) is False:
         missing.append(("LQ projection", LQ_FILES))
     if missing:
+        stopped = " A download that stopped: the ComfyUI loader's '(download) …' entry finishes it."
         raise WeightsError(f"no {' and no '.join(what for what, _ in missing)} next to {files.dit} (looked for "
-                           f"{'; '.join(', '.join(names) for _, names in missing)}). A download that stopped: the "
-                           f"ComfyUI loader's '(download) …' entry finishes it. {HINT}")
+                           f"{'; '.join(', '.join(names) for _, names in missing)})."
+                           f"{set_aside_note(files.dit.parent) or stopped} {HINT}")
 
 
 def _version_needed(path) -> UserInputError:

@@ -153,6 +153,14 @@ def _set_aside_before(path: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def set_aside_note(folder: Path) -> str:
+    """A sentence for an error about files missing from ``folder``, where a stopped download set one aside (its
+    user may be looking for it), else ""."""
+    aside = sorted(folder.glob("*.mismatch*")) if folder.is_dir() else []
+    return (f" {aside[0]} was set aside by a download that stopped (it is not the published file): pick the "
+            "loader's '(download) …' again, which puts it back and replaces it, or rename it back." if aside else "")
+
+
 def restore_set_aside(dest: Path, files) -> None:
     """The files a download that was killed (a closed terminal, a restarted ComfyUI) left set aside: put back where
     their name is free, so that they are checked and kept like any other file there; where a verified copy took

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..shared.errors import WeightsError
+from ..shared.hub import set_aside_note
 from ..shared.weights import check_weights_file, load_into, save_safetensors
 from ..shared.weights import read_state_dict as _read
 from ..shared.weights import summary
@@ -126,10 +127,8 @@ def _component_weights(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             return folder / name
-    aside = sorted(folder.glob("*.mismatch*")) if folder.is_dir() else []
-    note = (f" {aside[0]} was set aside by a download that stopped (it is not the published file): pick the "
-            "loader's '(download) …' again, which puts it back and replaces it, or rename it back." if aside else "")
-    raise WeightsError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES)}).{note} {DOWNLOAD_HINT}")
+    raise WeightsError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES)})."
+                       f"{set_aside_note(folder)} {DOWNLOAD_HINT}")
 
 
 def build_component(cls, config: dict, state_dict: dict, component: str, source, device, dtype,
