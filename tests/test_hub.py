@@ -262,6 +262,9 @@ def test_the_download_command_offered_exists_in_the_installed_client(monkeypatch
     assert expected in hub.manual_instructions(tmp_path)
     assert f"`{command} download JunhaoZhuang/FlashVSR-v1.1 --local-dir" in flashvsr_hub.manual_instructions(
         "v1.1", tmp_path)
+    from streamvsr.models.stream_diffvsr.loader import download_commands  # (the loader's hint for a folder)
+
+    assert f"`{command} download Jamichsu/Stream-DiffVSR --local-dir {tmp_path}`" in download_commands(tmp_path)
 
 
 def test_commands_to_paste_keep_a_path_with_spaces_one_argument(monkeypatch, tmp_path):

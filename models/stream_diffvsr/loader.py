@@ -51,14 +51,16 @@ DOWNLOAD_FOLDER = "Stream-DiffVSR"
 def download_commands(folder: Path) -> str:
     """The commands that finish a download of ``folder``: the hub client's for any folder, and this pack's own
     where ``folder`` is the one they fill (they fill no other)."""
-    from ..shared.hub import shell_command
+    from ..shared.hub import download_command, shell_command
 
     folder = Path(os.path.abspath(folder))
-    text = f"E.g. `{shell_command(['hf', 'download', HUB_REPO, '--local-dir', folder])}` (the whole repository)"
+    text = f"E.g. `{download_command(HUB_REPO, folder)}` (the whole repository)"
     if folder.name == DOWNLOAD_FOLDER:
         text += (f", or `{shell_command(['streamvsr', 'download', '--dest', folder.parent])}`, or, where it is "
                  "ComfyUI's models/streamvsr/Stream-DiffVSR, the loader's '(download) …' entry")
     return text + " finishes a download that stopped there."
+
+
 SINGLE_FILE_VERSION = "1"
 COMPONENTS = ("unet", "controlnet", "vae")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
