@@ -51,21 +51,23 @@ class ChunkStart(int):
     ``video`` is ``range.video_identity``'s (identity, name). Stored streams are keyed by node id, and two workflows
     opened from one template have the same node ids: queued in turn with two videos, one node's next chunk would
     otherwise continue the other video's sequence without a word. An int everywhere else, so an INT output; a value
-    from any other node simply carries no video. ``chunk_frames``: the loader's chunk length, for naming the chunk
-    index to queue next."""
+    from any other node simply carries no video. ``chunk_frames``, ``total``: the loader's chunk length and the
+    video's frame count, for naming the chunk index to queue next."""
 
     video: tuple[str, str] | None
     chunk_frames: int | None
+    total: int | None
 
-    def __new__(cls, frame: int, video: tuple[str, str] | None = None, chunk_frames: int | None = None):
+    def __new__(cls, frame: int, video: tuple[str, str] | None = None, chunk_frames: int | None = None,
+                total: int | None = None):
         value = super().__new__(cls, frame)
-        value.video, value.chunk_frames = video, chunk_frames
+        value.video, value.chunk_frames, value.total = video, chunk_frames, total
         return value
 
     def __getnewargs__(self):
         # ComfyUI deep-copies a failed node's input values into its history: a copy that cannot be made kills
         # its prompt worker (and pickle needs the same)
-        return int(self), self.video, self.chunk_frames
+        return int(self), self.video, self.chunk_frames, self.total
 
 
 def same_file(a: tuple[str, str], b: tuple[str, str]) -> bool:
@@ -229,7 +231,8 @@ class StreamStore:
             return state
         if start_frame is not None:
             return self._chunk_start(node_id, model_key, size, fresh, int(start_frame), notify,
-                                     chunk_video(start_frame), getattr(start_frame, "chunk_frames", None))
+                                     chunk_video(start_frame), getattr(start_frame, "chunk_frames", None),
+                                     getattr(start_frame, "total", None))
         if not continue_sequence:
             return fresh()
         stored = self.get(node_id)
@@ -267,7 +270,7 @@ class StreamStore:
         return fresh()
 
     def _chunk_start(self, node_id, model_key, size, fresh, start_frame: int, notify=None, video=None,
-                     chunk_frames=None):
+                     chunk_frames=None, total=None):
         if start_frame == 0:
             return fresh()
         stored = self.get(node_id)
@@ -326,7 +329,11 @@ class StreamStore:
                                  "or the queue was cancelled after it), and the state it started from was too large "
                                  f"to keep (over {REDO_MAX_BYTES >> 30} GB). To have them, set the chunk index to 0 "
                                  "and start the video again; to go on without them, queue "
-                                 f"{_next_chunk(previous.frame_index, chunk_frames)}")
+                                 f"{_next_chunk(previous.frame_index, chunk_frames, total)}")
+        if total is not None and previous.frame_index >= total > start_frame:
+            raise UserInputError(f"{where}, but this node's sequence reached the end of the video (frame "
+                                 f"{previous.frame_index}) with its last chunk: set the chunk index to 0 to start "
+                                 "again")
         if previous.frame_index != start_frame:
             raise UserInputError(f"{where}, but this node's sequence ended at frame {previous.frame_index}: queue "
                                  f"{_next_chunk(previous.frame_index, chunk_frames)} next (chunks must follow each "
@@ -335,8 +342,11 @@ class StreamStore:
         return previous
 
 
-def _next_chunk(frame: int, chunk_frames: int | None) -> str:
-    """The chunk of Load Video Chunk that starts at ``frame``, named as that node's widgets can set it."""
+def _next_chunk(frame: int, chunk_frames: int | None, total: int | None = None) -> str:
+    """The chunk of Load Video Chunk that starts at ``frame``, named as that node's widgets can set it (``total``:
+    the video's frame count, where known)."""
+    if total is not None and frame >= total:
+        return "nothing more (the video ends there)"
     if not chunk_frames:  # (a start_frame from another node)
         return f"the chunk that starts at frame {frame}"
     if frame % chunk_frames == 0:

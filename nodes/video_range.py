@@ -93,6 +93,6 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
             text += f"\nwarning: {index.problem}; the chunks cover the {total} frames it has"
         show_text(cls.hidden.unique_id, text)
         # (start_frame names the video too, so that an upscale node never continues another video's chunks)
-        return io.NodeOutput(images.to(mm.intermediate_device()),
-                             ChunkStart(start, video_identity(source), chunk_frames), last, float(index.rate), chunks,
+        start_frame = ChunkStart(start, video_identity(source), chunk_frames, total)
+        return io.NodeOutput(images.to(mm.intermediate_device()), start_frame, last, float(index.rate), chunks,
                              total)

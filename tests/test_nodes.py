@@ -386,6 +386,13 @@ def test_a_chunk_out_of_order_is_told_which_chunk_index_to_queue(comfy):
     with pytest.raises(ValueError, match="queue the chunk that starts at frame 2, where no chunk of 3 frames starts "
                                          "\\(chunk_frames changed since the earlier chunks: set it back\\) next"):
         _upscale(nodes, model, flow, images[:3], "77", start_frame=ChunkStart(3, None, 3))
+    # past the video's last chunk (frames 0-1, 2-3, 4 of 5), an earlier chunk again: the video has ended
+    images = _frames(5)
+    for start in (0, 2, 4):
+        _upscale(nodes, model, flow, images[start:start + 2], "78", start_frame=ChunkStart(start, None, 2, 5))
+    with pytest.raises(ValueError, match="this chunk starts at frame 2, but this node's sequence reached the end of "
+                                         "the video \(frame 5\) with its last chunk: set the chunk index to 0"):
+        _upscale(nodes, model, flow, images[2:4], "78", start_frame=ChunkStart(2, None, 2, 5))
 
 
 def test_a_restart_of_reordered_mirrored_or_channel_swapped_frames_is_another_run(comfy):
@@ -412,10 +419,11 @@ def test_a_chunk_start_is_an_int_that_survives_what_comfyui_does_with_input_valu
 
     from streamvsr.nodes.streams import ChunkStart, chunk_video
 
-    start = ChunkStart(26, ("/v/a.mp4|10|5", "a.mp4"), 13)
+    start = ChunkStart(26, ("/v/a.mp4|10|5", "a.mp4"), 13, 40)
     assert start == 26 and start + 1 == 27 and json.dumps({"start_frame": [start]}) == '{"start_frame": [26]}'
     for again in (copy.deepcopy([start])[0], copy.copy(start), pickle.loads(pickle.dumps(start))):
         assert again == 26 and chunk_video(again) == ("/v/a.mp4|10|5", "a.mp4") and again.chunk_frames == 13
+        assert again.total == 40
     assert chunk_video(26) is None and chunk_video(None) is None
 
 
