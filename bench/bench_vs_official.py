@@ -540,6 +540,9 @@ def main() -> None:
         pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
     if "official" in variants and (h % 8 or w % 8):
         p.error("--size: the official pipeline resizes frames to multiples of 8, so compare at such sizes")
+    if "official" in variants and min(h, w) < 32:
+        p.error("--size: the official pipeline's flow (torchvision's RAFT) refuses frames under 32 pixels a side "
+                "(its feature maps are too small), so compare at 32x32 or more")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = pathlib.Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,10 @@ prepare() {
     [ -f "$checkout/pipeline/stream_diffvsr_pipeline.py" ] || { echo "$checkout is not a Stream-DiffVSR checkout"; exit 2; }
     rm -rf .official .whl-official
     mkdir -p .official .whl-official
-    cp -r "$checkout" .official/Stream-DiffVSR
-    rm -rf .official/Stream-DiffVSR/.git
+    # (the code only: a virtual environment or caches there would not fit what a device call carries)
+    mkdir -p .official/Stream-DiffVSR
+    (cd "$checkout" && tar cf - --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=__pycache__ .) \
+        | (cd .official/Stream-DiffVSR && tar xf -)
     # The official code's pins (diffusers 0.27.2 needs a huggingface_hub from before 0.26, and transformers 4.37.2
     # a tokenizers before 0.19); the GPU machine's newer versions of these stay untouched, see run().
     "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
