@@ -19,7 +19,8 @@ import logging
 import sys
 
 from . import commands
-from .options import add_flow_options, add_model_options, default_models_dir, memory_options, user_path, video_path
+from .options import (add_flow_options, add_model_options, default_models_dir, float_range, memory_options, user_path,
+                      video_path)
 
 log = logging.getLogger("streamvsr")
 
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
     p.add_argument("--save", choices=("npy", "png"), default="npy",
                    help="npy: float32 HxWx2 (x, y) in pixels; png: colour-wheel visualisation")
+    p.add_argument("--max-magnitude", type=float_range(0, low_open=True), default=None, metavar="PIXELS",
+                   help="with --save png: the speed drawn fully saturated in every picture, so that colours compare "
+                        "across frames (faster is darkened); default: each picture's own largest speed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in OUT_DIR")
     add_flow_options(p)

@@ -145,6 +145,8 @@ def cmd_flow(args) -> int:
     from ..video.frames import check_folder_outputs, check_frames, list_pngs, output_name, flow_folder
     from ..video.outputs import OutputLock, make_folder
 
+    if args.max_magnitude is not None and args.save != "png":
+        raise UserInputError("--max-magnitude only applies with --save png (the npy files hold the flow itself)")
     files = list_pngs(args.in_dir)
     if len(files) < 2:
         raise UserInputError(f"optical flow needs at least two frames, and {args.in_dir} has one ({files[0].name}): "
@@ -162,7 +164,7 @@ def cmd_flow(args) -> int:
             progress = Progress(len(files) - 1, "flow")
             try:
                 count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite,
-                                    progress=progress.update)
+                                    progress=progress.update, max_magnitude=args.max_magnitude)
             finally:
                 progress.close()
     log.info("wrote %d flow fields (%s, %dx%d; one per frame from %s on) to %s", count, args.save, width, height,

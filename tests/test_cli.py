@@ -169,6 +169,16 @@ def test_flow_command_matches_torchvision(assets, tmp_path):
     assert np.abs(three - expected).max() > 1e-2  # (so the check above tells them apart)
     assert main(["flow", str(frames), str(tmp_path / "vis"), "--flow", str(raft), "--save", "png"]) == 0
     assert np.asarray(Image.open(tmp_path / "vis" / "f002.png")).shape == (33, 45, 3)
+    # one scale for every picture, so that colours compare across frames: the flow drawn at that speed
+    from streamvsr.models.raft.visualise import flow_to_image
+
+    assert main(["flow", str(frames), str(tmp_path / "vis5"), "--flow", str(raft), "--save", "png",
+                 "--max-magnitude", "5"]) == 0
+    for name in ("f001", "f002"):
+        drawn = np.asarray(Image.open(tmp_path / "vis5" / f"{name}.png"))
+        assert np.array_equal(drawn, flow_to_image(np.load(out / f"{name}.npy"), 5.0))
+    assert not np.array_equal(drawn, np.asarray(Image.open(tmp_path / "vis" / "f002.png")))
+    assert main(["flow", str(frames), str(tmp_path / "n"), "--flow", str(raft), "--max-magnitude", "5"]) == 2
 
 
 def test_convert_then_frames(assets, tmp_path):

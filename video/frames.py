@@ -545,10 +545,12 @@ def _still_earlier(left: list[str], earlier: set) -> str:
 
 
 def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], files: list[Path], out_dir: Path,
-                save: str = "npy", overwrite: bool = False, progress: Callable[[int], None] | None = None) -> int:
+                save: str = "npy", overwrite: bool = False, progress: Callable[[int], None] | None = None,
+                max_magnitude: float | None = None) -> int:
     """For each consecutive pair of ``files``, write the flow that backward-warps frame i-1 onto frame i, i.e.
     ``estimator(image1=frame i, image2=frame i-1)``, at input resolution, named after frame i: ``npy`` = float32
-    H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture. Returns the number of flows written;
+    H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture (``max_magnitude``: the speed drawn fully
+    saturated in every picture; None: each picture's largest). Returns the number of flows written;
     ``progress(count)`` after each.
     One frame gives no flow: that is an error, not an empty success."""
     from ..models.raft.visualise import flow_to_image
@@ -589,7 +591,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         else:
                             from PIL import Image
 
-                            Image.fromarray(flow_to_image(flow)).save(tmp)
+                            Image.fromarray(flow_to_image(flow, max_magnitude)).save(tmp)
                     except BaseException:
                         tmp.unlink(missing_ok=True)
                         raise
