@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.utils
+from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..models.flashvsr import DEFAULT_VERSION, load_pipeline
 from ..models.flashvsr.attention import choose_attention
@@ -341,15 +342,20 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
                                           chunk_video(start_frame)))
         if done < out.shape[0]:
             out = out[:done].clone()  # a view would keep the whole buffer alive in ComfyUI's cache
+        blocked = None
         if done == 0:
-            log.info("FlashVSR: node %s holds all %d frames of this run back for look-ahead; they come out with "
-                     "the next chunk", node_id, b)
+            # An empty IMAGE batch fails core nodes such as Save Image ("index 0 is out of bounds"): the nodes
+            # after this one are skipped for this run instead, without an error, and the node says why
+            show_text(node_id, f"FlashVSR holds all {b} frames of this run back (its look-ahead needs more "
+                               "before the first come out): they come out with the next chunk, so the nodes after "
+                               "this one have nothing to do this run")
+            blocked = ExecutionBlocker(None)
         # The LR frames (8 bits, as FlashVSR reads them) for the colour fix after a Wan VAE decode, which only a
         # whole clip in one run allows
         whole = start.frame_index == 0 and bool(last_chunk)
         lr = quantize_8bit(frames).cpu() if whole and engine.color_fix != "none" else None
-        return io.NodeOutput(out, final, wan_latent(latents, first, done, H, W, bool(last_chunk),
-                                                    (engine.color_fix, engine.scale, lr)))
+        return io.NodeOutput(blocked or out, final, blocked or wan_latent(latents, first, done, H, W, bool(last_chunk),
+                                                                          (engine.color_fix, engine.scale, lr)))
 
 
 def wan_latent(latents: list, first_frame: int, frames: int, height: int, width: int, complete: bool,

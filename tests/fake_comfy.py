@@ -55,6 +55,13 @@ class ComfyNode:
         return None
 
 
+class ExecutionBlocker:
+    """As ComfyUI's: returned for an output, it skips the nodes that take it (silently where message is None)."""
+
+    def __init__(self, message):
+        self.message = message
+
+
 def make_io():
     io = types.ModuleType("comfy_api.latest.io")
     io.Schema, io.NodeOutput, io.ComfyNode, io.Hidden = Schema, NodeOutput, ComfyNode, _Hidden
@@ -269,9 +276,14 @@ def install(monkeypatch, models_dir, interrupt_after=None):
 
     folder_paths.get_save_image_path = get_save_image_path
 
+    execution = types.ModuleType("comfy_execution")
+    execution.graph_utils = types.ModuleType("comfy_execution.graph_utils")
+    execution.graph_utils.ExecutionBlocker = ExecutionBlocker
+
     for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
                          "comfy.model_management": mm, "comfy.model_patcher": patcher_mod, "comfy.ops": ops,
                          "comfy.utils": utils, "comfy.latent_formats": latent_formats,
+                         "comfy_execution": execution, "comfy_execution.graph_utils": execution.graph_utils,
                          "folder_paths": folder_paths}.items():
         monkeypatch.setitem(sys.modules, name, module)
     for name in [m for m in sys.modules if m.startswith("streamvsr.nodes")]:

@@ -312,6 +312,12 @@ def test_two_queue_runs_equal_one(server, name):
     for a, b in zip(chunks[0] + chunks[1], single):
         assert a.shape == (96, 128, 3)
         assert np.array_equal(a, b)
+    if name.startswith("flashvsr"):
+        # chunks smaller than its look-ahead: the runs that hold every frame back succeed and save nothing (an
+        # empty batch failed Save Image with "index 0 is out of bounds"), and the frames come out later
+        small = [_saved_frames(base, run(index, 10)) for index in range(3)]
+        assert [len(c) for c in small] == [0, 0, LONG_FRAMES]
+        assert all(np.array_equal(a, b) for a, b in zip(small[2], single))
 
     def refused(file, index, frames):
         prompt = to_api(workflow, info, {video: {"file": file}, chunk: {"chunk_index": index, "chunk_frames": frames}})
