@@ -74,7 +74,8 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
             raise UserInputError(
                 f"chunk_index {chunk_index} is past the end: the video has {total} frames, i.e. {chunks} chunks of "
                 f"{chunk_frames} (indices 0 to {chunks - 1}), so every chunk has been queued. Set chunk_index "
-                "back to 0 to upscale the video again.")
+                "back to 0 to upscale the video again, or, where a run was cancelled or failed on the way, to the "
+                "first chunk that did not finish (the upscale node's error named it).")
         start = chunk_index * chunk_frames
         last = chunk_index == chunks - 1
         mm.throw_exception_if_processing_interrupted()
@@ -86,7 +87,7 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
         if not last and images.shape[0] < chunk_frames:
             raise UserInputError(f"the video ended at frame {start + images.shape[0]} although its index lists "
                                  f"{total} frames; the file may be damaged")
-        text = f"chunk {chunk_index + 1} of {chunks}: frames {start}-{start + images.shape[0] - 1} of {total}" + (
+        text = f"loaded chunk {chunk_index + 1} of {chunks}: frames {start}-{start + images.shape[0] - 1} of {total}" + (
             " (last)" if last else "")
         if index.problem:  # the frames there are can still be upscaled; the user must know some are missing
             log.warning("StreamVSR: %s; the chunks cover the %d frames it has", index.problem, total)

@@ -535,7 +535,8 @@ def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
         got.append(images)
     assert [g.shape[0] for g in got] == [4, 4, 2]
     assert torch.equal(torch.cat(got), expected)
-    with pytest.raises(ValueError, match="past the end.*10 frames.*3 chunks.*back to 0"):
+    with pytest.raises(ValueError, match="past the end.*10 frames.*3 chunks.*back to 0 .*where a run was "
+                                         "cancelled or failed on the way, to the first chunk that did not finish"):
         _run(node, video=FileVideo(clip), chunk_index=3, chunk_frames=4)
 
 
