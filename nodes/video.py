@@ -23,7 +23,7 @@ import comfy.utils
 from ..video.outputs import LOCK_TAG, check_output_file, lock_path, partial_path, temp_path
 from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
-from ..video.resume import STATE_SUFFIX, DamagedCheckpoint, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
+from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import clean_after_killed_run, upscale_video
 from ..video.writer import CODECS, codec_spec
 from ..models.shared.errors import StreamVSRError, UserInputError
@@ -112,8 +112,8 @@ def _unfinished_job(folder: str, name: str, extension: str, job: dict) -> str | 
             continue
         try:
             info = ResumeFiles(path).read_info()
-        except DamagedCheckpoint as e:  # it cannot be continued, and it is not ours to delete
-            log.warning("StreamVSR: %s: a new file is started (delete it)", e.problem)
+        except UserInputError as e:  # damaged or unreadable: it cannot be continued, and it is not ours to delete
+            log.warning("StreamVSR: %s; a new file is started", getattr(e, "problem", e))
             continue
         if info is None:
             continue

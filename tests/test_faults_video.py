@@ -487,6 +487,20 @@ def test_a_damaged_frames_checkpoint_is_discarded_by_overwrite_as_its_message_sa
     engine = FakeEngine()
     assert upscale_folder(engine, files, out, save="npy", resume=True, overwrite=True) == 4
     assert [index for index, _, _ in engine.calls] == list(range(4)) and not state.exists()
+    # its description readable, its state not: the same
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out2"
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(StopsAt(2), files, out, save="npy", resume=True)
+    state = ResumeFiles(out).state
+    tensors, meta = checkpoint_contents(state)
+    save_file({k: v for k, v in tensors.items() if k != "generator_state"}, str(state), metadata=meta)
+    with pytest.raises(UserInputError, match="is damaged or does not fit this model .*; add --overwrite"):
+        upscale_folder(FakeEngine(), files, out, save="npy", resume=True)
+    engine = FakeEngine()
+    assert upscale_folder(engine, files, out, save="npy", resume=True, overwrite=True) == 4
+    assert [index for index, _, _ in engine.calls] == list(range(4)) and not state.exists()
 
 
 def test_a_frames_job_that_fails_keeps_a_checkpoint_and_one_that_cannot_save_it_reports_the_failure(tmp_path,
@@ -942,9 +956,13 @@ def test_a_resume_files_state_that_cannot_be_its_frames_is_refused_before_the_wo
         tensors["generator_state"] = tensors["generator_state"][:10].clone()
     save_file(tensors, str(state), metadata=meta)
     engine = FakeEngine()
-    with pytest.raises(UserInputError, match="is damaged or does not fit this model"):
+    with pytest.raises(UserInputError, match="is damaged or does not fit this model .*; add --overwrite to discard "
+                                             "the job and start over"):
         upscale_video(engine, clip, out, codec="lossless", resume=True)
     assert engine.calls == []
+    # as it says (it asked to delete the file, and --overwrite could not discard it)
+    assert upscale_video(engine, clip, out, codec="lossless", resume=True, overwrite=True)["frames"] == 6
+    assert engine.calls[0][0] == 0 and not state.exists()
 
 
 @pytest.mark.parametrize("resume", [False, True])

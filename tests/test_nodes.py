@@ -850,7 +850,7 @@ def test_video_node_finds_a_missing_encoder_before_loading_the_models(comfy, tmp
                                     "no libx264 encoder.*choose codec 'lossless'")
 
 
-def test_a_finished_outputs_leftover_resume_files_are_not_continued(tmp_path, caplog):
+def test_a_finished_outputs_leftover_resume_files_are_not_continued(comfy, tmp_path, caplog, monkeypatch):
     """A crash between publishing the result and removing its work files leaves both: continuing that job could
     only fail (its output exists), so a new file is started."""
     pytest.importorskip("av")
@@ -879,3 +879,15 @@ def test_a_finished_outputs_leftover_resume_files_are_not_continued(tmp_path, ca
         assert _unfinished_job(str(tmp_path), "out", ".mp4", job) is None
     assert f"the resume file {state} is damaged" in caplog.text and "a new file is started" in caplog.text
     assert "--overwrite" not in caplog.text
+    # one that cannot be read (another user's, in a shared folder) is passed over too, not an error
+    import streamvsr.video.resume as resume_module
+    from streamvsr.models.shared.errors import UserInputError
+
+    def refused(path):
+        raise UserInputError(f"cannot read {path} (Permission denied)")
+
+    monkeypatch.setattr(resume_module, "_check_readable", refused)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _unfinished_job(str(tmp_path), "out", ".mp4", job) is None
+    assert f"cannot read {state} (Permission denied); a new file is started" in caplog.text

@@ -416,7 +416,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
         state, consumed, written, stamps = engine.new_state(seed), 0, 0, []
         saved = None
         if checkpoint is not None and job.saved is not None:
-            saved = checkpoint.load(engine)
+            saved = checkpoint.load_or_discard(engine, overwrite)
         size = None
         if saved is not None:
             info, state, _ = saved

@@ -139,9 +139,20 @@ class ResumeFiles:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             state = engine.state_from_dict({k: v for k, v in tensors.items() if k != "scene_thumbnail"}, meta)
         except Exception as e:
-            raise UserInputError(f"the resume file {self.state} is damaged or does not fit this model "
-                                 f"({type(e).__name__}: {e}); delete it to start over") from None
+            raise DamagedCheckpoint(f"the resume file {self.state} is damaged or does not fit this model "
+                                    f"({type(e).__name__}: {e})") from None
         return info, state, tensors.get("scene_thumbnail")
+
+    def load_or_discard(self, engine, overwrite: bool):
+        """``load(engine)``, where ``overwrite`` discards a damaged checkpoint (its files removed: None)."""
+        try:
+            return self.load(engine)
+        except DamagedCheckpoint as e:
+            if not overwrite:
+                raise
+            self.remove()
+            log.info("discarded the unfinished job (overwrite): %s", e.problem)
+            return None
 
     def save(self, state, info: dict, thumbnail: torch.Tensor | None) -> None:
         tensors, meta = state.to("cpu").to_dict()

@@ -301,7 +301,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     held_pts: deque[int] = deque()  # timestamps of frames pushed into the engine and not yet returned
     problem: dict | None = None  # where the input broke: {"kind", "message"} (see reader.InputProblem)
     if files is not None:
-        loaded = files.load(engine)
+        loaded = files.load_or_discard(engine, overwrite)
         # (the model's part of the settings can only be compared now)
         differs = fingerprint_mismatch(loaded[0]["fingerprint"], fp) if loaded is not None else None
         if other_settings(files, differs, overwrite):
