@@ -328,6 +328,28 @@ def test_a_network_compiled_for_many_frame_sizes_keeps_compiling_and_says_when_i
                "eagerly from now on" in caplog.text and caplog.text.count("compiled for as many") == 1
 
 
+def test_each_loaded_copy_of_a_network_has_its_own_graphs(checkpoint, raft_path, frames, monkeypatch, caplog):
+    """Dynamo counts graphs per code object: every copy of a network (a model loaded again in ComfyUI) added to
+    one count for the session, freed copies included, until the network ran eagerly ("compiled for as many frame
+    sizes as this session keeps (0)"). Each copy keeps its own (the limits are lowered here to 1)."""
+    import gc
+
+    from streamvsr.models.stream_diffvsr import load_engine, speed
+
+    pytest.importorskip("torch._inductor")
+    _require_inductor()
+    if not speed.recompile_limit_hit():
+        pytest.skip("this PyTorch cannot report the recompile limit")
+    monkeypatch.setattr(speed, "RECOMPILE_LIMIT", 1)
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("INFO"):
+        for _ in range(2):
+            engine = load_engine(checkpoint, flow=raft_path, compile=True)
+            engine.step(frames[0], engine.new_state(1))  # (the first frame runs the UNet alone)
+            del engine
+            gc.collect()
+    assert caplog.text.count("compiled the UNet for") == 2 and "compiled for as many" not in caplog.text
+
+
 def test_compile_on_the_cpu_is_flagged_at_load(checkpoint, raft_path, caplog):
     from streamvsr.models.stream_diffvsr import load_engine
 

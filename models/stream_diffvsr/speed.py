@@ -12,8 +12,10 @@ the device outputs of those modes are copied out of the graph's memory before th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+import types
 
 import torch
 import torch.utils._pytree
@@ -66,6 +68,21 @@ def _shape_key(args, kwargs) -> tuple:
                  for a in flat)
 
 
+_CALLS = itertools.count(1)
+
+
+def _own_code(fn, label: str):
+    """A function calling ``fn`` whose code object is its own. Dynamo keeps graphs, and counts them against its
+    limits, per code object: compiled as it is, every loaded copy of a network (a model loaded again in ComfyUI)
+    would add to one count for the session, freed copies included, until the network ran eagerly."""
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    name = f"{call.__name__}_{''.join(c if c.isalnum() else '_' for c in label)}_{next(_CALLS)}"
+    code = call.__code__.replace(co_name=name)  # (a code object unequal to any other: names are compared too)
+    return types.FunctionType(code, call.__globals__, name, call.__defaults__, call.__closure__)
+
+
 class CompiledCall:
     """``torch.compile(fn, dynamic=False)`` with a report and a way out.
 
@@ -90,7 +107,7 @@ class CompiledCall:
         start = time.perf_counter()
         try:
             if self.compiled is None:
-                self.compiled = torch.compile(self.eager, dynamic=False, mode=self.mode)
+                self.compiled = torch.compile(_own_code(self.eager, self.label), dynamic=False, mode=self.mode)
             with recompile_limit(RECOMPILE_LIMIT):
                 out = self.compiled(*args, **kwargs)
             if self.mode in CUDA_GRAPH_MODES:
