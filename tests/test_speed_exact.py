@@ -234,6 +234,17 @@ def test_compile_unavailable_falls_back_to_eager_with_a_warning(checkpoint, raft
     assert len(calls) == 1
     # eager fallback: channels-last weights change rounding only
     assert all((a - b).abs().max() <= 1e-4 for a, b in zip(got, reference[0]))
+    # a model loaded afterwards runs eagerly too: said once for it (it was silent), not per run
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pipeline = load_pipeline(checkpoint)
+        for _ in range(2):
+            later = StreamEngine(pipeline, load_raft(raft_path), compile=True)
+            _run(later, frames[:1], later.new_state(42))
+    said = [r.getMessage() for r in caplog.records if "eagerly" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("torch.compile failed earlier in this session (RuntimeError: no "
+                                                 "compiler here): this model runs eagerly too")
+    assert len(calls) == 1
 
 
 def test_the_compiler_failure_said_is_its_cause_not_dynamos_wrapper(monkeypatch, caplog):

@@ -26,7 +26,7 @@ from ..shared.packed import as_operators
 from ..shared.runtime import check_finite, checksum, is_out_of_memory
 from ..shared.tensor_key import TensorKey
 from ..shared.warp import flow_warp_official
-from .speed import compiled
+from .speed import compiled, failed_before
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,10 @@ class StreamEngine:
             for network in (pipeline.unet, pipeline.controlnet, pipeline.vae):
                 network.to(memory_format=torch.channels_last)  # no copy where a weight is so already
         if self.compile:
+            failure = failed_before(pipeline.unet)
+            if failure is not None:
+                log.warning("torch.compile failed earlier in this session (%s): this model runs eagerly too (a "
+                            "restart tries compiling again)", failure)
             self._unet = compiled(pipeline.unet, "forward", "UNet", mode=compile_mode)
             self._controlnet = compiled(pipeline.controlnet, "forward", "ControlNet", mode=compile_mode)
             self._decode = compiled(pipeline.vae, "decode", "temporal decoder", mode=compile_mode)

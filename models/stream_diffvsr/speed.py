@@ -137,6 +137,12 @@ class CompiledCall:
         return out
 
 
+def failed_before(module: nn.Module) -> str | None:
+    """Why torch.compile failed earlier in this session, where ``module`` has not been compiled since (a model
+    loaded after the failure, which runs eagerly too: the failure was said for another model), else None."""
+    return _COMPILER_FAILURE if _COMPILER_FAILURE is not None and _COMPILED not in module.__dict__ else None
+
+
 def compiled(module: nn.Module, method: str, label: str, channels_last: bool = True,
              mode: str | None = None) -> CompiledCall:
     """The session's compiled ``module.<method>`` for ``mode`` (made on first use). ``channels_last`` stores the
