@@ -211,6 +211,18 @@ def test_compiled_engine_is_close_to_eager(checkpoint, raft_path, frames, refere
     before = again.compile_seconds
     _run(again, frames[:2], again.new_state(42))
     assert again.compile_seconds == before
+    # nor a resumed sequence, whose previous frame comes back from its checkpoint in another memory layout (RAFT's
+    # feature encoder was compiled a second time for it)
+    from streamvsr.models.stream_diffvsr.engine import StreamState
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="streamvsr.models.stream_diffvsr.speed"):
+        _run(again, frames[2:], StreamState.from_dict(*state.to_dict()))
+        # frames as files and ComfyUI hand them over (channels-last), then the sequence continued from its checkpoint
+        channels_last = [f.permute(1, 2, 0).contiguous().permute(2, 0, 1) for f in frames]
+        _, state = _run(again, channels_last[:2], again.new_state(42))
+        _run(again, channels_last[2:], StreamState.from_dict(*state.to_dict()))
+    assert "compiled the" not in caplog.text and again.compile_seconds == before
 
 
 def test_compile_unavailable_falls_back_to_eager_with_a_warning(checkpoint, raft_path, frames, reference, caplog,

@@ -343,6 +343,11 @@ class StreamEngine:
                 "reset the state (start a new sequence) to change the resolution")
         device, dtype, pipe = self.device, self.compute_dtype, self.pipeline
         lr = frame.to(device=device, dtype=torch.float32)
+        if self.compile:
+            # Graphs are specialised to their inputs' memory layout: frames read from files or handed over by
+            # ComfyUI come channels-last, a previous frame restored from a checkpoint does not, and each layout
+            # would compile the networks again
+            lr = lr.contiguous()
         if not torch.isfinite(lr).all():
             raise UserInputError(f"frame {state.frame_index} contains NaN or infinite values")
         # The model only ever saw images read from files, [0, 1]; an IMAGE from an overshooting filter is taken as
