@@ -14,6 +14,7 @@ import comfy.utils
 
 from ..models.shared.packed import prepare_packed
 from ..models.shared.weights import safetensors_numel
+from ..models.stream_diffvsr import COMPILE_ON_CPU
 from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
@@ -189,6 +190,8 @@ class StreamVSRLoadModel(io.ComfyNode):
         pipe.streamvsr_source = os.path.realpath(path)
         pipe.streamvsr_compute_dtype = compute_dtype
         pipe.streamvsr_compile = bool(compile)
+        if compile and device.type == "cpu":
+            log.warning("StreamVSR: compile on the CPU: %s", COMPILE_ON_CPU)
         pipe.streamvsr_cpu_layers = packed
         log.info("StreamVSR: loaded %s (weights %s, compute %s)", model, weight_dtype, compute_dtype)
         return io.NodeOutput(wrap(pipe))

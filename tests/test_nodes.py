@@ -891,3 +891,13 @@ def test_a_finished_outputs_leftover_resume_files_are_not_continued(comfy, tmp_p
     with caplog.at_level("WARNING"):
         assert _unfinished_job(str(tmp_path), "out", ".mp4", job) is None
     assert f"cannot read {state} (Permission denied); a new file is started" in caplog.text
+
+
+def test_compile_on_a_cpu_only_comfyui_is_flagged_at_load(comfy, caplog):
+    """As the command line flags --compile on the CPU (minutes of compiling, no faster there)."""
+    _, nodes = comfy
+    for compile in (False, True):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto", compile=compile)
+        assert ("compile on the CPU: compiling takes minutes" in caplog.text) == compile

@@ -34,6 +34,11 @@ def detect(path) -> bool:
         return False
 
 
+# said where compiling is asked for on the CPU
+COMPILE_ON_CPU = ("compiling takes minutes and the compiled networks ran no faster than the default CPU layers; it "
+                  "is meant for GPUs")
+
+
 def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int = 4, corr: str = "auto",
                 flow_downscale: int = 1, compile: bool = False, plain_layers: bool = False,
                 compile_mode: str | None = None, flow_iterations: int = 12):
@@ -57,8 +62,7 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     if on_cpu:  # its activations at video sizes are blocks of hundreds of MB: see keep_freed_memory
         keep_freed_memory()
     if compile and on_cpu:
-        log.warning("--compile on the CPU: compiling takes minutes and the compiled networks ran no faster than "
-                    "the default CPU layers; it is meant for GPUs")
+        log.warning("--compile on the CPU: %s", COMPILE_ON_CPU)
     # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights and run wide 3x3 convolutions as
     # Winograd (see shared/packed.py): the same numbers up to float rounding, 1.7-2.3x faster per frame.
     operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None

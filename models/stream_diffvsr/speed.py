@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 _COMPILED = "_streamvsr_compiled"
 # torch.compile modes that capture CUDA graphs on a GPU
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-# graphs kept per compiled function (Dynamo's default, 8 per code object, is used up by four frame sizes of RAFT's
-# two feature encoders, which share their code)
+# graphs (frame sizes) kept per compiled network (Dynamo's default is 8 per code object)
 RECOMPILE_LIMIT = 64
 # Why torch.compile failed in this process, once it has: a missing C++ compiler or Triton fails every network the
 # same way, each after tracing it (minutes for the real ones), so the others are not tried again.
