@@ -342,7 +342,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
                                           chunk_video(start_frame)))
         if done < out.shape[0]:
             out = out[:done].clone()  # a view would keep the whole buffer alive in ComfyUI's cache
-        blocked = None
+        blocked, kept = None, engine.pending(final)
         if done == 0:
             # An empty IMAGE batch fails core nodes such as Save Image ("index 0 is out of bounds"): the nodes
             # after this one are skipped for this run instead, without an error, and the node says why
@@ -350,6 +350,8 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
                                "before the first come out): they come out with the next chunk, so the nodes after "
                                "this one have nothing to do this run")
             blocked = ExecutionBlocker(None)
+        else:  # (also replaces the text above, which the frontend keeps under the node)
+            show_text(node_id, f"{done} frames out" + (f"; {kept} held back for the next chunk" if kept else ""))
         # The LR frames (8 bits, as FlashVSR reads them) for the colour fix after a Wan VAE decode, which only a
         # whole clip in one run allows
         whole = start.frame_index == 0 and bool(last_chunk)

@@ -256,20 +256,27 @@ def test_whole_clip_equals_engine_with_latents_and_model_management(comfy, whole
     assert state.frame_index == 0  # the last chunk ended the sequence
 
 
-def test_chunked_runs_equal_one_run(comfy, whole30):
-    """Three queue runs (continue, last_chunk off, off, on) give the frames of one run, each once, in order."""
+def test_chunked_runs_equal_one_run(comfy, whole30, caplog):
+    """Three queue runs (continue, last_chunk off, off, on) give the frames of one run, each once, in order; each
+    says under the node what came out and what it holds back."""
     _, nodes = comfy
     model = _load(nodes)
     whole, _, _ = _upscale(nodes, model, whole30, "1")
-    counts, parts = [], []
+    counts, parts, said = [], [], []
     for a, b, last in ((0, 12, False), (12, 26, False), (26, 30, True)):
-        out, state, latent = _upscale(nodes, model, whole30[a:b], "2", continue_sequence=a > 0, last_chunk=last)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            out, state, latent = _upscale(nodes, model, whole30[a:b], "2", continue_sequence=a > 0, last_chunk=last)
+        said.append([r.getMessage() for r in caplog.records if "frames" in r.getMessage()
+                     and r.getMessage().startswith("StreamVSR: ")][-1])
         if _held(out):
             assert _held(latent)
             out = whole[:0]
         counts.append(out.shape[0])
         parts.append(out)
     assert counts == [0, 21, 9]  # nothing before the first 25 frames; the look-ahead comes out with the last run
+    assert said[0].startswith("StreamVSR: FlashVSR holds all 12 frames of this run back")
+    assert said[1:] == ["StreamVSR: 21 frames out; 5 held back for the next chunk", "StreamVSR: 9 frames out"]
     assert torch.equal(torch.cat(parts), whole)
     # the same through start_frame (what Load Video Chunk connects), chunks of 10; a chunk queued again after its
     # frames reached no node (a later node failed) is upscaled again, the last one too, which ended the sequence
