@@ -331,9 +331,13 @@ class StreamStore:
                                  "and start the video again; to go on without them, queue "
                                  f"{_next_chunk(previous.frame_index, chunk_frames, total)}")
         if total is not None and previous.frame_index >= total > start_frame:
+            held = self._held(stored)
+            unseen = (f" (its last {held} frames are still held back for look-ahead, as last_chunk was off: connect "
+                      "Load Video Chunk's last_chunk output to this node's last_chunk, so that the last chunk gives "
+                      "them)" if held else "")
             raise UserInputError(f"{where}, but this node's sequence reached the end of the video (frame "
-                                 f"{previous.frame_index}) with its last chunk: set the chunk index to 0 to start "
-                                 "again")
+                                 f"{previous.frame_index}) with its last chunk{unseen}: set the chunk index to 0 to "
+                                 "start again")
         if previous.frame_index != start_frame:
             raise UserInputError(f"{where}, but this node's sequence ended at frame {previous.frame_index}: queue "
                                  f"{_next_chunk(previous.frame_index, chunk_frames)} next (chunks must follow each "
