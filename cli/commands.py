@@ -177,6 +177,7 @@ def cmd_upscale(args) -> int:
     from ..models.shared.runtime import Progress
     from ..video.outputs import OutputLock, make_folder
     from ..video.stream import check_video_job, upscale_video
+    from ..video.writer import check_frame_size
 
     check_resume_options(args)
     # Inputs, outputs and options first, then the model: a mistake is reported before any weights load.
@@ -185,6 +186,7 @@ def cmd_upscale(args) -> int:
     info = job.info
     plan = plan_engine(args)
     plan.check_size(info.height, info.width)
+    check_frame_size(args.codec, info.width * plan.scale, info.height * plan.scale)
     with _removed_if_failed(job.out.parent):
         make_folder(job.out.parent)
         with OutputLock(job.out):

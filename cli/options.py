@@ -202,6 +202,11 @@ class EnginePlan:
         if self.family.check_size is not None:
             self.family.check_size(h, w, **self.options)
 
+    @property
+    def scale(self) -> int:
+        """The output/input size ratio these options give."""
+        return int(self.options.get("scale") or self.family.scale)
+
     def load(self):
         options = dict(self.options)
         model = self.model

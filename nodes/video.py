@@ -25,7 +25,7 @@ from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import clean_after_killed_run, upscale_video
-from ..video.writer import CODECS, codec_spec
+from ..video.writer import CODECS, check_frame_size, codec_spec
 from ..models.shared.errors import StreamVSRError, UserInputError
 from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, check_not_cropped,
                      out_of_memory_advice, tensor_to_preview, whole_file)
@@ -214,6 +214,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         # (upscale_video checks the whole job again once they are; the input was probed above)
         check_output_file(out_path, [source])
         codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
+        check_frame_size(codec, width * engine.scale, height * engine.scale)
         check_audio(readable, os.path.splitext(out_path)[1])
 
         bar = comfy.utils.ProgressBar(0)

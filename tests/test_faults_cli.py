@@ -53,6 +53,7 @@ def model(tmp_path, monkeypatch):
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     make_clip(root / "in.mp4", n=4, audio=None)
+    make_clip(root / "wide.mkv", n=1, w=4100, h=8, audio=None, vcodec="ffv1")
     (root / "empty.mp4").write_bytes(b"")
     (root / "text.mp4").write_text("not a video\n" * 40)
     a = av.open(str(root / "audio.m4a"), "w")
@@ -129,6 +130,15 @@ def test_early_mistakes_are_one_line_and_the_model_is_never_touched(args, fragme
     one_line_error(caplog, code, fragment)
     assert model.loads == [] and model.detects == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written
+
+
+def test_frames_too_wide_for_h264_are_found_before_the_model_loads(media, model, tmp_path, caplog):
+    """x264 takes at most 16384 pixels a side (known once the model's scale is): a raw FFmpeg error came after the
+    model loaded and upscaled the first frame."""
+    code = main(["upscale", str(media / "wide.mkv"), str(tmp_path / "o.mp4"), "--model", str(model.path)])
+    one_line_error(caplog, code, "h264 cannot encode the 16400x32 output frames (libx264 takes at most 16384 pixels "
+                                 "a side): choose the lossless codec")
+    assert model.loads == [] and not (tmp_path / "o.mp4").exists()
 
 
 def test_cuda_without_a_gpu_is_found_before_the_model(media, model, tmp_path, caplog):

@@ -850,6 +850,18 @@ def test_video_node_finds_a_missing_encoder_before_loading_the_models(comfy, tmp
                                     "no libx264 encoder.*choose codec 'lossless'")
 
 
+def test_video_node_finds_frames_too_wide_for_h264_before_loading_the_models(comfy, tmp_path):
+    """x264 takes at most 16384 pixels a side: a 5K-wide input upscaled x4 failed with a raw FFmpeg error, after
+    the models loaded and the first frame was upscaled."""
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    wide = make_clip(tmp_path / "wide.mkv", n=1, w=4100, h=8, audio=None, vcodec="ffv1")
+    _refused_before_the_models_load(comfy, FileVideo(wide), "h264 cannot encode the 16400x32 output frames "
+                                                            "\(libx264 takes at most 16384 pixels a side\): choose "
+                                                            "the lossless codec")
+
+
 def test_a_finished_outputs_leftover_resume_files_are_not_continued(comfy, tmp_path, caplog, monkeypatch):
     """A crash between publishing the result and removing its work files leaves both: continuing that job could
     only fail (its output exists), so a new file is started."""

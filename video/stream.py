@@ -67,7 +67,7 @@ from .range import seek_to
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable, warn_if_interlaced
 from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments, other_settings
 from .scenecut import SceneCutDetector
-from .writer import VideoWriter, check_crf, codec_spec, color_tags, depth_notes, to_rgb24
+from .writer import VideoWriter, check_crf, check_frame_size, codec_spec, color_tags, depth_notes, to_rgb24
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +275,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     detector = SceneCutDetector(scene_cut_threshold) if scene_cut_threshold else None
     scale = int(engine.scale)
     size = (info.width * scale, info.height * scale)
+    check_frame_size(codec, *size)
     encoded = size
     if codec_spec(codec, out_path).pix_fmt == "yuv420p" and (size[0] % 2 or size[1] % 2):
         # FlashVSR at scale 1 or 3 can make odd sides, which 4:2:0 cannot hold (VideoWriter pads them)

@@ -26,11 +26,12 @@ class Codec:
     options: dict
     containers: tuple[str, ...]
     description: str
+    max_side: int | None = None  # the encoder's largest frame width or height
 
 
 CODECS = {
     "h264": Codec("libx264", "yuv420p", {"crf": "16", "preset": "medium"}, (".mp4", ".mkv", ".mov"),
-                  "H.264 (libx264, yuv420p, CRF 16, BT.709): plays everywhere"),
+                  "H.264 (libx264, yuv420p, CRF 16, BT.709): plays everywhere", max_side=16384),
     "lossless": Codec("ffv1", "bgr0", {"level": "3"}, (".mkv",),
                       "FFV1 RGB in MKV: bit-exact 8-bit RGB, large files"),
 }
@@ -157,6 +158,16 @@ class VideoWriter:
             if self.audio is not None:
                 self.audio.close()  # (after a failed flush: the source stays open otherwise, locked on Windows)
             self.container.close()
+
+
+def check_frame_size(codec: str, width: int, height: int) -> None:
+    """A one-line error where ``codec`` cannot encode output frames of ``width`` x ``height`` (x264 refuses sides
+    over 16384, once the model has loaded and upscaled the first frame): to be found before that."""
+    limit = CODECS[codec].max_side if codec in CODECS else None
+    if limit is not None and max(width, height) > limit:
+        raise UserInputError(f"{codec} cannot encode the {width}x{height} output frames ({CODECS[codec].encoder} "
+                             f"takes at most {limit} pixels a side): choose the lossless codec (a .mkv output), or "
+                             "a smaller input or scale")
 
 
 def codec_spec(name: str, path) -> Codec:
