@@ -231,7 +231,7 @@ def cmd_convert(args) -> int:
     from ..models.registry import detect_family
     from ..models.shared.errors import UserInputError
     from ..models.shared.runtime import PRECISIONS
-    from ..video.outputs import OutputLock, check_output_file, make_folder, publish, temp_path
+    from ..video.outputs import OutputLock, check_output_file, make_folder, publish, sync_file, temp_path
 
     family = detect_family(args.source)
     if family.convert is None:
@@ -258,6 +258,7 @@ def cmd_convert(args) -> int:
                 if args.dtype:  # else the family's own default
                     options["dtype"] = PRECISIONS[args.dtype]
                 family.convert(args.source, tmp, **options)
+                sync_file(tmp)  # (gigabytes, seconds on a slow drive: a Ctrl-C then leaves no converted file)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise

@@ -19,6 +19,7 @@ from ..models.shared.errors import UserInputError
 from ..models.shared.image import to_rgb
 from ..models.shared.packed import packed_operations
 from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, is_out_of_memory
+from ..video.outputs import LOCK_TAG, PARTIAL_TAG, TMP_TAG
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,10 @@ def check_family(path: str, family: str) -> None:
         raise UserInputError(f"{path} is a {other.title} model: load it with {LOADERS[other.name]}")
 
 
+# in the names of the files a conversion writes or keeps next to its result (``streamvsr convert``)
+WORK_TAGS = (TMP_TAG, PARTIAL_TAG, LOCK_TAG)
+
+
 def listed_models(folder: str, family: str) -> list[str]:
     """``folder``'s file list (``/``-separated) without another family's models and their files."""
     listed, seen = [], {}
@@ -251,6 +256,8 @@ def listed_models(folder: str, family: str) -> list[str]:
             continue
         for name in folder_paths.get_filename_list(folder):
             path = os.path.join(root, name)
+            if any(tag in os.path.basename(name) for tag in WORK_TAGS):
+                continue  # (a conversion's temporary or kept partial result: not a model to pick)
             if os.path.exists(path) and other_family(path, family, root, seen) is None:
                 listed.append(name.replace("\\", "/"))
     return sorted(set(listed))

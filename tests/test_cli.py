@@ -303,6 +303,39 @@ def test_convert_keeps_a_result_it_cannot_put_in_place_where_it_says(assets, tmp
     assert f"it is still in {kept}" in caplog.text and kept.stat().st_size > 0
 
 
+def test_convert_stopped_while_flushing_leaves_no_converted_file(assets, tmp_path, monkeypatch):
+    """Ctrl-C during the final flush (gigabytes: seconds on a USB drive) left the whole result under its temporary
+    name, which ComfyUI then listed and loaded as a model."""
+    from streamvsr.video import outputs
+
+    def stopped(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "sync_file", stopped)
+    assert main(["convert", str(assets[0]), str(tmp_path / "m.safetensors"), "--dtype", "fp32"]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_result_stopped_while_put_in_place_is_kept(tmp_path, monkeypatch, caplog):
+    """A video's hours of work, finished, then Ctrl-C during its flush: kept under the partial name (the next run
+    removes what is left under the temporary name)."""
+    from streamvsr.video import outputs
+
+    out = tmp_path / "film.mp4"
+    tmp = outputs.temp_path(out)
+    tmp.write_bytes(b"the finished video")
+
+    def stopped(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "sync_file", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.publish(tmp, out)
+    kept = outputs.partial_path(out)
+    assert kept.read_bytes() == b"the finished video" and not tmp.exists() and not out.exists()
+    assert f"it was kept as {kept}" in caplog.text
+
+
 def test_out_of_memory_is_one_line_with_what_to_change(assets, tmp_path, caplog, monkeypatch):
     from streamvsr.models.stream_diffvsr.engine import StreamEngine
 

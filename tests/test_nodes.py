@@ -117,6 +117,10 @@ def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_
     (yaml_dir / "raft" / "not_a_model.safetensors").write_bytes(b"")
     (yaml_dir / "single.safetensors").write_bytes(b"")
     (yaml_dir / "notes.txt").write_text("not a model")
+    # a conversion's work files next to its result (stopped, or running): not models to pick
+    for name in ("single.streamvsr-tmp.safetensors", "single.streamvsr-partial.safetensors",
+                 "single.streamvsr-partial-2.safetensors", "single.safetensors.streamvsr-lock"):
+        (yaml_dir / name).write_bytes(b"")
     # FlashVSR's models put in the wrong folder are not listed: its official folder, its converted file
     from safetensors.torch import save_file
 

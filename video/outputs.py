@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -155,6 +156,14 @@ def publish(tmp, out, overwrite: bool = False) -> Path:
                                   f"{tmp}: move it elsewhere before running again, which removes that file") from None
         raise OutputMoveError(f"could not put the finished result in place as {out} ({reason}; is that file open in "
                               f"another program?); it was kept as {kept}") from None
+    except BaseException:  # stopped (Ctrl-C) while the finished result is flushed: not left to the next run's cleanup
+        with contextlib.suppress(OSError):
+            if os.path.exists(out) and os.path.exists(tmp) and os.path.samefile(tmp, out):
+                os.unlink(tmp)  # (in place already, under both names)
+            elif os.path.exists(tmp):
+                log.warning("stopped while the finished result was put in place as %s: it was kept as %s", out,
+                            keep_partial(tmp, out))
+        raise
     sync_folder(out.parent)
     return out
 
