@@ -227,6 +227,17 @@ def cmd_upscale(args) -> int:
     return 0
 
 
+def _converted(path: Path) -> bool:
+    """Whether ``path`` is a file that ``convert`` made (it holds a whole model)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return str((f.metadata() or {}).get("format", "")).startswith("streamvsr/")
+    except Exception:  # noqa: BLE001 - not a safetensors file: the conversion says what it is
+        return False
+
+
 def cmd_convert(args) -> int:
     from ..models.registry import detect_family
     from ..models.shared.errors import UserInputError
@@ -246,9 +257,11 @@ def cmd_convert(args) -> int:
         raise UserInputError(f"the converted file must end in .safetensors, got {out}")
     source = Path(args.source)
     # A model named by one of its files is read with the files next to it (FlashVSR's LQ projection, decoder,
-    # prompt): none of them may be the output either.
-    sources = [source, *(p for p in (source.rglob("*") if source.is_dir() else source.parent.iterdir())
-                         if p.is_file())]
+    # prompt): none of them may be the output either. A converted file reads nothing else (another converted file
+    # beside it may be replaced by its conversion to another precision).
+    beside = [] if source.is_file() and _converted(source) else \
+        (source.rglob("*") if source.is_dir() else source.parent.iterdir())
+    sources = [source, *(p for p in beside if p.is_file())]
     check_output_file(out, sources, overwrite=args.overwrite)
     with _removed_if_failed(out.parent):
         make_folder(out.parent)

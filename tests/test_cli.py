@@ -247,6 +247,15 @@ def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, mon
     assert main(["convert", str(ckpt), str(precious), "--dtype", "fp32", "--overwrite"]) == 0
     assert precious.read_bytes() != b"another model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.safetensors"]
+    # a converted file reads nothing beside it: its conversion to another precision may replace a neighbour (it
+    # was refused as "the input")
+    caplog.clear()
+    half = tmp_path / "half.safetensors"
+    half.write_bytes(b"an older conversion")
+    assert main(["convert", str(precious), str(half), "--dtype", "fp16"]) == 2
+    assert "already exists; add --overwrite" in caplog.text
+    assert main(["convert", str(precious), str(half), "--dtype", "fp16", "--overwrite"]) == 0
+    assert half.stat().st_size < precious.stat().st_size
 
 
 def test_a_missing_flow_is_found_before_any_folder_is_made(assets, tmp_path, caplog):
