@@ -417,7 +417,10 @@ def test_a_damaged_weights_file_is_named_as_such(assets, tmp_path, caplog):
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     cut = tmp_path / "raft_cut.pth"
     cut.write_bytes(raft.read_bytes()[:5000])
-    for model, flow, message in ((single, raft, f"m.safetensors is damaged ({len(data) - 100:,} bytes): cut short"),
+    # (made by convert, not downloaded: convert it again)
+    for model, flow, message in ((single, raft, f"m.safetensors is damaged ({len(data) - 100:,} bytes): cut short: "
+                                                f"its tensors need {len(data):,} bytes; delete it and convert the "
+                                                "model again (`streamvsr convert`)."),
                                  (ckpt, pointer, "raft.pth is a Git LFS pointer"),
                                  (ckpt, cut, "raft_cut.pth is damaged (5,000 bytes): a PyTorch archive that is cut "
                                              "short")):
