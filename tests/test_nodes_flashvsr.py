@@ -545,6 +545,8 @@ def test_load_video_chunk_seeks_and_reports(comfy, tmp_path):
     with pytest.raises(ValueError, match="past the end.*10 frames.*3 chunks.*back to 0 .*where a run was "
                                          "cancelled or failed on the way, to the first chunk that did not finish"):
         _run(node, video=FileVideo(clip), chunk_index=3, chunk_frames=4)
+    with pytest.raises(ValueError, match="gone.mp4 does not exist$"):  # (was os.stat's FileNotFoundError)
+        _run(node, video=FileVideo(tmp_path / "gone.mp4"), chunk_index=0, chunk_frames=4)
 
 
 def test_load_video_chunk_says_when_the_file_was_cut_off(comfy, tmp_path, caplog):

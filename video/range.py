@@ -25,8 +25,8 @@ from fractions import Fraction
 import torch
 
 from ..models.shared.errors import InputDamagedError, UserInputError
-from .reader import (VideoFrames, content_sample, cut_inside, describe, frame_to_tensor, open_video, probe_video,
-                     reason, shortfall, warn_if_interlaced)
+from .reader import (VideoFrames, check_input_file, content_sample, cut_inside, describe, frame_to_tensor,
+                     open_video, probe_video, reason, shortfall, warn_if_interlaced)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class FrameIndex:
 
 def _cache_key(source):
     if isinstance(source, (str, os.PathLike)):
+        check_input_file(source)  # (a file gone or unreadable: the reader's one-line error, not os.stat's)
         st = os.stat(source)
         # (the sample: a file copied over it with its size and time kept is another video too)
         return os.path.realpath(source), st.st_size, f"{st.st_mtime_ns}:{content_sample(source)[:16]}"
