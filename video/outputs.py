@@ -108,11 +108,32 @@ def make_folder(folder) -> Path:
     return folder
 
 
+# The most a work file's name adds to its output's: NAME.streamvsr-resume.safetensors.tmp (a checkpoint being saved)
+WORK_NAME_EXTRA = len(".streamvsr-resume.safetensors.tmp")
+
+
+def check_name_length(out: Path) -> None:
+    """A one-line error where ``out``'s name, or that of a work file next to it, is longer than its file system
+    takes (found at the first work file otherwise, after the model has loaded)."""
+    limit = 255
+    folder = Path(os.path.abspath(out)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # (no pathconf on Windows: 255 there too)
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    length = len(os.fsencode(out.name))
+    if 0 < limit < length + WORK_NAME_EXTRA:  # (-1: no limit)
+        raise UserInputError(f"the output name {out.name[:40]}… is too long: {length} bytes, and the work files "
+                             f"next to it add {WORK_NAME_EXTRA} to it, where the file system takes {limit}; shorten it "
+                             f"to at most {limit - WORK_NAME_EXTRA} bytes")
+
+
 def check_output_file(out, inputs=(), overwrite: bool = False, work_files=()) -> None:
     """The checks for one output file: not a folder, not one of ``inputs`` (paths; other sources are skipped),
     not already there unless ``overwrite``, and its folder can be created. No input may be one of the files a run
     writes, replaces or removes next to the output either: its temporary name, its lock and ``work_files``."""
     out = Path(out)
+    check_name_length(out)
     if out.is_dir():
         raise UserInputError(f"the output {out} is a folder; give a file name")
     for source in inputs:
