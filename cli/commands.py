@@ -263,6 +263,11 @@ def cmd_convert(args) -> int:
         (source.rglob("*") if source.is_dir() else source.parent.iterdir())
     sources = [source, *(p for p in beside if p.is_file())]
     check_output_file(out, sources, overwrite=args.overwrite)
+    # (a model folder holding its converted file would read as two models, and be refused when named)
+    home = source.absolute() if source.is_dir() else None
+    if home is not None and home in (out.parent.absolute(), *out.parent.absolute().parents):
+        raise UserInputError(f"{out} would go inside the model folder {home}: write the converted file next to it, "
+                             "not into it")
     with _removed_if_failed(out.parent):
         make_folder(out.parent)
         with OutputLock(out):

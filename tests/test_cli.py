@@ -242,6 +242,12 @@ def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, mon
     assert "is the input" in caplog.text and inside.read_bytes() == before
     assert main(["convert", str(ckpt), str(tmp_path / "m.pt")]) == 2
     assert "must end in .safetensors" in caplog.text and "Traceback" not in caplog.text
+    # nor into the model's own folder (which would then hold two models, and be refused as such)
+    for inside in (ckpt / "m.safetensors", ckpt / "unet" / "sub" / "m.safetensors"):
+        caplog.clear()
+        assert main(["convert", str(ckpt), str(inside), "--dtype", "fp16"]) == 2
+        assert f"would go inside the model folder {ckpt}: write" in caplog.text and not inside.exists()
+    assert not (ckpt / "unet" / "sub").exists()
     assert calls == []  # all refused before the weights were read
     # --overwrite replaces it, once the new file is complete; no work file is left
     assert main(["convert", str(ckpt), str(precious), "--dtype", "fp32", "--overwrite"]) == 0
