@@ -87,8 +87,8 @@ class StreamVSRLoadVideoChunk(io.ComfyNode):
         if not last and images.shape[0] < chunk_frames:
             raise UserInputError(f"the video ended at frame {start + images.shape[0]} although its index lists "
                                  f"{total} frames; the file may be damaged")
-        text = f"loaded chunk {chunk_index + 1} of {chunks}: frames {start}-{start + images.shape[0] - 1} of {total}" + (
-            " (last)" if last else "")
+        text = (f"loaded chunk {chunk_index + 1} of {chunks}: frames {start}-{start + images.shape[0] - 1} of "
+                f"{total}" + (" (last)" if last else ""))
         if index.problem:  # the frames there are can still be upscaled; the user must know some are missing
             log.warning("StreamVSR: %s; the chunks cover the %d frames it has", index.problem, total)
             text += f"\nwarning: {index.problem}; the chunks cover the {total} frames it has"
