@@ -349,6 +349,13 @@ def test_a_finished_result_stopped_while_put_in_place_is_kept(tmp_path, monkeypa
     kept = outputs.partial_path(out)
     assert kept.read_bytes() == b"the finished video" and not tmp.exists() and not out.exists()
     assert f"it was kept as {kept}" in caplog.text
+    # one frame of a folder is not kept so: a partial name would add a frame to the folder (it is redone)
+    frame = tmp_path / "f001.png"
+    tmp = outputs.temp_path(frame)
+    tmp.write_bytes(b"a frame")
+    with pytest.raises(KeyboardInterrupt):
+        outputs.publish(tmp, frame, keep_stopped=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
 
 
 def test_out_of_memory_is_one_line_with_what_to_change(assets, tmp_path, caplog, monkeypatch):

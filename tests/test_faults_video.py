@@ -2111,3 +2111,23 @@ def test_an_interlaced_input_is_said_once_per_job(tmp_path, caplog):
             assert len(said) == 2 and said[0].startswith(f"{clip} is interlaced") and "deinterlace it first" in said[0]
         else:
             assert said == []
+
+
+def test_a_frame_stopped_while_put_in_place_adds_no_frame_to_the_folder(tmp_path, monkeypatch):
+    """Ctrl-C while a frame is flushed: not kept under a partial name, which would count as one more frame of the
+    folder (the frame is redone by the next run)."""
+    from streamvsr.video import outputs
+
+    files = png_folder(tmp_path / "in", n=3)
+    real, calls = outputs.sync_file, []
+
+    def stopped_at_the_second(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(outputs, "sync_file", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(FakeEngine(), files, tmp_path / "out", save="png")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f000.png"]

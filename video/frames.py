@@ -159,7 +159,7 @@ def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str, overwrite: bool = Tr
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return publish(tmp, path, overwrite=overwrite)
+    return publish(tmp, path, overwrite=overwrite, keep_stopped=False)
 
 
 def frame_order(path: Path) -> tuple:
@@ -595,7 +595,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     except BaseException:
                         tmp.unlink(missing_ok=True)
                         raise
-                    publish(tmp, target, overwrite=overwrite)
+                    publish(tmp, target, overwrite=overwrite, keep_stopped=False)
                     count += 1
                     log.debug("flow %s", path.name)
                     if progress is not None:

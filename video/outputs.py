@@ -158,12 +158,13 @@ def check_output_file(out, inputs=(), overwrite: bool = False, work_files=()) ->
     check_folder_creatable(out.parent)
 
 
-def publish(tmp, out, overwrite: bool = False) -> Path:
+def publish(tmp, out, overwrite: bool = False, keep_stopped: bool = True) -> Path:
     """Move the finished ``tmp`` to ``out``, its content flushed to the disk first (after a power cut, a file
     under the output's name is whole). Without ``overwrite`` this never replaces a file that appeared at ``out``
     in the meantime (a hard link is created, which fails if the name is taken). Where the move fails, the result is
     kept under the partial name, never left under the temporary name (which the next run removes), and the
-    error says where."""
+    error says where; where it is stopped (Ctrl-C), likewise with ``keep_stopped``, else removed (one frame of a
+    folder, which a partial name would add to the frames there)."""
     tmp, out = Path(tmp), Path(out)
     try:
         sync_file(tmp)
@@ -179,8 +180,8 @@ def publish(tmp, out, overwrite: bool = False) -> Path:
                               f"another program?); it was kept as {kept}") from None
     except BaseException:  # stopped (Ctrl-C) while the finished result is flushed: not left to the next run's cleanup
         with contextlib.suppress(OSError):
-            if os.path.exists(out) and os.path.exists(tmp) and os.path.samefile(tmp, out):
-                os.unlink(tmp)  # (in place already, under both names)
+            if not keep_stopped or (os.path.exists(out) and os.path.exists(tmp) and os.path.samefile(tmp, out)):
+                tmp.unlink(missing_ok=True)  # (or in place already, under both names)
             elif os.path.exists(tmp):
                 log.warning("stopped while the finished result was put in place as %s: it was kept as %s", out,
                             keep_partial(tmp, out))
