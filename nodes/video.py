@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import InputImpl, io, ui
@@ -20,7 +21,8 @@ from comfy_api.latest import InputImpl, io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..video.outputs import LOCK_TAG, check_output_file, lock_path, partial_path, temp_path
+from ..video.outputs import (LOCK_TAG, RESUME_NAME_EXTRA, check_name_length, check_output_file, lock_path, partial_path,
+                             temp_path)
 from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
@@ -213,6 +215,8 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         # An output folder that cannot be written is reported before the models take their minutes to load
         # (upscale_video checks the whole job again once they are; the input was probed above)
         check_output_file(out_path, [source])
+        if resume:
+            check_name_length(Path(out_path), RESUME_NAME_EXTRA)
         codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
         check_frame_size(codec, width * engine.scale, height * engine.scale)
         check_audio(readable, os.path.splitext(out_path)[1])

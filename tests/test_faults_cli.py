@@ -101,7 +101,10 @@ EARLY_MISTAKES = [
     ("upscale {m}/in.mp4 {t}/o.avi", "needs a .mp4 or .mkv or .mov output file"),
     ("upscale {m}/in.mp4 {m}", "is a folder; give a file name"),
     ("upscale {m}/in.mp4 {t}/o.mkv --codec lossless --crf 10", "has no such setting"),
-    ("upscale {m}/in.mp4 {t}/" + "a" * 236 + ".mp4", "is too long: 240 bytes, and the work files next to it add 33"),
+    ("upscale {m}/in.mp4 {t}/" + "a" * 236 + ".mp4", "is too long: 240 bytes, and the work files next to it add 21"),
+    ("upscale {m}/in.mp4 {t}/" + "a" * 226 + ".mp4 --resume", "230 bytes, and the work files next to it add 33 to "
+                                                              "it, where the file system takes 255; shorten it to at "
+                                                              "most 222 bytes"),
     ("upscale {m}/in.mp4 {m}/in.mp4 --overwrite", "is the input"),
     ("upscale {m}/in.mp4 {t}/o.mp4 --checkpoint-every 5", "only applies with --resume"),
     ("upscale {m}/in.mp4 {t}/o.mp4 --device gpu0", "unknown device 'gpu0'"),

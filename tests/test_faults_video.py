@@ -2131,3 +2131,17 @@ def test_a_frame_stopped_while_put_in_place_adds_no_frame_to_the_folder(tmp_path
     with pytest.raises(KeyboardInterrupt):
         upscale_folder(FakeEngine(), files, tmp_path / "out", save="png")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f000.png"]
+
+
+def test_an_output_name_is_measured_as_its_file_system_counts(tmp_path, monkeypatch):
+    """255 bytes of UTF-8 on Linux, 255 UTF-16 units on Windows: 104 Japanese characters are 304 bytes, and were
+    refused on Windows too."""
+    from streamvsr.video import outputs
+
+    name = tmp_path / ("動画" * 50 + ".mp4")
+    with pytest.raises(UserInputError, match="is too long: 304 bytes"):
+        outputs.check_name_length(name)
+    monkeypatch.setattr(outputs.os, "name", "nt")
+    outputs.check_name_length(name)
+    with pytest.raises(UserInputError, match="is too long: 244 characters.*at most 234 characters"):
+        outputs.check_name_length(tmp_path / ("動" * 240 + ".mp4"))

@@ -108,24 +108,28 @@ def make_folder(folder) -> Path:
     return folder
 
 
-# The most a work file's name adds to its output's: NAME.streamvsr-resume.safetensors.tmp (a checkpoint being saved)
-WORK_NAME_EXTRA = len(".streamvsr-resume.safetensors.tmp")
+# What a resumable job's work files add to its output's name: NAME.streamvsr-resume.safetensors.tmp (a checkpoint
+# being saved); any job's: NAME.streamvsr-partial-NN.EXT (a result kept after a stop)
+RESUME_NAME_EXTRA = len(".streamvsr-resume.safetensors.tmp")
+WORK_NAME_EXTRA = len(PARTIAL_TAG) + len("-99")
 
 
-def check_name_length(out: Path) -> None:
-    """A one-line error where ``out``'s name, or that of a work file next to it, is longer than its file system
-    takes (found at the first work file otherwise, after the model has loaded)."""
-    limit = 255
-    folder = Path(os.path.abspath(out)).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    with contextlib.suppress(AttributeError, OSError, ValueError):  # (no pathconf on Windows: 255 there too)
+def check_name_length(out, extra: int = WORK_NAME_EXTRA) -> None:
+    """A one-line error where ``out``'s name, with the ``extra`` characters its work files add to it, is longer
+    than its file system takes (found at the first work file otherwise, after the model has loaded). Counted as
+    the file system counts: bytes of UTF-8 on Linux, UTF-16 units on Windows."""
+    limit, name = 255, os.path.basename(out)
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # (no pathconf on Windows: 255 there)
         limit = os.pathconf(folder, "PC_NAME_MAX")
-    length = len(os.fsencode(out.name))
-    if 0 < limit < length + WORK_NAME_EXTRA:  # (-1: no limit)
-        raise UserInputError(f"the output name {out.name[:40]}… is too long: {length} bytes, and the work files "
-                             f"next to it add {WORK_NAME_EXTRA} to it, where the file system takes {limit}; shorten it "
-                             f"to at most {limit - WORK_NAME_EXTRA} bytes")
+    unit = "characters" if os.name == "nt" else "bytes"
+    length = len(name.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(name))
+    if 0 < limit < length + extra:  # (-1: no limit)
+        raise UserInputError(f"the output name {name[:40]}… is too long: {length} {unit}, and the work files "
+                             f"next to it add {extra} to it, where the file system takes {limit}; shorten it to at "
+                             f"most {limit - extra} {unit}")
 
 
 def check_output_file(out, inputs=(), overwrite: bool = False, work_files=()) -> None:

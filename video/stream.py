@@ -61,8 +61,8 @@ import torch
 
 from ..models.shared.errors import InputDamagedError, OutputBusyError, UserInputError
 from .audio import check_audio, not_kept
-from .outputs import (OutputLock, check_output_file, keep_partial, make_folder, publish, remove_stale, sync_file,
-                      temp_path)
+from .outputs import (RESUME_NAME_EXTRA, OutputLock, check_name_length, check_output_file, keep_partial,
+                      make_folder, publish, remove_stale, sync_file, temp_path)
 from .range import seek_to
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable, warn_if_interlaced
 from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments, other_settings
@@ -187,6 +187,8 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
     info = probe_video(source)
     check_audio(source, out.suffix)
     files = ResumeFiles(out)
+    if resume:
+        check_name_length(out, RESUME_NAME_EXTRA)
     check_output_file(out, [in_path] if is_path else [], overwrite=overwrite,
                       work_files=[files.state, files.state_tmp, *files.parts_on_disk()])
     base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
