@@ -264,8 +264,9 @@ def cmd_convert(args) -> int:
     sources = [source, *(p for p in beside if p.is_file())]
     check_output_file(out, sources, overwrite=args.overwrite)
     # (a model folder holding its converted file would read as two models, and be refused when named)
-    home = source.absolute() if source.is_dir() else None
-    if home is not None and home in (out.parent.absolute(), *out.parent.absolute().parents):
+    home = Path(os.path.realpath(source)) if source.is_dir() else None
+    there = Path(os.path.realpath(out.parent))  # (through links and "..", as the file system resolves them)
+    if home is not None and home in (there, *there.parents):
         raise UserInputError(f"{out} would go inside the model folder {home}: write the converted file next to it, "
                              "not into it")
     with _removed_if_failed(out.parent):

@@ -1,6 +1,7 @@
 """The command line end to end on tiny checkpoints: frames, flow and convert."""
 
 import logging
+import os
 import re
 
 import numpy as np
@@ -243,7 +244,9 @@ def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, mon
     assert main(["convert", str(ckpt), str(tmp_path / "m.pt")]) == 2
     assert "must end in .safetensors" in caplog.text and "Traceback" not in caplog.text
     # nor into the model's own folder (which would then hold two models, and be refused as such)
-    for inside in (ckpt / "m.safetensors", ckpt / "unet" / "sub" / "m.safetensors"):
+    (tmp_path / "link").symlink_to(ckpt)
+    for inside in (ckpt / "m.safetensors", ckpt / "unet" / "sub" / "m.safetensors", tmp_path / "link" / "m.safetensors",
+                   ckpt.parent / "x" / ".." / ckpt.name / "m.safetensors"):
         caplog.clear()
         assert main(["convert", str(ckpt), str(inside), "--dtype", "fp16"]) == 2
         assert f"would go inside the model folder {ckpt}: write" in caplog.text and not inside.exists()
@@ -252,7 +255,7 @@ def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, mon
     # --overwrite replaces it, once the new file is complete; no work file is left
     assert main(["convert", str(ckpt), str(precious), "--dtype", "fp32", "--overwrite"]) == 0
     assert precious.read_bytes() != b"another model"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "link") == ["precious.safetensors"]
     # a converted file reads nothing beside it: its conversion to another precision may replace a neighbour (it
     # was refused as "the input")
     caplog.clear()
@@ -262,6 +265,10 @@ def test_convert_never_replaces_a_file_by_accident(assets, tmp_path, caplog, mon
     assert "already exists; add --overwrite" in caplog.text
     assert main(["convert", str(precious), str(half), "--dtype", "fp16", "--overwrite"]) == 0
     assert half.stat().st_size < precious.stat().st_size
+    (tmp_path / "link").unlink()
+    beside = ckpt / ".." / "beside.safetensors"  # (out of the model's folder through "..": not refused)
+    assert main(["convert", str(ckpt), str(beside), "--dtype", "fp16"]) == 0
+    os.unlink(beside)
 
 
 def test_a_missing_flow_is_found_before_any_folder_is_made(assets, tmp_path, caplog):
