@@ -425,6 +425,21 @@ def test_bad_model_path_is_a_clear_error(assets, tmp_path, caplog):
     assert "does not exist" in caplog.text
 
 
+def test_a_cut_short_file_with_odd_metadata_is_still_named_as_cut_short(tmp_path):
+    import json
+    import struct
+
+    from streamvsr.models.shared.errors import WeightsError
+    from streamvsr.models.shared.weights import check_weights_file
+
+    header = json.dumps({"__metadata__": ["not", "a", "mapping"],
+                         "x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    with pytest.raises(WeightsError, match="cut short: its tensors need .*; delete it and download it again"):
+        check_weights_file(path)
+
+
 def test_a_damaged_weights_file_is_named_as_such(assets, tmp_path, caplog):
     """Not "holds no model this pack knows": a cut-short converted file or a Git LFS pointer says what it is, for
     the model and for the flow weights alike."""

@@ -80,7 +80,8 @@ def check_weights_file(path, hint: str = "") -> dict | None:
                 except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                     raise WeightsError(f"{damaged}not a .safetensors file{again}") from None
                 if 8 + length + end > size:
-                    if str((header.get("__metadata__") or {}).get("format", "")).startswith("streamvsr/"):
+                    meta = header.get("__metadata__")
+                    if isinstance(meta, dict) and str(meta.get("format", "")).startswith("streamvsr/"):
                         # (made here by `streamvsr convert`, never downloaded; the hint names the downloads)
                         again = "; delete it and convert the model again (`streamvsr convert`)."
                     raise WeightsError(f"{damaged}cut short: its tensors need {8 + length + end:,} bytes{again}")
