@@ -342,14 +342,21 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
                                           chunk_video(start_frame)))
         if done < out.shape[0]:
             out = out[:done].clone()  # a view would keep the whole buffer alive in ComfyUI's cache
-        blocked, kept = None, engine.pending(final)
-        if done == 0:
-            # An empty IMAGE batch fails core nodes such as Save Image ("index 0 is out of bounds"): the nodes
-            # after this one are skipped for this run instead, without an error, and the node says why
+        # An empty IMAGE batch fails core nodes such as Save Image ("index 0 is out of bounds"): the nodes after this
+        # one are skipped for this run instead, without an error, and the node says why
+        blocked, kept = ExecutionBlocker(None) if done == 0 else None, engine.pending(final)
+        total = getattr(start_frame, "total", None)
+        if kept and total is not None and start.frame_index + b >= total:
+            # the video's last chunk without last_chunk: no later run would give these frames
+            log.warning("StreamVSR: node %s: the video's last chunk ran with last_chunk off, so its last %d frames are "
+                        "still held back: connect Load Video Chunk's last_chunk output to this node's last_chunk and "
+                        "queue this chunk again", node_id, kept)
+            show_text(node_id, f"{done} frames out; the last {kept} are held back although this is the video's last "
+                               "chunk: connect Load Video Chunk's last_chunk to last_chunk and queue it again")
+        elif done == 0:
             show_text(node_id, f"FlashVSR holds all {b} frames of this run back (its look-ahead needs more "
                                "before the first come out): they come out with the next chunk, so the nodes after "
                                "this one have nothing to do this run")
-            blocked = ExecutionBlocker(None)
         else:  # (also replaces the text above, which the frontend keeps under the node)
             show_text(node_id, f"{done} frames out" + (f"; {kept} held back for the next chunk" if kept else ""))
         # The LR frames (8 bits, as FlashVSR reads them) for the colour fix after a Wan VAE decode, which only a

@@ -863,7 +863,7 @@ def test_range_reader_equals_decoding_from_the_start(tmp_path):
         assert torch.equal(read_range(str(phone), 1, 2), ref[1:3])
 
 
-def test_a_chunk_after_a_last_chunk_run_without_last_chunk_says_frames_are_held(comfy, whole30):
+def test_a_chunk_after_a_last_chunk_run_without_last_chunk_says_frames_are_held(comfy, whole30, caplog):
     """The video's last chunk run with last_chunk off keeps its look-ahead frames: queued again from an earlier
     chunk, the error says so and how to have them (it said only that the video had ended)."""
     from streamvsr.nodes.streams import ChunkStart
@@ -871,7 +871,10 @@ def test_a_chunk_after_a_last_chunk_run_without_last_chunk_says_frames_are_held(
     _, nodes = comfy
     model = _load(nodes)
     for a in (0, 10, 20):
+        caplog.clear()
         _upscale(nodes, model, whole30[a:a + 10], "60", start_frame=ChunkStart(a, None, 10, 30), last_chunk=False)
+    # said at once, by the last chunk itself
+    assert "the video's last chunk ran with last_chunk off, so its last 9 frames are still held back" in caplog.text
     with pytest.raises(ValueError, match="reached the end of the video \\(frame 30\\) with its last chunk \\(its last "
                                          "[0-9]+ frames are still held back for look-ahead, as last_chunk was off: "
                                          "connect Load Video Chunk's last_chunk output"):

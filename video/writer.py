@@ -167,7 +167,7 @@ def check_frame_size(codec: str, width: int, height: int) -> None:
     if limit is not None and max(width, height) > limit:
         raise UserInputError(f"{codec} cannot encode the {width}x{height} output frames ({CODECS[codec].encoder} "
                              f"takes at most {limit} pixels a side): choose the lossless codec (a .mkv output), or "
-                             "a smaller input or scale")
+                             "a smaller input (FlashVSR: or a smaller scale)")
 
 
 def codec_spec(name: str, path) -> Codec:
