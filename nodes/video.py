@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import time
-from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import InputImpl, io, ui
@@ -216,7 +215,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         # (upscale_video checks the whole job again once they are; the input was probed above)
         check_output_file(out_path, [source])
         if resume:
-            check_name_length(Path(out_path), RESUME_NAME_EXTRA)
+            check_name_length(out_path, RESUME_NAME_EXTRA)
         codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
         check_frame_size(codec, width * engine.scale, height * engine.scale)
         check_audio(readable, os.path.splitext(out_path)[1])
