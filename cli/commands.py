@@ -229,11 +229,13 @@ def cmd_upscale(args) -> int:
 
 def _converted(path: Path) -> bool:
     """Whether ``path`` is a file that ``convert`` made (it holds a whole model)."""
+    from ..models.shared.weights import made_by_convert
+
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            return str((f.metadata() or {}).get("format", "")).startswith("streamvsr/")
+            return made_by_convert(f.metadata())
     except Exception:  # noqa: BLE001 - not a safetensors file: the conversion says what it is
         return False
 

@@ -39,6 +39,12 @@ def sha256_of(path) -> str:
     return _DIGESTS[key]
 
 
+def made_by_convert(metadata) -> bool:
+    """Whether a .safetensors file's metadata is that of a file ``streamvsr convert`` wrote (a whole model, made
+    here, never downloaded)."""
+    return isinstance(metadata, dict) and str(metadata.get("format", "")).startswith("streamvsr/")
+
+
 def check_weights_file(path, hint: str = "") -> dict | None:
     """A WeightsError saying what a file named as weights really is, when it cannot hold them: a Git LFS pointer
     (a clone without ``git lfs pull``), a saved web page, an empty or cut-short file. Reads only the first bytes
@@ -80,8 +86,7 @@ def check_weights_file(path, hint: str = "") -> dict | None:
                 except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                     raise WeightsError(f"{damaged}not a .safetensors file{again}") from None
                 if 8 + length + end > size:
-                    meta = header.get("__metadata__")
-                    if isinstance(meta, dict) and str(meta.get("format", "")).startswith("streamvsr/"):
+                    if made_by_convert(header.get("__metadata__")):
                         # (made here by `streamvsr convert`, never downloaded; the hint names the downloads)
                         again = "; delete it and convert the model again (`streamvsr convert`)."
                     raise WeightsError(f"{damaged}cut short: its tensors need {8 + length + end:,} bytes{again}")
