@@ -43,7 +43,8 @@ def continuation_inputs(node_name: str) -> list:
     return [
         StreamStateType.Input("state", optional=True,
                               tooltip=f"Continue from this state (from another {node_name}) instead; takes "
-                                      "precedence over continue_sequence and start_frame."),
+                                      "precedence over continue_sequence. With start_frame connected too, the "
+                                      "two must agree on where the chunk starts."),
         io.Int.Input("start_frame", optional=True, force_input=True, min=0, max=2**31 - 1,
                      tooltip="From Load Video Chunk: the chunk's first frame. 0 starts a new sequence; any other "
                              "value continues this node's sequence, which must have ended exactly there (else an "

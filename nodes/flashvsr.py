@@ -256,7 +256,8 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
                                  tooltip="continue: these frames follow the frames of this node's last "
                                          "successful run (long videos in chunks); the node then always re-runs. "
                                          "restart: start a new sequence. Another model, setting, seed or frame "
-                                         "size restarts by itself and says so in the log."),
+                                         "size is an error while the last run holds frames back (last_chunk "
+                                         "off), else restarts by itself and says so in the log."),
                 io.Boolean.Input("last_chunk", default=True, label_on="last chunk: finish",
                                  label_off="more chunks follow",
                                  tooltip="On: finish the sequence with these frames, so every frame held back "
