@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 
 from . import commands
@@ -58,6 +59,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        # (argparse reports a command's unknown options from the top, pointing to the help without them)
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            where = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, f"error: unrecognized arguments: {' '.join(extras)} (see `{where} --help`)\n")
+        return parsed
+
 
 class _OncePerRecord(logging.Filter):
     """Passes only records that no logger on their way up has printed already. huggingface_hub gives its logger a
@@ -70,6 +80,16 @@ class _OncePerRecord(logging.Filter):
             if any(_prints(handler) and record.levelno >= handler.level for handler in logger.handlers):
                 return False
             logger = logger.parent if logger.propagate else None
+        return True
+
+
+class _EndsProgressLine(logging.Filter):
+    """A message starts on a line of its own, not at the end of an unfinished progress line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ..models.shared.runtime import Progress
+
+        Progress.end_line()
         return True
 
 
@@ -87,6 +107,7 @@ def setup_logging(verbose: bool = False) -> None:
     for handler in root.handlers:
         if handler not in before:
             handler.addFilter(_OncePerRecord())
+            handler.addFilter(_EndsProgressLine())  # (after it: only for what is printed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,11 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _open_standard_streams() -> None:
+    """A standard stream closed by whoever started the command (``2>&-``) is opened on the null device: else the
+    next file opened, an output among them, would take its number, and whatever a library writes to "stderr" would
+    go into that file."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # (the lowest free number: this one)
+
+
 def main(argv=None) -> int:
     from ..models.shared.errors import StreamVSRError, first_line
     from ..models.shared.runtime import is_out_of_memory, keep_freed_memory
 
     keep_freed_memory()  # for the tensors to come
+    _open_standard_streams()
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)

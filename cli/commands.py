@@ -134,7 +134,8 @@ def cmd_frames(args) -> int:
             finally:
                 progress.close()
     scale = int(engine.scale)
-    log.info("wrote %d frames (%s, %dx%d) to %s", written, args.save, width * scale, height * scale, args.out_dir)
+    log.info("wrote %d frame%s (%s, %dx%d) to %s", written, "" if written == 1 else "s", args.save, width * scale,
+             height * scale, args.out_dir)
     return 0
 
 
@@ -167,8 +168,8 @@ def cmd_flow(args) -> int:
                                     progress=progress.update, max_magnitude=args.max_magnitude)
             finally:
                 progress.close()
-    log.info("wrote %d flow fields (%s, %dx%d; one per frame from %s on) to %s", count, args.save, width, height,
-             files[1].name, args.out_dir)
+    log.info("wrote %d flow field%s (%s, %dx%d; one per frame from %s on) to %s", count, "" if count == 1 else "s",
+             args.save, width, height, files[1].name, args.out_dir)
     return 0
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("streamvsr")
 
 # Options that only one family understands: option dest -> family name. They default to None so that an option
 # given for the wrong model can be reported instead of silently ignored.
@@ -242,7 +245,7 @@ def plan_engine(args) -> EnginePlan:
     file. Nothing is downloaded or loaded."""
     from ..models.registry import detect_family, family_by_name
     from ..models.shared.errors import UserInputError
-    from ..models.shared.runtime import pick_device, pick_dtype
+    from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -263,6 +266,9 @@ def plan_engine(args) -> EnginePlan:
                              "e.g. from `streamvsr download`)")
     if getattr(family, "dtypes", None) and dtype not in family.dtypes:
         raise UserInputError(f"{family.title} does not run in {args.dtype}")
+    if dtype == PRECISIONS["fp16"] and device.type == "cpu":
+        # taken (a parity check may want it) with a warning, given last: a mistake found above is one line alone
+        log.warning("%s; --dtype bf16 takes the same memory", FP16_ON_CPU)
     return EnginePlan(family, options, device, dtype, None if download else args.model, download)
 
 

@@ -7,6 +7,7 @@ was looked at or loaded, so no weights are needed and "not loaded" is observable
 """
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -380,3 +381,107 @@ def test_a_file_too_large_for_the_file_system_is_one_line_with_what_to_do(media,
     *before, error = said
     assert any("frames written before this error are in" in m for m in before), said  # kept, and said where
     assert error.startswith("error: File too large: the file system's limit on one file, e.g. 4 GB on FAT32")
+
+
+# A child process running the command line with a fake model: each frame's step first runs HOOK (None: nothing)
+_CHILD = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import conftest, torch
+import streamvsr.models.registry as registry
+from streamvsr.models.contract import Family
+from test_video import FakeEngine
+
+class Engine(FakeEngine):
+    def step(self, frame, state):
+        HOOK(len(self.calls))
+        return super().step(frame, state)
+
+family = Family(name="fake", title="Fake", scale=4, frame_rule="one per frame", size_multiple=1,
+                dtypes=(torch.float32,), detect=lambda p: True, load_engine=lambda path, **k: Engine())
+registry.detect_family = lambda path: family
+from streamvsr.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _run_child(hook: str, args: list, **popen):
+    """``streamvsr ARGS`` in a child process whose fake engine runs ``hook`` (Python defining ``HOOK(i)``)."""
+    code = hook + _CHILD
+    return subprocess.Popen([sys.executable, "-c", code, str(ROOT / "tests"), *map(str, args)],
+                            env={**os.environ, "STREAMVSR_PROGRESS": "1"}, **popen)
+
+
+def test_a_reader_of_stderr_that_quits_stops_the_progress_line_not_the_run(media, tmp_path):
+    """``streamvsr frames ... 2>&1 | head -1``: the progress line met a closed pipe and the whole run failed, its
+    outputs unwritten (an upscaled video never moved into place)."""
+    flag = tmp_path / "pipe closed"
+    hook = f"def HOOK(i):\n    while i == 1 and not os.path.exists({str(flag)!r}):\n        time.sleep(0.05)\n"
+    child = _run_child(hook, ["frames", media / "frames", tmp_path / "up", "--model", tmp_path],
+                       stderr=subprocess.PIPE)
+    seen = b""
+    while b"frames: 1/3" not in seen:
+        chunk = child.stderr.read1(4096)
+        assert chunk, seen
+        seen += chunk
+    child.stderr.close()  # (the reader quits; the frames after the first meet a closed pipe)
+    flag.touch()
+    assert child.wait(timeout=300) == 0
+    assert sorted(p.name for p in (tmp_path / "up").iterdir()) == ["f000.png", "f001.png", "f002.png"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell what a descriptor is")
+def test_a_closed_stderr_is_no_failure_and_no_file_takes_its_place(media, tmp_path):
+    """Started with ``2>&-`` (a cron job, a service): the progress line failed on the missing stream after the
+    model loaded; and the next file opened would have taken descriptor 2, where libraries write their messages.
+    It is the null device now."""
+    seen = tmp_path / "fd2"
+    hook = f"def HOOK(i):\n    open({str(seen)!r}, 'w').write(os.readlink('/proc/self/fd/2'))\n"
+    child = _run_child(hook, ["frames", media / "frames", tmp_path / "up", "--model", tmp_path],
+                       preexec_fn=lambda: os.close(2))
+    assert child.wait(timeout=300) == 0
+    assert sorted(p.name for p in (tmp_path / "up").iterdir()) == ["f000.png", "f001.png", "f002.png"]
+    assert seen.read_text() == os.devnull
+
+
+def test_a_message_during_a_run_starts_on_a_line_of_its_own(tmp_path):
+    """A warning or the stop message while the progress line was unfinished was glued to its end ("... 12 s
+    leftstopped: ..."), and the line's end came after it as an empty line."""
+    code = ("import sys, logging; sys.path.insert(0, sys.argv[1]); import conftest\n"
+            "from streamvsr.cli import setup_logging\nfrom streamvsr.models.shared.runtime import Progress\n"
+            "setup_logging()\np = Progress(3, 'frames')\np.update(1)\n"
+            "logging.getLogger('streamvsr').warning('stopped: 1 of 3 frames')\np.update(2)\np.close()\n"
+            "logging.getLogger('streamvsr').info('done')\n")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests")], capture_output=True,
+                            env={**os.environ, "STREAMVSR_PROGRESS": "1"}, timeout=300)
+    lines = result.stderr.decode().split("\n")  # (bytes: text mode would read each "\r" as a line's end)
+    assert [line.split(":")[0].lstrip("\r") for line in lines] == ["frames", "stopped", "frames", "done", ""], lines
+    assert lines[1] == "stopped: 1 of 3 frames"
+
+
+@pytest.mark.parametrize("args, command", [("flow IN OUT --flow F --resume", "flow"),
+                                           ("frames IN OUT --model M --codec h264", "frames"),
+                                           ("upscale IN OUT.mp4 --bogus", "upscale")])
+def test_an_unknown_option_points_to_its_commands_help(args, command, capsys):
+    """The top-level help lists no command's options; the error pointed there."""
+    with pytest.raises(SystemExit) as e:
+        main(args.split())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: unrecognized arguments: "), err
+    assert err.endswith(f"(see `streamvsr {command} --help`)\n"), err
+
+
+def test_fp16_on_the_cpu_is_said_only_where_there_is_no_mistake(media, model, tmp_path, caplog, monkeypatch):
+    """The command line takes fp16 on the CPU (a parity check may want it) with a warning of what it costs, which
+    came before an error found later, so that a mistake was two lines."""
+    code = main(["frames", str(media / "frames"), str(tmp_path / "o"), "--model", str(model.path), "--dtype", "fp16",
+                 "--device", "cpu", "--steps", "3"])
+    one_line_error(caplog, code, "--steps")
+    caplog.clear()
+    family = Family(name="fake16", title="Fake", scale=4, frame_rule="one per frame", size_multiple=1,
+                    dtypes=(torch.float32, torch.float16), detect=lambda p: True, load_engine=lambda p, **k: FakeEngine())
+    monkeypatch.setattr(registry, "detect_family", lambda path: family)
+    with caplog.at_level(logging.WARNING):
+        assert main(["frames", str(media / "frames"), str(tmp_path / "o"), "--model", str(model.path),
+                     "--dtype", "fp16", "--device", "cpu"]) == 0
+    assert "fp16 on the CPU computes hundreds of times slower" in caplog.text and "--dtype bf16" in caplog.text

@@ -78,21 +78,6 @@ def test_auto_precision_is_bf16_where_the_chosen_gpu_computes_in_it(monkeypatch)
     assert pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
 
 
-def test_fp16_on_the_cpu_is_taken_with_a_warning_that_it_is_very_slow(caplog):
-    """The command line takes it (a parity check may want fp16 arithmetic) but says what it costs; the nodes refuse
-    it (tests/test_nodes.py)."""
-    import torch
-
-    from streamvsr.models.shared.runtime import pick_dtype
-
-    with caplog.at_level("WARNING"):
-        assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert not caplog.text
-    with caplog.at_level("WARNING"):
-        assert pick_dtype("fp16", torch.device("cpu")) == torch.float16
-    assert "fp16 on the CPU computes hundreds of times slower" in caplog.text and "--dtype bf16" in caplog.text
-
-
 def test_memory_without_proc_is_what_psutil_says(monkeypatch, tmp_path):
     """Windows has neither /proc nor sysconf, and macOS no count of available pages: both got a fixed 8 GiB, which
     sized RAFT's correlation volume as if 8 GiB were free on any machine."""

@@ -5,6 +5,7 @@ Used by the command line and by the engines' callers; the ComfyUI nodes use Comf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -102,10 +103,8 @@ FP16_ON_CPU = ("fp16 on the CPU computes hundreds of times slower than bf16 or f
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA GPUs that compute in it (``has_native_bf16``), else fp16 on CUDA, fp32 elsewhere.
-    fp16 on a CPU is taken, with a warning (a parity check may want it; a user most likely not)."""
+    fp16 on a CPU is taken (a parity check may want it; a user most likely not: the command line warns)."""
     if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            log.warning("%s; --dtype bf16 takes the same memory", FP16_ON_CPU)
         return PRECISIONS[name]
     if device.type == "cuda":
         return torch.bfloat16 if has_native_bf16(device) else torch.float16
@@ -238,11 +237,19 @@ def available_memory(device) -> int:
 
 class Progress:
     """A one-line progress report on stderr (frames done, frames/s, time left); silent unless stderr is a
-    terminal or STREAMVSR_PROGRESS=1."""
+    terminal or STREAMVSR_PROGRESS=1. A log message ends the line first (``end_line``, called by the command
+    line's log handler). Losing stderr (closed, or its reader gone: ``2>&1 | head``) turns the report off, never
+    the work: a job of hours must not fail, its output unwritten, for want of a progress line."""
+
+    _open: "Progress | None" = None  # the report whose line on stderr is unfinished
 
     def __init__(self, total: int | None, label: str):
         self.total, self.label, self.start = total, label, time.monotonic()
-        self.enabled = sys.stderr.isatty() or os.environ.get("STREAMVSR_PROGRESS") == "1"
+        try:
+            self.enabled = sys.stderr is not None and (
+                sys.stderr.isatty() or os.environ.get("STREAMVSR_PROGRESS") == "1")
+        except ValueError:  # (a closed stream)
+            self.enabled = False
 
     def update(self, done: int) -> None:
         if not self.enabled:
@@ -254,9 +261,34 @@ class Progress:
             text = f"{self.label}: {done}/{self.total} frames, {rate:.2f} fps, {eta:.0f} s left"
         else:
             text = f"{self.label}: {done} frames, {rate:.2f} fps"
-        sys.stderr.write("\r" + text)
-        sys.stderr.flush()
+        if self._write("\r" + text):
+            Progress._open = self
+
+    def _write(self, text: str) -> bool:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            return True
+        except (OSError, ValueError) as e:
+            self.enabled = False
+            if Progress._open is self:
+                Progress._open = None
+            if isinstance(e, BrokenPipeError):
+                # The reader is gone: what stderr still holds, and every later message, goes nowhere instead of
+                # failing again (Python's own exit would fail on it, with status 120).
+                with contextlib.suppress(OSError, ValueError):
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, sys.stderr.fileno())
+                    os.close(devnull)
+            return False
+
+    @classmethod
+    def end_line(cls) -> None:
+        """Finish an unfinished progress line, for another message to start on a line of its own."""
+        report, cls._open = cls._open, None
+        if report is not None:
+            report._write("\n")
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        if Progress._open is self:
+            Progress.end_line()
