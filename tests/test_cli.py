@@ -111,6 +111,17 @@ def test_plain_layers_option_builds_torch_layers_with_the_same_output(assets, tm
         assert np.abs(a - b).max() <= 1e-4
 
 
+def test_plain_layers_where_they_change_nothing_is_said(assets, tmp_path, caplog):
+    """The CPU layers run on the CPU in fp32 only: --plain-layers elsewhere was taken without a word."""
+    ckpt, raft, frames = assets
+    for dtype, said in (("bf16", True), ("fp32", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["frames", str(frames), str(tmp_path / dtype), "--model", str(ckpt), "--flow", str(raft),
+                         "--device", "cpu", "--dtype", dtype, "--plain-layers"]) == 0
+        assert ("--plain-layers changes nothing here" in caplog.text) is said, caplog.text
+
+
 def test_flow_iterations_reach_the_engine_and_its_identity(assets, monkeypatch):
     from streamvsr.models.stream_diffvsr import FAMILY
 

@@ -63,6 +63,9 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
         keep_freed_memory()
     if compile and on_cpu:
         log.warning("--compile on the CPU: %s", COMPILE_ON_CPU)
+    if plain_layers and not (on_cpu and dtype == torch.float32):
+        log.warning("--plain-layers changes nothing here: the CPU layers it turns off are used on the CPU in fp32 "
+                    "only")
     # On the CPU in fp32 the layers (RAFT's too) keep oneDNN-reordered weights and run wide 3x3 convolutions as
     # Winograd (see shared/packed.py): the same numbers up to float rounding, 1.7-2.3x faster per frame.
     operations = packed_operations() if on_cpu and dtype == torch.float32 and not plain_layers else None
