@@ -131,7 +131,7 @@ def test_download_reports_bytes_and_a_stop_leaves_nothing_behind(tmp_path, monke
 
     with pytest.raises(KeyboardInterrupt):
         download_raft("raft_fake", dest, progress=stop)
-    assert calls and not list(dest.iterdir())
+    assert calls and not dest.exists()  # (nor the folder it made)
     calls.clear()
     got = download_raft("raft_fake", dest, progress=lambda done, total: calls.append((done, total)))
     assert got.read_bytes() == src.read_bytes() and calls[-1][0] == src.stat().st_size
@@ -142,8 +142,9 @@ def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
     url = (tmp_path / "nowhere" / "raft_large_C_T_SKHT_V2-ff5fadd5.pth").as_uri()  # fails like a dead network
     monkeypatch.setitem(RAFT_WEIGHTS, "raft_large", (url, "raft_large_C_T_SKHT_V2-ff5fadd5.pth", "ff5fadd5"))
     with pytest.raises(RuntimeError) as e:
-        download_raft("raft_large", tmp_path / "models")
+        download_raft("raft_large", tmp_path / "models" / "raft")
     assert "by hand" in str(e.value) and str(tmp_path / "models") in str(e.value) and url in str(e.value)
+    assert not (tmp_path / "models").exists()  # the folders it made are gone again: no empty model folder
     with pytest.raises(ValueError, match="unknown RAFT weights"):
         download_raft("raft_huge", tmp_path)
 

@@ -70,6 +70,26 @@ def test_a_download_that_does_not_match_is_deleted(monkeypatch, tmp_path, known_
     assert not (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
 
 
+def test_a_failed_download_leaves_no_folder_it_made(monkeypatch, tmp_path, known_hashes):
+    """A download refused offline, or stopped before a file came, left the model folder it had made, empty (and a
+    model list showed it); one that fails after files came keeps them, to resume."""
+    hub_settings(monkeypatch, HF_HUB_OFFLINE=True, ENDPOINT="https://huggingface.co")
+    fake_hub(monkeypatch, fail=AssertionError("no download expected"))
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
+        hub.download_stream_diffvsr(tmp_path / "models" / "Stream-DiffVSR")
+    assert list(tmp_path.iterdir()) == []
+    hub_settings(monkeypatch, HF_HUB_OFFLINE=False, ENDPOINT="https://huggingface.co")
+    (tmp_path / "models").mkdir()  # the user's: stays
+    fake_hub(monkeypatch, fail=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        hub.download_stream_diffvsr(tmp_path / "models" / "Stream-DiffVSR")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "models"]
+    fake_hub(monkeypatch, content=lambda name: b"truncated" if name.startswith("vae/") else name.encode())
+    with pytest.raises(RuntimeError, match="as downloaded is not the published file"):
+        hub.download_stream_diffvsr(tmp_path / "models" / "Stream-DiffVSR")
+    assert (tmp_path / "models" / "Stream-DiffVSR" / "controlnet" / "config.json").is_file()
+
+
 def hub_settings(monkeypatch, **constants):
     """What huggingface_hub read from HF_ENDPOINT and HF_HUB_OFFLINE (its constants module)."""
     monkeypatch.setitem(sys.modules, "huggingface_hub.constants", types.SimpleNamespace(**constants))
@@ -195,7 +215,7 @@ def test_a_download_that_cannot_be_stored_says_so_not_offline(monkeypatch, tmp_p
     with pytest.raises(RuntimeError) as err:
         raft_weights.download_raft("raft_small", tmp_path / "raft", progress=False)
     assert says in str(err.value) and "Offline" not in str(err.value)
-    assert list((tmp_path / "raft").iterdir()) == []
+    assert not (tmp_path / "raft").exists()  # (nothing in it, nor the folder it made)
     # FlashVSR's prompt embedding, fetched from GitHub (the same urllib)
     from streamvsr.models.flashvsr import hub as flashvsr_hub
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..shared.errors import DownloadError, UserInputError, WeightsError
-from ..shared.hub import local_failure
+from ..shared.hub import folder_for_download, local_failure
 from ..shared.weights import key_mismatches, read_state_dict, sha256_of
 from .estimator import FlowEstimator
 from .network import RAFT
@@ -109,10 +109,13 @@ def download_raft(name: str, dest_dir, progress=True) -> Path:
         kept = f" {target} was kept as it was, though its sha256 does not start with {prefix}."
     manual = (f"Download {url} by hand (browser, curl -LO or wget) and put it at {target} "
               f"(its sha256 starts with {prefix}).{kept}")
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DownloadError(f"cannot create {dest_dir}: {local_failure(e, dest_dir) or e}") from None
+    with folder_for_download(dest_dir):
+        return _fetch_raft(url, filename, prefix, target, dest_dir, manual, kept, progress)
+
+
+def _fetch_raft(url: str, filename: str, prefix: str, target: Path, dest_dir: Path, manual: str, kept: str,
+                progress) -> Path:
+    """``download_raft``'s download into ``dest_dir``, which exists."""
     part = target.with_name(target.name + ".part")
     if _from_torch_cache(filename, prefix, part, target):
         return target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -265,24 +266,54 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
             before_last()
         return dest
 
+    try:
+        import huggingface_hub  # noqa: F401 - (said before any folder is made)
+    except ImportError:
+        raise DownloadError("downloading needs huggingface_hub (pip install huggingface_hub). " + manual
+                            + _kept(dest, wrong, {})) from None
+    offline = offline_mode()
+    with folder_for_download(dest):
+        _fetch_missing(repo, files, missing, wrong, dest, manual, offline, progress, before_last)
+    return dest
+
+
+@contextlib.contextmanager
+def folder_for_download(folder: Path):
+    """Makes ``folder`` and its missing parents for a download, and removes those it made again if the download
+    fails (or is stopped) before anything came into them: an empty model folder would be listed as a model."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # (deepest first)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create {folder}: {local_failure(e, folder) or e}") from None
+    try:
+        yield
+    except BaseException:
+        for made_folder in made:
+            try:
+                made_folder.rmdir()
+            except OSError:  # (it holds something: it stays, and so do the folders above it)
+                break
+        raise
+
+
+def _kept(dest: Path, names, where: dict) -> str:
+    """Appended to an error: the files whose sha256 differs are still there, as they were (``where``: those kept
+    elsewhere)."""
+    left = [str(where.get(name, dest / name)) for name in names]
+    return f" Kept as they were, though their sha256 is not the published one: {', '.join(left)}." if left else ""
+
+
+def _fetch_missing(repo, files, missing, wrong, dest: Path, manual: str, offline: bool, progress, before_last):
+    """``download_files``' downloads into ``dest``, which exists."""
+    from huggingface_hub import hf_hub_download
+
     replaced: set[str] = set()
     where: dict[str, Path] = {}  # a file set aside that could not go back (another download took its name)
 
-    def kept() -> str:  # appended to an error: the files that differ are still there, as they were
-        left = [str(where.get(name, dest / name)) for name in wrong if name not in replaced]
-        return f" Kept as they were, though their sha256 is not the published one: {', '.join(left)}." if left \
-            else ""
+    def kept() -> str:
+        return _kept(dest, [name for name in wrong if name not in replaced], where)
 
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise DownloadError("downloading needs huggingface_hub (pip install huggingface_hub). " + manual
-                            + kept()) from None
-    offline = offline_mode()
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DownloadError(f"cannot create {dest}: {local_failure(e, dest) or e}") from None
     log.info("downloading %d files of %s into %s", len(missing), repo, dest)
     for done, name in enumerate(missing):
         if progress is not None:
@@ -315,4 +346,3 @@ def download_files(repo: str, files: dict[str, str | None], dest, manual: str, p
         before_last()
     if progress is not None:
         progress(len(missing), len(missing))
-    return dest
