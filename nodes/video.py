@@ -20,8 +20,8 @@ from comfy_api.latest import InputImpl, io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..video.outputs import (LOCK_TAG, RESUME_NAME_EXTRA, check_name_length, check_output_file, lock_path, partial_path,
-                             temp_path)
+from ..video.outputs import (LOCK_TAG, RESUME_NAME_EXTRA, WORK_NAME_EXTRA, check_name_length, check_output_file,
+                             lock_path, partial_path, temp_path)
 from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
@@ -39,6 +39,17 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = {"h264": ".mp4", "lossless": ".mkv"}
 PREVIEW_SECONDS = 1.0  # a preview costs a device→CPU copy and a JPEG encode of a 4x frame: not every frame
+
+
+def _check_prefix(filename_prefix: str) -> None:
+    """A prefix without a file name (ComfyUI would write the hidden ``._00001_.mp4``) or with a character no file
+    name can hold: one line, before any model is prepared."""
+    name = os.path.basename(os.path.normpath(filename_prefix)) if filename_prefix.strip() else ""
+    if name in ("", ".", ".."):
+        raise UserInputError(f"filename_prefix {filename_prefix!r} names no file: give a name, e.g. "
+                             "streamvsr/upscaled")
+    if "\0" in filename_prefix:
+        raise UserInputError("filename_prefix holds a NUL character, which no file name can: remove it")
 
 
 def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: dict | None, scale: int = 4):
@@ -187,6 +198,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             # Ignoring them would quietly change the result (e.g. a chosen x2 scale), as the CLI refuses too
             raise UserInputError("flashvsr_settings only apply to FlashVSR, but the model is Stream-DiffVSR: "
                                  "disconnect FlashVSR Settings, or connect a FlashVSR model")
+        _check_prefix(filename_prefix)
         source = whole_file(video, "Stream Upscale Video File")
         if resume and not isinstance(source, (str, os.PathLike)):
             raise ValueError("resume needs a video backed by a file (e.g. from Load Video); this VIDEO lives in "
@@ -212,10 +224,11 @@ class StreamVSRVideoUpscale(io.ComfyNode):
         if not resume and os.path.exists(ResumeFiles(out_path).state):
             raise UserInputError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
         # An output folder that cannot be written is reported before the models take their minutes to load
-        # (upscale_video checks the whole job again once they are; the input was probed above)
+        # (upscale_video checks the whole job again once they are; the input was probed above). A name too
+        # long is said in what the user types: filename_prefix, without the number and extension added to it.
+        check_name_length(out_path, RESUME_NAME_EXTRA if resume else WORK_NAME_EXTRA, "filename_prefix",
+                          len(filename) - len(filename.rsplit("_", 2)[0]))
         check_output_file(out_path, [source])
-        if resume:
-            check_name_length(out_path, RESUME_NAME_EXTRA)
         codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
         check_frame_size(codec, width * engine.scale, height * engine.scale)
         check_audio(readable, os.path.splitext(out_path)[1])

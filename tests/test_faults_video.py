@@ -1841,6 +1841,16 @@ def test_video_node_reports_an_unusable_output_folder_in_one_line_before_loading
         with pytest.raises(UserInputError, match="leads outside ComfyUI's output folder: give a name inside it"):
             run(clip, prefix=prefix)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "elsewhere").exists()
+    # a name too long is said in what the user types: "_00001_.mkv" (11) and the work files (21) come on top
+    with pytest.raises(UserInputError, match=r"is too long: 261 bytes.*shorten the file name of filename_prefix "
+                                             r"to at most 223 bytes"):
+        run(clip, prefix="streamvsr/" + "a" * 250)
+    # no file name (ComfyUI writes "._00001_.mp4", hidden and named like macOS's metadata files), a NUL (Python's
+    # "embedded null byte" after the engine was made)
+    for prefix, says in (("", "names no file"), (".", "names no file"), ("streamvsr/..", "names no file"),
+                         ("  ", "names no file"), ("x\0y", "NUL character")):
+        with pytest.raises(UserInputError, match=says):
+            run(clip, prefix=prefix)
     assert run.loads == []
     assert len(decode(run(clip).values[0][1])) == 2 and len(run.loads) == 1
 

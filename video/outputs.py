@@ -114,10 +114,12 @@ RESUME_NAME_EXTRA = len(".streamvsr-resume.safetensors.tmp")
 WORK_NAME_EXTRA = len(PARTIAL_TAG) + len("-99")
 
 
-def check_name_length(out, extra: int = WORK_NAME_EXTRA) -> None:
+def check_name_length(out, extra: int = WORK_NAME_EXTRA, prefix: str | None = None, added: int = 0) -> None:
     """A one-line error where ``out``'s name, with the ``extra`` characters its work files add to it, is longer
     than its file system takes (found at the first work file otherwise, after the model has loaded). Counted as
-    the file system counts: bytes of UTF-8 on Linux, UTF-16 units on Windows."""
+    the file system counts: bytes of UTF-8 on Linux, UTF-16 units on Windows. ``prefix``: the setting the name was
+    made from (ComfyUI's filename_prefix), which the advice then names, with the ``added`` (ASCII) characters
+    that the name has beyond it."""
     limit, name = 255, os.path.basename(out)
     folder = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(folder) and folder != os.path.dirname(folder):
@@ -127,9 +129,10 @@ def check_name_length(out, extra: int = WORK_NAME_EXTRA) -> None:
     unit = "characters" if os.name == "nt" else "bytes"
     length = len(name.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(name))
     if 0 < limit < length + extra:  # (-1: no limit)
+        advice = f"shorten it to at most {limit - extra} {unit}" if prefix is None else \
+            f"shorten the file name of {prefix} to at most {limit - extra - added} {unit}"
         raise UserInputError(f"the output name {name[:40]}… is too long: {length} {unit}, and the work files "
-                             f"next to it add {extra} to it, where the file system takes {limit}; shorten it to at "
-                             f"most {limit - extra} {unit}")
+                             f"next to it add {extra} to it, where the file system takes {limit}; {advice}")
 
 
 def check_output_file(out, inputs=(), overwrite: bool = False, work_files=()) -> None:
