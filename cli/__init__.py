@@ -60,13 +60,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
     def parse_args(self, args=None, namespace=None):
-        # (argparse reports a command's unknown options from the top, pointing to the help without them)
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            command = getattr(parsed, "command", None)
-            where = f"{self.prog} {command}" if command else self.prog
-            self.exit(2, f"error: unrecognized arguments: {' '.join(extras)} (see `{where} --help`)\n")
-        return parsed
+        # argparse reports a command's unknown options from the top, pointing to the help that lists none of them
+        argv = sys.argv[1:] if args is None else list(args)
+        parsed, extras = self.parse_known_args(argv, namespace)
+        if not extras:
+            return parsed
+        command = getattr(parsed, "command", None)
+        ours = next((a for a in extras if a.partition("=")[0] in self._option_string_actions), None)
+        if ours is not None:  # (-v, --debug after the command)
+            self.exit(2, f"error: {ours} goes before the command: {self.prog} {ours} {command} ...\n")
+        after = command in argv and extras[0] in argv and argv.index(extras[0]) > argv.index(command)
+        where = f"{self.prog} {command}" if after else self.prog
+        self.exit(2, f"error: unrecognized arguments: {' '.join(extras)} (see `{where} --help`)\n")
 
 
 class _OncePerRecord(logging.Filter):
@@ -176,11 +181,13 @@ def _open_standard_streams() -> None:
     """A standard stream closed by whoever started the command (``2>&-``) is opened on the null device: else the
     next file opened, an output among them, would take its number, and whatever a library writes to "stderr" would
     go into that file."""
-    for fd in (0, 1, 2):
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
         try:
             os.fstat(fd)
         except OSError:
             os.open(os.devnull, os.O_RDWR)  # (the lowest free number: this one)
+            if getattr(sys, name) is None:  # (Python found it closed: writers such as progress bars would fail)
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
 
 
 def main(argv=None) -> int:

@@ -211,6 +211,12 @@ class EnginePlan:
         return int(self.options.get("scale") or self.family.scale)
 
     def load(self):
+        from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS
+
+        if self.dtype == PRECISIONS["fp16"] and self.device.type == "cpu":
+            # taken (a parity check may want it), with a warning said here: after every check of the job, so
+            # that a mistake is one line alone
+            log.warning("%s; --dtype bf16 takes the same memory", FP16_ON_CPU)
         options = dict(self.options)
         model = self.model
         if self.device.type == "cuda":
@@ -245,7 +251,7 @@ def plan_engine(args) -> EnginePlan:
     file. Nothing is downloaded or loaded."""
     from ..models.registry import detect_family, family_by_name
     from ..models.shared.errors import UserInputError
-    from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, pick_device, pick_dtype
+    from ..models.shared.runtime import pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -266,9 +272,6 @@ def plan_engine(args) -> EnginePlan:
                              "e.g. from `streamvsr download`)")
     if getattr(family, "dtypes", None) and dtype not in family.dtypes:
         raise UserInputError(f"{family.title} does not run in {args.dtype}")
-    if dtype == PRECISIONS["fp16"] and device.type == "cpu":
-        # taken (a parity check may want it) with a warning, given last: a mistake found above is one line alone
-        log.warning("%s; --dtype bf16 takes the same memory", FP16_ON_CPU)
     return EnginePlan(family, options, device, dtype, None if download else args.model, download)
 
 
