@@ -117,8 +117,11 @@ def cmd_frames(args) -> int:
     check_resume_options(args)
     files = list_pngs(args.in_dir)
     width, height = check_frames(files)
-    if args.save == "png" and png_bit_depth(files[0]) == 16:
-        log.warning("the frames are 16-bit PNGs; --save png writes 8 bits (--save png16 keeps 16)")
+    deep = [p for p in files if png_bit_depth(p) == 16] if args.save == "png" else []  # (a header read each)
+    if deep:
+        which = "the frames are" if len(deep) == len(files) else \
+            f"{len(deep)} of the {len(files)} frames ({deep[0].name} the first) are"
+        log.warning("%s 16-bit PNGs; --save png writes 8 bits (--save png16 keeps 16)", which)
     check_folder_job(files, args.out_dir, seed=args.seed, save=args.save, resume=args.resume, overwrite=args.overwrite)
     plan = plan_engine(args)
     plan.check_size(height, width)

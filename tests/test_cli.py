@@ -626,3 +626,8 @@ def test_16_bit_frames_saved_as_8_bit_pngs_are_said_before_the_model_loads(tmp_p
     caplog.clear()
     main(["frames", str(frames), str(tmp_path / "out"), "--model", str(tmp_path / "missing"), "--save", "png16"])
     assert "16-bit PNGs" not in caplog.text
+    # one 16-bit frame among 8-bit ones, not the first: said too (only the first frame was looked at)
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(frames / "a.png")
+    caplog.clear()
+    main(["frames", str(frames), str(tmp_path / "out"), "--model", str(tmp_path / "missing")])
+    assert "1 of the 2 frames (f0.png the first) are 16-bit PNGs; --save png writes 8 bits" in caplog.text

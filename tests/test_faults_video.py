@@ -563,6 +563,7 @@ def test_a_sequence_folder_as_it_comes_from_other_machines(tmp_path, caplog):
     (folder / ".DS_Store").write_bytes(b"\x00")
     (folder / "f001.streamvsr-tmp.png").write_bytes(b"half")
     (folder / "f009.jpg").write_bytes(b"")
+    (folder / "f010.apng").write_bytes(b"")  # (an animated PNG's usual name)
     moved = tmp_path / "gone.png"
     files[2].rename(moved)
     files[2].symlink_to(moved)
@@ -571,7 +572,7 @@ def test_a_sequence_folder_as_it_comes_from_other_machines(tmp_path, caplog):
         listed = list_pngs(folder)
     assert [p.name for p in listed] == ["f000.png", "f001.png", "f002.png", "f003.png"]
     assert "left out f001.streamvsr-tmp.png: the work file of a run that did not finish" in caplog.text
-    assert "also holds 1 .jpg file: only the .png files are frames" in caplog.text
+    assert "also holds 1 .apng file, 1 .jpg file: only the .png files are frames" in caplog.text
     with pytest.raises(UserInputError, match="f002.png is not a readable image \\(a link to a file that is gone\\)"):
         check_frames(listed)
     files[2].unlink()

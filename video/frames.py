@@ -171,7 +171,9 @@ def frame_order(path: Path) -> tuple:
 
 
 # Other image files a sequence may sit beside: said when left out, since the frame count would silently shrink
-_OTHER_IMAGES = {".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".exr", ".dpx", ".tga", ".gif"}
+_OTHER_IMAGES = {".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp", ".exr", ".dpx", ".cin", ".tga", ".gif",
+                 ".apng", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".ppm", ".pgm", ".pnm", ".psd", ".hdr",
+                 ".qoi", ".dds"}
 
 
 def list_pngs(in_dir: Path) -> list[Path]:
