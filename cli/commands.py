@@ -109,8 +109,10 @@ def _removed_if_failed(folder):
 
 def cmd_frames(args) -> int:
     from ..models.shared.runtime import Progress
-    from ..video.frames import check_folder_job, check_frames, list_pngs, png_bit_depth, upscale_folder
+    from ..video.frames import (check_folder_job, check_frames, folder_checkpoint, list_pngs, png_bit_depth,
+                                upscale_folder)
     from ..video.outputs import OutputLock, make_folder
+    from ..video.resume import check_model_family
 
     # Every input and output mistake is found before the model loads; the lock makes a second run into the same
     # folder fail at once rather than after loading.
@@ -124,6 +126,8 @@ def cmd_frames(args) -> int:
         log.warning("%s 16-bit PNGs; --save png writes 8 bits (--save png16 keeps 16)", which)
     check_folder_job(files, args.out_dir, seed=args.seed, save=args.save, resume=args.resume, overwrite=args.overwrite)
     plan = plan_engine(args)
+    if args.resume:
+        check_model_family(folder_checkpoint(args.out_dir), plan.family.name, args.overwrite)
     plan.check_size(height, width)
     with _removed_if_failed(args.out_dir):
         make_folder(args.out_dir.parent)
@@ -180,6 +184,7 @@ def cmd_upscale(args) -> int:
     """Returns 0 when the whole video was written, 130 after a Ctrl-C stop."""
     from ..models.shared.runtime import Progress
     from ..video.outputs import OutputLock, make_folder
+    from ..video.resume import check_model_family
     from ..video.stream import check_video_job, upscale_video
     from ..video.writer import check_frame_size
 
@@ -189,6 +194,8 @@ def cmd_upscale(args) -> int:
                           scene_cut_threshold=args.scene_cut, resume=args.resume, overwrite=args.overwrite)
     info = job.info
     plan = plan_engine(args)
+    if job.files is not None:
+        check_model_family(job.files, plan.family.name, args.overwrite)
     plan.check_size(info.height, info.width)
     check_frame_size(args.codec, info.width * plan.scale, info.height * plan.scale)
     with _removed_if_failed(job.out.parent):

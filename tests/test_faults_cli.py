@@ -23,7 +23,7 @@ from streamvsr.cli import main
 from streamvsr.models.contract import Family
 from streamvsr.video.outputs import lock_path, partial_path
 from streamvsr.video.resume import ResumeFiles
-from test_faults_video import HOLDER, ROOT, cut, noise_clip, png_folder
+from test_faults_video import HOLDER, ROOT, StopsAt, cut, noise_clip, png_folder
 from test_video import FakeEngine, decode, make_clip
 
 av = pytest.importorskip("av")
@@ -278,6 +278,39 @@ def test_damaged_resume_file_and_other_settings_are_one_line_before_the_model(me
                  "--resume", "--seed", "5"])
     one_line_error(caplog, code, "is damaged")
     assert model.loads == [] and model.detects == []
+
+
+@pytest.mark.parametrize("command", ["upscale", "frames"])
+def test_a_job_of_another_model_family_is_refused_before_the_model_loads(command, media, model, tmp_path, caplog):
+    """Its family is in the checkpoint: the other model (FlashVSR's DiT is gigabytes) loaded first, to be told that
+    the job is not its. With --overwrite the job is discarded and started over."""
+    from streamvsr.video.frames import folder_checkpoint, upscale_folder
+    from streamvsr.video.stream import upscale_video
+
+    class Flash(StopsAt):
+        def identity(self):
+            return "flashvsr|v1.1|torch.float32|scale=4|sparse=2.0"
+
+    source, out = media / "in.mp4", tmp_path / "o.mkv"
+    if command == "frames":
+        source, out = png_folder(tmp_path / "in", n=4), tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        if command == "frames":
+            upscale_folder(Flash(2), source, out, resume=True, checkpoint_frames=1)
+        else:
+            upscale_video(Flash(2), source, out, codec="lossless", resume=True, checkpoint_frames=1)
+    files = folder_checkpoint(out) if command == "frames" else ResumeFiles(out)
+    assert files.state.exists()
+    caplog.clear()
+    argv = [command, str(source if command == "upscale" else tmp_path / "in"), str(out), "--model", str(model.path),
+            "--resume"] + (["--codec", "lossless"] if command == "upscale" else [])
+    code = main(argv)
+    one_line_error(caplog, code, f"{files.state} belongs to a job with other settings (another model: flashvsr then, "
+                                 "fake now); run with the same settings to continue it, or add --overwrite")
+    assert model.loads == [] and files.state.exists()
+    caplog.clear()
+    assert main(argv + ["--overwrite"]) == 0 and len(model.loads) == 1
+    assert not files.state.exists()
 
 
 def test_second_run_is_refused_at_once_before_loading(media, model, tmp_path, caplog):

@@ -934,7 +934,7 @@ def test_a_job_resumed_with_another_model_family_is_told_as_such_and_overwrite_d
         def state_from_dict(self, tensors, meta):
             raise KeyError("dit")
 
-    with pytest.raises(UserInputError, match="belongs to a job with other settings \\(another model\\)"):
+    with pytest.raises(UserInputError, match="belongs to a job with other settings \\(another model: fake then, flashvsr now\\)"):
         upscale_video(OtherFamily(), clip, out, codec="lossless", resume=True)
     engine = OtherFamily()
     assert upscale_video(engine, clip, out, codec="lossless", resume=True, overwrite=True)["frames"] == 6
@@ -1340,7 +1340,7 @@ class Settings(FakeEngine):
 
 @pytest.mark.parametrize("engine, differs", [(Settings(steps=2), "steps 4 then, 2 now"),
                                              (Settings(weights="9"), "another model or precision"),
-                                             (FakeEngine(), "another model")])
+                                             (FakeEngine(), "another model: stream-diffvsr then, fake now")])
 def test_resume_with_other_settings_names_them_and_overwrite_discards_the_job(tmp_path, engine, differs):
     """--resume --overwrite starts the job again where its settings changed (as --overwrite's help says: it
     discards an unfinished job), also where only the model's part of them did, known once it is loaded."""

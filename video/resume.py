@@ -287,6 +287,16 @@ def other_settings(files: ResumeFiles, differs: str | None, overwrite: bool) -> 
     return bool(differs)
 
 
+def check_model_family(files: ResumeFiles, family: str, overwrite: bool) -> None:
+    """Before the model loads: a checkpoint that another model family wrote is refused now, in the line the full
+    comparison gives once the model is loaded (that of a large model can take minutes). With ``overwrite`` it is
+    left for that comparison to discard."""
+    info = None if overwrite else files.read_info()
+    saved = info["fingerprint"].get("model") if info is not None else None
+    if saved is not None and str(saved).split("|")[0] != family:
+        other_settings(files, _model_change(saved, family), overwrite=False)
+
+
 def _crf(value) -> str:
     return "the default" if value is None else str(value)
 
@@ -299,7 +309,9 @@ def _model_change(saved, now: str) -> str:
     """What differs between two engine identities (``identity()``: "family|...|name=value|..."), naming the options
     that changed; weights and precision are one checksum and a dtype, so they are named together."""
     old, new = str(saved).split("|"), now.split("|")
-    if len(old) != len(new) or old[0] != new[0]:
+    if old[0] != new[0]:
+        return f"another model: {old[0]} then, {new[0]} now"
+    if len(old) != len(new):
         return "another model"
     named, other = [], False
     for a, b in zip(old, new):
