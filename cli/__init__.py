@@ -17,6 +17,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 
 from . import commands
@@ -200,15 +201,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with commands.stop_signals():
+            return int(args.func(args) or 0)
     except StreamVSRError as e:
         if args.debug:
             raise
         log.error("error: %s", e)
         return 2
     except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+        status = commands.stop_status()
+        log.error("interrupted" if status == 130 else f"stopped by {signal.Signals(status - 128).name}")
+        return status
     except (MemoryError, RuntimeError) as e:  # (torch's OutOfMemoryError is a RuntimeError)
         if args.debug or not is_out_of_memory(e):
             raise

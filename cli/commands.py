@@ -58,30 +58,68 @@ def crf_value(text: str) -> int:
     return value
 
 
+# Polite stops besides Ctrl-C: `kill`, systemd, `docker stop` and job schedulers send SIGTERM, a closed terminal or
+# ssh session SIGHUP. Each is taken as Ctrl-C is, so that what a run finished is kept as after Ctrl-C (their default,
+# to die where the process stands, lost the frames done and left the lock and work files behind).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+_received: list[int] = []  # the stop signals of this command, in order
+
+
+def _raise_interrupt(signum, frame):
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """For the block, SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does (on the main thread only, where
+    Python runs signal handlers)."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_status() -> int:
+    """The exit status of a stopped command: 128 + the signal that stopped it (130: Ctrl-C), as a shell gives."""
+    return 128 + int(_received[0] if _received else signal.SIGINT)
+
+
 class _GracefulStop:
-    """First Ctrl-C: finish the current frame and close the file properly. Second: abort at once."""
+    """The first stop (Ctrl-C or a stop signal): finish the current frame and close the file properly. The second:
+    abort at once."""
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT,
+                                                                                          *STOP_SIGNALS)}
         return self
 
     def _handle(self, signum, frame):
+        _received.append(signum)
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("\nstopping after this frame (Ctrl-C again to abort at once)")
+        how = "Ctrl-C again" if signum == signal.SIGINT else \
+            f"{signal.Signals(signum).name} came; Ctrl-C or another one"
+        log.warning("\nstopping after this frame (%s to abort at once)", how)
 
     def __call__(self) -> bool:
         return self.requested
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -181,7 +219,7 @@ def cmd_flow(args) -> int:
 
 
 def cmd_upscale(args) -> int:
-    """Returns 0 when the whole video was written, 130 after a Ctrl-C stop."""
+    """Returns 0 when the whole video was written, 128 + the signal after a stop (130: Ctrl-C)."""
     from ..models.shared.runtime import Progress
     from ..video.outputs import OutputLock, make_folder
     from ..video.resume import check_model_family
@@ -229,7 +267,7 @@ def cmd_upscale(args) -> int:
                         "continue a job)", summary["frames"], summary["path"], args.out_video)
         else:
             log.warning("stopped before the first frame; %s was not written", args.out_video)
-        return 130
+        return stop_status()
     if summary["input_problem"]:
         log.warning("warning: %s; %s has the %d frames that could be decoded (--allow-truncated)",
                     summary["input_problem"], args.out_video, summary["frames"])

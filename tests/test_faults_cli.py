@@ -8,6 +8,7 @@ was looked at or loaded, so no weights are needed and "not loaded" is observable
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -416,6 +417,33 @@ def test_a_file_too_large_for_the_file_system_is_one_line_with_what_to_do(media,
     assert error.startswith("error: File too large: the file system's limit on one file, e.g. 4 GB on FAT32")
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_frames_stopped_by_a_full_disk_say_where_and_what_was_kept(media, model, tmp_path, caplog, monkeypatch,
+                                                                   resume):
+    """The error was "No space left on device" alone: no file, no word of the frames written or of continuing."""
+    import errno
+
+    from PIL import Image
+
+    real_save, saves = Image.Image.save, []
+
+    def save(self, fp, *args, **kwargs):  # PIL's own failure names no file
+        saves.append(fp)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "out"
+    code = main(["frames", str(media / "frames"), str(out), "--model", str(model.path)]
+                + (["--resume"] if resume else []))
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    again = "; run the same command again to continue" if resume else ""
+    assert code == 2 and said == [f"1 of 3 frames were written to {out} before this error, each complete{again}",
+                                  f"error: No space left on device ({out / 'f001.png'})"], said
+    assert sorted(p.name for p in out.iterdir()) == ["f000.png"]
+
+
 # A child process running the command line with a fake model: each frame's step first runs HOOK (None: nothing)
 _CHILD = """
 import os, sys, time
@@ -462,6 +490,37 @@ def test_a_reader_of_stderr_that_quits_stops_the_progress_line_not_the_run(media
     flag.touch()
     assert child.wait(timeout=300) == 0
     assert sorted(p.name for p in (tmp_path / "up").iterdir()) == ["f000.png", "f001.png", "f002.png"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGTERM/SIGHUP to send on this system")
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_keeps_the_work_done_as_ctrl_c_does(media, model, tmp_path, name):
+    """`kill`, systemd, `docker stop`, a job scheduler (SIGTERM) or a closed terminal (SIGHUP): the process died where
+    it stood, the frames done lost (no partial video, no checkpoint) and its lock and work files left behind."""
+    signum = getattr(signal, name)
+    hook = f"import signal\ndef HOOK(i):\n    if i == 2:\n        os.kill(os.getpid(), {int(signum)})\n"
+    video = tmp_path / "o.mkv"
+    child = _run_child(hook, ["upscale", media / "in.mp4", video, "--model", tmp_path, "--codec", "lossless"],
+                       stderr=subprocess.PIPE, text=True)
+    said = child.communicate(timeout=300)[1]
+    assert child.returncode == 128 + signum, said  # (what a shell gives for a process the signal ended)
+    assert f"stopping after this frame ({name} came; Ctrl-C or another one to abort at once)" in said
+    kept = partial_path(video)
+    assert f"stopped: the first 3 frames are in {kept}" in said and "Traceback" not in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", kept.name] and len(decode(kept)) == 3
+
+    # frames --resume: the frames before the stop are kept with a checkpoint, and the same command continues
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    assert main(["frames", str(media / "frames"), str(clean), "--model", str(model.path)]) == 0
+    args = ["frames", media / "frames", out, "--model", model.path, "--resume"]
+    child = _run_child(hook, args, stderr=subprocess.PIPE, text=True)
+    said = child.communicate(timeout=300)[1]
+    assert child.returncode == 128 + signum, said
+    assert f"stopped: 2 of 3 frames were written to {out}, each complete; run the same command again" in said
+    assert said.rstrip().endswith(f"stopped by {name}") and "Traceback" not in said
+    assert not lock_path(out).exists()
+    assert main([str(a) for a in args]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell what a descriptor is")

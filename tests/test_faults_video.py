@@ -677,6 +677,41 @@ def test_a_partial_file_that_could_not_be_finished_is_reported_as_such(tmp_path,
     assert "are in" in caplog.text and "may not play" not in caplog.text
 
 
+@pytest.mark.parametrize("suffix, codec", [(".mkv", "lossless"), (".mp4", "h264")])
+def test_a_file_whose_end_could_not_be_written_is_kept_with_the_frames_it_holds(tmp_path, monkeypatch, caplog,
+                                                                                suffix, codec):
+    """MP4 and Matroska write what they buffered (an MP4's index, Matroska's last clusters) only as the file is
+    closed: on a full disk that fails after every frame was encoded. The partial was said to hold them all, though
+    the MKV held some and the MP4 none that play; one with none is of no use on a full disk."""
+    from streamvsr.video.writer import VideoWriter
+
+    clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
+    real_close = VideoWriter.close
+
+    def close(self, complete=True):
+        real_close(self, complete)
+        with open(self.path, "r+b") as f:  # what reached the disk before it filled
+            f.truncate(os.path.getsize(self.path) * 2 // 3)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(VideoWriter, "close", close)
+    caplog.set_level("WARNING")
+    out = tmp_path / f"out{suffix}"
+    with pytest.raises(OSError, match="No space"):
+        upscale_video(FakeEngine(), clip, out, codec=codec)
+    kept = partial_path(out)
+    if suffix == ".mkv":
+        held = len(decode(kept))
+        assert 0 < held < 6
+        assert f"{held} of the 6 frames done before this error are in {kept}, which could not be finished" \
+            in caplog.text
+    else:
+        assert "the 6 frames done before this error could not be kept" in caplog.text
+        assert not kept.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.mp4"] + ([kept.name] if suffix == ".mkv"
+                                                                               else []))
+
+
 def test_an_input_named_like_a_work_file_of_the_output_is_refused(tmp_path):
     """Every run removes the temporary name and the segments of its output and writes the lock: an input under one
     of those names (e.g. the finished file a failed move left) would be destroyed."""
@@ -746,7 +781,7 @@ def test_checkpoints_and_results_reach_the_disk_before_what_counts_on_them(tmp_p
     assert str(temp_path(out)) in synced and len(decode(out)) == 5
 
 
-def test_audio_of_a_cut_input_stays_cut_when_a_finished_resumable_job_is_joined_later(tmp_path, monkeypatch):
+def test_audio_of_a_cut_input_stays_cut_when_a_finished_resumable_job_is_joined_later(tmp_path, monkeypatch, caplog):
     """A cut-off input, accepted: the audio ends with the last frame. That must hold too when the run that
     finished the frames died while joining them, and a later run only joins."""
     import streamvsr.video.stream as stream
@@ -759,12 +794,17 @@ def test_audio_of_a_cut_input_stays_cut_when_a_finished_resumable_job_is_joined_
     out = tmp_path / "out.mkv"
     real_join = stream.join_segments
 
-    def disk_full(*args, **kwargs):
+    def disk_full(parts, joined, **kwargs):
+        joined.write_bytes(b"\x1a\x45\xdf\xa3" * 100)  # (begun, then the disk filled)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(stream, "join_segments", disk_full)
     with pytest.raises(OSError, match="No space"):
         upscale_video(FakeEngine(), clip, out, resume=True, allow_truncated=True, checkpoint_frames=4)
+    # the half-joined file goes (it takes the space a join needs), and what is kept is said
+    assert not temp_path(out).exists() and ResumeFiles(out).state.exists()
+    assert f"all 12 frames of {out} are in its resume files: the same job run again with resume only joins them" \
+        in caplog.text
     monkeypatch.setattr(stream, "join_segments", real_join)
     engine = FakeEngine()
     upscale_video(engine, clip, out, resume=True, allow_truncated=True, checkpoint_frames=4)
@@ -1032,6 +1072,49 @@ def test_unreadable_input_and_unwritable_folder(tmp_path):
     finally:
         locked.chmod(0o644)
         ro.chmod(0o755)
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="no statvfs to tell a read-only file system")
+def test_a_read_only_file_system_is_told_as_such_not_as_a_permission(tmp_path, monkeypatch):
+    """A drive mounted read-only (or write-protected) was "no permission to write", sending users to chmod/sudo."""
+    from types import SimpleNamespace
+
+    import streamvsr.video.outputs as outputs
+
+    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != drive)
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(outputs.os, "statvfs", lambda path: SimpleNamespace(f_flag=os.ST_RDONLY)
+                        if Path(path) == drive else real_statvfs(path))
+    for out in (drive / "o.mp4", drive / "sub" / "o.mp4"):
+        with pytest.raises(UserInputError, match=f"cannot write to {out.parent}: {drive} is on a read-only file "
+                                                 "system \\(a write-protected or read-only mounted drive\\)"):
+            upscale_video(FakeEngine(), clip, out)
+    monkeypatch.setattr(outputs.os, "statvfs", real_statvfs)  # (the control: a folder one may not write to)
+    with pytest.raises(UserInputError, match=f"no permission to write in {drive}$"):
+        upscale_video(FakeEngine(), clip, drive / "o.mp4")
+
+
+def test_a_lock_that_cannot_be_written_on_a_full_disk_names_its_file_and_leaves_none(tmp_path, monkeypatch):
+    """A disk with no byte free: "No space left on device" alone, and an empty lock file left behind."""
+    import streamvsr.video.outputs as outputs
+
+    real_write = os.write
+
+    def write(fd, data):
+        if bytes(data).startswith(b"process "):  # (the lock's holder line)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(outputs.os, "write", write)
+    out = tmp_path / "o.mp4"
+    with pytest.raises(OSError, match="No space left on device") as e:
+        with OutputLock(out):
+            pass
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(lock_path(out))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_damaged_resume_file_and_other_settings_are_found_without_the_model(tmp_path):

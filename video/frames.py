@@ -156,8 +156,10 @@ def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str, overwrite: bool = Tr
     tmp = temp_path(path)
     try:
         _write(hr, tmp, fmt)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # (PIL's write errors name no file: a full disk is then told without a place)
         raise
     return publish(tmp, path, overwrite=overwrite, keep_stopped=False)
 
@@ -527,8 +529,10 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
             try_checkpoint(True)
             log.warning("stopped: %s", done(", each complete"))
             raise
-        except BaseException:
+        except BaseException as e:
             try_checkpoint(True)
+            if isinstance(e, OSError):  # a full disk, a drive gone: what is kept, as after a stop
+                log.warning("%s", done(" before this error, each complete"))
             raise
         if checkpoint is not None:
             checkpoint.remove()

@@ -96,7 +96,16 @@ def check_folder_creatable(folder) -> None:
         where = "" if probe == folder else f"cannot create the folder {folder}: "
         raise UserInputError(f"{where}{probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserInputError(f"cannot write to {folder}: no permission to write in {probe}")
+        why = f"{probe} is on a read-only file system (a write-protected or read-only mounted drive)" \
+            if _read_only(probe) else f"no permission to write in {probe}"
+        raise UserInputError(f"cannot write to {folder}: {why}")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # (no statvfs on Windows)
+        return False
 
 
 def make_folder(folder) -> Path:
@@ -350,7 +359,7 @@ class OutputLock:
 
     def _acquire(self) -> int:
         for _ in range(10):
-            fd = self._open()
+            fd, held = self._open(), False
             try:
                 locked = _try_lock(fd, self.path)
                 if not locked:
@@ -364,6 +373,7 @@ class OutputLock:
                 if not current:
                     os.close(fd)
                     continue
+                held = True
                 before = _read_holder(fd)
                 if before:
                     self.stale = True
@@ -371,14 +381,18 @@ class OutputLock:
                              self.target, before)
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
-                os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since "
-                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                try:
+                    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since "
+                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                except OSError as e:  # (a full disk: said with the place, before anything else is tried)
+                    raise OSError(e.errno, e.strerror, str(self.path)) from None
                 return fd
             except BaseException:
-                try:
+                if held:  # (ours alone: the lock file goes, as when the run ends)
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
                 raise
         raise OutputBusyError(self._busy_message(""))
 

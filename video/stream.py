@@ -45,6 +45,7 @@ CRF).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import os
@@ -67,7 +68,8 @@ from .range import seek_to
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable, warn_if_interlaced
 from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments, other_settings
 from .scenecut import SceneCutDetector
-from .writer import VideoWriter, check_crf, check_frame_size, codec_spec, color_tags, depth_notes, to_rgb24
+from .writer import (VideoWriter, check_crf, check_frame_size, codec_spec, color_tags, depth_notes, frames_on_disk,
+                     to_rgb24)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,13 @@ class WriterThread(threading.Thread):
     def _close(self, complete: bool) -> None:
         writer, self.writer = self.writer, None
         if writer is not None:
-            writer.close(complete=complete)
+            try:
+                writer.close(complete=complete)
+            except BaseException:
+                # (MP4 and Matroska write what they buffered, the index among it, only here: a full disk shows
+                # now, and the file on disk may hold fewer frames than were encoded, or none that play)
+                self.finalised = False
+                raise
 
     def put(self, item) -> None:
         while True:
@@ -438,13 +446,17 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     log.warning("could not finalise %s", tmp)
             if files is None:
                 if written > start_written:
+                    on_disk = written if writer.finalised or not tmp.exists() else frames_on_disk(tmp)
+                    if not on_disk:  # e.g. a full disk: an MP4 without its index, of no use and taking space
+                        with contextlib.suppress(OSError):
+                            tmp.unlink()
                     kept = keep_partial(tmp, out_path)
                     if kept is not None and writer.finalised:
                         log.warning("the %d frames written before this error are in %s", written, kept)
-                    elif kept is not None:  # e.g. a full disk: an MP4 without its index does not play
-                        log.warning("the %d frames written before this error are in %s, which could not be "
-                                    "finished and may not play", written, kept)
-                    else:  # the writer failed before it made its file
+                    elif kept is not None:
+                        log.warning("%d of the %d frames done before this error are in %s, which could not be "
+                                    "finished and may not play everywhere", on_disk, written, kept)
+                    else:  # the writer failed before it made its file, or its file holds none
                         log.warning("the %d frames done before this error could not be kept", written)
                 else:
                     remove_stale([tmp], "an empty output of a failed run")
@@ -478,8 +490,16 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         if not parts:
             raise UserInputError(f"{describe(source)} has no frames to upscale")
         until = last_time[0] if problem is not None and last_time[0] else None
-        summary["frames"] = join_segments(parts, tmp, audio_from=source, time_base=info.time_base,
-                                          audio_until=until, rate=info.rate, origin_us=info.origin_us)
+        try:
+            summary["frames"] = join_segments(parts, tmp, audio_from=source, time_base=info.time_base,
+                                              audio_until=until, rate=info.rate, origin_us=info.origin_us)
+        except BaseException:
+            # (e.g. the disk filled: the half-joined file goes, the work is all in the resume files)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning("all %d frames of %s are in its resume files: the same job run again with resume only "
+                        "joins them", written, out_path)
+            raise
         if summary["frames"] != written:  # a bug: the work files stay, for a fixed version to join them
             remove_stale([tmp], "an incomplete join")
             raise RuntimeError(f"joining the resume segments of {out_path} gave {summary['frames']} frames instead "

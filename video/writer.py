@@ -160,6 +160,22 @@ class VideoWriter:
             self.container.close()
 
 
+def frames_on_disk(path) -> int:
+    """How many video frames a file that could not be finished holds (its packets as far as they can be read; 0
+    where it does not open: an MP4 whose index was never written)."""
+    import av
+
+    count = 0
+    try:
+        with av.open(ffmpeg_path(path)) as container:
+            if container.streams.video:
+                for packet in container.demux(container.streams.video[0]):
+                    count += packet.size > 0  # (the end-of-stream marker is empty)
+    except Exception:  # noqa: BLE001 - damage ends the count; what was read before it is there
+        pass
+    return count
+
+
 def check_frame_size(codec: str, width: int, height: int) -> None:
     """A one-line error where ``codec`` cannot encode output frames of ``width`` x ``height`` (x264 refuses sides
     over 16384, once the model has loaded and upscaled the first frame): to be found before that."""
