@@ -256,9 +256,15 @@ def cmd_upscale(args) -> int:
                                             checkpoint_seconds=args.checkpoint_every or 60.0, progress=progress,
                                             should_stop=stop, overwrite=args.overwrite,
                                             allow_truncated=args.allow_truncated)
+                except KeyboardInterrupt:
+                    if job.files is not None:
+                        _say_what_the_checkpoint_keeps(job.files)
+                    raise
                 finally:
                     bar.close()
     w, h = summary["size"]
+    if stop.requested and not summary["interrupted"]:
+        log.warning("the stop came after the last frame: %s was finished", args.out_video)
     if summary["interrupted"]:
         if args.resume:
             log.warning("stopped after %d frames; run the same command again to continue", summary["frames"])
@@ -274,6 +280,17 @@ def cmd_upscale(args) -> int:
     log.info("wrote %s: %d frames, %dx%d, %.5g fps, %d scene cuts", args.out_video, summary["frames"], w, h,
              summary["fps"], summary["scene_cuts"])
     return 0
+
+
+def _say_what_the_checkpoint_keeps(files) -> None:
+    """After a stop at once (a second Ctrl-C), where the last checkpoint is the work kept."""
+    try:
+        info = files.read_info()
+    except Exception:  # noqa: BLE001 - a note after a stop: never a second error instead of it
+        return
+    if info is not None:
+        log.warning("stopped: the resume file keeps %d frames; run the same command again to continue",
+                    info["frames"])
 
 
 def _converted(path: Path) -> bool:

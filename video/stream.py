@@ -434,9 +434,10 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     writer.put(("close", problem is None))
             writer.finish()
             segments = writer.segment
-        except BaseException:
+        except BaseException as e:
             # An error or a hard interrupt mid-frame: end the writer without a new checkpoint (the last one still
             # matches what is on disk) and keep what was written, playable, under the partial name.
+            cause = "stop" if isinstance(e, KeyboardInterrupt) else "error"
             if writer.is_alive():
                 try:
                     writer.put(("close", False))
@@ -452,12 +453,12 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                             tmp.unlink()
                     kept = keep_partial(tmp, out_path)
                     if kept is not None and writer.finalised:
-                        log.warning("the %d frames written before this error are in %s", written, kept)
+                        log.warning("the %d frames written before this %s are in %s", written, cause, kept)
                     elif kept is not None:
-                        log.warning("%d of the %d frames done before this error are in %s, which could not be "
-                                    "finished and may not play everywhere", on_disk, written, kept)
+                        log.warning("%d of the %d frames done before this %s are in %s, which could not be "
+                                    "finished and may not play everywhere", on_disk, written, cause, kept)
                     else:  # the writer failed before it made its file, or its file holds none
-                        log.warning("the %d frames done before this error could not be kept", written)
+                        log.warning("the %d frames done before this %s could not be kept", written, cause)
                 else:
                     remove_stale([tmp], "an empty output of a failed run")
             raise
