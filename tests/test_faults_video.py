@@ -411,6 +411,24 @@ def test_a_killed_frames_job_continues_from_its_last_checkpoint(tmp_path, monkey
     assert list(got) == list(whole) and all(np.array_equal(got[k], whole[k]) for k in whole)
 
 
+def test_a_frames_job_killed_before_its_first_checkpoint_is_told_as_having_none(tmp_path, monkeypatch):
+    """Its outputs are there and no checkpoint: --resume was refused with "already has f000.npy and 2 more of this
+    run's outputs", as if nothing were to be continued and without saying why."""
+    files = png_folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(ResumeFiles, "save", lambda *a, **k: None)  # (killed: it never got to save one)
+        with pytest.raises(KeyboardInterrupt):
+            upscale_folder(StopsAt(3), files, out, save="npy", resume=True)
+    assert len(npy_outputs(out)) == 3 and not ResumeFiles(out).state.exists()
+    with pytest.raises(OutputExistsError, match="already has f000.npy and 2 more of this run's outputs; add "
+                                                "--overwrite to replace them; --resume finds no resume file of a "
+                                                "job \\(out.streamvsr-resume.safetensors\\) to continue$"):
+        upscale_folder(FakeEngine(), files, out, save="npy", resume=True)
+    with pytest.raises(OutputExistsError, match="add --overwrite to replace them$"):  # (no --resume: as before)
+        upscale_folder(FakeEngine(), files, out, save="npy")
+
+
 def test_a_continued_overwrite_job_stopped_again_names_the_outputs_still_from_an_earlier_run(tmp_path, caplog):
     """--resume --overwrite over an earlier run's outputs, stopped twice: each stop says which outputs past the
     frames written are still the earlier run's (the folder mixes two runs)."""

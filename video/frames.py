@@ -365,7 +365,14 @@ def check_folder_job(files: list[Path], out_dir: Path, seed: int = 42, save: str
                                      "start over")
             discard = True
     continued = saved is not None and resume and not discard
-    check_folder_outputs({p.parent for p in files}, out_dir, files, names, overwrite or continued)
+    try:
+        check_folder_outputs({p.parent for p in files}, out_dir, files, names, overwrite or continued)
+    except OutputExistsError as e:
+        if not resume or saved is not None:
+            raise
+        # (e.g. a run killed before its first checkpoint: its outputs are there, a job to continue is not)
+        raise OutputExistsError(f"{e}; --resume finds no resume file of a job ({checkpoint.state.name}) to "
+                                "continue") from None
     redone = frozenset(saved.get("after", ())) if continued else frozenset()
     if continued and not overwrite:
         # Past the frames it counts, a continued job replaces only the outputs its checkpoint says it wrote (at
