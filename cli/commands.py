@@ -65,6 +65,12 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 _received: list[int] = []  # the stop signals of this command, in order
 
 
+def _heeded(*signums: int) -> list[int]:
+    """Those of ``signums`` the process heeds: one it was started ignoring stays ignored (`nohup` runs a command with
+    SIGHUP ignored so that it outlives the terminal, a script's `cmd &` with SIGINT ignored)."""
+    return [signum for signum in signums if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 def _raise_interrupt(signum, frame):
     _received.append(signum)
     raise KeyboardInterrupt
@@ -78,7 +84,7 @@ def stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in _heeded(*STOP_SIGNALS)}
     try:
         yield
     finally:
@@ -101,8 +107,8 @@ class _GracefulStop:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT,
-                                                                                          *STOP_SIGNALS)}
+            self.previous = {signum: signal.signal(signum, self._handle)
+                             for signum in _heeded(signal.SIGINT, *STOP_SIGNALS)}
         return self
 
     def _handle(self, signum, frame):

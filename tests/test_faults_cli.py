@@ -556,6 +556,19 @@ def test_a_stop_signal_keeps_the_work_done_as_ctrl_c_does(media, model, tmp_path
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_signal_the_command_was_started_ignoring_stays_ignored(media, tmp_path):
+    """`nohup streamvsr ...` (SIGHUP ignored, so that the run outlives the terminal) must not stop at SIGHUP."""
+    hook = ("import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+            "def HOOK(i):\n    if i == 2:\n        os.kill(os.getpid(), signal.SIGHUP)\n")
+    out = tmp_path / "o.mkv"
+    child = _run_child(hook, ["upscale", media / "in.mp4", out, "--model", tmp_path, "--codec", "lossless"],
+                       stderr=subprocess.PIPE, text=True)
+    said = child.communicate(timeout=300)[1]
+    assert child.returncode == 0 and "stop" not in said, said
+    assert len(decode(out)) == 4
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell what a descriptor is")
 def test_a_closed_stderr_is_no_failure_and_no_file_takes_its_place(media, tmp_path):
     """Started with ``2>&-`` (a cron job, a service): the progress line failed on the missing stream after the
