@@ -59,8 +59,10 @@ def crf_value(text: str) -> int:
 
 
 # Polite stops besides Ctrl-C: `kill`, systemd, `docker stop` and job schedulers send SIGTERM, a closed terminal or
-# ssh session SIGHUP. Each is taken as Ctrl-C is, so that what a run finished is kept as after Ctrl-C (their default,
-# to die where the process stands, lost the frames done and left the lock and work files behind).
+# ssh session SIGHUP. Each is taken as a first Ctrl-C is, so that what a run finished is kept (their default, to die
+# where the process stands, lost the frames done and left the lock and work files behind). One coming again does not
+# abort the stop under way, as a second Ctrl-C does: a closing terminal can send SIGHUP twice (the shell, then the
+# kernel), and a scheduler that will not wait sends SIGKILL.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 _received: list[int] = []  # the stop signals of this command, in order
 
@@ -73,7 +75,8 @@ def _heeded(*signums: int) -> list[int]:
 
 def _raise_interrupt(signum, frame):
     _received.append(signum)
-    raise KeyboardInterrupt
+    if len(_received) == 1:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -114,10 +117,11 @@ class _GracefulStop:
     def _handle(self, signum, frame):
         _received.append(signum)
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
-        how = "Ctrl-C again" if signum == signal.SIGINT else \
-            f"{signal.Signals(signum).name} came; Ctrl-C or another one"
+        how = "Ctrl-C again" if signum == signal.SIGINT else f"{signal.Signals(signum).name} came; Ctrl-C"
         log.warning("\nstopping after this frame (%s to abort at once)", how)
 
     def __call__(self) -> bool:

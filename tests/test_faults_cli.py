@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -531,13 +532,15 @@ def test_a_stop_signal_keeps_the_work_done_as_ctrl_c_does(media, model, tmp_path
     """`kill`, systemd, `docker stop`, a job scheduler (SIGTERM) or a closed terminal (SIGHUP): the process died where
     it stood, the frames done lost (no partial video, no checkpoint) and its lock and work files left behind."""
     signum = getattr(signal, name)
-    hook = f"import signal\ndef HOOK(i):\n    if i == 2:\n        os.kill(os.getpid(), {int(signum)})\n"
+    # (sent twice, as a closing terminal can: the second does not abort the stop under way)
+    hook = (f"import signal\ndef HOOK(i):\n    if i == 2:\n        os.kill(os.getpid(), {int(signum)})\n"
+            f"        os.kill(os.getpid(), {int(signum)})\n")
     video = tmp_path / "o.mkv"
     child = _run_child(hook, ["upscale", media / "in.mp4", video, "--model", tmp_path, "--codec", "lossless"],
                        stderr=subprocess.PIPE, text=True)
     said = child.communicate(timeout=300)[1]
     assert child.returncode == 128 + signum, said  # (what a shell gives for a process the signal ended)
-    assert f"stopping after this frame ({name} came; Ctrl-C or another one to abort at once)" in said
+    assert f"stopping after this frame ({name} came; Ctrl-C to abort at once)" in said
     kept = partial_path(video)
     assert f"stopped: the first 3 frames are in {kept}" in said and "Traceback" not in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", kept.name] and len(decode(kept)) == 3
@@ -554,6 +557,25 @@ def test_a_stop_signal_keeps_the_work_done_as_ctrl_c_does(media, model, tmp_path
     assert not lock_path(out).exists()
     assert main([str(a) for a in args]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_stop_signal_again_does_not_cut_short_the_cleanup_of_the_first():
+    """A closing terminal can send SIGHUP twice: the second came while the first stop saved its checkpoint (frames)
+    and interrupted that."""
+    from streamvsr.cli.commands import stop_signals, stop_status
+
+    cleaned = []
+    with stop_signals():
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(5)  # (the handler runs at once; never reached)
+            finally:
+                os.kill(os.getpid(), signal.SIGHUP)
+                os.kill(os.getpid(), signal.SIGTERM)
+                cleaned.append(1)
+    assert cleaned == [1] and stop_status() == 128 + signal.SIGHUP
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")

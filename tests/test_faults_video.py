@@ -2181,9 +2181,10 @@ def test_flv_with_b_frames_is_not_called_cut_off(tmp_path):
                       codec="lossless")
 
 
-def test_a_join_short_of_frames_publishes_nothing_and_keeps_the_work(tmp_path, monkeypatch):
-    """Should joining the segments ever lose frames (as FFmpeg's NUT demuxer once made it), the job's work stays
-    for a fixed version instead of being replaced by a short file."""
+def test_a_join_short_of_frames_publishes_nothing_and_keeps_the_work(tmp_path, monkeypatch, caplog):
+    """Should joining the segments ever lose frames (a segment damaged in place, or FFmpeg's NUT demuxer as it once
+    did), the job's work stays instead of being replaced by a short file, and the user is told what to do in one
+    line (it was a traceback, again on every run)."""
     from streamvsr.video import resume, stream
 
     clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
@@ -2193,12 +2194,24 @@ def test_a_join_short_of_frames_publishes_nothing_and_keeps_the_work(tmp_path, m
         return resume.join_segments(*args, **kwargs) - 1
 
     monkeypatch.setattr(stream, "join_segments", short_join)
-    with pytest.raises(RuntimeError, match="gave 5 frames instead of 6"):
+    with pytest.raises(UserInputError, match="gave 5 frames instead of 6, so one of them is damaged .* delete "
+                                             "out.mkv.streamvsr-resume.safetensors to start over"):
         upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
     files = ResumeFiles(out)
     assert not out.exists() and not temp_path(out).exists()
     assert files.state.exists() and len(files.parts_on_disk()) == 3
     monkeypatch.undo()
+
+    def damaged(parts, joined, **kwargs):  # a segment found damaged as it is joined: running again is no help
+        joined.write_bytes(b"half")
+        raise resume._damaged(parts[1], "invalid data")
+
+    caplog.set_level("WARNING")
+    with monkeypatch.context() as m:
+        m.setattr(stream, "join_segments", damaged)
+        with pytest.raises(UserInputError, match="is damaged"):
+            upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
+    assert "only joins them" not in caplog.text and not temp_path(out).exists()
     summary = upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2)
     assert summary["resumed_from"] == 6 and len(decode(out)) == 6
 

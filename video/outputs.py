@@ -331,19 +331,7 @@ class OutputLock:
             if entry[1]:
                 return
             del _held[self.key]
-        fd, path = entry[2], entry[3]
-        if os.name == "nt":  # an open file cannot be deleted there; closing first leaves a harmless moment
-            os.close(fd)
-            try:
-                path.unlink()
-            except OSError:
-                pass
-        else:  # delete while still holding the lock, so nobody can take a lock on a file about to vanish
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            os.close(fd)
+        _release(entry[2], entry[3])
 
     def _open(self) -> int:
         try:
@@ -389,10 +377,10 @@ class OutputLock:
                 return fd
             except BaseException:
                 if held:  # (ours alone: the lock file goes, as when the run ends)
+                    _release(fd, self.path)
+                else:
                     with contextlib.suppress(OSError):
-                        self.path.unlink()
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                        os.close(fd)
                 raise
         raise OutputBusyError(self._busy_message(""))
 
@@ -400,6 +388,20 @@ class OutputLock:
         who = f" ({holder})" if holder else ""
         return (f"{self.target} is being written by another streamvsr run{who}; wait for it to finish or choose "
                 f"another output (lock file {self.path})")
+
+
+def _release(fd: int, path: Path) -> None:
+    """Close a held lock's descriptor and delete its file."""
+    if os.name == "nt":  # an open file cannot be deleted there; closing first leaves a harmless moment
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:  # delete while still holding the lock, so nobody can take a lock on a file about to vanish
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _try_lock(fd: int, path) -> bool:

@@ -494,17 +494,21 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         try:
             summary["frames"] = join_segments(parts, tmp, audio_from=source, time_base=info.time_base,
                                               audio_until=until, rate=info.rate, origin_us=info.origin_us)
-        except BaseException:
-            # (e.g. the disk filled: the half-joined file goes, the work is all in the resume files)
+        except BaseException as e:
             with contextlib.suppress(OSError):
-                tmp.unlink()
-            log.warning("all %d frames of %s are in its resume files: the same job run again with resume only "
-                        "joins them", written, out_path)
+                tmp.unlink()  # (half a file, taking the space a join needs)
+            if isinstance(e, (OSError, KeyboardInterrupt)):  # (the machine or a stop; not a damaged segment)
+                log.warning("all %d frames of %s are in its resume files: the same job run again with resume only "
+                            "joins them", written, out_path)
             raise
-        if summary["frames"] != written:  # a bug: the work files stay, for a fixed version to join them
+        if summary["frames"] != written:
+            # A segment damaged in place (its size unchanged: the demuxer skips what it cannot read), or a bug:
+            # nothing is published, and the work files stay, for the user to decide
             remove_stale([tmp], "an incomplete join")
-            raise RuntimeError(f"joining the resume segments of {out_path} gave {summary['frames']} frames instead "
-                               f"of {written}; the segments and {files.state.name} were kept")
+            raise UserInputError(f"joining the resume segments of {out_path} gave {summary['frames']} frames instead "
+                                 f"of {written}, so one of them is damaged (if none is, please report it); the "
+                                 f"segments and {files.state.name} were kept: delete {files.state.name} to start over "
+                                 "(its finished segments are then redone)")
         if problem is not None and not accept:
             # The finished job stays (checkpoint and segments) where the input can be accepted as the error
             # suggests, which then joins them again instead of upscaling the whole video anew; a change of frame
