@@ -19,6 +19,7 @@ import torch
 from streamvsr.models.shared.errors import UserInputError
 from streamvsr.models.stream_diffvsr.engine import StreamState, new_state
 from streamvsr.video import ResumeFiles, SceneCutDetector, VideoWriter, read_frames, upscale_video
+from streamvsr.video.reader import probe_video
 
 av = pytest.importorskip("av")
 
@@ -1100,3 +1101,117 @@ def test_video_node_streams_to_the_output_folder(tiny, tmp_path, monkeypatch):
     assert len(decode(path)) == 2 and audio_info(path)["seconds"] > 0
     assert out.ui["images"][0]["filename"] == path.rsplit("/", 1)[-1]
     assert mm.calls["interrupt_checks"] >= 2 and mm.calls["load_models_gpu"]
+
+
+def _remux(src, dst, sample_aspect_ratio=None):
+    """``src``'s video stream alone in a new file, the container told ``sample_aspect_ratio`` (the codec not)."""
+    with av.open(str(src)) as c:
+        out = av.open(str(dst), "w")
+        stream = out.add_stream_from_template(c.streams.video[0])
+        if sample_aspect_ratio:
+            stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
+        for packet in c.demux(c.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+        out.close()
+    return dst
+
+
+def test_pixels_not_square_by_the_containers_word_alone_are_kept(tmp_path):
+    """An MP4 whose `pasp` box says 32:27 over H.264 that says nothing (MP4Box -par, DVD rips): the output lost it and
+    played at the wrong shape."""
+    clip = _remux(make_clip(tmp_path / "in.mp4", n=3, audio=None), tmp_path / "pasp.mp4", Fraction(32, 27))
+    with av.open(str(clip)) as c:  # (the input as meant: the container's word only)
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(32, 27)
+        assert not c.streams.video[0].codec_context.sample_aspect_ratio
+    assert probe_video(clip).sample_aspect_ratio == Fraction(32, 27)
+    upscale_video(FakeEngine(), clip, tmp_path / "out.mp4")
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(32, 27)
+
+
+def _with_cover(path, video_from=None):
+    """An MP4 holding a cover picture (a PNG, attached) and ``video_from``'s video, else AAC audio (a song with its
+    cover art)."""
+    from PIL import Image
+
+    c = av.open(str(path), "w", format="mp4")
+    cover = c.add_stream("png", rate=1)
+    cover.width, cover.height, cover.pix_fmt = 20, 20, "rgb24"
+    cover.disposition = av.stream.Disposition.attached_pic
+    src = av.open(str(video_from)) if video_from is not None else None
+    if src is not None:
+        video = c.add_stream_from_template(src.streams.video[0])
+    else:
+        audio = c.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+    png = io.BytesIO()
+    Image.fromarray(np.full((20, 20, 3), (255, 0, 255), np.uint8)).save(png, "PNG")
+    packet = av.Packet(png.getvalue())
+    packet.stream, packet.pts, packet.dts = cover, 0, 0
+    c.mux(packet)
+    if src is not None:
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = video
+                c.mux(packet)
+        src.close()
+    else:
+        for k in range(0, 8192, 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, k
+            for p in audio.encode(frame):
+                c.mux(p)
+        for p in audio.encode():
+            c.mux(p)
+    c.close()
+    return path
+
+
+def test_a_cover_picture_is_not_taken_for_the_video(tmp_path):
+    """A song with its cover art was "upscaled" into a one-frame video at 90000 fps."""
+    song = _with_cover(tmp_path / "song.m4a")
+    with pytest.raises(UserInputError, match="song.m4a has no video stream \\(it holds (1 audio stream, 1 cover "
+                                             "picture|1 cover picture, 1 audio stream)\\)"):
+        upscale_video(FakeEngine(), song, tmp_path / "o.mp4")
+    film = _with_cover(tmp_path / "film.mp4", make_clip(tmp_path / "in.mp4", n=4, w=32, h=24, audio=None))
+    info = probe_video(film)  # (the control: a film with its cover, which MP4 stores after the video)
+    assert (info.width, info.height, info.frames) == (32, 24, 4)
+    upscale_video(FakeEngine(), film, tmp_path / "out.mkv", codec="lossless")
+    assert [f.shape for f in decode(tmp_path / "out.mkv")] == [(96, 128, 3)] * 4
+
+
+@pytest.mark.parametrize("size, matrix", [((1280, 536), "ITU709"), ((1920, 800), "ITU709"), ((1280, 720), "ITU709"),
+                                          ((720, 576), "ITU601"), ((640, 480), "ITU601")])
+def test_a_frame_without_a_matrix_is_read_with_the_one_its_size_implies(size, matrix):
+    """An untagged 720p 'scope' encode (1280x536) was read as BT.601: red (200, 40, 60) came out (186, 22, 62)."""
+    from streamvsr.video.reader import frame_to_tensor
+
+    w, h = size
+    rgb = np.full((h, w, 3), (200, 40, 60), np.uint8)
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv444p", dst_colorspace=matrix)
+    frame.colorspace = 2  # (what the file says: unspecified)
+    got = (frame_to_tensor(frame)[:, h // 2, w // 2] * 255).round().tolist()
+    assert max(abs(a - b) for a, b in zip(got, (200, 40, 60))) <= 2, got
+
+
+def test_only_a_gif_with_transparent_pixels_is_said_to_have_transparency(tmp_path, caplog):
+    """FFmpeg decodes every GIF with an alpha channel: each one was said to have its transparency dropped."""
+    from PIL import Image
+
+    from streamvsr.video.reader import FrameReader
+
+    def gif(path, transparent):
+        frames = [Image.new("RGBA", (16, 12), (200 - 20 * i, 40, 60, 255)) for i in range(3)]
+        if transparent:
+            frames[0].putpixel((3, 3), (0, 0, 0, 0))
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0, disposal=2)
+        return path
+
+    caplog.set_level("INFO")
+    for transparent in (False, True):
+        caplog.clear()
+        path = gif(tmp_path / f"{transparent}.gif", transparent)
+        assert len(list(FrameReader(path, info=probe_video(path)))) == 3
+        assert ("has transparency" in caplog.text) == transparent, caplog.text

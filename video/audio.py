@@ -10,7 +10,7 @@ import io
 import math
 
 from ..models.shared.errors import UserInputError
-from .reader import open_input
+from .reader import open_input, video_stream
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def not_kept(source, out_suffix: str) -> list[str]:
     carried = _carries(out_suffix)
     container = open_input(source)
     try:
-        video = container.streams.video[0] if container.streams.video else None
+        video = video_stream(container)
         kept = {s.index for s in _subtitles(container, carried)}
         chapters = bool(_chapters(container))
         lines = []
@@ -165,8 +165,9 @@ class AudioCopy:
         self.container = open_input(source)
         try:
             sink.metadata.update(_labels(self.container.metadata))
-            if self.container.streams.video and sink.streams.video:
-                sink.streams.video[0].metadata.update(_labels(self.container.streams.video[0].metadata))
+            video = video_stream(self.container)
+            if video is not None and sink.streams.video:
+                sink.streams.video[0].metadata.update(_labels(video.metadata))
             self._add_streams(sink, out_suffix)
         except BaseException:
             self.container.close()

@@ -227,12 +227,18 @@ def frame_to_tensor(frame) -> torch.Tensor:
     """A decoded frame -> (3, h, w) float32 RGB in [0, 1], 16-bit when the source has more than 8 bits."""
     kwargs = {}
     if not frame.format.is_rgb:
-        kwargs["src_colorspace"] = _MATRICES.get(frame.colorspace, "ITU709" if frame.height >= 720 else "ITU601")
+        kwargs["src_colorspace"] = _MATRICES.get(frame.colorspace, _untagged_matrix(frame.width, frame.height))
         if frame.color_range == 2:
             kwargs["src_color_range"] = "JPEG"
     deep = max(c.bits for c in frame.format.components) > 8
     arr = frame.to_ndarray(format="rgb48le" if deep else "rgb24", **kwargs)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(65535.0 if deep else 255.0)
+
+
+def _untagged_matrix(width: int, height: int) -> str:
+    """The matrix of a frame whose file names none, by its size as players guess it (mpv, libplacebo): HD sizes
+    are BT.709, SD ones BT.601. Width counts too: a widescreen HD encode cropped to 1280x536 or 1920x800 is HD."""
+    return "ITU709" if width >= 1280 or height > 576 else "ITU601"
 
 
 def _frame_orientation(frame, stream) -> Orientation:
@@ -311,17 +317,33 @@ def open_video(source):
     """The container and its first video stream, decoded without frame threading (see the module docstring); a
     one-line error for a file without video."""
     container = open_input(source)
-    if not container.streams.video:
+    stream = video_stream(container)
+    if stream is None:
         kinds = {}
         for s in container.streams:
-            kinds[s.type] = kinds.get(s.type, 0) + 1
-        held = ", ".join(f"{n} {k} stream{'s' if n > 1 else ''}" for k, n in kinds.items()) or "no streams"
+            kind = "cover picture" if is_cover(s) else f"{s.type} stream"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        held = ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in kinds.items()) or "no streams"
         container.close()
         raise UserInputError(f"{describe(source)} has no video stream (it holds {held})")
-    stream = container.streams.video[0]
     # No frame threading: see the module docstring. Slice threading reports errors as they happen.
     stream.thread_type = "SLICE"
     return container, stream
+
+
+def is_cover(stream) -> bool:
+    """Whether a video stream is a picture attached to the file (an album or poster cover), not video."""
+    import av
+
+    flag = getattr(getattr(av.stream, "Disposition", None), "attached_pic", None)
+    disposition = getattr(stream, "disposition", None)
+    return stream.type == "video" and flag is not None and disposition is not None and bool(disposition & flag)
+
+
+def video_stream(container):
+    """The first video stream that is video (a cover picture is stored as a one-frame video stream, and may come
+    first), or None."""
+    return next((s for s in container.streams.video if not is_cover(s)), None)
 
 
 def _origin_us(streams) -> int:
@@ -355,7 +377,8 @@ def probe_video(source) -> VideoInfo:
         header = _header_frames(stream)
         duration = _stream_seconds(container, stream)
         frames = header or (round(duration * rate) if duration else 0)
-        sar = ctx.sample_aspect_ratio
+        # (the container's, where it says one: an MP4's `pasp` box may be all there is, as FFmpeg takes it)
+        sar = stream.sample_aspect_ratio or ctx.sample_aspect_ratio
         if sar and orientation.transpose:
             sar = 1 / Fraction(sar)
         stored = (first.width, first.height)
@@ -412,6 +435,14 @@ class VideoFrames:
             held = packet
         if held is not None:
             yield from held.decode()
+
+
+def _transparent(frame) -> bool:
+    """Whether a frame of a format with alpha has any pixel that is not opaque (FFmpeg decodes every GIF as bgra)."""
+    try:
+        return bool((frame.to_ndarray(format="rgba")[..., 3] < 255).any())
+    except Exception:  # noqa: BLE001 - for a note only: said where it cannot be told
+        return True
 
 
 def cut_inside(source, frame: int) -> str:
@@ -488,7 +519,7 @@ class FrameReader:
                 pts = last + 1
             last = pts
             self.decoded = index + 1
-            if index == 0 and any(c.is_alpha for c in frame.format.components):
+            if index == 0 and any(c.is_alpha for c in frame.format.components) and _transparent(frame):
                 log.info("%s has transparency (%s): the upscale is of the colours; its alpha channel is dropped",
                          describe(self.source), frame.format.name)
             tensor = info.orientation.apply(frame_to_tensor(frame)) if index >= self.start else None
