@@ -18,7 +18,7 @@ import comfy.utils
 from ..models.shared.errors import UserInputError
 from ..models.shared.image import to_rgb
 from ..models.shared.packed import packed_operations
-from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, is_out_of_memory
+from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, is_out_of_memory, weights_checksum
 from ..video.outputs import LOCK_TAG, PARTIAL_TAG, TMP_TAG
 
 log = logging.getLogger(__name__)
@@ -285,3 +285,16 @@ def tensor_to_preview(frame: torch.Tensor):
 
     arr = (frame[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return Image.fromarray(arr)
+
+
+def remember_source(network, path) -> None:
+    """Record where a loader read ``network`` from (the real path: a "(download) …" entry and the folder it made
+    are the same model, and a sequence started with one continues with the other) and its weights' checksum."""
+    network.streamvsr_source = os.path.realpath(path)
+    network.streamvsr_weights = f"{weights_checksum(network):.10g}"
+
+
+def loaded_from(network) -> str:
+    """``remember_source``'s record, for a sequence's settings: other weights put in the same place (downloaded
+    again, or `streamvsr convert --overwrite`) are another model."""
+    return f"{getattr(network, 'streamvsr_source', id(network))}#{getattr(network, 'streamvsr_weights', '')}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import folder_paths
 import numpy as np
@@ -18,7 +17,7 @@ from ..models.raft.weights import load_raft
 from ..models.shared.errors import UserInputError
 from ..models.shared.packed import prepare_packed
 from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, download_progress,
-                     load_flow_patcher, operations_for, out_of_memory, wrap)
+                     load_flow_patcher, operations_for, out_of_memory, remember_source, wrap)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
                               downscale={"full": 1, "half": 2, "quarter": 4}[resolution])
         prepare_packed(estimator)  # the CPU layers' weight copies, if any: made now rather than in the first frame
         # names it in a sequence's settings (a continuation needs the same file, whichever list entry gave it)
-        estimator.streamvsr_source = os.path.realpath(path)
+        remember_source(estimator, path)
         return io.NodeOutput(wrap(estimator))
 
 

@@ -19,8 +19,8 @@ from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
-                     load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, show_text,
-                     tensor_to_preview, uses_cpu_layers, wrap)
+                     load_flow_patcher, loaded_from, operations_for, out_of_memory_advice, pick_precision,
+                     remember_source, show_text, tensor_to_preview, uses_cpu_layers, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,10 @@ def model_key(model_patcher, flow_patcher, seed: int, steps: int) -> str:
     """What must not change for a run to continue a sequence: the model, its precision, the seed, the steps and the
     flow model with the options that change its numbers."""
     pipe, flow = model_patcher.model, flow_patcher.model
-    flow_name = (f"{getattr(flow, 'streamvsr_source', id(flow))}|{flow.arch}|updates={flow.num_flow_updates}|"
-                 f"downscale={flow.downscale}")
+    flow_name = (f"{loaded_from(flow)}|{flow.arch}|updates={flow.num_flow_updates}|downscale={flow.downscale}")
     # The weights' dtype and the one computed in (ComfyUI may pick a compute dtype other than the weights')
     precision = f"{pipe.dtype}/{compute_dtype_of(pipe)}"
-    return f"{getattr(pipe, 'streamvsr_source', id(pipe))}|{precision}|steps={steps}|seed={seed}|flow={flow_name}"
+    return f"{loaded_from(pipe)}|{precision}|steps={steps}|seed={seed}|flow={flow_name}"
 
 
 def model_choices() -> list[str]:
@@ -185,9 +184,7 @@ class StreamVSRLoadModel(io.ComfyNode):
         packed = uses_cpu_layers(weight_dtype, compute_dtype, device, bool(cpu_layers))
         pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=weight_dtype, operations=operations)
         prepare_packed(pipe)  # the CPU layers' weight copies: made now rather than in the first frame
-        # where the weights are, not the list's name for them: a "(download) …" entry and the folder it made are
-        # the same model, and a sequence started with one continues with the other
-        pipe.streamvsr_source = os.path.realpath(path)
+        remember_source(pipe, path)
         pipe.streamvsr_compute_dtype = compute_dtype
         pipe.streamvsr_compile = bool(compile)
         if compile and device.type == "cpu":

@@ -492,6 +492,28 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     assert state.frame_index == 2
 
 
+@pytest.mark.parametrize("replaced", ["model", "flow"])
+def test_other_weights_put_at_the_same_path_start_a_new_sequence(comfy, tmp_path, caplog, replaced):
+    """A model downloaded or converted again into the same place, then reloaded (ComfyUI's Free, or a restart of the
+    loader): the sequence went on with the new weights as if they were the old ones, neither the old sequence nor
+    a new one."""
+    _, nodes = comfy
+    model, flow = _models(nodes)
+    frames = _frames(4)
+    _upscale(nodes, model, flow, frames[:2], "9")
+    models = tmp_path / "models" / "streamvsr"
+    if replaced == "model":
+        shutil.rmtree(models / "tiny")
+        make_tiny_checkpoint(models / "tiny", seed=1)
+    else:
+        make_tiny_raft(models / "raft" / "raft_small_test.pth", seed=1)
+    model, flow = _models(nodes)  # (loaded anew from the same paths)
+    caplog.set_level("INFO")
+    out, state = _upscale(nodes, model, flow, frames[2:], "9", continue_sequence=True)
+    assert state.frame_index == 2 and ("model" in caplog.text or "flow" in caplog.text), caplog.text
+    assert torch.allclose(out, _reference(model, flow, frames[2:], 5), atol=1e-5)  # a new sequence of these weights
+
+
 def test_a_state_handed_to_another_node_leaves_the_cache_valid(comfy):
     """One node's state output wired into another's state input: re-queueing the unchanged workflow is served
     from ComfyUI's cache (the runs' results depend on their inputs alone), also for other nodes."""
@@ -862,7 +884,7 @@ def test_video_node_finds_frames_too_wide_for_h264_before_loading_the_models(com
 
     wide = make_clip(tmp_path / "wide.mkv", n=1, w=4100, h=8, audio=None, vcodec="ffv1")
     _refused_before_the_models_load(comfy, FileVideo(wide), "h264 cannot encode the 16400x32 output frames "
-                                                            "\(libx264 takes at most 16384 pixels a side\): choose "
+                                                            r"\(libx264 takes at most 16384 pixels a side\): choose "
                                                             "the lossless codec")
 
 

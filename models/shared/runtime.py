@@ -169,6 +169,13 @@ def checksum(tensors) -> float:
     return sum(float(t.detach().cpu().double().sum()) for t in tensors)
 
 
+def weights_checksum(network: torch.nn.Module) -> float:
+    """``checksum`` of a few weights of ``network`` (and of its prompt embedding, where it keeps one): what tells a
+    model from another of the same architecture, cheaply enough to take at every load."""
+    prompt = [network.prompt_embeds] if isinstance(getattr(network, "prompt_embeds", None), torch.Tensor) else []
+    return checksum(prompt + [p for _, p in zip(range(4), network.parameters())])
+
+
 def device_memory(device) -> int:
     """Bytes of memory ``device`` has in all: its VRAM on CUDA; elsewhere the system's MemTotal (/proc/meminfo,
     else sysconf), capped by a cgroup v2 memory limit when there is one."""
