@@ -1215,3 +1215,28 @@ def test_only_a_gif_with_transparent_pixels_is_said_to_have_transparency(tmp_pat
         path = gif(tmp_path / f"{transparent}.gif", transparent)
         assert len(list(FrameReader(path, info=probe_video(path)))) == 3
         assert ("has transparency" in caplog.text) == transparent, caplog.text
+
+
+def _video_end(path) -> float:
+    """Seconds from the first frame's start to the last frame's end, by the packets' own times."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        packets = [(p.pts, p.duration or 0) for p in c.demux(s) if p.size]
+    return float((max(pts + d for pts, d in packets) - min(pts for pts, _ in packets)) * s.time_base)
+
+
+@pytest.mark.parametrize("codec, suffix, resume", [("h264", ".mp4", False), ("lossless", ".mkv", False),
+                                                   ("h264", ".mp4", True), ("lossless", ".mkv", True)])
+def test_the_last_frame_lasts_as_long_as_the_inputs_did(tmp_path, codec, suffix, resume):
+    """A GIF that holds its last picture for a second (frames of 0.1, 0.4, 0.1, 1 s): the output's last frame got
+    the average frame time (0.4 s), cutting the hold short, as for any input of variable frame rate."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (16, 12), (200 - 30 * i, 40, 60)) for i in range(4)]
+    frames[0].save(tmp_path / "in.gif", save_all=True, append_images=frames[1:], duration=[100, 400, 100, 1000],
+                   loop=0)
+    assert _video_end(tmp_path / "in.gif") == pytest.approx(1.6)
+    out = tmp_path / f"out{suffix}"
+    upscale_video(FakeEngine(), tmp_path / "in.gif", out, codec=codec, resume=resume, checkpoint_frames=2)
+    assert video_times(out) == pytest.approx([0.0, 0.1, 0.5, 0.6])
+    assert _video_end(out) == pytest.approx(1.6, abs=1e-3)

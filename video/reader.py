@@ -471,6 +471,7 @@ class FrameReader:
         self.decoded = 0
         self.problem: InputProblem | None = None
         self._end: float | None = None  # seconds from the stream's start to the end of the last frame decoded
+        self._latest: tuple[int, int | None] | None = None  # (pts, the file's duration for it) of the last frame
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None, int]]:
         import av
@@ -518,6 +519,8 @@ class FrameReader:
             if last is not None and pts <= last:
                 pts = last + 1
             last = pts
+            own = frame.duration if durations and frame.pts is not None and getattr(frame, "duration", None) else None
+            self._latest = (pts, own)
             self.decoded = index + 1
             if index == 0 and any(c.is_alpha for c in frame.format.components) and _transparent(frame):
                 log.info("%s has transparency (%s): the upscale is of the colours; its alpha channel is dropped",
@@ -529,6 +532,12 @@ class FrameReader:
             self.problem = InputProblem("truncated", index, cut_inside(self.source, index))
         else:
             self.problem = shortfall(self.info, self.decoded, self._end, self.source)
+
+    def duration_of(self, pts: int) -> int | None:
+        """The file's own duration (``info.time_base`` units) of the frame at ``pts`` if it is the last one read
+        and the file gives one, else None. The output's last frame then lasts as long as the input's did (a GIF
+        that holds its last picture, variable frame rates), where the writer would give it the average."""
+        return self._latest[1] if self._latest is not None and self._latest[0] == pts else None
 
     def close(self) -> None:
         self.container.close()

@@ -328,10 +328,12 @@ def _model_change(saved, now: str) -> str:
 
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
-                  audio_until: float | None = None, rate: Fraction | None = None, origin_us: int = 0) -> int:
+                  audio_until: float | None = None, rate: Fraction | None = None, origin_us: int = 0,
+                  end: float | None = None) -> int:
     """Remux video-only segments into one file (no re-encoding) and add what ``audio.AudioCopy`` copies of
     ``audio_from`` (its audio up to ``audio_until`` seconds, all of it if None); ``rate``: the frame rate to declare;
-    ``origin_us``: see ``writer.clock_start`` (segments keep the input's clock). Returns the frames joined."""
+    ``origin_us``: see ``writer.clock_start`` (segments keep the input's clock); ``end``: where the last frame ends,
+    in seconds of that clock (else it lasts a frame of the nominal rate). Returns the frames joined."""
     import av
 
     frames = 0
@@ -347,13 +349,24 @@ def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base:
                 v_out.codec_context.framerate = rate
             audio = AudioCopy(audio_from, sink, out_path.suffix, origin_us, end=audio_until) \
                 if audio_from is not None else None
+            def mux(packet, until) -> None:
+                # (NUT keeps no frame durations: each frame lasts up to the next, the last up to ``end``)
+                if until is not None and until > packet.pts * packet.time_base:
+                    packet.duration = max(1, round((until - packet.pts * packet.time_base) / packet.time_base))
+                if audio is not None:
+                    audio.mux_until(float(packet.pts * packet.time_base))
+                packet.stream = v_out
+                sink.mux(packet)
+
+            held = None  # (segments have no B-frames: decoding order is display order)
             for part in parts:
                 for packet in _segment_packets(part):
-                    if audio is not None:
-                        audio.mux_until(float(packet.pts * packet.time_base))
-                    packet.stream = v_out
-                    sink.mux(packet)
+                    if held is not None:
+                        mux(held, packet.pts * packet.time_base)
+                    held = packet
                     frames += 1
+            if held is not None:
+                mux(held, Fraction(end) if end else None)
             if audio is not None:
                 audio.finish(audio_until)
         finally:

@@ -373,8 +373,9 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                 if preview is not None:
                     preview(hr)
                 pts = held_pts.popleft()
-                writer.put(("frame", to_rgb24(hr), pts))
-                last_time[0] = float((pts + 1 / (info.rate * info.time_base)) * info.time_base)
+                duration = reader.duration_of(pts) if reader is not None else None
+                writer.put(("frame", to_rgb24(hr), pts, duration))
+                last_time[0] = float((pts + (duration or 1 / (info.rate * info.time_base))) * info.time_base)
                 written += 1
                 if progress is not None:
                     progress(written, max(info.frames, written))
@@ -493,7 +494,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         until = last_time[0] if problem is not None and last_time[0] else None
         try:
             summary["frames"] = join_segments(parts, tmp, audio_from=source, time_base=info.time_base,
-                                              audio_until=until, rate=info.rate, origin_us=info.origin_us)
+                                              audio_until=until, rate=info.rate, origin_us=info.origin_us,
+                                              end=last_time[0] or None)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()  # (half a file, taking the space a join needs)

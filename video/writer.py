@@ -106,8 +106,11 @@ class VideoWriter:
         self.dts_span = self.container.format.name.split(",")[0] in ("mov", "mp4")
         self.held = None
         self.first, self.pts_end = None, None  # (first dts, first pts), latest pts + duration
+        self.durations: dict[int, int] = {}  # pts -> duration of the frames given one, until their packet comes
 
-    def write(self, rgb: np.ndarray, pts: int) -> None:
+    def write(self, rgb: np.ndarray, pts: int, duration: int | None = None) -> None:
+        """Encode one frame at ``pts``; ``duration`` (time-base units): how long it is shown, where the input says
+        (the encoder hands it on to the muxer, which ends the video with it)."""
         import av
 
         if rgb.shape != (self.height, self.width, 3):
@@ -118,11 +121,16 @@ class VideoWriter:
         if self.yuv:
             frame = frame.reformat(format=self.stream.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
         frame.pts, frame.time_base = int(pts), self.stream.codec_context.time_base
+        if duration:
+            self.durations[int(pts)] = int(duration)  # (encoders leave packets without one: set as they come out)
         self._mux_video(self.stream.encode(frame))
         self.frames += 1
 
     def _mux_video(self, packets) -> None:
         for packet in packets:
+            duration = self.durations.pop(packet.pts, None) if packet.pts is not None else None
+            if duration and not packet.duration:
+                packet.duration = duration
             if self.audio is not None and packet.pts is not None:
                 # Audio up to the video already written keeps the muxer's interleaving buffer short.
                 self.last_time = max(self.last_time, float(packet.pts * packet.time_base))
