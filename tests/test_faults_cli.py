@@ -578,6 +578,25 @@ def test_a_stop_signal_again_does_not_cut_short_the_cleanup_of_the_first():
     assert cleaned == [1] and stop_status() == 128 + signal.SIGHUP
 
 
+@pytest.mark.skipif(os.name != "posix", reason="signals sent to oneself as on POSIX")
+def test_where_ctrl_c_is_ignored_a_second_stop_signal_aborts(caplog):
+    """A script's `streamvsr ... &` ignores Ctrl-C: the stop's message offered it, and a second `kill`, which then
+    is the only way short of SIGKILL, was ignored too."""
+    from streamvsr.cli.commands import _GracefulStop, stop_signals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_signals(), _GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop()
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # (the handler runs at once; never reached)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "stopping after this frame (SIGTERM came; another one to abort at once)" in caplog.text
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
 def test_a_signal_the_command_was_started_ignoring_stays_ignored(media, tmp_path):
     """`nohup streamvsr ...` (SIGHUP ignored, so that the run outlives the terminal) must not stop at SIGHUP."""

@@ -492,7 +492,7 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     assert state.frame_index == 2
 
 
-@pytest.mark.parametrize("replaced", ["model", "flow"])
+@pytest.mark.parametrize("replaced", ["model", "vae", "controlnet", "flow"])
 def test_other_weights_put_at_the_same_path_start_a_new_sequence(comfy, tmp_path, caplog, replaced):
     """A model downloaded or converted again into the same place, then reloaded (ComfyUI's Free, or a restart of the
     loader): the sequence went on with the new weights as if they were the old ones, neither the old sequence nor
@@ -505,6 +505,10 @@ def test_other_weights_put_at_the_same_path_start_a_new_sequence(comfy, tmp_path
     if replaced == "model":
         shutil.rmtree(models / "tiny")
         make_tiny_checkpoint(models / "tiny", seed=1)
+    elif replaced in ("vae", "controlnet"):  # (another training stage of one part: the rest is the same)
+        other = make_tiny_checkpoint(tmp_path / "other", seed=1)
+        shutil.rmtree(models / "tiny" / replaced)
+        shutil.copytree(other / replaced, models / "tiny" / replaced)
     else:
         make_tiny_raft(models / "raft" / "raft_small_test.pth", seed=1)
     model, flow = _models(nodes)  # (loaded anew from the same paths)

@@ -1197,24 +1197,27 @@ def test_a_frame_without_a_matrix_is_read_with_the_one_its_size_implies(size, ma
 
 
 def test_only_a_gif_with_transparent_pixels_is_said_to_have_transparency(tmp_path, caplog):
-    """FFmpeg decodes every GIF with an alpha channel: each one was said to have its transparency dropped."""
+    """FFmpeg decodes every GIF with an alpha channel: each one was said to have its transparency dropped; one that
+    turns transparent after its first frame must still be said to (once)."""
     from PIL import Image
 
     from streamvsr.video.reader import FrameReader
 
     def gif(path, transparent):
         frames = [Image.new("RGBA", (16, 12), (200 - 20 * i, 40, 60, 255)) for i in range(3)]
-        if transparent:
-            frames[0].putpixel((3, 3), (0, 0, 0, 0))
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0, disposal=2)
+        if transparent is not None:
+            frames[transparent].putpixel((3, 3), (0, 0, 0, 0))
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0, disposal=2,
+                       optimize=False)  # (PIL's optimiser would drop a transparent pixel of a later frame)
         return path
 
     caplog.set_level("INFO")
-    for transparent in (False, True):
+    for transparent in (None, 0, 2):  # (which frame has a transparent pixel)
         caplog.clear()
         path = gif(tmp_path / f"{transparent}.gif", transparent)
         assert len(list(FrameReader(path, info=probe_video(path)))) == 3
-        assert ("has transparency" in caplog.text) == transparent, caplog.text
+        said = [r.getMessage() for r in caplog.records if "has transparency" in r.getMessage()]
+        assert len(said) == (transparent is not None) and all(f"from frame {transparent})" in m for m in said), said
 
 
 def _video_end(path) -> float:
@@ -1240,3 +1243,56 @@ def test_the_last_frame_lasts_as_long_as_the_inputs_did(tmp_path, codec, suffix,
     upscale_video(FakeEngine(), tmp_path / "in.gif", out, codec=codec, resume=resume, checkpoint_frames=2)
     assert video_times(out) == pytest.approx([0.0, 0.1, 0.5, 0.6])
     assert _video_end(out) == pytest.approx(1.6, abs=1e-3)
+
+
+def _cover_listed_first(path, out):
+    """``path`` (an MP4 whose cover is an iTunes-style `covr` tag) with its `udta` box moved before the tracks, as
+    some taggers write it: FFmpeg then lists the cover as stream 0, before the video."""
+    import struct
+
+    def boxes(data, start, end):
+        found = []
+        while start < end:
+            size, kind = struct.unpack(">I4s", data[start:start + 8])
+            found.append((kind, data[start:start + size]))
+            start += size
+        return found
+
+    data = Path(path).read_bytes()
+    rebuilt = b""
+    for kind, box in boxes(data, 0, len(data)):
+        if kind == b"moov":
+            inner = boxes(box, 8, len(box))
+            first = [b for k, b in inner if k == b"mvhd"] + [b for k, b in inner if k == b"udta"]
+            box = box[:8] + b"".join(first + [b for k, b in inner if k not in (b"mvhd", b"udta")])
+        rebuilt += box
+    Path(out).write_bytes(rebuilt)
+    return out
+
+
+def test_a_cover_listed_before_the_video_gives_neither_frames_nor_colour_tags(tmp_path):
+    """The colour tags (HDR: BT.2020, PQ) and the notes on them were read from the first video stream, the cover."""
+    from streamvsr.video.writer import color_tags, depth_notes
+
+    c = av.open(str(tmp_path / "hdr.mp4"), "w")
+    v = c.add_stream("libx264", rate=24, options={"crf": "0", "x264-params": "colorprim=bt2020:transfer=smpte2084:"
+                                                                               "colormatrix=bt2020nc"})
+    v.pix_fmt, v.width, v.height = "yuv444p", 32, 24
+    for i in range(4):
+        for p in v.encode(av.VideoFrame.from_ndarray(np.full((24, 32, 3), 40 * i, np.uint8), format="rgb24")):
+            c.mux(p)
+    for p in v.encode():
+        c.mux(p)
+    c.close()
+    film = _cover_listed_first(_with_cover(tmp_path / "film.mp4", tmp_path / "hdr.mp4"), tmp_path / "first.mp4")
+    with av.open(str(film)) as c:
+        assert [s.codec_context.name for s in c.streams] == ["png", "h264"]
+    info = probe_video(film)
+    assert (info.width, info.height, info.frames) == (32, 24, 4)
+    assert color_tags(film) == {"color_primaries": 9, "color_trc": 16}
+    assert any("the input is HDR" in note for note in depth_notes(film))
+    upscale_video(FakeEngine(), film, tmp_path / "out.mkv", codec="lossless")
+    with av.open(str(tmp_path / "out.mkv")) as c:
+        ctx = c.streams.video[0].codec_context
+        assert (ctx.color_primaries, ctx.color_trc) == (9, 16)
+    assert len(decode(tmp_path / "out.mkv")) == 4

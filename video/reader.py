@@ -481,6 +481,7 @@ class FrameReader:
         start_pts = self.stream.start_time
         last = None
         previous, durations = None, True  # the last frame's own timestamp; whether to take frame durations
+        alpha = None  # whether frames carry an alpha channel: then looked at until one is transparent
         if self.seeked is not None:
             decoder, index = self.seeked.decoder, self.seeked.start
             frames = itertools.chain([self.seeked.first], decoder)
@@ -522,9 +523,12 @@ class FrameReader:
             own = frame.duration if durations and frame.pts is not None and getattr(frame, "duration", None) else None
             self._latest = (pts, own)
             self.decoded = index + 1
-            if index == 0 and any(c.is_alpha for c in frame.format.components) and _transparent(frame):
-                log.info("%s has transparency (%s): the upscale is of the colours; its alpha channel is dropped",
-                         describe(self.source), frame.format.name)
+            if alpha is None:
+                alpha = any(c.is_alpha for c in frame.format.components)
+            if alpha and _transparent(frame):  # (an opaque start may turn transparent later: said once, then)
+                log.info("%s has transparency (%s, from frame %d): the upscale is of the colours; its alpha channel "
+                         "is dropped", describe(self.source), frame.format.name, index)
+                alpha = False
             tensor = info.orientation.apply(frame_to_tensor(frame)) if index >= self.start else None
             yield index, tensor, pts
             index += 1

@@ -12,7 +12,7 @@ import torch
 
 from ..models.shared.errors import UserInputError
 from .audio import AudioCopy
-from .reader import ffmpeg_path, open_input
+from .reader import ffmpeg_path, open_input, video_stream
 
 # x264 buffers about this many frames (+1); medium's default of 40 would make memory grow over the first 41
 # frames, and at 4K that is ~0.5 GB.
@@ -240,7 +240,7 @@ def depth_notes(source) -> list[str]:
     deeper than the 8 bits of every output codec."""
     try:
         with open_input(source) as c:
-            ctx = c.streams.video[0].codec_context
+            ctx = video_stream(c).codec_context  # (None: caught)
             transfer = getattr(ctx, "color_trc", 2)
             bits = max((comp.bits for comp in ctx.format.components), default=8) if ctx.format else 8
     except Exception:  # notes only; the reader reports an input it cannot use
@@ -259,7 +259,7 @@ def color_tags(source) -> dict:
     """Primaries and transfer of the input's video stream, when tagged (the RGB values keep meaning them)."""
     try:
         with open_input(source) as c:
-            ctx = c.streams.video[0].codec_context
+            ctx = video_stream(c).codec_context  # (None: caught)
             tags = {"color_primaries": getattr(ctx, "color_primaries", 2),
                     "color_trc": getattr(ctx, "color_trc", 2)}
     except Exception:  # tags are cosmetic; never fail a job over them

@@ -170,10 +170,12 @@ def checksum(tensors) -> float:
 
 
 def weights_checksum(network: torch.nn.Module) -> float:
-    """``checksum`` of a few weights of ``network`` (and of its prompt embedding, where it keeps one): what tells a
-    model from another of the same architecture, cheaply enough to take at every load."""
+    """``checksum`` of a few weights of each part of ``network`` (its direct children: a pipeline's UNet,
+    ControlNet and autoencoder each) and of its prompt embedding, where it keeps one: what tells a model from
+    another of the same architecture, also one that differs in one part alone, cheaply enough for every load."""
     prompt = [network.prompt_embeds] if isinstance(getattr(network, "prompt_embeds", None), torch.Tensor) else []
-    return checksum(prompt + [p for _, p in zip(range(4), network.parameters())])
+    parts = list(network.children()) or [network]
+    return checksum(prompt + [p for part in parts for _, p in zip(range(2), part.parameters())])
 
 
 def device_memory(device) -> int:

@@ -23,7 +23,7 @@ from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.norms import prefers_channels_last
 from ..shared.packed import as_operators
-from ..shared.runtime import check_finite, is_out_of_memory, weights_checksum
+from ..shared.runtime import check_finite, checksum, is_out_of_memory
 from ..shared.tensor_key import TensorKey
 from ..shared.warp import flow_warp_official
 from .speed import compiled, failed_before
@@ -238,8 +238,10 @@ class StreamEngine:
         renderings into one video. (The flow's correlation mode is left out: both modes give the same flow up to
         float rounding, and switching to on-demand is the advice for running out of memory.)"""
         pipe, flow = self.pipeline, self.flow
-        total = weights_checksum(pipe)
-        flow_weights = weights_checksum(flow) if isinstance(flow, torch.nn.Module) else 0.0
+        # (this formula is in the resume files of unfinished jobs: changed, it would refuse them all)
+        total = checksum([pipe.prompt_embeds] + [p for _, p in zip(range(4), pipe.parameters())])
+        flow_weights = checksum([p for _, p in zip(range(4), flow.parameters())]) \
+            if isinstance(flow, torch.nn.Module) else 0.0
         flow_name = (f"{getattr(flow, 'arch', type(flow).__name__)},updates={getattr(flow, 'num_flow_updates', None)},"
                      f"downscale={getattr(flow, 'downscale', 1)},{flow_weights:.10g}")
         return f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{total:.10g}|flow={flow_name}"
