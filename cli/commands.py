@@ -62,7 +62,7 @@ def crf_value(text: str) -> int:
 # ssh session SIGHUP. Each is taken as a first Ctrl-C is, so that what a run finished is kept (their default, to die
 # where the process stands, lost the frames done and left the lock and work files behind). One coming again does not
 # abort the stop under way, as a second Ctrl-C does: a closing terminal can send SIGHUP twice (the shell, then the
-# kernel), and a scheduler that will not wait sends SIGKILL. (Where Ctrl-C is ignored, a second one does abort.)
+# kernel), and a scheduler that will not wait sends SIGKILL. (Where Ctrl-C is ignored, SIGTERM again aborts.)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 _received: list[int] = []  # the stop signals of this command, in order
 
@@ -116,15 +116,17 @@ class _GracefulStop:
 
     def _handle(self, signum, frame):
         _received.append(signum)
-        ctrl_c = signal.SIGINT in self.previous  # (not where the command was started ignoring it)
+        # Where the command was started ignoring Ctrl-C (a script's `cmd &`), SIGTERM aborts instead; never SIGHUP,
+        # which a closing terminal sends twice
+        ctrl_c = signal.SIGINT in self.previous
         if self.requested:
-            if signum == signal.SIGINT or not ctrl_c:
+            if signum == signal.SIGINT or (not ctrl_c and signum == signal.SIGTERM):
                 raise KeyboardInterrupt
             return
         self.requested = True
         name = signal.Signals(signum).name
         how = "Ctrl-C again" if signum == signal.SIGINT else f"{name} came; Ctrl-C" if ctrl_c else \
-            f"{name} came; another one"
+            f"{name} came; {'another' if signum == signal.SIGTERM else 'a'} SIGTERM"
         log.warning("\nstopping after this frame (%s to abort at once)", how)
 
     def __call__(self) -> bool:

@@ -592,9 +592,19 @@ def test_where_ctrl_c_is_ignored_a_second_stop_signal_aborts(caplog):
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # (the handler runs at once; never reached)
+        assert "stopping after this frame (SIGTERM came; another SIGTERM to abort at once)" in caplog.text
+        caplog.clear()
+        if hasattr(signal, "SIGHUP"):  # (never SIGHUP twice: a closing terminal sends two)
+            with stop_signals(), _GracefulStop() as stop:
+                os.kill(os.getpid(), signal.SIGHUP)
+                os.kill(os.getpid(), signal.SIGHUP)
+                assert stop()
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+            assert "stopping after this frame (SIGHUP came; a SIGTERM to abort at once)" in caplog.text
     finally:
         signal.signal(signal.SIGINT, before)
-    assert "stopping after this frame (SIGTERM came; another one to abort at once)" in caplog.text
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")

@@ -492,7 +492,7 @@ def test_changed_size_model_or_seed_restarts_and_logs(comfy, caplog):
     assert state.frame_index == 2
 
 
-@pytest.mark.parametrize("replaced", ["model", "vae", "controlnet", "flow"])
+@pytest.mark.parametrize("replaced", ["model", "vae", "decoder", "controlnet", "flow"])
 def test_other_weights_put_at_the_same_path_start_a_new_sequence(comfy, tmp_path, caplog, replaced):
     """A model downloaded or converted again into the same place, then reloaded (ComfyUI's Free, or a restart of the
     loader): the sequence went on with the new weights as if they were the old ones, neither the old sequence nor
@@ -509,6 +509,12 @@ def test_other_weights_put_at_the_same_path_start_a_new_sequence(comfy, tmp_path
         other = make_tiny_checkpoint(tmp_path / "other", seed=1)
         shutil.rmtree(models / "tiny" / replaced)
         shutil.copytree(other / replaced, models / "tiny" / replaced)
+    elif replaced == "decoder":  # (the temporal decoder trained anew over the same, frozen encoder)
+        from safetensors.torch import load_file, save_file
+
+        path = models / "tiny" / "vae" / "diffusion_pytorch_model.safetensors"
+        weights = load_file(str(path))
+        save_file({k: v * 1.01 if k.startswith("decoder.") else v for k, v in weights.items()}, str(path))
     else:
         make_tiny_raft(models / "raft" / "raft_small_test.pth", seed=1)
     model, flow = _models(nodes)  # (loaded anew from the same paths)

@@ -1296,3 +1296,37 @@ def test_a_cover_listed_before_the_video_gives_neither_frames_nor_colour_tags(tm
         ctx = c.streams.video[0].codec_context
         assert (ctx.color_primaries, ctx.color_trc) == (9, 16)
     assert len(decode(tmp_path / "out.mkv")) == 4
+
+
+def test_a_stopped_run_ends_its_audio_where_its_longer_last_frame_ends(tmp_path):
+    """Frames at 0, 1, 2, 3, then 15/24 s (a hold): stopped after 4 frames, the partial's video lasts to 15/24 s
+    with its last frame's own duration, and its audio was cut an average frame after that frame's start."""
+    clip = make_clip(tmp_path / "in.mp4", n=20, fps=24, audio="aac", pts=[0, 1, 2, 3] + list(range(15, 31)))
+    polls = []
+    summary = upscale_video(FakeEngine(), clip, tmp_path / "out.mkv", codec="lossless",
+                            should_stop=lambda: polls.append(1) or len(polls) > 4)
+    kept = summary["path"]
+    assert summary["interrupted"] and len(decode(kept)) == 4
+    assert _video_end(kept) == pytest.approx(15 / 24, abs=0.002)
+    # (to whole AAC frames, copied as they are, with the encoder's priming: within two)
+    assert audio_info(kept)["seconds"] == pytest.approx(15 / 24, abs=2 * 1024 / 16000)
+
+
+def test_a_file_without_frame_durations_ends_its_last_frame_a_frame_after_it(tmp_path):
+    """An AVI with a millisecond time base gives no frame durations: its last frame got 1 ms (a frame of the
+    1000 fps its time base claims), where it lasts as long as the frames before it (40 ms)."""
+    tb = Fraction(1, 1000)
+    with av.open(str(tmp_path / "ms.avi"), "w") as c:
+        v = c.add_stream("mjpeg", rate=25)
+        v.width, v.height, v.pix_fmt = 32, 24, "yuvj420p"
+        v.codec_context.time_base = v.time_base = tb
+        for i in range(6):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 30 * i, np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuvj420p")
+            frame.pts, frame.time_base = 40 * i, tb
+            for p in v.encode(frame):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+    upscale_video(FakeEngine(), tmp_path / "ms.avi", tmp_path / "out.mp4")
+    assert _video_end(tmp_path / "out.mp4") == pytest.approx(0.24, abs=0.002)

@@ -520,8 +520,7 @@ class FrameReader:
             if last is not None and pts <= last:
                 pts = last + 1
             last = pts
-            own = frame.duration if durations and frame.pts is not None and getattr(frame, "duration", None) else None
-            self._latest = (pts, own)
+            self._latest = (pts, length if frame.pts is not None else None)
             self.decoded = index + 1
             if alpha is None:
                 alpha = any(c.is_alpha for c in frame.format.components)
@@ -537,10 +536,11 @@ class FrameReader:
         else:
             self.problem = shortfall(self.info, self.decoded, self._end, self.source)
 
-    def duration_of(self, pts: int) -> int | None:
-        """The file's own duration (``info.time_base`` units) of the frame at ``pts`` if it is the last one read
-        and the file gives one, else None. The output's last frame then lasts as long as the input's did (a GIF
-        that holds its last picture, variable frame rates), where the writer would give it the average."""
+    def duration_of(self, pts: int) -> float | None:
+        """How long the frame at ``pts`` lasts (``info.time_base`` units: the file's own duration, else the gap
+        from the frame before, a nominal frame at least) if it is the last one read, else None. The output's last
+        frame then lasts as long as the input's did (a GIF that holds its last picture, variable frame rates),
+        where the writer would give it the average."""
         return self._latest[1] if self._latest is not None and self._latest[0] == pts else None
 
     def close(self) -> None:

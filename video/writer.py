@@ -99,6 +99,7 @@ class VideoWriter:
             raise
         self.frame_seconds = float(1 / rate) if rate else 0.0
         self.last_time = 0.0
+        self.video_end = 0.0  # seconds: where the frames written so far end, each with its own duration
         self.frames = 0
         # MP4 and MOV state a track's length as its decoding times' span plus the last packet's duration, which
         # falls short of the frames' times where B-frames delay the decoding times by unequal gaps (variable frame
@@ -122,7 +123,8 @@ class VideoWriter:
             frame = frame.reformat(format=self.stream.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
         frame.pts, frame.time_base = int(pts), self.stream.codec_context.time_base
         if duration:
-            self.durations[int(pts)] = int(duration)  # (encoders leave packets without one: set as they come out)
+            # (encoders leave packets without one: set as they come out)
+            self.durations[int(pts)] = max(1, round(duration))
         self._mux_video(self.stream.encode(frame))
         self.frames += 1
 
@@ -131,6 +133,9 @@ class VideoWriter:
             duration = self.durations.pop(packet.pts, None) if packet.pts is not None else None
             if duration and not packet.duration:
                 packet.duration = duration
+            if packet.pts is not None:
+                length = packet.duration or round(self.frame_seconds / packet.time_base)
+                self.video_end = max(self.video_end, float((packet.pts + length) * packet.time_base))
             if self.audio is not None and packet.pts is not None:
                 # Audio up to the video already written keeps the muxer's interleaving buffer short.
                 self.last_time = max(self.last_time, float(packet.pts * packet.time_base))
@@ -161,7 +166,7 @@ class VideoWriter:
             self._mux_video(self.stream.encode(None))
             self._mux_last()
             if self.audio is not None:
-                self.audio.finish(None if complete else self.last_time + self.frame_seconds)
+                self.audio.finish(None if complete else self.video_end)
         finally:
             if self.audio is not None:
                 self.audio.close()  # (after a failed flush: the source stays open otherwise, locked on Windows)

@@ -174,8 +174,10 @@ def weights_checksum(network: torch.nn.Module) -> float:
     ControlNet and autoencoder each) and of its prompt embedding, where it keeps one: what tells a model from
     another of the same architecture, also one that differs in one part alone, cheaply enough for every load."""
     prompt = [network.prompt_embeds] if isinstance(getattr(network, "prompt_embeds", None), torch.Tensor) else []
-    parts = list(network.children()) or [network]
-    return checksum(prompt + [p for part in parts for _, p in zip(range(2), part.parameters())])
+    # (the first and the last weights of each: an autoencoder whose decoder alone was trained anew differs there)
+    ends = [params[:2] + params[-2:] for params in (list(part.parameters()) for part in
+                                                    (list(network.children()) or [network]))]
+    return checksum(prompt + [p for params in ends for p in params])
 
 
 def device_memory(device) -> int:
