@@ -471,7 +471,7 @@ class FrameReader:
         self.decoded = 0
         self.problem: InputProblem | None = None
         self._end: float | None = None  # seconds from the stream's start to the end of the last frame decoded
-        self._latest: tuple[int, int | None] | None = None  # (pts, the file's duration for it) of the last frame
+        self._latest: tuple[int, float | None] | None = None  # (pts, how long it lasts) of the last frame read
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None, int]]:
         import av

@@ -109,9 +109,9 @@ class VideoWriter:
         self.first, self.pts_end = None, None  # (first dts, first pts), latest pts + duration
         self.durations: dict[int, int] = {}  # pts -> duration of the frames given one, until their packet comes
 
-    def write(self, rgb: np.ndarray, pts: int, duration: int | None = None) -> None:
-        """Encode one frame at ``pts``; ``duration`` (time-base units): how long it is shown, where the input says
-        (the encoder hands it on to the muxer, which ends the video with it)."""
+    def write(self, rgb: np.ndarray, pts: int, duration: float | None = None) -> None:
+        """Encode one frame at ``pts``; ``duration`` (time-base units): how long it is shown, where known (set on
+        its packet as the encoder gives it out: the muxers end the video with the last one's)."""
         import av
 
         if rgb.shape != (self.height, self.width, 3):
@@ -123,8 +123,7 @@ class VideoWriter:
             frame = frame.reformat(format=self.stream.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
         frame.pts, frame.time_base = int(pts), self.stream.codec_context.time_base
         if duration:
-            # (encoders leave packets without one: set as they come out)
-            self.durations[int(pts)] = max(1, round(duration))
+            self.durations[int(pts)] = max(1, round(duration))  # (encoders leave their packets without one)
         self._mux_video(self.stream.encode(frame))
         self.frames += 1
 
