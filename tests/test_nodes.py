@@ -395,7 +395,7 @@ def test_a_chunk_out_of_order_is_told_which_chunk_index_to_queue(comfy):
     for start in (0, 2, 4):
         _upscale(nodes, model, flow, images[start:start + 2], "78", start_frame=ChunkStart(start, None, 2, 5))
     with pytest.raises(ValueError, match="this chunk starts at frame 2, but this node's sequence reached the end of "
-                                         "the video \(frame 5\) with its last chunk: set the chunk index to 0"):
+                                         r"the video \(frame 5\) with its last chunk: set the chunk index to 0"):
         _upscale(nodes, model, flow, images[2:4], "78", start_frame=ChunkStart(2, None, 2, 5))
 
 
