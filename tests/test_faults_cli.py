@@ -445,7 +445,8 @@ def test_frames_stopped_by_a_full_disk_say_where_and_what_was_kept(media, model,
     assert sorted(p.name for p in out.iterdir()) == ["f000.png"]
 
 
-def test_a_stop_says_what_it_kept_also_at_once_and_after_the_last_frame(media, model, tmp_path, caplog):
+def test_a_stop_says_what_it_kept_also_at_once_and_after_the_last_frame(media, model, tmp_path, caplog,
+                                                                        heeded_signals):
     """A second Ctrl-C with --resume said only "interrupted", not that the job continues; one without it called the
     stop an error; a Ctrl-C once the last frame was done announced a stop, then finished with exit 0 unexplained."""
     class CtrlC(FakeEngine):
@@ -500,9 +501,27 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+# The stop signals as a terminal's command has them: a test run may inherit them ignored (`nohup`, a script's `&`)
+_HEEDED = ("import signal as _signal\n_signal.signal(_signal.SIGINT, _signal.default_int_handler)\n"
+           "for _name in ('SIGTERM', 'SIGHUP'):\n    if hasattr(_signal, _name):\n"
+           "        _signal.signal(getattr(_signal, _name), _signal.SIG_DFL)\n")
+
+
+@pytest.fixture
+def heeded_signals():
+    """This process's stop signals as a terminal's command has them (see ``_HEEDED``), for the test."""
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    for name in names:
+        signal.signal(getattr(signal, name), signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL)
+    yield
+    for name, handler in before.items():
+        signal.signal(getattr(signal, name), handler)
+
+
 def _run_child(hook: str, args: list, **popen):
     """``streamvsr ARGS`` in a child process whose fake engine runs ``hook`` (Python defining ``HOOK(i)``)."""
-    code = hook + _CHILD
+    code = _HEEDED + hook + _CHILD
     return subprocess.Popen([sys.executable, "-c", code, str(ROOT / "tests"), *map(str, args)],
                             env={**os.environ, "STREAMVSR_PROGRESS": "1"}, **popen)
 
@@ -560,7 +579,7 @@ def test_a_stop_signal_keeps_the_work_done_as_ctrl_c_does(media, model, tmp_path
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
-def test_a_stop_signal_again_does_not_cut_short_the_cleanup_of_the_first():
+def test_a_stop_signal_again_does_not_cut_short_the_cleanup_of_the_first(heeded_signals):
     """A closing terminal can send SIGHUP twice: the second came while the first stop saved its checkpoint (frames)
     and interrupted that."""
     from streamvsr.cli.commands import stop_signals, stop_status
@@ -579,7 +598,7 @@ def test_a_stop_signal_again_does_not_cut_short_the_cleanup_of_the_first():
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals sent to oneself as on POSIX")
-def test_where_ctrl_c_is_ignored_a_second_stop_signal_aborts(caplog):
+def test_where_ctrl_c_is_ignored_a_second_stop_signal_aborts(caplog, heeded_signals):
     """A script's `streamvsr ... &` ignores Ctrl-C: the stop's message offered it, and a second `kill`, which then
     is the only way short of SIGKILL, was ignored too."""
     from streamvsr.cli.commands import _GracefulStop, stop_signals
