@@ -101,8 +101,8 @@ def stop_status() -> int:
 
 
 class _GracefulStop:
-    """The first stop (Ctrl-C or a stop signal): finish the current frame and close the file properly. The second:
-    abort at once."""
+    """The first stop (Ctrl-C or a stop signal): finish the current frame and close the file properly. A second
+    Ctrl-C aborts at once (a second stop signal only where Ctrl-C is ignored: see ``STOP_SIGNALS``)."""
 
     def __init__(self):
         self.requested = False

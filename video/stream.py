@@ -373,7 +373,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                 if preview is not None:
                     preview(hr)
                 pts = held_pts.popleft()
-                duration = reader.duration_of(pts) if reader is not None else None
+                duration = reader.duration_of(pts)
                 writer.put(("frame", to_rgb24(hr), pts, duration))
                 last_time[0] = float((pts + (duration or 1 / (info.rate * info.time_base))) * info.time_base)
                 written += 1
