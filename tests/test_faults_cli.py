@@ -419,6 +419,45 @@ def test_a_file_too_large_for_the_file_system_is_one_line_with_what_to_do(media,
 
 
 @pytest.mark.parametrize("resume", [False, True])
+def test_a_failed_writer_is_waited_for_before_its_file_is_judged(media, model, tmp_path, caplog, monkeypatch,
+                                                                 resume):
+    """A writer that fails closes its own file as it ends; the run looked at that file while it was still being
+    closed (a race CI lost): it found no frame in it, removed it and said nothing was kept."""
+    import errno
+    import time
+
+    from streamvsr.video.writer import VideoWriter
+
+    real_write, real_close, writes = VideoWriter.write, VideoWriter.close, []
+
+    def write(self, *args):
+        writes.append(1)
+        if len(writes) == 3:
+            raise OSError(errno.EFBIG, "File too large")
+        return real_write(self, *args)
+
+    def close(self, *args, **kwargs):  # a slow disk: the close of the failed file takes a while
+        time.sleep(0.5)
+        return real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    monkeypatch.setattr(VideoWriter, "close", close)
+    out = tmp_path / "o.mp4"
+    code = main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path)]
+                + ["--resume"] * resume)
+    assert code == 2
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("could not" in m for m in said), said
+    if resume:  # the segment closed and the checkpoint it belongs to stay usable: resuming finishes the job
+        monkeypatch.setattr(VideoWriter, "write", real_write)
+        assert main(["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path), "--resume"]) == 0
+        assert len(decode(out)) == 4
+    else:
+        assert any("the 2 frames written before this error are in" in m for m in said), said
+        assert len(decode(partial_path(out))) == 2
+
+
+@pytest.mark.parametrize("resume", [False, True])
 def test_frames_stopped_by_a_full_disk_say_where_and_what_was_kept(media, model, tmp_path, caplog, monkeypatch,
                                                                    resume):
     """The error was "No space left on device" alone: no file, no word of the frames written or of continuing."""

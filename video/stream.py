@@ -87,7 +87,8 @@ class WriterThread(threading.Thread):
         self.writer: VideoWriter | None = None
         self.segment = segment
         self.error: BaseException | None = None
-        self.finalised = True  # False once a file could not be closed properly after an error
+        self.unfinished: Path | None = None  # a file that could not be closed properly after an error
+        self.frames = 0  # written by its video writers (frames queued to it after it failed are not)
 
     def run(self) -> None:
         try:
@@ -100,6 +101,7 @@ class WriterThread(threading.Thread):
                     if self.writer is None:
                         self.writer = self.make_writer(self.segment)
                     self.writer.write(*payload)
+                    self.frames += 1
                 elif kind == "close":
                     self._close(*payload)
                 elif kind == "checkpoint":
@@ -113,7 +115,7 @@ class WriterThread(threading.Thread):
                 try:
                     self.writer.close(complete=False)
                 except Exception:
-                    self.finalised = False
+                    self.unfinished = self.writer.path
 
     def _close(self, complete: bool) -> None:
         writer, self.writer = self.writer, None
@@ -123,7 +125,7 @@ class WriterThread(threading.Thread):
             except BaseException:
                 # (MP4 and Matroska write what they buffered, the index among it, only here: a full disk shows
                 # now, and the file on disk may hold fewer frames than were encoded, or none that play)
-                self.finalised = False
+                self.unfinished = writer.path
                 raise
 
     def put(self, item) -> None:
@@ -136,12 +138,33 @@ class WriterThread(threading.Thread):
             except queue.Full:
                 continue
 
+    @property
+    def finalised(self) -> bool:
+        return self.unfinished is None
+
     def finish(self) -> None:
         if self.is_alive():
             self.put(None)
             self.join()
         if self.error is not None:
             raise self.error
+
+    def abandon(self) -> None:
+        """Ends the thread after an error, the caller's or its own, with its file closed as unfinished; returns
+        once that file is closed (a writer that failed closes its own file as it ends: its file is looked at only
+        after that)."""
+        try:
+            if self.is_alive() and self.error is None:
+                self.put(("close", False))
+                self.put(None)
+        except BaseException as e:
+            if e is not self.error:  # (its own error, raised here too, is the one being handled)
+                self.unfinished = getattr(self.writer, "path", None) or self.unfinished
+                return
+        try:
+            self.join()
+        except KeyboardInterrupt:  # a second Ctrl-C: the file is left as it is
+            self.unfinished = getattr(self.writer, "path", None) or self.unfinished
 
 
 @dataclass
@@ -439,22 +462,18 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             # An error or a hard interrupt mid-frame: end the writer without a new checkpoint (the last one still
             # matches what is on disk) and keep what was written, playable, under the partial name.
             cause = "stop" if isinstance(e, KeyboardInterrupt) else "error"
-            if writer.is_alive():
-                try:
-                    writer.put(("close", False))
-                    writer.finish()
-                except BaseException:
-                    writer.finalised = False
-                    log.warning("could not finalise %s", tmp)
+            writer.abandon()
+            if not writer.finalised:
+                log.warning("could not finalise %s", writer.unfinished)
             if files is None:
                 if written > start_written:
-                    on_disk = written if writer.finalised or not tmp.exists() else frames_on_disk(tmp)
+                    on_disk = writer.frames if writer.finalised or not tmp.exists() else frames_on_disk(tmp)
                     if not on_disk:  # e.g. a full disk: an MP4 without its index, of no use and taking space
                         with contextlib.suppress(OSError):
                             tmp.unlink()
                     kept = keep_partial(tmp, out_path)
                     if kept is not None and writer.finalised:
-                        log.warning("the %d frames written before this %s are in %s", written, cause, kept)
+                        log.warning("the %d frames written before this %s are in %s", on_disk, cause, kept)
                     elif kept is not None:
                         log.warning("%d of the %d frames done before this %s are in %s, which could not be "
                                     "finished and may not play everywhere", on_disk, written, cause, kept)
