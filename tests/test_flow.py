@@ -233,6 +233,23 @@ def test_flow_to_image_matches_torchvision():
     assert np.array_equal(flow_to_image(flow.permute(1, 2, 0).numpy()), ours)  # H x W x 2 too
 
 
+def test_an_infinite_flow_is_drawn_without_a_warning():
+    """An infinite speed overflowed in the magnitude's square (a RuntimeWarning each time the node drew it); it
+    is meant to be infinite: beyond any scale, and left out of the default one."""
+    import warnings
+
+    from streamvsr.models.raft.visualise import largest_speed
+
+    flow = np.zeros((2, 3, 2), np.float32)
+    flow[0, 1] = (3, 4)
+    flow[1, 2] = (np.inf, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = flow_to_image(flow)
+        assert largest_speed(flow) == 5.0
+    assert np.array_equal(drawn[0, 1], flow_to_image(flow[:1, 1:2])[0, 0])  # the scale is the finite 5 px
+
+
 def test_flow_to_image_basic_colours():
     flow = np.zeros((1, 4, 2), np.float32)
     flow[0, 1] = (1, 0)  # right

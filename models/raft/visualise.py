@@ -33,6 +33,11 @@ def _components(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nan_to_num(flow[..., 0].astype(np.float64)), np.nan_to_num(flow[..., 1].astype(np.float64))
 
 
+def _speed(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # an infinite (NaN-cleaned: largest float) component is an infinite speed
+        return np.sqrt(u * u + v * v)
+
+
 def _finite_max(magnitude: np.ndarray) -> float:
     finite = magnitude[np.isfinite(magnitude)]  # (one infinite speed would make every other one white)
     return float(finite.max()) if finite.size else 0.0
@@ -42,7 +47,7 @@ def largest_speed(flows) -> float:
     """The largest finite speed in ``flows`` (... x 2), as ``flow_to_image`` computes it: the scale of a batch
     drawn alike (a float32 peak differs in its last bit and darkens the fastest pixel as if beyond it)."""
     u, v = _components(np.asarray(flows, dtype=np.float32))
-    return _finite_max(np.sqrt(u * u + v * v))
+    return _finite_max(_speed(u, v))
 
 
 def flow_to_image(flow, max_magnitude: float | None = None) -> np.ndarray:
@@ -60,7 +65,7 @@ def flow_to_image(flow, max_magnitude: float | None = None) -> np.ndarray:
     if flow.ndim != 3 or flow.shape[-1] != 2:
         raise ValueError(f"flow must be H x W x 2 or 2 x H x W, got {flow.shape}")
     u, v = _components(flow)
-    magnitude = np.sqrt(u * u + v * v)
+    magnitude = _speed(u, v)
     scale = float(max_magnitude) if max_magnitude else _finite_max(magnitude)
     scale = max(scale, np.finfo(np.float32).eps)
     radius = magnitude / scale
