@@ -22,6 +22,7 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1095,8 +1096,6 @@ def test_unreadable_input_and_unwritable_folder(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "statvfs"), reason="no statvfs to tell a read-only file system")
 def test_a_read_only_file_system_is_told_as_such_not_as_a_permission(tmp_path, monkeypatch):
     """A drive mounted read-only (or write-protected) was "no permission to write", sending users to chmod/sudo."""
-    from types import SimpleNamespace
-
     import streamvsr.video.outputs as outputs
 
     clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
@@ -2270,3 +2269,92 @@ def test_an_output_name_is_measured_as_its_file_system_counts(tmp_path, monkeypa
     outputs.check_name_length(name)
     with pytest.raises(UserInputError, match="is too long: 244 characters.*at most 234 characters"):
         outputs.check_name_length(tmp_path / ("動" * 240 + ".mp4"))
+
+
+# A stop at once (a second Ctrl-C) at unlucky points: what was written is kept and said, nothing is left running
+
+def _writer_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "streamvsr-video-writer" and t.is_alive()]
+
+
+def test_a_stop_while_the_input_closes_keeps_the_finished_file(tmp_path, monkeypatch, caplog):
+    """The writer had finished the whole file when the stop came: it stayed under the temporary name, unsaid,
+    and the next run removed it as "left by a run that did not finish"."""
+    clip, out = make_clip(tmp_path / "in.mp4", n=5, audio=None), tmp_path / "out.mp4"
+    real_close = FrameReader.close
+
+    def close(self):
+        real_close(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FrameReader, "close", close)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_video(FakeEngine(), clip, out)
+    kept = partial_path(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", kept.name] and len(decode(kept)) == 5
+    assert f"the 5 frames written before this stop are in {kept}" in caplog.text
+
+
+def test_a_stop_as_the_first_frame_is_handed_over_keeps_it(tmp_path, monkeypatch, caplog):
+    """The frame was handed to the writer, which wrote it, but not yet counted: the run removed the file as "an
+    empty output"."""
+    import streamvsr.video.stream as stream
+
+    clip, out = make_clip(tmp_path / "in.mp4", n=5, audio=None), tmp_path / "out.mp4"
+    real_put = stream.WriterThread.put
+
+    def put(self, item):
+        real_put(self, item)
+        if item is not None and item[0] == "frame":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream.WriterThread, "put", put)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_video(FakeEngine(), clip, out)
+    kept = partial_path(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", kept.name] and len(decode(kept)) == 1
+    assert f"the 1 frames written before this stop are in {kept}" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["before the writer", "as it starts"])
+def test_a_stop_before_the_writer_runs_leaves_no_thread_or_file(tmp_path, monkeypatch, where):
+    """A stop just before the writer thread's work began left it waiting forever, its file open (a library
+    caller's process kept both)."""
+    import streamvsr.video.stream as stream
+
+    clip, out = make_clip(tmp_path / "in.mp4", n=3, audio=None), tmp_path / "out.mp4"
+    if where == "before the writer":
+        def monotonic():  # (the run's first reading of the clock comes just before its `try`)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(stream, "time", SimpleNamespace(monotonic=monotonic))
+    else:
+        def start(self):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(stream.WriterThread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_video(FakeEngine(), clip, out)
+    assert not _writer_threads()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+    monkeypatch.undo()
+    assert upscale_video(FakeEngine(), clip, out)["frames"] == 3
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_stop_once_the_result_is_in_place_says_it_is_finished(tmp_path, monkeypatch, caplog, resume):
+    """A stop while the folder was flushed after the move: the output was finished, yet with resume the message
+    said to run the same command again to continue (which then refused: the output exists) and the work files
+    stayed beside the finished output."""
+    import streamvsr.video.outputs as outputs
+
+    clip, out = make_clip(tmp_path / "in.mp4", n=5, audio=None), tmp_path / "out.mkv"
+
+    def sync_folder(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "sync_folder", sync_folder)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_video(FakeEngine(), clip, out, codec="lossless", resume=resume, checkpoint_frames=2)
+    assert f"the stop came after {out} was finished" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"] and len(decode(out)) == 5

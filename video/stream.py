@@ -153,6 +153,10 @@ class WriterThread(threading.Thread):
         """Ends the thread after an error, the caller's or its own, with its file closed as unfinished; returns
         once that file is closed (a writer that failed closes its own file as it ends: its file is looked at only
         after that)."""
+        if self.ident is None:  # stopped before it started: the file it was given is closed here
+            with contextlib.suppress(Exception):  # (a failure marks it unfinished)
+                self._close(False)
+            return
         try:
             if self.is_alive() and self.error is None:
                 self.put(("close", False))
@@ -384,10 +388,6 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             # (said, since the progress stays put meanwhile: decoding a long input up to there takes minutes)
             log.info("the input cannot be seeked exactly: it is decoded up to frame %d first", consumed)
         writer = WriterThread(make_writer, checkpoint if files is not None else None, segments)
-        if files is None:
-            # Opening the output up front fails early on unwritable paths, and a file exists even for 0 frames.
-            writer.writer = make_writer(0)
-        writer.start()
 
         def emit(frames: torch.Tensor) -> None:
             nonlocal written
@@ -412,6 +412,10 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         last_checkpoint, since_checkpoint = time.monotonic(), 0
         reader = None
         try:
+            if files is None:
+                # Opening the output up front fails early on unwritable paths, and a file exists even for 0 frames.
+                writer.writer = make_writer(0)
+            writer.start()
             reader = FrameReader(source, start=consumed, info=info, seeked=seeked)
             for index, lr, pts in reader:
                 if should_stop is not None:  # (also while a resumed job decodes its way back, which takes minutes)
@@ -458,6 +462,9 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                     writer.put(("close", problem is None))
             writer.finish()
             segments = writer.segment
+            # (here, not in `finally`: a stop while it closes keeps the finished file as partial, said below)
+            closing, reader, seeked = reader, None, None
+            closing.close()
         except BaseException as e:
             # An error or a hard interrupt mid-frame: end the writer without a new checkpoint (the last one still
             # matches what is on disk) and keep what was written, playable, under the partial name.
@@ -466,6 +473,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             if not writer.finalised:
                 log.warning("could not finalise %s", writer.unfinished)
             if files is None:
+                written = max(written, writer.frames)  # (a stop can come between a frame's hand-over and its count)
                 if written > start_written:
                     on_disk = writer.frames if writer.finalised or not tmp.exists() else frames_on_disk(tmp)
                     if not on_disk:  # e.g. a full disk: an MP4 without its index, of no use and taking space
@@ -505,7 +513,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             kept = keep_partial(tmp, out_path)
             raise InputDamagedError(_broken(problem, written, kept, out_path), frames=written, path=kept)
         else:
-            publish(tmp, out_path, overwrite=overwrite)
+            _publish(tmp, out_path, overwrite, None)
     elif complete:
         parts = [files.part(i) for i in range(segments)]
         if not parts:
@@ -540,8 +548,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                 files.remove()
             raise InputDamagedError(_broken(problem, summary["frames"], kept, out_path, resumable=acceptable),
                                     frames=summary["frames"], path=kept)
-        publish(tmp, out_path, overwrite=overwrite)
-        files.remove()
+        _publish(tmp, out_path, overwrite, files)
     if stop_error is not None:
         # The caller (ComfyUI's Cancel) only sees the exception: what was kept must be said here
         if files is not None:
@@ -554,6 +561,25 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     if summary["interrupted"] and files is not None:  # (the command line says it in its own words)
         log.debug("stopped after %d frames; run again with resume to continue", written)
     return summary
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool, files: ResumeFiles | None) -> None:
+    """``publish``, then the resume files go. A stop (a second Ctrl-C) that comes once the result is in place, while
+    the folder is flushed or the work files go, leaves a finished job: said, and its work files removed (they told
+    the next run to continue a job that is done)."""
+    finished = os.stat(tmp)
+    try:
+        publish(tmp, out, overwrite=overwrite)
+        if files is not None:
+            files.remove()
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            now = os.stat(out)
+            if (now.st_dev, now.st_ino) == (finished.st_dev, finished.st_ino):
+                log.warning("the stop came after %s was finished", out)
+                if files is not None:
+                    files.remove()
+        raise
 
 
 def _broken(problem: dict, frames: int, kept, out_path, resumable: bool = False) -> str:
