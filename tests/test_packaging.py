@@ -55,9 +55,11 @@ def test_importing_the_package_has_no_side_effects():
 
 def test_every_code_folder_is_packaged():
     packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    def local(top: str) -> bool:  # (hidden folders: a virtual environment, bench/gpu_side_by_side.sh's wheels)
+        return top.startswith(".") or top in ("build", "dist") or (ROOT / top / "pyvenv.cfg").exists()
+
     on_disk = {"streamvsr"} | {
         "streamvsr." + ".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.rglob("__init__.py")
-        # hidden folders are local (a virtual environment, wheels and checkouts for bench/gpu_side_by_side.sh)
         if p.parent != ROOT and p.parent.relative_to(ROOT).parts[0] not in ("tests", "bench")
-        and not p.parent.relative_to(ROOT).parts[0].startswith(".")}
+        and not local(p.parent.relative_to(ROOT).parts[0])}
     assert on_disk <= packages, sorted(on_disk - packages)

@@ -21,6 +21,12 @@ before = faults(); t = torch.ones(50 << 20); print(kept, faults() - before)
 
 
 def _probe(mode: str, env: dict | None = None) -> tuple[str, int]:
+    """``env``: the child's environment; by default this one without the allocator's settings (a test run's own,
+    e.g. a container's MALLOC_TRIM_THRESHOLD_, made the setting step aside)."""
+    from streamvsr.models.shared.runtime import _MALLOC_ENV
+
+    if env is None:
+        env = {name: value for name, value in os.environ.items() if name not in _MALLOC_ENV}
     run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     kept, faults = run.stdout.split()
