@@ -414,7 +414,7 @@ def test_a_file_too_large_for_the_file_system_is_one_line_with_what_to_do(media,
     assert code == 2 and "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     *before, error = said
-    assert any("frames written before this error are in" in m for m in before), said  # kept, and said where
+    assert any("the frame written before this error is in" in m for m in before), said  # kept, and said where
     assert error.startswith("error: File too large: the file system's limit on one file, e.g. 4 GB on FAT32")
 
 

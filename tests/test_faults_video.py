@@ -2314,7 +2314,48 @@ def test_a_stop_as_the_first_frame_is_handed_over_keeps_it(tmp_path, monkeypatch
         upscale_video(FakeEngine(), clip, out)
     kept = partial_path(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", kept.name] and len(decode(kept)) == 1
-    assert f"the 1 frames written before this stop are in {kept}" in caplog.text
+    assert f"the frame written before this stop is in {kept}" in caplog.text
+
+
+def test_a_stop_while_the_file_is_being_closed_does_not_call_it_finished(tmp_path, monkeypatch, caplog):
+    """A third Ctrl-C while the writer closes the file (long for big frames: the encoder's look-ahead, the MP4
+    index): the run said the frames were in the partial, which, the process ending, held none."""
+    import streamvsr.video.stream as stream
+    from streamvsr.video.writer import VideoWriter
+
+    clip, out = make_clip(tmp_path / "in.mp4", n=5, audio=None), tmp_path / "out.mp4"
+    closing, release = threading.Event(), threading.Event()
+    real_close, real_put, real_join = VideoWriter.close, stream.WriterThread.put, stream.WriterThread.join
+
+    def close(self, *args, **kwargs):
+        closing.set()
+        release.wait(60)
+        return real_close(self, *args, **kwargs)
+
+    # The stops come while the run waits for the writer: to take what it hands over, or to end
+    def put(self, item):
+        if closing.is_set():
+            raise KeyboardInterrupt
+        return real_put(self, item)
+
+    def join(self, timeout=None):
+        if timeout is None and self.is_alive():
+            assert closing.wait(60)
+            raise KeyboardInterrupt
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(VideoWriter, "close", close)
+    monkeypatch.setattr(stream.WriterThread, "put", put)
+    monkeypatch.setattr(stream.WriterThread, "join", join)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            upscale_video(FakeEngine(), clip, out)
+    finally:
+        release.set()
+        for thread in _writer_threads():
+            real_join(thread, 60)
+    assert f"could not finalise {temp_path(out)}" in caplog.text
+    assert "written before this stop" not in caplog.text
 
 
 @pytest.mark.parametrize("where", ["before the writer", "as it starts"])

@@ -247,6 +247,8 @@ def test_an_infinite_flow_is_drawn_without_a_warning():
         warnings.simplefilter("error")
         drawn = flow_to_image(flow)
         assert largest_speed(flow) == 5.0
+        huge = flow_to_image(np.full((1, 1, 2), 3e38, np.float32))  # (finite, its speed beyond float32's range)
+    assert np.array_equal(huge, flow_to_image(np.ones((1, 1, 2), np.float32)))
     assert np.array_equal(drawn[0, 1], flow_to_image(flow[:1, 1:2])[0, 0])  # the scale is the finite 5 px
 
 

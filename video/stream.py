@@ -116,9 +116,12 @@ class WriterThread(threading.Thread):
                     self.writer.close(complete=False)
                 except Exception:
                     self.unfinished = self.writer.path
+                finally:
+                    self.writer = None
 
     def _close(self, complete: bool) -> None:
-        writer, self.writer = self.writer, None
+        # (`writer` stays set until its file is closed: a caller that stops waiting meanwhile knows it unfinished)
+        writer = self.writer
         if writer is not None:
             try:
                 writer.close(complete=complete)
@@ -127,6 +130,8 @@ class WriterThread(threading.Thread):
                 # now, and the file on disk may hold fewer frames than were encoded, or none that play)
                 self.unfinished = writer.path
                 raise
+            finally:
+                self.writer = None
 
     def put(self, item) -> None:
         while True:
@@ -481,12 +486,13 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                             tmp.unlink()
                     kept = keep_partial(tmp, out_path)
                     if kept is not None and writer.finalised:
-                        log.warning("the %d frames written before this %s are in %s", on_disk, cause, kept)
+                        log.warning("%s written before this %s %s in %s", _the_frames(on_disk), cause,
+                                    "is" if on_disk == 1 else "are", kept)
                     elif kept is not None:
                         log.warning("%d of the %d frames done before this %s are in %s, which could not be "
                                     "finished and may not play everywhere", on_disk, written, cause, kept)
                     else:  # the writer failed before it made its file, or its file holds none
-                        log.warning("the %d frames done before this %s could not be kept", written, cause)
+                        log.warning("%s done before this %s could not be kept", _the_frames(written), cause)
                 else:
                     remove_stale([tmp], "an empty output of a failed run")
             raise
@@ -561,6 +567,10 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     if summary["interrupted"] and files is not None:  # (the command line says it in its own words)
         log.debug("stopped after %d frames; run again with resume to continue", written)
     return summary
+
+
+def _the_frames(count: int) -> str:
+    return "the frame" if count == 1 else f"the {count} frames"
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool, files: ResumeFiles | None) -> None:
