@@ -2400,3 +2400,60 @@ def test_a_stop_once_the_result_is_in_place_says_it_is_finished(tmp_path, monkey
         upscale_video(FakeEngine(), clip, out, codec="lossless", resume=resume, checkpoint_frames=2)
     assert f"the stop came after {out} was finished" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"] and len(decode(out)) == 5
+
+
+@pytest.mark.parametrize("kind", ["frames", "flow"])
+def test_a_stop_as_an_output_lands_counts_it(tmp_path, monkeypatch, caplog, kind):
+    """A stop while the folder was flushed after a frame was moved into place: the frame was not counted, so the
+    message was one short and the same command with resume refused to go on (an output past its checkpoint that
+    it did not know as its own)."""
+    import streamvsr.video.outputs as outputs
+
+    files = png_folder(tmp_path / "in", n=4)
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    if kind == "frames":
+        upscale_folder(FakeEngine(), files, whole, save="npy", seed=3)
+    real_sync, synced = outputs.sync_folder, []
+
+    def sync_folder(folder):
+        real_sync(folder)
+        if Path(folder) == out:
+            synced.append(folder)
+            if len(synced) == 2:  # (the second frame is in place)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "sync_folder", sync_folder)
+    with pytest.raises(KeyboardInterrupt):
+        if kind == "frames":
+            upscale_folder(FakeEngine(), files, out, save="npy", seed=3, resume=True, checkpoint_frames=1)
+        else:
+            flow_folder(lambda a, b: (a - b)[:, :2], files, out)
+    assert len(list(out.iterdir())) == 2
+    what = "frames" if kind == "frames" else "flow fields"
+    assert f"stopped: 2 of {len(files) - (kind == 'flow')} {what} were written to {out}, each complete" in caplog.text
+    if kind == "frames":
+        monkeypatch.setattr(outputs, "sync_folder", real_sync)
+        assert upscale_folder(FakeEngine(), files, out, save="npy", seed=3, resume=True) == 4
+        got, expected = npy_outputs(out), npy_outputs(whole)
+        assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_stop_as_a_finished_frames_job_removes_its_checkpoint_says_it_is_finished(tmp_path, monkeypatch, caplog):
+    """The checkpoint half removed, the job said only "interrupted", and the same command with resume refused:
+    every output was there, with no checkpoint to continue."""
+    files = png_folder(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    real_remove, removals = ResumeFiles.remove, []
+
+    def remove(self):
+        removals.append(1)
+        if len(removals) == 1:
+            self.state.unlink()
+            raise KeyboardInterrupt
+        real_remove(self)
+
+    monkeypatch.setattr(ResumeFiles, "remove", remove)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_folder(FakeEngine(), files, out, save="npy", resume=True, checkpoint_frames=1)
+    assert f"the stop came after the last frame: all 3 were written to {out}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"] and len(list(out.iterdir())) == 3

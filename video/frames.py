@@ -143,6 +143,29 @@ def _write(hr: torch.Tensor, path: Path, fmt: str) -> None:
         Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(path)
 
 
+class _Landing:
+    """The output being put in place, for a stop that comes meanwhile: once moved there it is written, whether or
+    not the count after it was reached (the move is the last step that changes the folder)."""
+
+    def __init__(self):
+        self.index, self.path, self.before = -1, None, None
+
+    @staticmethod
+    def _identity(path: Path):
+        try:
+            found = os.stat(path)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def start(self, index: int, path: Path) -> None:
+        self.index, self.path, self.before = index, path, self._identity(path)
+
+    def landed(self, count: int) -> bool:
+        """Whether output number ``count`` (the one after those counted) was being put in place and is there."""
+        return count == self.index and self._identity(self.path) not in (None, self.before)
+
+
 def output_name(stem: str, fmt: str) -> str:
     # Appended, not Path.with_suffix: a stem such as "shot.0001" must not lose its ".0001".
     return stem + (".npy" if fmt == "npy" else ".png")
@@ -492,10 +515,13 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
             return (f"{written} of {len(files)} frames were written to {out_dir}{how}" if written else
                     "no frame was written") + mixed + again
 
+        landing = _Landing()
+
         def emit(frames: torch.Tensor) -> None:
             nonlocal written
             for hr in frames:
                 stem = stems.popleft()
+                landing.start(written, out_dir / output_name(stem, save))
                 save_frame(hr[None], out_dir / stem, save,
                            overwrite=overwrite or output_name(stem, save) in replaceable)
                 written += 1
@@ -533,16 +559,23 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
             out, state = engine.flush(state)
             emit(out)
         except KeyboardInterrupt:  # (Ctrl-C: the command line says only that it was interrupted)
+            written += landing.landed(written)  # (past the checkpoint's point: the next run redoes it)
             try_checkpoint(True)
             log.warning("stopped: %s", done(", each complete"))
             raise
         except BaseException as e:
+            written += landing.landed(written)
             try_checkpoint(True)
             if isinstance(e, OSError):  # a full disk, a drive gone: what is kept, as after a stop
                 log.warning("%s", done(" before this error, each complete"))
             raise
         if checkpoint is not None:
-            checkpoint.remove()
+            try:
+                checkpoint.remove()
+            except KeyboardInterrupt:  # the job is finished: its checkpoint, which would say otherwise, goes
+                checkpoint.remove()
+                log.warning("the stop came after the last frame: all %d were written to %s", written, out_dir)
+                raise
     return written
 
 
@@ -584,6 +617,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     with OutputLock(out_dir):
         _prepare(out_dir, names)
         earlier = {name for name in names if (out_dir / name).exists()}  # (see _still_earlier)
+        landing = _Landing()
         try:
             for path in files:
                 try:
@@ -608,6 +642,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     except BaseException:
                         tmp.unlink(missing_ok=True)
                         raise
+                    landing.start(count, target)
                     publish(tmp, target, overwrite=overwrite, keep_stopped=False)
                     count += 1
                     log.debug("flow %s", path.name)
@@ -615,6 +650,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         progress(count)
                 previous = current
         except KeyboardInterrupt:  # (as upscale_folder: the command line says only that it was interrupted)
+            count += landing.landed(count)
             log.warning("stopped: %d of %d flow fields were written to %s, each complete%s", count, len(files) - 1,
                         out_dir, _still_earlier(names[count:], earlier))
             raise
