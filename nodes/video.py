@@ -8,6 +8,7 @@ new file, which core nodes (SaveVideo, GetVideoComponents, …) accept.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -20,14 +21,14 @@ from comfy_api.latest import InputImpl, io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..video.outputs import (LOCK_TAG, RESUME_NAME_EXTRA, WORK_NAME_EXTRA, check_name_length, check_output_file,
-                             lock_path, partial_path, temp_path)
+from ..video.outputs import (LOCK_TAG, RESUME_NAME_EXTRA, WORK_NAME_EXTRA, OutputLock, check_name_length,
+                             check_output_file, lock_path, partial_path, temp_path)
 from ..video.audio import check_audio
 from ..video.reader import probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import clean_after_killed_run, upscale_video
 from ..video.writer import CODECS, check_frame_size, codec_spec
-from ..models.shared.errors import StreamVSRError, UserInputError
+from ..models.shared.errors import OutputBusyError, StreamVSRError, UserInputError
 from .common import (CATEGORY, FlashVSRModelType, FlashVSRSettingsType, FlowModel, VSRModel, check_not_cropped,
                      out_of_memory_advice, tensor_to_preview, whole_file)
 from .flashvsr import FlashVSRModel, oom_message
@@ -52,9 +53,12 @@ def _check_prefix(filename_prefix: str) -> None:
         raise UserInputError("filename_prefix holds a NUL character, which no file name can: remove it")
 
 
-def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: dict | None, scale: int = 4):
-    """(absolute path, file name, subfolder). ``resume``: the job's settings (``video.resume.fingerprint``), to
-    continue an unfinished job of this prefix with the same ones."""
+def _output_path(filename_prefix: str, codec: str, width: int, height: int, resume: dict | None, scale: int,
+                 inputs: list, reserved: contextlib.ExitStack):
+    """(absolute path, file name, subfolder), checked as an output of ``inputs`` and its lock taken into
+    ``reserved``: another run (another ComfyUI on the same output folder) that picks a name meanwhile takes the
+    next one, instead of failing on this one once its models are loaded. ``resume``: the job's settings
+    (``video.resume.fingerprint``), to continue an unfinished job of this prefix with the same ones."""
     extension = EXTENSIONS[codec]
     output = os.path.abspath(folder_paths.get_output_directory())
     # ComfyUI refuses these too, but with a multi-line exception that reads like a bug
@@ -80,16 +84,34 @@ def _output_path(filename_prefix: str, codec: str, width: int, height: int, resu
     if resume is not None:
         path = _unfinished_job(folder, name, extension, resume)
         if path is not None:
+            _check_output(path, name, resume, inputs)
+            reserved.enter_context(OutputLock(path))  # (a run continuing it already: said before the models load)
             log.info("StreamVSR: continuing the unfinished %s", path)
             return path, os.path.basename(path), subfolder
-    filename = f"{name}_{counter:05}_{extension}"
     # ComfyUI counts from the files it saw; another run may have taken the name since, or be writing it (then only
     # its lock and temporary file are there), or have left a partial result under it: never replace any of
-    # these, take the next number.
-    while any(os.path.lexists(p) for p in _taken(os.path.join(folder, filename))):
-        counter += 1
+    # these, take the next number. A name is the run's once its lock is held and nothing else is there.
+    while True:
         filename = f"{name}_{counter:05}_{extension}"
-    return os.path.join(folder, filename), filename, subfolder
+        path = os.path.join(folder, filename)
+        if not any(os.path.lexists(p) for p in _taken(path)):
+            _check_output(path, name, resume, inputs)
+            lock = OutputLock(path)
+            with contextlib.suppress(OutputBusyError):
+                lock.__enter__()
+                if not any(os.path.lexists(p) for p in _taken(path) if p != lock.path):
+                    reserved.push(lock)
+                    return path, filename, subfolder
+                lock.__exit__(None, None, None)
+        counter += 1
+
+
+def _check_output(path: str, name: str, resume: dict | None, inputs: list) -> None:
+    # (a name too long is said in what the user types: filename_prefix, without the number and extension that
+    # make the file name of ``name``)
+    check_name_length(path, RESUME_NAME_EXTRA if resume is not None else WORK_NAME_EXTRA, "filename_prefix",
+                      len(os.path.basename(path)) - len(name))
+    check_output_file(path, inputs)
 
 
 def _numbered(folder: str, name: str, extension: str, suffix: str) -> list[str]:
@@ -220,56 +242,61 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             advice = oom_ladder(model, width, height, engine.scale)
         job = fingerprint(source, seed, codec, None, scene_cut_threshold or None, (width, height), engine) \
             if resume else None  # what an unfinished job must have been started with to be continued
-        out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale)
-        if not resume and os.path.exists(ResumeFiles(out_path).state):
-            raise UserInputError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
-        # An output folder that cannot be written is reported before the models take their minutes to load
-        # (upscale_video checks the whole job again once they are; the input was probed above). A name too
-        # long is said in what the user types: filename_prefix, without the number and extension added to it.
-        check_name_length(out_path, RESUME_NAME_EXTRA if resume else WORK_NAME_EXTRA, "filename_prefix",
-                          len(filename) - len(filename.rsplit("_", 2)[0]))
-        check_output_file(out_path, [source])
-        codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
-        check_frame_size(codec, width * engine.scale, height * engine.scale)
-        check_audio(readable, os.path.splitext(out_path)[1])
+        with contextlib.ExitStack() as reserved:  # (the output's name, from its choice to the run's end)
+            return _upscale_to_output(reserved, model, flow_model, engine, advice, readable, source, info, job, seed,
+                                      codec, scene_cut_threshold, filename_prefix, resume, allow_truncated)
 
-        bar = comfy.utils.ProgressBar(0)
-        shown = {"done": 0, "total": 0, "at": 0.0}
 
-        def update(image=None):
-            # ComfyUI's progress hook raises a pending interrupt itself, in the middle of writing a frame; left
-            # pending, it is raised by should_stop before the next frame, which ends the run properly (with
-            # resume, a checkpoint of every frame done). A Cancel between the check and the hook is put back.
-            if not mm.processing_interrupted():
-                try:
-                    bar.update_absolute(shown["done"], shown["total"] or None, image)
-                except mm.InterruptProcessingException:
-                    mm.interrupt_current_processing(True)
+def _upscale_to_output(reserved, model, flow_model, engine, advice, readable, source, info, job, seed, codec,
+                       scene_cut_threshold, filename_prefix, resume, allow_truncated) -> io.NodeOutput:
+    width, height = info.width, info.height
+    out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale,
+                                                 [source], reserved)
+    if not resume and os.path.exists(ResumeFiles(out_path).state):
+        raise UserInputError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
+    # An output that cannot be written is reported before the models take their minutes to load (upscale_video
+    # checks the whole job again once they are; the input was probed above, the output's file checked as named).
+    codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load
+    check_frame_size(codec, width * engine.scale, height * engine.scale)
+    check_audio(readable, os.path.splitext(out_path)[1])
 
-        def progress(done, total):
-            shown["done"], shown["total"] = done, total
-            update()
+    bar = comfy.utils.ProgressBar(0)
+    shown = {"done": 0, "total": 0, "at": 0.0}
 
-        def preview(hr):
-            now = time.monotonic()
-            if now - shown["at"] >= PREVIEW_SECONDS:
-                shown["at"] = now
-                update(("JPEG", tensor_to_preview(hr), 512))
+    def update(image=None):
+        # ComfyUI's progress hook raises a pending interrupt itself, in the middle of writing a frame; left
+        # pending, it is raised by should_stop before the next frame, which ends the run properly (with
+        # resume, a checkpoint of every frame done). A Cancel between the check and the hook is put back.
+        if not mm.processing_interrupted():
+            try:
+                bar.update_absolute(shown["done"], shown["total"] or None, image)
+            except mm.InterruptProcessingException:
+                mm.interrupt_current_processing(True)
 
-        with out_of_memory_advice(advice):
-            if isinstance(model, FlashVSRModel):
-                load_flashvsr_engine(engine, model, (height, width))
-            else:
-                load_engine(engine, model, flow_model, (height, width))
-            summary = upscale_video(engine, readable, out_path, seed=seed, codec=codec,
-                                    scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
-                                    progress=progress, preview=preview,
-                                    should_stop=mm.throw_exception_if_processing_interrupted,
-                                    allow_truncated=bool(allow_truncated))
-        if summary["input_problem"]:
-            log.warning("StreamVSR: %s; the output has the %d frames that could be decoded (allow_truncated)",
-                        summary["input_problem"], summary["frames"])
-        log.info("StreamVSR: wrote %s (%d frames, %dx%d, %d scene cuts)", out_path, summary["frames"],
-                 *summary["size"], summary["scene_cuts"])
-        result = ui.PreviewVideo([ui.SavedResult(filename, subfolder, io.FolderType.output)])
-        return io.NodeOutput(InputImpl.VideoFromFile(out_path), ui=result)
+    def progress(done, total):
+        shown["done"], shown["total"] = done, total
+        update()
+
+    def preview(hr):
+        now = time.monotonic()
+        if now - shown["at"] >= PREVIEW_SECONDS:
+            shown["at"] = now
+            update(("JPEG", tensor_to_preview(hr), 512))
+
+    with out_of_memory_advice(advice):
+        if isinstance(model, FlashVSRModel):
+            load_flashvsr_engine(engine, model, (height, width))
+        else:
+            load_engine(engine, model, flow_model, (height, width))
+        summary = upscale_video(engine, readable, out_path, seed=seed, codec=codec,
+                                scene_cut_threshold=scene_cut_threshold or None, resume=bool(resume),
+                                progress=progress, preview=preview,
+                                should_stop=mm.throw_exception_if_processing_interrupted,
+                                allow_truncated=bool(allow_truncated))
+    if summary["input_problem"]:
+        log.warning("StreamVSR: %s; the output has the %d frames that could be decoded (allow_truncated)",
+                    summary["input_problem"], summary["frames"])
+    log.info("StreamVSR: wrote %s (%d frames, %dx%d, %d scene cuts)", out_path, summary["frames"],
+             *summary["size"], summary["scene_cuts"])
+    result = ui.PreviewVideo([ui.SavedResult(filename, subfolder, io.FolderType.output)])
+    return io.NodeOutput(InputImpl.VideoFromFile(out_path), ui=result)

@@ -2009,7 +2009,7 @@ def test_a_prefix_on_another_windows_drive_is_the_same_one_line_error(video_node
     monkeypatch.setattr(video_nodes, "os", windows_os)
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: "C:\\ComfyUI\\output")
     with pytest.raises(UserInputError, match="leads outside ComfyUI's output folder"):
-        video_nodes._output_path("D:\\renders\\upscaled", "h264", 64, 64, None)
+        video_nodes._output_path("D:\\renders\\upscaled", "h264", 64, 64, None, 4, [], contextlib.ExitStack())
 
 
 @pytest.mark.skipif(not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
@@ -2457,3 +2457,43 @@ def test_a_stop_as_a_finished_frames_job_removes_its_checkpoint_says_it_is_finis
         upscale_folder(FakeEngine(), files, out, save="npy", resume=True, checkpoint_frames=1)
     assert f"the stop came after the last frame: all 3 were written to {out}" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"] and len(list(out.iterdir())) == 3
+
+
+def test_two_video_node_runs_at_once_take_two_names(tmp_path, video_node, monkeypatch):
+    """Two runs with one filename_prefix at once (two ComfyUIs on one output folder, or two threads): both picked
+    the same free name, and the second failed on it ("being written by another run", or, the first finished, "add
+    --overwrite", which the node has not) after its models had loaded."""
+    run, folder = video_node
+    module = importlib.import_module("streamvsr.nodes.video")
+    clip = tmp_path / "in.mkv"
+    noise_clip(clip, n=2, w=16, h=8, codec="ffv1")
+    both_named = threading.Barrier(2, timeout=60)
+
+    def load(engine, *args, **kwargs):  # (both have their names before either writes)
+        run.loads.append(engine)
+        both_named.wait()
+
+    monkeypatch.setattr(module, "load_engine", load)
+    results = []
+
+    def job():
+        try:
+            results.append(Path(run(clip).values[0][1]).name)
+        except Exception as e:  # noqa: BLE001 - what the test reports
+            results.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(map(str, results)) == ["test_00001_.mkv", "test_00002_.mkv"], results
+    assert sorted(p.name for p in folder.iterdir()) == ["test_00001_.mkv", "test_00002_.mkv"]
+
+
+def test_a_lock_on_a_name_too_long_is_a_one_line_error(tmp_path):
+    """Path.is_dir raises for a name too long instead of saying False: the lock's fallback check turned the error
+    into a traceback."""
+    with pytest.raises(UserInputError, match="cannot create the lock file .*: File name too long"):
+        with OutputLock(tmp_path / ("a" * 300 + ".mkv")):
+            pass

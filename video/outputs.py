@@ -338,7 +338,7 @@ class OutputLock:
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             inside = self.target / LOCK_TAG
-            if self.target.is_dir() and self.path != inside:
+            if os.path.isdir(self.target) and self.path != inside:  # (Path.is_dir raises for a name too long)
                 # An output folder in a folder we may not write to: the lock goes inside it instead (every run
                 # to this folder meets the same permissions, so all of them look there).
                 self.path = inside
