@@ -2497,3 +2497,28 @@ def test_a_lock_on_a_name_too_long_is_a_one_line_error(tmp_path):
     with pytest.raises(UserInputError, match="cannot create the lock file .*: File name too long"):
         with OutputLock(tmp_path / ("a" * 300 + ".mkv")):
             pass
+
+
+def test_a_file_another_program_puts_at_a_frames_name_is_not_counted_as_the_runs(tmp_path, monkeypatch):
+    """Only this run's file at the name counts as landed: another program's, put there while the frame was written
+    (the move then leaves it alone), was listed in the checkpoint as the run's, and the next run replaced it."""
+    import streamvsr.video.frames as frames
+
+    files = png_folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    real_write, written = frames._write, []
+
+    def write(hr, path, fmt):
+        real_write(hr, path, fmt)
+        written.append(path)
+        if len(written) == 3:
+            np.save(out / "f002.npy", np.zeros(3))
+
+    monkeypatch.setattr(frames, "_write", write)
+    with pytest.raises(OutputExistsError, match="f002.npy was created by something else"):
+        upscale_folder(FakeEngine(), files, out, save="npy", resume=True, checkpoint_frames=1)
+    assert ResumeFiles(out).read_info()["after"] == []
+    monkeypatch.setattr(frames, "_write", real_write)
+    with pytest.raises(OutputExistsError, match="already has f002.npy"):
+        upscale_folder(FakeEngine(), files, out, save="npy", resume=True)
+    assert np.load(out / "f002.npy").shape == (3,)

@@ -145,10 +145,11 @@ def _write(hr: torch.Tensor, path: Path, fmt: str) -> None:
 
 class _Landing:
     """The output being put in place, for a stop that comes meanwhile: once moved there it is written, whether or
-    not the count after it was reached (the move is the last step that changes the folder)."""
+    not the count after it was reached (the move is the last step that changes the folder). Told by the file's
+    identity: another program's file that took the name meanwhile is not this run's output."""
 
     def __init__(self):
-        self.index, self.path, self.before = -1, None, None
+        self.index, self.path, self.made = -1, None, None
 
     @staticmethod
     def _identity(path: Path):
@@ -159,11 +160,15 @@ class _Landing:
         return found.st_dev, found.st_ino
 
     def start(self, index: int, path: Path) -> None:
-        self.index, self.path, self.before = index, path, self._identity(path)
+        self.index, self.path, self.made = index, path, None
+
+    def made_as(self, tmp: Path) -> None:
+        """The finished output, about to be moved to its name (a hard link or rename keeps its identity)."""
+        self.made = self._identity(tmp)
 
     def landed(self, count: int) -> bool:
         """Whether output number ``count`` (the one after those counted) was being put in place and is there."""
-        return count == self.index and self._identity(self.path) not in (None, self.before)
+        return count == self.index and self.made is not None and self._identity(self.path) == self.made
 
 
 def output_name(stem: str, fmt: str) -> str:
@@ -171,9 +176,11 @@ def output_name(stem: str, fmt: str) -> str:
     return stem + (".npy" if fmt == "npy" else ".png")
 
 
-def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str, overwrite: bool = True) -> Path:
+def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str, overwrite: bool = True,
+               landing: _Landing | None = None) -> Path:
     """Save a (1, 3, H, W) [0, 1] tensor as png (8-bit, rounded like the official), png16 or npy, at
-    ``path_stem`` + the format's extension. Written to a temporary name and renamed once complete."""
+    ``path_stem`` + the format's extension. Written to a temporary name and renamed once complete (``landing``
+    is told the finished file)."""
     path_stem = Path(path_stem)
     path = path_stem.with_name(output_name(path_stem.name, fmt))
     tmp = temp_path(path)
@@ -184,6 +191,8 @@ def save_frame(hr: torch.Tensor, path_stem: Path, fmt: str, overwrite: bool = Tr
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(path)  # (PIL's write errors name no file: a full disk is then told without a place)
         raise
+    if landing is not None:
+        landing.made_as(tmp)
     return publish(tmp, path, overwrite=overwrite, keep_stopped=False)
 
 
@@ -523,7 +532,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 stem = stems.popleft()
                 landing.start(written, out_dir / output_name(stem, save))
                 save_frame(hr[None], out_dir / stem, save,
-                           overwrite=overwrite or output_name(stem, save) in replaceable)
+                           overwrite=overwrite or output_name(stem, save) in replaceable, landing=landing)
                 written += 1
                 if progress is not None:
                     progress(written)
@@ -574,7 +583,8 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 checkpoint.remove()
             except KeyboardInterrupt:  # the job is finished: its checkpoint, which would say otherwise, goes
                 checkpoint.remove()
-                log.warning("the stop came after the last frame: all %d were written to %s", written, out_dir)
+                log.warning("the stop came after the last frame: %s written to %s",
+                            "it was" if written == 1 else f"all {written} were", out_dir)
                 raise
     return written
 
@@ -643,6 +653,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         tmp.unlink(missing_ok=True)
                         raise
                     landing.start(count, target)
+                    landing.made_as(tmp)
                     publish(tmp, target, overwrite=overwrite, keep_stopped=False)
                     count += 1
                     log.debug("flow %s", path.name)
