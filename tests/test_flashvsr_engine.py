@@ -578,10 +578,10 @@ def test_frames_resume_with_held_frames_equals_one_run(engine, tmp_path, monkeyp
 
     out, saved = tmp_path / "burst", frames_module.save_frame
 
-    def stopped_at_the_sixth(hr, stem, fmt, overwrite=True):
+    def stopped_at_the_sixth(hr, stem, fmt, **options):
         if stem.name == "05":
             raise KeyboardInterrupt
-        return saved(hr, stem, fmt, overwrite)
+        return saved(hr, stem, fmt, **options)
 
     monkeypatch.setattr(frames_module, "save_frame", stopped_at_the_sixth)
     with pytest.raises(KeyboardInterrupt):
