@@ -2278,43 +2278,30 @@ def _writer_threads() -> list:
     return [t for t in threading.enumerate() if t.name == "streamvsr-video-writer" and t.is_alive()]
 
 
-def test_a_stop_while_the_input_closes_keeps_the_finished_file(tmp_path, monkeypatch, caplog):
-    """The writer had finished the whole file when the stop came: it stayed under the temporary name, unsaid,
-    and the next run removed it as "left by a run that did not finish"."""
-    clip, out = make_clip(tmp_path / "in.mp4", n=5, audio=None), tmp_path / "out.mp4"
-    real_close = FrameReader.close
-
-    def close(self):
-        real_close(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(FrameReader, "close", close)
-    with pytest.raises(KeyboardInterrupt):
-        upscale_video(FakeEngine(), clip, out)
-    kept = partial_path(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", kept.name] and len(decode(kept)) == 5
-    assert f"the 5 frames written before this stop are in {kept}" in caplog.text
-
-
-def test_a_stop_as_the_first_frame_is_handed_over_keeps_it(tmp_path, monkeypatch, caplog):
-    """The frame was handed to the writer, which wrote it, but not yet counted: the run removed the file as "an
-    empty output"."""
+@pytest.mark.parametrize("when", ["the input closes", "a frame is handed over"])
+def test_a_stop_at_once_keeps_what_the_writer_wrote(tmp_path, monkeypatch, caplog, when):
+    """The input closing: the writer had finished the whole file, which stayed under the temporary name, unsaid,
+    and the next run removed it as "left by a run that did not finish". A frame handed over: the writer wrote it,
+    but it was not yet counted, so the run removed the file as "an empty output"."""
     import streamvsr.video.stream as stream
 
     clip, out = make_clip(tmp_path / "in.mp4", n=5, audio=None), tmp_path / "out.mp4"
-    real_put = stream.WriterThread.put
+    if when == "the input closes":
+        real, cls, name, kept_frames, said = FrameReader.close, FrameReader, "close", 5, "the 5 frames written"
+    else:
+        real, cls, name, kept_frames, said = stream.WriterThread.put, stream.WriterThread, "put", 1, "the frame written"
 
-    def put(self, item):
-        real_put(self, item)
-        if item is not None and item[0] == "frame":
+    def stopped(self, *item):
+        real(self, *item)
+        if name == "close" or (item[0] is not None and item[0][0] == "frame"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream.WriterThread, "put", put)
+    monkeypatch.setattr(cls, name, stopped)
     with pytest.raises(KeyboardInterrupt):
         upscale_video(FakeEngine(), clip, out)
     kept = partial_path(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", kept.name] and len(decode(kept)) == 1
-    assert f"the frame written before this stop is in {kept}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", kept.name] and len(decode(kept)) == kept_frames
+    assert f"{said} before this stop {'is' if kept_frames == 1 else 'are'} in {kept}" in caplog.text
 
 
 def test_a_stop_while_the_file_is_being_closed_does_not_call_it_finished(tmp_path, monkeypatch, caplog):
