@@ -2509,3 +2509,26 @@ def test_a_file_another_program_puts_at_a_frames_name_is_not_counted_as_the_runs
     with pytest.raises(OutputExistsError, match="already has f002.npy"):
         upscale_folder(FakeEngine(), files, out, save="npy", resume=True)
     assert np.load(out / "f002.npy").shape == (3,)
+
+
+def test_a_resume_job_stopped_as_its_result_is_put_in_place_keeps_one_copy(tmp_path, monkeypatch, caplog):
+    """A stop while the joined result was flushed before its move kept it as a partial, beside the resume files
+    that the same command joins again: two whole copies of the video."""
+    import streamvsr.video.outputs as outputs
+
+    clip, out = make_clip(tmp_path / "in.mp4", n=4, audio=None), tmp_path / "out.mkv"
+    real_sync = outputs.sync_file
+
+    def sync_file(path):
+        if Path(path) == temp_path(out):
+            raise KeyboardInterrupt
+        real_sync(path)
+
+    monkeypatch.setattr(outputs, "sync_file", sync_file)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
+    assert not partial_path(out).exists() and not temp_path(out).exists() and ResumeFiles(out).state.exists()
+    monkeypatch.undo()
+    engine = FakeEngine()
+    assert upscale_video(engine, clip, out, codec="lossless", resume=True)["frames"] == 4 and engine.calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"] and len(decode(out)) == 4

@@ -579,7 +579,9 @@ def _publish(tmp: Path, out: Path, overwrite: bool, files: ResumeFiles | None) -
     the next run to continue a job that is done)."""
     finished = os.stat(tmp)
     try:
-        publish(tmp, out, overwrite=overwrite)
+        # (a resume job stopped before the move keeps its work in the resume files, which the same command joins
+        # again: a second whole copy, kept as partial, would only take the space)
+        publish(tmp, out, overwrite=overwrite, keep_stopped=files is None)
         if files is not None:
             files.remove()
     except KeyboardInterrupt:
