@@ -252,8 +252,6 @@ def _upscale_to_output(reserved, model, flow_model, engine, advice, readable, so
     width, height = info.width, info.height
     out_path, filename, subfolder = _output_path(filename_prefix, codec, width, height, job, engine.scale,
                                                  [source], reserved)
-    if not resume and os.path.exists(ResumeFiles(out_path).state):
-        raise UserInputError(f"{out_path} has unfinished resume files next to it; turn resume on to continue")
     # An output that cannot be written is reported before the models take their minutes to load (upscale_video
     # checks the whole job again once they are; the input was probed above, the output's file checked as named).
     codec_spec(codec, out_path)  # an FFmpeg without the encoder is found here, not after the models load

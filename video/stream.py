@@ -163,16 +163,15 @@ class WriterThread(threading.Thread):
                 self._close(False)
             return
         try:
-            if self.is_alive() and self.error is None:
-                self.put(("close", False))
-                self.put(None)
-        except BaseException as e:
-            if e is not self.error:  # (its own error, raised here too, is the one being handled)
-                self.unfinished = getattr(self.writer, "path", None) or self.unfinished
-                return
-        try:
+            try:
+                if self.is_alive() and self.error is None:
+                    self.put(("close", False))
+                    self.put(None)
+            except BaseException as e:
+                if e is not self.error:  # (its own error, raised here too, is the one being handled)
+                    raise
             self.join()
-        except KeyboardInterrupt:  # a second Ctrl-C: the file is left as it is
+        except BaseException:  # a further stop while it waited (Ctrl-C again): the file is left as it is
             self.unfinished = getattr(self.writer, "path", None) or self.unfinished
 
 
