@@ -160,6 +160,17 @@ def _removed_if_failed(folder):
         raise
 
 
+def _stopped_before_the_end(stop: _GracefulStop, written: int, total: int, out_dir) -> bool:
+    """Whether a folder job stopped by a first stop left outputs unwritten (it said which); a stop that came with
+    the last frame finished the job, which is said."""
+    if not stop.requested:
+        return False
+    if written < total:
+        return True
+    log.warning("the stop came after the last frame: %s was finished", out_dir)
+    return False
+
+
 def cmd_frames(args) -> int:
     from ..models.shared.runtime import Progress
     from ..video.frames import (check_folder_job, check_frames, folder_checkpoint, list_pngs, png_bit_depth,
@@ -187,12 +198,15 @@ def cmd_frames(args) -> int:
         with OutputLock(args.out_dir):
             engine = plan.load()
             progress = Progress(len(files), "frames")
-            try:
-                written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
-                                         progress=progress.update, overwrite=args.overwrite, resume=args.resume,
-                                         checkpoint_seconds=args.checkpoint_every or 60.0)
-            finally:
-                progress.close()
+            with _GracefulStop() as stop:
+                try:
+                    written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
+                                             progress=progress.update, overwrite=args.overwrite, resume=args.resume,
+                                             checkpoint_seconds=args.checkpoint_every or 60.0, should_stop=stop)
+                finally:
+                    progress.close()
+    if _stopped_before_the_end(stop, written, len(files), args.out_dir):
+        return stop_status()
     scale = int(engine.scale)
     log.info("wrote %d frame%s (%s, %dx%d) to %s", written, "" if written == 1 else "s", args.save, width * scale,
              height * scale, args.out_dir)
@@ -223,11 +237,14 @@ def cmd_flow(args) -> int:
             estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale,
                                   num_flow_updates=args.flow_iterations)
             progress = Progress(len(files) - 1, "flow")
-            try:
-                count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite,
-                                    progress=progress.update, max_magnitude=args.max_magnitude)
-            finally:
-                progress.close()
+            with _GracefulStop() as stop:
+                try:
+                    count = flow_folder(estimator, files, args.out_dir, save=args.save, overwrite=args.overwrite,
+                                        progress=progress.update, max_magnitude=args.max_magnitude, should_stop=stop)
+                finally:
+                    progress.close()
+    if _stopped_before_the_end(stop, count, len(files) - 1, args.out_dir):
+        return stop_status()
     log.info("wrote %d flow field%s (%s, %dx%d; one per frame from %s on) to %s", count, "" if count == 1 else "s",
              args.save, width, height, files[1].name, args.out_dir)
     return 0

@@ -518,6 +518,49 @@ def test_a_stop_says_what_it_kept_also_at_once_and_after_the_last_frame(media, m
                     f"the stop came after the last frame: {out} was finished"], said
 
 
+def test_a_first_ctrl_c_of_frames_and_flow_finishes_the_frame_in_progress(media, model, tmp_path, caplog,
+                                                                         monkeypatch, heeded_signals):
+    """As `upscale` does: the frames and flow commands stopped at once on the first Ctrl-C, losing the frame in
+    progress."""
+    import streamvsr.models.raft.weights as weights
+
+    class CtrlC(FakeEngine):
+        def __init__(self, at):
+            super().__init__()
+            self.at = at
+
+        def step(self, frame, state):
+            if state.frame_index == self.at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().step(frame, state)
+
+    def warnings():
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        caplog.clear()
+        return said
+
+    stopping = "\nstopping after this frame (Ctrl-C again to abort at once)"
+    out = tmp_path / "up"
+    model.make = lambda: CtrlC(1)
+    assert main(["frames", str(media / "frames"), str(out), "--model", str(model.path)]) == 130
+    assert warnings() == [stopping, f"stopped: 2 of 3 frames were written to {out}, each complete"]
+    assert sorted(p.name for p in out.iterdir()) == ["f000.png", "f001.png"]
+    model.make = lambda: CtrlC(2)  # (the last frame: the job finishes)
+    assert main(["frames", str(media / "frames"), str(tmp_path / "all"), "--model", str(model.path)]) == 0
+    assert warnings() == [stopping, f"the stop came after the last frame: {tmp_path / 'all'} was finished"]
+    assert len(list((tmp_path / "all").iterdir())) == 3
+
+    def estimator(a, b):
+        os.kill(os.getpid(), signal.SIGINT)
+        return torch.zeros(1, 2, *a.shape[-2:])
+
+    monkeypatch.setattr(weights, "load_raft", lambda *a, **k: estimator)
+    flow = tmp_path / "flow"
+    assert main(["flow", str(media / "frames"), str(flow), "--flow", str(media / "raft.pth")]) == 130
+    assert warnings() == [stopping, f"stopped: 1 of 2 flow fields were written to {flow}, each complete"]
+    assert sorted(p.name for p in flow.iterdir()) == ["f001.npy"]
+
+
 # A child process running the command line with a fake model: each frame's step first runs HOOK (None: nothing)
 _CHILD = """
 import os, sys, time
@@ -607,11 +650,11 @@ def test_a_stop_signal_keeps_the_work_done_as_ctrl_c_does(media, model, tmp_path
     clean, out = tmp_path / "clean", tmp_path / "out"
     assert main(["frames", str(media / "frames"), str(clean), "--model", str(model.path)]) == 0
     args = ["frames", media / "frames", out, "--model", model.path, "--resume"]
-    child = _run_child(hook, args, stderr=subprocess.PIPE, text=True)
+    child = _run_child(hook.replace("i == 2", "i == 1"), args, stderr=subprocess.PIPE, text=True)  # (of 3)
     said = child.communicate(timeout=300)[1]
     assert child.returncode == 128 + signum, said
     assert f"stopped: 2 of 3 frames were written to {out}, each complete; run the same command again" in said
-    assert said.rstrip().endswith(f"stopped by {name}") and "Traceback" not in said
+    assert f"stopping after this frame ({name} came; Ctrl-C to abort at once)" in said and "Traceback" not in said
     assert not lock_path(out).exists()
     assert main([str(a) for a in args]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}

@@ -381,6 +381,44 @@ def test_a_frames_job_with_resume_continues_after_a_stop_as_if_it_ran_through(tm
     assert not state_file.exists() and not os.path.exists(ResumeFiles(out).state_tmp)
 
 
+def test_a_folder_job_asked_to_stop_keeps_the_frame_in_progress_and_continues(tmp_path, caplog):
+    """A first Ctrl-C of the frames and flow commands (``should_stop``) used to stop at once, losing the frame in
+    progress (minutes of work on a CPU): the frame is finished, the run stops before the next one, says what it
+    wrote and, with resume, continues there as if it had run through."""
+    files = png_folder(tmp_path / "in", n=6)
+    upscale_folder(FakeEngine(), files, tmp_path / "whole", save="npy", seed=3)
+    for resume in (False, True):
+        out, engine, polls = tmp_path / f"out{resume}", FakeEngine(), []
+
+        def after_three(polls=polls):
+            polls.append(1)
+            return len(polls) > 3
+
+        assert upscale_folder(engine, files, out, save="npy", seed=3, resume=resume, should_stop=after_three) == 3
+        assert [index for index, _, _ in engine.calls] == [0, 1, 2]
+        again = "; run the same command again to continue" if resume else ""
+        assert f"stopped: 3 of 6 frames were written to {out}, each complete{again}" in caplog.text
+        assert sorted(npy_outputs(out)) == [p.stem + ".npy" for p in files[:3]]
+        assert ResumeFiles(out).state.exists() == resume
+    engine = FakeEngine()
+    assert upscale_folder(engine, files, out, save="npy", seed=3, resume=True) == 6
+    assert [index for index, _, _ in engine.calls] == [3, 4, 5]
+    whole, got = npy_outputs(tmp_path / "whole"), npy_outputs(out)
+    assert list(got) == list(whole) and all(np.array_equal(got[k], whole[k]) for k in whole)
+    # asked while the last frame is read: nothing is left to stop, the job finishes
+    asked = []
+    assert upscale_folder(FakeEngine(), files, tmp_path / "last", save="npy", resume=True,
+                          should_stop=lambda: asked.append(1) or len(asked) > 6) == 6
+    assert len(asked) == 6 and not ResumeFiles(tmp_path / "last").state.exists()
+
+    pairs = []
+    flow = tmp_path / "flow"
+    assert flow_folder(lambda a, b: pairs.append(1) or torch.zeros(1, 2, *a.shape[-2:]), files, flow,
+                       should_stop=lambda: len(pairs) == 2) == 2
+    assert f"stopped: 2 of 5 flow fields were written to {flow}, each complete" in caplog.text
+    assert sorted(npy_outputs(flow)) == ["f001.npy", "f002.npy"]
+
+
 def test_a_killed_frames_job_continues_from_its_last_checkpoint(tmp_path, monkeypatch):
     """A run killed outright saves nothing at the end: the next one continues from the last periodic
     checkpoint, redoing (and replacing) the outputs written after it."""

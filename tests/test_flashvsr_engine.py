@@ -572,6 +572,15 @@ def test_frames_resume_with_held_frames_equals_one_run(engine, tmp_path, monkeyp
     assert resumed.pushes == 3
     for name in [f"{i:02d}.npy" for i in range(30)]:
         assert np.array_equal(np.load(out / name), np.load(tmp_path / "whole" / name)), name
+    # a stop asked for before the 28th frame (a first Ctrl-C): the held frames stay in the checkpoint, not finished
+    out, polls = tmp_path / "asked", []
+    assert upscale_folder(engine, files, out, save="npy", resume=True,
+                          should_stop=lambda: polls.append(1) or len(polls) > 27) == 21
+    info = ResumeFiles(out).read_info()
+    assert (info["consumed"], info["frames"]) == (27, 21) and len(list(out.iterdir())) == 21
+    assert upscale_folder(engine, files, out, save="npy", resume=True) == 30
+    for name in [f"{i:02d}.npy" for i in range(30)]:
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "whole" / name)), name
     # a stop mid-way through a burst (the first 21 frames come out at once): the checkpoint is the state before
     # that push, and the outputs already written of the burst are its own, replaced by the next run
     import streamvsr.video.frames as frames_module

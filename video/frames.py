@@ -432,9 +432,15 @@ def _stamp(path: Path) -> str:
 
 def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, save: str = "png",
                    progress: Callable[[int], None] | None = None, overwrite: bool = False, resume: bool = False,
-                   checkpoint_seconds: float = 60.0, checkpoint_frames: int | None = None) -> int:
+                   checkpoint_seconds: float = 60.0, checkpoint_frames: int | None = None,
+                   should_stop: Callable[[], bool | None] | None = None) -> int:
     """Upscale ``files`` (one sequence, in order) into ``out_dir``, one output per input with the same stem.
-    Frames are written as the engine finishes them, each complete or not at all. Returns the number written.
+    Frames are written as the engine finishes them, each complete or not at all. Returns the number written
+    (fewer than ``files`` only after a stop that ``should_stop`` asked for).
+
+    should_stop(): polled before each frame is read; True stops the run there, as a stop at once would but
+    without losing a frame in progress: the frames the engine holds back are not finished (with ``resume`` they
+    stay in the checkpoint), and a warning says what was written. Not polled once the last frame is read.
 
     A frame that cannot be read, or has another size, stops the run: the frames before it are finished and the
     error says how many were written.
@@ -537,8 +543,12 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 if progress is not None:
                     progress(written)
 
+        stopped = False
         try:
             for path in files[consumed:]:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
                 try:
                     frame = read_frame(path)
                     if size is not None and tuple(frame.shape[-2:]) != size:
@@ -565,6 +575,10 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                         not checkpoint_frames and time.monotonic() - last_time >= checkpoint_seconds)):
                     try_checkpoint(False)
                     last_time, since = time.monotonic(), 0
+            if stopped:
+                try_checkpoint(True)
+                log.warning("stopped: %s", done(", each complete"))
+                return written
             out, state = engine.flush(state)
             emit(out)
         except KeyboardInterrupt:  # (Ctrl-C: the command line says only that it was interrupted)
@@ -602,12 +616,13 @@ def _still_earlier(left: list[str], earlier: set) -> str:
 
 def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], files: list[Path], out_dir: Path,
                 save: str = "npy", overwrite: bool = False, progress: Callable[[int], None] | None = None,
-                max_magnitude: float | None = None) -> int:
+                max_magnitude: float | None = None, should_stop: Callable[[], bool | None] | None = None) -> int:
     """For each consecutive pair of ``files``, write the flow that backward-warps frame i-1 onto frame i, i.e.
     ``estimator(image1=frame i, image2=frame i-1)``, at input resolution, named after frame i: ``npy`` = float32
     H x W x 2 (x then y, in pixels), ``png`` = colour-wheel picture (``max_magnitude``: the speed drawn fully
     saturated in every picture; None: each picture's largest). Returns the number of flows written;
-    ``progress(count)`` after each.
+    ``progress(count)`` after each; ``should_stop()``, polled before each frame is read, stops the run there when
+    True (a warning says what was written).
     One frame gives no flow: that is an error, not an empty success."""
     from ..models.raft.visualise import flow_to_image
 
@@ -628,8 +643,16 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         _prepare(out_dir, names)
         earlier = {name for name in names if (out_dir / name).exists()}  # (see _still_earlier)
         landing = _Landing()
+
+        def stopped() -> None:
+            log.warning("stopped: %d of %d flow fields were written to %s, each complete%s", count, len(files) - 1,
+                        out_dir, _still_earlier(names[count:], earlier))
+
         try:
             for path in files:
+                if should_stop is not None and should_stop():
+                    stopped()
+                    return count
                 try:
                     current = read_frame(path)[None] * 2 - 1
                     if previous is not None and previous.shape != current.shape:
@@ -662,7 +685,6 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 previous = current
         except KeyboardInterrupt:  # (as upscale_folder: the command line says only that it was interrupted)
             count += landing.landed(count)
-            log.warning("stopped: %d of %d flow fields were written to %s, each complete%s", count, len(files) - 1,
-                        out_dir, _still_earlier(names[count:], earlier))
+            stopped()
             raise
     return count
