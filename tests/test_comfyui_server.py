@@ -99,32 +99,45 @@ def prepare_base(base, comfy=COMFY, python=None):
     return base
 
 
+def _started(proc, url: str, log: pathlib.Path, last: bool) -> bool:
+    """Whether ComfyUI ``proc`` answers at ``url`` within 180 s; False where it exited because its port was taken
+    meanwhile (and ``last`` is False); otherwise a failure, with the end of its log."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            said = log.read_text()
+            if not last and "address already in use" in said.lower():
+                return False
+            raise AssertionError(f"ComfyUI exited:\n{said[-4000:]}")
+        try:
+            _get(url, "/system_stats")
+            return True
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise AssertionError("ComfyUI did not start within 180 s")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("diffusers")
     base = prepare_base(tmp_path_factory.mktemp("comfy_base"))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     python = os.environ.get("STREAMVSR_COMFYUI_PYTHON", sys.executable)
     log = open(base / "server.log", "w")
-    proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--disable-auto-launch"],
-                            cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"ComfyUI exited:\n{(base / 'server.log').read_text()[-4000:]}")
-        try:
-            _get(url, "/system_stats")
+    for attempt in range(3):
+        # a free port, as the system gives one; another program may take it before ComfyUI binds it: then again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log.seek(0)
+        log.truncate()
+        proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--base-directory", str(base), "--disable-auto-launch"],
+                                cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        if _started(proc, url, base / "server.log", last=attempt == 2):
             break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise AssertionError("ComfyUI did not start within 180 s")
     yield url, base
     proc.terminate()
     try:
