@@ -22,7 +22,9 @@ disk for resuming, and the output does not change):
     Frames pushed but not yet returned.
 ``identity() -> str``
     Model, precision and every option that changes the output: two engines with equal identities render
-    the same frames (used to refuse resuming a job with other settings).
+    the same frames (used to refuse resuming a job with other settings): "family|field|...". Fields added in
+    a later release go last, named in ``LATER_IDENTITY_FIELDS``: an identity saved without one is compared
+    without it.
 ``estimate_memory(h, w) -> int``
     Rough peak activation bytes for LR frames of h x w, beyond the weights.
 ``state_from_dict(tensors, meta) -> state``; states have ``to(device)`` and ``to_dict() -> (tensors, meta)``
@@ -39,6 +41,10 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+
+# "name=" of the fields an engine identity gained after resume files held it (see ``identity()`` above)
+PARTS_FIELD = "parts="  # Stream-DiffVSR: a checksum of every network's first and last weights
+LATER_IDENTITY_FIELDS = (PARTS_FIELD,)
 
 
 class Engine(Protocol):

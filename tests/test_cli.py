@@ -1,5 +1,6 @@
 """The command line end to end on tiny checkpoints: frames, flow and convert."""
 
+import json
 import logging
 import os
 import re
@@ -120,6 +121,64 @@ def test_plain_layers_where_they_change_nothing_is_said(assets, tmp_path, caplog
             assert main(["frames", str(frames), str(tmp_path / dtype), "--model", str(ckpt), "--flow", str(raft),
                          "--device", "cpu", "--dtype", dtype, "--plain-layers"]) == 0
         assert ("--plain-layers changes nothing here" in caplog.text) is said, caplog.text
+
+
+def test_a_resumed_job_tells_a_model_changed_in_one_part_and_continues_a_job_of_an_earlier_release(assets,
+                                                                                                   tmp_path):
+    """The resume identity checked the UNet's first weights alone: a ControlNet or decoder replaced by another was
+    taken as the same model, and the job spliced two renderings. A checkpoint written before the identity told
+    the parts apart (without its ``parts=`` field) still continues."""
+    from streamvsr.models.stream_diffvsr import FAMILY
+    from streamvsr.video.resume import ResumeFiles, fingerprint_mismatch
+
+    ckpt, raft, frames = assets
+    engine = FAMILY.load_engine(str(ckpt), flow=str(raft))
+    before = engine.identity()
+    for part in ("controlnet", "vae"):
+        weight = list(getattr(engine.pipeline, part).parameters())[-1]
+        kept = weight.detach().clone()
+        with torch.no_grad():
+            weight += 0.25
+        changed = engine.identity()
+        assert changed != before, part
+        assert fingerprint_mismatch({"model": before}, {"model": changed}) == "another model or precision"
+        with torch.no_grad():
+            weight.copy_(kept)
+    assert engine.identity() == before
+    # an earlier release's checkpoint: the identity without the parts' checksum, compared without it
+    earlier = before.rpartition("|parts=")[0]
+    assert "|parts=" in before and earlier.startswith("stream-diffvsr|")
+    assert fingerprint_mismatch({"model": earlier}, {"model": before}) is None
+    assert fingerprint_mismatch({"model": earlier.replace("steps=4", "steps=2")}, {"model": before}) == \
+        "steps 2 then, 4 now"
+    # end to end: a job stopped after its first frame, its checkpoint rewritten as an earlier release wrote it
+    import streamvsr.video.frames as frames_module
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out, stop = tmp_path / "out", tmp_path / "stop"
+    args = ["frames", str(frames), str(out), "--model", str(ckpt), "--flow", str(raft), "--resume"]
+    assert main(args) == 0
+    real = frames_module.read_frame
+
+    def stopped_at_the_second(path):
+        if path.name != "f000.png":
+            raise KeyboardInterrupt
+        return real(path)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(frames_module, "read_frame", stopped_at_the_second)
+        assert main([*args[:2], str(stop), *args[3:]]) == 130
+    state = ResumeFiles(stop).state
+    with safe_open(str(state), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["streamvsr_resume"])
+    assert info["consumed"] == 1 and info["fingerprint"]["model"] == before
+    info["fingerprint"]["model"] = earlier
+    save_file(tensors, str(state), metadata={**meta, "streamvsr_resume": json.dumps(info)})
+    assert main([*args[:2], str(stop), *args[3:]]) == 0
+    assert {p.name: p.read_bytes() for p in stop.iterdir()} == {p.name: p.read_bytes() for p in out.iterdir()}
+    assert not state.exists()
 
 
 def test_flow_iterations_reach_the_engine_and_its_identity(assets, monkeypatch):

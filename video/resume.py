@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.contract import LATER_IDENTITY_FIELDS
 from ..models.shared.errors import UserInputError, cannot_read
 from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
@@ -129,7 +130,8 @@ class ResumeFiles:
         info = self.read_info()
         if info is None:
             return None
-        if info["fingerprint"].get("model", engine.identity()) != engine.identity():
+        now = engine.identity()
+        if info["fingerprint"].get("model", now) != as_saved(info["fingerprint"].get("model"), now):
             # another model's state would not fit this one: the callers say what changed (and discard the job
             # with overwrite), as for any other setting
             return info, None, None
@@ -268,7 +270,8 @@ def fingerprint_mismatch(saved: dict, now: dict) -> str | None:
                 diffs.append(f"the {value['count']} frames it read are not those files now (renamed, changed, added "
                              "between them or removed)")
             elif key == "model":
-                diffs.append(_model_change(saved.get(key), value))
+                if saved.get(key) != as_saved(saved.get(key), value):
+                    diffs.append(_model_change(saved.get(key), as_saved(saved.get(key), value)))
             elif key == "crf":
                 diffs.append(f"crf {_crf(saved.get(key))} then, {_crf(value)} now")
             elif key == "scene_cut":
@@ -303,6 +306,16 @@ def _crf(value) -> str:
 
 _OPTION_NAMES = {"steps": "steps", "scale": "scale", "sparse": "sparse ratio", "local": "local range",
                  "kv": "kv ratio", "color": "color fix"}
+
+
+def as_saved(saved, now: str) -> str:
+    """Engine identity ``now`` as a checkpoint that holds ``saved`` would have written it: without the fields added
+    since (``LATER_IDENTITY_FIELDS``) that ``saved`` lacks, so that a job of an earlier release continues."""
+    if not isinstance(saved, str):
+        return now
+    had = {field.partition("=")[0] + "=" for field in saved.split("|")}
+    return "|".join(f for f in now.split("|") if not (f.startswith(LATER_IDENTITY_FIELDS) and
+                                                       f.partition("=")[0] + "=" not in had))
 
 
 def _model_change(saved, now: str) -> str:

@@ -17,13 +17,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..contract import PARTS_FIELD
 from ..raft.network import RAFT
 from .pipeline import StreamDiffVSRPipeline
 from ..shared.errors import UserInputError
 from ..shared.image import to_rgb
 from ..shared.norms import prefers_channels_last
 from ..shared.packed import as_operators
-from ..shared.runtime import check_finite, checksum, is_out_of_memory
+from ..shared.runtime import check_finite, checksum, is_out_of_memory, weights_checksum
 from ..shared.tensor_key import TensorKey
 from ..shared.warp import flow_warp_official
 from .speed import compiled, failed_before
@@ -238,13 +239,16 @@ class StreamEngine:
         renderings into one video. (The flow's correlation mode is left out: both modes give the same flow up to
         float rounding, and switching to on-demand is the advice for running out of memory.)"""
         pipe, flow = self.pipeline, self.flow
-        # (this formula is in the resume files of unfinished jobs: changed, it would refuse them all)
+        # (this formula is in the resume files of unfinished jobs: changed, it would refuse them all; the parts'
+        # checksum, which tells a ControlNet or autoencoder changed alone, came later, last, and a checkpoint of an
+        # earlier release, without it, is compared without it: video/resume.py)
         total = checksum([pipe.prompt_embeds] + [p for _, p in zip(range(4), pipe.parameters())])
         flow_weights = checksum([p for _, p in zip(range(4), flow.parameters())]) \
             if isinstance(flow, torch.nn.Module) else 0.0
         flow_name = (f"{getattr(flow, 'arch', type(flow).__name__)},updates={getattr(flow, 'num_flow_updates', None)},"
                      f"downscale={getattr(flow, 'downscale', 1)},{flow_weights:.10g}")
-        return f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{total:.10g}|flow={flow_name}"
+        return (f"stream-diffvsr|{self.compute_dtype}|steps={self.steps}|{total:.10g}|flow={flow_name}|"
+                f"{PARTS_FIELD}{weights_checksum(pipe):.10g}")
 
     def state_from_dict(self, tensors: dict, meta: dict) -> StreamState:
         return StreamState.from_dict(tensors, meta)
