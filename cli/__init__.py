@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 
+from .. import __version__
 from . import commands
 from .options import (add_flow_options, add_model_options, default_models_dir, float_range, memory_options, user_path,
                       video_path)
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="streamvsr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"streamvsr {__version__}",
+                        help="print the version (for a bug report) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("frames", help="upscale a folder of PNG frames (one sequence)")

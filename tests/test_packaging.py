@@ -33,6 +33,21 @@ def test_pyproject_dependencies_are_the_requirements():
     assert isinstance(project["license"], str)
 
 
+def test_one_version_everywhere(capsys):
+    """The version that pip and the ComfyUI registry read (pyproject) is the one `streamvsr --version` prints, for
+    a bug report to name what was run."""
+    import pytest
+
+    from streamvsr import __version__
+    from streamvsr.cli import main
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == version
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0 and capsys.readouterr().out == f"streamvsr {version}\n"
+
+
 def test_comfy_registry_metadata():
     comfy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
     for key in ("PublisherId", "DisplayName", "Icon", "requires-comfyui"):
