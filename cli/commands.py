@@ -137,26 +137,38 @@ class _GracefulStop:
             signal.signal(signum, handler)
 
 
-@contextlib.contextmanager
-def _removed_if_failed(folder):
-    """The folders of ``folder``'s path (itself included) that do not exist yet are removed again, where still
-    empty, when the block fails: a run that fails to load its model, or stops before its first output, leaves no
-    trace. Enter it outside the output's lock, whose file is in the folder until the lock is released."""
-    missing = []
-    path = Path(os.path.abspath(folder))
-    while not os.path.lexists(path) and path.parent != path:
-        missing.append(path)
-        path = path.parent
-    try:
-        yield
-    except BaseException:
-        for path in missing:  # the deepest first
+class _NewFolders:
+    """The folders of ``folder``'s path (itself included) that do not exist yet, to be removed again where still
+    empty (``remove_empty``)."""
+
+    def __init__(self, folder):
+        self.missing = []
+        path = Path(os.path.abspath(folder))
+        while not os.path.lexists(path) and path.parent != path:
+            self.missing.append(path)
+            path = path.parent
+
+    def remove_empty(self) -> None:
+        for path in self.missing:  # the deepest first
             try:
                 path.rmdir()
             except FileNotFoundError:  # never made (a folder the job itself creates) or removed meanwhile
                 continue
             except OSError:  # not empty: outputs kept for the user, or files of another run
                 break
+
+
+@contextlib.contextmanager
+def _removed_if_failed(folder):
+    """``_NewFolders(folder)``, removed again where still empty when the block fails: a run that fails to load its
+    model, or stops before its first output, leaves no trace (a run stopped at its own request calls
+    ``remove_empty`` itself). Enter it outside the output's lock, whose file is in the folder until the lock is
+    released."""
+    new = _NewFolders(folder)
+    try:
+        yield new
+    except BaseException:
+        new.remove_empty()
         raise
 
 
@@ -193,7 +205,7 @@ def cmd_frames(args) -> int:
     if args.resume:
         check_model_family(folder_checkpoint(args.out_dir), plan.family.name, args.overwrite)
     plan.check_size(height, width)
-    with _removed_if_failed(args.out_dir):
+    with _removed_if_failed(args.out_dir) as new_folders:
         make_folder(args.out_dir.parent)
         with OutputLock(args.out_dir):
             engine = plan.load()
@@ -206,6 +218,8 @@ def cmd_frames(args) -> int:
                 finally:
                     progress.close()
     if _stopped_before_the_end(stop, written, len(files), args.out_dir):
+        if not written and not os.path.lexists(folder_checkpoint(args.out_dir).state):
+            new_folders.remove_empty()  # (a stop before the first output leaves no trace, as a failure does)
         return stop_status()
     scale = int(engine.scale)
     log.info("wrote %d frame%s (%s, %dx%d) to %s", written, "" if written == 1 else "s", args.save, width * scale,
@@ -231,7 +245,7 @@ def cmd_flow(args) -> int:
                          args.overwrite)
     device = pick_device(args.device)
     check_flow_file(args.flow)
-    with _removed_if_failed(args.out_dir):
+    with _removed_if_failed(args.out_dir) as new_folders:
         make_folder(args.out_dir.parent)
         with OutputLock(args.out_dir):
             estimator = load_raft(args.flow, device=device, corr=args.corr, downscale=args.flow_downscale,
@@ -244,6 +258,8 @@ def cmd_flow(args) -> int:
                 finally:
                     progress.close()
     if _stopped_before_the_end(stop, count, len(files) - 1, args.out_dir):
+        if not count:
+            new_folders.remove_empty()
         return stop_status()
     log.info("wrote %d flow field%s (%s, %dx%d; one per frame from %s on) to %s", count, "" if count == 1 else "s",
              args.save, width, height, files[1].name, args.out_dir)
@@ -268,7 +284,7 @@ def cmd_upscale(args) -> int:
         check_model_family(job.files, plan.family.name, args.overwrite)
     plan.check_size(info.height, info.width)
     check_frame_size(args.codec, info.width * plan.scale, info.height * plan.scale)
-    with _removed_if_failed(job.out.parent):
+    with _removed_if_failed(job.out.parent) as new_folders:
         make_folder(job.out.parent)
         with OutputLock(job.out):
             if not info.orientation.identity:
@@ -305,6 +321,7 @@ def cmd_upscale(args) -> int:
                         "continue a job)", summary["frames"], summary["path"], args.out_video)
         else:
             log.warning("stopped before the first frame; %s was not written", args.out_video)
+        new_folders.remove_empty()  # (those it made, where the stop left nothing in them)
         return stop_status()
     if summary["input_problem"]:
         log.warning("warning: %s; %s has the %d frames that could be decoded (--allow-truncated)",

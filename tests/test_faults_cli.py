@@ -561,6 +561,43 @@ def test_a_first_ctrl_c_of_frames_and_flow_finishes_the_frame_in_progress(media,
     assert sorted(p.name for p in flow.iterdir()) == ["f001.npy"]
 
 
+def test_a_first_ctrl_c_before_the_first_output_leaves_no_new_folder(media, model, tmp_path, caplog, monkeypatch,
+                                                                    heeded_signals):
+    """A run stopped at once before its first output removed the folders it had made; one stopped at its own
+    request (a first Ctrl-C) left them, empty. With --resume a checkpoint beside the folder keeps it."""
+    import streamvsr.models.raft.weights as weights
+    import streamvsr.video.frames as frames_module
+
+    class CtrlCAtTheStart(FakeEngine):
+        def new_state(self, seed):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().new_state(seed)
+
+    model.make = CtrlCAtTheStart
+    out = tmp_path / "new" / "up"
+    assert main(["frames", str(media / "frames"), str(out), "--model", str(model.path)]) == 130
+    assert "stopped: no frame was written" in caplog.text and not (tmp_path / "new").exists()
+    video = tmp_path / "new" / "o.mkv"
+    args = ["upscale", str(media / "in.mp4"), str(video), "--model", str(model.path), "--codec", "lossless"]
+    assert main(args) == 130
+    assert "stopped before the first frame" in caplog.text and not (tmp_path / "new").exists()
+    assert main(args + ["--resume"]) == 130
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [ResumeFiles(video).state.name]
+
+    read = frames_module.read_frame
+
+    def ctrl_c_while_the_first_is_read(path):
+        monkeypatch.setattr(frames_module, "read_frame", read)
+        os.kill(os.getpid(), signal.SIGINT)
+        return read(path)
+
+    monkeypatch.setattr(frames_module, "read_frame", ctrl_c_while_the_first_is_read)
+    monkeypatch.setattr(weights, "load_raft", lambda *a, **k: lambda a, b: torch.zeros(1, 2, *a.shape[-2:]))
+    flow = tmp_path / "new2" / "flow"
+    assert main(["flow", str(media / "frames"), str(flow), "--flow", str(media / "raft.pth")]) == 130
+    assert "stopped: 0 of 2 flow fields were written" in caplog.text and not (tmp_path / "new2").exists()
+
+
 # A child process running the command line with a fake model: each frame's step first runs HOOK (None: nothing)
 _CHILD = """
 import os, sys, time
