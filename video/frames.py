@@ -525,7 +525,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                     warned = True
 
         def done(how: str = "") -> str:
-            mixed = _still_earlier(names[written:], earlier)
+            mixed = _still_earlier(names[written:], earlier, written > 0)
             again = "; run the same command again to continue" if checkpoint is not None and saved_at[0] else ""
             return (f"{written} of {len(files)} frames were written to {out_dir}{how}" if written else
                     "no frame was written") + mixed + again
@@ -607,11 +607,13 @@ def _span(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
 
 
-def _still_earlier(left: list[str], earlier: set) -> str:
+def _still_earlier(left: list[str], earlier: set, wrote: bool = True) -> str:
     """A run that stops replaced only the outputs it wrote: where ``left`` (those it did not write) has outputs of
-    an earlier run (``earlier``), the folder mixes two runs, said in a clause to add."""
+    an earlier run (``earlier``), the folder mixes two runs, said in a clause to add (``wrote``: whether the run
+    wrote any)."""
     kept = [name for name in left if name in earlier]
-    return f"; {len(kept)} after them ({_span(kept)}) are still those of an earlier run" if kept else ""
+    where = "after them" if wrote else "there"
+    return f"; {len(kept)} {where} ({_span(kept)}) are still those of an earlier run" if kept else ""
 
 
 def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], files: list[Path], out_dir: Path,
@@ -646,7 +648,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
         def stopped() -> None:
             log.warning("stopped: %d of %d flow fields were written to %s, each complete%s", count, len(files) - 1,
-                        out_dir, _still_earlier(names[count:], earlier))
+                        out_dir, _still_earlier(names[count:], earlier, count > 0))
 
         try:
             for path in files:
@@ -660,7 +662,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                                              f"{tuple(previous.shape[-2:])}: all frames must have the same size")
                 except UserInputError as e:
                     raise UserInputError(f"{e}; {count} of {len(files) - 1} flow fields were written to "
-                                         f"{out_dir}{_still_earlier(names[count:], earlier)}") from None
+                                         f"{out_dir}{_still_earlier(names[count:], earlier, count > 0)}") from None
                 if previous is not None:
                     flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
                     target = out_dir / output_name(path.stem, save)
