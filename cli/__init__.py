@@ -22,8 +22,7 @@ import sys
 
 from .. import __version__
 from . import commands
-from .options import (add_flow_options, add_model_options, default_models_dir, float_range, memory_options, user_path,
-                      video_path)
+from .options import add_flow_options, add_model_options, float_range, memory_options, user_path, video_path
 
 log = logging.getLogger("streamvsr")
 
@@ -176,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_convert)
 
     p = sub.add_parser("download", help="download the official Stream-DiffVSR and RAFT-large weights")
-    p.add_argument("--dest", type=user_path, help=f"folder (default: $STREAMVSR_MODELS or {default_models_dir()})")
+    p.add_argument("--dest", type=user_path,
+                   help="folder (default: $STREAMVSR_MODELS, or ~/.cache/streamvsr where that is unset or empty)")
     p.set_defaults(func=commands.cmd_download)
     return parser
 

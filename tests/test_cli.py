@@ -181,6 +181,16 @@ def test_a_resumed_job_tells_a_model_changed_in_one_part_and_continues_a_job_of_
     assert not state.exists()
 
 
+def test_download_help_names_the_default_folder_also_where_the_variable_is_set(monkeypatch, capsys):
+    """With $STREAMVSR_MODELS set, the help said "default: $STREAMVSR_MODELS or <its value>", hiding the
+    fallback."""
+    monkeypatch.setenv("STREAMVSR_MODELS", "/data/models")
+    with pytest.raises(SystemExit):
+        main(["download", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "(default: $STREAMVSR_MODELS, or ~/.cache/streamvsr where that is unset or empty)" in said, said
+
+
 def test_flow_iterations_reach_the_engine_and_its_identity(assets, monkeypatch):
     from streamvsr.models.stream_diffvsr import FAMILY
 
