@@ -305,8 +305,8 @@ def test_a_stopped_overwrite_says_which_outputs_are_still_an_earlier_runs_and_fl
     caplog.clear()
     with pytest.raises(KeyboardInterrupt):
         upscale_folder(StoppedAt(0), files, out, save="npy", seed=7, overwrite=True)
-    assert ("stopped: no frame was written; 5 there (f000.npy to f004.npy) are still those of an earlier run"
-            in caplog.text)  # (not "after them")
+    assert (f"stopped: no frame was written to {out}; 5 there (f000.npy to f004.npy) are still those of an earlier "
+            "run") in caplog.text  # (not "after them")
     caplog.clear()
     with pytest.raises(KeyboardInterrupt):
         upscale_folder(StoppedAt(0), files, tmp_path / "none", save="npy")

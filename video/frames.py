@@ -528,7 +528,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
             mixed = _still_earlier(names[written:], earlier, written > 0)
             again = "; run the same command again to continue" if checkpoint is not None and saved_at[0] else ""
             return (f"{written} of {len(files)} frames were written to {out_dir}{how}" if written else
-                    "no frame was written") + mixed + again
+                    f"no frame was written to {out_dir}") + mixed + again
 
         landing = _Landing()
 
