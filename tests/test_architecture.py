@@ -35,11 +35,17 @@ def _name(rel: pathlib.Path) -> list[str]:
     return parts[:-1] if parts[-1] == "__init__" else parts
 
 
+def _root_names() -> set[str]:
+    """The names the package's root __init__ assigns (its version, ...): not modules."""
+    init = ROOT / "__init__.py"
+    tree = ast.parse(init.read_text()) if init.exists() else ast.Module(body=[], type_ignores=[])
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+
 def _part(parts: list[str]) -> str:
     if parts[:2] == ["models", "shared"]:
         return "shared"
-    if len(parts) == 1 and not (ROOT / parts[0]).is_dir() and not (ROOT / f"{parts[0]}.py").exists():
-        # (a name the root __init__ defines, not a module)
+    if len(parts) == 1 and parts[0] in _root_names():
         return "root"
     return parts[0]
 
