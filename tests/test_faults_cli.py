@@ -484,24 +484,25 @@ def test_frames_stopped_by_a_full_disk_say_where_and_what_was_kept(media, model,
     assert sorted(p.name for p in out.iterdir()) == ["f000.png"]
 
 
+class CtrlC(FakeEngine):
+    """A first Ctrl-C (SIGINT) while the engine steps frame ``at`` (``StopsAt``: a second one, mid-frame)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def step(self, frame, state):
+        if state.frame_index == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().step(frame, state)
+
+
 def test_a_stop_says_what_it_kept_also_at_once_and_after_the_last_frame(media, model, tmp_path, caplog,
                                                                         heeded_signals):
     """A second Ctrl-C with --resume said only "interrupted", not that the job continues; one without it called the
     stop an error; a Ctrl-C once the last frame was done announced a stop, then finished with exit 0 unexplained."""
-    class CtrlC(FakeEngine):
-        def __init__(self, at, hard):
-            super().__init__()
-            self.at, self.hard = at, hard
-
-        def step(self, frame, state):
-            if state.frame_index == self.at:
-                if self.hard:
-                    raise KeyboardInterrupt  # (a second Ctrl-C mid-frame)
-                os.kill(os.getpid(), signal.SIGINT)
-            return super().step(frame, state)
-
     out = tmp_path / "o.mkv"
-    model.make = lambda: CtrlC(2, hard=True)
+    model.make = lambda: StopsAt(2)  # (a second Ctrl-C mid-frame)
     args = ["upscale", str(media / "in.mp4"), str(out), "--model", str(model.path), "--codec", "lossless"]
     assert main(args + ["--resume", "--checkpoint-every", "1e-9"]) == 130
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -511,7 +512,7 @@ def test_a_stop_says_what_it_kept_also_at_once_and_after_the_last_frame(media, m
     assert main(args + ["--overwrite"]) == 130
     assert f"the 2 frames written before this stop are in {partial_path(out)}" in caplog.text
     caplog.clear()
-    model.make = lambda: CtrlC(3, hard=False)  # (the last of the 4 frames)
+    model.make = lambda: CtrlC(3)  # (the last of the 4 frames)
     assert main(args + ["--overwrite"]) == 0 and len(decode(out)) == 4
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert said == ["\nstopping after this frame (Ctrl-C again to abort at once)",
@@ -523,16 +524,6 @@ def test_a_first_ctrl_c_of_frames_and_flow_finishes_the_frame_in_progress(media,
     """As `upscale` does: the frames and flow commands stopped at once on the first Ctrl-C, losing the frame in
     progress."""
     import streamvsr.models.raft.weights as weights
-
-    class CtrlC(FakeEngine):
-        def __init__(self, at):
-            super().__init__()
-            self.at = at
-
-        def step(self, frame, state):
-            if state.frame_index == self.at:
-                os.kill(os.getpid(), signal.SIGINT)
-            return super().step(frame, state)
 
     def warnings():
         said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
