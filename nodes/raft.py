@@ -15,7 +15,6 @@ import comfy.utils
 from ..models.raft.visualise import flow_to_image, largest_speed
 from ..models.raft.weights import load_raft
 from ..models.shared.errors import UserInputError
-from ..models.shared.packed import prepare_packed
 from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, download_progress,
                      load_flow_patcher, operations_for, out_of_memory, remember_source, wrap)
 
@@ -72,7 +71,6 @@ class StreamVSRLoadFlowModel(io.ComfyNode):
         estimator = load_raft(path, operations=operations, device=mm.unet_offload_device(),
                               num_flow_updates=iterations, corr=correlation,
                               downscale={"full": 1, "half": 2, "quarter": 4}[resolution])
-        prepare_packed(estimator)  # the CPU layers' weight copies, if any: made now rather than in the first frame
         # names it in a sequence's settings (a continuation needs the same file, whichever list entry gave it)
         remember_source(estimator, path)
         return io.NodeOutput(wrap(estimator))

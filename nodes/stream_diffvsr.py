@@ -183,7 +183,7 @@ class StreamVSRLoadModel(io.ComfyNode):
         operations = operations_for(weight_dtype, compute_dtype, device, cpu_layers=bool(cpu_layers))
         packed = uses_cpu_layers(weight_dtype, compute_dtype, device, bool(cpu_layers))
         pipe = load_pipeline(path, device=mm.unet_offload_device(), dtype=weight_dtype, operations=operations)
-        prepare_packed(pipe)  # the CPU layers' weight copies: made now rather than in the first frame
+        prepare_packed(pipe)  # the linear layers' CPU copies: made now rather than in the first frame
         remember_source(pipe, path)
         pipe.streamvsr_compute_dtype = compute_dtype
         pipe.streamvsr_compile = bool(compile)

@@ -283,7 +283,7 @@ def test_a_network_with_packed_copies_and_operators_deep_copies_and_pickles():
     ops = packed_operations()
     net = nn.Sequential(ops.Conv2d(128, 128, 3, padding=1), nn.Flatten(2), ops.Linear(256, 16))
     x = torch.randn(1, 128, 16, 16)
-    assert packed.prepare_packed(net) >= 2 and packed.as_operators(net) == 2
+    assert packed.prepare_packed(net) == 1 and packed.as_operators(net) == 2
     with torch.inference_mode():
         want = net(x)
     for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
@@ -613,28 +613,29 @@ def test_a_second_copy_of_the_module_gets_its_own_operators():
     assert (first_out - second_out).abs().max() <= 1e-5 * first_out.abs().max()
 
 
-def test_prepare_makes_winograd_kernels_that_the_first_small_input_drops(monkeypatch):
+def test_winograd_kernels_are_made_by_the_first_call_for_its_size_and_dropped_when_unused(monkeypatch):
+    """Not at load (``prepare_packed``): the layout depends on the input size, and a kernel made ahead in the
+    transform's own layout stayed allocated beside its laid-out copy."""
     torch.manual_seed(0)
     conv = PackedConv2d(96, 96, 3, padding=1)
-    assert packed.prepare_packed(nn.Sequential(conv, PackedConv2d(96, 96, 1), PackedConv2d(32, 32, 3, padding=1),
-                                               PackedConv2d(96, packed.PREPARE_MAX_CHANNELS + 1, 3, padding=1))) == 1
-    kernel = conv._winograd[1]
-    assert torch.equal(kernel, packed.winograd_kernel(conv.weight))
-
-    def transform_again(weight):
-        raise AssertionError("the prepared kernel was transformed again")
-
-    x = torch.randn(1, 96, 16, 16)
-    with torch.inference_mode(), monkeypatch.context() as patch:
-        patch.setattr(packed, "winograd_kernel", transform_again)
-        y = conv(x)  # Winograd: the prepared kernel, laid out for this size once
+    others = PackedConv2d(96, 96, 1), PackedConv2d(256, 256, 3, padding=1)
+    assert packed.prepare_packed(nn.Sequential(conv, *others)) == 0
+    assert conv._winograd is None and conv._packed is None
+    made = []
+    transform = packed.winograd_kernel
+    monkeypatch.setattr(packed, "winograd_kernel", lambda weight: made.append(1) or transform(weight))
+    x, wider = torch.randn(1, 96, 16, 16), torch.randn(1, 96, 16, 32)  # 16 and 32 tiles per band
+    with torch.inference_mode():
+        y = conv(x)
         laid_out = conv._winograd[1]
-        assert torch.equal(laid_out.to_dense(), kernel)
-        assert torch.equal(conv(x), y) and conv._winograd[1] is laid_out
+        assert torch.equal(conv(x), y) and conv._winograd[1] is laid_out and len(made) == 1  # kept for this size
         assert (y.double() - _conv_reference(x, conv)).abs().max() <= 2e-5 * y.abs().max()
+        z = conv(wider)  # another band size: laid out again
+        assert conv._winograd[1] is not laid_out and len(made) == 2
+        assert (z.double() - _conv_reference(wider, conv)).abs().max() <= 2e-5 * z.abs().max()
         conv(torch.randn(1, 96, 8, 8))  # below WINOGRAD_MIN_PIXELS: the direct path, the kernel goes
         assert conv._winograd is None and conv._packed is not None
-    assert conv.prepare() and conv._winograd is not None
-    with torch.inference_mode():
+        conv(x)
+        assert conv._winograd is not None and conv._packed is None
         conv.upsampled(torch.randn(1, 96, 8, 8))  # the folded upsample has its own kernels
     assert conv._winograd is None and conv._phases is not None

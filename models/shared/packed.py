@@ -56,10 +56,6 @@ PACK_MAX_PIXELS = 64 * 64
 # 16x16 and 128 channels on 128x128, 0.8x for 64 channels (the transforms then cost more than they save).
 WINOGRAD_MIN_CHANNELS = 96
 WINOGRAD_MIN_PIXELS = 16 * 16
-# ``prepare`` makes the Winograd kernels of layers up to this width only: the widest layers of an encoder-decoder
-# sit at its lowest resolution, where small frames fall below WINOGRAD_MIN_PIXELS (the real-size UNet's 1024-channel
-# level is 8x8 for a 64x64 frame) and a kernel made ahead would be 4x their weight wasted until the first call.
-PREPARE_MAX_CHANNELS = 512
 # The transformed input and product of one band of tile rows stay under this many bytes each, so memory does not
 # grow 2.25x with the frame and the buffers can be kept between calls.
 WINOGRAD_BAND_BYTES = 64 << 20
@@ -260,7 +256,7 @@ class PackedConv2d(_DerivedCopies, nn.Conv2d):
 
     _packed: tuple | None = None  # (fingerprint, reordered weight)
     _phases: tuple | None = None  # (fingerprint, 2x2 phase kernels, their bias) for ``upsampled``
-    _winograd: tuple | None = None  # (fingerprint, transformed kernel, band size of its layout or None)
+    _winograd: tuple | None = None  # (fingerprint with the tiles per band, kernel laid out for them)
     COPIES = ("_packed", "_phases", "_winograd")
 
     _operator: int | None = None  # handle of the layer while ``as_operators`` marks it (see there)
@@ -280,7 +276,7 @@ class PackedConv2d(_DerivedCopies, nn.Conv2d):
         if self.uses_winograd(x):
             self._packed = None  # a layer sees one size per model level: no need for both copies
             return winograd_conv3x3(x, self._winograd_kernel(x), self.bias)
-        self._winograd = None  # made by ``prepare`` for a size that did not come
+        self._winograd = None  # made for another frame size
         x = x.contiguous(memory_format=torch.channels_last)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         weight = self.weight
@@ -294,37 +290,21 @@ class PackedConv2d(_DerivedCopies, nn.Conv2d):
             self._packed = None
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, "none", [], "")
 
-    def _winograd_kernel(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        """The transformed kernel, in the layout for ``x``'s bands (as computed, without ``x``)."""
-        key = _fingerprint(self.weight, ())
+    def _winograd_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformed kernel, in the layout for ``x``'s bands. Made on the first call, not at load: the layout
+        depends on the input size, and a kernel made at load in the transform's own layout (4x the weight) stayed
+        allocated beside its laid-out copy (freed, but kept by ``keep_freed_memory``'s heap): measured on the
+        real-size model at 64x64 input, 0.9 GB more peak memory and 2 s more loading, for no faster first frame."""
+        band, _ = winograd_bands(*x.shape[-2:], max(self.in_channels, self.out_channels), x.element_size())
+        tiles = band * -(-x.shape[-1] // 4)
+        key = _fingerprint(self.weight, (tiles,))
         if self._winograd is None or self._winograd[0] != key:
-            self._winograd = None
-            self._winograd = (key, winograd_kernel(self.weight), None)
-        if x is not None:
-            band, _ = winograd_bands(*x.shape[-2:], max(self.in_channels, self.out_channels), x.element_size())
-            tiles = band * -(-x.shape[-1] // 4)
-            _, kernel, laid_out_for = self._winograd
-            if laid_out_for != tiles:
-                plain = kernel if laid_out_for is None else kernel.to_dense()
-                self._winograd = None
-                self._winograd = (key, winograd_layout(plain, tiles), tiles)
+            self._winograd = None  # the old copy goes before the new one is made
+            self._winograd = (key, winograd_layout(winograd_kernel(self.weight), tiles))
         return self._winograd[1]
 
     def _wide_3x3(self) -> bool:
         return self._is_same_3x3() and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
-
-    def prepare(self) -> bool:
-        """Make the Winograd kernel now if the layer's shape qualifies (a wide 3x3 convolution, see the module
-        docstring) rather than on the first call; whether it did. Whether the kernel is used depends on the input
-        size as well (``WINOGRAD_MIN_PIXELS``): the first call with a smaller input, or through ``upsampled``,
-        drops it again. The reordered copies of the direct path depend on the input's shape, so they are made on
-        first use."""
-        with torch.no_grad():  # eligible as under the engine's inference mode
-            if (not self._wide_3x3() or self.out_channels > PREPARE_MAX_CHANNELS or managed(self)
-                    or not _eligible(self.weight, self.weight)):
-                return False
-            self._winograd_kernel()
-        return True
 
     def _is_same_3x3(self) -> bool:
         return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
@@ -347,7 +327,7 @@ class PackedConv2d(_DerivedCopies, nn.Conv2d):
         reordered for small inputs like ``forward``'s weight."""
         n, _, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
-        self._winograd = None  # made by ``prepare``, not needed here
+        self._winograd = None  # made for a call without the upsample, not needed here
         key = _fingerprint(self.weight, x.shape, self.bias)  # the phases' bias is a copy too
         if self._phases is None or self._phases[0] != key:
             self._phases = None
@@ -546,9 +526,10 @@ def _forget_operator(handle: int, _ref) -> None:
 
 
 def prepare_packed(module: nn.Module) -> int:
-    """``prepare`` the packed layers of ``module`` (``PackedLinear.prepare``, ``PackedConv2d.prepare``): the weight
-    copies that loading can make instead of the first frame; how many layers made one."""
-    return sum(layer.prepare() for layer in module.modules() if isinstance(layer, (PackedLinear, PackedConv2d)))
+    """``prepare`` the packed linear layers of ``module`` (``PackedLinear.prepare``): the weight copies that do not
+    depend on the input, which loading can make instead of the first frame; how many layers made one. (The
+    convolutions' copies depend on the input size: see ``PackedConv2d._winograd_kernel``.)"""
+    return sum(layer.prepare() for layer in module.modules() if isinstance(layer, PackedLinear))
 
 
 def forget_packed(module: nn.Module) -> int:

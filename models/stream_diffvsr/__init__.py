@@ -73,9 +73,8 @@ def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int =
     estimator = load_raft(flow, operations=operations, device=device, corr=corr, downscale=flow_downscale,
                           num_flow_updates=flow_iterations)
     pipe = load_pipeline(path, device=device, dtype=dtype, operations=operations)
-    if operations is not None:  # the weight copies that do not depend on the frame size: now, not in the first frame
+    if operations is not None:  # the linear layers' copies (independent of the frame size): now, not in frame 0
         prepare_packed(pipe)
-        prepare_packed(estimator)
     return StreamEngine(pipe, estimator, steps=steps, device=device, compute_dtype=dtype, compile=bool(compile),
                         compile_mode=compile_mode)
 
