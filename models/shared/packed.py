@@ -294,7 +294,8 @@ class PackedConv2d(_DerivedCopies, nn.Conv2d):
         """The transformed kernel, in the layout for ``x``'s bands. Made on the first call, not at load: the layout
         depends on the input size, and a kernel made at load in the transform's own layout (4x the weight) stayed
         allocated beside its laid-out copy (freed, but kept by ``keep_freed_memory``'s heap): measured on the
-        real-size model at 64x64 input, 0.9 GB more peak memory and 2 s more loading, for no faster first frame."""
+        real-size model, 0.9 GB (64x64 input) to 1.9 GB (184x320) more peak memory and 1-7 s more loading, for no
+        faster first frames."""
         band, _ = winograd_bands(*x.shape[-2:], max(self.in_channels, self.out_channels), x.element_size())
         tiles = band * -(-x.shape[-1] // 4)
         key = _fingerprint(self.weight, (tiles,))
