@@ -288,28 +288,18 @@ def test_a_stopped_overwrite_says_which_outputs_are_still_an_earlier_runs_and_fl
     out = tmp_path / "out"
     upscale_folder(FakeEngine(), files, out, save="npy")
 
-    class StoppedAt(FakeEngine):
-        def __init__(self, at):
-            super().__init__()
-            self.at = at
-
-        def step(self, frame, state):
-            if state.frame_index == self.at:
-                raise KeyboardInterrupt
-            return super().step(frame, state)
-
     with pytest.raises(KeyboardInterrupt):
-        upscale_folder(StoppedAt(2), files, out, save="npy", seed=7, overwrite=True)
+        upscale_folder(StopsAt(2), files, out, save="npy", seed=7, overwrite=True)
     assert (f"stopped: 2 of 5 frames were written to {out}, each complete; 3 after them (f002.npy to f004.npy) are "
             "still those of an earlier run") in caplog.text
     caplog.clear()
     with pytest.raises(KeyboardInterrupt):
-        upscale_folder(StoppedAt(0), files, out, save="npy", seed=7, overwrite=True)
+        upscale_folder(StopsAt(0), files, out, save="npy", seed=7, overwrite=True)
     assert (f"stopped: no frame was written to {out}; 5 there (f000.npy to f004.npy) are still those of an earlier "
             "run") in caplog.text  # (not "after them")
     caplog.clear()
     with pytest.raises(KeyboardInterrupt):
-        upscale_folder(StoppedAt(0), files, tmp_path / "none", save="npy")
+        upscale_folder(StopsAt(0), files, tmp_path / "none", save="npy")
     assert "stopped: no frame was written" in caplog.text
 
     def flow(current, previous):

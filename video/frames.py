@@ -525,7 +525,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                     warned = True
 
         def done(how: str = "") -> str:
-            mixed = _still_earlier(names[written:], earlier, written > 0)
+            mixed = _still_earlier(names, written, earlier)
             again = "; run the same command again to continue" if checkpoint is not None and saved_at[0] else ""
             return (f"{written} of {len(files)} frames were written to {out_dir}{how}" if written else
                     f"no frame was written to {out_dir}") + mixed + again
@@ -607,12 +607,11 @@ def _span(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
 
 
-def _still_earlier(left: list[str], earlier: set, wrote: bool = True) -> str:
-    """A run that stops replaced only the outputs it wrote: where ``left`` (those it did not write) has outputs of
-    an earlier run (``earlier``), the folder mixes two runs, said in a clause to add (``wrote``: whether the run
-    wrote any)."""
-    kept = [name for name in left if name in earlier]
-    where = "after them" if wrote else "there"
+def _still_earlier(names: list[str], written: int, earlier: set) -> str:
+    """A run that stops replaced only the outputs it wrote (the first ``written`` of ``names``): where the others
+    are outputs of an earlier run (``earlier``), the folder mixes two runs, said in a clause to add."""
+    kept = [name for name in names[written:] if name in earlier]
+    where = "after them" if written else "there"
     return f"; {len(kept)} {where} ({_span(kept)}) are still those of an earlier run" if kept else ""
 
 
@@ -648,7 +647,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
         def stopped() -> None:
             log.warning("stopped: %d of %d flow fields were written to %s, each complete%s", count, len(files) - 1,
-                        out_dir, _still_earlier(names[count:], earlier, count > 0))
+                        out_dir, _still_earlier(names, count, earlier))
 
         try:
             for path in files:
@@ -662,7 +661,7 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                                              f"{tuple(previous.shape[-2:])}: all frames must have the same size")
                 except UserInputError as e:
                     raise UserInputError(f"{e}; {count} of {len(files) - 1} flow fields were written to "
-                                         f"{out_dir}{_still_earlier(names[count:], earlier, count > 0)}") from None
+                                         f"{out_dir}{_still_earlier(names, count, earlier)}") from None
                 if previous is not None:
                     flow = estimator(current, previous)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
                     target = out_dir / output_name(path.stem, save)
