@@ -945,7 +945,7 @@ def test_a_finished_outputs_leftover_resume_files_are_not_continued(comfy, tmp_p
 
 
 def test_compile_on_a_cpu_only_comfyui_is_flagged_at_load(comfy, caplog):
-    """As the command line flags --compile on the CPU (minutes of compiling, no faster there)."""
+    """As the command line flags --compile on the CPU (minutes of compiling, little or no faster there)."""
     _, nodes = comfy
     for compile in (False, True):
         caplog.clear()
