@@ -142,8 +142,8 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks (minutes to compile per frame size, once per run; output "
                         "equal to float rounding; runs eagerly with a warning where compiling is unavailable). "
-                        "Meant for GPUs; on the CPU as fast as the default CPU layers at small sizes, 5%% faster at a "
-                        "1280x736 output")
+                        "Meant for GPUs; on the CPU as fast as the default CPU layers at small sizes, up to 5%% "
+                        "faster at a 1280x736 output")
     g.add_argument("--plain-layers", action="store_true", default=None,
                    help="on the CPU in fp32, run PyTorch's plain layers instead of the faster CPU layers "
                         "(reordered weights, Winograd convolutions): about half the peak memory, 1.7-2.3x "

@@ -36,7 +36,7 @@ def detect(path) -> bool:
 
 # said where compiling is asked for on the CPU
 COMPILE_ON_CPU = ("compiling takes minutes, and the compiled networks ran as fast as the default CPU layers at small "
-                  "sizes and 5 % faster at a 1280x736 output: it pays only on long videos; it is meant for GPUs")
+                  "sizes and up to 5 % faster at a 1280x736 output: it pays only on long videos; it is meant for GPUs")
 
 
 def load_engine(path, device="cpu", dtype=torch.float32, flow=None, steps: int = 4, corr: str = "auto",
