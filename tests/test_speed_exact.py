@@ -457,3 +457,16 @@ def test_half_precision_on_a_gpu_runs_channels_last(checkpoint, raft_path, frame
         assert (a - ref).abs().max() <= 1.5 * (b - ref).abs().max(), f"frame {i}"
     tensors, _ = state.to_dict()  # the state saves as it did (safetensors wants contiguous tensors)
     assert all(t.is_contiguous() for t in tensors.values())
+
+
+def test_half_precision_computes_the_prompt_keys_and_values_once(checkpoint, raft_path, frames, monkeypatch):
+    """The prompt embedding is stored in float32: cast anew for every frame, it would be another tensor each time
+    and the keys and values kept for it would be computed again for every frame."""
+    engine = StreamEngine(load_pipeline(checkpoint, dtype=torch.bfloat16), load_raft(raft_path))
+    calls = []
+    for name in ("unet", "controlnet"):
+        net = getattr(engine.pipeline, name)
+        monkeypatch.setattr(net, "prompt_kv", lambda embeds, net=net, name=name: (
+            calls.append(name), type(net).prompt_kv(net, embeds))[1])
+    _run(engine, frames, engine.new_state(5))
+    assert sorted(calls) == ["controlnet", "unet"]

@@ -379,7 +379,10 @@ class StreamEngine:
             temporal = self._features(warped.to(dtype))[::-1]
             warped = warped.to(dtype)
 
-        embeds = pipe.prompt_embeds.to(device, dtype)
+        # Kept: a fresh cast each frame (half precision, or a buffer ComfyUI left on the CPU) would be another
+        # tensor, and the prompt's keys and values kept for it would be computed again
+        embeds = self._constant(f"embeds:{device}:{dtype}", [pipe.prompt_embeds],
+                                lambda: pipe.prompt_embeds.to(device, dtype))
         lr_in = lr.to(dtype)
         unet_context = controlnet_context = cond_embedding = None
         if self.reuse:
