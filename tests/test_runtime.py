@@ -84,6 +84,40 @@ def test_auto_precision_is_bf16_where_the_chosen_gpu_computes_in_it(monkeypatch)
     assert pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
 
 
+def test_free_gpu_memory_counts_what_the_allocator_holds_unused(monkeypatch):
+    """After a frame, PyTorch's allocator keeps the freed activations for reuse: the driver reports that memory as
+    taken, but the next frame can have it (RAFT's correlation choice, made at the first flow, reads this)."""
+    import torch
+
+    from streamvsr.models.shared import runtime
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 * gib)
+    assert runtime.available_memory("cuda:0") == 26 * gib
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),
+    ("Triton Error [CUDA]: out of memory", True),
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+    ("CUDA error: an illegal memory access was encountered", False),
+    ("out of resource: shared memory, Required: 262144, Hardware limit: 232448", False),
+])
+def test_memory_running_out_outside_the_cuda_allocator_is_known(message, expected):
+    """The driver, Triton and the CUDA libraries report running out of memory in plain errors of their own, which
+    must get the out-of-memory advice (and RAFT's retry) rather than pass for a bug or a compiler failure."""
+    import torch
+
+    from streamvsr.models.shared.runtime import is_out_of_memory
+
+    kind = getattr(torch, "AcceleratorError", RuntimeError)
+    assert is_out_of_memory(kind(message)) is expected
+    assert is_out_of_memory(RuntimeError(message)) is expected
+
+
 def test_memory_without_proc_is_what_psutil_says(monkeypatch, tmp_path):
     """Windows has neither /proc nor sysconf, and macOS no count of available pages: both got a fixed 8 GiB, which
     sized RAFT's correlation volume as if 8 GiB were free on any machine."""

@@ -125,8 +125,10 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 # What PyTorch's allocators say in the plain RuntimeError they raise: the CPU's on Linux and macOS, the CPU's on
-# Windows, and Apple's MPS (PyTorch 2.14 still raises these).
-_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "DefaultCPUAllocator: not enough memory", "MPS backend out of memory")
+# Windows, and Apple's MPS (PyTorch 2.14 still raises these); and what fails when memory runs out outside PyTorch's
+# CUDA allocator: the driver (an AcceleratorError), a Triton kernel's launch, cuBLAS, cuDNN or cuFFT.
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "DefaultCPUAllocator: not enough memory", "MPS backend out of memory",
+                        "CUDA error: out of memory", "[CUDA]: out of memory", "_ALLOC_FAILED")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -233,12 +235,13 @@ def _cgroup_memory() -> tuple[int | None, int]:
 
 
 def available_memory(device) -> int:
-    """Bytes that can be allocated now on ``device``: free VRAM on CUDA; on other devices the system's
+    """Bytes that can be allocated now on ``device``: on CUDA the free VRAM plus what PyTorch's allocator holds
+    unused (the driver counts that as taken; ComfyUI counts it as free too); on other devices the system's
     MemAvailable (/proc/meminfo, else sysconf), capped by a cgroup v2 memory limit when there is one."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     free = _system_memory("MemAvailable", "SC_AVPHYS_PAGES")
     limit, usage = _cgroup_memory()
     if limit is not None:
