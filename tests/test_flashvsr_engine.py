@@ -217,6 +217,41 @@ def test_flex_attention_that_fails_to_compile_falls_back_to_gather(folder, whole
     assert later._attention() == ("gather", None) and later.attention == "gather"
 
 
+def test_flex_attention_failing_midway_through_a_pass_goes_on_with_gather(folder, whole30, caplog, monkeypatch):
+    """Each new shape compiles anew (the first chunk's keys, the later chunks' longer ones), so a compile can fail
+    at a block of a later pass whose earlier blocks have already replaced their caches in the state: the pass must
+    go on from that block with gather, not run again on a cache that holds this chunk's keys twice."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from streamvsr.models.flashvsr import attention as A
+
+    frames, whole = whole30
+    monkeypatch.setattr(A, "_FLEX_FAILED", {})
+    flex = load_engine(folder, device="cpu", dtype=torch.float32)
+    flex.attention = "flex"
+    blocks = len(flex.pipeline.dit.blocks)
+    calls = []
+
+    def fails_at_chunk_1_block_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == blocks + 2:
+            raise A.FlexCompileError("InductorError: a shape that did not compile")
+        return flex_attention(*args, **kwargs)  # (eager: what the compiled one computes)
+
+    monkeypatch.setattr(flex, "_attention", lambda: ("flex", fails_at_chunk_1_block_1) if flex.attention == "flex"
+                        else ("gather", None))
+    first, state = flex.push(flex.new_state(42), frames)  # chunk 0, all in FlexAttention
+    assert len(calls) == blocks and flex.attention == "flex"
+    with caplog.at_level("WARNING"):
+        rest, _ = flex.flush(state, consume=True)  # chunk 1 replaces the state's caches block by block
+    assert len(calls) == blocks + 2 and flex.attention == "gather"
+    assert [r.getMessage() for r in caplog.records if "FlexAttention" in r.getMessage()] == [
+        "FlashVSR: FlexAttention failed (InductorError: a shape that did not compile); using the gather "
+        "attention, which computes the same"]
+    got = torch.cat([first, rest])
+    assert got.shape == whole.shape and (got - whole).abs().max() <= 1e-5
+
+
 def test_compiled_flex_reports_compiler_failures_and_passes_out_of_memory(monkeypatch):
     from streamvsr.models.flashvsr import attention as A
     from streamvsr.models.shared.runtime import OUT_OF_MEMORY

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..shared.errors import WeightsError
-from .attention import (DEFAULT_GATHER_TOKENS, WINDOW, BlockKV, attend_streaming, check_grid, local_window_mask,
-                        partition, topk_budget, unpartition)
+from .attention import (DEFAULT_GATHER_TOKENS, WINDOW, BlockKV, FlexCompileError, attend_streaming, check_grid,
+                        local_window_mask, partition, topk_budget, unpartition)
 from .rope import RopeTable, apply_rope
 
 HEAD_DIM = 128  # what the 44/42/42 RoPE split was trained with; the head count is dim // 128
@@ -125,8 +125,19 @@ class SelfAttention(_Attention):
         grid = (chunk.frames, chunk.rows, chunk.cols)
         q_w, k_w, v_w = (partition(t, *grid) for t in (q, k, v))
         del q, k, v
-        out, cache = attend_streaming(q_w, k_w, v_w, self.heads, cache, chunk.local_mask, chunk.topk, kv_ratio,
-                                      chunk.backend, chunk.gather_tokens, chunk.compiled_flex)
+        try:
+            out, cache = attend_streaming(q_w, k_w, v_w, self.heads, cache, chunk.local_mask, chunk.topk, kv_ratio,
+                                          chunk.backend, chunk.gather_tokens, chunk.compiled_flex)
+        except FlexCompileError as e:
+            if chunk.on_flex_failure is None:
+                raise
+            # A new shape compiles at any block (the first chunk's, the later chunks' key lengths). The cache is
+            # as it was and the earlier blocks' caches already hold this chunk, so the pass goes on from this
+            # block rather than starting again; gather computes the same.
+            chunk.on_flex_failure(e)
+            chunk.backend, chunk.compiled_flex, chunk.on_flex_failure = "gather", None, None
+            out, cache = attend_streaming(q_w, k_w, v_w, self.heads, cache, chunk.local_mask, chunk.topk, kv_ratio,
+                                          "gather", chunk.gather_tokens)
         return self.o(unpartition(out, *grid)), cache
 
 
@@ -239,6 +250,9 @@ class ChunkGeometry:
     backend: str = "gather"
     gather_tokens: int = DEFAULT_GATHER_TOKENS
     compiled_flex: object = field(default=None, repr=False)
+    # called with the FlexCompileError when the compiled FlexAttention fails; the pass then goes on with gather
+    # (None: the error is raised)
+    on_flex_failure: object = field(default=None, repr=False)
 
 
 class WanDiT(nn.Module):
@@ -290,21 +304,23 @@ class WanDiT(nn.Module):
 
     def chunk_geometry(self, frames: int, rows: int, cols: int, t_start: int, sparse_ratio: float,
                        local_range: int, device, backend: str = "gather",
-                       gather_tokens: int = DEFAULT_GATHER_TOKENS, compiled_flex=None) -> ChunkGeometry:
+                       gather_tokens: int = DEFAULT_GATHER_TOKENS, compiled_flex=None,
+                       on_flex_failure=None) -> ChunkGeometry:
         check_grid(frames, rows, cols)
         return ChunkGeometry(
             frames, rows, cols,
             rope=RopeTable(t_start, frames, rows, cols, HEAD_DIM, device),
             local_mask=local_window_mask(rows // WINDOW[1], cols // WINDOW[2], local_range, device),
             topk=topk_budget(sparse_ratio, rows * 16, cols * 16),
-            backend=backend, gather_tokens=gather_tokens, compiled_flex=compiled_flex)
+            backend=backend, gather_tokens=gather_tokens, compiled_flex=compiled_flex,
+            on_flex_failure=on_flex_failure)
 
     @torch.no_grad()
     def forward_chunk(self, x: torch.Tensor, lq_tokens, cache: StreamCache, t_start: int,
                       constants: DiTConstants, sparse_ratio: float = 2.0, local_range: int = 11,
                       kv_ratio: float = 3.0, backend: str = "gather",
                       gather_tokens: int = DEFAULT_GATHER_TOKENS, compiled_flex=None,
-                      on_block=None) -> torch.Tensor:
+                      on_block=None, on_flex_failure=None) -> torch.Tensor:
         """Velocity (1, out_dim, T, H/8, W/8) for one chunk of noise latents ``x`` (1, in_dim, T, H/8, W/8).
 
         ``lq_tokens``: (1, T*H/16*W/16, C) tokens added after the patch embedding, or a list of such, one per LQ
@@ -312,7 +328,8 @@ class WanDiT(nn.Module):
         one layer), or None. ``t_start`` is the temporal RoPE
         position of the chunk's first latent frame (official: 0 for the 6-frame first chunk, 4+2i for chunk i).
         ``cache`` is updated in place. ``on_block(i)``, if given, is called after each block (progress /
-        interruption). Computation runs in ``constants.dtype``; ``x`` is cast to it.
+        interruption). ``on_flex_failure(error)``: see ``ChunkGeometry``. Computation runs in ``constants.dtype``;
+        ``x`` is cast to it.
         """
         if x.ndim != 5 or x.shape[0] != 1 or x.shape[1] != self.in_dim:
             raise ValueError(f"expected latents (1, {self.in_dim}, T, H/8, W/8), got {tuple(x.shape)}")
@@ -325,7 +342,7 @@ class WanDiT(nn.Module):
         if cache.grid is not None and cache.grid != (rows, cols):
             raise ValueError(f"chunk token grid {(rows, cols)} differs from the stream's {cache.grid}")
         chunk = self.chunk_geometry(frames, rows, cols, t_start, sparse_ratio, local_range, x.device, backend,
-                                    gather_tokens, compiled_flex)
+                                    gather_tokens, compiled_flex, on_flex_failure)
         tokens = self.patch_embedding(x.to(dtype)).flatten(2)[0].transpose(0, 1).contiguous()
         lq = [] if lq_tokens is None else [lq_tokens] if torch.is_tensor(lq_tokens) else list(lq_tokens)
         if len(lq) > len(self.blocks):

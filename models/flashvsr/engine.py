@@ -181,7 +181,6 @@ class FlashVSREngine:
         self.color_fix, self.attention = color_fix, attention
         self._constants = None
         self._compiled_flex = None
-        self._flex_ran = False  # a compiled FlexAttention pass has completed (it can no longer fail to compile)
         # Optional, for decoding with the Wan 2.1 VAE instead of the TC decoder (the ComfyUI LATENT output):
         # called with each chunk's normalised latents (1, 16, t, H/8, W/8), compute dtype, on the device, in
         # stream order (a flush's chunks included, which cover the padded frames too). Not part of the state.
@@ -343,24 +342,29 @@ class FlashVSREngine:
         noise = torch.cat(draws, dim=2).to(device=self.device, dtype=self.compute_dtype)
         return noise, generator.get_state()
 
-    def _dit_pass(self, noise, tokens, state: FlashVSRState, t_start: int, backend: str, compiled_flex,
-                  owned: bool = False):
+    def _dit_pass(self, noise, tokens, state: FlashVSRState, t_start: int, owned: bool = False):
         """The DiT's velocity for one chunk and the new KV caches. The state's own are left as they are, unless
-        ``owned``: then each block's is replaced in the state's list as the pass goes, and the old one freed.
-        Not during a first compiled FlexAttention pass, which may fail to compile midway and be run again."""
+        ``owned``: then each block's is replaced in the state's list as the pass goes, and the old one freed."""
         dit = self.pipeline.dit
         if state.dit is None:
             cache = dit.new_cache()
         else:
-            keep_old = not owned or (backend == "flex" and compiled_flex is not None and not self._flex_ran)
-            blocks = list(state.dit.blocks) if keep_old else state.dit.blocks
+            blocks = state.dit.blocks if owned else list(state.dit.blocks)
             cache = StreamCache(blocks, state.dit.chunks, state.dit.grid)
+        backend, compiled_flex = self._attention()
         velocity = dit.forward_chunk(noise, tokens, cache, t_start, self._constants_for(),
                                      sparse_ratio=self.sparse_ratio, local_range=self.local_range,
-                                     kv_ratio=self.kv_ratio, backend=backend, compiled_flex=compiled_flex)
-        if backend == "flex" and compiled_flex is not None:
-            self._flex_ran = True
+                                     kv_ratio=self.kv_ratio, backend=backend, compiled_flex=compiled_flex,
+                                     on_flex_failure=self._flex_failed if compiled_flex is not None else None)
         return velocity, cache
+
+    def _flex_failed(self, error: FlexCompileError) -> None:
+        """The compiled FlexAttention failed (the DiT goes on with gather): said once, and gather from now on, in
+        this engine and in later ones on this device."""
+        log.warning("FlashVSR: FlexAttention failed (%s); using the gather attention, which computes the same",
+                    error)
+        record_flex_failure(self.device, str(error))
+        self.attention, self._compiled_flex = "gather", None
 
     def _run_chunk(self, state: FlashVSRState, keep: int | None = None,
                    owned: bool = False) -> tuple[torch.Tensor, FlashVSRState]:
@@ -380,14 +384,7 @@ class FlashVSREngine:
         lq_in = frames(c.lq)
         tokens, lq_state = pipe.lq_proj.project(lq_in, state.lq if state.chunks else None)
         noise, generator_state = self._noise(state, c.latents[1] - c.latents[0], size)
-        try:
-            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], *self._attention(), owned=owned)
-        except FlexCompileError as e:
-            log.warning("FlashVSR: FlexAttention failed (%s); using the gather attention, which computes the same",
-                        e)
-            record_flex_failure(self.device, str(e))
-            self.attention, self._compiled_flex = "gather", None
-            velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], "gather", None, owned=owned)
+        velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], owned=owned)
         latents = noise - velocity.to(noise.dtype)
         if self.latent_sink is not None:
             self.latent_sink(latents)
