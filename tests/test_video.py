@@ -316,6 +316,40 @@ def test_re_encoded_audio_keeps_its_start(tmp_path):
     assert audio_start(out) == pytest.approx(0.5, abs=0.07)
 
 
+def test_re_encoded_audio_keeps_a_gap_in_its_place(tmp_path):
+    """A source whose sound stops for a while (a capture that dropped it: no packets from 0.5 to 1 s) keeps the
+    gap once re-encoded: counted by samples alone, everything after it played half a second early."""
+    rate = 16000
+    path = tmp_path / "gap.mkv"
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("ffv1", rate=24)
+        v.width, v.height, v.pix_fmt = 32, 24, "bgr0"
+        a = c.add_stream("pcm_s16le", rate=rate)
+        a.layout = "mono"
+        for i in range(36):
+            for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24), format="rgb24")):
+                c.mux(p)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(1024) / rate) * 32767).astype(np.int16)[None]
+        for k in [*range(0, rate // 2, 1024), *range(rate, 3 * rate // 2, 1024)]:
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone), format="s16", layout="mono")
+            fr.sample_rate, fr.pts, fr.time_base = rate, k, Fraction(1, rate)
+            for p in a.encode(fr):
+                c.mux(p)
+        for p in list(a.encode()) + list(v.encode()):
+            c.mux(p)
+
+    out = tmp_path / "out.mp4"
+    upscale_video(FakeEngine(), path, out)
+    assert audio_info(out)["codec"] == "aac"
+    with av.open(str(out)) as f:
+        frames = [(float(fr.pts * fr.time_base), np.abs(fr.to_ndarray()).max()) for fr in f.decode(audio=0)]
+    loud = [t for t, peak in frames if peak > 0.05]
+    quiet = [t for t, peak in frames if peak <= 0.05 and 0.55 < t < 0.95]
+    # AAC frames of 1024 samples (64 ms here): the tone ends near 0.5 s and comes back near 1 s
+    assert quiet and max(t for t in loud if t < 0.8) <= 0.5 and min(t for t in loud if t > 0.6) >= 0.9
+    assert max(loud) == pytest.approx(1.5 - 1024 / rate, abs=0.07)
+
+
 def recording_clip(path, start=600.0, n=12, fps=24, audio_lead=0.25):
     """An MPEG transport stream as a recorder writes one: its clock stands at ``start`` s when it begins, the
     audio ``audio_lead`` s before the video."""

@@ -19,6 +19,9 @@ MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3"}
 
 
 # The usual channel order for a count, where a source gives only the count (PCM in Matroska does)
+# A re-encoded stream whose timestamps run ahead of its samples by more than this (a capture that lost its sound for
+# a while) gets silence for the gap; less is the rounding of the container's clock (Matroska's is in milliseconds).
+AUDIO_GAP_SECONDS = 0.05
 _DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
@@ -288,18 +291,34 @@ class AudioCopy:
                     log.warning("skipped a damaged audio packet at %s (%s)", self.position, e)
                     continue
                 for frame in decoded:
-                    self._retime(packet.stream.index, frame)
-                    self.sink.mux(out.encode(frame))
+                    for part in self._retimed(packet.stream.index, frame):
+                        self.sink.mux(out.encode(part))
 
-    def _retime(self, index: int, frame) -> None:
-        """Sample-exact timestamps for a frame to re-encode: the stream's first timestamp (so audio that starts
-        after the video still does), then the samples before this frame; the encoder re-chunks them."""
+    def _retimed(self, index: int, frame) -> list:
+        """A frame to re-encode with sample-exact timestamps: the stream's first timestamp (so audio that starts
+        after the video still does), then the samples before it; the encoder re-chunks them. Where the frame's
+        own timestamp lies further ahead (a gap in the source), silence comes first, in frames of at most a
+        second: else everything after the gap would play early by its length."""
+        import av
+
         rate = frame.sample_rate
+        own = round(frame.pts * frame.time_base * rate) if frame.pts is not None and frame.time_base else None
         if index not in self.samples:
-            start = frame.pts * frame.time_base if frame.pts is not None and frame.time_base else 0
-            self.samples[index] = max(round(start * rate), 0)
-        frame.pts, frame.time_base = self.samples[index], Fraction(1, rate)
-        self.samples[index] += frame.samples
+            self.samples[index] = max(own or 0, 0)
+        parts = []
+        gap = own - self.samples[index] if own is not None else 0
+        if gap > AUDIO_GAP_SECONDS * rate:
+            for start in range(0, gap, rate):
+                silence = av.AudioFrame(format=frame.format.name, layout=frame.layout.name,
+                                        samples=min(rate, gap - start))
+                for plane in silence.planes:
+                    plane.update(bytes(plane.buffer_size))
+                silence.sample_rate = rate
+                parts.append(silence)
+        for part in parts + [frame]:
+            part.pts, part.time_base = self.samples[index], Fraction(1, rate)
+            self.samples[index] += part.samples
+        return parts + [frame]
 
     def finish(self, until: float | None) -> None:
         """Mux the rest, up to ``until`` seconds (an output cut short) or all of it (None), and flush."""
