@@ -1083,6 +1083,60 @@ def test_a_chunk_across_or_after_a_frame_size_change_is_a_one_line_error(tmp_pat
         read_range(clip, start, count, to_end=to_end)
 
 
+def _joined_recordings(tmp_path):
+    """Two transport streams of 50 and 30 frames (25 fps, with audio), each with its own clock from 0, joined byte
+    by byte (``cat a.ts b.ts``, as camcorder clips are): the timestamps jump back by about 2 s at frame 50."""
+    data = b""
+    for n, shade in ((50, 40), (30, 200)):
+        part = tmp_path / f"part{n}.ts"
+        with av.open(str(part), "w") as c:
+            v = c.add_stream("libx264", rate=25, options={"g": "10"})
+            v.width, v.height, v.pix_fmt = 32, 24, "yuv420p"
+            a = c.add_stream("mp2", rate=48000)
+            a.layout = "stereo"
+            for i in range(n):
+                for p in v.encode(av.VideoFrame.from_ndarray(np.full((24, 32, 3), shade, np.uint8), format="rgb24")):
+                    c.mux(p)
+                sound = av.AudioFrame.from_ndarray(np.zeros((1, 2 * 1920), np.int16), format="s16", layout="stereo")
+                sound.sample_rate, sound.pts = 48000, 1920 * i
+                for p in a.encode(sound):
+                    c.mux(p)
+            for p in list(v.encode()) + list(a.encode()):
+                c.mux(p)
+        data += part.read_bytes()
+    clip = tmp_path / "joined.ts"
+    clip.write_bytes(data)
+    return clip
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_timestamps_that_jump_back_stop_with_a_labelled_partial(tmp_path, suffix):
+    """Frames after the jump used to be squeezed one tick apart after the last one before it, and the audio,
+    copied with its own timestamps, went back in time: the MP4 muxer refused it with a traceback."""
+    clip = _joined_recordings(tmp_path)
+    out = tmp_path / f"out{suffix}"
+    engine = Identity()
+    with pytest.raises(InputDamagedError, match=r"joined\.ts's timestamps jump back by 1\.9\d\d s at frame 50, as in "
+                                                "files joined end to end") as e:
+        upscale_video(engine, clip, out, allow_truncated=True)  # not acceptable: the rest needs a clock of its own
+    assert "--allow-truncated" not in str(e.value) and not out.exists()
+    with av.open(str(partial_path(out))) as c:
+        video = [(float(f.time), int(f.to_rgb().to_ndarray()[8, 8, 0])) for f in c.decode(video=0)]
+        c.seek(0)
+        audio = [float(p.pts * p.time_base) for p in c.demux(audio=0) if p.pts is not None]
+    assert len(video) == 50 and all(abs(shade - 40) <= 2 for _, shade in video)
+    assert np.allclose(np.diff([t for t, _ in video]), 1 / 25, atol=1e-3)
+    assert audio and video[0][0] - 0.05 <= min(audio) and max(audio) <= video[-1][0] + 0.05
+
+
+def test_a_video_index_refuses_timestamps_that_jump_back(tmp_path):
+    """Sorting them would number the frames after the jump among those before it (Load Video Chunk)."""
+    from streamvsr.video.range import frame_index
+
+    with pytest.raises(UserInputError, match=r"jump back by 1\.9\d\d s at frame 50, .* concat demuxer"):
+        frame_index(_joined_recordings(tmp_path))
+
+
 def test_unreadable_inputs_are_one_line_errors_before_any_work(tmp_path):
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "text.mp4").write_text("this is not a video\n" * 50)

@@ -10,7 +10,7 @@ import io
 import math
 
 from ..models.shared.errors import UserInputError
-from .reader import open_input, video_stream
+from .reader import JUMP_BACK_SECONDS, open_input, video_stream
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3"}
 
 
-# The usual channel order for a count, where a source gives only the count (PCM in Matroska does)
 # A re-encoded stream whose timestamps run ahead of its samples by more than this (a capture that lost its sound for
 # a while) gets silence for the gap; less is the rounding of the container's clock (Matroska's is in milliseconds).
 AUDIO_GAP_SECONDS = 0.05
+# The usual channel order for a count, where a source gives only the count (PCM in Matroska does)
 _DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
@@ -211,6 +211,8 @@ class AudioCopy:
         self.pending = None
         self.position = "the start"
         self.samples: dict[int, int] = {}  # re-encoded stream -> its next frame's timestamp, in samples
+        self.latest: dict[int, float] = {}  # stream -> the latest start of a packet muxed, seconds
+        self.ended: set[int] = set()  # streams whose timestamps jumped back: the video stops at such a jump
 
     def _copy_chapters(self, until: float | None) -> None:
         """The input's chapters, moved with the output clock's start (the muxer does not shift them) and, in an
@@ -272,9 +274,20 @@ class AudioCopy:
                 self.pending = None
                 continue
             start = float((packet.pts if packet.pts is not None else packet.dts) * packet.time_base)
+            index = packet.stream.index
+            if index not in self.ended and self.latest.get(index, start) - start > JUMP_BACK_SECONDS:
+                # files joined end to end: the video reader ends at its own jump (one output, one clock), and
+                # what follows here would go back in the output's time, which a muxer refuses
+                log.warning("the input's %s stream %d jumps back in time after %.3f s: it ends there",
+                            packet.stream.type, index, self.latest[index])
+                self.ended.add(index)
+            if index in self.ended:
+                self.pending = None
+                continue
             if seconds is not None and start > seconds:
                 return
             self.pending = None
+            self.latest[index] = max(self.latest.get(index, start), start)
             self.position = f"{start:.3f} s"
             mode, out = self.map[packet.stream.index]
             if mode == "copy":

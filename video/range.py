@@ -25,8 +25,8 @@ from fractions import Fraction
 import torch
 
 from ..models.shared.errors import InputDamagedError, UserInputError
-from .reader import (VideoFrames, check_input_file, content_sample, cut_inside, describe, frame_to_tensor,
-                     open_video, probe_video, reason, shortfall, warn_if_interlaced)
+from .reader import (JUMP_BACK_SECONDS, VideoFrames, check_input_file, content_sample, cut_inside, describe,
+                     frame_to_tensor, jumps_back, open_video, probe_video, reason, shortfall, warn_if_interlaced)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ def frame_index(source) -> FrameIndex:
             if packet.pts is None:
                 trusted = False
                 break
+            # (the timestamps are sorted below: those after a jump would be numbered among those before it; the
+            # recent ones are enough to compare with, B-frames reorder only a few)
+            back = float((max(stamps[-64:]) - packet.pts) * time_base) if stamps else 0.0
+            if back > JUMP_BACK_SECONDS:
+                raise UserInputError(jumps_back(source, len(stamps), back))
             stamps.append(int(packet.pts))
             durations = durations or bool(packet.duration)
             cut = bool(getattr(packet, "is_corrupt", False))  # the last packet's says the file ends inside it

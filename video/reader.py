@@ -124,8 +124,8 @@ class VideoInfo:
 @dataclass(frozen=True)
 class InputProblem:
     """Why decoding stopped before the end: ``kind`` is ``truncated`` (ends before its header says),
-    ``damaged`` (a decoder or demuxer error) or ``size`` (the frame size changes); ``index``: frames decoded
-    before it; ``message``: a sentence about the input."""
+    ``damaged`` (a decoder or demuxer error), ``size`` (the frame size changes) or ``jump`` (the timestamps jump
+    back); ``index``: frames decoded before it; ``message``: a sentence about the input."""
 
     kind: str
     index: int
@@ -449,6 +449,17 @@ def cut_inside(source, frame: int) -> str:
     return f"{describe(source)} ends early: it is cut off inside frame {frame}"
 
 
+# Timestamps that go back by more than this start a new clock (files joined end to end, a recorder's reset); less
+# is a damaged file's jitter, nudged forward
+JUMP_BACK_SECONDS = 1.0
+
+
+def jumps_back(source, frame: int, seconds: float) -> str:
+    return (f"{describe(source)}'s timestamps jump back by {seconds:.3f} s at frame {frame}, as in files joined end "
+            f"to end; one output needs one clock: cut it there and upscale the parts separately, or join the "
+            f"original files with ffmpeg's concat demuxer, which runs their clocks on")
+
+
 class FrameReader:
     """Decodes the first video stream of a file one frame at a time.
 
@@ -458,8 +469,8 @@ class FrameReader:
     ``start`` are decoded but not converted (for resuming), unless ``seeked`` (``range.seek_to``) is a decoder
     already at frame ``start``: then they are not decoded at all.
 
-    Iteration ends at the end of the stream, at a decoder error, or where the frame size changes; ``problem`` then
-    tells which (None for a complete stream, also when the caller stopped early).
+    Iteration ends at the end of the stream, at a decoder error, where the frame size changes or where the
+    timestamps jump back (``JUMP_BACK_SECONDS``); ``problem`` then tells which (None for a complete stream, also when the caller stopped early).
     """
 
     def __init__(self, source, start: int = 0, info: VideoInfo | None = None, seeked=None):
@@ -505,6 +516,11 @@ class FrameReader:
                     "size", index, f"{describe(self.source)} changes its frame size at frame {index}, from "
                     f"{info.stored_size[0]}x{info.stored_size[1]} to {frame.width}x{frame.height}; one output video "
                     "has one size: cut the input at the change and upscale the parts separately")
+                return
+            if frame.pts is not None and previous is not None and \
+                    (previous - frame.pts) * info.time_base > JUMP_BACK_SECONDS:
+                self.problem = InputProblem("jump", index, jumps_back(
+                    self.source, index, float((previous - frame.pts) * info.time_base)))
                 return
             if frame.pts is not None:
                 if start_pts is None:

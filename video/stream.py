@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 # Frames waiting between the engine and the encoder: enough to overlap the two, few enough to stay flat.
 QUEUE_FRAMES = 2
+# Input problems that --allow-truncated cannot accept: the frames after them need an output of their own (another
+# frame size, another clock)
+ONE_OUTPUT = ("size", "jump")
 
 
 class WriterThread(threading.Thread):
@@ -504,8 +507,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
     summary["frames"] = written
     summary["processed"] = written - start_written
     summary["input_problem"] = problem["message"] if problem else None
-    # A cut-off or damaged input may be accepted; a change of frame size cannot be (the output has one size).
-    accept = problem is not None and allow_truncated and problem["kind"] != "size"
+    # A cut-off or damaged input may be accepted; a change of frame size or clock cannot be (the output has one).
+    accept = problem is not None and allow_truncated and problem["kind"] not in ONE_OUTPUT
 
     if files is None:
         if stopped:
@@ -548,7 +551,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             # suggests, which then joins them again instead of upscaling the whole video anew; a change of frame
             # size cannot be accepted, so those files would never be of use.
             kept = keep_partial(tmp, out_path)
-            acceptable = problem["kind"] != "size"
+            acceptable = problem["kind"] not in ONE_OUTPUT
             if not acceptable:
                 files.remove()
             raise InputDamagedError(_broken(problem, summary["frames"], kept, out_path, resumable=acceptable),
@@ -603,7 +606,7 @@ def _broken(problem: dict, frames: int, kept, out_path, resumable: bool = False)
     else:
         where = "no frame could be upscaled"
     text = f"{problem['message']}. {out_path} was not written; {where}"
-    if problem["kind"] != "size":
+    if problem["kind"] not in ONE_OUTPUT:
         text += ". To accept the input as it is: --allow-truncated (command line) or allow_truncated (the node)"
         if resumable:
             text += ", with resume on: the job's resume files are kept, so that only joins them again"
