@@ -347,6 +347,24 @@ def test_inf_or_nan_in_the_output_is_an_error(engine, whole30, monkeypatch):
         engine.push(engine.new_state(42), frames[:25])
 
 
+def test_an_overflow_of_the_dit_alone_is_an_error(engine, whole30, monkeypatch):
+    """An inf from the DiT's output layer (fp16's range) came out as finite frames: the decoder's first layer maps
+    it to 3 through a tanh."""
+    from streamvsr.models.shared.errors import PrecisionError
+
+    frames, _ = whole30
+    forward_chunk = engine.pipeline.dit.forward_chunk
+
+    def overflowing(*args, **kwargs):
+        velocity = forward_chunk(*args, **kwargs)
+        velocity[0, 0, 0, 0, 0] = float("inf")
+        return velocity
+
+    monkeypatch.setattr(engine.pipeline.dit, "forward_chunk", overflowing)
+    with pytest.raises(PrecisionError, match="FlashVSR computed inf or NaN in float32"):
+        engine.push(engine.new_state(42), frames[:25])
+
+
 def test_a_failed_push_leaves_the_given_state_usable(engine):
     frames = _frames(34)
     state = engine.new_state(42)

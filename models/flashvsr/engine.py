@@ -386,6 +386,8 @@ class FlashVSREngine:
         noise, generator_state = self._noise(state, c.latents[1] - c.latents[0], size)
         velocity, cache = self._dit_pass(noise, tokens, state, c.latents[0], owned=owned)
         latents = noise - velocity.to(noise.dtype)
+        # (the decoder's first layer squashes an overflow of the DiT's last layer, inf, into finite frames)
+        check_finite(latents, "FlashVSR", self.compute_dtype)
         if self.latent_sink is not None:
             self.latent_sink(latents)
         reference = frames(c.output)
