@@ -484,6 +484,30 @@ def test_frames_stopped_by_a_full_disk_say_where_and_what_was_kept(media, model,
     assert sorted(p.name for p in out.iterdir()) == ["f000.png"]
 
 
+def test_flow_stopped_by_a_full_disk_says_what_was_kept(media, tmp_path, caplog, monkeypatch):
+    """As frames does: the error alone said nothing of the flow fields written before it."""
+    import errno
+
+    import streamvsr.models.raft.weights as weights
+
+    monkeypatch.setattr(weights, "load_raft", lambda *a, **k: lambda a, b: torch.zeros(1, 2, *a.shape[-2:]))
+    real_save, saves = np.save, []
+
+    def save(file, *args, **kwargs):
+        saves.append(file)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_save(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save)
+    out = tmp_path / "flow"
+    code = main(["flow", str(media / "frames"), str(out), "--flow", str(media / "raft.pth")])
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert code == 2 and said[0] == f"1 of 2 flow fields were written to {out} before this error, each complete", said
+    assert said[1].startswith("error: No space left on device") and len(said) == 2, said
+    assert sorted(p.name for p in out.iterdir()) == ["f001.npy"]
+
+
 class CtrlC(FakeEngine):
     """A first Ctrl-C (SIGINT) while the engine steps frame ``at`` (``StopsAt``: a second one, mid-frame)."""
 

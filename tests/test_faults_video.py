@@ -1697,6 +1697,35 @@ def test_png_exif_orientation_is_applied(tmp_path, orientation):
     assert check_frames([tmp_path / "o.png"]) == (want.shape[1], want.shape[0])
 
 
+def test_checking_png_frames_decodes_no_pixels_yet_finds_exif_after_them(tmp_path, monkeypatch):
+    """Pillow decodes a whole PNG when asked for EXIF it has not met before the pixel data: the check of a folder
+    decoded every frame (minutes for thousands of 4K frames). An EXIF chunk after the pixel data, which PNG
+    allows, still turns the frame."""
+    from PIL import ImageFile
+
+    arr = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "plain.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "before.png", exif=exif)
+    # the same file with its eXIf chunk moved after the pixel data
+    data = (tmp_path / "before.png").read_bytes()
+    at = data.index(b"eXIf") - 4
+    chunk = data[at: at + 12 + int.from_bytes(data[at: at + 4], "big")]
+    rest = data[:at] + data[at + len(chunk):]
+    end = rest.index(b"IEND") - 4
+    (tmp_path / "after.png").write_bytes(rest[:end] + chunk + rest[end:])
+    with Image.open(tmp_path / "after.png") as img:
+        assert "exif" not in img.info and img.getexif()[0x0112] == 6  # Pillow finds it only by decoding
+    loads = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (loads.append(self.filename), load(self))[1])
+    assert check_frames([tmp_path / "plain.png"]) == (6, 4)
+    assert check_frames([tmp_path / "before.png"]) == (4, 6)
+    assert loads == []
+    assert check_frames([tmp_path / "after.png"]) == (4, 6)
+
+
 def test_png16_written_by_frames_reads_back_exactly(tmp_path):
     arr = np.random.default_rng(1).integers(0, 65536, (4, 6, 3)).astype(np.uint16)
     write_png16(tmp_path / "w.png", arr)

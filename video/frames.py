@@ -100,7 +100,23 @@ _EXIF_TURNS = {
 }
 
 
-def _orientation(img) -> int:
+def _png_has_exif(path: Path) -> bool:
+    """Whether the PNG at ``path`` holds an EXIF chunk, from its list of chunks (their data skipped)."""
+    with open(path, "rb") as f:
+        f.seek(len(PNG_SIGNATURE))
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"eXIf", b"IEND"):
+                return kind == b"eXIf"
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its checksum
+    return False
+
+
+def _orientation(img, path: Path | None = None) -> int:
+    # To find EXIF after the pixel data, Pillow decodes the whole PNG: where the chunk list has none (most PNGs),
+    # checking a folder of frames would decode every one of them
+    if path is not None and img.format == "PNG" and "exif" not in img.info and not _png_has_exif(path):
+        return 1
     try:
         return int(img.getexif().get(0x0112, 1))
     except Exception:  # a damaged EXIF block does not make the picture unreadable
@@ -267,7 +283,7 @@ def check_frames(files: list[Path], alpha_note: str = "only its colours are upsc
             with Image.open(path) as img:
                 img.verify()  # must come first on a freshly opened image
             with Image.open(path) as img:
-                this = img.size[::-1] if _orientation(img) in (5, 6, 7, 8) else img.size  # 5-8 swap the sides
+                this = img.size[::-1] if _orientation(img, path) in (5, 6, 7, 8) else img.size  # 5-8 swap sides
                 if getattr(img, "n_frames", 1) > 1:
                     raise ValueError(f"it is animated, {img.n_frames} pictures in one file: give each as a file")
                 if alpha is None and ("A" in img.mode or "transparency" in img.info):
@@ -645,9 +661,10 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         earlier = {name for name in names if (out_dir / name).exists()}  # (see _still_earlier)
         landing = _Landing()
 
-        def stopped() -> None:
-            log.warning("stopped: %d of %d flow fields were written to %s, each complete%s", count, len(files) - 1,
-                        out_dir, _still_earlier(names, count, earlier))
+        def stopped(error: bool = False) -> None:
+            log.warning("%s%d of %d flow fields were written to %s%s, each complete%s", "" if error else "stopped: ",
+                        count, len(files) - 1, out_dir, " before this error" if error else "",
+                        _still_earlier(names, count, earlier))
 
         try:
             for path in files:
@@ -687,5 +704,9 @@ def flow_folder(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         except KeyboardInterrupt:  # (as upscale_folder: the command line says only that it was interrupted)
             count += landing.landed(count)
             stopped()
+            raise
+        except OSError:  # a full disk, a drive gone: what is kept, as after a stop
+            count += landing.landed(count)
+            stopped(error=True)
             raise
     return count
