@@ -118,6 +118,23 @@ def test_memory_running_out_outside_the_cuda_allocator_is_known(message, expecte
     assert is_out_of_memory(RuntimeError(message)) is expected
 
 
+def test_progress_speed_counts_only_the_frames_of_this_run(monkeypatch, capsys):
+    """A resumed job starts its report at the frames done before, which took no time in this run: 500 of 1000
+    frames at 2 s a frame showed 250 fps and 2 s left."""
+    from streamvsr.models.shared import runtime
+
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("STREAMVSR_PROGRESS", "1")
+    progress = runtime.Progress(1000, "frames")
+    for done in (500, 501, 502):
+        progress.update(done)
+        clock[0] += 2.0
+    assert capsys.readouterr().err.split("\r")[1:] == [
+        "frames: 500/1000 frames", "frames: 501/1000 frames, 0.50 fps, 998 s left",
+        "frames: 502/1000 frames, 0.50 fps, 996 s left"]
+
+
 def test_memory_without_proc_is_what_psutil_says(monkeypatch, tmp_path):
     """Windows has neither /proc nor sysconf, and macOS no count of available pages: both got a fixed 8 GiB, which
     sized RAFT's correlation volume as if 8 GiB were free on any machine."""

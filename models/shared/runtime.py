@@ -258,7 +258,8 @@ class Progress:
     _open: "Progress | None" = None  # the report whose line on stderr is unfinished
 
     def __init__(self, total: int | None, label: str):
-        self.total, self.label, self.start = total, label, time.monotonic()
+        self.total, self.label = total, label
+        self.first: tuple[float, int] | None = None  # (when, frames done) at the first update
         try:
             self.enabled = sys.stderr is not None and (
                 sys.stderr.isatty() or os.environ.get("STREAMVSR_PROGRESS") == "1")
@@ -268,13 +269,16 @@ class Progress:
     def update(self, done: int) -> None:
         if not self.enabled:
             return
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = done / elapsed
-        if self.total:
-            eta = (self.total - done) / rate if rate > 0 else float("inf")
-            text = f"{self.label}: {done}/{self.total} frames, {rate:.2f} fps, {eta:.0f} s left"
-        else:
-            text = f"{self.label}: {done} frames, {rate:.2f} fps"
+        now = time.monotonic()
+        # The speed is that since the first update: the frames a resumed job had done took no time in this run,
+        # and the first frame's time holds the warm-up
+        self.first = self.first or (now, done)
+        rate = (done - self.first[1]) / max(now - self.first[0], 1e-9) if done > self.first[1] else None
+        text = f"{self.label}: {done}/{self.total} frames" if self.total else f"{self.label}: {done} frames"
+        if rate:
+            text += f", {rate:.2f} fps"
+            if self.total:
+                text += f", {(self.total - done) / rate:.0f} s left"
         if self._write("\r" + text):
             Progress._open = self
 
