@@ -15,10 +15,11 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.utils
 
-from ..models.shared.errors import UserInputError
+from ..models.shared.errors import UserInputError, WeightsError
 from ..models.shared.image import to_rgb
 from ..models.shared.packed import packed_operations
 from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, is_out_of_memory, weights_checksum
+from ..models.shared.weights import safetensors_numel
 from ..video.outputs import LOCK_TAG, PARTIAL_TAG, TMP_TAG
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,16 @@ def register_folders() -> None:
 
 
 SUPPORTED_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def params_in(path) -> int:
+    """How many numbers a .safetensors file holds, from its header, for ComfyUI's precision choice (which weighs the
+    model's size); 0 for a file that cannot hold weights, which the model's loader, reading every file next,
+    reports with what to download."""
+    try:
+        return safetensors_numel(path)
+    except WeightsError:
+        return 0
 
 
 def pick_precision(precision: str, device: torch.device, params: int = 0) -> tuple[torch.dtype, torch.dtype]:

@@ -30,10 +30,9 @@ from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState, held_back
 from ..models.flashvsr.frames import condition_video, quantize_8bit
 from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
 from ..models.shared.errors import UserInputError
-from ..models.shared.weights import safetensors_numel
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
-                     load_flow_patcher, operations_for, out_of_memory_advice, pick_precision, show_text,
+                     load_flow_patcher, operations_for, out_of_memory_advice, params_in, pick_precision, show_text,
                      tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
@@ -218,7 +217,7 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
         path = resolve_model_path(model, chosen or DEFAULT_VERSION)
         check_family(path, "flashvsr")
         files = find_files(path, chosen)
-        params = safetensors_numel(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
+        params = params_in(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
         weight_dtype, compute_dtype = pick_precision(precision, device, params)
         # Weights go to the offload device; FlashVSR Upscale asks ComfyUI to move them (whole or layer by layer).
         pipe = load_pipeline(path, None if files.single else chosen, device=mm.unet_offload_device(),

@@ -13,13 +13,12 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..models.shared.packed import prepare_packed
-from ..models.shared.weights import safetensors_numel
 from ..models.stream_diffvsr import COMPILE_ON_CPU
 from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
-                     load_flow_patcher, loaded_from, operations_for, out_of_memory_advice, pick_precision,
+                     load_flow_patcher, loaded_from, operations_for, out_of_memory_advice, params_in, pick_precision,
                      remember_source, show_text, tensor_to_preview, uses_cpu_layers, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
@@ -106,7 +105,7 @@ def weights_params(path: str) -> int:
     elif os.path.isfile(path):
         files = [path]
     for f in files:
-        total += safetensors_numel(f) if f.endswith(".safetensors") else os.path.getsize(f) // 4
+        total += params_in(f) if f.endswith(".safetensors") else os.path.getsize(f) // 4
     return total
 
 

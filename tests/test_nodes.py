@@ -226,13 +226,14 @@ def test_a_listed_model_deleted_since_is_a_one_line_error(comfy, tmp_path):
 
 
 def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):
-    """A clone without `git lfs pull`: the loader's first look at the files (their sizes, for ComfyUI's choice of
-    precision) says so, instead of a bare MemoryError from reading "version " as a header length."""
+    """A clone without `git lfs pull`: the loader says so, instead of a bare MemoryError from reading "version " as
+    a header length, and where to download the weights (the first look at the files, their sizes for ComfyUI's
+    choice of precision, said only the first part)."""
     _, nodes = comfy
     unet = tmp_path / "models" / "streamvsr" / "tiny" / "unet" / "diffusion_pytorch_model.safetensors"
     unet.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     with pytest.raises(ValueError, match="unet.diffusion_pytorch_model.safetensors is a Git LFS pointer .* `git "
-                                         "lfs pull`"):
+                                         "lfs pull`.* Jamichsu/Stream-DiffVSR"):
         _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
 
 
