@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import folder_paths
 import torch
@@ -12,10 +13,11 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
+from ..models.shared.errors import WeightsError
 from ..models.shared.packed import prepare_packed
 from ..models.stream_diffvsr import COMPILE_ON_CPU
 from ..models.stream_diffvsr.engine import StreamEngine, StreamState
-from ..models.stream_diffvsr.loader import load_pipeline
+from ..models.stream_diffvsr.loader import COMPONENTS, component_weights, load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
                      load_flow_patcher, loaded_from, operations_for, out_of_memory_advice, params_in, pick_precision,
@@ -94,19 +96,18 @@ def resolve_model_path(choice: str) -> str:
 
 def weights_params(path: str) -> int:
     """Parameter count of the denoising networks (ComfyUI's dtype choice takes model size into account), read from
-    the safetensors headers; ``.bin`` weights are counted from their size as fp32."""
-    total = 0
+    the safetensors headers of the files the loader takes (a folder may hold others: an fp16 variant, a .bin);
+    ``.bin`` weights are counted from their size as fp32."""
     files = []
-    if os.path.isdir(path):
-        for sub in ("unet", "controlnet", "vae"):
-            folder = os.path.join(path, sub)
-            if os.path.isdir(folder):
-                files += [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))]
-    elif os.path.isfile(path):
+    if os.path.isfile(path):
         files = [path]
-    for f in files:
-        total += params_in(f) if f.endswith(".safetensors") else os.path.getsize(f) // 4
-    return total
+    else:
+        for sub in COMPONENTS:
+            try:
+                files.append(str(component_weights(Path(path) / sub)))
+            except WeightsError:  # (the loader, next, says what is missing and what to download)
+                pass
+    return sum(params_in(f) if f.endswith(".safetensors") else os.path.getsize(f) // 4 for f in files)
 
 
 def load_for_inference(model_patcher, flow_patcher, memory_required: int):

@@ -603,7 +603,7 @@ def test_hub_refusals_are_one_line_and_say_what_to_check(monkeypatch, tmp_path):
 
 def test_flashvsr_offline_asks_nothing_of_github_and_a_set_aside_weight_is_named(monkeypatch, tmp_path):
     from streamvsr.models.flashvsr import hub as flashvsr_hub
-    from streamvsr.models.stream_diffvsr.loader import WeightsError, _component_weights
+    from streamvsr.models.stream_diffvsr.loader import WeightsError, component_weights
 
     hub_settings(monkeypatch, HF_HUB_OFFLINE=True, ENDPOINT="https://huggingface.co")
 
@@ -618,4 +618,4 @@ def test_flashvsr_offline_asks_nothing_of_github_and_a_set_aside_weight_is_named
     (vae / "diffusion_pytorch_model.safetensors.mismatch").write_bytes(b"x")
     with pytest.raises(WeightsError, match="diffusion_pytorch_model.safetensors.mismatch was set aside by a download "
                                            "that stopped"):
-        _component_weights(vae)
+        component_weights(vae)

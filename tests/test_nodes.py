@@ -237,6 +237,22 @@ def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):
         _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
 
 
+def test_the_size_for_the_precision_choice_counts_the_weights_the_loader_takes(comfy, tmp_path):
+    """A component folder may hold more weight files than the loader reads (an fp16 variant, a .bin copy, as a
+    whole download of a repository brings): each was counted, overstating the model's size to ComfyUI."""
+    from streamvsr.models.shared.weights import safetensors_numel
+    from streamvsr.nodes.stream_diffvsr import weights_params
+
+    folder = tmp_path / "models" / "streamvsr" / "tiny"
+    expected = sum(safetensors_numel(folder / sub / "diffusion_pytorch_model.safetensors")
+                   for sub in ("unet", "controlnet", "vae"))
+    assert weights_params(str(folder)) == expected > 0
+    unet = folder / "unet"
+    shutil.copy(unet / "diffusion_pytorch_model.safetensors", unet / "diffusion_pytorch_model.fp16.safetensors")
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"\0" * 4096)
+    assert weights_params(str(folder)) == expected
+
+
 def test_loader_wraps_in_model_patcher_with_comfy_devices_and_precision(comfy):
     from streamvsr.nodes.common import pick_precision
 

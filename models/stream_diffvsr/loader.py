@@ -125,7 +125,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return _read(path, DOWNLOAD_HINT, unwrap=False)
 
 
-def _component_weights(folder: Path) -> Path:
+def component_weights(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             return folder / name
@@ -176,12 +176,12 @@ def _load_folder(folder: Path, device, dtype, operations) -> StreamDiffVSRPipeli
     # Every small file is read and every weight file found before any weights load, so a damaged or
     # incomplete download is reported at once rather than after the large components are built.
     configs = {name: _read_json(folder / name / "config.json") for name in COMPONENTS}
-    weights = {name: _component_weights(folder / name) for name in COMPONENTS}
+    weights = {name: component_weights(folder / name) for name in COMPONENTS}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path)
     _check_scheduler(scheduler, scheduler_path)
     text_config = _read_json(folder / "text_encoder" / "config.json")
-    text_weights = _component_weights(folder / "text_encoder")
+    text_weights = component_weights(folder / "text_encoder")
     for path in (text_weights, *weights.values()):
         check_weights_file(path, DOWNLOAD_HINT)
     ids = _prompt_ids(folder / "tokenizer")
