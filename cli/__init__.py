@@ -218,17 +218,7 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as e:  # (torch's OutOfMemoryError is a RuntimeError)
         if args.debug or not is_out_of_memory(e):
             raise
-        if _ran_on_cpu(args):  # (no GPU advice; the CPU's own savings)
-            # (bf16 halves what fp32 takes; fp16 takes as little, and convert writes what --dtype says)
-            bf16 = ["--dtype bf16"] if args.command in ("frames", "upscale") and args.dtype in ("auto", "fp32") \
-                else []
-            steps = memory_options(args, cpu=True) + bf16 + ["smaller frames"]
-        else:
-            steps = ["--dtype fp16 or bf16 on a GPU", *memory_options(args), "smaller frames",
-                     "--device cpu as a last resort"]
-        steps = "; ".join(steps)
-        log.error("error: out of memory (%s). Try, in this order: %s. What was finished is kept (frames as files, "
-                  "a video as its partial file or --resume checkpoint)", first_line(e), steps)
+        log.error("error: out of memory (%s). %s", first_line(e), _memory_advice(args))
         return 2
     except OSError as e:
         # A full disk, a read-only or vanished folder: the machine's state, not a bug in this program.
@@ -238,6 +228,24 @@ def main(argv=None) -> int:
         advice = f": {_ENVIRONMENT_ADVICE[e.errno]}" if e.errno in _ENVIRONMENT_ADVICE else ""
         log.error("error: %s%s%s", e.strerror or e, where, advice)
         return 2
+
+
+def _memory_advice(args) -> str:
+    """What to change after running out of memory, in the options of the command that ran."""
+    if args.command not in ("frames", "upscale", "flow"):  # (convert holds a whole model while it writes it)
+        return "Close other programs and run it again"
+    # (only frames and upscale have --dtype: bf16 halves what fp32 takes on the CPU; auto is half precision on a
+    # GPU already)
+    dtype = getattr(args, "dtype", None)
+    if _ran_on_cpu(args):  # (no GPU advice; the CPU's own savings)
+        steps = memory_options(args, cpu=True) + (["--dtype bf16"] if dtype in ("auto", "fp32") else [])
+        steps.append("smaller frames")
+    else:
+        steps = [*(["--dtype fp16 or bf16"] if dtype == "fp32" else []), *memory_options(args), "smaller frames",
+                 "--device cpu as a last resort"]
+    kept = "the flow fields as files" if args.command == "flow" else \
+        "frames as files, a video as its partial file or --resume checkpoint"
+    return f"Try, in this order: {'; '.join(steps)}. What was finished is kept ({kept})"
 
 
 def _ran_on_cpu(args) -> bool:

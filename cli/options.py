@@ -276,10 +276,23 @@ def plan_engine(args) -> EnginePlan:
     return EnginePlan(family, options, device, dtype, None if download else args.model, download)
 
 
+def _given(args, name: str, value) -> bool:
+    """Whether ``args`` already has option ``name`` at ``value`` or at a setting that takes less memory."""
+    given = getattr(args, name, None)
+    if given is None or value is None:
+        return bool(given)
+    if name == "flow_downscale":  # (a larger factor: a smaller flow)
+        return given >= value
+    if name in ("kv_ratio", "sparse_ratio"):  # (smaller: fewer keys kept or attended to)
+        return given <= value
+    return given == value
+
+
 def memory_options(args, cpu: bool = False) -> list[str]:
     """The options that lower the memory of what ``args`` run, the most useful first, as typed (for the
-    out-of-memory advice; none for a command without a model, or a model that cannot be recognised). ``cpu``: it
-    ran on the CPU, where Stream-DiffVSR's CPU layers (fp32) take about twice the memory of plain ones."""
+    out-of-memory advice; none for a command without a model, or a model that cannot be recognised), leaving out
+    those given already, or given at a setting that takes less memory. ``cpu``: it ran on the CPU, where
+    Stream-DiffVSR's CPU layers (fp32) take about twice the memory of plain ones."""
     from ..models.raft import MEMORY_OPTIONS as RAFT_MEMORY_OPTIONS
     from ..models.registry import detect_family, family_by_name
 
@@ -297,7 +310,8 @@ def memory_options(args, cpu: bool = False) -> list[str]:
             options = (("plain_layers", None), *options)
     else:
         return []
-    return [f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}") for name, value in options]
+    return [f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}") for name, value in options
+            if not _given(args, name, value)]
 
 
 def engine_from_args(args):

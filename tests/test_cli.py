@@ -652,6 +652,34 @@ def test_out_of_memory_advice_names_the_options_of_the_model_run(assets, tmp_pat
     assert memory_options(Namespace(command="frames", model=str(ckpt), dtype="bf16"), cpu=True)[0] == "--corr on_demand"
     assert memory_options(Namespace(command="upscale", model=str(flash), download=False), cpu=True) == [
         "--kv-ratio 2", "--sparse-ratio 1.5"]
+    # what is given already, or given at a setting that takes less memory, is not advised again
+    assert memory_options(Namespace(command="flow", corr="on_demand", flow_downscale=4)) == []
+    assert memory_options(Namespace(command="frames", model=str(ckpt), corr="auto", flow_downscale=2)) == [
+        "--corr on_demand"]
+    assert memory_options(Namespace(command="upscale", model=str(flash), download=False, kv_ratio=1.0,
+                                    sparse_ratio=1.75)) == ["--sparse-ratio 1.5"]
+    assert memory_options(Namespace(command="frames", model=str(ckpt), dtype="fp32", plain_layers=True,
+                                    corr="on_demand", flow_downscale=1), cpu=True) == ["--flow-downscale 2"]
+
+
+@pytest.mark.parametrize("args, advice", [
+    ("flow IN OUT --flow F --device cuda", "Try, in this order: --corr on_demand; --flow-downscale 2; smaller "
+                                           "frames; --device cpu as a last resort. What was finished is kept (the "
+                                           "flow fields as files)"),
+    ("frames IN OUT --model M --device cuda", "Try, in this order: --dtype fp16 or bf16; "),
+    ("upscale IN OUT.mp4 --model M --device cuda --dtype bf16", "Try, in this order: smaller frames; --device cpu"),
+    ("convert M OUT.safetensors", "Close other programs and run it again"),
+])
+def test_out_of_memory_advice_names_only_options_the_command_has(args, advice, monkeypatch):
+    """flow has no --dtype, convert neither --dtype nor --device nor frames, and a GPU run in bf16 needs no advice
+    to use half precision."""
+    import streamvsr.cli as cli
+
+    monkeypatch.setattr(cli, "_ran_on_cpu", lambda args: False)  # (a GPU machine; M names no model: no options)
+    parsed = cli.build_parser().parse_args(args.split())
+    assert cli._memory_advice(parsed).startswith(advice), cli._memory_advice(parsed)
+    if args.startswith(("flow", "convert")):
+        assert "--dtype" not in cli._memory_advice(parsed)
 
 
 def test_each_command_help_describes_its_own_options(capsys):
