@@ -99,6 +99,7 @@ def frame_index(source) -> FrameIndex:
         start_time = stream.start_time
         width, height, orientation = info.width, info.height, info.orientation
         stamps, keyframes, trusted, durations, cut = [], set(), True, False, False
+        latest = None  # the latest timestamp so far
         for packet in container.demux(stream):
             if packet.size == 0:  # the flush packet at the end
                 continue
@@ -107,11 +108,10 @@ def frame_index(source) -> FrameIndex:
             if packet.pts is None:
                 trusted = False
                 break
-            # (the timestamps are sorted below: those after a jump would be numbered among those before it; the
-            # recent ones are enough to compare with, B-frames reorder only a few)
-            back = float((max(stamps[-64:]) - packet.pts) * time_base) if stamps else 0.0
-            if back > JUMP_BACK_SECONDS:
-                raise UserInputError(jumps_back(source, len(stamps), back))
+            # (the timestamps are sorted below: those after a jump would be numbered among those before it)
+            latest = packet.pts if latest is None else max(latest, packet.pts)
+            if (latest - packet.pts) * time_base > JUMP_BACK_SECONDS:
+                raise UserInputError(jumps_back(source, len(stamps), float((latest - packet.pts) * time_base)))
             stamps.append(int(packet.pts))
             durations = durations or bool(packet.duration)
             cut = bool(getattr(packet, "is_corrupt", False))  # the last packet's says the file ends inside it
