@@ -209,29 +209,84 @@ def load_workflow(name):
     return json.loads((ROOT / "workflows" / name).read_text())
 
 
-def test_a_new_chunk_node_increments_in_the_frontend(server):
-    """In the real frontend (Chromium + playwright, skipped without them): a Load Video Chunk node added by hand
-    advances chunk by chunk (the frontend's own default for such a widget is "randomize"), and a workflow that saved
-    another setting keeps it."""
+def _in_browser(server, use):
+    """``await use(page)`` in the real frontend (Chromium + playwright, skipped without them): its result, and the
+    page errors after the frontend has loaded (a settings handler of 1.27.10 raises one while it loads)."""
     playwright = pytest.importorskip("playwright.async_api", reason="needs playwright (and /usr/bin/chromium)")
     chromium = os.environ.get("STREAMVSR_CHROMIUM", "/usr/bin/chromium")
     if not os.path.exists(chromium):
         pytest.skip(f"no Chromium at {chromium} (set STREAMVSR_CHROMIUM)")
     import asyncio
 
-    from frontend_check import CHUNK_CONTROL_JS, _open
+    from frontend_check import _open
 
-    async def read():
+    async def run():
         async with playwright.async_playwright() as p:
             browser, page, errors = await _open(p, server[0], chromium)
-            errors.clear()  # the frontend's own, while it loads (a settings handler of 1.27.10 raises one)
+            errors.clear()
             try:
-                return await page.evaluate(CHUNK_CONTROL_JS), errors
+                return await use(page), errors
             finally:
                 await browser.close()
 
-    control, errors = asyncio.run(read())
+    return asyncio.run(run())
+
+
+def test_a_new_chunk_node_increments_in_the_frontend(server):
+    """A Load Video Chunk node added by hand advances chunk by chunk (the frontend's own default for such a widget
+    is "randomize"), and a workflow that saved another setting keeps it."""
+    from frontend_check import CHUNK_CONTROL_JS
+
+    control, errors = _in_browser(server, lambda page: page.evaluate(CHUNK_CONTROL_JS))
     assert control == {"added": "increment", "reloaded": "fixed"} and not errors, (control, errors)
+
+
+# Queues streamvsr_video_file.json (the upscale node moved into a subgraph of its own when asked) with a seed of its
+# own, so that the node runs; the run's ids of the node's previews and of executed nodes.
+QUEUE_VIDEO_FILE_JS = """async ([workflow, inSubgraph]) => {
+  const api = window.comfyAPI.api.api;
+  await app.loadGraphData(workflow);
+  const node = app.graph._nodes.find((n) => n.type === "StreamVSRVideoUpscale");
+  node.widgets.find((w) => w.name === "seed").value = 1000 + (Date.now() % 100000);
+  if (inSubgraph) app.graph.convertToSubgraph(new Set([node]));
+  window.seen = { previews: [], executed: [] };
+  api.addEventListener("b_preview_with_metadata", ({ detail }) => window.seen.previews.push(detail.displayNodeId));
+  api.addEventListener("executed", ({ detail }) => window.seen.executed.push(detail.display_node ?? detail.node));
+  await app.queuePrompt(0, 1);
+}"""
+# After the run: the previews the frontend still keeps, and what each node on the way to the upscale node draws
+# (the subgraph is opened first, as a person would to see the node inside it).
+SHOWN_JS = """async () => {
+  const outer = app.graph._nodes.find((n) => n.subgraph);
+  if (outer) app.canvas.openSubgraph(outer.subgraph);
+  await new Promise((done) => setTimeout(done, 1000));
+  const drawn = (n) => ({ type: n.type, images: n.imgs?.length ?? 0, widgets: (n.widgets ?? []).map((w) => w.name) });
+  const inner = outer?.subgraph._nodes.find((n) => n.type === "StreamVSRVideoUpscale");
+  const node = inner ?? app.graph._nodes.find((n) => n.type === "StreamVSRVideoUpscale");
+  return { kept: Object.keys(app.nodePreviewImages), node: drawn(node), outer: outer ? drawn(outer) : null };
+}"""
+
+
+@pytest.mark.parametrize("in_subgraph", [False, True], ids=["root", "subgraph"])
+def test_the_finished_video_replaces_the_progress_preview(server, in_subgraph):
+    """Stream Upscale Video File sends frames as progress previews; once it has run, the node shows its video, not
+    the last preview frame, on its own and inside a subgraph (whose node showed the frame too)."""
+    workflow = load_workflow("streamvsr_video_file.json")
+
+    async def use(page):
+        await page.evaluate(QUEUE_VIDEO_FILE_JS, [workflow, in_subgraph])
+        await page.wait_for_function("window.seen.executed.length > 0", timeout=600_000, polling=500)
+        seen = await page.evaluate("window.seen")
+        return seen, await page.evaluate(SHOWN_JS)
+
+    (seen, shown), errors = _in_browser(server, use)
+    node_id = seen["executed"][0]
+    assert (":" in node_id) == in_subgraph and seen["previews"] and set(seen["previews"]) == {node_id}, seen
+    assert shown["kept"] == [], shown
+    assert shown["node"]["images"] == 0 and shown["node"]["widgets"][-1] == "video-preview", shown
+    if in_subgraph:
+        assert shown["outer"] == {**shown["outer"], "images": 0, "widgets": []}, shown
+    assert not errors, errors
 
 
 def test_object_info_lists_every_node(server):

@@ -26,30 +26,52 @@ app.registerExtension({
   },
 });
 
+// The nodes an execution id names, outermost first, each with the key the frontend files its previews under: "10:5"
+// is node 5 inside the subgraph of the root graph's node 10 (key "<that subgraph's id>:5").
+function nodesOnPath(executionId) {
+  const path = [];
+  let graph = app.graph;
+  for (const part of String(executionId).split(":")) {
+    const node = graph?.getNodeById?.(Number(part));
+    if (!node) return [];
+    path.push({ node, key: graph.isRootGraph === false ? `${graph.id}:${part}` : part });
+    graph = node.subgraph;
+  }
+  return path;
+}
+
+// The preview frames a node drew (as images on the canvas) go; a video widget, where the node has one, shows.
+function dropPreviewImages(node) {
+  node.imgs = undefined;
+  node.imageIndex = null;
+  for (let i = (node.widgets?.length ?? 0) - 1; i >= 0; i--) {
+    const widget = node.widgets[i];
+    if (PREVIEW_WIDGETS.includes(widget.name)) {
+      widget.onRemove?.();
+      node.widgets.splice(i, 1);
+    }
+  }
+  node.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "StreamVSR.ResultReplacesPreview",
   setup() {
     api.addEventListener("executed", ({ detail }) => {
       const id = detail?.display_node ?? detail?.node;
       if (id === undefined || id === null) return;
-      const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
-      if (!node || !RESULT_REPLACES_PREVIEW.has(node.type)) return;
-      const key = String(id);
-      const previews = app.nodePreviewImages?.[key];
-      if (!previews) return;
-      for (const url of previews) URL.revokeObjectURL(url);
-      delete app.nodePreviewImages[key];
-      // The preview frames the node drew (as images on the canvas) go too; the video widget takes their place.
-      node.imgs = undefined;
-      node.imageIndex = null;
-      for (let i = (node.widgets?.length ?? 0) - 1; i >= 0; i--) {
-        const widget = node.widgets[i];
-        if (PREVIEW_WIDGETS.includes(widget.name)) {
-          widget.onRemove?.();
-          node.widgets.splice(i, 1);
-        }
+      const path = nodesOnPath(id);
+      const target = path.at(-1);
+      if (!target || !RESULT_REPLACES_PREVIEW.has(target.node.type)) return;
+      const urls = new Set(app.nodePreviewImages?.[target.key] ?? []);
+      if (!urls.size) return;
+      for (const url of urls) URL.revokeObjectURL(url);
+      // A preview from inside a subgraph is shown on the subgraph nodes around it too, while it is their latest.
+      for (const { node, key } of path) {
+        if (!app.nodePreviewImages[key]?.some((url) => urls.has(url))) continue;
+        delete app.nodePreviewImages[key];
+        dropPreviewImages(node);
       }
-      node.setDirtyCanvas?.(true, true);
     });
   },
 });
