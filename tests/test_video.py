@@ -608,6 +608,53 @@ def test_audio_the_container_cannot_hold_is_re_encoded(tmp_path):
         assert audio_info(clip)["seconds"] <= got["seconds"] <= audio_info(clip)["seconds"] + 0.13
 
 
+@pytest.mark.parametrize("acodec, suffix", [("libmp3lame", ".mp4"), ("libmp3lame", ".mkv"), ("pcm_s24le", ".mov"),
+                                            ("pcm_s16be", ".mov")])
+def test_audio_an_output_holds_is_copied_as_it_is(tmp_path, acodec, suffix):
+    """MP3 (read by FFmpeg's "mp3float" decoder, whose name no list of codecs holds) and PCM in a QuickTime .mov
+    are copied bit for bit, not re-encoded to AAC (a lossy copy of a lossy or lossless original)."""
+    if acodec not in av.codecs_available:
+        pytest.skip(f"this FFmpeg has no {acodec} encoder")
+    clip = clip_with_tone(tmp_path / "in.mkv", 6, acodec, 12000, rate=48000)
+    for resume in (False, True):
+        out = tmp_path / f"out{resume}{suffix}"
+        assert upscale_video(FakeEngine(), clip, out, codec="h264", resume=resume)["frames"] == 6
+        with av.open(str(clip)) as src, av.open(str(out)) as got:
+            assert got.streams.audio[0].codec_context.codec.canonical_name == acodec.replace("libmp3lame", "mp3")
+            want = [bytes(p) for p in src.demux(src.streams.audio[0]) if p.size]
+            assert [bytes(p) for p in got.demux(got.streams.audio[0]) if p.size] == want
+
+
+def test_an_audio_track_without_sound_is_left_out_with_a_line(tmp_path, caplog):
+    """A broadcast recording may declare an audio track it never fills (no packets: FFmpeg finds no format, 0 Hz,
+    0 channels). Copied, it made the muxer fail once every frame was done ("Invalid argument"; with resume, at
+    every try to join); it is left out and said so, the real audio is kept."""
+    clip = tmp_path / "in.ts"
+    with av.open(str(clip), "w", format="mpegts") as c:
+        v = c.add_stream("libx264", rate=24)
+        v.width, v.height, v.pix_fmt = 32, 24, "yuv420p"
+        sound = c.add_stream("ac3", rate=48000)
+        sound.layout = "stereo"
+        c.add_stream("mp2", rate=48000).layout = "stereo"  # declared, never filled
+        for i in range(6):
+            for p in v.encode(av.VideoFrame.from_ndarray(_pattern(i, 32, 24, None), format="rgb24")):
+                c.mux(p)
+        tone = av.AudioFrame.from_ndarray(np.zeros((2, 6000), np.float32), format="fltp", layout="stereo")
+        tone.sample_rate, tone.pts = 48000, 0
+        for p in list(sound.encode(tone)) + list(sound.encode()) + list(v.encode()):
+            c.mux(p)
+    with av.open(str(clip)) as c:
+        assert [a.codec_context.sample_rate for a in c.streams.audio] == [48000, 0]
+    for suffix, resume in ((".mkv", False), (".mkv", True), (".mp4", False), (".mp4", True)):
+        caplog.clear()
+        out = tmp_path / f"out{resume}{suffix}"
+        with caplog.at_level(logging.WARNING):
+            assert upscale_video(FakeEngine(), clip, out, codec="h264", resume=resume)["frames"] == 6
+        with av.open(str(out)) as got:
+            assert [a.codec_context.codec.canonical_name for a in got.streams.audio] == ["ac3"]
+        assert "the input's audio stream 2 (mp3float) is not copied: FFmpeg found no sound in it" in caplog.text
+
+
 def test_audio_at_a_rate_aac_does_not_take_is_resampled(tmp_path):
     """FFmpeg's AAC encoder stops at 96 kHz: 192 kHz PCM going into MP4 is resampled, not a failed job."""
     clip = clip_with_tone(tmp_path / "in.mkv", 6, "pcm_s16le", 48000, rate=192000)

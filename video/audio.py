@@ -14,8 +14,11 @@ from .reader import JUMP_BACK_SECONDS, open_input, video_stream
 
 log = logging.getLogger(__name__)
 
-# Audio codecs MP4/MOV carry without trouble in every FFmpeg version; others are re-encoded to AAC there.
+# Audio codecs MP4 carries without trouble in every FFmpeg version; others are re-encoded to AAC there. MOV
+# (QuickTime) holds uncompressed PCM too, which is what cameras and editors put there.
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3"}
+MOV_AUDIO = MP4_AUDIO | {f"pcm_{kind}" for kind in ("s16le", "s16be", "s24le", "s24be", "s32le", "s32be", "f32le",
+                                                   "f32be", "f64le", "f64be", "s8", "u8", "alaw", "mulaw")}
 
 
 # A re-encoded stream whose timestamps run ahead of its samples by more than this (a capture that lost its sound for
@@ -52,8 +55,30 @@ def _aac_settings(source_codec) -> dict:
             "bit_rate": 96000 * source_codec.layout.nb_channels}
 
 
-def _is_mp4(out_suffix: str) -> bool:
-    return out_suffix.lower() in (".mp4", ".mov", ".m4v")
+def _taken_as_is(out_suffix: str) -> set | None:
+    """The audio codecs an output of this kind takes as they are, where it is choosier than its muxer (None: any
+    codec the muxer holds)."""
+    suffix = out_suffix.lower()
+    return MOV_AUDIO if suffix == ".mov" else MP4_AUDIO if suffix in (".mp4", ".m4v") else None
+
+
+def _codec(stream) -> str:
+    """The codec of an audio ``stream`` by its own name ("mp3"), as the lists above name it, not by the decoder's
+    that reads it ("mp3float")."""
+    context = stream.codec_context
+    return getattr(context.codec, "canonical_name", None) or context.name
+
+
+def _soundless(stream) -> bool:
+    """An audio stream whose format FFmpeg could not find (0 Hz, 0 channels): a track a broadcast declares and never
+    fills, or one that starts too far into the file. No muxer takes it, as it is or re-encoded."""
+    context = stream.codec_context
+    return context is None or not context.sample_rate or not context.layout.nb_channels
+
+
+def _audio(container) -> list:
+    """The audio streams of ``container`` that an output can take."""
+    return [a for a in container.streams.audio if not _soundless(a)]
 
 
 def check_audio(source, out_suffix: str) -> None:
@@ -61,13 +86,14 @@ def check_audio(source, out_suffix: str) -> None:
     that says to write Matroska otherwise). ``source`` as for ``reader.open_input``."""
     import av
 
-    if not _is_mp4(out_suffix):
+    taken = _taken_as_is(out_suffix)
+    if taken is None:
         return
     container = open_input(source)
     try:
-        for a in container.streams.audio:
+        for a in _audio(container):
             codec = a.codec_context
-            if codec.name in MP4_AUDIO:
+            if _codec(a) in taken:
                 continue
             settings = _aac_settings(codec)
             encoder = av.CodecContext.create("aac", "w")
@@ -77,7 +103,7 @@ def check_audio(source, out_suffix: str) -> None:
                 encoder.open()
             except av.FFmpegError as e:
                 raise UserInputError(
-                    f"the input's audio stream {a.index} ({codec.name}, {codec.layout.nb_channels} channels, "
+                    f"the input's audio stream {a.index} ({_codec(a)}, {codec.layout.nb_channels} channels, "
                     f"{codec.sample_rate} Hz) cannot go into {out_suffix} as it is, and AAC cannot take it ({e}): "
                     "write a Matroska (.mkv) output, which keeps it as it is (the video node writes one with the "
                     "lossless codec)") from None
@@ -138,7 +164,7 @@ def not_kept(source, out_suffix: str) -> list[str]:
         chapters = bool(_chapters(container))
         lines = []
         for s in container.streams:
-            if s is video or s.type == "audio" or s.index in kept:
+            if s is video or (s.type == "audio" and not _soundless(s)) or s.index in kept:
                 continue
             codec = getattr(s.codec_context, "name", None) if s.codec_context is not None else None
             if s.type == "data" and codec is None and chapters:
@@ -146,7 +172,9 @@ def not_kept(source, out_suffix: str) -> list[str]:
             language = dict(s.metadata or {}).get("language")
             what = ", ".join(x for x in (codec, language) if x and x != "und")
             why = "outputs hold the video, its audio and subtitles"
-            if s.type == "subtitle":
+            if s.type == "audio":
+                why = "FFmpeg found no sound in it to read its format from (a track declared and never filled)"
+            elif s.type == "subtitle":
                 why = f"{out_suffix} cannot hold {codec or 'these'} subtitles" + (
                     "; a .mkv output can" if codec in _carries(".mkv") else "")
             lines.append(f"the input's {s.type} stream {s.index}{f' ({what})' if what else ''} is not copied: {why}")
@@ -178,19 +206,19 @@ class AudioCopy:
 
     def _add_streams(self, sink, out_suffix: str) -> None:
         subtitles = _subtitles(self.container, set(sink.supported_codecs))
-        self.streams = list(self.container.streams.audio) + subtitles
+        self.streams = _audio(self.container) + subtitles
         self.sink = sink
         self.map = {}
-        mp4 = _is_mp4(out_suffix)
+        taken = _taken_as_is(out_suffix)
         for a in self.streams:
             # Matroska takes nearly any audio; what a container cannot hold at all (ADPCM in Matroska) is
             # re-encoded too, rather than failing once the video is done
             if a.type == "subtitle":
                 out = sink.add_stream_from_template(a)
                 self.map[a.index] = ("copy", out)
-            elif (mp4 and a.codec_context.name not in MP4_AUDIO) or a.codec_context.name not in sink.supported_codecs:
+            elif (taken is not None and _codec(a) not in taken) or a.codec_context.name not in sink.supported_codecs:
                 log.info("audio stream %d (%s) cannot go into %s as it is: re-encoding to AAC",
-                         a.index, a.codec_context.name, out_suffix)
+                         a.index, _codec(a), out_suffix)
                 settings = _aac_settings(a.codec_context)
                 if settings["rate"] != a.codec_context.sample_rate:
                     log.info("audio stream %d: AAC does not take %d Hz; resampling to %d Hz", a.index,
