@@ -281,7 +281,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, continue_sequence=False, **kwargs):
         # A continuation depends on the previous run, not only on the inputs: never reuse a cached result.
-        return STREAMS.fingerprint(bool(continue_sequence))
+        return STREAMS.fingerprint(continue_sequence)
 
     @classmethod
     def execute(cls, model, images, scale, sparse_ratio, local_range, kv_ratio, color_fix, seed, continue_sequence,

@@ -232,7 +232,7 @@ class StreamVSRUpscale(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, continue_sequence=False, **kwargs):
         # A continuation depends on the previous run, not only on the inputs: never reuse a cached result.
-        return STREAMS.fingerprint(bool(continue_sequence))
+        return STREAMS.fingerprint(continue_sequence)
 
     @classmethod
     def execute(cls, model, flow_model, images, seed, steps, continue_sequence, state=None,

@@ -189,10 +189,11 @@ class StreamStore:
             self._dropped.clear()
             self.version += 1
 
-    def fingerprint(self, continue_sequence: bool):
-        """Value for ``fingerprint_inputs``: NaN (never cached) when continuing. (ComfyUI hands that method no node
-        id, so the version is the store's, not the node's.)"""
-        return float("nan") if continue_sequence else ("restart", self.version)
+    def fingerprint(self, continue_sequence: bool | None):
+        """Value for ``fingerprint_inputs``: NaN (never cached) when continuing, and when ``continue_sequence`` comes
+        through a link (None: ComfyUI hands that method a linked input's value unknown). (It hands it no node id
+        either, so the version is the store's, not the node's.)"""
+        return float("nan") if continue_sequence is None or continue_sequence else ("restart", self.version)
 
     def start_state(self, node_id: str, model_key: str, size: tuple[int, int], fresh: Callable[[], Any],
                     continue_sequence: bool, state: Any = None, start_frame: int | None = None,

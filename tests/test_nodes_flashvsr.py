@@ -7,6 +7,7 @@ reader, never from earlier node output.
 
 import asyncio
 import json
+import math
 import shutil
 import re
 import types
@@ -386,6 +387,7 @@ def test_state_socket_and_fingerprint(comfy, whole30):
     assert torch.equal(torch.cat([first, second]), whole)
     assert flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs(continue_sequence=True) != \
         flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs(continue_sequence=True)  # NaN: always re-run
+    assert math.isnan(flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs(continue_sequence=None))  # linked
     # last_chunk decides what the stored stream holds back: the same frames run with it on and then off are two
     # runs, or a cached result of the first (LRU/RAM caches keep it) would stand for the stream the second left
     fp = flashvsr.StreamVSRFlashVSRUpscale.fingerprint_inputs
