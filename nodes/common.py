@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 
 import folder_paths
@@ -114,6 +115,13 @@ def uses_cpu_layers(weight_dtype: torch.dtype, compute_dtype: torch.dtype, devic
                     cpu_layers: bool) -> bool:
     """Whether ``operations_for`` gives the CPU layers: asked for, on a CPU, in fp32."""
     return cpu_layers and device.type == "cpu" and weight_dtype == compute_dtype == torch.float32
+
+
+def room_to_load(patcher) -> int:
+    """What ``load_models_gpu`` frees on the device to load ``patcher`` besides the memory it is asked for (1.1
+    times the model's size in ComfyUI 0.3.64). The model loaded before it asks for this much more, so that loading
+    this one next does not push part of that one off the device again."""
+    return 0 if patcher is None else math.ceil(1.1 * patcher.model_size())
 
 
 def load_flow_patcher(flow_patcher, memory_required: int = 0):

@@ -307,6 +307,9 @@ def test_upscale_shapes_state_progress_and_model_management(comfy):
     loads = mm.calls["load_models_gpu"]
     assert loads[0][0] == [model] and loads[0][1] > 0
     assert loads[1][0] == [flow] and loads[1][2].get("force_full_load") is True
+    # ComfyUI frees 1.1 times a model's size plus the memory asked for to load it: the denoiser left that much
+    # room, or loading the flow model would push part of it off the device
+    assert loads[0][1] >= loads[1][1] + 1.1 * flow.model_size() > loads[1][1]
     assert mm.calls["interrupt_checks"] >= 3
     assert [u[:2] for u in fake_comfy.ProgressBar.updates] == [(1, 3), (2, 3), (3, 3)]
     assert all(u[2] for u in fake_comfy.ProgressBar.updates)  # each with a preview
