@@ -986,6 +986,32 @@ def stopped_job(tmp_path):
     return clip, out
 
 
+def test_an_output_with_resume_files_left_next_to_it_says_what_they_are(tmp_path, monkeypatch):
+    """A run cut off (a power cut, a kill) between publishing its output and removing its resume files left them;
+    the same command then said only that the output exists. It now says they are left over from the run that wrote
+    it; and next to a file of another origin, that the unfinished job there continues with --resume."""
+    clip, out = stopped_job(tmp_path)
+    with pytest.raises(UserInputError, match="unfinished resumable job"):  # without --resume: as before
+        upscale_video(FakeEngine(), clip, out, codec="lossless")
+    out.write_bytes(b"another run's file")
+    with pytest.raises(OutputExistsError, match=r"an unfinished resumable job of it is there too \(3 frames done, "
+                                                r"out\.mkv\.streamvsr-resume\.safetensors\): add --resume as well"):
+        upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
+    assert upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, overwrite=True)["resumed_from"] == 3
+    assert not ResumeFiles(out).state.exists()
+    done = decode(out)
+
+    monkeypatch.setattr(ResumeFiles, "remove", lambda self: None)  # cut off right after the output is in place
+    again = tmp_path / "again.mkv"
+    upscale_video(FakeEngine(), clip, again, codec="lossless", resume=True)
+    assert ResumeFiles(again).state.exists()
+    with pytest.raises(OutputExistsError, match=r"again\.mkv already exists; add --overwrite .*; the resume files next "
+                                                r"to it \(again\.mkv\.streamvsr-resume\.safetensors and its segments\) "
+                                                r"are left from the run that wrote it: delete them once again\.mkv"):
+        upscale_video(FakeEngine(), clip, again, codec="lossless", resume=True)
+    assert all(np.array_equal(a, b) for a, b in zip(decode(again), done))
+
+
 def checkpoint_contents(state):
     """(tensors, metadata) of a resume file."""
     from safetensors import safe_open

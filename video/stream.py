@@ -60,7 +60,7 @@ from typing import Callable
 
 import torch
 
-from ..models.shared.errors import InputDamagedError, OutputBusyError, UserInputError
+from ..models.shared.errors import InputDamagedError, OutputBusyError, OutputExistsError, UserInputError
 from .audio import check_audio, not_kept
 from .outputs import (RESUME_NAME_EXTRA, OutputLock, check_name_length, check_output_file, keep_partial,
                       make_folder, publish, remove_stale, sync_file, temp_path)
@@ -231,8 +231,22 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
     files = ResumeFiles(out)
     if resume:
         check_name_length(out, RESUME_NAME_EXTRA)
-    check_output_file(out, [in_path] if is_path else [], overwrite=overwrite,
-                      work_files=[files.state, files.state_tmp, *files.parts_on_disk()])
+    try:
+        check_output_file(out, [in_path] if is_path else [], overwrite=overwrite,
+                          work_files=[files.state, files.state_tmp, *files.parts_on_disk()])
+    except OutputExistsError as e:
+        try:
+            saved = files.read_info()
+        except UserInputError:
+            saved = None
+        if saved is None:
+            raise
+        if saved["complete"]:  # the run that published it was cut off (a power cut, a kill) before they went
+            raise OutputExistsError(f"{e}; the resume files next to it ({files.state.name} and its segments) are "
+                                    f"left from the run that wrote it: delete them once {out.name} plays to its "
+                                    "end") from None
+        raise OutputExistsError(f"{e}; an unfinished resumable job of it is there too ({saved['frames']} frames "
+                                f"done, {files.state.name}): add --resume as well to continue that job") from None
     base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
     saved, damaged = files.read_info_or_discard(overwrite)
     if saved is not None or damaged:
