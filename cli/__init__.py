@@ -230,6 +230,10 @@ def main(argv=None) -> int:
         return 2
 
 
+# Memory options that leave a job's numbers as they are (the engines' identity() leaves them out)
+_SAME_NUMBERS = ("--plain-layers", "--corr ")
+
+
 def _memory_advice(args) -> str:
     """What to change after running out of memory, in the options of the command that ran."""
     if args.command not in ("frames", "upscale", "flow"):  # (convert holds a whole model while it writes it)
@@ -245,6 +249,15 @@ def _memory_advice(args) -> str:
                  "--device cpu as a last resort"]
     kept = "the flow fields as files" if args.command == "flow" else \
         "frames as files, a video as its partial file or --resume checkpoint"
+    if getattr(args, "resume", False):
+        # (a checkpoint continues only with the settings it was made with: each other change starts the job over)
+        same = [s for s in steps if s.startswith(_SAME_NUMBERS)]
+        other = [s for s in steps if s not in same]
+        advice = [f"{'; '.join(same)} (--resume continues the job with these)"] if same else []
+        if other:
+            advice.append(f"{'then ' if same else ''}{'; '.join(other)} (with these the --resume job starts over, "
+                          "--overwrite: its checkpoint holds the settings it was made with)")
+        return f"Try, in this order: {'; '.join(advice)}. What was finished is kept ({kept})"
     return f"Try, in this order: {'; '.join(steps)}. What was finished is kept ({kept})"
 
 

@@ -682,6 +682,32 @@ def test_out_of_memory_advice_names_only_options_the_command_has(args, advice, m
         assert "--dtype" not in cli._memory_advice(parsed)
 
 
+def test_out_of_memory_advice_for_a_resume_job_says_which_options_continue_it(assets, tmp_path, monkeypatch):
+    """A --resume checkpoint continues only with the settings it was made with: the advice said the work was kept
+    and then named options (--flow-downscale, --dtype, FlashVSR's ratios) with which the job is refused after the
+    model has loaded, and can only start over."""
+    import streamvsr.cli as cli
+    from flashvsr_helpers import write_official_folder
+
+    ckpt, _, _ = assets
+    flash = tmp_path / "FlashVSR-v1.1"
+    write_official_folder(flash)
+    monkeypatch.setattr(cli, "_ran_on_cpu", lambda args: True)
+
+    def advice(line):
+        return cli._memory_advice(cli.build_parser().parse_args(line.split()))
+
+    assert advice(f"frames IN OUT --model {ckpt} --flow F --resume") == (
+        "Try, in this order: --plain-layers; --corr on_demand (--resume continues the job with these); then "
+        "--flow-downscale 2; --dtype bf16; smaller frames (with these the --resume job starts over, --overwrite: its "
+        "checkpoint holds the settings it was made with). What was finished is kept (frames as files, a video as its "
+        "partial file or --resume checkpoint)")
+    assert advice(f"upscale IN OUT.mp4 --model {flash} --resume").startswith(
+        "Try, in this order: --kv-ratio 2; --sparse-ratio 1.5; --dtype bf16; smaller frames (with these the --resume "
+        "job starts over")
+    assert "--resume" not in advice(f"frames IN OUT --model {ckpt} --flow F").split("What was finished")[0]
+
+
 def test_each_command_help_describes_its_own_options(capsys):
     """`frames` has no --download and computes in fp32 by default; `upscale` has both and defaults to auto."""
 
