@@ -361,7 +361,7 @@ def cmd_convert(args) -> int:
     from ..models.shared.runtime import PRECISIONS
     from ..video.outputs import OutputLock, check_output_file, make_folder, publish, sync_file, temp_path
 
-    family = detect_family(args.source)
+    family = detect_family(args.source, flow_advice="they are used as they are, with --flow; nothing to convert")
     if family.convert is None:
         raise UserInputError(f"{family.title} models cannot be converted")
     options = {"version": args.version} if args.version else {}

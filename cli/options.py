@@ -237,10 +237,15 @@ class EnginePlan:
 
 
 def check_flow_file(flow) -> None:
-    """A one-line error where ``flow`` (the --flow option) is not a file."""
+    """A one-line error where ``flow`` (the --flow option) is not a file, or is an upscaling model."""
+    from ..models.registry import families
     from ..models.shared.errors import UserInputError
 
     path = Path(flow).expanduser()
+    model = next((family for family in families() if family.detect(path)), None)
+    if model is not None:
+        raise UserInputError(f"the flow weights {flow} are the {model.title} model: give it as --model; --flow takes "
+                             "torchvision's RAFT file (e.g. from `streamvsr download`)")
     if not path.is_file():
         raise UserInputError(f"the flow weights {flow} {'are a folder' if path.is_dir() else 'do not exist'}; "
                              "give torchvision's RAFT file (e.g. from `streamvsr download`)")

@@ -36,10 +36,22 @@ def family_by_name(name: str) -> Family:
     raise UserInputError(f"unknown model family {name!r} (known: {', '.join(f.name for f in families())})")
 
 
-def detect_family(path) -> Family:
-    """The family of the weights at ``path``; a one-line error when there are none or they are not recognised."""
+# What to do with RAFT's weights given as the model (the command line's words)
+FLOW_AS_MODEL = "give it as the flow model (--flow), and the upscaling model's folder or file as the model"
+
+
+def detect_family(path, flow_advice: str = FLOW_AS_MODEL) -> Family:
+    """The family of the weights at ``path``; a one-line error when there are none or they are not recognised
+    (``flow_advice``: what to do where they are RAFT's)."""
+    given = str(path)
     path = Path(path).expanduser()
     if not path.exists():
+        if "/" in given and len(path.parts) == 2 and not given.startswith((".", "/", "~")):
+            # (the models table names Hugging Face repositories: "owner/name" is one, not a folder here)
+            raise UserInputError(
+                f"model {path} does not exist; a model is a folder or file on this computer, not a Hugging Face "
+                f"name: `streamvsr download` fetches Stream-DiffVSR, and `hf download {given} --local-dir FOLDER` "
+                "any repository (FlashVSR also needs posi_prompt.pth from its GitHub repository)")
         raise UserInputError(f"model {path} does not exist")
     found = [family for family in families() if family.detect(path)]
     if len(found) > 1:
@@ -55,8 +67,7 @@ def detect_family(path) -> Family:
                 raise UserInputError(f"{path} is one file of the {owner.title} model in {folder}: give that folder "
                                      "as the model")
         if _is_raft(path):
-            raise UserInputError(f"{path} holds RAFT optical flow weights: give it as the flow model (--flow), and "
-                                 "the upscaling model's folder or file as the model")
+            raise UserInputError(f"{path} holds RAFT optical flow weights: {flow_advice}")
         check_weights_file(path)  # a damaged download is told as such, not as an unknown model
     known = "; ".join(f"{f.title}" for f in families())
     raise UserInputError(f"{path} holds no model this pack knows ({known}). Give the official model folder or a "

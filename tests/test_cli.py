@@ -563,7 +563,7 @@ def test_a_tilde_in_dest_and_in_the_models_variable_is_the_home_folder(tmp_path,
     assert not (tmp_path / "~").exists()
 
 
-def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_path, capsys, caplog):
+def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_path, capsys, caplog, monkeypatch):
     _, raft, frames = assets
     from safetensors.torch import save_file
 
@@ -580,6 +580,26 @@ def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_
     caplog.clear()
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(raft), "--flow", str(raft)]) == 2
     assert f"{raft} holds RAFT optical flow weights: give it as the flow model (--flow)" in caplog.text
+    caplog.clear()
+    assert main(["convert", str(raft), str(tmp_path / "raft.safetensors")]) == 2  # (convert has no --flow)
+    assert f"{raft} holds RAFT optical flow weights: they are used as they are, with --flow; nothing to convert" \
+        in caplog.text
+    # a Hugging Face name, as the models table gives them, is not a folder here: said how to fetch it
+    caplog.clear()
+    monkeypatch.chdir(tmp_path)
+    assert main(["frames", str(frames), str(tmp_path / "o"), "--model", "JunhaoZhuang/FlashVSR-v1.1"]) == 2
+    assert ("a model is a folder or file on this computer, not a Hugging Face name: `streamvsr download` fetches "
+            "Stream-DiffVSR, and `hf download JunhaoZhuang/FlashVSR-v1.1 --local-dir FOLDER` any repository") \
+        in caplog.text
+    # and the other way round (the model's folder, or its single file from convert, given as the flow): said so,
+    # not a list of a thousand keys that RAFT lacks
+    single = tmp_path / "single.safetensors"
+    assert main(["convert", str(ckpt), str(single)]) == 0
+    for model in (ckpt, single):
+        caplog.clear()
+        assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(model)]) == 2
+        assert (f"the flow weights {model} are the Stream-DiffVSR model: give it as --model; --flow takes "
+                "torchvision's RAFT file") in caplog.text
     caplog.clear()
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft),
                  "--sparse-ratio", "1.5"]) == 2

@@ -70,6 +70,11 @@ def test_wrong_file_names_the_keys(tmp_path):
     assert "unexpected 1 keys: extra.weight" in text
     assert "update_block.flow_head.conv1.bias (3,)" in text
     assert RAFT_WEIGHTS["raft_large"][0] in text  # says what to download
+    torch.save({f"unet.block{i}.weight": torch.zeros(1) for i in range(500)}, path)  # another model altogether
+    with pytest.raises(WeightsError) as e:
+        load_raft(path)
+    assert str(e.value).startswith(f"{path} holds no RAFT weights (none of its 500 tensors is one of RAFT's). Use "
+                                   "torchvision's RAFT weights") and "block1" not in str(e.value)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a PyTorch weights file.*cut short or damaged"):
         load_raft(path)

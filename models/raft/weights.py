@@ -52,6 +52,9 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
     arch = detect_arch(state_dict)
     model = RAFT(arch, operations=operations or nn, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if not expected.keys() & state_dict.keys():  # (another model altogether: a list of its keys would tell nothing)
+        raise WeightsError(f"{path} holds no RAFT weights (none of its {len(state_dict)} tensors is one of RAFT's). "
+                           + manual_hint())
     problems = key_mismatches(expected, state_dict)
     if problems:
         raise WeightsError("; ".join([f"{path} is not a torchvision {arch} state dict"] + problems) + ". "
