@@ -195,6 +195,14 @@ def _open_standard_streams() -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # (Ctrl-C while torch loads, before the command's own handling: nothing was done)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     from ..models.shared.errors import StreamVSRError, first_line
     from ..models.shared.runtime import is_out_of_memory, keep_freed_memory
 

@@ -418,6 +418,18 @@ def test_convert_stopped_while_flushing_leaves_no_converted_file(assets, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_before_the_command_starts_is_a_quiet_stop(monkeypatch, capsys):
+    """Ctrl-C in the first seconds (while torch loads, before the command's own handling) printed a traceback."""
+    from streamvsr.models.shared import runtime
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime, "keep_freed_memory", stopped)
+    assert main(["download", "--dest", "nowhere"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_a_finished_result_stopped_while_put_in_place_is_kept(tmp_path, monkeypatch, caplog):
     """A video's hours of work, finished, then Ctrl-C during its flush: kept under the partial name (the next run
     removes what is left under the temporary name)."""
