@@ -79,6 +79,7 @@ def media(tmp_path_factory):
     (root / "notimage" / "f001.png").write_text("<html>not a png</html>")
     (root / "nopng").mkdir()
     (root / "raft.pth").write_bytes(b"weights")
+    os.mkfifo(root / "pipe")  # (as `<(cat in.mp4)` or a named pipe gives one)
     return root
 
 
@@ -97,6 +98,8 @@ EARLY_MISTAKES = [
     ("upscale {m}/missing.mp4 {t}/o.mp4", "does not exist"),
     ("upscale {m} {t}/o.mp4", "is a folder, not a video file"),
     ("upscale {m}/empty.mp4 {t}/o.mp4", "is empty (0 bytes)"),
+    ("upscale {m}/pipe {t}/o.mp4", "is a pipe or device, not a file: a video is read more than once"),
+    ("upscale - {t}/o.mp4", "- (standard input) cannot be an input: a video is read more than once"),
     ("upscale {m}/text.mp4 {t}/o.mp4", "cannot be read as a video"),
     ("upscale {m}/audio.m4a {t}/o.mp4", "has no video stream (it holds 1 audio stream)"),
     ("upscale {m}/head.mp4 {t}/o.mp4", "first frame cannot be decoded"),

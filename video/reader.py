@@ -145,12 +145,18 @@ def reason(e: BaseException) -> str:
 def check_input_file(path) -> None:
     """The problems of an input path that need no decoder, each as a one-line error."""
     path = Path(path)
+    if str(path) == "-":
+        raise UserInputError("- (standard input) cannot be an input: a video is read more than once (checked, then "
+                             "upscaled); save it to a file first")
     if not os.path.lexists(path):
         raise UserInputError(f"{path} does not exist")
     if not path.exists():
         raise UserInputError(f"{path} is a broken symbolic link")
     if path.is_dir():
         raise UserInputError(f"{path} is a folder, not a video file")
+    if not path.is_file():
+        raise UserInputError(f"{path} is a pipe or device, not a file: a video is read more than once (checked, then "
+                             "upscaled); save it to a file first")
     if not os.access(path, os.R_OK):
         raise UserInputError(f"{path} cannot be read: permission denied")
     if path.is_file() and path.stat().st_size == 0:
