@@ -1553,7 +1553,7 @@ class Settings(FakeEngine):
 
 
 @pytest.mark.parametrize("engine, differs", [(Settings(steps=2), "steps 4 then, 2 now"),
-                                             (Settings(weights="9"), "another model or precision"),
+                                             (Settings(weights="9"), "another model"),
                                              (FakeEngine(), "another model: stream-diffvsr then, fake now")])
 def test_resume_with_other_settings_names_them_and_overwrite_discards_the_job(tmp_path, engine, differs):
     """--resume --overwrite starts the job again where its settings changed (as --overwrite's help says: it

@@ -1078,13 +1078,13 @@ def test_resume_refuses_another_model_precision_or_flow(tiny, tmp_path):
     upscale_video(StreamEngine(pipe, flow, steps=1), clip, out, codec="lossless", resume=True,
                   should_stop=lambda: polls.append(1) or len(polls) > 1)
     assert ResumeFiles(out).state.exists()
-    with pytest.raises(ValueError, match="\\(another model or precision\\).*add --overwrite"):
+    with pytest.raises(ValueError, match="\\(precision fp32 then, bf16 now\\).*add --overwrite"):
         upscale_video(StreamEngine(pipe, flow, steps=1, compute_dtype=torch.bfloat16), clip, out,
                       codec="lossless", resume=True)
     other = load_pipeline(ckpt)
     with torch.no_grad():
         next(other.parameters()).add_(0.01)
-    with pytest.raises(ValueError, match="\\(another model or precision\\)"):
+    with pytest.raises(ValueError, match="\\(another model\\)"):
         upscale_video(StreamEngine(other, flow, steps=1), clip, out, codec="lossless", resume=True)
     with pytest.raises(ValueError, match="\\(steps 1 then, 2 now\\)"):
         upscale_video(StreamEngine(pipe, flow, steps=2), clip, out, codec="lossless", resume=True)
@@ -1093,8 +1093,10 @@ def test_resume_refuses_another_model_precision_or_flow(tiny, tmp_path):
     other_flow = load_raft(raft, num_flow_updates=1)
     with torch.no_grad():
         next(other_flow.parameters()).add_(0.01)
-    for changed in (other_flow, load_raft(raft, num_flow_updates=1, downscale=2), load_raft(raft, num_flow_updates=2)):
-        with pytest.raises(ValueError, match="\\(another flow model or flow option\\)"):
+    for changed, said in ((other_flow, "other flow weights"),
+                          (load_raft(raft, num_flow_updates=1, downscale=2), "flow downscale 1 then, 2 now"),
+                          (load_raft(raft, num_flow_updates=2), "flow iterations 1 then, 2 now")):
+        with pytest.raises(ValueError, match=f"\\({said}\\)"):
             upscale_video(StreamEngine(pipe, changed, steps=1), clip, out, codec="lossless", resume=True)
     # the correlation mode gives the same flow (up to rounding) and is the advice for running out of memory
     same_flow = load_raft(raft, num_flow_updates=1, corr="on_demand")

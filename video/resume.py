@@ -16,6 +16,7 @@ import torch
 
 from ..models.contract import LATER_IDENTITY_FIELDS
 from ..models.shared.errors import UserInputError, cannot_read
+from ..models.shared.runtime import PRECISIONS
 from ..models.shared.weights import save_safetensors
 from .audio import AudioCopy
 from .outputs import sync_file, sync_folder
@@ -318,26 +319,49 @@ def as_saved(saved, now: str) -> str:
                                                        f.partition("=")[0] + "=" not in had))
 
 
+_PRECISIONS = {str(dtype): name for name, dtype in PRECISIONS.items()}
+
+
 def _model_change(saved, now: str) -> str:
-    """What differs between two engine identities (``identity()``: "family|...|name=value|..."), naming the options
-    that changed; weights and precision are one checksum and a dtype, so they are named together."""
+    """What differs between two engine identities (``identity()``: "family|...|name=value|..."), naming the
+    precision and the options that changed; the weights are checksums, told as another model."""
     old, new = str(saved).split("|"), now.split("|")
     if old[0] != new[0]:
         return f"another model: {old[0]} then, {new[0]} now"
     if len(old) != len(new):
         return "another model"
-    named, other = [], False
-    for a, b in zip(old, new):
+    named, weights = [], False
+    for index, (a, b) in enumerate(zip(old, new)):
         key, _, before = a.partition("=")
+        after = b.partition("=")[2]
         if a == b:
             continue
         if key in _OPTION_NAMES and b.startswith(key + "="):
-            named.append(f"{_OPTION_NAMES[key]} {before} then, {b.partition('=')[2]} now")
-        elif key == "flow":
-            named.append("another flow model or flow option")
+            named.append(f"{_OPTION_NAMES[key]} {before} then, {after} now")
+        elif key == "flow" and b.startswith("flow="):
+            named.append(_flow_change(before, after))
+        elif a in _PRECISIONS and b in _PRECISIONS:
+            named.append(f"precision {_PRECISIONS[a]} then, {_PRECISIONS[b]} now")
+        elif old[0] == "flashvsr" and index == 1:  # (its release: v1, v1.1)
+            named.append(f"FlashVSR {a} then, {b} now")
         else:
-            other = True
-    return "; ".join(named + (["another model or precision"] if other else []))
+            weights = True
+    if weights:  # (weights loaded in another precision have other checksums: that change is named already)
+        precision = any(n.startswith("precision ") for n in named)
+        named.append("the weights as loaded differ too" if precision else "another model")
+    return "; ".join(named)
+
+
+def _flow_change(before: str, after: str) -> str:
+    """What differs between two flow fields of an identity ("arch,updates=N,downscale=N,checksum")."""
+    old, new = before.split(","), after.split(",")
+    if len(old) != 4 or len(new) != 4:
+        return "another flow model or flow option"
+    if old[0] != new[0]:
+        return f"flow model {old[0]} then, {new[0]} now"
+    named = [f"flow {name} {a.partition('=')[2]} then, {b.partition('=')[2]} now"
+             for name, a, b in (("iterations", old[1], new[1]), ("downscale", old[2], new[2])) if a != b]
+    return "; ".join(named + (["other flow weights"] if old[3] != new[3] else []))
 
 
 def join_segments(parts: list[Path], out_path: Path, audio_from=None, time_base: Fraction | None = None,
