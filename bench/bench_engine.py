@@ -62,14 +62,11 @@ def worker(args) -> None:
     import torch
 
     _import_package()
-    from streamvsr.models.stream_diffvsr.engine import StreamEngine
-    from streamvsr.models.raft.weights import load_raft
-    from streamvsr.models.stream_diffvsr.loader import load_pipeline
+    from streamvsr.models.stream_diffvsr import load_engine
 
     device = torch.device(args.device)
-    pipe = load_pipeline(args.model, device=device)
-    flow = load_raft(args.flow, device=device)
-    engine = StreamEngine(pipe, flow, steps=args.steps, device=device)
+    # as `streamvsr` builds it (the CPU layers and the allocator setting on the CPU)
+    engine = load_engine(args.model, device=device, flow=args.flow, steps=args.steps)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     h, w = (int(v) for v in args.size.split("x"))
     frames = int(args.frames)

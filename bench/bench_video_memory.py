@@ -24,6 +24,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_engine import _import_package, machine  # noqa: E402
 
+# `streamvsr` of this checkout (`-m streamvsr` would run an installed copy, or none in a ComfyUI-only checkout)
+CHECKOUT_CLI = (f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from bench_engine import _import_package; "
+                "_import_package(); from streamvsr.cli import main; sys.exit(main())")
+
 
 def make_clip(path: pathlib.Path, frames: int, h: int, w: int, fps: int = 24) -> None:
     """A moving random texture (H.264, yuv420p) with a sine-wave AAC track."""
@@ -61,15 +65,13 @@ def worker(args) -> None:
     import torch
 
     _import_package()
-    from streamvsr.models.stream_diffvsr.engine import StreamEngine
-    from streamvsr.models.raft.weights import load_raft
-    from streamvsr.models.stream_diffvsr.loader import load_pipeline
+    from streamvsr.models.stream_diffvsr import load_engine
     from streamvsr.video import upscale_video
 
     device = torch.device(args.device)
-    engine = StreamEngine(load_pipeline(args.model, device=device),
-                          load_raft(args.flow, device=device, num_flow_updates=args.flow_iters),
-                          steps=args.steps, device=device)
+    # as `streamvsr upscale` builds it (the CPU layers and the allocator setting on the CPU)
+    engine = load_engine(args.model, device=device, flow=args.flow, steps=args.steps,
+                         flow_iterations=args.flow_iters)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     summary = upscale_video(engine, args.clip, args.out, codec=args.codec)
@@ -138,7 +140,7 @@ def main() -> None:
             clip, out = tmp / f"in{n}.mp4", tmp / f"out{n}{ext}"
             make_clip(clip, n, h, w)
             if args.via_cli:
-                cmd = [sys.executable, "-m", "streamvsr", "upscale", str(clip), str(out), "--model", args.model,
+                cmd = [sys.executable, "-c", CHECKOUT_CLI, "upscale", str(clip), str(out), "--model", args.model,
                        "--flow", args.flow, "--steps", str(args.steps), "--device", args.device, "--dtype", "fp32",
                        "--codec", args.codec, "--flow-iterations", str(args.flow_iters)]
                 _, rss, wall = run_child(cmd)
