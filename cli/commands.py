@@ -27,7 +27,7 @@ def add_video_options(p: argparse.ArgumentParser) -> None:
     add_resume_options(p, "write resumably (segments + OUT.streamvsr-resume.safetensors next to OUT)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it exists (only once the new file is complete), or discard an unfinished "
-                        "--resume job of OUT")
+                        "--resume job of OUT (with --resume: one that cannot continue, made with other settings)")
     p.add_argument("--allow-truncated", action="store_true",
                    help="accept a cut-off or damaged input: write the frames that can be decoded to OUT and exit 0 "
                         "with a warning (without it: an error, and those frames go to OUT's .streamvsr-partial "

@@ -157,7 +157,7 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
                         "differently")
     g.add_argument("--scale", type=int_range(1, 8), help="output/input size ratio, 1-8 (default 4, the trained one; "
                    "2 or 3 are faster but softer)")
-    g.add_argument("--sparse-ratio", type=float_range(0, low_open=True),
+    g.add_argument("--sparse-ratio", type=float_range(0, 1000, low_open=True),  # (beyond: dense everywhere)
                    help="attention budget (default 2.0; 1.5 is faster, larger attends more)")
     g.add_argument("--local-range", type=int_range(1), help="side of the local attention window, in 8x8-token "
                    "blocks (default 11: more stable; 9: sharper)")

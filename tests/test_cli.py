@@ -620,6 +620,9 @@ def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_
     with pytest.raises(SystemExit) as e:
         main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--seed", str(2**64)])
     assert e.value.code == 2 and "2^64-1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # (a ratio that large overflowed the attention budget: a traceback)
+        main(["upscale", "in.mp4", "o.mp4", "--model", str(ckpt), "--sparse-ratio", "1e308"])
+    assert e.value.code == 2 and "1e308 is out of range: must be above 0 and at most 1000" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
