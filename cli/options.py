@@ -153,8 +153,9 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
     g.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
                    help="which release the weights are (default: what a converted file records, else what the "
                         "files say: a repackaged DiT's name, the published v1.1 LQ file's hash, a folder named for "
-                        "v1.1; else v1.1): v1 and v1.1 files have the same keys but their LQ projections run "
-                        "differently")
+                        "v1.1 or v1 (FlashVSR counts as v1); else v1.1, but official files that nothing names "
+                        "with an LQ file other than the published v1.1 one ask for this option): v1 and v1.1 files "
+                        "have the same keys but their LQ projections run differently")
     g.add_argument("--scale", type=int_range(1, 8), help="output/input size ratio, 1-8 (default 4, the trained one; "
                    "2 or 3 are faster but softer)")
     g.add_argument("--sparse-ratio", type=float_range(0, 1000, low_open=True),  # (beyond: dense everywhere)

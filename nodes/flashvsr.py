@@ -190,8 +190,10 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
                 io.Combo.Input("version", options=VERSIONS, default="auto",
                                tooltip="Which release the files are: v1 and v1.1 files look alike but need "
                                        "different arithmetic; the wrong choice gives ghosting. auto: what the "
-                                       "files say (a repackaged DiT's file name such as kijai's v1 file, a folder "
-                                       "named for v1.1, the published v1.1 LQ file's hash), else v1.1. A known "
+                                       "files say (a repackaged DiT's file name such as kijai's v1 file, the "
+                                       "published v1.1 LQ file's hash, a folder named for v1.1 or v1, FlashVSR "
+                                       "counting as v1), else v1.1; official files that nothing names with an LQ "
+                                       "file other than the published v1.1 one are refused: choose. A known "
                                        "file hash or name that contradicts a choice gives a warning in the log. A "
                                        "converted file uses the version recorded in it."),
                 io.Combo.Input("precision", options=["auto", "fp32", "fp16", "bf16"], default="auto",

@@ -115,19 +115,41 @@ def test_repackaged_files_load(tmp_path, style, hinted, caplog):
     assert f"says {hinted}" in caplog.text  # the file name contradicts the chosen version
 
 
-@pytest.mark.parametrize("style,named", [("1038lab", "v1.1"), ("kijai", "v1"), ("official", "v1.1")])
+@pytest.mark.parametrize("style,named", [("1038lab", "v1.1"), ("kijai", "v1")])
 def test_without_a_version_a_release_named_by_its_file_loads_as_that_release(tmp_path, style, named, caplog):
     """The command line leaves the version to the model (no --flashvsr-version): a DiT file whose name says its
-    release loads as that release, with no warning; the official name says nothing, so v1.1."""
+    release loads as that release, with no warning."""
     from streamvsr.models.flashvsr import load_pipeline
 
-    if style == "official":
-        write_official_folder(tmp_path)
-    else:
-        write_repackaged(tmp_path, style)
+    write_repackaged(tmp_path, style)
     with caplog.at_level(logging.WARNING):
         assert load_pipeline(tmp_path).version == named
     assert "says" not in caplog.text
+
+
+def test_without_a_version_official_files_load_as_their_lq_file_or_folder_says_or_are_refused(tmp_path, monkeypatch):
+    """The official names are the same for both releases. The published v1.1 LQ file says v1.1 wherever it is; a
+    folder named for a release says that one ("FlashVSR" is the v1 repository's name and the v1 download's folder);
+    where nothing says it and the LQ file is not the published v1.1 one (the official v1 file has no published
+    hash), the load is refused with what to choose: it went on as v1.1, which gives v1 files ghosting."""
+    from streamvsr.models.flashvsr import load_pipeline
+    from streamvsr.models.shared.errors import UserInputError
+
+    for name, version in (("FlashVSR-v1.1", "v1.1"), ("FlashVSR", "v1"), ("flashvsr_V1", "v1"), ("my v1", "v1")):
+        write_official_folder(tmp_path / name)
+        assert load_pipeline(tmp_path / name).version == version, name
+    neutral = tmp_path / "weights"
+    write_official_folder(neutral)
+    with pytest.raises(UserInputError, match=r"does not say which FlashVSR release it holds, and its LQ_proj_in\.ckpt "
+                                              r"is not the published v1\.1 file .*: choose the version, v1 or v1\.1"):
+        load_pipeline(neutral)
+    assert load_pipeline(neutral, version="v1").version == "v1"
+    published = fw.sha256_of(neutral / "LQ_proj_in.ckpt")[:16]
+    monkeypatch.setattr(fw, "LQ_SHA256", {published: "v1.1"})  # (as the published v1.1 file's hash would)
+    assert load_pipeline(neutral).version == "v1.1"
+    (tmp_path / "FlashVSR").rename(tmp_path / "old")
+    write_official_folder(tmp_path / "FlashVSR")  # (the same tiny weights: the published file, in a "v1" folder)
+    assert load_pipeline(tmp_path / "FlashVSR").version == "v1.1"
 
 
 def test_a_folder_with_both_releases_dit_gives_the_chosen_one(tmp_path):
@@ -477,17 +499,20 @@ def test_detect(official, tmp_path):
 
 
 def test_convert_asks_for_a_version_the_files_do_not_state_and_needs_every_component(official, tmp_path, caplog):
-    """The converted file records its version for good, and the official names are the same for v1 and v1.1 (the
-    v1 download folder is called just FlashVSR): the user says it where the files do not. A file that no node can
-    use (no TC decoder) is not written."""
+    """The converted file records its version for good, and the official names are the same for v1 and v1.1: the
+    user says it where the files do not (a folder named for neither release). A file that no node can use (no TC
+    decoder) is not written."""
     from streamvsr.models.flashvsr import convert
 
     folder, _ = official
+    folder = folder.rename(folder.with_name("weights"))
     with pytest.raises(UserInputError, match="does not say which FlashVSR release.*give --flashvsr-version v1 or "
                                              "v1.1"):
         convert(folder, tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
-    named = folder.rename(folder.with_name("FlashVSR-v1.1"))  # (the v1.1 download folder's name)
+    v1 = folder.rename(folder.with_name("FlashVSR"))  # (the v1 download folder's name, the v1 repository's)
+    assert fw.read_flashvsr(convert(v1, tmp_path / "a.safetensors")).version == "v1"
+    named = v1.rename(folder.with_name("FlashVSR-v1.1"))  # (the v1.1 download folder's name)
     assert fw.read_flashvsr(convert(named, tmp_path / "b.safetensors")).version == "v1.1"
     # its LQ file is not the published v1.1 one: the converted file still says so when it loads
     caplog.clear()
@@ -574,6 +599,9 @@ def test_what_the_files_say_ranks_a_files_name_and_hash_above_a_folders_name(tmp
     names = ("FlashVSR-v1.1", "FlashVSR_v1_1", "FlashVSR1_1", "v1.1", "Wan2.1-1.3B_FlashVSR", "wan2_1_1_3b",
              "FlashVSR", "v1.10")
     assert [bool(fw.FOLDER_V11.search(n)) for n in names] == [True] * 4 + [False] * 4
+    v1_names = ("FlashVSR", "FlashVSR-v1", "flashvsr_V1", "my v1", "FlashVSR-v1.1", "FlashVSR_v1_1", "v1.10", "dev1",
+                "FlashVSR-x")
+    assert [bool(fw.FOLDER_V1.search(n)) for n in v1_names] == [True] * 4 + [False] * 5
     for folder in ("Wan2.1-1.3B_FlashVSR", "FlashVSR-v1.1"):
         write_repackaged(tmp_path / folder, "kijai")
         assert _version_or_default(tmp_path / folder, None) == "v1"

@@ -28,14 +28,25 @@ def detect(path) -> bool:
 
 
 def _version_or_default(path, version: str | None) -> str | None:
-    """``version``, else what the files say (``weights.stated_version``: kijai's v1 file by its name, a folder
-    named for v1.1, the published v1.1 LQ file), else v1.1; None for a converted file, which records its own."""
-    from .weights import find_files, stated_version
+    """``version``, else what the files say (``weights.stated_version``: kijai's v1 file by its name, the published
+    v1.1 LQ file, a folder named for v1.1 or v1), else v1.1, except for an official LQ file that is not the published
+    v1.1 one (the v1 file, most likely): a one-line error asks which. None for a converted file, which records its
+    own."""
+    from ..shared.errors import UserInputError
+    from .weights import find_files, stated_version, unpublished_lq
 
     if version is not None:
         return version
     files = find_files(path)
-    return None if files.single else stated_version(files) or DEFAULT_VERSION
+    if files.single:
+        return None
+    stated = stated_version(files)
+    if stated is None and unpublished_lq(files):
+        raise UserInputError(f"{path} does not say which FlashVSR release it holds, and its {files.lq_proj.name} is "
+                             "not the published v1.1 file (the official v1 one has no published hash): choose the "
+                             "version, v1 or v1.1 (the loader's version, --flashvsr-version on the command line); "
+                             "v1 files run as v1.1 give ghosting")
+    return stated or DEFAULT_VERSION
 
 
 def load_pipeline(path, version: str | None = None, device="cpu", dtype=torch.float32, operations=None):

@@ -13,7 +13,7 @@ projection merged in under ``LQ_proj_in.``. ``convert_flashvsr`` writes our own 
 
 v1 and v1.1 files have the same keys and shapes but need different LQ-projection arithmetic. With no version given,
 ``stated_version`` takes it from a repackaged DiT's name, the sha256 of the published v1.1 LQ file or a folder named
-for v1.1; against an explicit choice they only produce a warning. Pickles are opened with ``weights_only=True``
+for v1.1 or v1; against an explicit choice they only produce a warning. Pickles are opened with ``weights_only=True``
 only.
 """
 
@@ -58,6 +58,9 @@ PROMPT_KEYS = ("prompt", "context", "posi_prompt", "prompt_emb", "embeds")
 LQ_SHA256 = {"d6d011cdaaba6a52": "v1.1"}
 # "v1.1", "FlashVSR1_1", not the "2.1-1.3B" or "2_1_1_3b" of Wan's names
 FOLDER_V11 = re.compile(r"(?<![0-9._])v?1[._-]1(?![0-9]|[._-][0-9])", re.IGNORECASE)
+# "FlashVSR-v1", "flashvsr_V1", not "v1.1" or "dev1"; and "FlashVSR" itself, the v1 repository's name and the folder
+# that the v1 download makes
+FOLDER_V1 = re.compile(r"^flashvsr$|(?<![0-9a-z])v1(?![0-9]|[._-][0-9])", re.IGNORECASE)
 
 HINT = ("FlashVSR weights: https://huggingface.co/JunhaoZhuang/FlashVSR-v1.1 (v1.1) or "
         "https://huggingface.co/JunhaoZhuang/FlashVSR (v1) - diffusion_pytorch_model_streaming_dmd.safetensors, "
@@ -190,17 +193,35 @@ def _is_component(path: Path) -> bool:
 def stated_version(files: FlashVSRFiles) -> str | None:
     """The version the files themselves say, or None where they are silent (the official file names are the same
     for both): a repackaged DiT's name, else the hash of the published v1.1 LQ projection, else a folder named for
-    v1.1, the weakest sign (a user names folders)."""
+    v1.1 or v1, the weakest sign (a user names folders)."""
     if files.dit.name in DIT_VERSIONS:
         return DIT_VERSIONS[files.dit.name]
-    if files.lq_proj is not None and files.lq_proj.suffix == ".ckpt" and not cannot_read(files.lq_proj):
-        # (an unreadable file is said so by read_flashvsr, in its words)
-        known = [v for prefix, v in LQ_SHA256.items() if sha256_of(files.lq_proj).startswith(prefix)]
-        if known:
-            return known[0]
-    if not files.single and FOLDER_V11.search(files.dit.parent.name):
-        return "v1.1"
+    sha = _official_lq_sha256(files) or ""
+    known = [v for prefix, v in LQ_SHA256.items() if sha.startswith(prefix)]
+    if known:
+        return known[0]
+    if not files.single:
+        name = files.dit.parent.name
+        if FOLDER_V11.search(name):
+            return "v1.1"
+        if FOLDER_V1.search(name):
+            return "v1"
     return None
+
+
+def _official_lq_sha256(files: FlashVSRFiles) -> str | None:
+    """The sha256 of an official ``LQ_proj_in.ckpt`` among ``files``; None for other files, or where it cannot be
+    read (said by ``read_flashvsr``, in its words)."""
+    if files.lq_proj is None or files.lq_proj.suffix != ".ckpt" or cannot_read(files.lq_proj):
+        return None
+    return sha256_of(files.lq_proj)
+
+
+def unpublished_lq(files: FlashVSRFiles) -> bool:
+    """Whether ``files`` hold an official ``LQ_proj_in.ckpt`` that is not the published v1.1 file: the v1 one
+    (whose hash is not published) or another. Loaded as v1.1 by default, v1's gives ghosting."""
+    sha = _official_lq_sha256(files)
+    return sha is not None and not any(sha.startswith(prefix) for prefix, v in LQ_SHA256.items() if v == "v1.1")
 
 
 def _strip(state_dict: dict, prefixes) -> dict:
