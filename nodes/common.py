@@ -117,11 +117,16 @@ def uses_cpu_layers(weight_dtype: torch.dtype, compute_dtype: torch.dtype, devic
     return cpu_layers and device.type == "cpu" and weight_dtype == compute_dtype == torch.float32
 
 
-def room_to_load(patcher) -> int:
-    """What ``load_models_gpu`` frees on the device to load ``patcher`` besides the memory it is asked for (1.1
-    times the model's size in ComfyUI 0.3.64). The model loaded before it asks for this much more, so that loading
-    this one next does not push part of that one off the device again."""
-    return 0 if patcher is None else math.ceil(1.1 * patcher.model_size())
+def memory_before(activations: int, patcher) -> int:
+    """``memory_required`` for the big model, loaded before the small ``patcher`` (the flow model, FlashVSR's TC
+    decoder), which is then loaded asking for ``activations``: room for what ``load_models_gpu`` frees for that
+    load, so that it does not push part of the big model off the device again. ComfyUI 0.3.64 frees 1.1 times the
+    model's size plus the larger of the memory asked for and its minimum for inference (both with its reserve,
+    which the big model's load keeps free as well)."""
+    if patcher is None:
+        return activations
+    floor = mm.minimum_inference_memory() - mm.extra_reserved_memory()
+    return max(activations, math.ceil(floor)) + math.ceil(1.1 * patcher.model_size())
 
 
 def load_flow_patcher(flow_patcher, memory_required: int = 0):

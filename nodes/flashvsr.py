@@ -32,7 +32,7 @@ from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILE
 from ..models.shared.errors import UserInputError
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
-                     load_flow_patcher, operations_for, out_of_memory_advice, params_in, pick_precision, room_to_load,
+                     load_flow_patcher, memory_before, operations_for, out_of_memory_advice, params_in, pick_precision,
                      show_text, tensor_to_preview, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
@@ -149,7 +149,7 @@ def load_engine(engine: FlashVSREngine, model: FlashVSRModel, lr_size: tuple[int
     (--lowvram/--novram); the TC decoder is loaded whole."""
     engine.check_size(*lr_size)
     activations = engine.estimate_memory(*lr_size)
-    mm.load_models_gpu([model.core], memory_required=activations + room_to_load(model.decoder))
+    mm.load_models_gpu([model.core], memory_required=memory_before(activations, model.decoder))
     load_flow_patcher(model.decoder, activations)
     return engine
 

@@ -20,8 +20,8 @@ from ..models.stream_diffvsr.engine import StreamEngine, StreamState
 from ..models.stream_diffvsr.loader import COMPONENTS, component_weights, load_pipeline
 from .common import (CATEGORY, DOWNLOAD_MODEL, MODEL_FOLDER, FlowModel, StreamStateType, VSRModel, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
-                     load_flow_patcher, loaded_from, operations_for, out_of_memory_advice, params_in, pick_precision,
-                     remember_source, room_to_load, show_text, tensor_to_preview, uses_cpu_layers, wrap)
+                     load_flow_patcher, loaded_from, memory_before, operations_for, out_of_memory_advice, params_in,
+                     pick_precision, remember_source, show_text, tensor_to_preview, uses_cpu_layers, wrap)
 from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_state
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def load_for_inference(model_patcher, flow_patcher, memory_required: int):
     The denoiser goes first (it may be partially loaded under --lowvram/--novram); the small flow model last,
     so that loading the big one cannot push it off the device again.
     """
-    mm.load_models_gpu([model_patcher], memory_required=memory_required + room_to_load(flow_patcher))
+    mm.load_models_gpu([model_patcher], memory_required=memory_before(memory_required, flow_patcher))
     if flow_patcher is not None:
         load_flow_patcher(flow_patcher, memory_required)
 

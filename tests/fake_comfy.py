@@ -209,6 +209,8 @@ def install(monkeypatch, models_dir, interrupt_after=None):
         mm.calls["unload_all_models"] += 1
 
     mm.load_models_gpu = load_models_gpu
+    mm.extra_reserved_memory = lambda: 400 * 1024 * 1024  # (ComfyUI's formulas, its default reserve on Linux)
+    mm.minimum_inference_memory = lambda: 1024 * 1024 * 1024 * 0.8 + mm.extra_reserved_memory()
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.processing_interrupted = lambda: mm.interrupted
     mm.interrupt_current_processing = interrupt_current_processing

@@ -365,7 +365,7 @@ def test_a_wrong_flow_file_is_found_before_the_model_loads(assets, tmp_path, cap
     pointer = tmp_path / "raft.pth"
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 21108000\n")
     unet = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
-    for flow, says in ((pointer, "is a Git LFS pointer"), (unet, "holds no RAFT weights (none of its")):
+    for flow, says in ((pointer, "is a Git LFS pointer"), (unet, "holds none of torchvision's RAFT tensors")):
         caplog.clear()
         assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(flow),
                      "--device", "cpu"]) == 2

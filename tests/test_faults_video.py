@@ -995,7 +995,8 @@ def test_an_output_with_resume_files_left_next_to_it_says_what_they_are(tmp_path
         upscale_video(FakeEngine(), clip, out, codec="lossless")
     out.write_bytes(b"another run's file")
     with pytest.raises(OutputExistsError, match=r"an unfinished resumable job of it is there too \(3 frames done, "
-                                                r"out\.mkv\.streamvsr-resume\.safetensors\): add --resume as well"):
+                                                r"out\.mkv\.streamvsr-resume\.safetensors\): --resume --overwrite "
+                                                r"continues that job and puts its result in place of out\.mkv$"):
         upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
     assert upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, overwrite=True)["resumed_from"] == 3
     assert not ResumeFiles(out).state.exists()
@@ -1010,6 +1011,11 @@ def test_an_output_with_resume_files_left_next_to_it_says_what_they_are(tmp_path
                                                 r"are left from the run that wrote it: delete them once again\.mkv"):
         upscale_video(FakeEngine(), clip, again, codec="lossless", resume=True)
     assert all(np.array_equal(a, b) for a, b in zip(decode(again), done))
+    # a finished job next to an older file (its join failed, and that file is another's): not to be deleted
+    os.utime(again, (1, 1))
+    with pytest.raises(OutputExistsError, match=r"; a finished resumable job of it is there too \(6 frames done, .*: "
+                                                r"--resume --overwrite continues that job"):
+        upscale_video(FakeEngine(), clip, again, codec="lossless", resume=True)
 
 
 def checkpoint_contents(state):

@@ -73,8 +73,14 @@ def test_wrong_file_names_the_keys(tmp_path):
     torch.save({f"unet.block{i}.weight": torch.zeros(1) for i in range(500)}, path)  # another model altogether
     with pytest.raises(WeightsError) as e:
         load_raft(path)
-    assert str(e.value).startswith(f"{path} holds no RAFT weights (none of its 500 tensors is one of RAFT's). Use "
+    assert str(e.value).startswith(f"{path} holds none of torchvision's RAFT tensors (none of its 500). Use "
                                    "torchvision's RAFT weights") and "block1" not in str(e.value)
+    # the original repository's checkpoints (raft-things.pth: "module.fnet.conv1.weight", ...)
+    torch.save({"module.fnet.conv1.weight": torch.zeros(1), "module.update_block.encoder.convc1.weight": torch.zeros(1)},
+               path)
+    with pytest.raises(WeightsError, match="is in the original RAFT repository's format \\(princeton-vl\\), which "
+                                           "this does not read. Use torchvision's RAFT weights"):
+        load_raft(path)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a PyTorch weights file.*cut short or damaged"):
         load_raft(path)

@@ -241,12 +241,16 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
             saved = None
         if saved is None:
             raise
-        if saved["complete"]:  # the run that published it was cut off (a power cut, a kill) before they went
+        # A finished job whose output came after its last checkpoint: the run that published it was cut off (a
+        # power cut, a kill) before its work files went. An older output is another's (its join failed).
+        if saved["complete"] and out.stat().st_mtime >= files.state.stat().st_mtime:
             raise OutputExistsError(f"{e}; the resume files next to it ({files.state.name} and its segments) are "
                                     f"left from the run that wrote it: delete them once {out.name} plays to its "
                                     "end") from None
-        raise OutputExistsError(f"{e}; an unfinished resumable job of it is there too ({saved['frames']} frames "
-                                f"done, {files.state.name}): add --resume as well to continue that job") from None
+        done = "a finished" if saved["complete"] else "an unfinished"
+        raise OutputExistsError(f"{e}; {done} resumable job of it is there too ({saved['frames']} frames done, "
+                                f"{files.state.name}): --resume --overwrite continues that job and puts its result "
+                                f"in place of {out.name}") from None
     base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
     saved, damaged = files.read_info_or_discard(overwrite)
     if saved is not None or damaged:

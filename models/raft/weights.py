@@ -52,9 +52,11 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
     arch = detect_arch(state_dict)
     model = RAFT(arch, operations=operations or nn, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if not expected.keys() & state_dict.keys():  # (another model altogether: a list of its keys would tell nothing)
-        raise WeightsError(f"{path} holds no RAFT weights (none of its {len(state_dict)} tensors is one of RAFT's). "
-                           + manual_hint())
+    if not expected.keys() & state_dict.keys():  # (another format or model: a list of its keys would tell nothing)
+        original = any(k.startswith(("fnet.", "module.fnet.")) for k in state_dict)
+        what = ("is in the original RAFT repository's format (princeton-vl), which this does not read" if original
+                else f"holds none of torchvision's RAFT tensors (none of its {len(state_dict)})")
+        raise WeightsError(f"{path} {what}. " + manual_hint())
     problems = key_mismatches(expected, state_dict)
     if problems:
         raise WeightsError("; ".join([f"{path} is not a torchvision {arch} state dict"] + problems) + ". "
