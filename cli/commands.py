@@ -244,7 +244,7 @@ def cmd_flow(args) -> int:
     check_folder_outputs({args.in_dir}, args.out_dir, files[1:], [output_name(p.stem, args.save) for p in files[1:]],
                          args.overwrite)
     device = pick_device(args.device)
-    check_flow_file(args.flow)
+    check_flow_file(args.flow, takes_model=False)
     with _removed_if_failed(args.out_dir) as new_folders:
         make_folder(args.out_dir.parent)
         with OutputLock(args.out_dir):

@@ -237,15 +237,17 @@ class EnginePlan:
         return self.family.load_engine(model, device=self.device, dtype=self.dtype, **options)
 
 
-def check_flow_file(flow) -> None:
-    """A one-line error where ``flow`` (the --flow option) is not a file, or is an upscaling model."""
+def check_flow_file(flow, takes_model: bool = True) -> None:
+    """A one-line error where ``flow`` (the --flow option) is not a file, or is an upscaling model (which goes to
+    --model where the command ``takes_model``)."""
     from ..models.registry import families
     from ..models.shared.errors import UserInputError
 
     path = Path(flow).expanduser()
     model = next((family for family in families() if family.detect(path)), None)
     if model is not None:
-        raise UserInputError(f"the flow weights {flow} are the {model.title} model: give it as --model; --flow takes "
+        where = "give it as --model; " if takes_model else ""
+        raise UserInputError(f"the flow weights {flow} are the {model.title} model: {where}--flow takes "
                              "torchvision's RAFT file (e.g. from `streamvsr download`)")
     if not path.is_file():
         raise UserInputError(f"the flow weights {flow} {'are a folder' if path.is_dir() else 'do not exist'}; "

@@ -281,7 +281,7 @@ class StreamVSRFlashVSRUpscale(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, continue_sequence=False, **kwargs):
+    def fingerprint_inputs(cls, continue_sequence=None, **kwargs):
         # A continuation depends on the previous run, not only on the inputs: never reuse a cached result.
         return STREAMS.fingerprint(continue_sequence)
 

@@ -603,6 +603,11 @@ def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_
     assert ("a model is a folder or file on this computer, not a Hugging Face name: `streamvsr download` fetches "
             "Stream-DiffVSR, and `hf download JunhaoZhuang/FlashVSR-v1.1 --local-dir FOLDER` any repository") \
         in caplog.text
+    (tmp_path / "models").mkdir()
+    for mistyped in ("models/FlashVSR", "weights/x.safetensors"):  # paths, not names
+        caplog.clear()
+        assert main(["frames", str(frames), str(tmp_path / "o"), "--model", mistyped]) == 2
+        assert f"model {mistyped} does not exist\n" in caplog.text
     # and the other way round (the model's folder, or its single file from convert, given as the flow): said so,
     # not a list of a thousand keys that RAFT lacks
     single = tmp_path / "single.safetensors"
@@ -612,6 +617,9 @@ def test_unrecognised_model_and_foreign_options_are_one_line_errors(assets, tmp_
         assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(model)]) == 2
         assert (f"the flow weights {model} are the Stream-DiffVSR model: give it as --model; --flow takes "
                 "torchvision's RAFT file") in caplog.text
+    caplog.clear()  # (flow has no --model)
+    assert main(["flow", str(frames), str(tmp_path / "o"), "--flow", str(single)]) == 2
+    assert f"the flow weights {single} are the Stream-DiffVSR model: --flow takes torchvision's RAFT" in caplog.text
     caplog.clear()
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft),
                  "--sparse-ratio", "1.5"]) == 2

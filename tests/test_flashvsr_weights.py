@@ -599,9 +599,9 @@ def test_what_the_files_say_ranks_a_files_name_and_hash_above_a_folders_name(tmp
     names = ("FlashVSR-v1.1", "FlashVSR_v1_1", "FlashVSR1_1", "v1.1", "Wan2.1-1.3B_FlashVSR", "wan2_1_1_3b",
              "FlashVSR", "v1.10")
     assert [bool(fw.FOLDER_V11.search(n)) for n in names] == [True] * 4 + [False] * 4
-    v1_names = ("FlashVSR", "FlashVSR-v1", "flashvsr_V1", "my v1", "FlashVSR-v1.1", "FlashVSR_v1_1", "v1.10", "dev1",
-                "FlashVSR-x")
-    assert [bool(fw.FOLDER_V1.search(n)) for n in v1_names] == [True] * 4 + [False] * 5
+    v1_names = ("FlashVSR", "FlashVSR-v1", "flashvsr_V1", "my v1", "FlashVSR-v1.0", "FlashVSR-v1.1", "FlashVSR_v1_1",
+                "v1.10", "dev1", "FlashVSR-x", "flashvsr")  # (the last: ComfyUI's models/flashvsr folder)
+    assert [bool(fw.FOLDER_V1.search(n)) for n in v1_names] == [True] * 5 + [False] * 6
     for folder in ("Wan2.1-1.3B_FlashVSR", "FlashVSR-v1.1"):
         write_repackaged(tmp_path / folder, "kijai")
         assert _version_or_default(tmp_path / folder, None) == "v1"

@@ -361,7 +361,7 @@ def test_fingerprint_never_serves_a_stale_result(comfy):
     fp = upscale.fingerprint_inputs
     assert math.isnan(fp(continue_sequence=True))  # a continuation always runs
     # and so does a node whose continue_sequence comes through a link (ComfyUI hands it over as None, unknown)
-    assert math.isnan(fp(continue_sequence=None))
+    assert math.isnan(fp(continue_sequence=None)) and math.isnan(fp())  # (and where it is not handed over at all)
     images = _frames(3)
     restart_key = fp(continue_sequence=False)
     _upscale(nodes, model, flow, images[:1], "40")

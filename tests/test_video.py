@@ -652,7 +652,7 @@ def test_an_audio_track_without_sound_is_left_out_with_a_line(tmp_path, caplog):
             assert upscale_video(FakeEngine(), clip, out, codec="h264", resume=resume)["frames"] == 6
         with av.open(str(out)) as got:
             assert [a.codec_context.codec.canonical_name for a in got.streams.audio] == ["ac3"]
-        assert "the input's audio stream 2 (mp3float) is not copied: FFmpeg found no sound in it" in caplog.text
+        assert "the input's audio stream 2 (mp3) is not copied: FFmpeg found no sound in it" in caplog.text
 
 
 def test_audio_at_a_rate_aac_does_not_take_is_resampled(tmp_path):

@@ -167,13 +167,16 @@ def not_kept(source, out_suffix: str) -> list[str]:
             if s is video or (s.type == "audio" and not _soundless(s)) or s.index in kept:
                 continue
             codec = getattr(s.codec_context, "name", None) if s.codec_context is not None else None
+            if s.type == "audio" and s.codec_context is not None:
+                codec = _codec(s)
             if s.type == "data" and codec is None and chapters:
                 continue  # (QuickTime keeps the chapters' names in a text track; the chapters are copied)
             language = dict(s.metadata or {}).get("language")
             what = ", ".join(x for x in (codec, language) if x and x != "und")
             why = "outputs hold the video, its audio and subtitles"
             if s.type == "audio":
-                why = "FFmpeg found no sound in it to read its format from (a track declared and never filled)"
+                why = ("FFmpeg found no sound in it where it looks to read its format (a track declared and never "
+                       "filled, or one that starts late in the file)")
             elif s.type == "subtitle":
                 why = f"{out_suffix} cannot hold {codec or 'these'} subtitles" + (
                     "; a .mkv output can" if codec in _carries(".mkv") else "")

@@ -60,7 +60,8 @@ LQ_SHA256 = {"d6d011cdaaba6a52": "v1.1"}
 FOLDER_V11 = re.compile(r"(?<![0-9._])v?1[._-]1(?![0-9]|[._-][0-9])", re.IGNORECASE)
 # "FlashVSR-v1", "flashvsr_V1", not "v1.1" or "dev1"; and "FlashVSR" itself, the v1 repository's name and the folder
 # that the v1 download makes
-FOLDER_V1 = re.compile(r"^flashvsr$|(?<![0-9a-z])v1(?![0-9]|[._-][0-9])", re.IGNORECASE)
+# (the name exactly as written: ComfyUI's own models/flashvsr folder may hold a model's files too)
+FOLDER_V1 = re.compile(r"^FlashVSR$|(?i:(?<![0-9a-z])v1(?![0-9]|[._-][1-9]))")
 
 HINT = ("FlashVSR weights: https://huggingface.co/JunhaoZhuang/FlashVSR-v1.1 (v1.1) or "
         "https://huggingface.co/JunhaoZhuang/FlashVSR (v1) - diffusion_pytorch_model_streaming_dmd.safetensors, "
