@@ -749,6 +749,14 @@ def test_out_of_memory_advice_for_a_resume_job_says_which_options_continue_it(as
         "Try, in this order: --kv-ratio 2; --sparse-ratio 1.5; --dtype bf16; smaller frames (with these the --resume "
         "job starts over")
     assert "--resume" not in advice(f"frames IN OUT --model {ckpt} --flow F").split("What was finished")[0]
+    # on a GPU: the CPU continues the job where the precision was given (auto picks fp32 there, half precision here)
+    monkeypatch.setattr(cli, "_ran_on_cpu", lambda args: False)
+    assert advice(f"upscale IN OUT.mp4 --model {ckpt} --flow F --resume --dtype bf16").startswith(
+        "Try, in this order: --corr on_demand; --device cpu as a last resort (--resume continues the job with these); "
+        "then --flow-downscale 2; smaller frames (with these the --resume job starts over")
+    assert advice(f"upscale IN OUT.mp4 --model {ckpt} --flow F --resume").startswith(
+        "Try, in this order: --corr on_demand (--resume continues the job with these); then --flow-downscale 2; "
+        "smaller frames; --device cpu as a last resort (with these")
 
 
 def test_each_command_help_describes_its_own_options(capsys):
