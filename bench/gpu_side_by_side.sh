@@ -17,11 +17,11 @@
 #    files, as a lent machine gives back eight.
 #
 # Sizes: the official pipeline shrinks LR sides to multiples of 4 (1080p's 270 is not one), and the first GPU
-# measurements were taken at multiples of 8: "720p" is LR 184x320 -> 736x1280 and "1080p" LR 272x480 -> 1088x1920. Compiling at a second size would double the compile time, so the 1080p run has
-# no compiled variant (and two rounds, no profile). Two short passes at 720p follow (two rounds each, ours only:
-# the official's figures are those of the first pass): 720-autotune-off runs ours without cuDNN's autotuning, for
-# what the first round and the peak VRAM cost with it; 720-bf16 runs ours and nchw in bf16, the precision ComfyUI
-# picks where the GPU has it. Override with SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip
+# measurements were taken at multiples of 8: "720p" is LR 184x320 -> 736x1280 and "1080p" LR 272x480 -> 1088x1920.
+# Compiling at a second size would double the compile time, so the 1080p run has no compiled variant (and two
+# rounds, no profile). Two short passes at 720p follow (two rounds each, ours only: the official's figures are those
+# of the first pass): 720-autotune-off runs ours without cuDNN's autotuning, for what the first round and the peak
+# VRAM cost with it; 720-bf16 runs ours and nchw in bf16, the precision ComfyUI picks where the GPU has it. Override with SIZES_720, SIZES_1080, SIZES_AUTOTUNE_OFF, SIZES_BF16 (HxW; empty: skip
 # that pass), VARIANTS_720, VARIANTS_1080, VARIANTS_AUTOTUNE_OFF, VARIANTS_BF16, FRAMES, ROUNDS, DEVICE, DTYPE,
 # COMPILE_MODE, CUDNN_BENCHMARK (ours / both / none), BREAKDOWN (bench_vs_official --breakdown on the two sizes)
 # and PROFILE (--profile on the 720 pass, packed as OUT_DIR/profile_720.tgz; both on unless set empty), WORKDIR (a

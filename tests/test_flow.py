@@ -76,8 +76,8 @@ def test_wrong_file_names_the_keys(tmp_path):
     assert str(e.value).startswith(f"{path} holds none of torchvision's RAFT tensors (none of its 500). Use "
                                    "torchvision's RAFT weights") and "block1" not in str(e.value)
     # the original repository's checkpoints (raft-things.pth: "module.fnet.conv1.weight", ...)
-    torch.save({"module.fnet.conv1.weight": torch.zeros(1), "module.update_block.encoder.convc1.weight": torch.zeros(1)},
-               path)
+    torch.save({"module.fnet.conv1.weight": torch.zeros(1),
+                "module.update_block.encoder.convc1.weight": torch.zeros(1)}, path)
     with pytest.raises(WeightsError, match="is in the original RAFT repository's format \\(princeton-vl\\), which "
                                            "this does not read. Use torchvision's RAFT weights"):
         load_raft(path)
