@@ -259,13 +259,15 @@ def _memory_advice(args) -> str:
         "frames as files, a video as its partial file or --resume checkpoint"
     if getattr(args, "resume", False):
         # (a checkpoint continues only with the settings it was made with: each other change starts the job over)
+        same = [s for s in steps if s.startswith(_SAME_NUMBERS)]
         # (the device is not a setting of the job, its precision is: auto picks another one on the CPU)
-        same = [s for s in steps if s.startswith(_SAME_NUMBERS) or (s.startswith("--device cpu") and dtype != "auto")]
-        other = [s for s in steps if s not in same]
+        last = [s for s in steps if s.startswith("--device cpu") and dtype != "auto"]
+        other = [s for s in steps if s not in same + last]
         advice = [f"{'; '.join(same)} (--resume continues the job with these)"] if same else []
         if other:
             advice.append(f"{'then ' if same else ''}{'; '.join(other)} (with these the --resume job starts over, "
                           "--overwrite: its checkpoint holds the settings it was made with)")
+        advice += [f"{s}, which continues the job" for s in last]
         return f"Try, in this order: {'; '.join(advice)}. What was finished is kept ({kept})"
     return f"Try, in this order: {'; '.join(steps)}. What was finished is kept ({kept})"
 

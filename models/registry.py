@@ -46,10 +46,10 @@ def detect_family(path, flow_advice: str = FLOW_AS_MODEL) -> Family:
     given = str(path)
     path = Path(path).expanduser()
     if not path.exists():
-        if len(path.parts) == 2 and not given.startswith((".", "/", "~")) and not path.parent.exists() \
-                and path.suffix.lower() not in (".safetensors", ".ckpt", ".pth", ".pt", ".bin"):
-            # (not "models/FlashVSR" where models/ is here, nor "weights/x.safetensors": mistyped paths)
-            # (the models table names Hugging Face repositories: "owner/name" is one, not a folder here)
+        # The models table names Hugging Face repositories, "owner/name" with a slash on every system; not
+        # "models/FlashVSR" where models/ is here, nor "weights/x.safetensors": mistyped paths.
+        if "/" in given and len(path.parts) == 2 and not given.startswith((".", "/", "~")) \
+                and not path.parent.exists() and path.suffix.lower() not in (".safetensors", ".ckpt", ".pth", ".pt"):
             raise UserInputError(
                 f"model {path} does not exist; a model is a folder or file on this computer, not a Hugging Face "
                 f"name: `streamvsr download` fetches Stream-DiffVSR, and `hf download {given} --local-dir FOLDER` "

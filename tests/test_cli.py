@@ -752,8 +752,9 @@ def test_out_of_memory_advice_for_a_resume_job_says_which_options_continue_it(as
     # on a GPU: the CPU continues the job where the precision was given (auto picks fp32 there, half precision here)
     monkeypatch.setattr(cli, "_ran_on_cpu", lambda args: False)
     assert advice(f"upscale IN OUT.mp4 --model {ckpt} --flow F --resume --dtype bf16").startswith(
-        "Try, in this order: --corr on_demand; --device cpu as a last resort (--resume continues the job with these); "
-        "then --flow-downscale 2; smaller frames (with these the --resume job starts over")
+        "Try, in this order: --corr on_demand (--resume continues the job with these); then --flow-downscale 2; "
+        "smaller frames (with these the --resume job starts over, --overwrite: its checkpoint holds the settings it "
+        "was made with); --device cpu as a last resort, which continues the job. What was finished")
     assert advice(f"upscale IN OUT.mp4 --model {ckpt} --flow F --resume").startswith(
         "Try, in this order: --corr on_demand (--resume continues the job with these); then --flow-downscale 2; "
         "smaller frames; --device cpu as a last resort (with these")

@@ -996,7 +996,8 @@ def test_an_output_with_resume_files_left_next_to_it_says_what_they_are(tmp_path
     out.write_bytes(b"another run's file")
     with pytest.raises(OutputExistsError, match=r"an unfinished resumable job of it is there too \(3 frames done, "
                                                 r"out\.mkv\.streamvsr-resume\.safetensors\): --resume --overwrite "
-                                                r"continues that job and puts its result in place of out\.mkv$"):
+                                                r"with its settings continues that job and puts its result in place "
+                                                r"of out\.mkv$"):
         upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True)
     assert upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, overwrite=True)["resumed_from"] == 3
     assert not ResumeFiles(out).state.exists()
@@ -1014,7 +1015,7 @@ def test_an_output_with_resume_files_left_next_to_it_says_what_they_are(tmp_path
     # a finished job next to an older file (its join failed, and that file is another's): not to be deleted
     os.utime(again, (1, 1))
     with pytest.raises(OutputExistsError, match=r"; a finished resumable job of it is there too \(6 frames done, .*: "
-                                                r"--resume --overwrite continues that job"):
+                                                r"--resume --overwrite with its settings continues that job"):
         upscale_video(FakeEngine(), clip, again, codec="lossless", resume=True)
 
 

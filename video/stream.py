@@ -243,14 +243,14 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
             raise
         # A finished job whose output came after its last checkpoint: the run that published it was cut off (a
         # power cut, a kill) before its work files went. An older output is another's (its join failed).
-        if saved["complete"] and out.stat().st_mtime >= files.state.stat().st_mtime:
+        if saved["complete"] and _newer(out, files.state):
             raise OutputExistsError(f"{e}; the resume files next to it ({files.state.name} and its segments) are "
                                     f"left from the run that wrote it: delete them once {out.name} plays to its "
                                     "end") from None
         done = "a finished" if saved["complete"] else "an unfinished"
         raise OutputExistsError(f"{e}; {done} resumable job of it is there too ({saved['frames']} frames done, "
-                                f"{files.state.name}): --resume --overwrite continues that job and puts its result "
-                                f"in place of {out.name}") from None
+                                f"{files.state.name}): --resume --overwrite with its settings continues that job and "
+                                f"puts its result in place of {out.name}") from None
     base = fingerprint(source, seed, codec, crf, scene_cut_threshold or None, (info.width, info.height))
     saved, damaged = files.read_info_or_discard(overwrite)
     if saved is not None or damaged:
@@ -272,6 +272,14 @@ def check_video_job(in_path, out_path, seed: int = 42, codec: str = "h264", crf:
                 log.info("discarding the unfinished job of %s (overwrite): %s", out, e)
                 discard = True
     return VideoJob(source, out, info, files if resume else None, base, discard)
+
+
+def _newer(path: Path, than: Path) -> bool:
+    """Whether ``path`` was written at or after ``than`` (False where either cannot be looked at)."""
+    try:
+        return path.stat().st_mtime >= than.stat().st_mtime
+    except OSError:  # (a symbolic link to nothing)
+        return False
 
 
 def _whole(value) -> bool:
