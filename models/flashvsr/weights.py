@@ -58,9 +58,8 @@ PROMPT_KEYS = ("prompt", "context", "posi_prompt", "prompt_emb", "embeds")
 LQ_SHA256 = {"d6d011cdaaba6a52": "v1.1"}
 # "v1.1", "FlashVSR1_1", not the "2.1-1.3B" or "2_1_1_3b" of Wan's names
 FOLDER_V11 = re.compile(r"(?<![0-9._])v?1[._-]1(?![0-9]|[._-][0-9])", re.IGNORECASE)
-# "FlashVSR-v1", "flashvsr_V1", not "v1.1" or "dev1"; and "FlashVSR" itself, the v1 repository's name and the folder
-# that the v1 download makes
-# (the name exactly as written: ComfyUI's own models/flashvsr folder may hold a model's files too)
+# "FlashVSR-v1", "flashvsr_V1", not "v1.1" or "dev1"; and "FlashVSR" as written, the v1 repository's name and the
+# folder that the v1 download makes (ComfyUI's own models/flashvsr folder may hold a model's files too)
 FOLDER_V1 = re.compile(r"^FlashVSR$|(?i:(?<![0-9a-z])v1(?![0-9]|[._-][1-9]))")
 
 HINT = ("FlashVSR weights: https://huggingface.co/JunhaoZhuang/FlashVSR-v1.1 (v1.1) or "
