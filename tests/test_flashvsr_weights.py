@@ -138,6 +138,8 @@ def test_without_a_version_official_files_load_as_their_lq_file_or_folder_says_o
     for name, version in (("FlashVSR-v1.1", "v1.1"), ("FlashVSR", "v1"), ("flashvsr_V1", "v1"), ("my v1", "v1")):
         write_official_folder(tmp_path / name)
         assert load_pipeline(tmp_path / name).version == version, name
+    monkeypatch.chdir(tmp_path / "FlashVSR-v1.1")  # (given as "." from inside it: the folder's name still counts)
+    assert load_pipeline(".").version == "v1.1"
     neutral = tmp_path / "weights"
     write_official_folder(neutral)
     with pytest.raises(UserInputError, match=r"does not say which FlashVSR release it holds, and its LQ_proj_in\.ckpt "

@@ -201,12 +201,17 @@ def stated_version(files: FlashVSRFiles) -> str | None:
     if known:
         return known[0]
     if not files.single:
-        name = files.dit.parent.name
+        name = _folder_name(files)
         if FOLDER_V11.search(name):
             return "v1.1"
         if FOLDER_V1.search(name):
             return "v1"
     return None
+
+
+def _folder_name(files: FlashVSRFiles) -> str:
+    """The name of the folder that holds the DiT, also where it was given as "." (run from inside it)."""
+    return files.dit.absolute().parent.name
 
 
 def _official_lq_sha256(files: FlashVSRFiles) -> str | None:
@@ -258,8 +263,8 @@ def _version_hints(files: FlashVSRFiles, lq_sha256: str | None) -> list[tuple[st
     hints = []
     if files.dit.name in DIT_VERSIONS:
         hints.append((f"file name {files.dit.name}", DIT_VERSIONS[files.dit.name]))
-    if not files.single and FOLDER_V11.search(files.dit.parent.name):
-        hints.append((f"folder name {files.dit.parent.name}", "v1.1"))
+    if not files.single and FOLDER_V11.search(_folder_name(files)):
+        hints.append((f"folder name {_folder_name(files)}", "v1.1"))
     if lq_sha256:
         for prefix, version in LQ_SHA256.items():
             if lq_sha256.startswith(prefix):
