@@ -167,13 +167,21 @@ def test_other_step_counts_match_reference(checkpoint, raft, frames, steps):
 
 
 def test_sizes_not_multiple_of_four_are_padded_and_cropped(checkpoint, raft):
+    """A frame of another size is padded at the bottom and right by repeating its last row and column, and the
+    output cropped back: exactly what the padded frame gives, cut to 4x the frame (the first frame and a guided
+    one, whose previous output is the padded one)."""
     engine = StreamEngine(load_pipeline(checkpoint), _flow_fn(raft))
     g = torch.Generator().manual_seed(0)
-    frame = torch.rand(3, LR_H - 1, LR_W - 3, generator=g)
-    hr, state = engine.step(frame, engine.new_state(0))
-    assert hr.shape == (1, 3, 4 * (LR_H - 1), 4 * (LR_W - 3))
-    hr2, _ = engine.step(frame, state)
-    assert hr2.shape == hr.shape and torch.isfinite(hr2).all()
+    h, w = LR_H - 1, LR_W - 3
+    frames = [torch.rand(3, h, w, generator=g) for _ in range(2)]
+    state, padded_state = engine.new_state(0), engine.new_state(0)
+    for frame in frames:
+        hr, state = engine.step(frame, state)
+        assert hr.shape == (1, 3, 4 * h, 4 * w)
+        whole, padded_state = engine.step(F.pad(frame[None], (0, 3, 0, 1), mode="replicate")[0], padded_state)
+        assert torch.equal(hr, whole[..., :4 * h, :4 * w])
+    with pytest.raises(ValueError, match="reset the state"):
+        engine.step(torch.rand(3, LR_H, LR_W), state)
     with pytest.raises(ValueError, match="reset the state"):
         engine.step(torch.rand(3, LR_H, LR_W), state)
 

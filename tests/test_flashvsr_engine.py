@@ -103,6 +103,33 @@ def test_output_frame_i_belongs_to_input_frame_i(engine):
     assert (means - lr_means).abs().max() < 0.02
 
 
+def test_output_frame_i_is_decoded_with_input_frame_i(folder, monkeypatch):
+    """The same without colour correction, which would hide frames one position off (AdaIN gives each output its
+    reference frame's mean whatever was decoded): each output frame is the decoder's frame whose conditioning is
+    LR frame i (the conditioning is that frame upscaled: averaged back down it is nearest to frame i)."""
+    eng = load_engine(folder, device="cpu", dtype=torch.float32, color_fix="none")
+    decoded = []
+    decode = eng.pipeline.tc_decoder.decode
+
+    def recording(latents, cond, state=None, **options):
+        video, new = decode(latents, cond, state, **options)
+        decoded.append((video, cond))
+        return video, new
+
+    monkeypatch.setattr(eng.pipeline.tc_decoder, "decode", recording)
+    n = 26
+    frames = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(9))  # unrelated frames
+    out, _ = _run(eng, frames)
+    video = torch.cat([v for v, _ in decoded], dim=2)[0].transpose(0, 1)
+    cond = torch.cat([c for _, c in decoded], dim=2)[0].transpose(0, 1)
+    rgb = ((video.float() + 1) / 2).clamp(0, 1)
+    lr_of = (torch.nn.functional.avg_pool2d(cond.float(), 4) + 1) / 2  # each decoded frame's LR frame
+    for i in range(n):
+        k = (rgb - out[i]).flatten(1).abs().amax(dim=1).argmin()
+        assert torch.equal(rgb[k], out[i])
+        assert (lr_of[k] - frames).flatten(1).abs().mean(dim=1).argmin() == i
+
+
 def test_colour_statistics_are_those_of_the_visible_frame(engine):
     """Where the output is padded to multiples of 128 (80x144 -> 128x256, the last row and column repeated),
     AdaIN takes the mean of the frame returned, as the official code (which crops instead) does: a dark bottom

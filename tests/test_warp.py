@@ -58,25 +58,36 @@ def test_backward_warp_integer_shift_is_exact():
     assert torch.allclose(backward_warp(x, torch.zeros(1, 2, 6, 8)), x, atol=1e-6)
 
 
+def _spec_warp(x, flow):
+    """Spec §3.5 literally: base grid (x, y) per pixel, vg = grid + flow with flow as (B, H, W, 2), normalised with
+    2v / max(S - 1, 1) - 1, grid_sample bilinear / zeros / align_corners=False."""
+    h, w = x.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    vg = torch.stack((xs, ys), dim=2).float()[None] + flow.permute(0, 2, 3, 1)
+    vx = 2.0 * vg[..., 0] / max(w - 1, 1) - 1.0
+    vy = 2.0 * vg[..., 1] / max(h - 1, 1) - 1.0
+    return torch.nn.functional.grid_sample(x, torch.stack((vx, vy), dim=3), mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)
+
+
 def test_official_warp_follows_the_spec_recipe_step_by_step():
-    # Spec §3.5 literally: base grid (x, y) per pixel, vg = grid + flow with flow as (B, H, W, 2), normalised with
-    # 2v / max(S - 1, 1) - 1, grid_sample bilinear / zeros / align_corners=False.
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 5, 6, generator=g)
     flow = torch.randn(2, 2, 5, 6, generator=g) * 1.5
-    ys, xs = torch.meshgrid(torch.arange(5), torch.arange(6), indexing="ij")
-    vg = torch.stack((xs, ys), dim=2).float()[None] + flow.permute(0, 2, 3, 1)
-    vx = 2.0 * vg[..., 0] / max(6 - 1, 1) - 1.0
-    vy = 2.0 * vg[..., 1] / max(5 - 1, 1) - 1.0
-    expected = torch.nn.functional.grid_sample(x, torch.stack((vx, vy), dim=3), mode="bilinear",
-                                               padding_mode="zeros", align_corners=False)
-    assert torch.allclose(flow_warp_official(x, flow), expected, atol=1e-6)
+    assert torch.allclose(flow_warp_official(x, flow), _spec_warp(x, flow), atol=1e-6)
 
 
-def test_official_warp_of_one_pixel_wide_frames_does_not_divide_by_zero():
-    x = torch.ones(1, 1, 1, 5)
-    out = flow_warp_official(x, torch.zeros(1, 2, 1, 5))
-    assert torch.isfinite(out).all()
+@pytest.mark.parametrize("size", [(1, 5), (5, 1), (1, 1)])
+def test_official_warp_of_one_pixel_wide_frames_does_not_divide_by_zero(size):
+    """A side of one pixel normalises by max(S - 1, 1) = 1, not by 0: the spec's numbers, e.g. [0.25, 0.5, 0.5, 0.5,
+    0.25] for a row of ones (the normalised grid lands between pixels, half outside at the ends)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 2, *size, generator=g) + 0.5
+    flow = torch.rand(1, 2, *size, generator=g) - 0.5
+    assert torch.allclose(flow_warp_official(x, flow), _spec_warp(x, flow), atol=1e-6)
+    ones = torch.ones(1, 1, 1, 5)
+    assert torch.allclose(flow_warp_official(ones, torch.zeros(1, 2, 1, 5)).flatten(),
+                          torch.tensor([0.25, 0.5, 0.5, 0.5, 0.25]), atol=1e-6)
 
 
 def test_backward_warp_fractional_flow_is_linear_interpolation():
