@@ -219,7 +219,7 @@ class StreamVSRLoadFlashVSR(io.ComfyNode):
         path = resolve_model_path(model, chosen or DEFAULT_VERSION)
         check_family(path, "flashvsr")
         files = find_files(path, chosen)
-        params = params_in(str(files.dit)) if files.dit.suffix == ".safetensors" else 0
+        params = params_in(str(files.dit)) if files.dit.suffix.lower() == ".safetensors" else 0
         weight_dtype, compute_dtype = pick_precision(precision, device, params)
         # Weights go to the offload device; FlashVSR Upscale asks ComfyUI to move them (whole or layer by layer).
         pipe = load_pipeline(path, None if files.single else chosen, device=mm.unet_offload_device(),

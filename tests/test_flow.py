@@ -88,6 +88,18 @@ def test_wrong_file_names_the_keys(tmp_path):
         load_raft(tmp_path / "missing.pth")
 
 
+def test_a_safetensors_file_named_in_capitals_is_read_as_one(tmp_path):
+    """ComfyUI lists model files by their extension in any case: RAFT.SAFETENSORS was read as a pickle and called
+    damaged, with advice to delete it."""
+    from safetensors.torch import save_file
+
+    sd = _reference("raft_small").state_dict()
+    path = tmp_path / "RAFT_SMALL.SAFETENSORS"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    model = load_raft(path).raft
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
 def test_wrapped_checkpoint_is_unwrapped(tmp_path):
     sd = _reference("raft_small").state_dict()
     path = tmp_path / "wrapped.pth"

@@ -113,7 +113,7 @@ def _read(path: Path) -> dict:
 
 
 def _read_prompt(path: Path) -> torch.Tensor:
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         tensors = _read(path)
         key = next((k for k in PROMPT_KEYS if k in tensors), None) or (next(iter(tensors)) if len(tensors) == 1
                                                                        else None)
@@ -146,7 +146,7 @@ def _safetensors_header(path: Path) -> tuple[dict, list]:
 
 
 def _is_converted(path: Path) -> bool:
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
         return _safetensors_header(path)[0].get("format") == FORMAT
@@ -297,7 +297,7 @@ def _split_converted(path: Path) -> tuple[dict, dict, dict, torch.Tensor, dict]:
 def _holds_lq_proj(dit: Path) -> bool | None:
     """Whether the DiT file carries the LQ projection (some ports merge it in), from its header alone; None where
     that cannot be told without reading the file."""
-    if dit.suffix != ".safetensors":
+    if dit.suffix.lower() != ".safetensors":
         return None
     try:
         keys = _safetensors_header(dit)[1]
@@ -523,7 +523,7 @@ def detect(path) -> bool:
             return True
         if _is_component(path):
             return detect(path.parent)
-        if path.suffix != ".safetensors":
+        if path.suffix.lower() != ".safetensors":
             return False
         meta, keys = _safetensors_header(path)
         if meta.get("format") == FORMAT:

@@ -75,7 +75,7 @@ def check_weights_file(path, hint: str = "") -> dict | None:
             again = f"; delete it and download it again.{tail}"
             if size == 0:
                 raise WeightsError(f"{path} is empty{again}")
-            if path.suffix == ".safetensors":
+            if path.suffix.lower() == ".safetensors":
                 length = struct.unpack("<Q", head[:8])[0] if size >= 8 else size
                 if length > size - 8:
                     raise WeightsError(f"{damaged}cut short before the end of its header{again}")
@@ -111,7 +111,7 @@ def read_state_dict(path, hint: str = "", unwrap: bool = True) -> dict[str, torc
         raise WeightsError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'}.{tail}")
     check_weights_file(path, hint)
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             state_dict = load_file(str(path))

@@ -23,7 +23,7 @@ def detect(path) -> bool:
     path = Path(path)
     if path.is_dir():
         return (path / "model_index.json").is_file() or all((path / sub).is_dir() for sub in ("unet", "controlnet"))
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
         from safetensors import safe_open
