@@ -135,6 +135,23 @@ def test_progress_speed_counts_only_the_frames_of_this_run(monkeypatch, capsys):
         "frames: 502/1000 frames, 0.50 fps, 996 s left"]
 
 
+def test_a_shorter_progress_line_leaves_nothing_of_the_longer_one_behind(monkeypatch, capsys):
+    """A carriage return only moves the cursor: "101 s left" followed by "1 s left" showed "1 s leftft"."""
+    from streamvsr.models.shared import runtime
+
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("STREAMVSR_PROGRESS", "1")
+    progress = runtime.Progress(100, "upscale")
+    for done, at in ((0, 0.0), (50, 101.0), (99, 102.0)):
+        clock[0] = at
+        progress.update(done)
+    screen = []  # what a terminal shows: each write from the start of the line, over what was there
+    for text in capsys.readouterr().err.split("\r")[1:]:
+        screen[:len(text)] = text
+    assert "".join(screen).rstrip() == "upscale: 99/100 frames, 0.97 fps, 1 s left"
+
+
 def test_memory_without_proc_is_what_psutil_says(monkeypatch, tmp_path):
     """Windows has neither /proc nor sysconf, and macOS no count of available pages: both got a fixed 8 GiB, which
     sized RAFT's correlation volume as if 8 GiB were free on any machine."""

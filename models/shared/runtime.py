@@ -260,6 +260,7 @@ class Progress:
     def __init__(self, total: int | None, label: str):
         self.total, self.label = total, label
         self.first: tuple[float, int] | None = None  # (when, frames done) at the first update
+        self.width = 0  # of the line written last: a shorter one pads over what it would leave behind
         try:
             self.enabled = sys.stderr is not None and (
                 sys.stderr.isatty() or os.environ.get("STREAMVSR_PROGRESS") == "1")
@@ -279,8 +280,10 @@ class Progress:
             text += f", {rate:.2f} fps"
             if self.total:
                 text += f", {(self.total - done) / rate:.0f} s left"
-        if self._write("\r" + text):
+        padded = text.ljust(self.width)
+        if self._write("\r" + padded):
             Progress._open = self
+            self.width = len(text)
 
     def _write(self, text: str) -> bool:
         try:
