@@ -669,6 +669,10 @@ def test_a_wrong_layout_setting_is_one_line_before_the_models_load(assets, tmp_p
     assert main(["frames", str(frames), str(tmp_path / "o"), "--model", str(ckpt), "--flow", str(raft)]) == 2
     assert "STREAMVSR_CHANNELS_LAST='nhwc': use auto" in caplog.text and "Traceback" not in caplog.text
     assert not loaded and not (tmp_path / "o").exists()
+    from streamvsr.models.shared.norms import layout_setting
+
+    monkeypatch.setenv("STREAMVSR_CHANNELS_LAST", "")  # (set empty: a common way to unset it) is the default
+    assert layout_setting() == "auto"
 
 
 def test_out_of_memory_advice_names_the_options_of_the_model_run(assets, tmp_path):

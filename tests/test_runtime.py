@@ -103,6 +103,8 @@ def test_free_gpu_memory_counts_what_the_allocator_holds_unused(monkeypatch):
     ("Triton Error [CUDA]: out of memory", True),
     ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
     ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+    ("HIP error: out of memory\nHIP kernel errors might be asynchronously reported", True),  # (ROCm's words)
+    ("MIOpen Error: miopenStatusAllocFailed", True),
     ("CUDA error: an illegal memory access was encountered", False),
     ("out of resource: shared memory, Required: 262144, Hardware limit: 232448", False),
 ])

@@ -40,8 +40,9 @@ def prefers_channels_last(device, dtype: torch.dtype) -> bool:
 
 
 def layout_setting() -> str:
-    """``STREAMVSR_CHANNELS_LAST``: "auto" (the default) or "off"; anything else is a UserInputError."""
-    setting = os.environ.get(LAYOUT_ENV, "auto").strip().lower()
+    """``STREAMVSR_CHANNELS_LAST``: "auto" (the default, also where it is set empty, as a way of unsetting it) or
+    "off"; anything else is a UserInputError."""
+    setting = os.environ.get(LAYOUT_ENV, "").strip().lower() or "auto"
     if setting not in ("auto", "off"):
         raise UserInputError(f"{LAYOUT_ENV}={setting!r}: use auto (the default) or off (NCHW)")
     return setting

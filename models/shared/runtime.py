@@ -128,7 +128,8 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Windows, and Apple's MPS (PyTorch 2.14 still raises these); and what fails when memory runs out outside PyTorch's
 # CUDA allocator: the driver (an AcceleratorError), a Triton kernel's launch, cuBLAS, cuDNN or cuFFT.
 _OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "DefaultCPUAllocator: not enough memory", "MPS backend out of memory",
-                        "CUDA error: out of memory", "[CUDA]: out of memory", "_ALLOC_FAILED")
+                        "CUDA error: out of memory", "[CUDA]: out of memory", "_ALLOC_FAILED",
+                        "HIP error: out of memory", "hipErrorOutOfMemory", "miopenStatusAllocFailed")  # (ROCm)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
