@@ -80,8 +80,15 @@ def test_auto_precision_is_bf16_where_the_chosen_gpu_computes_in_it(monkeypatch)
     assert pick_dtype("auto", torch.device("cuda:1")) == torch.float16
     assert pick_dtype("fp32", torch.device("cuda:1")) == torch.float32
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm GPUs compute in bf16
-    assert pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
+    # ROCm GPUs from RDNA 3 and CDNA on compute in bf16; RDNA 2 and older do not (as ComfyUI's own choice says)
+    import types
+
+    arch = {"cuda:0": "gfx1100", "cuda:1": "gfx1030:xnack-"}
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(gcnArchName=arch[str(device)]))
+    assert pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
+    assert pick_dtype("auto", torch.device("cuda:1")) == torch.float16
 
 
 def test_free_gpu_memory_counts_what_the_allocator_holds_unused(monkeypatch):

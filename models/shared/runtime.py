@@ -111,12 +111,17 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# AMD GPUs before RDNA 3 and CDNA (RDNA 2 and 1, Vega, Polaris: as ComfyUI lists them) have no bf16 arithmetic
+NO_BF16_AMD = ("gfx1030", "gfx1031", "gfx1010", "gfx1011", "gfx1012", "gfx906", "gfx900", "gfx803")
+
+
 def has_native_bf16(device) -> bool:
-    """Whether the CUDA GPU ``device`` computes in bf16 natively (Ampere and later; AMD's ROCm GPUs). Not
-    ``torch.cuda.is_bf16_supported()``: it says yes wherever bf16 can be emulated (slowly), and asks the
-    current GPU, which may be another one."""
+    """Whether the CUDA GPU ``device`` computes in bf16 natively (Ampere and later; AMD's ROCm GPUs from RDNA 3 and
+    CDNA on). Not ``torch.cuda.is_bf16_supported()``: it says yes wherever bf16 can be emulated (slowly), and asks
+    the current GPU, which may be another one."""
     if torch.version.hip:
-        return True
+        arch = getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")
+        return not any(name in arch for name in NO_BF16_AMD)
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
