@@ -1,5 +1,6 @@
 """The official-checkpoint download, with a stand-in for huggingface_hub (no network)."""
 
+import errno
 import hashlib
 import os
 import shutil
@@ -584,8 +585,20 @@ def test_a_set_aside_file_that_cannot_go_back_is_said_as_the_users_and_cache_wei
     cached.write_bytes(b"weights")  # a regular file under its own name: no link to a blob named by its sha256
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(cached))
     target = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
-    assert shared_hub._from_cache("r/r", "unet/diffusion_pytorch_model.safetensors", target, None)
+    assert shared_hub._from_cache("r/r", "unet/diffusion_pytorch_model.safetensors", target, None) is True
     assert target.stat().st_ino == cached.stat().st_ino
+    # the cache has the file, but the model folder cannot take it (a full disk): offline, that is what is said, not
+    # that the cache lacks it
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shared_hub.os, "link", full)
+    monkeypatch.setattr(shared_hub.shutil, "copyfile", full)
+    monkeypatch.setattr(shared_hub, "offline_mode", lambda: True)
+    with pytest.raises(RuntimeError, match=r"HF_HUB_OFFLINE is set: unset it to download unet/diffusion_pytorch_model"
+                                           r"\.safetensors of r/r into .* \(the Hugging Face cache has it, but it "
+                                           r"could not be put there \(.*: No space left on device\)\)"):
+        shared_hub.download_files("r/r", {"unet/diffusion_pytorch_model.safetensors": None}, tmp_path / "full", "")
 
 
 def test_hub_refusals_are_one_line_and_say_what_to_check(monkeypatch, tmp_path):

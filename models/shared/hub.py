@@ -198,13 +198,14 @@ def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Pa
                             + manual) from None
 
 
-def _from_cache(repo: str, name: str, path: Path, sha: str | None) -> bool:
+def _from_cache(repo: str, name: str, path: Path, sha: str | None) -> bool | str:
     """Put ``name`` of ``repo`` at ``path`` from the Hugging Face cache, where the user has it already (the
     official code or another tool fetched it with ``from_pretrained``): the cache's newest copy, only the published
     file where its sha256 is known. A large file stored by its sha256 (Git LFS) becomes a second name of the same
     data where the cache is on the same drive; any other is copied (the hub client, run later on this folder as the
     errors suggest, copies such a file from its cache over ours, which fails where both are one file). False where
-    the cache has no such file, or it cannot be read or put there (then it is downloaded, which says what fails)."""
+    the cache has no such file; where it has one that cannot be read or put there, why (then it is downloaded,
+    which says what fails)."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -231,9 +232,10 @@ def _from_cache(repo: str, name: str, path: Path, sha: str | None) -> bool:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        why = f"it could not be put there ({cached}: {e.strerror or e})"
         log.warning("could not take %s from the Hugging Face cache (%s: %s): downloading it", name, cached,
                     e.strerror or e)
-        return False
+        return why
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -324,10 +326,13 @@ def _fetch_missing(repo, files, missing, wrong, dest: Path, manual: str, offline
         path = dest / name
         aside = set_aside(path) if name in wrong else None
         try:
-            if not _from_cache(repo, name, path, files[name]):
+            took = _from_cache(repo, name, path, files[name])
+            if took is not True:
                 if offline:
+                    cache = f"the Hugging Face cache has it, but {took}" if took else \
+                        "the Hugging Face cache has no published copy of it either"
                     raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {name} of {repo} into {dest} "
-                                        "(the Hugging Face cache has no published copy of it either). " + manual)
+                                        f"({cache}). " + manual)
                 check_sha256(_fetch(hf_hub_download, repo, name, dest, manual), files[name])
         except DownloadError as e:
             if aside is not None:
