@@ -161,6 +161,39 @@ def test_a_shorter_progress_line_leaves_nothing_of_the_longer_one_behind(monkeyp
     assert "".join(screen).rstrip() == "upscale: 99/100 frames, 0.97 fps, 1 s left"
 
 
+@pytest.mark.parametrize("layout", ["v2", "v1", "v1 without a limit", "none"])
+def test_memory_in_a_container_is_what_its_limit_leaves(monkeypatch, tmp_path, layout):
+    """/proc/meminfo shows the host in a container: its cgroup's limit caps what is free, the older layout (v1) too
+    (the host's memory was taken as free: an all-pairs volume that size gets the process killed), and the page
+    cache the kernel gives back (inactive files, the weights just read) is not counted as used (it turned RAFT to
+    the slower on-demand correlation)."""
+    from streamvsr.models.shared import runtime
+
+    gib = 1 << 30
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: {64 * gib // 1024} kB\nMemAvailable: {40 * gib // 1024} kB\n")
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir(), v1.mkdir()
+    monkeypatch.setattr(runtime, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(runtime, "CGROUP_V2", str(v2))
+    monkeypatch.setattr(runtime, "CGROUP_V1", str(v1))
+    (v2 / "memory.max").write_text("max\n")  # (a v2 host outside a limited cgroup)
+    if layout == "v2":
+        (v2 / "memory.max").write_text(f"{16 * gib}\n")
+        (v2 / "memory.current").write_text(f"{10 * gib}\n")
+        (v2 / "memory.stat").write_text(f"anon {4 * gib}\nfile {6 * gib}\ninactive_file {5 * gib}\n")
+    elif layout.startswith("v1"):
+        limit = 9223372036854771712 if "without" in layout else 16 * gib
+        (v1 / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (v1 / "memory.usage_in_bytes").write_text(f"{10 * gib}\n")
+        (v1 / "memory.stat").write_text(f"cache {6 * gib}\ntotal_inactive_file {5 * gib}\n")
+    total, free = runtime.device_memory("cpu"), runtime.available_memory("cpu")
+    if layout in ("v2", "v1"):
+        assert (total, free) == (16 * gib, 11 * gib)  # 16 - (10 - 5 reclaimable)
+    else:
+        assert (total, free) == (64 * gib, 40 * gib)
+
+
 def test_memory_without_proc_is_what_psutil_says(monkeypatch, tmp_path):
     """Windows has neither /proc nor sysconf, and macOS no count of available pages: both got a fixed 8 GiB, which
     sized RAFT's correlation volume as if 8 GiB were free on any machine."""

@@ -190,7 +190,7 @@ def weights_checksum(network: torch.nn.Module) -> float:
 
 def device_memory(device) -> int:
     """Bytes of memory ``device`` has in all: its VRAM on CUDA; elsewhere the system's MemTotal (/proc/meminfo,
-    else sysconf), capped by a cgroup v2 memory limit when there is one."""
+    else sysconf), capped by a cgroup's memory limit when there is one."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
@@ -200,6 +200,8 @@ def device_memory(device) -> int:
 
 
 MEMINFO = "/proc/meminfo"
+# A container's memory limit and use (cgroup v2; v1 where the host has the older layout)
+CGROUP_V2, CGROUP_V1 = "/sys/fs/cgroup", "/sys/fs/cgroup/memory"
 
 
 def _system_memory(field: str, pages: str) -> int:
@@ -225,25 +227,44 @@ def _system_memory(field: str, pages: str) -> int:
         return 8 << 30
 
 
-def _cgroup_memory() -> tuple[int | None, int]:
-    """(limit, usage) of this process's cgroup v2, limit None outside one or without a limit (containers show
-    the host in /proc/meminfo); usage 0 where it cannot be read."""
+def _read_number(path: str, key: str | None = None) -> int | None:
+    """The number in the file ``path`` (of the line that starts with ``key``, as in memory.stat); None where
+    there is none (no such file, or "max")."""
     try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = int(f.read().strip())
-    except (OSError, ValueError):  # no cgroup v2, or "max"
-        return None, 0
-    try:
-        with open("/sys/fs/cgroup/memory.current") as f:
-            return limit, int(f.read().strip())
+        with open(path) as f:
+            if key is None:
+                return int(f.read().strip())
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
     except (OSError, ValueError):
-        return limit, 0
+        pass
+    return None
+
+
+def _cgroup_memory() -> tuple[int | None, int]:
+    """(limit, usage) of this process's cgroup (v2, else v1), limit None outside one or without a limit
+    (containers show the host in /proc/meminfo); usage 0 where it cannot be read. The usage leaves out the page
+    cache that the kernel gives back before the cgroup runs out (inactive files: the weights just read, say)."""
+    for folder, limit_file, usage_file, inactive in (
+            (CGROUP_V2, "memory.max", "memory.current", "inactive_file"),
+            (CGROUP_V1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        limit = _read_number(os.path.join(folder, limit_file))
+        if limit is None:
+            continue
+        if limit >= 1 << 60:  # (v1's "no limit": 2^63 - 1 rounded to pages)
+            return None, 0
+        usage = _read_number(os.path.join(folder, usage_file)) or 0
+        reclaimable = _read_number(os.path.join(folder, "memory.stat"), inactive) or 0
+        return limit, max(usage - reclaimable, 0)
+    return None, 0
 
 
 def available_memory(device) -> int:
     """Bytes that can be allocated now on ``device``: on CUDA the free VRAM plus what PyTorch's allocator holds
     unused (the driver counts that as taken; ComfyUI counts it as free too); on other devices the system's
-    MemAvailable (/proc/meminfo, else sysconf), capped by a cgroup v2 memory limit when there is one."""
+    MemAvailable (/proc/meminfo, else sysconf), capped by what a cgroup's memory limit leaves when there is one."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
