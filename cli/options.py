@@ -213,12 +213,15 @@ class EnginePlan:
         return int(self.options.get("scale") or self.family.scale)
 
     def load(self):
-        from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS
+        from ..models.shared.runtime import FP16_ON_CPU, PRECISIONS, has_native_bf16
 
+        # Taken as asked (a parity check may want it), with a warning said here: after every check of the job, so
+        # that a mistake is one line alone
         if self.dtype == PRECISIONS["fp16"] and self.device.type == "cpu":
-            # taken (a parity check may want it), with a warning said here: after every check of the job, so
-            # that a mistake is one line alone
             log.warning("%s; --dtype bf16 takes the same memory", FP16_ON_CPU)
+        if self.dtype == PRECISIONS["bf16"] and self.device.type == "cuda" and not has_native_bf16(self.device):
+            log.warning("this GPU has no bf16 arithmetic (it is emulated, several times slower): --dtype fp16, or "
+                        "auto, which picks it here, takes the same memory")
         options = dict(self.options)
         model = self.model
         if self.device.type == "cuda":

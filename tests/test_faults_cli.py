@@ -822,6 +822,23 @@ def test_an_unknown_option_points_to_the_help_that_lists_it(args, says, capsys):
     assert e.value.code == 2 and err == f"error: {says}\n", err
 
 
+def test_bf16_on_a_gpu_without_bf16_arithmetic_is_said(monkeypatch, caplog):
+    """A T4 or V100 emulates bf16, several times slower than its fp16: --dtype bf16 there is taken, and said."""
+    from streamvsr.cli.options import EnginePlan
+
+    family = Family(name="fake", title="Fake", scale=4, frame_rule="one per frame", size_multiple=1,
+                    dtypes=(torch.float32, torch.bfloat16), detect=lambda p: True,
+                    load_engine=lambda p, **k: FakeEngine())
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # (load() sets it)
+    for capability, said in (((7, 5), True), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            EnginePlan(family, {}, torch.device("cuda:0"), torch.bfloat16, "model").load()
+        assert ("this GPU has no bf16 arithmetic" in caplog.text) is said, capability
+
+
 def test_fp16_on_the_cpu_is_said_only_where_there_is_no_mistake(media, model, tmp_path, caplog, monkeypatch):
     """The command line takes fp16 on the CPU (a parity check may want it) with a warning of what it costs, which
     came before an error found later, so that a mistake was two lines."""
