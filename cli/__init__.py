@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # (Ctrl-C while torch loads, before the command's own handling: nothing was done)
-        print("interrupted", file=sys.stderr)
+        log.error("interrupted")  # (before logging is set up, Python's last-resort handler prints it on stderr)
         return 130
 
 

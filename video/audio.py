@@ -166,9 +166,7 @@ def not_kept(source, out_suffix: str) -> list[str]:
         for s in container.streams:
             if s is video or (s.type == "audio" and not _soundless(s)) or s.index in kept:
                 continue
-            codec = getattr(s.codec_context, "name", None) if s.codec_context is not None else None
-            if s.type == "audio" and s.codec_context is not None:
-                codec = _codec(s)
+            codec = None if s.codec_context is None else _codec(s) if s.type == "audio" else s.codec_context.name
             if s.type == "data" and codec is None and chapters:
                 continue  # (QuickTime keeps the chapters' names in a text track; the chapters are copied)
             language = dict(s.metadata or {}).get("language")

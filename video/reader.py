@@ -159,7 +159,7 @@ def check_input_file(path) -> None:
                              "upscaled); save it to a file first")
     if not os.access(path, os.R_OK):
         raise UserInputError(f"{path} cannot be read: permission denied")
-    if path.is_file() and path.stat().st_size == 0:
+    if path.stat().st_size == 0:
         raise UserInputError(f"{path} is empty (0 bytes)")
 
 
@@ -476,7 +476,8 @@ class FrameReader:
     already at frame ``start``: then they are not decoded at all.
 
     Iteration ends at the end of the stream, at a decoder error, where the frame size changes or where the
-    timestamps jump back (``JUMP_BACK_SECONDS``); ``problem`` then tells which (None for a complete stream, also when the caller stopped early).
+    timestamps jump back (``JUMP_BACK_SECONDS``); ``problem`` then tells which (None for a complete stream, also
+    when the caller stopped early).
     """
 
     def __init__(self, source, start: int = 0, info: VideoInfo | None = None, seeked=None):
