@@ -810,3 +810,25 @@ def test_16_bit_frames_saved_as_8_bit_pngs_are_said_before_the_model_loads(tmp_p
     caplog.clear()
     main(["frames", str(frames), str(tmp_path / "out"), "--model", str(tmp_path / "missing")])
     assert "1 of the 2 frames (f0.png the first) are 16-bit PNGs; --save png writes 8 bits" in caplog.text
+
+
+def test_the_readme_command_reference_names_every_command_and_option():
+    """Each command of ``streamvsr`` has its row in the README (a row starting "`streamvsr NAME"), and each of its
+    long options appears in the command line section; help-less hidden ones aside."""
+    import argparse
+    from pathlib import Path
+
+    from streamvsr.cli import build_parser
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"upscale", "frames", "flow", "convert", "download"} <= commands.keys()
+    for name, parser in commands.items():
+        assert f"| `streamvsr {name} " in section, f"no row for streamvsr {name}"
+        options = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings
+                   if o.startswith("--") and o != "--help"]
+        assert options or name == "download", name
+        missing = [o for o in options if not re.search(rf"`[^`]*{re.escape(o)}(?![\w-])", section)]
+        assert not missing, f"streamvsr {name}: the README does not mention {missing}"
+

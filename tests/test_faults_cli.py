@@ -839,6 +839,40 @@ def test_bf16_on_a_gpu_without_bf16_arithmetic_is_said(monkeypatch, caplog):
         assert ("this GPU has no bf16 arithmetic" in caplog.text) is said, capability
 
 
+def test_a_gpu_that_pytorch_has_no_kernels_for_is_said_before_the_models_load(media, model, tmp_path, caplog,
+                                                                              monkeypatch):
+    """A GTX 1080 (compute capability 6.1) with a PyTorch built for Turing and later: its first computation failed
+    with "no kernel image is available" after the models had loaded. One line instead, for --device cuda and auto;
+    a GPU that the build's machine code (same major version) or PTX (an older version) runs on is taken."""
+    from streamvsr.models.shared.errors import UserInputError
+    from streamvsr.models.shared.runtime import pick_device
+
+    capability = {"now": (6, 1)}
+    arch_list = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    out = tmp_path / "o"
+    for device in ("cuda", "auto", "cuda:0"):
+        caplog.clear()
+        code = main(["frames", str(media / "frames"), str(out), "--model", str(model.path), "--device", device])
+        one_line_error(caplog, code, "has no kernels for the GPU NVIDIA GeForce GTX 1080 (compute capability 6.1; "
+                                     "it was built for sm_75, sm_80")
+        assert "--device cpu" in caplog.text
+    assert not out.exists()
+    for capability["now"] in ((7, 5), (8, 9), (12, 1), (13, 0)):
+        assert pick_device("cuda") == torch.device("cuda")
+    arch_list[:] = ["sm_80", "sm_90a"]  # (no PTX: a newer major version has nothing to run)
+    for capability["now"] in ((8, 6), (9, 0)):
+        assert pick_device("auto") == torch.device("cuda")
+    for capability["now"] in ((10, 0), (7, 5)):
+        with pytest.raises(UserInputError, match="has no kernels for the GPU"):
+            pick_device("auto")
+
+
 def test_fp16_on_the_cpu_is_said_only_where_there_is_no_mistake(media, model, tmp_path, caplog, monkeypatch):
     """The command line takes fp16 on the CPU (a parity check may want it) with a warning of what it costs, which
     came before an error found later, so that a mistake was two lines."""

@@ -107,6 +107,49 @@ def test_registration_schemas_are_namespaced_and_documented(comfy):
     assert steps.kwargs["default"] == 4
 
 
+def _readme_node_rows() -> dict[str, tuple[str, str, str]]:
+    """The README's node reference: node id -> (title, inputs cell, outputs cell)."""
+    import re
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Nodes\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        found = re.fullmatch(r"\| \*\*(.+?)\*\* \(`(\w+)`\) \| (.*) \| (.*) \|", line)
+        if found:
+            title, node_id, inputs, outputs = found.groups()
+            assert node_id not in rows, f"{node_id} has two rows"
+            rows[node_id] = title, inputs, outputs
+    return rows
+
+
+def test_the_readme_node_reference_matches_the_nodes(comfy):
+    """Every node has its row in the README's node reference, under its display name, naming each input and output
+    as the node does, with the node's defaults and ranges where the row gives numbers: "`steps` (4, 1–8)"."""
+    import re
+
+    _, nodes = comfy
+    rows = _readme_node_rows()
+    assert set(rows) == set(nodes), "README rows without a node, or nodes without a row"
+    for node_id, node in nodes.items():
+        schema = node.define_schema()
+        title, inputs, outputs = rows[node_id]
+        assert title == schema.kwargs["display_name"], node_id
+        for inp in schema.inputs:
+            assert f"`{inp.id}`" in inputs, f"{node_id}: the README leaves out the input {inp.id}"
+            numbers = re.search(rf"`{inp.id}` \((-?[\d.]+)(?:, (?:odd )?(-?[\d.]+)–(-?[\d.]+))?[,)]", inputs)
+            if numbers is None:
+                continue
+            default, low, high = (None if v is None else float(v) for v in numbers.groups())
+            assert default == inp.kwargs["default"], f"{node_id}.{inp.id}: README says {default}"
+            if low is not None:
+                assert (low, high) == (inp.kwargs["min"], inp.kwargs["max"]), f"{node_id}.{inp.id}: {low}–{high}"
+        for out in schema.outputs:
+            assert f"`{out.display_name}`" in outputs, f"{node_id}: the README leaves out the output {out.display_name}"
+    # (the check reads numbers: the rows give some)
+    assert "`steps` (4, 1–8)" in rows["StreamVSRUpscale"][1]
+
+
 def test_model_folders_merge_extra_model_paths_and_list_models(monkeypatch, tmp_path, assets):
     import sys
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 
@@ -77,6 +78,7 @@ def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA, then MPS, then CPU) or an explicit device that must exist."""
     if name == "auto":
         if torch.cuda.is_available():
+            check_gpu_supported(torch.device("cuda"), name)
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
@@ -90,11 +92,46 @@ def pick_device(name: str) -> torch.device:
             raise UserInputError(f"--device {name}: this machine has no usable CUDA GPU (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserInputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+        check_gpu_supported(device, name)
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserInputError(f"--device {name}: MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserInputError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def _cuda_arch(name: str) -> tuple[str, int, int] | None:
+    """("sm" or "compute", major, minor) of an entry of ``torch.cuda.get_arch_list()`` ("sm_86", "sm_90a",
+    "compute_120"), None for one that is not so named."""
+    found = re.fullmatch(r"(sm|compute)_(\d+)[a-z]?", name)
+    if found is None:
+        return None
+    kind, digits = found.groups()
+    return kind, int(digits[:-1]), int(digits[-1])
+
+
+def check_gpu_supported(device: torch.device, name: str) -> None:
+    """A CUDA GPU that this PyTorch build has no kernels for (too old for the wheel: recent CUDA builds leave out
+    Maxwell, Pascal and Volta) fails at its first computation with "no kernel image is available", after the models
+    have loaded: said here instead, in one line. A build runs on a GPU where it holds machine code for the same
+    major version and an older or equal minor one, or PTX of an older or equal version, which the driver
+    compiles."""
+    if torch.version.hip:  # (ROCm's list names gfx targets; its wheels say what they run on)
+        return
+    try:
+        built = [arch for arch in map(_cuda_arch, torch.cuda.get_arch_list()) if arch is not None]
+        major, minor = torch.cuda.get_device_capability(device)
+    except Exception:  # noqa: BLE001 - a build that cannot say: its first kernel will tell
+        return
+    if not built or any((kind == "sm" and a_major == major and a_minor <= minor)
+                        or (kind == "compute" and (a_major, a_minor) <= (major, minor))
+                        for kind, a_major, a_minor in built):
+        return
+    gpu = torch.cuda.get_device_name(device)
+    builds = ", ".join(f"{kind}_{a_major}{a_minor}" for kind, a_major, a_minor in built)
+    raise UserInputError(f"--device {name}: this PyTorch ({torch.__version__}) has no kernels for the GPU {gpu} "
+                         f"(compute capability {major}.{minor}; it was built for {builds}): install a PyTorch build "
+                         "for this GPU (pytorch.org lists which CUDA version supports it), or use --device cpu")
 
 
 FP16_ON_CPU = ("fp16 on the CPU computes hundreds of times slower than bf16 or fp32 (few CPUs have fp16 "
