@@ -274,7 +274,8 @@ def plan_engine(args) -> EnginePlan:
     if download:
         family = family_by_name("stream-diffvsr")  # what --download fetches
     elif not args.model:
-        raise UserInputError("give --model PATH, or --download to fetch the official Stream-DiffVSR weights")
+        fetch = ", or --download to fetch the official Stream-DiffVSR weights" if hasattr(args, "download") else ""
+        raise UserInputError(f"give --model PATH{fetch}")
     else:
         family = detect_family(args.model)
     # Another family's option first: it says the user meant another model, which needs no flow.

@@ -45,14 +45,6 @@ DEFAULT_SETTINGS = {"scale": 4, "sparse_ratio": 2.0, "local_range": 11, "kv_rati
 FRAMES_PER_PUSH = 8  # one DiT chunk's worth: each push runs at most one chunk (interrupt and progress per chunk)
 COLOR_FIX_BATCH = 8  # frames colour-corrected at a time after a Wan VAE decode (each needs its full-size reference)
 
-OOM_ADVICE = (
-    "FlashVSR ran out of memory on {w}x{h} frames ({W}x{H} output). Try, in this order: kv_ratio 2 instead of 3 "
-    "(keeps 2 latent slices of attention memory instead of 3); sparse_ratio 1.5 instead of 2 (fewer key blocks "
-    "per query); precision bf16 or fp16 on Load FlashVSR Model (half the weights and activations); close other "
-    "programs using the GPU; start ComfyUI with --lowvram, then --novram (weights streamed layer by layer); "
-    "upscale smaller frames or use a smaller scale (memory grows with the output size); as a last resort run on "
-    "the CPU (--cpu, very slow).")
-
 # Sequences carried across queue runs (see streams.py), one per FlashVSR Upscale node.
 STREAMS = StreamStore("FlashVSR Upscale", FlashVSRState, pending=held_back,
                       settings="model, precision, seed or FlashVSR settings")
@@ -155,19 +147,21 @@ def load_engine(engine: FlashVSREngine, model: FlashVSRModel, lr_size: tuple[int
 
 
 def oom_message(engine, h: int, w: int) -> str:
-    """What to change: for the device ComfyUI runs on, and on a CPU only what the engine does not do already."""
-    if not mm.is_device_cpu(mm.get_torch_device()):
-        return OOM_ADVICE.format(w=w, h=h, W=w * engine.scale, H=h * engine.scale)
+    """What to change: for the device ComfyUI runs on, only what the engine does not do already."""
+    on_cpu = mm.is_device_cpu(mm.get_torch_device())
     steps = []
     if engine.kv_ratio > 2:
-        steps.append(f"kv_ratio 2 instead of {engine.kv_ratio:g}")
+        steps.append(f"kv_ratio 2 instead of {engine.kv_ratio:g} (two latent slices of attention memory)")
     if engine.sparse_ratio > 1.5:
-        steps.append(f"sparse_ratio 1.5 instead of {engine.sparse_ratio:g}")
+        steps.append(f"sparse_ratio 1.5 instead of {engine.sparse_ratio:g} (fewer key blocks per query)")
     if engine.compute_dtype == torch.float32:
         steps.append("precision bf16 on Load FlashVSR Model (half the weights and activations; fast on CPUs with "
-                     "bf16 arithmetic)")
-    steps += ["upscale smaller frames or use a smaller scale (memory grows with the output size)",
-              "close other programs"]
+                     "bf16 arithmetic)" if on_cpu else "precision bf16 or fp16 on Load FlashVSR Model (half the "
+                     "weights and activations)")
+    smaller = "upscale smaller frames or use a smaller scale (memory grows with the output size)"
+    steps += [smaller, "close other programs"] if on_cpu else [
+        "close other programs using the GPU", "start ComfyUI with --lowvram, then --novram (weights streamed layer "
+        "by layer)", smaller, "as a last resort run on the CPU (--cpu, very slow)"]
     return (f"FlashVSR ran out of memory on {w}x{h} frames ({w * engine.scale}x{h * engine.scale} output). Try, in "
             f"this order: {'; '.join(steps)}.")
 

@@ -108,15 +108,16 @@ class StreamVSREstimateFlow(io.ComfyNode):
         for i in range(1, n):
             mm.throw_exception_if_processing_interrupted()
             cur = frames[i:i + 1].to(device).permute(0, 3, 1, 2) * 2 - 1
-            flow, corr = _estimate(estimator, cur, prev, corr)
+            flow, corr = _estimate(estimator, cur, prev, corr, flow_model.model.downscale)
             flows[i - 1] = flow[0].permute(1, 2, 0).to(flows.device)
             prev = cur
             bar.update_absolute(i, n - 1)
         return io.NodeOutput(flows)
 
 
-def _estimate(estimator, image1, image2, corr):
-    """RAFT(image1, image2); on out-of-memory retry (and keep going) with on-demand correlation."""
+def _estimate(estimator, image1, image2, corr, downscale: int):
+    """RAFT(image1, image2); on out-of-memory retry (and keep going) with on-demand correlation (``downscale``: the
+    flow model's resolution setting, for the advice should that fail too)."""
     if corr is None:
         try:
             return estimator(image1, image2), None
@@ -132,8 +133,11 @@ def _estimate(estimator, image1, image2, corr):
         if not out_of_memory(e):
             raise
     mm.soft_empty_cache()
-    raise RuntimeError("RAFT ran out of memory even with on-demand correlation: set Load RAFT Flow Model's "
-                       "resolution to 'half' or 'quarter', use smaller frames, or start ComfyUI with --lowvram.")
+    smaller = {1: "'half' or 'quarter'", 2: "'quarter'"}.get(downscale)
+    steps = [f"set Load RAFT Flow Model's resolution to {smaller}"] if smaller else []
+    steps += ["use smaller frames", "close other programs" + ("" if mm.is_device_cpu(mm.get_torch_device()) else
+                                                              " using the GPU")]
+    raise RuntimeError(f"RAFT ran out of memory even with on-demand correlation: {', '.join(steps)}.")
 
 
 class StreamVSRFlowToImage(io.ComfyNode):

@@ -26,28 +26,25 @@ from .streams import StoredStream, StreamStore, batch_origin, chunk_video, redo_
 
 log = logging.getLogger(__name__)
 
-OOM_LADDER = (
-    "Stream-DiffVSR ran out of memory on a {w}x{h} frame ({W}x{H} output). "
-    "Try, in this order: set Load RAFT Flow Model's resolution to 'half'; load the model in fp16 or bf16; "
-    "upscale smaller frames (the output is 4x the input on each side, so memory grows with the output size); "
-    "close other programs using the GPU; start ComfyUI with --lowvram, then --novram; "
-    "as a last resort run on the CPU (--cpu, slow).")
-
-
-def oom_ladder(model_patcher, w: int, h: int, scale: int = 4) -> str:
-    """What to change when a {w}x{h} frame ran out of memory: for the device ComfyUI runs on, and on a CPU only
-    what the loaded model does not do already."""
-    if not mm.is_device_cpu(mm.get_torch_device()):
-        return OOM_LADDER.format(w=w, h=h, W=scale * w, H=scale * h)
+def oom_ladder(model_patcher, w: int, h: int, scale: int = 4, flow_patcher=None) -> str:
+    """What to change when a {w}x{h} frame ran out of memory: for the device ComfyUI runs on, only what the loaded
+    models do not do already."""
+    on_cpu = mm.is_device_cpu(mm.get_torch_device())
     pipe = getattr(model_patcher, "model", None)  # (advice, made before the run: never an error of its own)
     steps = (["turn cpu_layers off on Load Stream-DiffVSR Model (about half the memory, slower)"]
-             if getattr(pipe, "streamvsr_cpu_layers", False) else [])
-    steps.append("set Load RAFT Flow Model's resolution to 'half'")
+             if on_cpu and getattr(pipe, "streamvsr_cpu_layers", False) else [])
+    smaller = {1: "half", 2: "quarter"}.get(getattr(getattr(flow_patcher, "model", None), "downscale", 1))
+    if smaller:
+        steps.append(f"set Load RAFT Flow Model's resolution to '{smaller}'")
     if getattr(pipe, "streamvsr_compute_dtype", torch.float32) == torch.float32:
         steps.append("precision bf16 on Load Stream-DiffVSR Model (half the weights; fast on CPUs with bf16 "
-                     "arithmetic)")
-    steps += ["upscale smaller frames (the output is 4x the input on each side, so memory grows with the output "
-              "size)", "close other programs"]
+                     "arithmetic)" if on_cpu else "precision fp16 or bf16 on Load Stream-DiffVSR Model (half the "
+                     "weights and activations)")
+    steps.append("upscale smaller frames (the output is 4x the input on each side, so memory grows with the output "
+                 "size)")
+    steps += ["close other programs"] if on_cpu else [
+        "close other programs using the GPU", "start ComfyUI with --lowvram, then --novram",
+        "as a last resort run on the CPU (--cpu, slow)"]
     return (f"Stream-DiffVSR ran out of memory on a {w}x{h} frame ({scale * w}x{scale * h} output). Try, in this "
             f"order: {'; '.join(steps)}.")
 
@@ -252,7 +249,7 @@ class StreamVSRUpscale(io.ComfyNode):
         current = start.to(model.load_device)
         for i in range(b):
             mm.throw_exception_if_processing_interrupted()
-            with out_of_memory_advice(oom_ladder(model, w, h)):
+            with out_of_memory_advice(oom_ladder(model, w, h, flow_patcher=flow_model)):
                 hr, current = engine.push(current, frames[i].permute(2, 0, 1))
             out[i] = hr[0].permute(1, 2, 0).to(out.device)
             bar.update_absolute(i + 1, b, ("JPEG", tensor_to_preview(hr), 512))

@@ -239,7 +239,7 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             if flow_model is None:
                 raise UserInputError("Stream-DiffVSR needs a flow model: connect Load RAFT Flow Model to flow_model")
             engine = make_engine(model, flow_model, steps)
-            advice = oom_ladder(model, width, height, engine.scale)
+            advice = oom_ladder(model, width, height, engine.scale, flow_model)
         job = fingerprint(source, seed, codec, None, scene_cut_threshold or None, (width, height), engine) \
             if resume else None  # what an unfinished job must have been started with to be continued
         with contextlib.ExitStack() as reserved:  # (the output's name, from its choice to the run's end)

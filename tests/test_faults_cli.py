@@ -115,7 +115,7 @@ EARLY_MISTAKES = [
     ("upscale {m}/in.mp4 {t}/o.mp4 --checkpoint-every 5", "only applies with --resume"),
     ("upscale {m}/in.mp4 {t}/o.mp4 --device gpu0", "unknown device 'gpu0'"),
     ("upscale {m}/in.mp4 {t}/o.mp4 --flow {m}/missing.pth", "do not exist"),
-    ("upscale {m}/in.mp4 {t}/o.mp4", "give --model PATH"),
+    ("upscale {m}/in.mp4 {t}/o.mp4", "give --model PATH, or --download to fetch"),
     ("frames {m}/missing {t}/out", "does not exist"),
     ("frames {m}/file {t}/out", "is not a folder"),
     ("frames {m}/nopng {t}/out", "no .png files"),
@@ -140,6 +140,14 @@ def test_early_mistakes_are_one_line_and_the_model_is_never_touched(args, fragme
     one_line_error(caplog, code, fragment)
     assert model.loads == [] and model.detects == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written
+
+
+def test_a_missing_model_names_only_the_options_of_the_command(media, tmp_path, caplog):
+    """frames has no --download (only upscale fetches the weights itself); its --model, which it requires, given
+    empty."""
+    code = main(["frames", str(media / "frames"), str(tmp_path / "out"), "--model", ""])
+    one_line_error(caplog, code, "give --model PATH")
+    assert "--download" not in caplog.text
 
 
 def test_frames_too_wide_for_h264_are_found_before_the_model_loads(media, model, tmp_path, caplog):

@@ -534,7 +534,8 @@ def test_a_damaged_frames_checkpoint_is_discarded_by_overwrite_as_its_message_sa
     state.write_bytes(state.read_bytes()[:40])
     for resume in (True, False):
         with pytest.raises(UserInputError, match=f"the resume file {state} is damaged .*; add --overwrite to "
-                                                 "discard the job and start over$"):
+                                                 r"discard the job and start over \(in ComfyUI: delete that resume "
+                                                 r"file\)$"):
             upscale_folder(FakeEngine(), files, out, save="npy", resume=resume)
     engine = FakeEngine()
     assert upscale_folder(engine, files, out, save="npy", resume=True, overwrite=True) == 4

@@ -70,6 +70,8 @@ def test_wrong_file_names_the_keys(tmp_path):
     assert "unexpected 1 keys: extra.weight" in text
     assert "update_block.flow_head.conv1.bias (3,)" in text
     assert RAFT_WEIGHTS["raft_large"][0] in text  # says what to download
+    # how, to both audiences (the flow loader node reads the file through the same code)
+    assert "`streamvsr download` (in ComfyUI: Load RAFT Flow Model's '(download) raft_large')" in text
     torch.save({f"unet.block{i}.weight": torch.zeros(1) for i in range(500)}, path)  # another model altogether
     with pytest.raises(WeightsError) as e:
         load_raft(path)

@@ -624,11 +624,13 @@ def test_flashvsr_offline_asks_nothing_of_github_and_a_set_aside_weight_is_named
         raise AssertionError("offline: no request")
 
     monkeypatch.setattr(flashvsr_hub.urllib.request, "urlopen", no_network)
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set: unset it to download posi_prompt.pth, or "):
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set: unset it to download posi_prompt.pth, or download "
+                                           "it by hand from https://"):
         flashvsr_hub.download_prompt(tmp_path)
     vae = tmp_path / "vae"
     vae.mkdir()
     (vae / "diffusion_pytorch_model.safetensors.mismatch").write_bytes(b"x")
     with pytest.raises(WeightsError, match="diffusion_pytorch_model.safetensors.mismatch was set aside by a download "
-                                           "that stopped"):
+                                           r"that stopped .*\(the loader's '\(download\) …' entry, or `streamvsr "
+                                           r"download`\)"):
         component_weights(vae)

@@ -843,6 +843,15 @@ def test_out_of_memory_retries_with_on_demand_correlation(comfy):
     mm.get_torch_device = lambda: torch.device("cuda")
     try:
         assert "--lowvram" in oom_ladder(model, 45, 33) and "cpu_layers" not in oom_ladder(model, 45, 33)
+        # on a GPU too, only what is not set already: auto precision is half precision there, a flow already at
+        # half resolution can go to a quarter
+        half = types.SimpleNamespace(model=types.SimpleNamespace(streamvsr_compute_dtype=torch.float16))
+        flow_at = {d: types.SimpleNamespace(model=types.SimpleNamespace(downscale=d)) for d in (1, 2, 4)}
+        assert "precision fp16 or bf16" in oom_ladder(model, 45, 33, flow_patcher=flow_at[1])
+        assert "precision" not in oom_ladder(half, 45, 33, flow_patcher=flow_at[1])
+        assert "resolution to 'half'" in oom_ladder(half, 45, 33, flow_patcher=flow_at[1])
+        assert "resolution to 'quarter'" in oom_ladder(half, 45, 33, flow_patcher=flow_at[2])
+        assert "resolution" not in oom_ladder(half, 45, 33, flow_patcher=flow_at[4])
     finally:
         mm.get_torch_device = cpu
 
@@ -885,6 +894,22 @@ def test_flow_nodes(comfy):
     assert (vis_fast[0] * 255).round().to(torch.uint8).tolist()[0][0] == expected[0, 0].tolist() == [0, 92, 255]
     with pytest.raises(ValueError, match="at least 2"):
         _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=images[:1])
+    # out of memory even on demand: what is left to change, for the device ComfyUI runs on
+    def always_oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    flow.model.raft.forward = always_oom
+    with pytest.raises(RuntimeError, match="^RAFT ran out of memory even with on-demand correlation: set Load RAFT "
+                                           "Flow Model's resolution to 'half' or 'quarter', use smaller frames, close "
+                                           "other programs.$"):
+        _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=images)
+    (quarter,) = _run(nodes["StreamVSRLoadFlowModel"], model="raft_small_test.pth", correlation="auto",
+                      resolution="quarter", iterations=12)
+    quarter.model.raft.forward = always_oom
+    with pytest.raises(RuntimeError, match="correlation: use smaller frames, close other programs.$"):
+        _run(nodes["StreamVSREstimateFlow"], flow_model=quarter, images=images)
+    for patched in (flow, quarter):
+        vars(patched.model.raft).pop("forward", None)
     gray = images[..., :1]
     (g,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray)
     (g3,) = _run(nodes["StreamVSREstimateFlow"], flow_model=flow, images=gray.expand(-1, -1, -1, 3).clone())

@@ -216,15 +216,22 @@ def test_out_of_memory_advice_fits_the_device(comfy, monkeypatch):
     engine = types.SimpleNamespace(scale=4, kv_ratio=3.0, sparse_ratio=2.0, compute_dtype=torch.float32)
     cpu = oom_message(engine, 32, 48)
     assert cpu == ("FlashVSR ran out of memory on 48x32 frames (192x128 output). Try, in this order: kv_ratio 2 "
-                   "instead of 3; sparse_ratio 1.5 instead of 2; precision bf16 on Load FlashVSR Model (half the "
-                   "weights and activations; fast on CPUs with bf16 arithmetic); upscale smaller frames or use a "
-                   "smaller scale (memory grows with the output size); close other programs.")
+                   "instead of 3 (two latent slices of attention memory); sparse_ratio 1.5 instead of 2 (fewer key "
+                   "blocks per query); precision bf16 on Load FlashVSR Model (half the weights and activations; fast "
+                   "on CPUs with bf16 arithmetic); upscale smaller frames or use a smaller scale (memory grows with "
+                   "the output size); close other programs.")
     # only what the engine does not do already
     done = oom_message(types.SimpleNamespace(scale=4, kv_ratio=2.0, sparse_ratio=1.5, compute_dtype=torch.bfloat16),
                        32, 48)
     assert "kv_ratio" not in done and "sparse_ratio" not in done and "bf16" not in done
     monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))
-    assert "--lowvram" in oom_message(engine, 32, 48)
+    gpu = oom_message(engine, 32, 48)
+    assert "--lowvram" in gpu and "kv_ratio 2 instead of 3" in gpu and "precision bf16 or fp16" in gpu
+    # on a GPU too, nothing that is set already: auto precision is bf16 or fp16 there, and other ratios are named
+    gpu = oom_message(types.SimpleNamespace(scale=4, kv_ratio=4.0, sparse_ratio=1.5, compute_dtype=torch.bfloat16),
+                      32, 48)
+    assert "kv_ratio 2 instead of 4" in gpu and "sparse_ratio" not in gpu and "precision" not in gpu, gpu
+    assert gpu.endswith("as a last resort run on the CPU (--cpu, very slow).")
 
 
 def test_whole_clip_equals_engine_with_latents_and_model_management(comfy, whole30):

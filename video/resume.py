@@ -39,7 +39,8 @@ class DamagedCheckpoint(UserInputError):
     """A resume file that cannot be read as a run writes it; ``problem`` says so without advice."""
 
     def __init__(self, problem: str):
-        super().__init__(f"{problem}; add --overwrite to discard the job and start over")
+        super().__init__(f"{problem}; add --overwrite to discard the job and start over (in ComfyUI: delete that "
+                         "resume file)")
         self.problem = problem
 
 

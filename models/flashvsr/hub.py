@@ -61,16 +61,15 @@ def download_prompt(dest: Path, url: str = PROMPT_URL, timeout: float = 60.0) ->
     A different file already there is the user's (a prompt of their own, or a damaged copy): it is kept and the
     download refused, as for the hub's files, rather than replaced without a word."""
     path = dest / PROMPT
-    manual = (f"FlashVSR's prompt embedding {PROMPT} is not on the Hugging Face hub; download it by hand from "
-              f"{PROMPT_PAGE} (the file {PROMPT}, about 4 MB) and put it into {dest}.")
+    by_hand = f"download it by hand from {PROMPT_PAGE} (the file {PROMPT}, about 4 MB) and put it into {dest}."
+    manual = f"FlashVSR's prompt embedding {PROMPT} is not on the Hugging Face hub; {by_hand}"
     if path.is_file():
         if git_blob_id(path).startswith(PROMPT_GIT_BLOB):
             return path
         raise DownloadError(f"{path} is not the official {PROMPT} (its git blob id does not start with "
                             f"{PROMPT_GIT_BLOB}); it was kept: move it away to download the official one")
     if offline_mode():  # (the client's setting: this download goes around the client, and would wait for GitHub)
-        raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {PROMPT}, or {manual[0].lower()}"
-                            f"{manual[1:]}")
+        raise DownloadError(f"HF_HUB_OFFLINE is set: unset it to download {PROMPT}, or {by_hand}")
     tmp = dest / f".{PROMPT}.{os.getpid()}.part"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:

@@ -39,8 +39,8 @@ def detect_arch(state_dict: dict) -> str:
 def manual_hint(name: str | None = None) -> str:
     names = [name] if name in RAFT_WEIGHTS else list(RAFT_WEIGHTS)
     links = ", ".join(f"{n}: {RAFT_WEIGHTS[n][0]}" for n in names)
-    return (f"Use torchvision's RAFT weights ({links}); `streamvsr download` fetches RAFT-large, the one "
-            f"Stream-DiffVSR was trained with.")
+    return (f"Use torchvision's RAFT weights ({links}); `streamvsr download` (in ComfyUI: Load RAFT Flow Model's "
+            "'(download) raft_large') fetches RAFT-large, the one Stream-DiffVSR was trained with.")
 
 
 def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow_updates: int = 12,
