@@ -263,8 +263,9 @@ def plan_engine(args) -> EnginePlan:
     file. Nothing is downloaded or loaded."""
     from ..models.registry import detect_family, family_by_name
     from ..models.shared.errors import UserInputError
-    from ..models.shared.runtime import pick_device, pick_dtype
+    from ..models.shared.runtime import check_torch_version, pick_device, pick_dtype
 
+    check_torch_version()
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     flow = getattr(args, "flow", None)

@@ -221,15 +221,17 @@ def show_text(node_id, text: str) -> None:
         pass
 
 
-def find_in_model_folders(choice: str, folder: str) -> str:
+def find_in_model_folders(choice: str, folder: str, download: str) -> str:
     """The path of a listed model (a file or a folder) under any of ``folder``'s model folders; a one-line error
-    when it is gone (deleted or renamed since the list was made)."""
+    when it is not there: deleted or renamed since the list was made, or named by a workflow from another machine
+    (the shipped workflows name the folders that the ``download`` entry of the list makes)."""
     for root in folder_paths.get_folder_paths(folder):
         path = os.path.join(root, choice)
         if os.path.exists(path):
             return path
     raise UserInputError(f"{choice} is not in any {folder} model folder "
-                         f"({', '.join(folder_paths.get_folder_paths(folder))}); press r to refresh the list")
+                         f"({', '.join(folder_paths.get_folder_paths(folder))}): pick '{download}' in the list to "
+                         "fetch the official weights, or put it there and press r to refresh the list")
 
 
 LOADERS = {"stream-diffvsr": "Load Stream-DiffVSR Model", "flashvsr": "Load FlashVSR Model"}

@@ -118,7 +118,7 @@ def resolve_model_path(choice: str, version: str) -> str:
         from ..models.flashvsr.hub import download_flashvsr
 
         return str(download_flashvsr(version, folder_paths.get_folder_paths(FLASHVSR_FOLDER)[0], download_progress()))
-    return find_in_model_folders(choice, FLASHVSR_FOLDER)
+    return find_in_model_folders(choice, FLASHVSR_FOLDER, DOWNLOAD)
 
 
 def settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix) -> dict:

@@ -16,7 +16,7 @@ from ..models.raft.visualise import flow_to_image, largest_speed
 from ..models.raft.weights import load_raft
 from ..models.shared.errors import UserInputError
 from .common import (CATEGORY, DOWNLOAD_RAFT, FLOW_FOLDER, FlowField, FlowModel, as_rgb, download_progress,
-                     load_flow_patcher, operations_for, out_of_memory, remember_source, wrap)
+                     find_in_model_folders, load_flow_patcher, operations_for, out_of_memory, remember_source, wrap)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,10 @@ def resolve_flow_path(choice: str) -> str:
 
         return str(download_raft(DOWNLOAD_RAFT[choice], folder_paths.get_folder_paths(FLOW_FOLDER)[0],
                                  download_progress()))
-    return folder_paths.get_full_path_or_raise(FLOW_FOLDER, choice)
+    # (RAFT-large unless the name says small: the one Stream-DiffVSR was trained with)
+    download = next(entry for entry, arch in DOWNLOAD_RAFT.items() if arch == ("raft_small" if "small" in choice
+                                                                                 else "raft_large"))
+    return find_in_model_folders(choice, FLOW_FOLDER, download)
 
 
 class StreamVSRLoadFlowModel(io.ComfyNode):

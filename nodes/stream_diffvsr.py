@@ -88,7 +88,7 @@ def resolve_model_path(choice: str) -> str:
 
         return str(download_stream_diffvsr(os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0],
                                                         "Stream-DiffVSR"), download_progress()))
-    return find_in_model_folders(choice, MODEL_FOLDER)
+    return find_in_model_folders(choice, MODEL_FOLDER, DOWNLOAD_MODEL)
 
 
 def weights_params(path: str) -> int:

@@ -252,18 +252,9 @@ def install(monkeypatch, models_dir, interrupt_after=None):
                         if not exts or os.path.splitext(f)[1].lower() in exts]
         return sorted(out)
 
-    def get_full_path_or_raise(name, file):
-        import os
-
-        for root in get_folder_paths(name):
-            if os.path.exists(os.path.join(root, file)):
-                return os.path.join(root, file)
-        raise FileNotFoundError(file)
-
     folder_paths.add_model_folder_path = add_model_folder_path
     folder_paths.get_folder_paths = get_folder_paths
     folder_paths.get_filename_list = get_filename_list
-    folder_paths.get_full_path_or_raise = get_full_path_or_raise
     folder_paths.get_output_directory = lambda: str(models_dir / "output")
 
     def get_save_image_path(prefix, output_dir, width=0, height=0):

@@ -259,13 +259,21 @@ def test_the_flow_loaders_download_shows_progress_and_a_cancel_leaves_no_file(co
     assert [done for done, _, _ in fake_comfy.ProgressBar.updates] == [1 << 20, 2 << 20, 3 << 20]
 
 
-def test_a_listed_model_deleted_since_is_a_one_line_error(comfy, tmp_path):
+def test_a_model_that_is_not_there_is_a_one_line_error_that_offers_the_download(comfy, tmp_path):
+    """Deleted since the list was made, or named by a workflow from elsewhere (the shipped ones name what the
+    download entries make, which a new install does not have yet): the loaders say which entry fetches it."""
     from streamvsr.models.shared.errors import UserInputError
 
     _, nodes = comfy
     shutil.rmtree(tmp_path / "models" / "streamvsr" / "tiny")
-    with pytest.raises(UserInputError, match="tiny is not in any streamvsr model folder .*press r to refresh"):
+    with pytest.raises(UserInputError, match=r"^tiny is not in any streamvsr model folder \(.*\): pick '\(download\) "
+                                             "Jamichsu/Stream-DiffVSR' in the list to fetch the official weights, or "
+                                             "put it there and press r to refresh the list$"):
         _run(nodes["StreamVSRLoadModel"], model="tiny", precision="auto")
+    for name, entry in (("raft_large_C_T_SKHT_V2-ff5fadd5.pth", "raft_large"), ("raft_small_v2.pth", "raft_small")):
+        with pytest.raises(UserInputError, match=rf"^{name} is not in any streamvsr_flow model folder \(.*raft\): "
+                                                 rf"pick '\(download\) {entry}' in the list"):
+            _run(nodes["StreamVSRLoadFlowModel"], model=name, correlation="auto", resolution="full", iterations=12)
 
 
 def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):

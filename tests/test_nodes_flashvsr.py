@@ -204,7 +204,8 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
     assert "says" not in caplog.text
     default = next(i for i in nodes["StreamVSRLoadFlashVSR"].define_schema().inputs if i.id == "version")
     assert default.kwargs["default"] == "auto"
-    with pytest.raises(ValueError, match="not in any flashvsr model folder"):
+    with pytest.raises(ValueError, match=r"not in any flashvsr model folder \(.*\): pick '\(download\) FlashVSR, the "
+                                         "version below' in the list"):
         _load(nodes, model="gone")
 
 

@@ -127,6 +127,55 @@ def test_memory_running_out_outside_the_cuda_allocator_is_known(message, expecte
     assert is_out_of_memory(RuntimeError(message)) is expected
 
 
+def test_a_pytorch_too_old_is_said_before_any_model_loads(monkeypatch, tmp_path):
+    """Below the oldest PyTorch it runs on, one line that says to update, from every loader (the nodes call them)
+    and from the command line before anything is read."""
+    import torch
+
+    from helpers import make_tiny_raft
+    from streamvsr.cli import main
+    from streamvsr.models.flashvsr.weights import load_flashvsr
+    from streamvsr.models.raft.weights import load_raft
+    from streamvsr.models.stream_diffvsr.loader import load_pipeline
+    from streamvsr.models.shared.errors import UserInputError
+    from streamvsr.models.shared.runtime import check_torch_version
+
+    for fine in ("2.5.1", "2.14.1+cu130", "2.10.0a0+git1234", "3.0.0"):
+        check_torch_version(fine)
+    raft = make_tiny_raft(tmp_path / "raft.pth")
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(UserInputError, match=r"^this needs PyTorch 2.5 or newer, and 2.4.1\+cu121 is installed: "
+                                             "update it"):
+        load_raft(raft)
+    for load in (load_pipeline, load_flashvsr):
+        with pytest.raises(UserInputError, match="this needs PyTorch 2.5 or newer"):
+            load(tmp_path / "none")
+    assert main(["frames", str(tmp_path), str(tmp_path / "out"), "--model", str(tmp_path / "none"),
+                 "--flow", str(raft)]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_recompile_guard_uses_the_names_of_older_pytorch(monkeypatch):
+    """PyTorch 2.6 calls the recompile limit cache_size_limit and its failure switch fail_on_cache_limit_hit (the
+    same FailOnRecompileLimitHit is raised; checked on 2.6.0); without either pair the guard is no context."""
+    import contextlib
+    import types
+
+    import torch._dynamo
+
+    from streamvsr.models.shared.runtime import recompile_limit
+
+    patched = []
+    old = types.SimpleNamespace(cache_size_limit=8, fail_on_cache_limit_hit=False,
+                                patch=lambda changes: patched.append(changes) or contextlib.nullcontext())
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    with recompile_limit(20):
+        pass
+    assert patched == [{"cache_size_limit": 20, "fail_on_cache_limit_hit": True}]
+    monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace(cache_size_limit=8))
+    assert isinstance(recompile_limit(20), contextlib.nullcontext)
+
+
 def test_progress_speed_counts_only_the_frames_of_this_run(monkeypatch, capsys):
     """A resumed job starts its report at the frames done before, which took no time in this run: 500 of 1000
     frames at 2 s a frame showed 250 fps and 2 s left."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..shared.errors import UserInputError, WeightsError, cannot_read, first_line
 from ..shared.hub import set_aside_note
+from ..shared.runtime import check_torch_version
 from ..shared.weights import (check_weights_file, key_mismatches, load_into, load_reason, read_state_dict,
                               save_safetensors, sha256_of, summary)
 from .lq_proj import VERSIONS, LQProjection, check_version, lq_config_from_state_dict
@@ -451,6 +452,7 @@ def load_flashvsr(path, version: str | None = None, device="cpu", dtype=torch.bf
     are built on the meta device from ``operations`` (default ``torch.nn``) and filled strictly. The prompt is
     returned as stored.
     """
+    check_torch_version()
     weights = read_flashvsr(path, version, need_decoder=need_decoder, verify_version=verify_version)
     ops = operations or nn
     files = weights.facts["files"]

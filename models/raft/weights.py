@@ -15,6 +15,7 @@ from torch import nn
 
 from ..shared.errors import DownloadError, UserInputError, WeightsError
 from ..shared.hub import folder_for_download, local_failure
+from ..shared.runtime import check_torch_version
 from ..shared.weights import key_mismatches, read_state_dict, sha256_of
 from .estimator import FlowEstimator
 from .network import RAFT
@@ -47,6 +48,7 @@ def load_raft(path, operations=None, device="cpu", dtype=torch.float32, num_flow
               corr: str = "auto", downscale: int = 1) -> FlowEstimator:
     """Load RAFT weights in torchvision's format (.pth or .safetensors) strictly; large/small is read from the
     keys. A file that does not match raises WeightsError naming the missing, unexpected and misshapen keys."""
+    check_torch_version()
     path = Path(path).expanduser()  # as every loader does (a shell leaves ~ alone after --flow=)
     state_dict = read_state_dict(path, manual_hint())
     arch = detect_arch(state_dict)

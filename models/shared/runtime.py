@@ -61,9 +61,12 @@ def recompile_limit(at_least: int):
     import torch._dynamo
 
     config = torch._dynamo.config
-    if not (hasattr(config, "recompile_limit") and hasattr(config, "fail_on_recompile_limit_hit")):
-        return contextlib.nullcontext()  # an older PyTorch: its silent eager run stays possible
-    return config.patch(recompile_limit=max(at_least, config.recompile_limit), fail_on_recompile_limit_hit=True)
+    # (named cache_size_limit and fail_on_cache_limit_hit before PyTorch 2.7)
+    for limit, fail in (("recompile_limit", "fail_on_recompile_limit_hit"),
+                        ("cache_size_limit", "fail_on_cache_limit_hit")):
+        if hasattr(config, limit) and hasattr(config, fail):
+            return config.patch({limit: max(at_least, getattr(config, limit)), fail: True})
+    return contextlib.nullcontext()  # an older PyTorch: its silent eager run stays possible
 
 
 def recompile_limit_hit() -> tuple[type, ...]:
@@ -72,6 +75,21 @@ def recompile_limit_hit() -> tuple[type, ...]:
 
     found = getattr(getattr(torch._dynamo, "exc", None), "FailOnRecompileLimitHit", None)
     return (found,) if found is not None else ()
+
+
+# The oldest PyTorch this runs on (tested from 2.5.1; torch.library.custom_op, which the CPU layers register for
+# torch.compile, came in 2.4): a one-line error below it instead of an AttributeError somewhere in a model.
+MIN_TORCH = (2, 5)
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """A UserInputError where the installed PyTorch (or ``version``) is older than ``MIN_TORCH``."""
+    version = version or torch.__version__
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is not None and tuple(map(int, found.groups())) < MIN_TORCH:
+        raise UserInputError(f"this needs PyTorch {'.'.join(map(str, MIN_TORCH))} or newer, and {version} is "
+                             "installed: update it (in ComfyUI, as its update instructions say; else the build for "
+                             "your GPU from pytorch.org)")
 
 
 def pick_device(name: str) -> torch.device:

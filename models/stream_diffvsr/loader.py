@@ -25,6 +25,7 @@ from torch import nn
 
 from ..shared.errors import WeightsError
 from ..shared.hub import set_aside_note
+from ..shared.runtime import check_torch_version
 from ..shared.weights import check_weights_file, load_into, save_safetensors
 from ..shared.weights import read_state_dict as _read
 from ..shared.weights import summary
@@ -236,6 +237,7 @@ def load_pipeline(path, device="cpu", dtype: torch.dtype = torch.float32, operat
     ``dtype`` is the weight dtype; ``operations`` the layer namespace (``torch.nn`` by default, or
     ``comfy.ops.manual_cast`` inside ComfyUI).
     """
+    check_torch_version()
     path = Path(os.fspath(path)).expanduser()
     if path.is_dir():
         try:
