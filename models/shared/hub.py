@@ -158,9 +158,9 @@ def set_aside_note(folder: Path) -> str:
     """A sentence for an error about files missing from ``folder``, where a stopped download set one aside (its
     user may be looking for it), else ""."""
     aside = sorted(folder.glob("*.mismatch*")) if folder.is_dir() else []
-    return (f" {aside[0]} was set aside by a download that stopped (it is not the published file): run the download again (the "
-            "loader's '(download) …' entry, or `streamvsr download`), which puts it back and replaces it, or rename "
-            "it back." if aside else "")
+    return (f" {aside[0]} was set aside by a download that stopped (it is not the published file): run the "
+            "download again (the loader's '(download) …' entry, or `streamvsr download`), which puts it back and "
+            "replaces it, or rename it back." if aside else "")
 
 
 def restore_set_aside(dest: Path, files) -> None:
