@@ -38,7 +38,8 @@ def add_resume_options(p: argparse.ArgumentParser, how: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help=f"{how} and continue an interrupted job; the same command again picks up where it stopped")
     p.add_argument("--checkpoint-every", type=float_range(0, low_open=True), metavar="SECONDS",
-                   help="with --resume: seconds between checkpoints (default 60)")
+                   help="with --resume: seconds between checkpoints (default: every 60 s, less often where a "
+                        "checkpoint is slow to write or, for a video, fewer than 12 frames were done since the last)")
 
 
 def check_resume_options(args) -> None:
@@ -214,7 +215,7 @@ def cmd_frames(args) -> int:
                 try:
                     written = upscale_folder(engine, files, args.out_dir, seed=args.seed, save=args.save,
                                              progress=progress.update, overwrite=args.overwrite, resume=args.resume,
-                                             checkpoint_seconds=args.checkpoint_every or 60.0, should_stop=stop)
+                                             checkpoint_seconds=args.checkpoint_every, should_stop=stop)
                 finally:
                     progress.close()
     if _stopped_before_the_end(stop, written, len(files), args.out_dir):
@@ -301,7 +302,7 @@ def cmd_upscale(args) -> int:
                 try:
                     summary = upscale_video(engine, args.in_video, args.out_video, seed=args.seed, codec=args.codec,
                                             crf=args.crf, scene_cut_threshold=args.scene_cut, resume=args.resume,
-                                            checkpoint_seconds=args.checkpoint_every or 60.0, progress=progress,
+                                            checkpoint_seconds=args.checkpoint_every, progress=progress,
                                             should_stop=stop, overwrite=args.overwrite,
                                             allow_truncated=args.allow_truncated)
                 except KeyboardInterrupt:

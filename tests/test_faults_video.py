@@ -182,6 +182,86 @@ def test_the_audio_source_is_closed_when_writing_or_joining_fails(tmp_path, monk
             next(copy.container.demux())
 
 
+class Timed(FakeEngine):
+    """A FakeEngine whose every frame takes ``seconds`` on a fake clock (``now[0]``)."""
+
+    def __init__(self, now, seconds):
+        super().__init__()
+        self.now, self.seconds = now, seconds
+
+    def step(self, frame, state):
+        self.now[0] += self.seconds
+        return super().step(frame, state)
+
+
+def test_the_default_checkpoint_clock_spares_slow_runs_keyframes_and_fast_ones_slow_writes(monkeypatch):
+    """Every 60 s by default; not sooner than 20 times what the last checkpoint took to write (FlashVSR's state is
+    about 10 GB at a 1080p output); with min_frames (a video's segments) not before that many frames unless 10
+    minutes passed. Asked for, seconds or frames are kept exactly."""
+    import streamvsr.video.resume as resume
+
+    now = [1000.0]
+    monkeypatch.setattr(resume, "time", SimpleNamespace(monotonic=lambda: now[0]))
+
+    def due_after(clock, seconds_per_frame, frames=100):
+        clock.restart()
+        for n in range(1, frames + 1):
+            now[0] += seconds_per_frame
+            if clock.frame_done():
+                return n
+        return None
+
+    clock = resume.CheckpointClock(min_frames=12)
+    assert due_after(clock, 1.0) == 60  # fast frames: every minute
+    assert due_after(clock, 30.0) == 12  # 360 s, but a segment holds 12 frames
+    assert due_after(clock, 70.0) == 9  # at 630 s: at most 10 minutes of work at stake
+    clock.save_took = 10.0  # a slow checkpoint: the next after 200 s
+    assert due_after(clock, 1.0, 1000) == 200
+    assert due_after(resume.CheckpointClock(), 70.0) == 1  # frames of a folder: each is a file of its own
+    explicit = resume.CheckpointClock(seconds=5.0, min_frames=12)
+    explicit.save_took = 10.0
+    assert due_after(explicit, 1.0) == 5
+    assert due_after(resume.CheckpointClock(frames=3, min_frames=12), 70.0) == 3
+
+
+def test_a_slow_video_run_checkpoints_whole_segments_and_a_slow_save_spaces_folder_checkpoints(tmp_path,
+                                                                                               monkeypatch):
+    """Frames of 70 s (a CPU at a large output): a checkpoint after every frame closed a segment per frame, each
+    starting with a keyframe. By default the first segment closes at 10 minutes (9 frames), the next at the stop;
+    --checkpoint-every 60 still closes one per frame. A folder job whose checkpoint takes 10 s to write saves every
+    200 s."""
+    import streamvsr.video.resume as resume
+
+    now = [1000.0]
+    monkeypatch.setattr(resume, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    clip = make_clip(tmp_path / "in.mp4", n=20, audio=None)
+    for seconds, segments in ((None, 2), (60.0, 15)):
+        out = tmp_path / f"out{seconds}.mkv"
+        polls = []
+        given = {} if seconds is None else {"checkpoint_seconds": seconds}
+        upscale_video(Timed(now, 70.0), clip, out, codec="lossless", resume=True, **given,
+                      should_stop=lambda: polls.append(1) or len(polls) > 15)
+        assert len(ResumeFiles(out).parts_on_disk()) == segments, seconds
+    # a folder job: the time a save takes is measured where it is written
+    import streamvsr.video.frames as frames_module
+
+    monkeypatch.setattr(frames_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    consumed = []
+    save = ResumeFiles.save
+
+    def slow_save(self, state, info, thumbnail):
+        save(self, state, info, thumbnail)
+        consumed.append(info["consumed"])
+        now[0] += 10.0
+
+    monkeypatch.setattr(ResumeFiles, "save", slow_save)
+    files = png_folder(tmp_path / "frames", n=20)
+    polls = []
+    upscale_folder(Timed(now, 30.0), files, tmp_path / "up", save="npy", resume=True,
+                   should_stop=lambda: polls.append(1) or len(polls) > 18)
+    assert consumed == [2, 9, 16, 18]  # 60 s, then 210 s apart (at least 200), then the stop
+
+
 def test_unfinished_resume_job_is_not_silently_discarded(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", n=6, audio=None)
     out = tmp_path / "out.mkv"
@@ -2503,10 +2583,15 @@ def test_a_stop_before_the_writer_runs_leaves_no_thread_or_file(tmp_path, monkey
 
     clip, out = make_clip(tmp_path / "in.mp4", n=3, audio=None), tmp_path / "out.mp4"
     if where == "before the writer":
-        def monotonic():  # (the run's first reading of the clock comes just before its `try`)
-            raise KeyboardInterrupt
+        restart, restarts = stream.CheckpointClock.restart, []
 
-        monkeypatch.setattr(stream, "time", SimpleNamespace(monotonic=monotonic))
+        def stop_at_the_second(clock):  # (the checkpoint clock starts when made, and again just before the `try`)
+            restarts.append(1)
+            if len(restarts) == 2:
+                raise KeyboardInterrupt
+            restart(clock)
+
+        monkeypatch.setattr(stream.CheckpointClock, "restart", stop_at_the_second)
     else:
         def start(self):
             raise KeyboardInterrupt

@@ -883,6 +883,27 @@ def test_resumed_outputs_have_every_frame_and_the_input_frame_rate(tmp_path, n, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.mp4", whole.name, name])
 
 
+def test_a_long_input_without_timestamps_is_said_to_cost_decoding_from_its_start(tmp_path, caplog, monkeypatch):
+    """Chunks of a raw H.264 stream each decode the file from its start (chunk k costs k chunks): over a
+    video of thousands of frames that made later queue runs ever slower without a word. Said once per file, with
+    the remedy; not for a file with timestamps, nor for a short one."""
+    import streamvsr.video.range as video_range
+
+    monkeypatch.setattr(video_range, "UNSEEKABLE_WARN_FRAMES", 5)
+    raw = noise_video(tmp_path / "in.h264", 10, fmt="h264", w=32, h=24)
+    short = noise_video(tmp_path / "short.h264", 4, fmt="h264", w=32, h=24)
+    timed = noise_video(tmp_path / "in.mkv", 10, w=32, h=24)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert len(video_range.read_range(raw, 6, 2)) == 2
+        video_range.read_range(short, 2, 2)
+        video_range.read_range(timed, 6, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{raw} has no timestamps to seek by (10 frames): reading from frame N decodes every frame "
+                        "before it, so chunks late in it take longer and longer, as does resuming there; remuxed "
+                        "first, it seeks (e.g. `ffmpeg -fflags +genpts -i IN -c copy OUT.mkv`)"]
+
+
 def test_a_stop_while_a_resumed_job_decodes_its_way_back_is_heard_and_loses_nothing(tmp_path, caplog):
     # A raw H.264 stream has no timestamps to seek by: a resume decodes its way back from the first frame.
     caplog.set_level(logging.INFO)

@@ -28,7 +28,7 @@ import torch
 from ..models.shared.errors import OutputExistsError, UserInputError
 from .outputs import (TMP_TAG, OutputLock, check_folder_creatable, make_folder, publish, remove_stale, same_file,
                       temp_path)
-from .resume import ResumeFiles, fingerprint_mismatch, folder_fingerprint, other_settings
+from .resume import CheckpointClock, ResumeFiles, fingerprint_mismatch, folder_fingerprint, other_settings
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def _stamp(path: Path) -> str:
 
 def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, save: str = "png",
                    progress: Callable[[int], None] | None = None, overwrite: bool = False, resume: bool = False,
-                   checkpoint_seconds: float = 60.0, checkpoint_frames: int | None = None,
+                   checkpoint_seconds: float | None = None, checkpoint_frames: int | None = None,
                    should_stop: Callable[[], bool | None] | None = None) -> int:
     """Upscale ``files`` (one sequence, in order) into ``out_dir``, one output per input with the same stem.
     Frames are written as the engine finishes them, each complete or not at all. Returns the number written
@@ -462,7 +462,8 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
     error says how many were written.
 
     resume: keep a checkpoint (the engine state after the frames read so far) next to ``out_dir``, every
-    ``checkpoint_seconds`` (or ``checkpoint_frames`` frames) and when the run stops for any reason, and continue
+    ``checkpoint_seconds`` (or ``checkpoint_frames`` frames; neither: ``CheckpointClock``'s default) and when the
+    run stops for any reason, and continue
     from it (see ``check_folder_job``); removed once every frame is written. Since a state is never changed by
     later steps, a hard stop mid-frame still checkpoints the frames before it."""
     out_dir = Path(out_dir)
@@ -504,7 +505,7 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
         # the last point where the state, the frames read and the outputs written agree: what a checkpoint saves
         safe = (state, consumed, written)
         saved_at = (consumed, written, len(job.redone)) if saved is not None else (0, 0, 0)
-        last_time, since, warned = time.monotonic(), 0, False
+        clock, warned = CheckpointClock(checkpoint_seconds, checkpoint_frames), False
         if progress is not None and written:
             progress(written)
 
@@ -520,9 +521,11 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 return
             fp = folder_fingerprint(files[0].parent, [p.name for p in files[:ckpt_consumed]], stamps[:ckpt_consumed],
                                     seed, save, (size[1], size[0]), engine)
+            started = time.monotonic()
             checkpoint.save(ckpt_state, {"fingerprint": fp, "consumed": ckpt_consumed, "frames": ckpt_written,
                                          "after": after, "segments": 0, "held_pts": [], "complete": False,
                                          "scene_cuts": 0}, None)
+            clock.save_took = time.monotonic() - started
             saved_at = (ckpt_consumed, ckpt_written, len(after))
 
         def try_checkpoint(stopping: bool) -> None:
@@ -586,11 +589,9 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
                 consumed += 1
                 emit(out)
                 safe = (state, consumed, written)
-                since += 1
-                if checkpoint is not None and ((checkpoint_frames and since >= checkpoint_frames) or (
-                        not checkpoint_frames and time.monotonic() - last_time >= checkpoint_seconds)):
+                if clock.frame_done() and checkpoint is not None:
                     try_checkpoint(False)
-                    last_time, since = time.monotonic(), 0
+                    clock.restart()
             if stopped:
                 try_checkpoint(True)
                 log.warning("stopped: %s", done(", each complete"))

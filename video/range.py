@@ -31,6 +31,8 @@ from .reader import (JUMP_BACK_SECONDS, VideoFrames, check_input_file, content_s
 log = logging.getLogger(__name__)
 
 _CACHE_SIZE = 16
+# Inputs longer than this without timestamps are told that reading late in them costs decoding all before
+UNSEEKABLE_WARN_FRAMES = 2000
 _cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
@@ -141,6 +143,11 @@ def frame_index(source) -> FrameIndex:
                            frozenset(keyframes), problem, durations)
     else:
         index = FrameIndex(_count_by_decoding(source), None, time_base, rate, width, height, orientation)
+        if index.count > UNSEEKABLE_WARN_FRAMES:  # (once per file: the index is kept)
+            log.warning("%s has no timestamps to seek by (%d frames): reading from frame N decodes every frame "
+                        "before it, so chunks late in it take longer and longer, as does resuming there; remuxed "
+                        "first, it seeks (e.g. `ffmpeg -fflags +genpts -i IN -c copy OUT.mkv`)", describe(source),
+                        index.count)
     if key is not None:
         with _lock:
             _cache[key] = index

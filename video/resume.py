@@ -6,9 +6,10 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import logging
+import os
 import re
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,6 +34,39 @@ log = logging.getLogger(__name__)
 
 STATE_SUFFIX = ".streamvsr-resume.safetensors"  # a job's checkpoint: its output's name with this added
 PART_TAG = ".streamvsr-part"  # a job's segments: its output's name with this, a number and .nut added
+
+
+class CheckpointClock:
+    """When a resumable job saves a checkpoint. Where asked for (``seconds``, or ``frames`` input frames), exactly
+    so. By default every 60 s, but no sooner than 20 times as long as the last checkpoint took to write (a FlashVSR
+    state at a 1080p output is about 10 GB: written every minute it would cost more than the frames), and with
+    ``min_frames`` (a video, where each checkpoint closes a segment, and each segment starts with a keyframe) not
+    before that many frames since the last one, unless 10 minutes have passed: a CPU run whose frames take over a
+    minute made a keyframe of every frame."""
+
+    DEFAULT_SECONDS = 60.0
+    SAVE_SHARE = 20  # (a checkpoint's writing is then at most 5 % of the run)
+    LONGEST_WAIT = 600.0  # the most work a crash may lose to ``min_frames``, in seconds
+
+    def __init__(self, seconds: float | None = None, frames: int | None = None, min_frames: int = 1):
+        self.seconds, self.frames, self.min_frames = seconds, frames, min_frames
+        self.save_took = 0.0  # set by whoever writes the checkpoint (in a video job, the writer thread)
+        self.restart()
+
+    def restart(self) -> None:
+        """A checkpoint was just made (or the run started)."""
+        self.since, self.frames_since = time.monotonic(), 0
+
+    def frame_done(self) -> bool:
+        """Counts an input frame; whether to checkpoint now."""
+        self.frames_since += 1
+        if self.frames:
+            return self.frames_since >= self.frames
+        elapsed = time.monotonic() - self.since
+        if self.seconds is not None:
+            return elapsed >= self.seconds
+        return elapsed >= max(self.DEFAULT_SECONDS, self.SAVE_SHARE * self.save_took) and (
+            self.frames_since >= self.min_frames or elapsed >= self.LONGEST_WAIT)
 
 
 class DamagedCheckpoint(UserInputError):

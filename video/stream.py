@@ -66,7 +66,7 @@ from .outputs import (RESUME_NAME_EXTRA, OutputLock, check_name_length, check_ou
                       make_folder, publish, remove_stale, sync_file, temp_path)
 from .range import seek_to
 from .reader import FrameReader, VideoInfo, describe, probe_video, reopenable, warn_if_interlaced
-from .resume import ResumeFiles, fingerprint, fingerprint_mismatch, join_segments, other_settings
+from .resume import CheckpointClock, ResumeFiles, fingerprint, fingerprint_mismatch, join_segments, other_settings
 from .scenecut import SceneCutDetector
 from .writer import (VideoWriter, check_crf, check_frame_size, codec_spec, color_tags, depth_notes, frames_on_disk,
                      to_rgb24)
@@ -78,6 +78,8 @@ QUEUE_FRAMES = 2
 # Input problems that --allow-truncated cannot accept: the frames after them need an output of their own (another
 # frame size, another clock)
 ONE_OUTPUT = ("size", "jump")
+# By default a resumable job's segments hold at least this many frames (half a second or so; see CheckpointClock)
+MIN_SEGMENT_FRAMES = 12
 
 
 class WriterThread(threading.Thread):
@@ -295,7 +297,7 @@ def _whole(value) -> bool:
 
 def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264", crf: int | None = None,
                   scene_cut_threshold: float | None = None, resume: bool = False,
-                  checkpoint_seconds: float = 60.0, checkpoint_frames: int | None = None,
+                  checkpoint_seconds: float | None = None, checkpoint_frames: int | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool | None] | None = None,
                   preview: Callable[[torch.Tensor], None] | None = None, overwrite: bool = False,
@@ -307,7 +309,7 @@ def upscale_video(engine, in_path, out_path, seed: int = 42, codec: str = "h264"
     scene_cut_threshold: see ``SceneCutDetector``; None or 0 turns detection off.
     resume: write resumably (see the module docstring) and continue from a checkpoint of an earlier run of the
         same job if one is there. checkpoint_seconds / checkpoint_frames: how often to checkpoint (counted in
-        input frames).
+        input frames); neither: ``CheckpointClock``'s default.
     progress(done, total): after each written frame; total is 0 when the file does not tell.
     should_stop(): polled before each frame; return True, or raise (ComfyUI's interrupt), to stop. The frames
         done so far are then finished properly: a shorter, playable file under the partial name, or (resume) a
@@ -404,13 +406,17 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                            sample_aspect_ratio=info.sample_aspect_ratio, color_tags=tags,
                            origin_us=0 if files is not None else info.origin_us)
 
+    clock = CheckpointClock(checkpoint_seconds, checkpoint_frames, min_frames=MIN_SEGMENT_FRAMES)
+
     def checkpoint(segment_count: int, ckpt_state, counts: dict, thumb, done: bool) -> None:
+        started = time.monotonic()
         if segment_count:  # the segments a checkpoint counts reach the disk before it does (the earlier ones did)
             sync_file(files.part(segment_count - 1))
         # (their sizes, so that a resume finds a segment cut short before it redoes the rest, not when joining)
         sizes = [files.part(i).stat().st_size for i in range(segment_count)]
         files.save(ckpt_state, {**counts, "segments": segment_count, "segment_bytes": sizes, "complete": done,
                                 "fingerprint": fp}, thumb)
+        clock.save_took = time.monotonic() - started
 
     stop_error: BaseException | None = None
     start_written = written
@@ -442,7 +448,7 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
             writer.put(("checkpoint", state.to("cpu"), counts,
                         detector.previous if detector is not None else None, final))
 
-        last_checkpoint, since_checkpoint = time.monotonic(), 0
+        clock.restart()
         reader = None
         try:
             if files is None:
@@ -470,12 +476,9 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                 out, state = engine.push(state, lr[None], consume=True)
                 consumed += 1
                 emit(out)
-                since_checkpoint += 1
-                if files is not None and (
-                        (checkpoint_frames and since_checkpoint >= checkpoint_frames)
-                        or (not checkpoint_frames and time.monotonic() - last_checkpoint >= checkpoint_seconds)):
+                if clock.frame_done() and files is not None:
                     save_checkpoint(False)
-                    last_checkpoint, since_checkpoint = time.monotonic(), 0
+                    clock.restart()
             # Reached at the end of the input (complete or not) or at a requested stop. A stop does not finish the
             # frames the engine holds (that can be a whole chunk of work): with resume they stay in the
             # checkpointed state. Where the input broke, the frames before it are finished: they are good.
