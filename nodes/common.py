@@ -224,9 +224,15 @@ def show_text(node_id, text: str) -> None:
 def find_in_model_folders(choice: str, folder: str, download: str) -> str:
     """The path of a listed model (a file or a folder) under any of ``folder``'s model folders; a one-line error
     when it is not there: deleted or renamed since the list was made, or named by a workflow from another machine
-    (the shipped workflows name the folders that the ``download`` entry of the list makes)."""
-    for root in folder_paths.get_folder_paths(folder):
-        path = os.path.join(root, choice)
+    (the shipped workflows name the folders that the ``download`` entry of the list makes). A name reaches this
+    unchecked from a prompt sent to ComfyUI's API (a V3 combo's value is not checked against its list): as
+    ComfyUI's own folder_paths does, "../" and absolute names are read inside the model folders."""
+    try:
+        inside = os.path.relpath(os.path.join("/", choice), "/")
+    except ValueError:  # (another drive, on Windows)
+        inside = None
+    for root in folder_paths.get_folder_paths(folder) if inside is not None else ():
+        path = os.path.join(root, inside)
         if os.path.exists(path):
             return path
     raise UserInputError(f"{choice} is not in any {folder} model folder "

@@ -274,6 +274,15 @@ def test_a_model_that_is_not_there_is_a_one_line_error_that_offers_the_download(
         with pytest.raises(UserInputError, match=rf"^{name} is not in any streamvsr_flow model folder \(.*raft\): "
                                                  rf"pick '\(download\) {entry}' in the list"):
             _run(nodes["StreamVSRLoadFlowModel"], model=name, correlation="auto", resolution="full", iterations=12)
+    # a name from the API, outside the model folders: read inside them, as ComfyUI's own loaders do
+    raft = tmp_path / "models" / "streamvsr" / "raft" / "raft_small_test.pth"
+    shutil.copy(raft, tmp_path / "outside.pth")
+    for name in ("../../../outside.pth", str(tmp_path / "outside.pth")):
+        with pytest.raises(UserInputError, match="is not in any streamvsr_flow model folder"):
+            _run(nodes["StreamVSRLoadFlowModel"], model=name, correlation="auto", resolution="full", iterations=12)
+    (flow,) = _run(nodes["StreamVSRLoadFlowModel"], model="../raft_small_test.pth", correlation="auto",
+                   resolution="full", iterations=12)  # (inside: ../ from the top of the folder stays at its top)
+    assert flow.model.raft is not None
 
 
 def test_loader_names_a_git_lfs_pointer_among_the_weights(comfy, tmp_path):

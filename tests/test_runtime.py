@@ -127,10 +127,12 @@ def test_memory_running_out_outside_the_cuda_allocator_is_known(message, expecte
     assert is_out_of_memory(RuntimeError(message)) is expected
 
 
-def test_a_pytorch_too_old_is_said_before_any_model_loads(monkeypatch, tmp_path):
+def test_a_pytorch_too_old_is_said_before_any_model_loads(monkeypatch, tmp_path, caplog):
     """Below the oldest PyTorch it runs on, one line that says to update, from every loader (the nodes call them)
     and from the command line before anything is read."""
     import torch
+
+    from PIL import Image
 
     from helpers import make_tiny_raft
     from streamvsr.cli import main
@@ -150,8 +152,13 @@ def test_a_pytorch_too_old_is_said_before_any_model_loads(monkeypatch, tmp_path)
     for load in (load_pipeline, load_flashvsr):
         with pytest.raises(UserInputError, match="this needs PyTorch 2.5 or newer"):
             load(tmp_path / "none")
-    assert main(["frames", str(tmp_path), str(tmp_path / "out"), "--model", str(tmp_path / "none"),
+    frames = tmp_path / "in"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(frames / f"f{i}.png")
+    assert main(["frames", str(frames), str(tmp_path / "out"), "--model", str(tmp_path / "none"),
                  "--flow", str(raft)]) == 2
+    assert "error: this needs PyTorch 2.5 or newer" in caplog.text  # (before the missing model is noticed)
     assert not (tmp_path / "out").exists()
 
 

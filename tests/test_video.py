@@ -899,9 +899,38 @@ def test_a_long_input_without_timestamps_is_said_to_cost_decoding_from_its_start
         video_range.read_range(short, 2, 2)
         video_range.read_range(timed, 6, 2)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    rate = float(video_range.frame_index(raw).rate)
     assert warnings == [f"{raw} has no timestamps to seek by (10 frames): reading from frame N decodes every frame "
                         "before it, so chunks late in it take longer and longer, as does resuming there; remuxed "
-                        "first, it seeks (e.g. `ffmpeg -fflags +genpts -i IN -c copy OUT.mkv`)"]
+                        f"with timestamps, it seeks (e.g. `ffmpeg -fflags +genpts -r {rate:g} -i IN -c copy "
+                        "OUT.mkv`)"]
+
+
+def test_decoding_back_to_where_a_job_stopped_is_not_counted_as_work_between_checkpoints(tmp_path, monkeypatch):
+    """An input without timestamps is decoded from its start on resume: that time counted towards the next
+    checkpoint, so the first frame done made one (a segment, and a keyframe, of a single frame)."""
+    import types
+
+    import streamvsr.video.resume as resume
+
+    clip = noise_video(tmp_path / "in.h264", 10, fmt="h264", w=32, h=24)
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_frames=2,
+                  should_stop=lambda: polls.append(1) or len(polls) > 7)
+    now, saved = [0.0], []
+    monkeypatch.setattr(resume, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    save = ResumeFiles.save
+    monkeypatch.setattr(ResumeFiles, "save", lambda self, state, info, thumb: saved.append(info["consumed"]) or
+                        save(self, state, info, thumb))
+
+    def poll():  # before each frame, those decoded back to frame 7 too: 100 s each
+        now[0] += 100.0
+
+    summary = upscale_video(FakeEngine(), clip, out, codec="lossless", resume=True, checkpoint_seconds=150.0,
+                            should_stop=poll)
+    assert summary["resumed_from"] == 7 and summary["frames"] == 10
+    assert saved == [10, 10]  # after frame 9 (200 s of work since frame 7), and the end; not after frame 7
 
 
 def test_a_stop_while_a_resumed_job_decodes_its_way_back_is_heard_and_loses_nothing(tmp_path, caplog):

@@ -100,7 +100,7 @@ def frame_index(source) -> FrameIndex:
         time_base = Fraction(stream.time_base or Fraction(1, 90000))
         start_time = stream.start_time
         width, height, orientation = info.width, info.height, info.orientation
-        stamps, keyframes, trusted, durations, cut = [], set(), True, False, False
+        stamps, keyframes, trusted, durations, cut, untimed = [], set(), True, False, False, False
         latest = None  # the latest timestamp so far
         for packet in container.demux(stream):
             if packet.size == 0:  # the flush packet at the end
@@ -108,7 +108,7 @@ def frame_index(source) -> FrameIndex:
             if getattr(packet, "is_discard", False):
                 continue
             if packet.pts is None:
-                trusted = False
+                trusted, untimed = False, True
                 break
             # (the timestamps are sorted below: those after a jump would be numbered among those before it)
             latest = packet.pts if latest is None else max(latest, packet.pts)
@@ -143,11 +143,14 @@ def frame_index(source) -> FrameIndex:
                            frozenset(keyframes), problem, durations)
     else:
         index = FrameIndex(_count_by_decoding(source), None, time_base, rate, width, height, orientation)
-        if index.count > UNSEEKABLE_WARN_FRAMES:  # (once per file: the index is kept)
-            log.warning("%s has no timestamps to seek by (%d frames): reading from frame N decodes every frame "
-                        "before it, so chunks late in it take longer and longer, as does resuming there; remuxed "
-                        "first, it seeks (e.g. `ffmpeg -fflags +genpts -i IN -c copy OUT.mkv`)", describe(source),
-                        index.count)
+        if index.count > UNSEEKABLE_WARN_FRAMES and key is not None:  # (once per file: the index is kept)
+            why, remedy = (("has no timestamps to seek by", "remuxed with timestamps, it seeks (e.g. `ffmpeg "
+                            f"-fflags +genpts -r {float(rate):g} -i IN -c copy OUT.mkv`)") if untimed else
+                           ("has timestamps out of order for its decoder", "re-encoded, it seeks (e.g. losslessly: "
+                            "`ffmpeg -i IN -c:v ffv1 OUT.mkv`)"))
+            log.warning("%s %s (%d frames): reading from frame N decodes every frame before it, so chunks late in it "
+                        "take longer and longer, as does resuming there; %s", describe(source), why, index.count,
+                        remedy)
     if key is not None:
         with _lock:
             _cache[key] = index

@@ -408,8 +408,8 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
 
     clock = CheckpointClock(checkpoint_seconds, checkpoint_frames, min_frames=MIN_SEGMENT_FRAMES)
 
-    def checkpoint(segment_count: int, ckpt_state, counts: dict, thumb, done: bool) -> None:
-        started = time.monotonic()
+    def checkpoint(segment_count: int, ckpt_state, counts: dict, thumb, done: bool, copy_took: float) -> None:
+        started = time.monotonic() - copy_took  # (the state's copy to the CPU, on the main thread, counts too)
         if segment_count:  # the segments a checkpoint counts reach the disk before it does (the earlier ones did)
             sync_file(files.part(segment_count - 1))
         # (their sizes, so that a resume finds a segment cut short before it redoes the rest, not when joining)
@@ -445,11 +445,13 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
         def save_checkpoint(final: bool) -> None:
             counts = {"frames": written, "consumed": consumed, "held_pts": list(held_pts),
                       "scene_cuts": summary["scene_cuts"], "input_problem": problem, "end_time": last_time[0]}
-            writer.put(("checkpoint", state.to("cpu"), counts,
-                        detector.previous if detector is not None else None, final))
+            started = time.monotonic()
+            on_cpu = state.to("cpu")
+            writer.put(("checkpoint", on_cpu, counts, detector.previous if detector is not None else None, final,
+                        time.monotonic() - started))
 
         clock.restart()
-        reader = None
+        reader, decoding_back = None, False
         try:
             if files is None:
                 # Opening the output up front fails early on unwritable paths, and a file exists even for 0 frames.
@@ -466,7 +468,11 @@ def _run(engine, job: VideoJob, seed, codec, crf, scene_cut_threshold, checkpoin
                         summary["interrupted"] = True
                         break
                 if index < consumed:
+                    decoding_back = True
                     continue
+                if decoding_back:  # (that time was no work a checkpoint keeps: the clock starts at the first frame)
+                    clock.restart()
+                    decoding_back = False
                 if detector is not None and detector(lr) and index > 0:
                     out, state = engine.reset_temporal(state, consume=True)
                     emit(out)

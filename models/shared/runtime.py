@@ -118,14 +118,19 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def _cuda_arch(name: str) -> tuple[str, int, int] | None:
-    """("sm" or "compute", major, minor) of an entry of ``torch.cuda.get_arch_list()`` ("sm_86", "sm_90a",
-    "compute_120"), None for one that is not so named."""
-    found = re.fullmatch(r"(sm|compute)_(\d+)[a-z]?", name)
+def _runs_on(arch: str, major: int, minor: int) -> bool:
+    """Whether code built for ``arch``, an entry of ``torch.cuda.get_arch_list()``, runs on a GPU of that compute
+    capability: machine code ("sm_86") on the same major version with an equal or newer minor one, or only on its
+    own version where it uses that version's own features ("sm_90a"); PTX ("compute_120") on that version and any
+    newer, compiled by the driver. An entry not so named counts as running (it cannot be told)."""
+    found = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
     if found is None:
-        return None
-    kind, digits = found.groups()
-    return kind, int(digits[:-1]), int(digits[-1])
+        return True
+    kind, built_major, built_minor, suffix = found.groups()
+    built = (int(built_major), int(built_minor))
+    if kind == "compute":
+        return built <= (major, minor)
+    return built == (major, minor) if suffix == "a" else built[0] == major and built[1] <= minor
 
 
 def check_gpu_supported(device: torch.device, name: str) -> None:
@@ -137,18 +142,16 @@ def check_gpu_supported(device: torch.device, name: str) -> None:
     if torch.version.hip:  # (ROCm's list names gfx targets; its wheels say what they run on)
         return
     try:
-        built = [arch for arch in map(_cuda_arch, torch.cuda.get_arch_list()) if arch is not None]
+        built = list(torch.cuda.get_arch_list())
         major, minor = torch.cuda.get_device_capability(device)
     except Exception:  # noqa: BLE001 - a build that cannot say: its first kernel will tell
         return
-    if not built or any((kind == "sm" and a_major == major and a_minor <= minor)
-                        or (kind == "compute" and (a_major, a_minor) <= (major, minor))
-                        for kind, a_major, a_minor in built):
+    if not built or any(_runs_on(arch, major, minor) for arch in built):
         return
     gpu = torch.cuda.get_device_name(device)
-    builds = ", ".join(f"{kind}_{a_major}{a_minor}" for kind, a_major, a_minor in built)
-    raise UserInputError(f"--device {name}: this PyTorch ({torch.__version__}) has no kernels for the GPU {gpu} "
-                         f"(compute capability {major}.{minor}; it was built for {builds}): install a PyTorch build "
+    given = "" if name == "auto" else f"--device {name}: "  # (auto: the default, which the user may not have typed)
+    raise UserInputError(f"{given}this PyTorch ({torch.__version__}) has no kernels for the GPU {gpu} (compute "
+                         f"capability {major}.{minor}; it was built for {', '.join(built)}): install a PyTorch build "
                          "for this GPU (pytorch.org lists which CUDA version supports it), or use --device cpu")
 
 
