@@ -221,10 +221,11 @@ def show_text(node_id, text: str) -> None:
         pass
 
 
-def find_in_model_folders(choice: str, folder: str, download: str) -> str:
+def find_in_model_folders(choice: str, folder: str, download: str, setting: str = "") -> str:
     """The path of a listed model (a file or a folder) under any of ``folder``'s model folders; a one-line error
     when it is not there: deleted or renamed since the list was made, or named by a workflow from another machine
-    (the shipped workflows name the folders that the ``download`` entry of the list makes). A name reaches this
+    (the shipped workflows name the folders that the ``download`` entry of the list makes, with ``setting``, e.g.
+    " with version v1", where the entry needs one to fetch what the name says). A name reaches this
     unchecked from a prompt sent to ComfyUI's API (a V3 combo's value is not checked against its list): as
     ComfyUI's own folder_paths does, "../" and absolute names are read inside the model folders."""
     try:
@@ -236,8 +237,8 @@ def find_in_model_folders(choice: str, folder: str, download: str) -> str:
         if os.path.exists(path):
             return path
     raise UserInputError(f"{choice} is not in any {folder} model folder "
-                         f"({', '.join(folder_paths.get_folder_paths(folder))}): pick '{download}' in the list to "
-                         "fetch the official weights, or put it there and press r to refresh the list")
+                         f"({', '.join(folder_paths.get_folder_paths(folder))}): pick '{download}'{setting} in the "
+                         "list to fetch the official weights, or put it there and press r to refresh the list")
 
 
 LOADERS = {"stream-diffvsr": "Load Stream-DiffVSR Model", "flashvsr": "Load FlashVSR Model"}

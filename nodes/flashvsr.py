@@ -28,7 +28,7 @@ from ..models.flashvsr.attention import choose_attention
 from ..models.flashvsr.color import color_fix
 from ..models.flashvsr.engine import FlashVSREngine, FlashVSRState, held_back
 from ..models.flashvsr.frames import condition_video, quantize_8bit
-from ..models.flashvsr.weights import DIT_FILES, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
+from ..models.flashvsr.weights import DIT_FILES, FOLDER_V1, FOLDER_V11, LQ_FILES, PROMPT_FILES, TC_FILES, find_files
 from ..models.shared.errors import UserInputError
 from .common import (CATEGORY, FLASHVSR_FOLDER, FlashVSRModelType, FlashVSRSettingsType, StreamStateType, as_rgb,
                      check_family, continuation_inputs, download_progress, find_in_model_folders, listed_models,
@@ -118,7 +118,10 @@ def resolve_model_path(choice: str, version: str) -> str:
         from ..models.flashvsr.hub import download_flashvsr
 
         return str(download_flashvsr(version, folder_paths.get_folder_paths(FLASHVSR_FOLDER)[0], download_progress()))
-    return find_in_model_folders(choice, FLASHVSR_FOLDER, DOWNLOAD)
+    # (a name that says v1, as the v1 download's folder "FlashVSR" does, is not what auto or v1.1 would fetch)
+    name = os.path.basename(choice.rstrip("/"))
+    v1 = version != "v1" and FOLDER_V1.search(name) and not FOLDER_V11.search(name)
+    return find_in_model_folders(choice, FLASHVSR_FOLDER, DOWNLOAD, " with version v1" if v1 else "")
 
 
 def settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix) -> dict:

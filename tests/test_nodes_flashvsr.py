@@ -207,6 +207,13 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
     with pytest.raises(ValueError, match=r"not in any flashvsr model folder \(.*\): pick '\(download\) FlashVSR, the "
                                          "version below' in the list"):
         _load(nodes, model="gone")
+    # a name that says v1 (the v1 download's folder is "FlashVSR"): auto would fetch v1.1
+    for name, version in (("FlashVSR", "auto"), ("FlashVSR-v1", "v1.1")):
+        with pytest.raises(ValueError, match=r"pick '\(download\) FlashVSR, the version below' with version v1 in"):
+            _load(nodes, model=name, version=version)
+    for name, version in (("mine-v1.1", "auto"), ("FlashVSR-v1", "v1")):
+        with pytest.raises(ValueError, match=r"version below' in the list"):
+            _load(nodes, model=name, version=version)
 
 
 def test_out_of_memory_advice_fits_the_device(comfy, monkeypatch):
