@@ -612,6 +612,13 @@ def test_hub_refusals_are_one_line_and_say_what_to_check(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError) as e:
         hub.download_stream_diffvsr(tmp_path)
     assert "\n" not in str(e.value) and "check your token (HF_TOKEN" in str(e.value)
+    # the login command of the client installed (before 0.34 it had no `hf`)
+    import importlib.metadata
+
+    for installed, login in (("0.33.5", "`huggingface-cli login`"), ("1.2.0", "`hf auth login`")):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, installed=installed: installed)
+        with pytest.raises(RuntimeError, match=f"or {login}\\)"):
+            hub.download_stream_diffvsr(tmp_path)
 
 
 def test_flashvsr_offline_asks_nothing_of_github_and_a_set_aside_weight_is_named(monkeypatch, tmp_path):

@@ -906,6 +906,24 @@ def test_a_long_input_without_timestamps_is_said_to_cost_decoding_from_its_start
                         "OUT.mkv`)"]
 
 
+def test_a_pyav_too_old_is_said_before_any_work(tmp_path, monkeypatch, caplog):
+    """Before PyAV 18.1 a BT.2020 input failed to convert, a track's default flag was dropped without a word and
+    some timestamps differed; requirements.txt asks for 18.1, but an environment may hold an older one."""
+    import av
+
+    from streamvsr.cli import main
+
+    clip = make_clip(tmp_path / "in.mp4", n=2, audio=None)
+    monkeypatch.setattr(av, "__version__", "17.1.0")
+    with pytest.raises(UserInputError, match=r'^video needs PyAV 18.1 or newer, and 17.1.0 is installed: pip install '
+                                             r'-U "av>=18.1"'):
+        probe_video(clip)
+    assert main(["upscale", str(clip), str(tmp_path / "out.mp4"), "--model", str(tmp_path / "none")]) == 2
+    assert "error: video needs PyAV 18.1 or newer" in caplog.text and not (tmp_path / "out.mp4").exists()
+    monkeypatch.setattr(av, "__version__", "18.1.0")
+    assert probe_video(clip).frames == 2
+
+
 def test_decoding_back_to_where_a_job_stopped_is_not_counted_as_work_between_checkpoints(tmp_path, monkeypatch):
     """An input without timestamps is decoded from its start on resume: that time counted towards the next
     checkpoint, so the first frame done made one (a segment, and a keyframe, of a single frame)."""

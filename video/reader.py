@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +26,24 @@ import torch
 from ..models.shared.errors import InputDamagedError, UserInputError
 
 log = logging.getLogger(__name__)
+
+# The oldest PyAV that reads and writes videos right: before it, colour conversion of BT.2020 input failed, stream
+# flags were dropped and some timestamps differed (requirements.txt asks for it; an environment may hold another).
+MIN_AV = (18, 1)
+
+
+def check_av_version(version: str | None = None) -> None:
+    """A UserInputError where the installed PyAV (or ``version``) is older than ``MIN_AV``."""
+    if version is None:
+        import av
+
+        version = av.__version__
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is not None and tuple(map(int, found.groups())) < MIN_AV:
+        raise UserInputError(f"video needs PyAV {'.'.join(map(str, MIN_AV))} or newer, and {version} is installed: "
+                             f"pip install -U \"av>={'.'.join(map(str, MIN_AV))}\" with the Python that runs this "
+                             "(for the nodes, ComfyUI's)")
+
 
 # AVColorSpace values -> swscale matrix names.
 _MATRICES = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "ITU601", 7: "SMPTE240M", 9: "BT2020", 10: "BT2020"}
@@ -366,6 +385,7 @@ def probe_video(source) -> VideoInfo:
     model is loaded."""
     import av
 
+    check_av_version()
     if isinstance(source, (str, os.PathLike)):
         check_input_file(source)
     container, stream = open_video(source)

@@ -57,10 +57,9 @@ def shell_command(args) -> str:
     return shlex.join(str(a) for a in args)
 
 
-def download_command(repo: str, dest, files=()) -> str:
-    """The hub client's own command that fetches ``files`` of ``repo`` (all of it where none are given) into
-    ``dest``: ``hf`` since huggingface_hub 0.34 (its later releases no longer install ``huggingface-cli``), the old
-    name where an older client is installed."""
+def _hub_cli(*words: str) -> list[str]:
+    """The hub client's command ``words``: ``hf`` since huggingface_hub 0.34 (its later releases no longer install
+    ``huggingface-cli``), the old name (and ``login`` for ``auth login``) where an older client is installed."""
     try:
         from importlib.metadata import version
 
@@ -68,7 +67,15 @@ def download_command(repo: str, dest, files=()) -> str:
         old = (major, minor) < (0, 34)
     except Exception:  # noqa: BLE001 - not installed or an unusual version string: the current name
         old = False
-    return shell_command(["huggingface-cli" if old else "hf", "download", repo, *files, "--local-dir", dest])
+    if not old:
+        return ["hf", *words]
+    return ["huggingface-cli", *(["login"] if words == ("auth", "login") else words)]
+
+
+def download_command(repo: str, dest, files=()) -> str:
+    """The hub client's own command that fetches ``files`` of ``repo`` (all of it where none are given) into
+    ``dest``."""
+    return shell_command([*_hub_cli("download", repo, *files), "--local-dir", dest])
 
 
 # A download that failed on this machine's side: no network would not help
@@ -192,7 +199,8 @@ def _fetch(hf_hub_download, repo: str, name: str, dest: Path, manual: str) -> Pa
         # (the hub client's messages run over several lines, with request ids)
         reason = " ".join(str(e).split())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
-        access = (" The hub refused access: check your token (HF_TOKEN, or `hf auth login`), and that you accepted the "
+        login = shell_command(_hub_cli("auth", "login"))
+        access = (f" The hub refused access: check your token (HF_TOKEN, or `{login}`), and that you accepted the "
                   "repository's terms on its page." if "Gated" in type(e).__name__ or " 401 " in f" {reason} "
                   or " 403 " in f" {reason} " else "")
         raise DownloadError(f"could not download {name} from {hub_url(repo)} ({type(e).__name__}: {reason}).{access} "

@@ -160,10 +160,11 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     try:
         save_file(tensors, str(path), metadata=metadata)
     except Exception as e:
-        code = re.search(r"os error (\d+)", str(e))
+        # ("(os error 21)" from safetensors 0.6.1, "IoError(Os { code: 21, ... })" before)
+        code = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(e))
         if isinstance(e, OSError) or code is None:
             raise
-        number = int(code.group(1))
+        number = int(code.group(1) or code.group(2))
         if os.name == "nt":  # Rust's code there is the Windows one, from which Python finds the errno
             raise OSError(None, str(e), str(path), number) from None
         raise OSError(number, os.strerror(number), str(path)) from None
