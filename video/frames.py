@@ -463,9 +463,9 @@ def upscale_folder(engine, files: list[Path], out_dir: Path, seed: int = 42, sav
 
     resume: keep a checkpoint (the engine state after the frames read so far) next to ``out_dir``, every
     ``checkpoint_seconds`` (or ``checkpoint_frames`` frames; neither: ``CheckpointClock``'s default) and when the
-    run stops for any reason, and continue
-    from it (see ``check_folder_job``); removed once every frame is written. Since a state is never changed by
-    later steps, a hard stop mid-frame still checkpoints the frames before it."""
+    run stops for any reason, and continue from it (see ``check_folder_job``); removed once every frame is
+    written. Since a state is never changed by later steps, a hard stop mid-frame still checkpoints the frames
+    before it."""
     out_dir = Path(out_dir)
     files = [Path(p) for p in files]
     job = check_folder_job(files, out_dir, seed, save, resume, overwrite)
