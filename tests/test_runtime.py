@@ -164,7 +164,8 @@ def test_a_pytorch_too_old_is_said_before_any_model_loads(monkeypatch, tmp_path,
 
 def test_the_recompile_guard_uses_the_names_of_older_pytorch(monkeypatch):
     """PyTorch 2.6 calls the recompile limit cache_size_limit and its failure switch fail_on_cache_limit_hit (the
-    same FailOnRecompileLimitHit is raised; checked on 2.6.0); without either pair the guard is no context."""
+    same FailOnRecompileLimitHit is raised; checked on 2.6.0); 2.5 has the limit without the switch: the limit is
+    still raised (at 8 graphs, a few frame sizes, a network ran eagerly without a word)."""
     import contextlib
     import types
 
@@ -179,7 +180,13 @@ def test_the_recompile_guard_uses_the_names_of_older_pytorch(monkeypatch):
     with recompile_limit(20):
         pass
     assert patched == [{"cache_size_limit": 20, "fail_on_cache_limit_hit": True}]
-    monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace(cache_size_limit=8))
+    patched.clear()
+    monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace(
+        cache_size_limit=8, patch=lambda changes: patched.append(changes) or contextlib.nullcontext()))
+    with recompile_limit(20):
+        pass
+    assert patched == [{"cache_size_limit": 20}]
+    monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace())
     assert isinstance(recompile_limit(20), contextlib.nullcontext)
 
 

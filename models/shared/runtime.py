@@ -61,12 +61,14 @@ def recompile_limit(at_least: int):
     import torch._dynamo
 
     config = torch._dynamo.config
-    # (named cache_size_limit and fail_on_cache_limit_hit before PyTorch 2.7)
+    # (named cache_size_limit and fail_on_cache_limit_hit before PyTorch 2.7; 2.5 has no such failure: there the
+    # limit is raised, and the silent eager run beyond it stays possible)
     for limit, fail in (("recompile_limit", "fail_on_recompile_limit_hit"),
                         ("cache_size_limit", "fail_on_cache_limit_hit")):
-        if hasattr(config, limit) and hasattr(config, fail):
-            return config.patch({limit: max(at_least, getattr(config, limit)), fail: True})
-    return contextlib.nullcontext()  # an older PyTorch: its silent eager run stays possible
+        if hasattr(config, limit):
+            return config.patch({limit: max(at_least, getattr(config, limit)),
+                                 **({fail: True} if hasattr(config, fail) else {})})
+    return contextlib.nullcontext()
 
 
 def recompile_limit_hit() -> tuple[type, ...]:
