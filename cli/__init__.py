@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=user_path, help="folder for the upscaled frames (same names)")
     add_model_options(p, dtype_default="fp32", model_required=True)
     p.add_argument("--save", choices=("png", "png16", "npy"), default="png",
-                   help="png: 8-bit; png16: 16-bit; npy: float32 HxWx3 in [0,1]")
+                   help="png: 8-bit (the default); png16: 16-bit; npy: float32 HxWx3 in [0,1]")
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs already in OUT_DIR, or discard an unfinished --resume job of OUT_DIR")
     commands.add_resume_options(p, "keep a checkpoint (OUT_DIR.streamvsr-resume.safetensors next to OUT_DIR)")
@@ -142,11 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=user_path, help="folder for the flow of each frame after the first")
     p.add_argument("--flow", required=True, help="RAFT weights in torchvision's format")
     p.add_argument("--save", choices=("npy", "png"), default="npy",
-                   help="npy: float32 HxWx2 (x, y) in pixels; png: colour-wheel visualisation")
+                   help="npy: float32 HxWx2 (x, y) in pixels (the default); png: colour-wheel visualisation")
     p.add_argument("--max-magnitude", type=float_range(0, low_open=True), default=None, metavar="PIXELS",
                    help="with --save png: the speed drawn fully saturated in every picture, so that colours compare "
                         "across frames (faster is darkened); default: each picture's own largest speed")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (the default: CUDA, then MPS, "
+                   "then the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in OUT_DIR")
     add_flow_options(p)
     p.set_defaults(func=commands.cmd_flow)
@@ -169,14 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flashvsr-version", dest="version", choices=("v1.1", "v1"),
                    help="FlashVSR only: which release the folder holds, stored in the file (default: what the "
                         "files say: a repackaged DiT's name, the published v1.1 LQ file's hash, a folder named for "
-                        "v1.1; where they say nothing, this option is needed)")
+                        "v1.1 or v1 (FlashVSR counts as v1); where they say nothing, this option is needed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it exists (only once the new file is complete; never the source)")
     p.set_defaults(func=commands.cmd_convert)
 
     p = sub.add_parser("download", help="download the official Stream-DiffVSR and RAFT-large weights")
     p.add_argument("--dest", type=user_path,
-                   help="folder (default: $STREAMVSR_MODELS, or ~/.cache/streamvsr where that is unset or empty)")
+                   help="folder (default: $STREAMVSR_MODELS, or ~/.cache/streamvsr where that is unset or empty; "
+                        "`upscale --download` looks only there: for another folder set STREAMVSR_MODELS to it, or "
+                        "give --model and --flow)")
     p.set_defaults(func=commands.cmd_download)
     return parser
 

@@ -19,8 +19,9 @@ def add_video_options(p: argparse.ArgumentParser) -> None:
     from ..video.writer import CODECS
 
     p.add_argument("--codec", choices=sorted(CODECS), default="h264",
-                   help="; ".join(f"{k}: {v.description}" for k, v in CODECS.items()))
-    p.add_argument("--crf", type=crf_value, help="h264 quality 0-51, lower is better (default 16)")
+                   help="; ".join(f"{k}: {v.description}" for k, v in CODECS.items()) + " (default h264)")
+    p.add_argument("--crf", type=crf_value, help="h264 quality 0-51, lower is better (default 16; refused with "
+                   "--codec lossless)")
     p.add_argument("--scene-cut", type=float_range(0, 1), metavar="T",
                    help="reset the temporal guidance where the mean absolute difference of consecutive input "
                         "frames (in [0,1], at 64 px) exceeds T; 0.3 is a good start. Off by default (0 = off)")

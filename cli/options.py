@@ -124,12 +124,13 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
         src.add_argument("--download", action="store_true",
                          help="use the official Stream-DiffVSR weights (and RAFT-large) from $STREAMVSR_MODELS "
                               "(default ~/.cache/streamvsr), downloading them first if they are not there")
-    p.add_argument("--seed", type=seed_value, default=42, help="noise seed (the official scripts use 42)")
+    p.add_argument("--seed", type=seed_value, default=42, help="noise seed (default 42, as the official scripts)")
     why = ": the reference output; auto is faster on a GPU" if dtype_default == "fp32" else ""
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default=dtype_default,
                    help=f"compute precision (default {dtype_default}{why}); auto: bf16 (or fp16) on CUDA, fp32 "
                         "elsewhere")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (the default: CUDA, then MPS, "
+                   "then the CPU)")
 
     g = p.add_argument_group("Stream-DiffVSR")
     # Only a command that has --download can fetch RAFT-large itself.
@@ -162,8 +163,8 @@ def add_model_options(p: argparse.ArgumentParser, dtype_default: str, model_requ
                    help="attention budget (default 2.0; 1.5 is faster, larger attends more)")
     g.add_argument("--local-range", type=int_range(1), help="side of the local attention window, in 8x8-token "
                    "blocks (default 11: more stable; 9: sharper)")
-    g.add_argument("--kv-ratio", type=float_range(1), help="latent slices of attention memory kept, at least 1 "
-                   "(1 and 2 both keep two; default 3.0)")
+    g.add_argument("--kv-ratio", type=float_range(1), help="latent slices of attention memory kept, at least 1, "
+                   "in whole slices as the official int() (2.5 keeps 2; 1 and 2 both keep two; default 3.0)")
     g.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="colour correction (default adain)")
     g.add_argument("--attention", choices=("auto", "gather", "flex"),
                    help="how the sparse attention is computed, the same result: gather (PyTorch attention on the "

@@ -188,7 +188,8 @@ def test_download_help_names_the_default_folder_also_where_the_variable_is_set(m
     with pytest.raises(SystemExit):
         main(["download", "--help"])
     said = " ".join(capsys.readouterr().out.split())
-    assert "(default: $STREAMVSR_MODELS, or ~/.cache/streamvsr where that is unset or empty)" in said, said
+    assert "(default: $STREAMVSR_MODELS, or ~/.cache/streamvsr where that is unset or empty; `upscale --download` " \
+           "looks only there" in said, said
 
 
 def test_flow_iterations_reach_the_engine_and_its_identity(assets, monkeypatch):
