@@ -19,7 +19,8 @@ def add_video_options(p: argparse.ArgumentParser) -> None:
     from ..video.writer import CODECS
 
     p.add_argument("--codec", choices=sorted(CODECS), default="h264",
-                   help="; ".join(f"{k}: {v.description}" for k, v in CODECS.items()) + " (default h264)")
+                   help="h264 (the default) or lossless. " + "; ".join(f"{k}: {v.description}"
+                                                                         for k, v in CODECS.items()))
     p.add_argument("--crf", type=crf_value, help="h264 quality 0-51, lower is better (default 16; refused with "
                    "--codec lossless)")
     p.add_argument("--scene-cut", type=float_range(0, 1), metavar="T",

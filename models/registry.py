@@ -50,9 +50,11 @@ def detect_family(path, flow_advice: str = FLOW_AS_MODEL) -> Family:
         # "models/FlashVSR" where models/ is here, nor "weights/x.safetensors": mistyped paths.
         if "/" in given and len(path.parts) == 2 and not given.startswith((".", "/", "~")) \
                 and not path.parent.exists() and path.suffix.lower() not in (".safetensors", ".ckpt", ".pth", ".pt"):
+            from .shared.hub import download_command
+
             raise UserInputError(
                 f"model {path} does not exist; a model is a folder or file on this computer, not a Hugging Face "
-                f"name: `streamvsr download` fetches Stream-DiffVSR, and `hf download {given} --local-dir FOLDER` "
+                f"name: `streamvsr download` fetches Stream-DiffVSR, and `{download_command(given, 'FOLDER')}` "
                 "any repository (FlashVSR also needs posi_prompt.pth from its GitHub repository)")
         raise UserInputError(f"model {path} does not exist")
     found = [family for family in families() if family.detect(path)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import folder_paths
@@ -118,10 +119,13 @@ def resolve_model_path(choice: str, version: str) -> str:
         from ..models.flashvsr.hub import download_flashvsr
 
         return str(download_flashvsr(version, folder_paths.get_folder_paths(FLASHVSR_FOLDER)[0], download_progress()))
-    # (a name that says v1, as the v1 download's folder "FlashVSR" does, is not what auto or v1.1 would fetch)
-    name = os.path.basename(choice.rstrip("/"))
-    v1 = version != "v1" and FOLDER_V1.search(name) and not FOLDER_V11.search(name)
-    return find_in_model_folders(choice, FLASHVSR_FOLDER, DOWNLOAD, " with version v1" if v1 else "")
+    # (a name that says v1, as the v1 download's folder "FlashVSR" does, is not what auto or v1.1 would fetch, nor
+    # one that says v1.1 what v1 would)
+    name = re.split(r"[\\/]", choice.rstrip("/\\"))[-1]
+    says = "v1.1" if FOLDER_V11.search(name) else "v1" if FOLDER_V1.search(name) else None
+    setting = {("v1", "auto"): " with version v1", ("v1", "v1.1"): " with version v1",
+               ("v1.1", "v1"): " with version v1.1 (or auto)"}.get((says, version), "")
+    return find_in_model_folders(choice, FLASHVSR_FOLDER, DOWNLOAD, setting)
 
 
 def settings_from(scale, sparse_ratio, local_range, kv_ratio, color_fix) -> dict:

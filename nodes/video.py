@@ -24,7 +24,7 @@ import comfy.utils
 from ..video.outputs import (LOCK_TAG, RESUME_NAME_EXTRA, WORK_NAME_EXTRA, OutputLock, check_name_length,
                              check_output_file, lock_path, partial_path, temp_path)
 from ..video.audio import check_audio
-from ..video.reader import probe_video, reopenable
+from ..video.reader import check_av_version, probe_video, reopenable
 from ..video.resume import STATE_SUFFIX, ResumeFiles, fingerprint, fingerprint_mismatch, glob_escape
 from ..video.stream import clean_after_killed_run, upscale_video
 from ..video.writer import CODECS, check_frame_size, codec_spec
@@ -212,6 +212,17 @@ class StreamVSRVideoUpscale(io.ComfyNode):
             outputs=[io.Video.Output(display_name="video")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix) -> bool | str:
+        # ComfyUI validates a prompt before running any node: a PyAV too old is said there, not after the loaders
+        # upstream took their minutes. (It passes a function only the inputs it names, and reports a failure per
+        # input named; a plain string's own checks are none, so naming this one skips nothing.)
+        try:
+            check_av_version()
+        except UserInputError as e:
+            return str(e)
+        return True
 
     @classmethod
     def execute(cls, model, video, seed, steps, codec, scene_cut_threshold, filename_prefix, flow_model=None,

@@ -977,6 +977,23 @@ def test_video_file_node(comfy, tmp_path):
     assert len(again) == 3 and all((a == b).all() for a, b in zip(again, frames))
 
 
+def test_video_node_refuses_a_pyav_too_old_when_comfyui_validates_the_prompt(comfy, monkeypatch):
+    """ComfyUI validates a prompt before any node runs: there, not after the model loaders upstream (minutes, or a
+    download) ran, a PyAV older than the video paths need is said (the reader's own check comes later)."""
+    import inspect
+
+    import av
+
+    _, nodes = comfy
+    node = nodes["StreamVSRVideoUpscale"]
+    # ComfyUI hands the function the inputs it names (it reports a failure per input named: one is needed)
+    assert inspect.getfullargspec(node.validate_inputs).args == ["cls", "filename_prefix"]
+    assert node.validate_inputs(filename_prefix="streamvsr/upscaled") is True
+    monkeypatch.setattr(av, "__version__", "17.1.0")
+    said = node.validate_inputs(filename_prefix="streamvsr/upscaled")
+    assert said.startswith("video needs PyAV 18.1 or newer, and 17.1.0 is installed"), said
+
+
 def test_video_node_finds_audio_it_cannot_write_before_loading_the_models(comfy, tmp_path):
     pytest.importorskip("av")
     from test_video import clip_with_16_channels

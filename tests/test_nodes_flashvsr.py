@@ -208,9 +208,11 @@ def test_loader_patchers_precision_attention_and_versions(comfy, folder, tmp_pat
                                          "version below' in the list"):
         _load(nodes, model="gone")
     # a name that says v1 (the v1 download's folder is "FlashVSR"): auto would fetch v1.1
-    for name, version in (("FlashVSR", "auto"), ("FlashVSR-v1", "v1.1")):
+    for name, version in (("FlashVSR", "auto"), ("FlashVSR-v1", "v1.1"), ("mine\\FlashVSR-v1\\", "auto")):
         with pytest.raises(ValueError, match=r"pick '\(download\) FlashVSR, the version below' with version v1 in"):
             _load(nodes, model=name, version=version)
+    with pytest.raises(ValueError, match=r"version below' with version v1.1 \(or auto\) in the list"):
+        _load(nodes, model="mine-v1.1", version="v1")
     for name, version in (("mine-v1.1", "auto"), ("FlashVSR-v1", "v1")):
         with pytest.raises(ValueError, match=r"version below' in the list"):
             _load(nodes, model=name, version=version)

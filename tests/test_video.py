@@ -920,6 +920,15 @@ def test_a_pyav_too_old_is_said_before_any_work(tmp_path, monkeypatch, caplog):
         probe_video(clip)
     assert main(["upscale", str(clip), str(tmp_path / "out.mp4"), "--model", str(tmp_path / "none")]) == 2
     assert "error: video needs PyAV 18.1 or newer" in caplog.text and not (tmp_path / "out.mp4").exists()
+    # on Python 3.10, where PyAV 18.1 has no release, upgrading PyAV is not the way
+    import types
+
+    import streamvsr.video.reader as reader
+
+    monkeypatch.setattr(reader, "sys", types.SimpleNamespace(version_info=(3, 10, 12)))
+    with pytest.raises(UserInputError, match=r"installed: PyAV 18.1 needs Python 3.11 or newer, and this is Python "
+                                             r"3.10: use a Python 3.11\+ environment"):
+        probe_video(clip)
     monkeypatch.setattr(av, "__version__", "18.1.0")
     assert probe_video(clip).frames == 2
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -40,9 +41,12 @@ def check_av_version(version: str | None = None) -> None:
         version = av.__version__
     found = re.match(r"(\d+)\.(\d+)", version)
     if found is not None and tuple(map(int, found.groups())) < MIN_AV:
-        raise UserInputError(f"video needs PyAV {'.'.join(map(str, MIN_AV))} or newer, and {version} is installed: "
-                             f"pip install -U \"av>={'.'.join(map(str, MIN_AV))}\" with the Python that runs this "
-                             "(for the nodes, ComfyUI's)")
+        wanted = ".".join(map(str, MIN_AV))
+        how = (f"pip install -U \"av>={wanted}\" with the Python that runs this (for the nodes, ComfyUI's)"
+               if sys.version_info >= (3, 11) else
+               f"PyAV {wanted} needs Python 3.11 or newer, and this is Python {sys.version_info[0]}."
+               f"{sys.version_info[1]}: use a Python 3.11+ environment (ComfyUI's portable build ships one)")
+        raise UserInputError(f"video needs PyAV {wanted} or newer, and {version} is installed: {how}")
 
 
 # AVColorSpace values -> swscale matrix names.

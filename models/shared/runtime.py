@@ -63,8 +63,8 @@ def recompile_limit(at_least: int):
     config = torch._dynamo.config
     # (named cache_size_limit and fail_on_cache_limit_hit before PyTorch 2.7; 2.5 has no such failure: there the
     # limit is raised, and the silent eager run beyond it stays possible)
-    for limit, fail in (("recompile_limit", "fail_on_recompile_limit_hit"),
-                        ("cache_size_limit", "fail_on_cache_limit_hit")):
+    pairs = (("recompile_limit", "fail_on_recompile_limit_hit"), ("cache_size_limit", "fail_on_cache_limit_hit"))
+    for limit, fail in sorted(pairs, key=lambda pair: not hasattr(config, pair[1])):  # (a pair with both first)
         if hasattr(config, limit):
             return config.patch({limit: max(at_least, getattr(config, limit)),
                                  **({fail: True} if hasattr(config, fail) else {})})
