@@ -592,12 +592,15 @@ def test_compiled_network_with_packed_operators_is_close_to_eager():
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-def test_a_second_copy_of_the_module_gets_its_own_operators():
+def test_a_second_copy_of_the_module_gets_its_own_operators(monkeypatch):
     """The pack imported twice in one process (under two names): each copy's layers reach their own registry."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(f"{packed.__package__}.packed_second_copy", packed.__file__)
     second = importlib.util.module_from_spec(spec)
+    # registered by name as ComfyUI does with a node pack (Dynamo imports a module by name to trace into it)
+    monkeypatch.setitem(sys.modules, spec.name, second)
     spec.loader.exec_module(second)
     first_net, second_net = _GatedNet(packed_operations()), _GatedNet(second.packed_operations())
     second_net.load_state_dict(first_net.state_dict())
