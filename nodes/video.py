@@ -199,7 +199,9 @@ class StreamVSRVideoUpscale(io.ComfyNode):
                                  tooltip="Write resumably (segments plus a .streamvsr-resume.safetensors state "
                                          "next to the output) and, if an interrupted job of this prefix with "
                                          "the same video, model and settings is there, continue it (Cancel "
-                                         "saves one). Needs the video as a file (Load Video)."),
+                                         "saves one). Needs the video as a file (Load Video). FlashVSR's state "
+                                         "is large: about 10 GB of disk (and RAM while saving) at a 1080p output, "
+                                         "saved less often the longer it takes."),
                 io.Boolean.Input("allow_truncated", default=False, optional=True,
                                  tooltip="Accept a video that ends early or breaks off (an interrupted download or "
                                          "copy): the output has the frames that could be decoded. Off, such a "
