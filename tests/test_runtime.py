@@ -224,6 +224,24 @@ def test_a_shorter_progress_line_leaves_nothing_of_the_longer_one_behind(monkeyp
     assert "".join(screen).rstrip() == "upscale: 99/100 frames, 0.97 fps, 1 s left"
 
 
+def test_progress_into_a_file_writes_a_line_per_interval_not_per_frame(monkeypatch, capsys):
+    """STREAMVSR_PROGRESS=1 with stderr in a file wrote the line again for every frame (12 MB over a long video);
+    the last count, held back for being too soon, is still written when the report closes."""
+    from streamvsr.models.shared import runtime
+
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("STREAMVSR_PROGRESS", "1")
+    progress = runtime.Progress(None, "upscale")
+    for done in range(1, 101):  # 100 frames at 20 fps: 5 s
+        progress.update(done)
+        clock[0] += 0.05
+    progress.close()
+    lines = [line.rstrip() for line in capsys.readouterr().err.split("\r")[1:]]
+    assert 8 <= len(lines) <= 12, lines
+    assert lines[0] == "upscale: 1 frames" and lines[-1] == "upscale: 100 frames, 20.00 fps"
+
+
 @pytest.mark.parametrize("layout", ["v2", "v1", "v1 without a limit", "none"])
 def test_memory_in_a_container_is_what_its_limit_leaves(monkeypatch, tmp_path, layout):
     """/proc/meminfo shows the host in a container: its cgroup's limit caps what is free, the older layout (v1) too

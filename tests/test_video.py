@@ -566,6 +566,26 @@ def test_a_resumed_output_cut_short_ends_its_last_subtitle_with_it(tmp_path, mon
     assert cues == [(pytest.approx(0.1), pytest.approx(0.25, abs=0.002))] and duration < 0.5  # (was 0.9)
 
 
+def test_a_stopped_run_ends_its_last_subtitle_with_its_last_frame(tmp_path):
+    """A run stopped (no resume) keeps its frames as a partial file: a cue begun before the stop ran on to its own
+    end (players showed the file as long as the cue); the cues before it are as they were."""
+    from streamvsr.video.outputs import partial_path
+
+    clip = labelled_clip(tmp_path / "film.mkv", n=24, cues=[(0.0, 0.05), (0.1, 0.9)])
+    out = tmp_path / "out.mkv"
+    polls = []
+    upscale_video(FakeEngine(), clip, out, should_stop=lambda: polls.append(1) or len(polls) > 5)
+    with av.open(str(partial_path(out))) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    with av.open(str(partial_path(out))) as c:
+        cues = [(float(p.pts * p.time_base), float((p.pts + p.duration) * p.time_base))
+                for p in c.demux(c.streams.subtitles[0]) if p.size]
+        duration = c.duration / 1e6
+    assert frames == 5
+    assert cues == [(0.0, pytest.approx(0.05)), (pytest.approx(0.1), pytest.approx(5 / 24, abs=0.002))], cues
+    assert duration < 0.5  # (was 0.9)
+
+
 def test_only_labels_of_the_content_are_copied():
     """Not what describes the input's encoding (its statistics, encoder) nor the picture's turn or transparency: an
     old file's "rotate" tag on the upright output would have players turn it a second time."""

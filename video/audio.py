@@ -28,6 +28,11 @@ AUDIO_GAP_SECONDS = 0.05
 _DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
+def _end_seconds(packet) -> float:
+    """Where a packet's time ends, in seconds of its clock."""
+    return float((packet.pts + (packet.duration or 0)) * packet.time_base)
+
+
 def _named_layout(layout):
     """``layout``, or the default one for its channel count where it names no order ("2 channels"): the AAC
     encoder refuses those."""
@@ -242,6 +247,10 @@ class AudioCopy:
         self.samples: dict[int, int] = {}  # re-encoded stream -> its next frame's timestamp, in samples
         self.latest: dict[int, float] = {}  # stream -> the latest start of a packet muxed, seconds
         self.ended: set[int] = set()  # streams whose timestamps jumped back: the video stops at such a jump
+        # Subtitle packets copied whose cue runs on past the video written so far, in the order read: where the
+        # output's end is not known in advance (a run that may be stopped), a cue is muxed once the video has
+        # passed its end, or cut at the video's end by ``finish`` (it ran on past a stopped run's last frame)
+        self.held: list = []
 
     def _copy_chapters(self, until: float | None) -> None:
         """The input's chapters, moved with the output clock's start (the muxer does not shift them) and, in an
@@ -284,7 +293,19 @@ class AudioCopy:
         return True
 
     def mux_until(self, seconds: float | None) -> None:
-        """Mux audio packets that start before ``seconds`` (all of them if None)."""
+        """Mux audio packets that start before ``seconds`` (all of them if None), and the subtitles held that end
+        before it."""
+        self._mux_packets(seconds)
+        kept, waiting = [], set()
+        for packet in self.held:
+            if packet.stream.index in waiting or (seconds is not None and _end_seconds(packet) > seconds):
+                kept.append(packet)
+                waiting.add(packet.stream.index)  # (its later cues wait behind it)
+            else:
+                self.sink.mux(packet)
+        self.held = kept
+
+    def _mux_packets(self, seconds: float | None) -> None:
         import av
 
         while True:
@@ -325,7 +346,12 @@ class AudioCopy:
                 if packet.dts is None:
                     continue
                 packet.stream = out
-                self.sink.mux(packet)
+                if packet.stream.type == "subtitle" and self.end is None and (
+                        any(h.stream.index == out.index for h in self.held)
+                        or (seconds is not None and _end_seconds(packet) > seconds)):
+                    self.held.append(packet)  # (behind those of its stream held before it: their order is kept)
+                else:
+                    self.sink.mux(packet)
             else:
                 try:
                     decoded = packet.decode()
@@ -366,6 +392,12 @@ class AudioCopy:
         """Mux the rest, up to ``until`` seconds (an output cut short) or all of it (None), and flush."""
         try:
             self.mux_until(until)
+            if until is not None:
+                self.end = until
+                for packet in self.held:
+                    if self._fit_subtitle(packet):
+                        self.sink.mux(packet)
+            self.held = []
             self._copy_chapters(until)
             for mode, out in self.map.values():
                 if mode == "encode":

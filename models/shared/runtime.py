@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -340,14 +341,19 @@ class Progress:
     """A one-line progress report on stderr (frames done, frames/s, time left); silent unless stderr is a
     terminal or STREAMVSR_PROGRESS=1. A log message ends the line first (``end_line``, called by the command
     line's log handler). Losing stderr (closed, or its reader gone: ``2>&1 | head``) turns the report off, never
-    the work: a job of hours must not fail, its output unwritten, for want of a progress line."""
+    the work: a job of hours must not fail, its output unwritten, for want of a progress line. The line is
+    rewritten at most every ``interval`` seconds (stderr sent to a file grew by a line a frame, 12 MB over a long
+    video), and ``close`` writes the last count if it was held back."""
 
     _open: "Progress | None" = None  # the report whose line on stderr is unfinished
+    interval = 0.5
 
     def __init__(self, total: int | None, label: str):
         self.total, self.label = total, label
         self.first: tuple[float, int] | None = None  # (when, frames done) at the first update
         self.width = 0  # of the line written last: a shorter one pads over what it would leave behind
+        self.written = -math.inf  # when the line was written last
+        self.held: str | None = None  # the latest line, not written for being too soon after the last one
         try:
             self.enabled = sys.stderr is not None and (
                 sys.stderr.isatty() or os.environ.get("STREAMVSR_PROGRESS") == "1")
@@ -367,6 +373,14 @@ class Progress:
             text += f", {rate:.2f} fps"
             if self.total:
                 text += f", {(self.total - done) / rate:.0f} s left"
+        if now - self.written < self.interval:
+            self.held = text
+            return
+        self.written = now
+        self._show(text)
+
+    def _show(self, text: str) -> None:
+        self.held = None
         padded = text.ljust(self.width)
         if self._write("\r" + padded):
             Progress._open = self
@@ -398,5 +412,7 @@ class Progress:
             report._write("\n")
 
     def close(self) -> None:
+        if self.enabled and self.held is not None:
+            self._show(self.held)
         if Progress._open is self:
             Progress.end_line()
