@@ -586,6 +586,21 @@ def test_a_stopped_run_ends_its_last_subtitle_with_its_last_frame(tmp_path):
     assert duration < 0.5  # (was 0.9)
 
 
+def test_subtitles_are_interleaved_with_the_video_by_their_start(tmp_path):
+    """Players read a file in order: a long cue stored after the video of its end (held back to learn whether the
+    run would stop before it ended) would reach them when it was over, and never be shown."""
+    clip = labelled_clip(tmp_path / "film.mkv", n=24 * 14, cues=[(0.1, 13.0)])
+    out = tmp_path / "out.mkv"
+    upscale_video(FakeEngine(), clip, out)
+    with av.open(str(out)) as c:
+        order = [(p.stream.type, float(p.pts * p.time_base)) for p in c.demux(c.streams.video[0],
+                                                                              c.streams.subtitles[0])
+                 if p.size and p.pts is not None]
+    cue = next(i for i, (kind, _) in enumerate(order) if kind == "subtitle")
+    assert order[cue][1] == pytest.approx(0.1)
+    assert max(t for kind, t in order[:cue] if kind == "video") <= 0.1 + 0.1, order[cue - 3:cue + 1]
+
+
 def test_only_labels_of_the_content_are_copied():
     """Not what describes the input's encoding (its statistics, encoder) nor the picture's turn or transparency: an
     old file's "rotate" tag on the upright output would have players turn it a second time."""

@@ -28,9 +28,16 @@ AUDIO_GAP_SECONDS = 0.05
 _DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
-def _end_seconds(packet) -> float:
-    """Where a packet's time ends, in seconds of its clock."""
-    return float((packet.pts + (packet.duration or 0)) * packet.time_base)
+# A subtitle cue is held back at most this long after its start (see AudioCopy.held): the muxer keeps the last 10 s
+# of packets (FFmpeg's max_interleave_delta) to put them in order, and a cue muxed later would be stored after the
+# video of its time, which players read (in file order) only once the cue is over.
+SUBTITLE_HOLD_SECONDS = 5.0
+
+
+def _release_seconds(packet) -> float:
+    """When a held subtitle packet is muxed: once the video reaches its end, or its start plus the hold."""
+    start, duration = Fraction(packet.pts) * packet.time_base, Fraction(packet.duration or 0) * packet.time_base
+    return float(start + min(duration, Fraction(SUBTITLE_HOLD_SECONDS)))
 
 
 def _named_layout(layout):
@@ -249,7 +256,8 @@ class AudioCopy:
         self.ended: set[int] = set()  # streams whose timestamps jumped back: the video stops at such a jump
         # Subtitle packets copied whose cue runs on past the video written so far, in the order read: where the
         # output's end is not known in advance (a run that may be stopped), a cue is muxed once the video has
-        # passed its end, or cut at the video's end by ``finish`` (it ran on past a stopped run's last frame)
+        # passed its end (or SUBTITLE_HOLD_SECONDS after its start), or cut at the video's end by ``finish`` (it
+        # ran on past a stopped run's last frame)
         self.held: list = []
 
     def _copy_chapters(self, until: float | None) -> None:
@@ -293,12 +301,12 @@ class AudioCopy:
         return True
 
     def mux_until(self, seconds: float | None) -> None:
-        """Mux audio packets that start before ``seconds`` (all of them if None), and the subtitles held that end
-        before it."""
+        """Mux audio packets that start before ``seconds`` (all of them if None), and the subtitles held whose
+        ``_release_seconds`` it has reached."""
         self._mux_packets(seconds)
         kept, waiting = [], set()
         for packet in self.held:
-            if packet.stream.index in waiting or (seconds is not None and _end_seconds(packet) > seconds):
+            if packet.stream.index in waiting or (seconds is not None and _release_seconds(packet) > seconds):
                 kept.append(packet)
                 waiting.add(packet.stream.index)  # (its later cues wait behind it)
             else:
@@ -348,7 +356,7 @@ class AudioCopy:
                 packet.stream = out
                 if packet.stream.type == "subtitle" and self.end is None and (
                         any(h.stream.index == out.index for h in self.held)
-                        or (seconds is not None and _end_seconds(packet) > seconds)):
+                        or (seconds is not None and _release_seconds(packet) > seconds)):
                     self.held.append(packet)  # (behind those of its stream held before it: their order is kept)
                 else:
                     self.sink.mux(packet)
