@@ -535,18 +535,22 @@ def test_the_track_titles_of_an_mp4_input_are_kept(tmp_path, suffix):
     assert titles == ["English", "Deutsch commentary"]
 
 
+def _stopped_after(clip, frames: int):
+    """The partial file of a run of ``clip`` stopped after ``frames`` frames, and how many frames it holds."""
+    from streamvsr.video.outputs import partial_path
+
+    out = clip.with_name("out.mkv")
+    polls = []
+    upscale_video(FakeEngine(), clip, out, should_stop=lambda: polls.append(1) or len(polls) > frames)
+    with av.open(str(partial_path(out))) as c:
+        return partial_path(out), sum(1 for _ in c.decode(video=0))
+
+
 def test_an_output_cut_short_has_the_chapters_of_what_it_holds(tmp_path):
     """Chapters are set once the end is known: a run stopped after two frames keeps its frames as a partial file,
     whose chapters end with them (they ran to the input's end before)."""
-    from streamvsr.video.outputs import partial_path
-
-    clip = labelled_clip(tmp_path / "film.mkv", subtitles=False)
-    out = tmp_path / "out.mkv"
-    polls = []
-    upscale_video(FakeEngine(), clip, out, should_stop=lambda: polls.append(1) or len(polls) > 2)
-    with av.open(str(partial_path(out))) as c:
-        frames = sum(1 for _ in c.decode(video=0))
-    with av.open(str(partial_path(out))) as c:
+    partial, frames = _stopped_after(labelled_clip(tmp_path / "film.mkv", subtitles=False), 2)
+    with av.open(str(partial)) as c:
         chapters = [(ch["metadata"].get("title"), float(ch["start"] * ch["time_base"]),
                      float(ch["end"] * ch["time_base"])) for ch in c.chapters()]
     assert frames == 2 and chapters == [("Intro", 0.0, pytest.approx(2 / 24, abs=1e-3))]
@@ -569,15 +573,8 @@ def test_a_resumed_output_cut_short_ends_its_last_subtitle_with_it(tmp_path, mon
 def test_a_stopped_run_ends_its_last_subtitle_with_its_last_frame(tmp_path):
     """A run stopped (no resume) keeps its frames as a partial file: a cue begun before the stop ran on to its own
     end (players showed the file as long as the cue); the cues before it are as they were."""
-    from streamvsr.video.outputs import partial_path
-
-    clip = labelled_clip(tmp_path / "film.mkv", n=24, cues=[(0.0, 0.05), (0.1, 0.9)])
-    out = tmp_path / "out.mkv"
-    polls = []
-    upscale_video(FakeEngine(), clip, out, should_stop=lambda: polls.append(1) or len(polls) > 5)
-    with av.open(str(partial_path(out))) as c:
-        frames = sum(1 for _ in c.decode(video=0))
-    with av.open(str(partial_path(out))) as c:
+    partial, frames = _stopped_after(labelled_clip(tmp_path / "film.mkv", n=24, cues=[(0.0, 0.05), (0.1, 0.9)]), 5)
+    with av.open(str(partial)) as c:
         cues = [(float(p.pts * p.time_base), float((p.pts + p.duration) * p.time_base))
                 for p in c.demux(c.streams.subtitles[0]) if p.size]
         duration = c.duration / 1e6
